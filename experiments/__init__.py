@@ -1,0 +1,1 @@
+"""Experiment scripts and the command line (``python -m experiments --help``)."""

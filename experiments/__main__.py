@@ -1,0 +1,151 @@
+"""Command line: ``python -m experiments <command> ...`` (``--help`` on each command).
+
+Commands:
+  presets      list the training presets
+  train        train one model (resumable)
+  reproduce    the main job: the default reproduction on the embedded corpus
+
+Exit codes: 0 success, 2 bad input (usage, options, corpus, output folder), 1 a run that failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input from the command line: exit code 2, nothing written."""
+
+
+def _parse_set(items: list[str]) -> dict:
+    """``--set model.d_model=128 --set lr=3e-4`` -> nested dict (values parsed as JSON when possible)."""
+    out: dict = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--set {item!r} is not KEY=VALUE (e.g. --set model.d_model=128)")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        d = out
+        *parents, last = key.split(".")
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def train_config_from_args(args) -> "TrainConfig":
+    from interventions.train import TrainConfig
+
+    from .presets import get_preset
+
+    try:
+        cfg = get_preset(args.preset)
+    except KeyError as e:
+        raise UsageError(e.args[0]) from None
+    overrides = _parse_set(args.set or [])
+    for name in ("tokens", "seed", "device", "corpus", "batch_size", "lr"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    cfg = _merge(cfg, overrides)
+    try:
+        tc = TrainConfig.from_dict(cfg)
+        tc.validate()
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    return tc
+
+
+def cmd_presets(args) -> int:
+    from .presets import PRESETS
+
+    for name, cfg in PRESETS.items():
+        m = cfg["model"]
+        print(f"{name:10s} {m.get('n_layers')}L d_model={m.get('d_model')} heads={m.get('n_heads')} "
+              f"ctx={m.get('n_ctx')} mlp={m.get('d_mlp')} smear={m.get('smear_keys', False)} "
+              f"corpus={cfg['corpus']} tokens={cfg['tokens']:,}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from interventions.train import read_metrics, train
+
+    cfg = train_config_from_args(args)
+    out = Path(args.out)
+    final = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    last = read_metrics(out)[-1]
+    print(json.dumps({"checkpoint": str(final), **last}))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    reproduce(out=Path(args.out), scale=args.scale, device=args.device, progress=not args.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("presets", help="list the training presets")
+    sp.set_defaults(func=cmd_presets)
+
+    sp = sub.add_parser("train", help="train one model")
+    sp.add_argument("--preset", default="attn-2l", help="a preset name (see `presets`)")
+    sp.add_argument("--out", required=True, help="run folder (created; must be new, or --resume)")
+    sp.add_argument("--tokens", type=int, help="total training tokens")
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--device", help="cpu (default) or cuda")
+    sp.add_argument("--corpus", help="stdlib, a path, a .jsonl, hf:<name>, synthetic:repeat|markov")
+    sp.add_argument("--batch-size", dest="batch_size", type=int)
+    sp.add_argument("--lr", type=float)
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override any option, e.g. --set model.n_layers=3 (repeatable)")
+    sp.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("reproduce", help="the default reproduction on the embedded corpus")
+    sp.add_argument("--out", default="results/default", help="results folder")
+    sp.add_argument("--scale", default="cpu", choices=["tiny", "cpu", "gpu"],
+                    help="tiny: seconds (smoke test); cpu: the default (~30 min on 2 cores); gpu: larger")
+    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_reproduce)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from interventions.corpus import CorpusError
+    from interventions.train import RunFolderError, TrainingDiverged
+
+    try:
+        return args.func(args)
+    except (UsageError, CorpusError, RunFolderError) as e:
+        parser.exit(2, f"error: {e}\n")
+    except TrainingDiverged as e:
+        parser.exit(1, f"training stopped: {e}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted: rerun the same command with --resume to continue\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,471 @@
+"""A small, resumable trainer for the attention-only family.
+
+* AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient clipping.
+* Data is a pure function of (seed, step) (see ``corpus.StreamSource``), and checkpoints hold the
+  model and optimizer state exactly, so a resumed CPU run ends bit-identical to an uninterrupted one.
+* Checkpoints on a log-spaced schedule (``checkpoint_steps``), each a ``save_pretrained`` folder
+  (safetensors) plus ``optimizer.safetensors`` and ``manifest.json`` (sha256 of every file). A
+  checkpoint is written under a temporary name and renamed, and loaded only if its manifest checks.
+* ``metrics.jsonl``: one JSON line per checkpoint: step, tokens, train loss, validation loss,
+  learning rate, ICL score, and the loss on the second copy of repeated random tokens.
+
+Example:
+    >>> cfg = TrainConfig(model=dict(n_layers=1, n_heads=2, d_model=32, n_ctx=32),
+    ...                   corpus="synthetic:repeat", tokens=32 * 8 * 4, batch_size=8, n_checkpoints=3)
+    >>> run = train(cfg, out_dir, progress=False)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .model import AttnOnlyConfig, AttnOnlyForCausalLM
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class RunFolderError(ValueError):
+    """The output folder holds a different run, or a checkpoint that cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Unknown keys are rejected by ``from_dict``."""
+
+    model: dict = field(default_factory=dict)  # AttnOnlyConfig keyword arguments
+    corpus: str = "stdlib"  # see corpus.load_documents; or "synthetic:repeat" / "synthetic:markov"
+    vocab_size: int = 257  # tokenizer size; 257 = pure bytes (fast phase change on CPU, see README)
+    tokenizer: str | None = None  # an HF tokenizer name/folder instead of training one
+    tokens: int = 20_000_000  # total training tokens
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_tokens: int = 500_000  # linear warm-up; stabilises the first steps of Adam
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    seed: int = 0
+    n_checkpoints: int = 48  # log-spaced; >= 40 resolves a phase change
+    n_eval_windows: int = 64  # fixed validation windows for loss and ICL score
+    val_fraction: float = 0.05
+    device: str = "cpu"
+    max_files: int | None = None  # limit the corpus (tests)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(names)}")
+        d = dict(d)
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.get("n_ctx", AttnOnlyConfig().n_ctx))
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.tokens // (self.batch_size * self.n_ctx))
+
+    def validate(self) -> None:
+        for name in ("tokens", "batch_size", "n_checkpoints", "n_eval_windows"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr={self.lr} must be a positive number")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but no CUDA GPU is available: use --device cpu")
+        AttnOnlyConfig(**self.model)  # raises on bad model options
+
+
+def checkpoint_steps(total_steps: int, n: int) -> list[int]:
+    """``n`` (or fewer, when steps are few) log-spaced steps in [1, total_steps], always incl. the last."""
+    raw = np.unique(np.round(np.logspace(0, math.log10(total_steps), n)).astype(int))
+    return sorted(set(int(s) for s in raw if s >= 1) | {total_steps})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate used for optimizer step ``step`` (0-based)."""
+    warm = max(1, cfg.warmup_tokens // (cfg.batch_size * cfg.n_ctx))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.total_steps - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and rename (never leaves a half file)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": sd["param_groups"], "state_keys": {}}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            key = f"{idx}.{k}"
+            if torch.is_tensor(v):
+                tensors[key] = v.detach().cpu().contiguous()
+            else:
+                scalars["state_keys"][key] = v
+    return tensors, scalars
+
+
+def save_checkpoint(run_dir: Path, step: int, model, opt, tokens: int) -> Path:
+    """Write checkpoint ``step`` atomically: temp folder, manifest last, then rename."""
+    ckpt_root = run_dir / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{step:08d}"
+    tmp = ckpt_root / f".tmp-step-{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # HF's per-save "Writing model shards" bar drowns ours
+    model.save_pretrained(tmp)
+    tensors, scalars = _optimizer_tensors(opt)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tokens": tokens, **scalars}))
+    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+    for p in tmp.iterdir():
+        with p.open("rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    return final
+
+
+def verify_checkpoint(path: Path) -> bool:
+    """True iff ``path`` has a manifest and every file matches its recorded sha256."""
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return all((path / name).is_file() and _sha256(path / name) == digest for name, digest in files.items())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest verifies (half-written ones are skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    for path in sorted(root.glob("step-*"), reverse=True):
+        if verify_checkpoint(path):
+            return path
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """All verified checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    return [p for p in sorted(root.glob("step-*")) if verify_checkpoint(p)] if root.is_dir() else []
+
+
+def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
+    """Load a checkpoint folder (safetensors only; the manifest is verified when present)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise RunFolderError(f"{path} is not a model folder (no config.json): pass a checkpoint folder "
+                             "such as runs/attn-2l/checkpoints/step-00001000 or runs/attn-2l/final")
+    if (path / "manifest.json").is_file() and not verify_checkpoint(path):
+        raise RunFolderError(f"checkpoint {path} does not match its manifest (half-written or modified): "
+                             "delete it and use an earlier checkpoint")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> int:
+    state = json.loads((path / "trainer_state.json").read_text())
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, v in tensors.items():
+        idx, name = key.split(".", 1)
+        per_param.setdefault(int(idx), {})[name] = v
+    for key, v in state["state_keys"].items():
+        idx, name = key.split(".", 1)
+        per_param.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    return int(state["step"])
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path | None = None):
+    """(token source, tokenizer or None, corpus fingerprint) for a config."""
+    from . import corpus as C
+
+    if cfg.corpus.startswith("synthetic:"):
+        kind = cfg.corpus.split(":", 1)[1]
+        vocab = int(cfg.model.get("vocab_size", AttnOnlyConfig().vocab_size))
+        if kind == "repeat":
+            src = C.RepeatedRandomSource(vocab, period=(4, max(5, cfg.n_ctx // 4)))
+        elif kind == "markov":
+            src = C.MarkovSource(vocab)
+        else:
+            raise ValueError(f"unknown synthetic corpus {kind!r}: use synthetic:repeat or synthetic:markov")
+        return src, None, {"source": cfg.corpus}
+    from .tokenizer import load_tokenizer, train_tokenizer
+
+    docs = C.load_documents(cfg.corpus, max_files=cfg.max_files)
+    fp = C.corpus_fingerprint(docs, cfg.corpus)
+    train_docs, val_docs = C.split_documents(docs, cfg.val_fraction)
+    tok_key = cfg.tokenizer or f"bpe{cfg.vocab_size}"
+    key = hashlib.sha256(f"{fp['sha256']}|{tok_key}|{cfg.val_fraction}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir or os.environ.get("INTERVENTIONS_CACHE", Path.home() / ".cache" / "interventions")) / key
+    tok_dir = cache / "tokenizer"
+    if (cache / "done").is_file():
+        tok = load_tokenizer(str(tok_dir))
+    else:
+        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(
+            (t for _, t in train_docs), cfg.vocab_size)
+        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(tmp / "tokenizer")
+        sep = tok.eos_token_id if tok.eos_token_id is not None else 0
+        for split, split_docs in (("train", train_docs), ("val", val_docs)):
+            ids, starts = C.tokenize_stream(split_docs, tok, sep)
+            np.save(tmp / f"{split}_ids.npy", ids)
+            np.save(tmp / f"{split}_starts.npy", starts)
+        (tmp / "done").write_text(json.dumps(fp))
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(tmp, cache)
+    streams = [C.TokenStream(np.load(cache / f"{s}_ids.npy", allow_pickle=False),
+                             np.load(cache / f"{s}_starts.npy", allow_pickle=False)) for s in ("train", "val")]
+    fp["n_train_tokens"], fp["n_val_tokens"] = len(streams[0]), len(streams[1])
+    return C.StreamSource(*streams), tok, fp
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def quick_eval(model, windows: torch.Tensor, induction_tokens: torch.Tensor, batch_size: int = 16) -> dict:
+    """Validation loss, ICL score (late minus early token loss) and repeated-random-token loss."""
+    from .metrics import icl_indices
+
+    model.eval()
+    device = next(model.parameters()).device
+    losses = []
+    for i in range(0, len(windows), batch_size):
+        x = windows[i:i + batch_size].to(device)
+        logits = model(x).logits.float()
+        losses.append(F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").cpu())
+    loss = torch.cat(losses)  # (n, pos-1): loss of predicting token t+1
+    early, late = icl_indices(windows.shape[1])
+    x = induction_tokens.to(device)
+    logits = model(x).logits.float()
+    ind = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").cpu()
+    half = x.shape[1] // 2
+    model.train()
+    return {"val_loss": loss.mean().item(),
+            "icl_score": (loss[:, late - 2].mean() - loss[:, early - 2].mean()).item(),
+            "repeat_loss_first": ind[:, : half - 1].mean().item(),
+            "repeat_loss_second": ind[:, half:].mean().item()}
+
+
+def repeated_random_tokens(vocab_size: int, n_ctx: int, n: int = 16, seed: int = 0, low: int = 0) -> torch.Tensor:
+    """n sequences: random tokens (ids in [low, vocab_size)) of length n_ctx//2, repeated twice."""
+    g = torch.Generator().manual_seed(seed)
+    half = n_ctx // 2
+    seg = torch.randint(low, vocab_size, (n, half), generator=g)
+    return torch.cat([seg, seg], dim=1)
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
+    cfg_path = run_dir / "train_config.json"
+    if cfg_path.is_file():
+        saved = json.loads(cfg_path.read_text())
+        if saved != cfg.to_dict():
+            diff = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
+            raise RunFolderError(f"{run_dir} holds a different run (options differ: {diff}): choose another "
+                                 "--out folder, or delete this one")
+        if not resume and latest_checkpoint(run_dir) is not None:
+            raise RunFolderError(f"{run_dir} already holds checkpoints of this run: pass --resume to "
+                                 "continue it, or choose another --out folder")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise RunFolderError(f"{run_dir} is not empty and holds no training run: choose an empty or new "
+                             "--out folder")
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          stop_after_steps: int | None = None) -> Path:
+    """Train (or resume) a run in ``run_dir``. Returns the final checkpoint folder.
+
+    ``stop_after_steps`` ends the process-local loop early (tests of interruption)."""
+    cfg.validate()
+    run_dir = Path(run_dir)
+    _check_run_dir(run_dir, cfg, resume)
+    source, tok, fingerprint = build_source(cfg)
+    model_kwargs = dict(cfg.model)
+    if tok is not None:
+        model_kwargs["vocab_size"] = len(tok)
+    mcfg = AttnOnlyConfig(**model_kwargs)
+    torch.manual_seed(cfg.seed)
+    model = AttnOnlyForCausalLM(mcfg).to(cfg.device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=cfg.betas, fused=cfg.device.startswith("cuda") or None)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunFolderError(f"cannot write to {run_dir} ({e}): choose a writable --out folder") from None
+    if not (run_dir / "train_config.json").is_file():
+        from .provenance import provenance
+
+        atomic_write_text(run_dir / "provenance.json", json.dumps(
+            provenance(config=cfg.to_dict(), seed=cfg.seed, corpus=fingerprint), indent=1))
+        if tok is not None:
+            tok.save_pretrained(run_dir / "tokenizer")
+        atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
+
+    start = 0
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        from safetensors.torch import load_file as load_st
+
+        model.load_state_dict(load_st(str(ckpt / "model.safetensors")))
+        start = _load_optimizer(opt, ckpt)
+    _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
+
+    total = cfg.total_steps
+    schedule = checkpoint_steps(total, cfg.n_checkpoints)
+    windows = source.eval_windows(cfg.n_eval_windows, cfg.n_ctx, seed=cfg.seed)
+    # Random tokens for the induction check: printable-ish byte ids for text tokenizers.
+    low, high = (0, mcfg.vocab_size) if tok is None else (32, min(mcfg.vocab_size, 127))
+    induction = repeated_random_tokens(high, cfg.n_ctx, seed=cfg.seed, low=low)
+    if start == 0:
+        _log(run_dir, {"step": 0, "tokens": 0, "train_loss": None, "lr": 0.0,
+                       **quick_eval(model, windows, induction)})
+
+    tokens_per_step = cfg.batch_size * cfg.n_ctx
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total * tokens_per_step, initial=start * tokens_per_step, unit="tok",
+                   unit_scale=True, desc=run_dir.name, dynamic_ncols=True)
+    recent: list[float] = []
+    last_ckpt = ckpt
+    for step in range(start, total):
+        if stop_after_steps is not None and step - start >= stop_after_steps:
+            break
+        lr = lr_at(step, cfg)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = source.train_batch(step, cfg.batch_size, cfg.n_ctx, cfg.seed).to(cfg.device)
+        logits = model(x).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+        if not torch.isfinite(loss):
+            if bar is not None:
+                bar.close()
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
+                                   f"{last_ckpt}. Lower --lr or raise warm-up, then --resume")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        recent.append(loss.item())
+        done = step + 1
+        if bar is not None:
+            bar.update(tokens_per_step)
+        if done in schedule:
+            metrics = {"step": done, "tokens": done * tokens_per_step, "train_loss": float(np.mean(recent)),
+                       "lr": lr, **quick_eval(model, windows, induction)}
+            recent = []
+            last_ckpt = save_checkpoint(run_dir, done, model, opt, done * tokens_per_step)
+            _log(run_dir, metrics)
+            if bar is not None:
+                bar.set_postfix(val=f"{metrics['val_loss']:.3f}", icl=f"{metrics['icl_score']:+.3f}")
+    if bar is not None:
+        bar.close()
+    return last_ckpt if last_ckpt is not None else run_dir
+
+
+def _log(run_dir: Path, metrics: dict) -> None:
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep metric lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError):
+            break  # a torn last line from a kill
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

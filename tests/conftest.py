@@ -1,0 +1,16 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_model():
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, vocab_size=50)
+    return AttnOnlyForCausalLM(cfg).eval()

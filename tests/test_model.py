@@ -1,0 +1,119 @@
+"""The attention-only model: TransformerLens parity, eager = SDPA, save/load, padding, bad config."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+
+from .oracle import to_hooked_transformer
+
+
+def _randomise(model, seed=0):
+    """Non-trivial LayerNorm and bias values so parity tests cannot pass by accident."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("positional", ["shortformer", "standard", "rotary"])
+@pytest.mark.parametrize("d_mlp", [None, 48])
+@pytest.mark.parametrize("smear", [False, True])
+def test_matches_transformer_lens(positional, d_mlp, smear):
+    """Logits equal a HookedTransformer rebuilt from the documented computation (max abs diff < 1e-4).
+
+    With smeared keys the TL model gets the smear as a hook on its keys (hook_k before rotation is
+    not the right place for rotary, so rotary+smear uses hook_rot_k)."""
+    torch.manual_seed(0)
+    cfg = AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=24, vocab_size=40, positional=positional,
+                         d_mlp=d_mlp, smear_keys=smear)
+    model = _randomise(AttnOnlyForCausalLM(cfg).eval())
+    tl = to_hooked_transformer(model)
+    tokens = torch.randint(0, 40, (3, 24))
+    hooks = []
+    if smear:
+        def smear_hook(k, hook):  # k: (batch, pos, head, d_head)
+            layer = int(hook.name.split(".")[1])
+            s = torch.sigmoid(model.transformer.h[layer].attn.smear.alpha)[None, None, :, None]
+            prev = torch.cat([k[:, :1], k[:, :-1]], dim=1)
+            return s * k + (1 - s) * prev
+        site = "attn.hook_rot_k" if positional == "rotary" else "attn.hook_k"
+        hooks = [(f"blocks.{i}.{site}", smear_hook) for i in range(2)]
+    with torch.no_grad():
+        ours = model(tokens).logits
+        theirs = tl.run_with_hooks(tokens, fwd_hooks=hooks)
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("positional", ["shortformer", "rotary"])
+def test_eager_equals_sdpa(positional, tiny_model):
+    """The observable (eager) path and the fast (SDPA) path give the same logits; patterns sum to 1."""
+    cfg = AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, vocab_size=50, positional=positional)
+    model = _randomise(AttnOnlyForCausalLM(cfg).eval())
+    x = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        fast = model(x).logits
+        out = model(x, output_attentions=True)
+    assert torch.allclose(fast, out.logits, atol=1e-5)
+    pattern = out.attentions[0]
+    assert pattern.shape == (2, 4, 20, 20)
+    assert torch.allclose(pattern.sum(-1), torch.ones(2, 4, 20), atol=1e-5)
+    assert pattern.triu(1).abs().max() == 0  # causal
+
+
+def test_save_and_auto_load(tmp_path, tiny_model):
+    """save_pretrained writes safetensors; AutoModelForCausalLM loads it without trust_remote_code."""
+    tiny_model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, AttnOnlyForCausalLM)
+    x = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x).logits, tiny_model(x).logits)
+
+
+@pytest.mark.parametrize("positional", ["shortformer", "standard", "rotary"])
+def test_left_padding_matches_unpadded(positional):
+    """A left-padded batch gives, at the real tokens, the logits of the unpadded sequences."""
+    cfg = AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, n_ctx=16, vocab_size=30, positional=positional)
+    model = _randomise(AttnOnlyForCausalLM(cfg).eval())
+    a, b = torch.randint(0, 30, (1, 10)), torch.randint(0, 30, (1, 6))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        for eager in (False, True):
+            out = model(batch, attention_mask=mask, output_attentions=eager).logits
+            assert torch.allclose(out[0], model(a).logits[0], atol=1e-5)
+            assert torch.allclose(out[1, 4:], model(b).logits[0], atol=1e-5)
+
+
+def test_loss_matches_manual(tiny_model):
+    """The model's own loss (labels=) equals a hand-computed mean next-token cross-entropy."""
+    x = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        out = tiny_model(x, labels=x)
+        logp = out.logits.log_softmax(-1)
+        manual = -logp[:, :-1].gather(-1, x[:, 1:, None]).mean()
+    assert abs(out.loss.item() - manual.item()) < 1e-5
+
+
+@pytest.mark.parametrize("kwargs, fix", [
+    (dict(d_model=30, n_heads=4), "divisible"),
+    (dict(positional="alibi"), "choose one of"),
+    (dict(n_layers=0), "positive integer"),
+    (dict(d_mlp=-3), "d_mlp"),
+    (dict(positional="rotary", d_model=12, n_heads=4), "even d_head"),
+])
+def test_bad_config(kwargs, fix):
+    """Bad hyper-parameters raise ValueError naming the problem."""
+    with pytest.raises(ValueError, match=fix):
+        AttnOnlyConfig(**kwargs)
+
+
+def test_too_long_sequence(tiny_model):
+    """A sequence longer than n_ctx raises and says how to fix it."""
+    with pytest.raises(ValueError, match="truncate"):
+        tiny_model(torch.zeros(1, 40, dtype=torch.long))
