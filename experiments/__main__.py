@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (UsageError, CorpusError, RunFolderError) as e:
+    except (UsageError, CorpusError, RunFolderError, ValueError) as e:
         parser.exit(2, f"error: {e}\n")
     except TrainingDiverged as e:
         parser.exit(1, f"training stopped: {e}\n")

@@ -25,7 +25,7 @@ PRESETS: dict[str, dict] = {
     "smear-1l": dict(BASE, model=dict(BASE_MODEL, n_layers=1, smear_keys=True)),
     "smear-2l": dict(BASE, model=dict(BASE_MODEL, n_layers=2, smear_keys=True)),
     # Seconds-long runs on synthetic repeated tokens (tests, smoke checks).
-    "tiny": dict(corpus="synthetic:repeat", batch_size=8, lr=3e-3, warmup_tokens=2_000, tokens=100_000,
+    "tiny": dict(corpus="synthetic:repeat", batch_size=16, lr=1e-2, warmup_tokens=20_000, tokens=2_500_000,
                  n_checkpoints=8, n_eval_windows=16, seed=0,
                  model=dict(n_layers=2, n_heads=2, d_model=32, n_ctx=64, vocab_size=32)),
 }

@@ -99,6 +99,11 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be a positive number")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA GPU is available: use --device cpu")
+        if not self.corpus.startswith("synthetic:") and self.tokenizer is None and self.vocab_size < 257:
+            raise ValueError(f"vocab_size={self.vocab_size} is too small for the byte alphabet: byte-level "
+                             "tokenizers need at least 257 (256 bytes + separator)")
+        if "vocab_size" in self.model and not self.corpus.startswith("synthetic:"):
+            raise ValueError("model.vocab_size is set by the tokenizer for text corpora: set vocab_size instead")
         AttnOnlyConfig(**self.model)  # raises on bad model options
 
 
@@ -252,7 +257,7 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
         kind = cfg.corpus.split(":", 1)[1]
         vocab = int(cfg.model.get("vocab_size", AttnOnlyConfig().vocab_size))
         if kind == "repeat":
-            src = C.RepeatedRandomSource(vocab, period=(4, max(5, cfg.n_ctx // 4)))
+            src = C.RepeatedRandomSource(vocab, period=(4, max(5, cfg.n_ctx // 2)))
         elif kind == "markov":
             src = C.MarkovSource(vocab)
         else:

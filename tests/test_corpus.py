@@ -1,0 +1,100 @@
+"""Corpora, tokenizer and evaluation windows."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from interventions import corpus as C
+from interventions.tokenizer import byte_tokenizer, train_tokenizer
+
+
+def test_stdlib_corpus_and_fingerprint():
+    """The stdlib corpus loads; its fingerprint names the interpreter and is stable."""
+    docs = C.stdlib_documents(max_files=20)
+    assert len(docs) > 10 and all(name.endswith(".py") for name, _ in docs)
+    fp1, fp2 = C.corpus_fingerprint(docs, "stdlib"), C.corpus_fingerprint(docs, "stdlib")
+    assert fp1 == fp2 and fp1["python"].count(".") == 2 and len(fp1["sha256"]) == 64
+    assert C.corpus_fingerprint(docs[:-1])["sha256"] != fp1["sha256"]
+
+
+def test_split_is_by_name_and_deterministic():
+    """A document's side of the split depends only on its name, not on the other documents."""
+    docs = [(f"f{i}.py", "x") for i in range(400)]
+    train, val = C.split_documents(docs, 0.1)
+    assert 10 < len(val) < 80 and len(train) + len(val) == 400
+    _, val_sub = C.split_documents(docs[::2], 0.1)
+    assert {n for n, _ in val_sub} == {n for n, _ in val} & {n for n, _ in docs[::2]}
+
+
+def test_local_sources(tmp_path):
+    """Text files, folders and JSONL load; empty, binary and malformed inputs raise CorpusError."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("hello")
+    (tmp_path / "d" / "b.py").write_text("print(1)")
+    assert len(C.load_documents(str(tmp_path / "d"))) == 2
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    assert [t for _, t in C.load_documents(str(tmp_path / "c.jsonl"))] == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"nottext": 1}\n')
+    with pytest.raises(C.CorpusError, match="line 1"):
+        C.load_documents(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.CorpusError, match="no non-empty"):
+        C.load_documents(str(tmp_path / "empty"))
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(C.CorpusError, match="binary"):
+        C.load_documents(str(tmp_path / "bin.txt"))
+    with pytest.raises(C.CorpusError, match="does not exist"):
+        C.load_documents(str(tmp_path / "nope"))
+
+
+def test_hf_dataset_offline_fails_fast(monkeypatch):
+    """An hf: corpus offline raises a CorpusError that points to local alternatives."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(C.CorpusError, match="Offline"):
+        C.load_documents("hf:surely-not-a-real-dataset-xyz")
+
+
+def test_byte_tokenizer_roundtrip_and_bpe():
+    """Pure bytes: id = byte value, 257 ids, lossless; a BPE adds merges up to the size asked."""
+    tok = byte_tokenizer()
+    text = "def f(x):\n    return x  # é\n"
+    ids = tok(text)["input_ids"]
+    assert ids == list(text.encode()) and tok.decode(ids) == text and len(tok) == 257
+    bpe = train_tokenizer(["def f(x): return x\n" * 50, "class A: pass\n" * 50], vocab_size=300)
+    assert 257 < len(bpe) <= 300 and bpe.decode(bpe(text)["input_ids"]) == text
+    with pytest.raises(ValueError, match="byte alphabet"):
+        train_tokenizer(["x"], vocab_size=100)
+
+
+def test_eval_windows_random_offsets_seeded():
+    """Windows are seeded, full length, and (unless aligned) not at document starts."""
+    docs = [(f"f{i}.py", "abcdefghij" * 30) for i in range(20)]
+    tok = byte_tokenizer()
+    ids, starts = C.tokenize_stream(docs, tok, 256)
+    src = C.StreamSource(C.TokenStream(ids, starts), C.TokenStream(ids, starts))
+    w1, w2 = src.eval_windows(32, 64, seed=3), src.eval_windows(32, 64, seed=3)
+    assert w1.shape == (32, 64) and torch.equal(w1, w2)
+    assert not torch.equal(w1, src.eval_windows(32, 64, seed=4))
+    first = set(w1[:, 0].tolist())
+    aligned = src.eval_windows(32, 64, seed=3, aligned=True)
+    assert set(aligned[:, 0].tolist()) == {ord("a")}  # every aligned window starts a document
+    assert len(first) > 3  # random offsets start anywhere
+    # training batches are a pure function of (seed, step)
+    assert torch.equal(src.train_batch(5, 4, 64, 0), src.train_batch(5, 4, 64, 0))
+    assert not torch.equal(src.train_batch(5, 4, 64, 0), src.train_batch(6, 4, 64, 0))
+
+
+def test_synthetic_sources():
+    """Repeated random tokens repeat with their period; Markov chains follow a per-sequence matrix."""
+    rep = C.RepeatedRandomSource(50, period=(5, 5))
+    x = rep.train_batch(0, 3, 20, 0)
+    assert torch.equal(x[:, :5], x[:, 5:10])
+    mk = C.MarkovSource(n_states=4)
+    y = mk.train_batch(0, 8, 200, 0)
+    assert y.min() >= 0 and y.max() < 4
+    # Different sequences have different transition statistics (in-context only).
+    counts = [np.bincount((s[:-1] * 4 + s[1:]).numpy(), minlength=16) for s in y]
+    assert not all(np.array_equal(counts[0] > 0, c > 0) for c in counts[1:])

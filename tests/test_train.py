@@ -1,0 +1,133 @@
+"""Trainer: checkpoints, bit-identical resume, run-folder safety, NaN guard, CLI errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from experiments.presets import get_preset
+from interventions import train as T
+
+
+def tiny_cfg(**over):
+    d = get_preset("tiny")
+    d.update(tokens=64 * 8 * 12, n_checkpoints=5)
+    d.update(over)
+    return T.TrainConfig.from_dict(d)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERVENTIONS_CACHE", str(tmp_path / "cache"))
+
+
+def test_checkpoint_schedule_log_spaced():
+    """At least 40 distinct checkpoints for a long run, log-spaced, ending at the last step."""
+    steps = T.checkpoint_steps(10_000, 48)
+    assert len(steps) >= 40 and steps[-1] == 10_000 and steps[0] == 1
+    assert steps[1] - steps[0] < steps[-1] - steps[-2]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    """An interrupted run resumed from its last checkpoint ends with byte-identical weights."""
+    cfg = tiny_cfg()
+    T.train(cfg, tmp_path / "a", progress=False)
+    T.train(cfg, tmp_path / "b", progress=False, stop_after_steps=7)
+    T.train(cfg, tmp_path / "b", progress=False, resume=True)
+    a = (tmp_path / "a/checkpoints").glob("step-*")
+    last = max(a)
+    other = tmp_path / "b/checkpoints" / last.name
+    assert (last / "model.safetensors").read_bytes() == (other / "model.safetensors").read_bytes()
+    ma, mb = T.read_metrics(tmp_path / "a"), T.read_metrics(tmp_path / "b")
+    assert [m["step"] for m in ma] == [m["step"] for m in mb]
+    assert ma[-1]["val_loss"] == mb[-1]["val_loss"]
+
+
+def test_half_written_checkpoint_is_skipped(tmp_path):
+    """A checkpoint whose files do not match its manifest is never loaded."""
+    cfg = tiny_cfg()
+    T.train(cfg, tmp_path / "r", progress=False)
+    ckpts = sorted((tmp_path / "r/checkpoints").glob("step-*"))
+    with open(ckpts[-1] / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    assert T.latest_checkpoint(tmp_path / "r") == ckpts[-2]
+    with pytest.raises(T.RunFolderError, match="manifest"):
+        T.load_model(ckpts[-1])
+
+
+def test_run_folder_conflicts(tmp_path):
+    """A folder holding a different run, or an unrelated non-empty folder, is refused untouched."""
+    cfg = tiny_cfg()
+    T.train(cfg, tmp_path / "r", progress=False)
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    with pytest.raises(T.RunFolderError, match="different run"):
+        T.train(tiny_cfg(seed=1), tmp_path / "r", progress=False)
+    with pytest.raises(T.RunFolderError, match="--resume"):
+        T.train(cfg, tmp_path / "r", progress=False)
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(T.RunFolderError, match="not empty"):
+        T.train(cfg, tmp_path / "other", progress=False)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tmp_path, monkeypatch):
+    """A non-finite loss stops training with a message; the last good checkpoint remains valid."""
+    cfg = tiny_cfg()
+    real = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        out = real(*a, **k)
+        calls["n"] += 1
+        return out * float("nan") if k.get("reduction") is None and calls["n"] > 12 else out
+
+    monkeypatch.setattr(T.F, "cross_entropy", flaky)
+    with pytest.raises(T.TrainingDiverged, match="last good checkpoint"):
+        T.train(cfg, tmp_path / "r", progress=False)
+    assert T.latest_checkpoint(tmp_path / "r") is not None
+
+
+def test_training_learns_repeats(tmp_path):
+    """On repeated random tokens a 2-layer model learns to copy: second-copy loss drops well below
+    the first copy's (an induction check that cannot pass without in-context copying)."""
+    d = get_preset("tiny")
+    T.train(T.TrainConfig.from_dict(d), tmp_path / "r", progress=False)
+    last = T.read_metrics(tmp_path / "r")[-1]
+    assert last["repeat_loss_second"] < 0.5 * last["repeat_loss_first"]
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "experiments", *args], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "nope", "--out", "{tmp}/x"], "unknown preset"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--corpus", "{tmp}/missing"], "does not exist"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--set", "model.d_model=31"], "divisible"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--set", "bogus=1"], "unknown training option"),
+    (["train", "--preset", "attn-2l", "--out", "{tmp}/x", "--set", "vocab_size=100"], "byte alphabet"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--device", "cuda"], "no CUDA"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--set", "model.n_ctx=0"], "positive"),
+])
+def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
+    """Bad CLI input exits with code 2, a message naming the problem, and no output folder."""
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    res = _cli(*[a.format(tmp=tmp_path) for a in args])
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_train_and_resume(tmp_path):
+    """`train` runs a preset end to end and prints its final metrics; --resume of a finished run is a no-op."""
+    res = _cli("train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--quiet", "--tokens", "5000")
+    assert res.returncode == 0, res.stderr
+    final = json.loads(res.stdout.strip().splitlines()[-1])
+    assert final["tokens"] > 0 and "val_loss" in final
+    res = _cli("train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--quiet", "--tokens", "5000", "--resume")
+    assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])["step"] == final["step"]
