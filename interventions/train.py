@@ -99,6 +99,12 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be a positive number")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but no CUDA GPU is available: use --device cpu")
+        if (self.corpus not in ("stdlib",) and not self.corpus.startswith(("synthetic:", "hf:"))
+                and not Path(self.corpus).exists()):
+            from .corpus import CorpusError
+
+            raise CorpusError(f"corpus {self.corpus!r} does not exist: pass 'stdlib', a text file, a folder, "
+                              "a .jsonl file, 'hf:<dataset name>' or 'synthetic:repeat'")
         if not self.corpus.startswith("synthetic:") and self.tokenizer is None and self.vocab_size < 257:
             raise ValueError(f"vocab_size={self.vocab_size} is too small for the byte alphabet: byte-level "
                              "tokenizers need at least 257 (256 bytes + separator)")
