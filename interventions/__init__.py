@@ -1,8 +1,21 @@
 """Causal interventions for studying induction heads and in-context learning.
 
-The public API is re-exported here; see README.md for a tour.
+The public API is re-exported here; see README.md for a tour. Importing registers the
+``attn_only`` model type with HF's Auto classes (so saved models load with
+``AutoModelForCausalLM.from_pretrained``); nothing else happens at import.
 """
 
+from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation,
+                       run_with_ablations)
+from .adapters import ArchSpec, get_adapter, observable, register_adapter
+from .heads import Head, all_heads, parse_head, parse_heads
+from .loss import loss_by_position, loss_from_logits, per_token_loss
 from .model import AttnOnlyConfig, AttnOnlyForCausalLM
+from .tracing import InterventionError, head_outputs, run_edited, wrap
 
-__all__ = ["AttnOnlyConfig", "AttnOnlyForCausalLM"]
+__all__ = [
+    "Ablation", "ArchSpec", "AttnOnlyConfig", "AttnOnlyForCausalLM", "Head", "InterventionError",
+    "MeanAblation", "PatternPreserving", "ResampleAblation", "ZeroAblation", "all_heads", "get_adapter",
+    "head_outputs", "loss_by_position", "loss_from_logits", "observable", "parse_head", "parse_heads",
+    "per_token_loss", "register_adapter", "run_edited", "run_with_ablations", "wrap",
+]

@@ -41,7 +41,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 Positional = Literal["shortformer", "standard", "rotary"]
@@ -237,7 +237,7 @@ class AttnOnlyModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
 
-class AttnOnlyForCausalLM(PreTrainedModel):
+class AttnOnlyForCausalLM(PreTrainedModel, GenerationMixin):
     """Attention-only transformer LM (see the module docstring for the exact computation)."""
 
     config_class = AttnOnlyConfig

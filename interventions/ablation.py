@@ -1,0 +1,172 @@
+"""Head ablations as small objects, applied together in one trace.
+
+* ``ZeroAblation(heads)``: the head's output (its slice of the o_proj input) set to 0.
+* ``MeanAblation(heads, reference, per_position=True)``: replaced by its mean over a reference set of
+  sequences, separately for each position (default: a head's typical output depends on how much
+  context it has), or pooled over all positions (``per_position=False``).
+* ``ResampleAblation(heads, reference, seed)``: replaced by its output on another sequence, one
+  reference row drawn (seeded) for each row of the batch.
+* ``PatternPreserving(ablation)``: the paper's main kind. First a clean run records every attention
+  pattern; then the ablation runs with every pattern forced to its clean value, so only the
+  downstream *value* paths change (no head can re-route attention in response).
+
+Example:
+    >>> import torch
+    >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+    >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=20)).eval()
+    >>> tokens = torch.randint(0, 20, (2, 8))
+    >>> logits = run_with_ablations(model, tokens, [ZeroAblation("L1H0")])
+    >>> logits.shape
+    torch.Size([2, 8, 20])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from .adapters import get_adapter, observable
+from .heads import Head, HeadLike, check_heads, parse_heads
+from .tracing import LayerEdits, check_tokens, head_outputs, run_edited, unwrap
+
+
+class Ablation:
+    """Base class: which heads, and what each is replaced with on a given batch."""
+
+    heads: tuple[Head, ...]
+
+    def __init__(self, heads: HeadLike | Iterable[HeadLike]):
+        self.heads = parse_heads(heads)
+
+    def prepare(self, model, tokens: torch.Tensor) -> None:
+        """Compute anything that depends on the model (reference activations); validate."""
+        a = get_adapter(unwrap(model))
+        check_heads(self.heads, a.n_layers, a.n_heads)
+
+    def value(self, head: Head, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Replacement (batch, pos, d_head) for ``head`` on ``tokens``; None means zero."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(str, self.heads))})"
+
+
+class ZeroAblation(Ablation):
+    """Set the heads' outputs to zero."""
+
+
+class _ReferenceAblation(Ablation):
+    def __init__(self, heads, reference: torch.Tensor):
+        super().__init__(heads)
+        if not torch.is_tensor(reference):
+            raise ValueError("reference must be a (n_sequences, pos) LongTensor of token ids")
+        self.reference = reference
+        self._acts: dict[Head, torch.Tensor] = {}
+        self._model_id = None
+
+    def prepare(self, model, tokens):
+        super().prepare(model, tokens)
+        a = get_adapter(unwrap(model))
+        check_tokens(self.reference, a, name="reference")
+        if self._model_id == id(unwrap(model)) and self._acts:
+            return
+        layers = sorted({h.layer for h in self.heads})
+        outs = head_outputs(model, self.reference, layers)  # {layer: (n, pos, head, d_head)}
+        self._acts = {h: outs[h.layer][:, :, h.head] for h in self.heads}  # (n, pos, d_head)
+        self._model_id = id(unwrap(model))
+
+
+class MeanAblation(_ReferenceAblation):
+    """Replace each head's output by its mean over ``reference`` sequences (per position by default)."""
+
+    def __init__(self, heads, reference: torch.Tensor, per_position: bool = True):
+        super().__init__(heads, reference)
+        self.per_position = per_position
+
+    def prepare(self, model, tokens):
+        super().prepare(model, tokens)
+        if self.per_position and self.reference.shape[1] < tokens.shape[1]:
+            raise ValueError(f"reference has {self.reference.shape[1]} positions but the tokens have "
+                             f"{tokens.shape[1]}: per-position means need a reference at least as long "
+                             "(or pass per_position=False)")
+
+    def value(self, head, tokens):
+        acts = self._acts[head]  # (n, pos_ref, d_head)
+        b, p = tokens.shape
+        if self.per_position:
+            return acts[:, :p].mean(0)[None].expand(b, p, -1)
+        return acts.mean((0, 1))[None, None].expand(b, p, -1)
+
+
+class ResampleAblation(_ReferenceAblation):
+    """Replace each head's output by its output on a (seeded) random reference sequence."""
+
+    def __init__(self, heads, reference: torch.Tensor, seed: int = 0):
+        super().__init__(heads, reference)
+        self.seed = seed
+
+    def prepare(self, model, tokens):
+        super().prepare(model, tokens)
+        if self.reference.shape[1] < tokens.shape[1]:
+            raise ValueError(f"reference has {self.reference.shape[1]} positions, fewer than the tokens' "
+                             f"{tokens.shape[1]}: pass reference sequences at least as long")
+
+    def rows(self, batch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, self.reference.shape[0], (batch,), generator=g)
+
+    def value(self, head, tokens):
+        b, p = tokens.shape
+        return self._acts[head][self.rows(b).to(self._acts[head].device), :p]
+
+
+class PatternPreserving(Ablation):
+    """Run ``inner`` with every attention pattern frozen to its value on the clean run."""
+
+    def __init__(self, inner: Ablation):
+        if isinstance(inner, PatternPreserving) or not isinstance(inner, Ablation):
+            raise ValueError("PatternPreserving wraps one ZeroAblation, MeanAblation or ResampleAblation")
+        self.inner = inner
+        self.heads = inner.heads
+
+    def prepare(self, model, tokens):
+        self.inner.prepare(model, tokens)
+
+    def value(self, head, tokens):
+        return self.inner.value(head, tokens)
+
+    def __repr__(self) -> str:
+        return f"PatternPreserving({self.inner!r})"
+
+
+def _edits(ablations: Sequence[Ablation], tokens: torch.Tensor) -> dict[int, LayerEdits]:
+    edits: dict[int, LayerEdits] = {}
+    for abl in ablations:
+        for h in abl.heads:
+            edits.setdefault(h.layer, LayerEdits()).heads[h.head] = abl.value(h, tokens)
+    return edits
+
+
+@torch.no_grad()
+def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Ablation] = (),
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (batch, pos, vocab) of ``model`` on ``tokens`` with all ``ablations`` applied at once.
+
+    If any ablation is ``PatternPreserving``, all patterns are frozen to the clean run's."""
+    if isinstance(ablations, Ablation):
+        ablations = [ablations]
+    ablations = list(ablations)
+    for abl in ablations:
+        if not isinstance(abl, Ablation):
+            raise ValueError(f"{abl!r} is not an ablation: pass ZeroAblation, MeanAblation, ResampleAblation "
+                             "or PatternPreserving objects")
+        abl.prepare(model, tokens)
+    edits = _edits(ablations, tokens)
+    if not any(isinstance(a, PatternPreserving) for a in ablations):
+        return run_edited(model, tokens, edits, attention_mask=attention_mask)
+    with observable(unwrap(model)):
+        _, patterns = run_edited(model, tokens, {}, save_patterns=True, attention_mask=attention_mask)
+        for layer, p in enumerate(patterns):
+            edits.setdefault(layer, LayerEdits()).pattern = p
+        return run_edited(model, tokens, edits, attention_mask=attention_mask)

@@ -1,0 +1,223 @@
+"""Where each architecture keeps its layers, attention, per-head outputs, keys and patterns.
+
+The one place that maps a site name to a module path. Everything else asks ``get_adapter(model)``.
+
+Sites (per layer L):
+  * ``layer``: the decoder block; its first input is the residual stream before the block
+    (resid_pre, (batch, pos, d_model)).
+  * ``attn``: the attention module.
+  * ``o_proj``: the attention output projection; **its input is the per-head output site**
+    (batch, pos, n_heads * d_head), head h at columns [h * d_head, (h + 1) * d_head). Zeroing that slice
+    equals zeroing the head's rows of the projection weight exactly (tests check it).
+  * ``k_proj``: the module whose output holds the keys (fused q/k/v modules for GPT-2 / NeoX).
+  * ``pattern``: a module whose output is the attention pattern (batch, head, q_pos, k_pos); present
+    only on the eager path (see ``observable``).
+
+Supported: our ``attn_only`` model, GPT-2, GPT-NeoX / Pythia, Llama, Qwen2, Mistral (grouped-query
+attention: ``n_kv_heads`` < ``n_heads``). Register another with ``register_adapter``.
+
+Example:
+    >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+    >>> a = get_adapter(AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32)))
+    >>> a.n_layers, a.n_heads, a.d_head, a.path(1, "o_proj")
+    (2, 4, 8, 'transformer.h.1.attn.c_proj')
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths of one architecture, relative to the causal-LM model."""
+
+    layers: str  # the ModuleList of decoder blocks
+    attn: str  # attention, relative to a block
+    o_proj: str  # output projection, relative to attn
+    k_proj: str  # module whose output holds the keys, relative to attn
+    pattern: str | None  # pattern module relative to attn (None: added by ``observable``)
+    fused_qkv: str | None = None  # "gpt2" (c_attn: q|k|v), "neox" (per-head interleaved) or None
+    unembed: str = "lm_head"
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "attn_only": ArchSpec("transformer.h", "attn", "c_proj", "k_proj", "hook_pattern"),
+    "gpt2": ArchSpec("transformer.h", "attn", "c_proj", "c_attn", "hook_pattern", fused_qkv="gpt2"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "dense", "query_key_value", "hook_pattern",
+                         fused_qkv="neox", unembed="embed_out"),
+    "llama": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
+    "qwen2": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
+    "mistral": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
+}
+
+
+def register_adapter(model_type: str, spec: ArchSpec) -> None:
+    """Teach the toolkit a new architecture (``model.config.model_type``)."""
+    ARCHS[model_type] = spec
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """An architecture's sites and sizes for one model."""
+
+    model_type: str
+    spec: ArchSpec
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    vocab_size: int
+    n_ctx: int | None
+
+    def path(self, layer: int, site: str) -> str:
+        """Dotted module path of ``site`` in ``layer`` (sites: layer, attn, o_proj, k_proj, pattern)."""
+        self.check_layer(layer)
+        s = self.spec
+        base = f"{s.layers}.{layer}"
+        if site == "layer":
+            return base
+        attn = f"{base}.{s.attn}"
+        if site == "attn":
+            return attn
+        sub = {"o_proj": s.o_proj, "k_proj": s.k_proj, "pattern": s.pattern}.get(site)
+        if sub is None:
+            raise ValueError(f"unknown site {site!r}: use one of layer, attn, o_proj, k_proj, pattern")
+        return f"{attn}.{sub}"
+
+    def module(self, root, layer: int, site: str):
+        """The module (or nnsight envoy, when ``root`` is one) of ``site`` in ``layer``."""
+        return _get(root, self.path(layer, site))
+
+    def check_layer(self, layer: int) -> None:
+        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer {layer!r} out of range: this model has layers 0-{self.n_layers - 1}")
+
+    def head_slice(self, head: int) -> slice:
+        """Columns of head ``head`` in the per-head output site (the o_proj input)."""
+        return slice(head * self.d_head, (head + 1) * self.d_head)
+
+
+def get_adapter(model) -> Adapter:
+    """The adapter of an HF causal LM (or an nnsight wrapper of one)."""
+    inner = getattr(model, "_module", model)
+    config = getattr(inner, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHS:
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: supported are {', '.join(sorted(ARCHS))}. "
+            "Register one with interventions.register_adapter(model_type, ArchSpec(layers=..., attn=..., "
+            "o_proj=..., k_proj=..., pattern=None))")
+    spec = ARCHS[model_type]
+    c = config
+    n_heads = int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
+    d_model = int(getattr(c, "hidden_size", None) or getattr(c, "n_embd"))
+    d_head = int(getattr(c, "head_dim", None) or getattr(c, "d_head", None) or d_model // n_heads)
+    n_kv = int(getattr(c, "num_key_value_heads", None) or n_heads)
+    n_layers = int(getattr(c, "num_hidden_layers", None) or getattr(c, "n_layer"))
+    n_ctx = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    return Adapter(model_type, spec, n_layers, n_heads, n_kv, d_head, d_model, int(c.vocab_size),
+                   int(n_ctx) if n_ctx else None)
+
+
+# ----------------------------------------------------------------------------- patterns
+
+def _observable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention for any HF architecture, routing the pattern through ``module.hook_pattern``.
+
+    query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head)."""
+    n_rep = query.shape[1] // key.shape[1]
+    if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
+        key = key.repeat_interleave(n_rep, dim=1)
+        value = value.repeat_interleave(n_rep, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query @ key.transpose(-1, -2)) * scaling  # (batch, head, q_pos, k_pos)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    weights = scores.float().softmax(dim=-1).to(query.dtype)
+    hook = getattr(module, "hook_pattern", None)
+    if hook is not None:
+        weights = hook(weights)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = (weights @ value).transpose(1, 2).contiguous()  # (batch, q_pos, head, d_head)
+    return out, weights
+
+
+_REGISTERED = False
+
+
+def _register_attention() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("interventions_eager", _observable_attention)
+        _REGISTERED = True
+
+
+def has_pattern_site(model) -> bool:
+    inner = getattr(model, "_module", model)
+    a = get_adapter(inner)
+    try:
+        a.module(inner, 0, "pattern")
+    except AttributeError:
+        return False
+    impl = getattr(inner.config, "_attn_implementation", None)
+    return impl in ("eager", "interventions_eager")
+
+
+@contextlib.contextmanager
+def observable(model):
+    """Temporarily make attention patterns observable and writable (eager path + pattern modules).
+
+    Inside the block every attention module of ``model`` has a ``hook_pattern`` identity module
+    whose output is the pattern (batch, head, q_pos, k_pos). On exit the model is restored (modules
+    removed, attention implementation reset), so the caller's model is left as it was.
+
+    Example:
+        >>> with observable(model):  # doctest: +SKIP
+        ...     out = model(tokens, output_attentions=True)
+    """
+    inner = getattr(model, "_module", model)
+    a = get_adapter(inner)
+    old_impl = getattr(inner.config, "_attn_implementation", None)
+    added = []
+    if a.model_type == "attn_only":
+        inner.config._attn_implementation = "eager"
+    else:
+        _register_attention()
+        for layer in range(a.n_layers):
+            attn = a.module(inner, layer, "attn")
+            if not hasattr(attn, "hook_pattern"):
+                attn.hook_pattern = nn.Identity()
+                added.append(attn)
+        inner.config._attn_implementation = "interventions_eager"
+        for m in inner.modules():  # sub-configs some models keep per module
+            cfg = getattr(m, "config", None)
+            if cfg is not None and cfg is not inner.config and hasattr(cfg, "_attn_implementation"):
+                cfg._attn_implementation = "interventions_eager"
+    try:
+        yield model
+    finally:
+        for attn in added:
+            del attn.hook_pattern
+        inner.config._attn_implementation = old_impl
+        if a.model_type != "attn_only":
+            for m in inner.modules():
+                cfg = getattr(m, "config", None)
+                if cfg is not None and cfg is not inner.config and hasattr(cfg, "_attn_implementation"):
+                    cfg._attn_implementation = old_impl

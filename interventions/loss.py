@@ -1,0 +1,56 @@
+"""Per-token loss, optionally under ablations, and loss by token index over a dataset.
+
+Convention (as TransformerLens' ``loss_per_token``): entry t of a (batch, pos - 1) loss array is the
+loss, in nats, of predicting token t + 1 from tokens 0..t.
+
+Example:
+    >>> import torch
+    >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+    >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20)).eval()
+    >>> per_token_loss(model, torch.randint(0, 20, (3, 10))).shape
+    torch.Size([3, 9])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .ablation import Ablation, run_with_ablations
+
+
+def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(batch, pos, vocab) logits and (batch, pos) tokens -> (batch, pos - 1) next-token loss in nats."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    return -logp.gather(-1, tokens[:, 1:, None].to(logits.device)).squeeze(-1)
+
+
+@torch.no_grad()
+def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ablation] | None = None,
+                   batch_size: int | None = None) -> torch.Tensor:
+    """Loss (batch, pos - 1) in nats of ``model`` on ``tokens``, under ``ablation`` (one or a list).
+
+    ``batch_size`` splits large inputs into chunks (same result)."""
+    ablations = [] if ablation is None else ([ablation] if isinstance(ablation, Ablation) else list(ablation))
+    if batch_size is None or tokens.shape[0] <= batch_size:
+        return loss_from_logits(run_with_ablations(model, tokens, ablations), tokens).cpu()
+    parts = [loss_from_logits(run_with_ablations(model, tokens[i:i + batch_size], ablations),
+                              tokens[i:i + batch_size]).cpu() for i in range(0, tokens.shape[0], batch_size)]
+    return torch.cat(parts)
+
+
+def loss_by_position(losses: torch.Tensor):
+    """Mean loss and standard error at each token index over a dataset.
+
+    losses: (n_sequences, pos - 1) from ``per_token_loss``. Returns a DataFrame with columns
+    ``token_index`` (0-based position of the predicted token: 1 .. pos - 1, i.e. how many tokens of
+    context it had), ``loss`` (nats), ``sem`` (standard error of the mean over sequences) and ``n``."""
+    import pandas as pd
+
+    n = losses.shape[0]
+    mean = losses.mean(0)
+    sem = losses.std(0, unbiased=True) / n ** 0.5 if n > 1 else torch.full_like(mean, float("nan"))
+    return pd.DataFrame({"token_index": range(1, losses.shape[1] + 1), "loss": mean.numpy(),
+                         "sem": sem.numpy(), "n": n})

@@ -1,0 +1,187 @@
+"""Running nnsight traces over HF models: wrapping, input validation, per-layer edits.
+
+``run_edited(model, tokens, edits)`` is the one trace driver the primitives share. An edit says, for
+a layer, what to write into the per-head output site (the input of the attention output projection)
+and/or the pattern site; the driver visits layers in execution order (nnsight requires it) and
+checks afterwards that every edit took effect.
+
+Example:
+    >>> import torch
+    >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+    >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20)).eval()
+    >>> run_edited(model, torch.zeros(1, 5, dtype=torch.long), {}).shape
+    torch.Size([1, 5, 20])
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapters import Adapter, get_adapter, has_pattern_site
+
+# (batch, pos, d_head) replacement for one head, or None for zero
+HeadEdit = dict[int, torch.Tensor | None]
+
+
+class InterventionError(RuntimeError):
+    """An intervention could not be applied (its target did not run, or it changed nothing)."""
+
+
+@dataclass
+class LayerEdits:
+    """What to write in one layer. ``heads``: head -> replacement (batch, pos, d_head) or None (zero);
+    ``rows``: optionally restrict a head edit to these batch rows (batched sweeps);
+    ``pattern``: full pattern (batch, head, q_pos, k_pos) to force."""
+
+    heads: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    rows: dict[int, slice] = field(default_factory=dict)
+    pattern: torch.Tensor | None = None
+
+
+_WRAPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def wrap(model, tokenizer=None):
+    """An nnsight ``TransformersModel`` over ``model`` (cached per model; a wrapper passes through)."""
+    import nnsight
+
+    if isinstance(model, nnsight.NNsight):
+        return model
+    key = (tokenizer is None, has_pattern_site(model))
+    cached = _WRAPPED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    if tokenizer is None:
+        tokenizer = _placeholder_tokenizer()
+    lm = nnsight.TransformersModel(model, tokenizer=tokenizer)
+    _WRAPPED[model] = (key, lm)
+    return lm
+
+
+_PLACEHOLDER = None
+
+
+def _placeholder_tokenizer():
+    """nnsight needs a tokenizer object; token-id inputs never use it."""
+    global _PLACEHOLDER
+    if _PLACEHOLDER is None:
+        from .tokenizer import byte_tokenizer
+
+        _PLACEHOLDER = byte_tokenizer()
+    return _PLACEHOLDER
+
+
+def unwrap(model):
+    return getattr(model, "_module", model)
+
+
+def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor:
+    """Validate a (batch, pos) tensor of token ids; returns it (never modified)."""
+    if not torch.is_tensor(tokens):
+        raise ValueError(f"{name} must be a torch.LongTensor of shape (batch, pos), got {type(tokens).__name__}")
+    if tokens.dim() == 1:
+        raise ValueError(f"{name} has shape {tuple(tokens.shape)}: add a batch dimension (tokens[None])")
+    if tokens.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, pos), got {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{name} must hold integer token ids (torch.long), got dtype {tokens.dtype}")
+    if tokens.shape[0] == 0 or tokens.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(tokens.shape)}): pass at least one token")
+    if adapter.n_ctx is not None and tokens.shape[1] > adapter.n_ctx:
+        raise ValueError(f"{name} has {tokens.shape[1]} positions, more than the model's context of "
+                         f"{adapter.n_ctx}: truncate to {adapter.n_ctx}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= adapter.vocab_size:
+        raise ValueError(f"{name} holds ids outside the vocabulary [0, {adapter.vocab_size}) (min {lo}, max {hi}): "
+                         "tokenise with this model's tokenizer")
+    return tokens
+
+
+def _device(model) -> torch.device:
+    return next(unwrap(model).parameters()).device
+
+
+@torch.no_grad()
+def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
+               save_patterns: bool = False, save_head_outputs: bool = False,
+               attention_mask: torch.Tensor | None = None):
+    """Run ``model`` on ``tokens`` with per-layer edits. Returns logits (batch, pos, vocab), and if
+    asked, the patterns (list per layer) and per-head outputs (list per layer of (batch, pos, head*d_head))
+    as recorded *after* the edits of that layer."""
+    inner = unwrap(model)
+    adapter = get_adapter(inner)
+    check_tokens(tokens, adapter)
+    for layer in edits:
+        adapter.check_layer(layer)
+    needs_pattern = save_patterns or any(e.pattern is not None for e in edits.values())
+    if needs_pattern and not has_pattern_site(inner):
+        raise InterventionError("attention patterns are not observable on this model's attention path "
+                                "(SDPA/flash computes no pattern): run inside `with interventions.observable(model):`")
+    lm = wrap(inner)
+    tokens = tokens.to(_device(inner))
+    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(tokens.device)}
+    patterns, head_outs, checks = [], [], []
+    try:
+        with lm.trace(tokens, **kwargs):
+            for layer in range(adapter.n_layers):
+                edit = edits.get(layer)
+                if needs_pattern:
+                    site = adapter.module(lm, layer, "pattern")
+                    if edit is not None and edit.pattern is not None:
+                        site.output = edit.pattern
+                    if save_patterns:
+                        patterns.append(site.output.save())
+                if (edit is not None and edit.heads) or save_head_outputs:
+                    z = adapter.module(lm, layer, "o_proj").input  # (batch, pos, head*d_head)
+                    if edit is not None:
+                        for head, value in edit.heads.items():
+                            sl = adapter.head_slice(head)
+                            rows = edit.rows.get(head, slice(None))
+                            z[rows, :, sl] = 0 if value is None else value
+                            checks.append((layer, head, rows, value, z[rows, :, sl].clone().save()))
+                    if save_head_outputs:
+                        head_outs.append(z.clone().save())
+            logits = _unembed(lm, adapter).output.save()
+    except InterventionError:
+        raise
+    except Exception as e:  # nnsight's errors for sites that never ran, out-of-order access, ...
+        name = type(e).__name__
+        if "OutOfOrder" in name or "never" in str(e) or "Missed" in name:
+            raise InterventionError(f"an intervention's target did not run ({name}: {e}). Pattern sites need "
+                                    "`with interventions.observable(model):`; module paths come from "
+                                    "interventions.adapters") from None
+        raise
+    for layer, head, rows, value, seen in checks:
+        expected = torch.zeros_like(seen) if value is None else value.to(seen.dtype).expand_as(seen)
+        if not torch.equal(seen, expected):
+            raise InterventionError(f"the edit of L{layer}H{head} did not take effect (the model's forward "
+                                    "does not use the per-head site as expected); check the adapter")
+    out = [logits]
+    if save_patterns:
+        out.append(patterns)
+    if save_head_outputs:
+        out.append(head_outs)
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _unembed(lm, adapter: Adapter):
+    from .adapters import _get
+
+    return _get(lm, adapter.spec.unembed)
+
+
+@torch.no_grad()
+def head_outputs(model, tokens: torch.Tensor, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
+    """Per-head outputs of chosen layers on clean tokens: {layer: (batch, pos, head, d_head)}."""
+    adapter = get_adapter(unwrap(model))
+    layers = list(range(adapter.n_layers)) if layers is None else sorted(set(layers))
+    _, outs = run_edited(model, tokens, {}, save_head_outputs=True)
+    b, p = tokens.shape
+    return {layer: outs[layer].view(b, p, adapter.n_heads, adapter.d_head) for layer in layers}
+
+
+Metric = Callable[[torch.Tensor], torch.Tensor]
