@@ -48,8 +48,9 @@ class ArchSpec:
 ARCHS: dict[str, ArchSpec] = {
     "attn_only": ArchSpec("transformer.h", "attn", "c_proj", "k_proj", "hook_pattern"),
     "gpt2": ArchSpec("transformer.h", "attn", "c_proj", "c_attn", "hook_pattern", fused_qkv="gpt2"),
+    # transformers 5 names the NeoX unembedding ``lm_head`` (4.x: ``embed_out``; see ``unembed_path``)
     "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "dense", "query_key_value", "hook_pattern",
-                         fused_qkv="neox", unembed="embed_out"),
+                         fused_qkv="neox"),
     "llama": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
     "qwen2": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
     "mistral": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
@@ -99,6 +100,22 @@ class Adapter:
     def module(self, root, layer: int, site: str):
         """The module (or nnsight envoy, when ``root`` is one) of ``site`` in ``layer``."""
         return _get(root, self.path(layer, site))
+
+    def unembed_path(self, root) -> str:
+        """Path of the unembedding module: the spec's, else wherever ``get_output_embeddings`` lives
+        (module names differ across transformers versions, e.g. NeoX ``embed_out`` -> ``lm_head``)."""
+        inner = getattr(root, "_module", root)
+        try:
+            _get(inner, self.spec.unembed)
+            return self.spec.unembed
+        except (AttributeError, IndexError):
+            pass
+        out = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+        for name, m in inner.named_modules():
+            if out is not None and m is out:
+                return name
+        raise ValueError(f"no unembedding module at {self.spec.unembed!r} in this {self.model_type} model: "
+                         "register the adapter with ArchSpec(unembed=<path of the lm head>)")
 
     def check_layer(self, layer: int) -> None:
         if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
@@ -164,8 +181,13 @@ def _register_attention() -> None:
     global _REGISTERED
     if not _REGISTERED:
         from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
         AttentionInterface.register("interventions_eager", _observable_attention)
+        # Without a mask function of the same name HF builds *no* mask for a custom attention
+        # implementation (it assumes the kernel masks by itself), so the eager path above would attend
+        # to future tokens. The eager mask is additive (0 / dtype min), causal, and honours padding.
+        AttentionMaskInterface.register("interventions_eager", eager_mask)
         _REGISTERED = True
 
 

@@ -171,7 +171,7 @@ def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
 def _unembed(lm, adapter: Adapter):
     from .adapters import _get
 
-    return _get(lm, adapter.spec.unembed)
+    return _get(lm, adapter.unembed_path(lm))
 
 
 @torch.no_grad()

@@ -1,0 +1,165 @@
+"""Argument 1 (phase change) and the per-token-loss analysis, measured at every checkpoint.
+
+For each model of the zoo and each of its checkpoints: validation loss, ICL score (with standard
+error), loss by token index, head scores (induction, prefix matching, previous token), and the
+per-token losses on a fixed set of (window, position) pairs. Then, per model: the phase-change
+window (where the best head's induction score rises fastest against log tokens) and the loss-curve
+bump (the stretch where the loss, against log tokens, bends downwards: the non-convex stretch).
+
+Tables (``results/<run>/phase_change/``): ``checkpoints`` (model x step), ``loss_by_index`` (model x
+step x token_index), ``head_scores`` (model x step x layer x head x score), ``windows`` (model:
+phase-change window and bump), ``pca`` (model x step: PC1, PC2 of per-token losses).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from interventions.loss import per_token_loss
+from interventions.metrics import icl_indices
+from interventions.train import TrainConfig, build_source, list_checkpoints, load_model
+
+from .common import Results
+
+N_PCA_WINDOWS = 16  # windows whose per-token losses enter the PCA (x every position)
+
+
+def eval_windows(cfg: TrainConfig, n: int) -> torch.Tensor:
+    source, _, _ = build_source(cfg)
+    return source.eval_windows(n, cfg.n_ctx, seed=cfg.seed + 1)
+
+
+def head_score_rows(model, windows: torch.Tensor, seed: int = 0) -> pd.DataFrame:
+    """Induction, prefix-matching and previous-token scores of every head (long format)."""
+    from interventions import scores
+
+    df = scores.head_scores(model, windows=windows[:16], seed=seed)
+    keep = [c for c in ("induction", "prefix_matching", "previous_token", "copying", "duplicate_token")
+            if c in df.columns]
+    return df.melt(id_vars=["layer", "head"], value_vars=keep, var_name="score", value_name="value")
+
+
+def evaluate_checkpoint(model, windows: torch.Tensor, batch_size: int = 32, seed: int = 0):
+    losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos-1)
+    early, late = icl_indices(windows.shape[1])
+    diff = losses[:, late - 2] - losses[:, early - 2]
+    n = losses.shape[0]
+    row = {"val_loss": losses.mean().item(), "icl_score": diff.mean().item(),
+           "icl_sem": (diff.std() / math.sqrt(n)).item(), "icl_early": early, "icl_late": late}
+    by_index = pd.DataFrame({"token_index": np.arange(1, losses.shape[1] + 1),
+                             "loss": losses.mean(0).numpy(), "sem": (losses.std(0) / math.sqrt(n)).numpy()})
+    return row, by_index, head_score_rows(model, windows, seed), losses[:N_PCA_WINDOWS].flatten().numpy()
+
+
+def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int = 128, device: str = "cpu",
+                     progress: bool = True) -> Results:
+    """Evaluate every checkpoint of every run (skipping models already done) and detect windows."""
+    from tqdm.auto import tqdm
+
+    res = Results(results_root, "phase_change")
+    res.write_provenance({"runs": {k: str(v) for k, v in runs.items()}, "n_windows": n_windows})
+    for name, run in runs.items():
+        table = f"checkpoints_{name}"
+        if res.has(table):
+            continue
+        cfg = TrainConfig.from_dict(__import__("json").loads((run / "train_config.json").read_text()))
+        windows = eval_windows(cfg, n_windows)
+        rows, by_idx, heads, vectors = [], [], [], []
+        ckpts = list_checkpoints(run)
+        for ckpt in tqdm(ckpts, desc=f"evaluate {name}", disable=not progress):
+            step = int(ckpt.name.split("-")[1])
+            tokens = step * cfg.batch_size * cfg.n_ctx
+            model = load_model(ckpt, device)
+            row, bi, hs, vec = evaluate_checkpoint(model, windows, seed=cfg.seed)
+            rows.append({"model": name, "step": step, "tokens": tokens, **row})
+            by_idx.append(bi.assign(model=name, step=step, tokens=tokens))
+            heads.append(hs.assign(model=name, step=step, tokens=tokens))
+            vectors.append(vec)
+        res.write(f"loss_by_index_{name}", pd.concat(by_idx))
+        res.write(f"head_scores_{name}", pd.concat(heads))
+        np.save(res.dir / f"per_token_losses_{name}.npy", np.stack(vectors))
+        res.write(table, pd.DataFrame(rows))  # written last: marks the model done
+    ck = pd.concat([res.read(f"checkpoints_{n}") for n in runs])
+    hs = pd.concat([res.read(f"head_scores_{n}") for n in runs])
+    res.write("checkpoints", ck)
+    res.write("head_scores", hs)
+    res.write("loss_by_index", pd.concat([res.read(f"loss_by_index_{n}") for n in runs]))
+    res.write("windows", detect_windows(ck, hs))
+    res.write("pca", pca_trajectories({n: np.load(res.dir / f"per_token_losses_{n}.npy") for n in runs}, ck))
+    return res
+
+
+def _fastest_rise(x: np.ndarray, y: np.ndarray, frac: float = 0.5) -> tuple[float, float, float]:
+    """(start, end, peak) in x of the contiguous stretch around the steepest rise of y(x) where the
+    slope stays above ``frac`` of its maximum. x should be log10 tokens; y lightly smoothed first."""
+    if len(x) < 4:
+        return (float("nan"),) * 3
+    ys = np.convolve(np.pad(y, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+    slope = np.gradient(ys, x)
+    i = int(np.argmax(slope))
+    if slope[i] <= 0:
+        return (float("nan"),) * 3
+    lo = hi = i
+    while lo > 0 and slope[lo - 1] >= frac * slope[i]:
+        lo -= 1
+    while hi < len(x) - 1 and slope[hi + 1] >= frac * slope[i]:
+        hi += 1
+    return float(x[max(lo - 1, 0)]), float(x[min(hi + 1, len(x) - 1)]), float(x[i])
+
+
+def detect_windows(checkpoints: pd.DataFrame, head_scores: pd.DataFrame) -> pd.DataFrame:
+    """Per model: the phase-change window (steepest rise of the best induction score; also of -ICL)
+    and the loss bump (where loss against log tokens is most concave), in tokens."""
+    rows = []
+    for model, ck in checkpoints.groupby("model"):
+        ck = ck[ck.tokens > 0].sort_values("tokens")
+        x = np.log10(ck.tokens.to_numpy(dtype=float))
+        ind = (head_scores[(head_scores.model == model) & (head_scores.score == "induction")]
+               .groupby("tokens").value.max().reindex(ck.tokens).to_numpy())
+        s, e, p = _fastest_rise(x, np.nan_to_num(ind))
+        si, ei, pi = _fastest_rise(x, -ck.icl_score.to_numpy())
+        # bump: concave stretch of loss(log tokens) after warm-up (second difference < 0)
+        loss = np.convolve(np.pad(ck.val_loss.to_numpy(), 1, mode="edge"), np.ones(3) / 3, mode="valid")
+        curv = np.gradient(np.gradient(loss, x), x)
+        half = len(x) // 3  # ignore the first third (initial fall from uniform)
+        j = half + int(np.argmin(curv[half:])) if len(x) > 3 else 0
+        bump = curv[j] < 0
+        lo = hi = j
+        while bump and lo > half and curv[lo - 1] < 0:
+            lo -= 1
+        while bump and hi < len(x) - 1 and curv[hi + 1] < 0:
+            hi += 1
+        final_ind = float(np.nan_to_num(ind)[-1]) if len(ind) else float("nan")
+        rows.append({"model": model, "window_start_tokens": 10 ** s, "window_end_tokens": 10 ** e,
+                     "window_peak_tokens": 10 ** p, "icl_window_start_tokens": 10 ** si,
+                     "icl_window_end_tokens": 10 ** ei, "bump": bool(bump),
+                     "bump_start_tokens": 10 ** x[lo] if bump else float("nan"),
+                     "bump_end_tokens": 10 ** x[hi] if bump else float("nan"),
+                     "final_max_induction": final_ind, "final_icl": float(ck.icl_score.iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def pca_trajectories(vectors: dict[str, np.ndarray], checkpoints: pd.DataFrame) -> pd.DataFrame:
+    """Project every checkpoint's per-token-loss vector (all models jointly) on 2 principal components."""
+    names = [n for n in vectors if vectors[n].size]
+    if not names:
+        return pd.DataFrame(columns=["model", "step", "tokens", "pc1", "pc2"])
+    length = min(v.shape[1] for v in vectors.values())
+    X = np.concatenate([vectors[n][:, :length] for n in names])
+    Xc = X - X.mean(0)
+    _, S, Vt = np.linalg.svd(Xc, full_matrices=False)
+    pcs = Xc @ Vt[:2].T
+    var = (S[:2] ** 2 / (S ** 2).sum()).tolist()
+    rows, i = [], 0
+    for n in names:
+        ck = checkpoints[checkpoints.model == n].sort_values("step")
+        for (_, r), v in zip(ck.iterrows(), pcs[i:i + len(vectors[n])]):
+            rows.append({"model": n, "step": r.step, "tokens": r.tokens, "pc1": v[0], "pc2": v[1],
+                         "var_pc1": var[0], "var_pc2": var[1]})
+        i += len(vectors[n])
+    return pd.DataFrame(rows)
