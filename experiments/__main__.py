@@ -4,6 +4,8 @@ Commands:
   presets      list the training presets
   train        train one model (resumable)
   reproduce    the main job: the default reproduction on the embedded corpus
+  figures      make every figure from result tables
+  survey       the induction mosaic for a list of models
 
 Exit codes: 0 success, 2 bad input (usage, options, corpus, output folder), 1 a run that failed.
 """
@@ -98,6 +100,27 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_figures(args) -> int:
+    from .figures import make_figures
+
+    paths = make_figures(Path(args.results), Path(args.out))
+    if not paths:
+        raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce` first")
+    print(f"{len(paths)} files written to {args.out}")
+    return 0
+
+
+def cmd_survey(args) -> int:
+    from .figures import fig_mosaic
+    from .survey import run_survey
+
+    models = {Path(m).name if Path(m).exists() else m: m for m in args.models}
+    run_survey(models, Path(args.out), device=args.device)
+    fig_mosaic(Path(args.out), Path(args.out) / "figures")
+    print(f"induction scores in {Path(args.out) / 'survey'}; mosaic in {Path(args.out) / 'figures'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_reproduce)
+
+    sp = sub.add_parser("figures", help="make every figure from result tables")
+    sp.add_argument("--results", default="results/default")
+    sp.add_argument("--out", default="figures")
+    sp.set_defaults(func=cmd_figures)
+
+    sp = sub.add_parser("survey", help="induction mosaic over models (hub names, model folders, runs)")
+    sp.add_argument("models", nargs="+")
+    sp.add_argument("--out", default="results/survey")
+    sp.add_argument("--device", default="cpu")
+    sp.set_defaults(func=cmd_survey)
     return p
 
 

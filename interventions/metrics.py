@@ -10,6 +10,13 @@ Example:
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
+import torch
+
+from .loss import loss_by_position, per_token_loss
+
 PAPER_EARLY, PAPER_LATE, PAPER_CTX = 50, 500, 512
 
 
@@ -26,3 +33,104 @@ def icl_indices(n_ctx: int) -> tuple[int, int]:
     if late > n_ctx:
         raise ValueError(f"a context of {n_ctx} tokens is too short for an ICL score: use n_ctx >= 3")
     return early, late
+
+
+def _as_windows(windows) -> torch.Tensor:
+    """(n, pos) integer token ids as a LongTensor (numpy arrays and lists accepted; never modified)."""
+    if not torch.is_tensor(windows):
+        try:
+            windows = torch.as_tensor(np.asarray(windows))
+        except Exception:
+            raise ValueError(f"windows must be a (n, pos) tensor of token ids, got {type(windows).__name__}") from None
+    if windows.dim() != 2:
+        raise ValueError(f"windows must have shape (n, pos), got {tuple(windows.shape)}: "
+                         "stack windows into one (n, pos) tensor (a single window: windows[None])")
+    if windows.dtype.is_floating_point or windows.dtype == torch.bool:
+        raise ValueError(f"windows must hold integer token ids, got dtype {windows.dtype}")
+    return windows.long()
+
+
+def check_icl_indices(pos: int, early: int | None = None, late: int | None = None) -> tuple[int, int]:
+    """Resolve and validate (early, late) 1-indexed token numbers for windows of ``pos`` tokens.
+
+    A missing index takes its default from ``icl_indices(pos)``."""
+    if early is None or late is None:
+        if pos < 3:
+            raise ValueError(f"windows of {pos} tokens are too short for an ICL score: use windows of at "
+                             "least 3 tokens (the paper uses 512)")
+        d_early, d_late = icl_indices(pos)
+        early = d_early if early is None else early
+        late = d_late if late is None else late
+    for name, k in (("early", early), ("late", late)):
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool):
+            raise ValueError(f"{name}={k!r} must be an integer token number (1-indexed)")
+    early, late = int(early), int(late)
+    if early < 2:
+        raise ValueError(f"early={early}: the first token has no prediction; use early >= 2 (1-indexed)")
+    if late > pos:
+        raise ValueError(f"late={late} needs windows of at least {late} tokens, but they have {pos}: draw longer "
+                         f"windows (e.g. source.eval_windows(n, n_ctx={late})) or pass late <= {pos} "
+                         f"(icl_indices({pos}) gives the paper's proportions)")
+    if early >= late:
+        raise ValueError(f"early={early} must come before late={late}: the score compares a token with little "
+                         "context (early) against one with nearly all of it (late)")
+    return early, late
+
+
+def icl_from_losses(losses: torch.Tensor, early: int, late: int) -> dict:
+    """The ICL score from a (n, pos - 1) per-token-loss array (entry k - 2 is the k-th token's loss).
+
+    Returns a dict: ``icl_score`` = mean(loss[late]) - mean(loss[early]) in nats (negative when later
+    tokens are predicted better, i.e. the model uses its context), ``sem`` its paired standard error
+    (std over windows of the per-window difference, ddof=1, / sqrt(n); NaN for n = 1: one window gives
+    no spread), ``n``, ``early``, ``late``, ``loss_early``, ``loss_late``.
+
+    Paired because both losses come from the same windows: the per-window difference cancels how hard
+    a window is overall, so its spread is the honest uncertainty of the difference."""
+    losses = torch.as_tensor(losses).double()
+    early, late = check_icl_indices(losses.shape[1] + 1, early, late)
+    e, l_ = losses[:, early - 2], losses[:, late - 2]  # (n,)
+    diff = l_ - e
+    n = int(diff.shape[0])
+    sem = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return {"icl_score": float(diff.mean()), "sem": sem, "n": n, "early": early, "late": late,
+            "loss_early": float(e.mean()), "loss_late": float(l_.mean())}
+
+
+def icl_score(model, windows, early: int | None = None, late: int | None = None, batch_size: int = 16) -> dict:
+    """In-context-learning score of ``model`` on evaluation ``windows`` (Olsson et al. 2022).
+
+    icl_score = mean loss of the ``late``-th token - mean loss of the ``early``-th token (1-indexed),
+    by default ``icl_indices(pos)`` (the paper: 500th and 50th of 512). Sign: late minus early, so a
+    model that uses its context scores negative (the paper quotes "0.4 nats" as a magnitude).
+
+    Args:
+        model: a supported HF causal LM (or its nnsight wrapper).
+        windows: (n, pos) token ids, e.g. ``StreamSource.eval_windows(n, pos)``; all windows the same length.
+        early, late: 1-indexed token numbers (2 <= early < late <= pos).
+        batch_size: windows per forward pass (same result for any value).
+
+    Returns:
+        dict with ``icl_score``, ``sem`` (paired standard error), ``n``, ``early``, ``late``,
+        ``loss_early``, ``loss_late``; ``pandas.DataFrame([result])`` makes it a tidy row.
+
+    Example:
+        >>> icl_score(model, windows)["icl_score"]  # doctest: +SKIP
+        -0.41
+    """
+    windows = _as_windows(windows)
+    early, late = check_icl_indices(windows.shape[1], early, late)
+    losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos - 1)
+    return icl_from_losses(losses, early, late)
+
+
+def loss_by_token_index(model, windows, batch_size: int = 16):
+    """Mean loss at each token index over ``windows`` (the paper's loss-vs-context curve).
+
+    Returns a DataFrame with ``token_index`` (0-based position of the predicted token, i.e. how many
+    tokens of context it had: 1 .. pos - 1), ``loss`` (nats), ``sem`` (standard error over windows)
+    and ``n``. The k-th token (1-indexed) of the ICL score is ``token_index == k - 1``."""
+    windows = _as_windows(windows)
+    if windows.shape[1] < 2:
+        raise ValueError(f"windows of {windows.shape[1]} token have no next-token loss: use at least 2 tokens")
+    return loss_by_position(per_token_loss(model, windows, batch_size=batch_size))

@@ -1,0 +1,251 @@
+"""Paper figures, made only from result tables: ``python -m experiments figures --results R --out figures``.
+
+One shared style (``style()``); every figure saved as PNG and PDF; axes labelled with units.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .common import ResultError, Results
+
+COLUMN_WIDTH = 3.4  # inches: a paper column
+
+
+def style():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import seaborn as sns
+
+    sns.set_theme(context="paper", style="whitegrid", font_scale=1.0,
+                  rc={"figure.dpi": 150, "savefig.dpi": 300, "axes.titlesize": 9, "axes.labelsize": 8,
+                      "legend.fontsize": 7, "xtick.labelsize": 7, "ytick.labelsize": 7,
+                      "savefig.bbox": "tight", "pdf.fonttype": 42})
+    return sns
+
+
+def _save(fig, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    for p in paths:
+        fig.savefig(p)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
+def _read(root: Path, exp: str, table: str) -> pd.DataFrame | None:
+    try:
+        return Results(root, exp).read(table)
+    except ResultError:
+        return None
+
+
+def fig_icl_over_training(root: Path, out: Path):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    ck, win = _read(root, "phase_change", "checkpoints"), _read(root, "phase_change", "windows")
+    if ck is None:
+        return []
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    ck = ck[ck.tokens > 0]
+    sns.lineplot(data=ck, x="tokens", y="icl_score", hue="model", ax=ax, marker="o", markersize=3)
+    if win is not None:
+        for r in win[win.model == "attn-2l"].itertuples():
+            if np.isfinite(r.window_start_tokens):
+                ax.axvspan(r.window_start_tokens, r.window_end_tokens, color="0.85", zorder=0,
+                           label="attn-2l phase change")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("ICL score (nats)\nloss[late] - loss[early]")
+    ax.legend(frameon=False, ncol=2)
+    return _save(fig, out, "icl_over_training")
+
+
+def fig_loss_curves(root: Path, out: Path):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    ck, win = _read(root, "phase_change", "checkpoints"), _read(root, "phase_change", "windows")
+    if ck is None:
+        return []
+    ck = ck[ck.tokens > 0]
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    sns.lineplot(data=ck, x="tokens", y="val_loss", hue="model", ax=ax)
+    if win is not None:
+        for r in win.itertuples():
+            if r.bump and np.isfinite(r.bump_start_tokens):
+                sub = ck[(ck.model == r.model) & (ck.tokens >= r.bump_start_tokens) & (ck.tokens <= r.bump_end_tokens)]
+                ax.plot(sub.tokens, sub.val_loss, color="k", lw=2.5, alpha=0.35)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("loss curves (grey overlay: non-convex stretch)")
+    ax.legend(frameon=False)
+    return _save(fig, out, "loss_curves")
+
+
+def fig_head_scores(root: Path, out: Path, model: str = "attn-2l"):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    hs = _read(root, "phase_change", "head_scores")
+    if hs is None or hs[hs.model == model].empty:
+        return []
+    hs = hs[(hs.model == model) & (hs.tokens > 0) & hs.score.isin(["induction", "previous_token", "prefix_matching"])]
+    hs = hs.assign(head_name="L" + hs.layer.astype(str) + "H" + hs["head"].astype(str))
+    g = sns.relplot(data=hs, x="tokens", y="value", hue="head_name", col="score", kind="line",
+                    height=2.0, aspect=1.0, facet_kws={"sharey": True})
+    g.set(xscale="log")
+    g.set_axis_labels("training tokens", "score (attention share)")
+    g.set_titles("{col_name}")
+    return _save(g.figure, out, f"head_scores_{model}")
+
+
+def fig_pca(root: Path, out: Path):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    pca = _read(root, "phase_change", "pca")
+    if pca is None or pca.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+    for model, d in pca.groupby("model"):
+        d = d.sort_values("step")
+        ax.plot(d.pc1, d.pc2, marker="o", markersize=2, lw=1, label=model)
+        ax.annotate("end", (d.pc1.iloc[-1], d.pc2.iloc[-1]), fontsize=6)
+    ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
+    ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
+    ax.legend(frameon=False)
+    return _save(fig, out, "per_token_loss_pca")
+
+
+def fig_ablation_by_index(root: Path, out: Path, model: str = "attn-2l"):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    sets = _read(root, f"ablations_{model}", "sets_by_index")
+    if sets is None:
+        return []
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    sub = sets[sets.group.isin(["clean", "induction heads", "other heads", "random"])]
+    sns.lineplot(data=sub, x="token_index", y="loss", hue="group", ax=ax, errorbar=("ci", 95))
+    ax.set_xscale("log")
+    ax.set_xlabel("token index (tokens of context)")
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(f"{model}: pattern-preserving ablation")
+    ax.legend(frameon=False)
+    return _save(fig, out, f"ablation_loss_by_index_{model}")
+
+
+def fig_ablation_heatmap(root: Path, out: Path, model: str = "attn-2l"):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    ph = _read(root, f"ablations_{model}", "per_head")
+    if ph is None:
+        return []
+    kinds = list(ph.kind.unique())
+    fig, axes = plt.subplots(1, len(kinds), figsize=(2 * COLUMN_WIDTH, 1.2 + 0.35 * ph.layer.nunique()))
+    axes = np.atleast_1d(axes)
+    vmax = max(0.05, ph.icl_share.abs().max())
+    for ax, kind in zip(axes, kinds):
+        m = ph[ph.kind == kind].pivot(index="layer", columns="head", values="icl_share")
+        sns.heatmap(m, ax=ax, cmap="RdBu_r", center=0, vmin=-vmax, vmax=vmax, annot=True, fmt=".2f",
+                    annot_kws={"size": 6}, cbar=ax is axes[-1], cbar_kws={"label": "share of ICL score removed"})
+        ax.set_title(f"{kind} ablation")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    return _save(fig, out, f"ablation_icl_share_{model}")
+
+
+def fig_attribution(root: Path, out: Path, model: str = "attn-2l"):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    at = _read(root, f"ablations_{model}", "attribution")
+    if at is None or at.empty:
+        return []
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    sns.lineplot(data=at, x="tokens", y="attribution", hue="head_name", ax=ax, marker="o", markersize=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("before-and-after attribution\n(fraction of phase-change loss drop)")
+    ax.legend(frameon=False, ncol=2)
+    return _save(fig, out, f"attribution_over_training_{model}")
+
+
+def fig_smear(root: Path, out: Path):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    ck, hs = _read(root, "phase_change", "checkpoints"), _read(root, "phase_change", "head_scores")
+    if ck is None or hs is None:
+        return []
+    ind = (hs[hs.score == "induction"].groupby(["model", "tokens"]).value.max().rename("max_induction").reset_index())
+    d = ck.merge(ind, on=["model", "tokens"])
+    d = d[d.tokens > 0].assign(layers=d.model.str[-2:], keys=np.where(d.model.str.startswith("smear"), "smeared", "vanilla"))
+    d = d[d.model.str.startswith(("attn-1l", "attn-2l", "smear-1l", "smear-2l"))]
+    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4))
+    sns.lineplot(data=d, x="tokens", y="icl_score", hue="layers", style="keys", ax=axes[0])
+    sns.lineplot(data=d, x="tokens", y="max_induction", hue="layers", style="keys", ax=axes[1])
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+    axes[0].set_ylabel("ICL score (nats)")
+    axes[1].set_ylabel("best head's induction score")
+    return _save(fig, out, "smeared_vs_vanilla")
+
+
+def fig_patching(root: Path, out: Path, model: str = "attn-2l"):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    ph, pp = _read(root, f"circuit_{model}", "patch_heads"), _read(root, f"circuit_{model}", "patch_head_pos")
+    if ph is None:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4), gridspec_kw={"width_ratios": [1, 3]})
+    sns.heatmap(ph.pivot(index="layer", columns="head", values="restored"), ax=axes[0], cmap="Blues",
+                annot=True, fmt=".2f", annot_kws={"size": 6}, cbar=False)
+    axes[0].set_title("head patched (all positions)")
+    m = pp.assign(row=pp.head_name).pivot(index="row", columns="position", values="restored")
+    sns.heatmap(m, ax=axes[1], cmap="Blues", cbar_kws={"label": "fraction of loss gap restored"})
+    axes[1].set_title("head x position patched")
+    axes[1].set_xlabel("position (second copy starts halfway)")
+    axes[1].set_ylabel("head")
+    return _save(fig, out, f"patching_{model}")
+
+
+def fig_mosaic(root: Path, out: Path):
+    import matplotlib.pyplot as plt
+
+    sns = style()
+    sv = _read(root, "survey", "induction_scores")
+    if sv is None or sv.empty:
+        return []
+    models = list(sv.model.unique())
+    fig, axes = plt.subplots(1, len(models), figsize=(max(COLUMN_WIDTH, 1.6 * len(models)), 1.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        m = sv[sv.model == model].pivot(index="layer", columns="head", values="score")
+        sns.heatmap(m, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[0][-1],
+                    cbar_kws={"label": "induction score"})
+        ax.set_title(model)
+    return _save(fig, out, "induction_mosaic")
+
+
+ALL = [fig_icl_over_training, fig_loss_curves, fig_head_scores, fig_pca, fig_ablation_by_index,
+       fig_ablation_heatmap, fig_attribution, fig_smear, fig_patching, fig_mosaic]
+
+
+def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
+    """Every figure whose result tables exist. Returns the written paths."""
+    paths = []
+    for fn in ALL:
+        paths += fn(Path(results_root), Path(out))
+    return paths

@@ -1,0 +1,55 @@
+"""The induction mosaic: induction score of every head for a list of models (one heatmap each).
+
+Models are hub names (for users online, e.g. ``gpt2``, ``EleutherAI/pythia-70m``), local model
+folders, or runs of our zoo (their final checkpoint). Table ``survey/induction_scores``: one row per
+model x layer x head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .common import Results
+
+
+def load_any(spec: str, device: str = "cpu"):
+    """A model from a run folder, a checkpoint/model folder, or a hub name (needs the network)."""
+    from interventions.train import latest_checkpoint, load_model
+
+    p = Path(spec)
+    if (p / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise ValueError(f"run {spec} has no complete checkpoint: train it first")
+        return load_model(ckpt, device)
+    if (p / "config.json").is_file():
+        return load_model(p, device)
+    if p.exists():
+        raise ValueError(f"{spec} is neither a run folder nor a model folder (no config.json)")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(spec, attn_implementation="eager").to(device).eval()
+    except OSError as e:
+        raise ValueError(f"could not load {spec!r} from the hub ({e}); offline, pass a local folder") from None
+
+
+def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_examples: int = 10,
+               device: str = "cpu") -> Results:
+    from interventions import scores
+
+    res = Results(results_root, "survey")
+    res.write_provenance({"models": models, "seq_len": seq_len, "n_examples": n_examples})
+    for label, spec in models.items():
+        table = "induction_" + "".join(c if c.isalnum() else "_" for c in label)
+        if res.has(table):
+            continue
+        model = load_any(spec, device)
+        n_ctx = getattr(model.config, "n_ctx", None) or getattr(model.config, "max_position_embeddings", 1024)
+        df = scores.induction_score(model, seq_len=min(seq_len, (n_ctx - 1) // 2), n_examples=n_examples)
+        res.write(table, df.assign(model=label))
+    res.write("induction_scores", pd.concat([res.read("induction_" + "".join(c if c.isalnum() else "_" for c in label))
+                                             for label in models]))
+    return res
