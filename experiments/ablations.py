@@ -69,7 +69,8 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root:
     if not res.has("per_head"):
         rows, by_index = [], []
         for kind in KINDS:
-            clean, delta = ablation_sweep(model, windows, kind=kind, reference=reference, progress=progress)
+            clean, delta = ablation_sweep(model, windows, kind=kind, reference=reference if kind == "mean" else None,
+                                          progress=progress)
             icl_clean = _icl(clean, early, late)
             heads = [Head(layer, h) for layer in range(a.n_layers) for h in range(a.n_heads)]
             for i, head in enumerate(heads):

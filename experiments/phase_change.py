@@ -34,11 +34,27 @@ def eval_windows(cfg: TrainConfig, n: int) -> torch.Tensor:
     return source.eval_windows(n, cfg.n_ctx, seed=cfg.seed + 1)
 
 
+def probe_kwargs(model) -> dict:
+    """Probe tokens for head scores, by model: byte-level models (vocab 257, separator 256) get
+    printable ASCII (32-126) with the separator as BOS; small synthetic vocabularies use every id;
+    other models the scores' defaults. Sequence lengths shrink to fit short contexts."""
+    c = model.config
+    n_ctx = getattr(c, "n_ctx", None) or getattr(c, "max_position_embeddings", 1024)
+    kw: dict = {"seq_len": min(50, (n_ctx - 1) // 2), "prefix_tokens": min(25, (n_ctx - 1) // 4)}
+    if c.model_type == "attn_only" and c.vocab_size == 257:
+        kw.update(bos_id=256, vocab_range=(32, 127))
+    elif c.vocab_size < 1000:
+        kw.update(bos_id=0, vocab_range=(1, c.vocab_size), exclude_top=0.0)
+        kw["seq_len"] = min(kw["seq_len"], c.vocab_size - 2)
+        kw["prefix_tokens"] = min(kw["prefix_tokens"], c.vocab_size - 2)
+    return kw
+
+
 def head_score_rows(model, windows: torch.Tensor, seed: int = 0) -> pd.DataFrame:
-    """Induction, prefix-matching and previous-token scores of every head (long format)."""
+    """Induction, prefix-matching, copying and previous-token scores of every head (long format)."""
     from interventions import scores
 
-    df = scores.head_scores(model, windows=windows[:16], seed=seed)
+    df = scores.head_scores(model, windows=windows[:16], seed=seed, **probe_kwargs(model))
     keep = [c for c in ("induction", "prefix_matching", "previous_token", "copying", "duplicate_token")
             if c in df.columns]
     return df.melt(id_vars=["layer", "head"], value_vars=keep, var_name="score", value_name="value")

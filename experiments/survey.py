@@ -47,8 +47,12 @@ def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_
         if res.has(table):
             continue
         model = load_any(spec, device)
-        n_ctx = getattr(model.config, "n_ctx", None) or getattr(model.config, "max_position_embeddings", 1024)
-        df = scores.induction_score(model, seq_len=min(seq_len, (n_ctx - 1) // 2), n_examples=n_examples)
+        from .phase_change import probe_kwargs
+
+        kw = probe_kwargs(model)
+        kw.pop("prefix_tokens")
+        kw["seq_len"] = min(seq_len, kw["seq_len"])
+        df = scores.induction_score(model, n_examples=n_examples, **kw)
         res.write(table, df.assign(model=label))
     res.write("induction_scores", pd.concat([res.read("induction_" + "".join(c if c.isalnum() else "_" for c in label))
                                              for label in models]))

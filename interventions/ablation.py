@@ -44,8 +44,11 @@ class Ablation:
         a = get_adapter(unwrap(model))
         check_heads(self.heads, a.n_layers, a.n_heads)
 
-    def value(self, head: Head, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Replacement (batch, pos, d_head) for ``head`` on ``tokens``; None means zero."""
+    def value(self, head: Head, tokens: torch.Tensor, row_offset: int = 0) -> torch.Tensor | None:
+        """Replacement (batch, pos, d_head) for ``head`` on ``tokens``; None means zero.
+
+        ``row_offset``: index of ``tokens``' first row in the whole batch, when a batch is run in chunks
+        (so a per-row choice, as in resampling, does not depend on how the batch was split)."""
         return None
 
     def __repr__(self) -> str:
@@ -63,18 +66,28 @@ class _ReferenceAblation(Ablation):
             raise ValueError("reference must be a (n_sequences, pos) LongTensor of token ids")
         self.reference = reference
         self._acts: dict[Head, torch.Tensor] = {}
-        self._model_id = None
+        self._key = None
+
+    @staticmethod
+    def _state_key(model, reference: torch.Tensor) -> tuple:
+        """Identifies the model *and its current weights* and the reference's contents: in-place updates
+        (``load_state_dict``, an optimiser step) bump a tensor's ``_version``, so cached reference
+        activations are recomputed instead of going stale."""
+        inner = unwrap(model)
+        return (id(inner), tuple((p.data_ptr(), p._version) for p in inner.parameters()),
+                reference.data_ptr(), reference._version, tuple(reference.shape))
 
     def prepare(self, model, tokens):
         super().prepare(model, tokens)
         a = get_adapter(unwrap(model))
         check_tokens(self.reference, a, name="reference")
-        if self._model_id == id(unwrap(model)) and self._acts:
+        key = self._state_key(model, self.reference)
+        if self._key == key and self._acts:
             return
         layers = sorted({h.layer for h in self.heads})
         outs = head_outputs(model, self.reference, layers)  # {layer: (n, pos, head, d_head)}
         self._acts = {h: outs[h.layer][:, :, h.head] for h in self.heads}  # (n, pos, d_head)
-        self._model_id = id(unwrap(model))
+        self._key = key
 
 
 class MeanAblation(_ReferenceAblation):
@@ -91,7 +104,7 @@ class MeanAblation(_ReferenceAblation):
                              f"{tokens.shape[1]}: per-position means need a reference at least as long "
                              "(or pass per_position=False)")
 
-    def value(self, head, tokens):
+    def value(self, head, tokens, row_offset=0):
         acts = self._acts[head]  # (n, pos_ref, d_head)
         b, p = tokens.shape
         if self.per_position:
@@ -112,13 +125,15 @@ class ResampleAblation(_ReferenceAblation):
             raise ValueError(f"reference has {self.reference.shape[1]} positions, fewer than the tokens' "
                              f"{tokens.shape[1]}: pass reference sequences at least as long")
 
-    def rows(self, batch: int) -> torch.Tensor:
+    def rows(self, batch: int, offset: int = 0) -> torch.Tensor:
+        """Reference row (batch,) used for rows ``offset .. offset + batch - 1`` of the input batch:
+        a seeded draw for the whole batch, so chunking a batch does not change any row's choice."""
         g = torch.Generator().manual_seed(self.seed)
-        return torch.randint(0, self.reference.shape[0], (batch,), generator=g)
+        return torch.randint(0, self.reference.shape[0], (offset + batch,), generator=g)[offset:]
 
-    def value(self, head, tokens):
+    def value(self, head, tokens, row_offset=0):
         b, p = tokens.shape
-        return self._acts[head][self.rows(b).to(self._acts[head].device), :p]
+        return self._acts[head][self.rows(b, row_offset).to(self._acts[head].device), :p]
 
 
 class PatternPreserving(Ablation):
@@ -133,36 +148,40 @@ class PatternPreserving(Ablation):
     def prepare(self, model, tokens):
         self.inner.prepare(model, tokens)
 
-    def value(self, head, tokens):
-        return self.inner.value(head, tokens)
+    def value(self, head, tokens, row_offset=0):
+        return self.inner.value(head, tokens, row_offset)
 
     def __repr__(self) -> str:
         return f"PatternPreserving({self.inner!r})"
 
 
-def _edits(ablations: Sequence[Ablation], tokens: torch.Tensor) -> dict[int, LayerEdits]:
+def _edits(ablations: Sequence[Ablation], tokens: torch.Tensor, row_offset: int = 0) -> dict[int, LayerEdits]:
     edits: dict[int, LayerEdits] = {}
     for abl in ablations:
         for h in abl.heads:
-            edits.setdefault(h.layer, LayerEdits()).heads[h.head] = abl.value(h, tokens)
+            # only pass row_offset when set, so subclasses with value(head, tokens) keep working
+            v = abl.value(h, tokens, row_offset) if row_offset else abl.value(h, tokens)
+            edits.setdefault(h.layer, LayerEdits()).heads[h.head] = v
     return edits
 
 
 @torch.no_grad()
 def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Ablation] = (),
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                       attention_mask: torch.Tensor | None = None, row_offset: int = 0) -> torch.Tensor:
     """Logits (batch, pos, vocab) of ``model`` on ``tokens`` with all ``ablations`` applied at once.
 
-    If any ablation is ``PatternPreserving``, all patterns are frozen to the clean run's."""
+    If any ablation is ``PatternPreserving``, all patterns are frozen to the clean run's.
+    ``row_offset``: index of ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``)."""
     if isinstance(ablations, Ablation):
         ablations = [ablations]
     ablations = list(ablations)
+    check_tokens(tokens, get_adapter(unwrap(model)))  # before any (reference) work
     for abl in ablations:
         if not isinstance(abl, Ablation):
             raise ValueError(f"{abl!r} is not an ablation: pass ZeroAblation, MeanAblation, ResampleAblation "
                              "or PatternPreserving objects")
         abl.prepare(model, tokens)
-    edits = _edits(ablations, tokens)
+    edits = _edits(ablations, tokens, row_offset)
     if not any(isinstance(a, PatternPreserving) for a in ablations):
         return run_edited(model, tokens, edits, attention_mask=attention_mask)
     with observable(unwrap(model)):

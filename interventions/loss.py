@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .ablation import Ablation, run_with_ablations
+from .adapters import get_adapter
+from .tracing import check_tokens, unwrap
 
 
 def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -33,10 +35,13 @@ def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ab
     """Loss (batch, pos - 1) in nats of ``model`` on ``tokens``, under ``ablation`` (one or a list).
 
     ``batch_size`` splits large inputs into chunks (same result)."""
+    check_tokens(tokens, get_adapter(unwrap(model)))
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch)")
     ablations = [] if ablation is None else ([ablation] if isinstance(ablation, Ablation) else list(ablation))
     if batch_size is None or tokens.shape[0] <= batch_size:
         return loss_from_logits(run_with_ablations(model, tokens, ablations), tokens).cpu()
-    parts = [loss_from_logits(run_with_ablations(model, tokens[i:i + batch_size], ablations),
+    parts = [loss_from_logits(run_with_ablations(model, tokens[i:i + batch_size], ablations, row_offset=i),
                               tokens[i:i + batch_size]).cpu() for i in range(0, tokens.shape[0], batch_size)]
     return torch.cat(parts)
 

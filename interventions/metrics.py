@@ -1,5 +1,11 @@
 """In-context-learning metrics (Olsson et al. 2022).
 
+* ``icl_score(model, windows)``: mean loss of the late token minus mean loss of the early token
+  (paper: 500th and 50th of 512), with its paired standard error.
+* ``loss_by_token_index(model, windows)``: the loss-vs-context curve (token_index, loss, sem, n).
+* ``icl_from_losses(losses, early, late)``: the same score from a per-token-loss array you already have
+  (e.g. under an ablation).
+
 Token numbering: the k-th token of a window (1-indexed) is predicted from the k-1 tokens before
 it; in a per-token loss array of shape (batch, pos - 1) it is entry k - 2.
 

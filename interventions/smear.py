@@ -92,16 +92,16 @@ class KeySmear(nn.Module):
             self.alpha.fill_(self.init_alpha)
 
     def forward(self, k: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
-        """k: (batch, head, pos, d_head) -> smeared keys of the same shape.
+        """k: (batch, head, pos, d_head) -> smeared keys of the same shape; position 0 exactly unchanged.
 
-        prev: what each position mixes in, (batch, head, pos, d_head); default k_{j-1}, with
-        position 0 using itself (so it is left unchanged)."""
+        prev: what positions 1..pos-1 mix in, (batch, head, pos - 1, d_head); default k_{j-1}."""
         if k.shape[1] != self.alpha.shape[0]:
             raise ValueError(f"KeySmear has {self.alpha.shape[0]} heads but the keys have {k.shape[1]}")
         s = torch.sigmoid(self.alpha).to(k.dtype)[None, :, None, None]  # (1, head, 1, 1)
         if prev is None:
-            prev = torch.cat([k[:, :, :1], k[:, :, :-1]], dim=2)  # k_{j-1}; position 0 uses itself
-        return s * k + (1 - s) * prev
+            prev = k[:, :, :-1]  # k_{j-1} for j >= 1
+        # Position 0 is copied, not mixed with itself: s k + (1 - s) k can differ from k in the last bit.
+        return torch.cat([k[:, :, :1], s * k[:, :, 1:] + (1 - s) * prev], dim=2)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -175,8 +175,7 @@ class ProjectionKeySmear(KeySmear):
         else:
             k = out.reshape(batch, pos, h, dh)  # (batch, pos, kv_head, d_head)
         k = k.transpose(1, 2)  # (batch, head, pos, d_head)
-        prev = torch.cat([k[:, :, :1], self._previous_keys(k)], dim=2)  # position 0 mixes itself
-        smeared = self(k, prev).transpose(1, 2)  # (batch, pos, head, d_head)
+        smeared = self(k, self._previous_keys(k)).transpose(1, 2)  # (batch, pos, head, d_head)
         if self.layout == "gpt2":
             d = self.d_model
             return torch.cat([out[..., :d], smeared.reshape(batch, pos, d), out[..., 2 * d:]], dim=-1)

@@ -83,7 +83,10 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
         dup = sorted({str(h) for h in heads if heads.count(h) > 1})
         raise ValueError(f"heads listed more than once: {', '.join(dup)}; pass each head once")
 
-    ablation = ZeroAblation(heads) if kind != "mean" else MeanAblation(heads, tokens if reference is None else reference)
+    if kind == "mean":
+        ablation = MeanAblation(heads, tokens if reference is None else reference)
+    else:
+        ablation = ZeroAblation(heads)
     ablation.prepare(inner, tokens)  # validates; computes reference means once for all chunks
 
     b_total, pos = tokens.shape
@@ -95,12 +98,15 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
 
         bar = tqdm(total=len(groups) * -(-b_total // chunk), desc=f"{kind} ablation sweep", unit="pass")
     clean_parts, delta_parts = [], []
+    # Pattern kind: eager attention with observable pattern sites, entered once for all chunks.
+    ctx = observable(inner) if kind == "pattern" else contextlib.nullcontext()
     try:
-        for start in range(0, b_total, chunk):
-            toks = tokens[start:start + chunk]
-            clean, delta = _sweep_chunk(inner, toks, kind, ablation, groups, bar)
-            clean_parts.append(clean)
-            delta_parts.append(delta)
+        with ctx:
+            for start in range(0, b_total, chunk):
+                toks = tokens[start:start + chunk]
+                clean, delta = _sweep_chunk(inner, toks, kind, ablation, groups, bar)
+                clean_parts.append(clean)
+                delta_parts.append(delta)
     finally:
         if bar is not None:
             bar.close()
@@ -110,29 +116,27 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
 def _sweep_chunk(model, tokens, kind, ablation, groups: Sequence[Sequence[Head]], bar):
     """(batch, pos - 1) clean loss and (n_heads, batch, pos - 1) deltas for one chunk of tokens."""
     b = tokens.shape[0]
-    ctx = observable(model) if kind == "pattern" else contextlib.nullcontext()
-    with ctx:
-        if kind == "pattern":
-            logits, patterns = run_edited(model, tokens, {}, save_patterns=True)  # (batch, head, q, k) each
-        else:
-            logits, patterns = run_edited(model, tokens, {}), None
-        clean = loss_from_logits(logits, tokens).cpu()  # (batch, pos - 1)
-        deltas = []
-        for group in groups:
-            k = len(group)
-            edits: dict[int, LayerEdits] = {}
-            for j, h in enumerate(group):
-                e = edits.setdefault(h.layer, LayerEdits())
-                e.heads[h.head] = ablation.value(h, tokens)  # None (zero) or (batch, pos, d_head)
-                e.rows[h.head] = slice(j * b, (j + 1) * b)
-            if patterns is not None:  # freeze every pattern, in every block of rows, to the clean one
-                for layer, p in enumerate(patterns):
-                    edits.setdefault(layer, LayerEdits()).pattern = p.repeat(k, 1, 1, 1)
-            rep = tokens.repeat(k, 1)  # (k * batch, pos)
-            loss = loss_from_logits(run_edited(model, rep, edits), rep).cpu()  # (k * batch, pos - 1)
-            deltas.append(loss.view(k, b, -1) - clean)
-            if bar is not None:
-                bar.update(1)
+    if kind == "pattern":
+        logits, patterns = run_edited(model, tokens, {}, save_patterns=True)  # (batch, head, q, k) each
+    else:
+        logits, patterns = run_edited(model, tokens, {}), None
+    clean = loss_from_logits(logits, tokens).cpu()  # (batch, pos - 1)
+    deltas = []
+    for group in groups:
+        k = len(group)
+        edits: dict[int, LayerEdits] = {}
+        for j, h in enumerate(group):
+            e = edits.setdefault(h.layer, LayerEdits())
+            e.heads[h.head] = ablation.value(h, tokens)  # None (zero) or (batch, pos, d_head)
+            e.rows[h.head] = slice(j * b, (j + 1) * b)
+        if patterns is not None:  # freeze every pattern, in every block of rows, to the clean one
+            for layer, p in enumerate(patterns):
+                edits.setdefault(layer, LayerEdits()).pattern = p.repeat(k, 1, 1, 1)
+        rep = tokens.repeat(k, 1)  # (k * batch, pos)
+        loss = loss_from_logits(run_edited(model, rep, edits), rep).cpu()  # (k * batch, pos - 1)
+        deltas.append(loss.view(k, b, -1) - clean)
+        if bar is not None:
+            bar.update(1)
     return clean, torch.cat(deltas)
 
 

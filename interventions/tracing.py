@@ -15,7 +15,6 @@ Example:
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,23 +41,43 @@ class LayerEdits:
     pattern: torch.Tensor | None = None
 
 
-_WRAPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Recently built wrappers: [(model, tokenizer, pattern modules, wrapper)], newest last. Bounded, because
+# a wrapper holds its model: a weak-keyed cache whose values reference their keys never frees them.
+_WRAPPED: list = []
+_CACHE_SIZE = 4
+
+
+def _pattern_modules(model) -> tuple:
+    """The pattern modules the model has now (by identity; ``observable`` adds fresh ones each time)."""
+    adapter = get_adapter(model)
+    out = []
+    for layer in range(adapter.n_layers):
+        try:
+            out.append(adapter.module(model, layer, "pattern"))
+        except AttributeError:
+            out.append(None)
+    return (has_pattern_site(model), *out)
 
 
 def wrap(model, tokenizer=None):
-    """An nnsight ``TransformersModel`` over ``model`` (cached per model; a wrapper passes through)."""
+    """An nnsight ``TransformersModel`` over ``model`` (cached per model; a wrapper passes through).
+
+    The cache is keyed on the model, the tokenizer and the current pattern modules, all by identity:
+    a wrapper's envoy tree is built once, so a wrapper built before ``observable`` added (or after it
+    removed) ``hook_pattern`` modules would point at modules that never run."""
     import nnsight
 
     if isinstance(model, nnsight.NNsight):
         return model
-    key = (tokenizer is None, has_pattern_site(model))
-    cached = _WRAPPED.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    if tokenizer is None:
-        tokenizer = _placeholder_tokenizer()
-    lm = nnsight.TransformersModel(model, tokenizer=tokenizer)
-    _WRAPPED[model] = (key, lm)
+    patterns = _pattern_modules(model)
+    for i, (m, tok, pats, lm) in enumerate(_WRAPPED):
+        if m is model and tok is tokenizer and len(pats) == len(patterns) and all(
+                a is b for a, b in zip(pats, patterns)):
+            _WRAPPED.append(_WRAPPED.pop(i))
+            return lm
+    lm = nnsight.TransformersModel(model, tokenizer=_placeholder_tokenizer() if tokenizer is None else tokenizer)
+    _WRAPPED.append((model, tokenizer, patterns, lm))
+    del _WRAPPED[:-_CACHE_SIZE]
     return lm
 
 
@@ -121,6 +140,15 @@ def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
     if needs_pattern and not has_pattern_site(inner):
         raise InterventionError("attention patterns are not observable on this model's attention path "
                                 "(SDPA/flash computes no pattern): run inside `with interventions.observable(model):`")
+    for layer in range(adapter.n_layers):  # every site this trace visits must exist (else: a wrong adapter)
+        sites = (["pattern"] if needs_pattern else []) + (
+            ["o_proj"] if save_head_outputs or (layer in edits and edits[layer].heads) else [])
+        for site in sites:
+            try:
+                adapter.module(inner, layer, site)
+            except (AttributeError, IndexError):
+                raise InterventionError(f"this {adapter.model_type} model has no module at {adapter.path(layer, site)!r} "
+                                        f"(site {site!r}): fix the adapter with interventions.register_adapter") from None
     lm = wrap(inner)
     tokens = tokens.to(_device(inner))
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(tokens.device)}

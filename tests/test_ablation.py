@@ -297,7 +297,7 @@ def test_pattern_preserving_last_layer_equals_zero_first_layer_differs():
     last = Head(1, 2)
     pp = run_with_ablations(model, tokens, PatternPreserving(ZeroAblation(last)))
     plain = run_with_ablations(model, tokens, ZeroAblation(last))
-    assert (pp - plain).abs().max().item() < 1e-5
+    assert (pp - plain).abs().max().item() < 1e-4  # eager vs SDPA float noise on logits of size ~5
     first = Head(0, 1)
     pp0 = run_with_ablations(model, tokens, PatternPreserving(ZeroAblation(first)))
     plain0 = run_with_ablations(model, tokens, ZeroAblation(first))
@@ -441,21 +441,19 @@ def test_pattern_edit_on_sdpa_path_raises():
         run_edited(model, tokens, {0: LayerEdits(pattern=pattern)})
 
 
-class _Renamed(AttnOnlyConfig):
-    model_type = "attn_only_test_renamed"
-
-
 @pytest.mark.parametrize("o_proj", ["hook_pattern", "no_such_module"])
 def test_adapter_with_wrong_path_raises(o_proj):
     """An adapter whose o_proj path names a module that never runs (hook_pattern on the SDPA path) or
     does not exist raises InterventionError rather than silently doing nothing."""
-    model = AttnOnlyForCausalLM(_Renamed(n_layers=2, n_heads=4, d_model=32, n_ctx=32, vocab_size=VOCAB)).eval()
-    register_adapter(_Renamed.model_type, ArchSpec("transformer.h", "attn", o_proj, "k_proj", "hook_pattern"))
+    model = build("attn_only")
+    name = "attn_only_test_renamed"
+    model.config.model_type = name  # an instance attribute: the class (and other models) keep theirs
+    register_adapter(name, ArchSpec("transformer.h", "attn", o_proj, "k_proj", "hook_pattern"))
     try:
-        with pytest.raises(InterventionError):
+        with pytest.raises(InterventionError, match="adapter|did not run"):
             run_with_ablations(model, _tokens(pos=8), ZeroAblation("L0H1"))
     finally:
-        ARCHS.pop(_Renamed.model_type)
+        ARCHS.pop(name)
 
 
 # ----------------------------------------------------------------------------- 7. unknown architecture

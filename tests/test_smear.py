@@ -110,16 +110,16 @@ def test_gqa_one_alpha_per_kv_head():
 
 class CaptureKeys:
     """An attention function that records the keys attention actually uses (after rotary), then
-    runs HF's eager attention."""
+    runs eager attention."""
 
     def __init__(self):
         self.keys = []
 
     def __call__(self, module, query, key, value, attention_mask, **kw):
-        from transformers.models.llama.modeling_llama import eager_attention_forward
+        from interventions.adapters import _observable_attention  # plain eager attention, any arch
 
         self.keys.append(key.detach().clone())  # (batch, kv_head, pos, d_head)
-        return eager_attention_forward(module, query, key, value, attention_mask, **kw)
+        return _observable_attention(module, query, key, value, attention_mask, **kw)
 
 
 def capture_keys(model, x, **kw):

@@ -1,0 +1,97 @@
+"""ICL score and loss by token index: arithmetic, agreement with an independent loss, bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+from interventions import metrics
+from interventions.metrics import icl_from_losses, icl_indices, icl_score, loss_by_token_index
+
+from .oracle import to_hooked_transformer
+
+
+def _uniform_model(seed=0):
+    """Random weights, but W_Q = W_K = 0 (and their biases): every head attends uniformly to its context."""
+    torch.manual_seed(seed)
+    cfg = AttnOnlyConfig(n_layers=1, n_heads=2, d_model=32, n_ctx=40, vocab_size=30, init_range=0.3)
+    model = AttnOnlyForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for proj in (block.attn.q_proj, block.attn.k_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    return model
+
+
+def test_icl_indices_unchanged():
+    """The paper's indices for 512-token contexts, proportional ones for shorter contexts."""
+    assert icl_indices(512) == (50, 500)
+    assert icl_indices(256) == (25, 250)
+
+
+def test_icl_arithmetic_by_hand(monkeypatch):
+    """With known per-token losses: score = mean(late - early); sem = std(diff, ddof=1)/sqrt(n); the k-th
+    token (1-indexed) is entry k - 2 of the loss array."""
+    losses = torch.zeros(3, 5)  # windows of 6 tokens
+    losses[:, 0] = torch.tensor([3.0, 4.0, 5.0])  # token 2
+    losses[:, 4] = torch.tensor([2.0, 2.0, 2.0])  # token 6
+    losses[:, 2] = 100.0  # token 4: must not be read
+    monkeypatch.setattr(metrics, "per_token_loss", lambda model, windows, batch_size=None: losses)
+    out = icl_score(object(), torch.zeros(3, 6, dtype=torch.long), early=2, late=6)
+    # diffs: -1, -2, -3 -> mean -2, std 1
+    assert out["icl_score"] == pytest.approx(-2.0)
+    assert out["sem"] == pytest.approx(1 / math.sqrt(3))
+    assert (out["n"], out["early"], out["late"]) == (3, 2, 6)
+    assert out["loss_early"] == pytest.approx(4.0) and out["loss_late"] == pytest.approx(2.0)
+
+
+def test_icl_single_window_has_nan_sem():
+    """One window gives a score but no spread: sem is NaN, not 0."""
+    out = icl_from_losses(torch.tensor([[1.0, 0.5, 0.25]]), 2, 4)
+    assert out["icl_score"] == pytest.approx(-0.75) and math.isnan(out["sem"])
+
+
+def test_icl_uniform_attention_matches_transformer_lens():
+    """On a uniform-attention model, icl_score equals the hand formula applied to TransformerLens'
+    per-token losses of the same weights (independent forward pass); default indices follow
+    icl_indices(pos); batch size does not change the result; loss_by_token_index is the column mean."""
+    model = _uniform_model()
+    torch.manual_seed(1)
+    windows = torch.randint(0, 30, (7, 40))
+    tl = to_hooked_transformer(model)
+    with torch.no_grad():
+        ref = tl(windows, return_type="loss", loss_per_token=True)  # (n, pos - 1)
+    early, late = icl_indices(40)
+    diff = ref[:, late - 2] - ref[:, early - 2]
+    out = icl_score(model, windows, batch_size=3)
+    assert (out["early"], out["late"]) == (early, late)
+    assert out["icl_score"] == pytest.approx(diff.mean().item(), abs=1e-4)
+    assert out["sem"] == pytest.approx((diff.std() / math.sqrt(7)).item(), abs=1e-4)
+    assert out == pytest.approx(icl_score(model, windows, batch_size=16), abs=1e-5)
+    curve = loss_by_token_index(model, windows)
+    assert list(curve.token_index) == list(range(1, 40))
+    assert torch.allclose(torch.tensor(curve.loss.values, dtype=torch.float32), ref.mean(0), atol=1e-4)
+    assert curve.loss[curve.token_index == late - 1].item() == pytest.approx(out["loss_late"], abs=1e-4)
+
+
+def test_bad_inputs_raise():
+    """Too-short windows, misordered or impossible indices and malformed windows raise ValueError
+    naming the fix."""
+    model = _uniform_model()
+    w = torch.randint(0, 30, (2, 20))
+    with pytest.raises(ValueError, match="longer windows"):
+        icl_score(model, w, early=5, late=30)
+    with pytest.raises(ValueError, match="must come before"):
+        icl_score(model, w, early=10, late=5)
+    with pytest.raises(ValueError, match="early >= 2"):
+        icl_score(model, w, early=1, late=10)
+    with pytest.raises(ValueError, match="at least 3 tokens"):
+        icl_score(model, w[:, :2])
+    with pytest.raises(ValueError, match=r"\(n, pos\)"):
+        icl_score(model, w[0])
+    with pytest.raises(ValueError, match="integer"):
+        icl_score(model, w.float())
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        loss_by_token_index(model, w[:, :1])

@@ -1,0 +1,309 @@
+"""Head scores on hand-built circuits, against TransformerLens' head detector, and on bad inputs.
+
+The hand-built models use disjoint subspaces of a 128-wide residual stream (V = 24 tokens):
+  * token subspace, dims [0, 48): token t is e[2t] - e[2t+1];
+  * previous-token subspace, dims [48, 96): the same code shifted by 48;
+  * three positional dims [96, 99) holding (1, p, p^2), which (Shortformer positions) enter only the
+    query/key inputs, never the residual stream.
+Every residual vector then has zero mean and the same norm at every position (sqrt 2 before layer 0,
+2 before layer 1), so each LayerNorm (weight 1, bias 0) is an exact uniform rescaling, compensated in
+the weights below; it never changes which key wins.
+  * L0H0, previous-token head: q_i . k_j / sqrt(d_head) = 20 (2 (i-1) j - j^2) = -20 (j - (i-1))^2 + a
+    row constant, so softmax puts 1 - 2e-20 on j = i - 1; its OV copies the token code into the
+    previous-token subspace.
+  * L0H1 and (for values) L1H1: all-zero weights, i.e. exactly uniform attention and no output.
+  * L1H0, induction head (K-composition): query = current token code, key = previous-token code,
+    q . k / sqrt(d_head) = 30 on a match, 0 otherwise; OV copies the token subspace, which the
+    unembedding reads (W_U = W_E), so its copying score is 1.
+  * L1H1, duplicate-token head: query = key = current token code (it also matches itself, so it splits
+    attention evenly between itself and the earlier copy).
+"""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+from interventions.scores import (classify_induction_heads, copying_score, duplicate_token_score, head_scores,
+                                  induction_score, ov_weights, prefix_matching_score, previous_token_score,
+                                  probe_token_pool, repeated_random_tokens)
+
+from .oracle import to_hooked_transformer
+
+V, D, DH, N_CTX = 24, 128, 64, 128
+TOK0, PREV0, POS0 = 0, 2 * V, 4 * V
+BOS = 0
+POOL = torch.arange(1, V)  # probe tokens: every id but BOS
+
+
+def _code(base):
+    m = torch.zeros(V, D)
+    t = torch.arange(V)
+    m[t, base + 2 * t], m[t, base + 2 * t + 1] = 1.0, -1.0
+    return m
+
+
+def circuit_model(n_layers=2, prev_scale=20.0, match=30.0):
+    """The hand-built model of the module docstring (1 layer: the previous-token layer only)."""
+    cfg = AttnOnlyConfig(n_layers=n_layers, n_heads=2, d_model=D, d_head=DH, n_ctx=N_CTX, vocab_size=V,
+                         positional="shortformer")
+    model = AttnOnlyForCausalLM(cfg).eval()
+    sd = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    for k in sd:
+        if k.endswith(("ln_1.weight", "ln_f.weight")):
+            sd[k].fill_(1.0)
+    sd["transformer.wte.weight"] = sd["lm_head.weight"] = _code(TOK0)
+    p = torch.arange(N_CTX, dtype=torch.float32)
+    sd["transformer.wpe.weight"][:, POS0:POS0 + 3] = torch.stack([torch.ones_like(p), p, p ** 2], dim=1)
+    rt = DH ** 0.5
+
+    def zeros():
+        return torch.zeros(2 * DH, D), torch.zeros(2 * DH, D), torch.zeros(2 * DH, D), torch.zeros(D, 2 * DH)
+
+    wq, wk, wv, wo = zeros()  # layer 0
+    wq[0, POS0 + 1], wq[0, POS0], wq[1, POS0] = 2 * prev_scale * rt, -2 * prev_scale * rt, -prev_scale * rt
+    wk[0, POS0 + 1], wk[1, POS0 + 2] = 1.0, 1.0
+    for d in range(2 * V):  # OV: token code -> previous-token subspace, undoing ln_1's gain sqrt(D / 2)
+        wv[d, TOK0 + d] = 1.0
+        wo[PREV0 + d, d] = (D / 2) ** -0.5
+    layers = [(wq, wk, wv, wo)]
+    if n_layers > 1:
+        wq, wk, wv, wo = zeros()
+        alpha = match * rt / (2 * D / 4)  # ln_1 gain^2 = D / 4 (residual norm 2); codes overlap by 1 (+1 entry)
+        for t in range(V):
+            wq[t, TOK0 + 2 * t], wk[t, PREV0 + 2 * t] = alpha, 1.0  # L1H0: induction
+            wq[DH + t, TOK0 + 2 * t], wk[DH + t, TOK0 + 2 * t] = alpha, 1.0  # L1H1: duplicate token
+        for d in range(2 * V):  # L1H0 OV: copy the token subspace
+            wv[d, TOK0 + d] = 1.0
+            wo[TOK0 + d, d] = 1.0
+        layers.append((wq, wk, wv, wo))
+    for i, (wq, wk, wv, wo) in enumerate(layers):
+        a = f"transformer.h.{i}.attn."
+        sd[a + "q_proj.weight"], sd[a + "k_proj.weight"] = wq, wk
+        sd[a + "v_proj.weight"], sd[a + "c_proj.weight"] = wv, wo
+    model.load_state_dict(sd)
+    return model
+
+
+@pytest.fixture(scope="module")
+def circuit():
+    return circuit_model(2)
+
+
+def _score(df, layer, head, column="score"):
+    return float(df[(df["layer"] == layer) & (df["head"] == head)][column].iloc[0])
+
+
+def _uniform_chance(queries_targets):
+    """Mean over (query position q, number of target keys) of n_targets / (q + 1): uniform attention."""
+    return sum(n / (q + 1) for q, n in queries_targets) / len(queries_targets)
+
+
+def test_previous_token_head_one_layer():
+    """1-layer model: L0H0 attends to the previous token (score > 0.999); the all-zero head L0H1 attends
+    uniformly, so its score equals the chance level mean_i 1 / (i + 1), i = 1..pos-1, exactly."""
+    model = circuit_model(1)
+    windows = torch.randint(0, V, (5, 100), generator=torch.Generator().manual_seed(0))
+    df = previous_token_score(model, windows, batch_size=2)
+    assert list(df.columns) == ["layer", "head", "score"] and len(df) == 2
+    assert _score(df, 0, 0) > 0.999
+    assert _score(df, 0, 1) == pytest.approx(_uniform_chance([(i, 1) for i in range(1, 100)]), abs=1e-6)
+
+
+def test_induction_circuit(circuit):
+    """2-layer circuit: L1H0 has induction, prefix-matching and copying scores ~1 and is the only head
+    classified as induction; L0H0 is the previous-token head; L1H1 splits its attention between itself
+    and the earlier copy (duplicate-token 0.5); the uniform head L0H1 sits at chance exactly."""
+    L, T, R = 20, 10, 4
+    windows = torch.randint(0, V, (4, 60), generator=torch.Generator().manual_seed(1))
+    df = head_scores(circuit, windows, n_examples=4, bos_id=BOS, token_pool=POOL, seq_len=L, prefix_tokens=T,
+                     n_repeats=R, batch_size=3)
+    assert list(df.columns) == ["layer", "head", "prefix_matching", "copying", "copying_raw", "induction",
+                                "duplicate_token", "previous_token"]
+    assert _score(df, 1, 0, "induction") > 0.999 and _score(df, 1, 0, "prefix_matching") > 0.999
+    assert _score(df, 1, 0, "copying") == pytest.approx(1.0)
+    assert _score(df, 0, 0, "previous_token") > 0.999
+    assert _score(df, 1, 1, "duplicate_token") == pytest.approx(0.5, abs=1e-4)
+    for layer, head in ((0, 0), (1, 1)):  # attention elsewhere: ~0 induction / prefix matching
+        assert _score(df, layer, head, "induction") < 1e-4 and _score(df, layer, head, "prefix_matching") < 1e-4
+    second_copy = [(q, 1) for q in range(L + 1, 2 * L + 1)]
+    assert _score(df, 0, 1, "induction") == pytest.approx(_uniform_chance(second_copy), abs=1e-6)
+    assert _score(df, 0, 1, "duplicate_token") == pytest.approx(_uniform_chance(second_copy), abs=1e-6)
+    repeats = [(1 + r * T + o, r) for r in range(1, R) for o in range(T)]  # repeat r has r earlier copies
+    assert _score(df, 0, 1, "prefix_matching") == pytest.approx(_uniform_chance(repeats), abs=1e-6)
+    assert _score(df, 0, 1, "prefix_matching") < 2 / T
+    for layer, head in ((0, 0), (0, 1), (1, 1)):  # no OV output at all -> share 0 -> -1
+        assert _score(df, layer, head, "copying") == -1.0
+    marked = classify_induction_heads(df)
+    assert marked[marked.is_induction][["layer", "head"]].values.tolist() == [[1, 0]]
+
+
+def test_scores_seeded_and_batch_invariant(circuit):
+    """Same seed, same probe tokens, same scores for any batch size; another seed draws other tokens."""
+    kw = dict(seq_len=8, n_examples=5, bos_id=BOS, token_pool=POOL)
+    a = induction_score(circuit, seed=3, batch_size=2, **kw)
+    b = induction_score(circuit, seed=3, batch_size=16, **kw)
+    assert torch.allclose(torch.tensor(a.score.values), torch.tensor(b.score.values), atol=1e-7)
+    t1 = repeated_random_tokens(POOL, 8, 2, 5, BOS, seed=3)
+    assert torch.equal(t1, repeated_random_tokens(POOL, 8, 2, 5, BOS, seed=3))
+    assert not torch.equal(t1, repeated_random_tokens(POOL, 8, 2, 5, BOS, seed=4))
+    assert (t1[:, 0] == BOS).all() and torch.equal(t1[:, 1:9], t1[:, 9:])
+    assert all(len(set(row[1:9].tolist())) == 8 for row in t1)  # distinct within a copy
+
+
+def test_copying_sign(circuit):
+    """Flipping the OV circuit of the copying head (writing -token) turns copying 1 into -1."""
+    flipped = circuit_model(2)
+    with torch.no_grad():
+        flipped.transformer.h[1].attn.c_proj.weight.neg_()
+    assert _score(copying_score(circuit), 1, 0) == 1.0
+    assert _score(copying_score(flipped), 1, 0) == -1.0
+
+
+def _gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=40, n_positions=32, bos_token_id=0,
+                     eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["attn_only", "gpt2"])
+def test_ov_weights_match_forward(arch):
+    """On a one-token input (attention 1 on itself) with the value/output biases zeroed, the attention
+    module's output equals sum_h ln_1(x) W_V[h] W_O[h]: ov_weights reads the right slices."""
+    if arch == "gpt2":
+        model = _gpt2()
+        attn = model.transformer.h[1].attn
+        biases = [attn.c_attn.bias, attn.c_proj.bias]
+    else:
+        torch.manual_seed(0)
+        model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=40,
+                                                   init_range=0.3)).eval()
+        attn = model.transformer.h[1].attn
+        biases = [attn.v_proj.bias, attn.c_proj.bias]
+    with torch.no_grad():
+        for b in biases:
+            b.zero_()
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: leaves the output as it is
+            seen[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    h1 = model.transformer.h[1].ln_1.register_forward_hook(record("ln"))
+    h2 = attn.register_forward_hook(record("attn"))
+    with torch.no_grad():
+        model(torch.tensor([[5]]))
+    h1.remove(), h2.remove()
+    expected = sum(seen["ln"][0] @ w_v @ w_o for w_v, w_o in (ov_weights(model, 1, h) for h in range(2)))
+    assert torch.allclose(seen["attn"][0], expected, atol=1e-5)
+
+
+def test_scores_run_on_gpt2():
+    """GPT-2 (another architecture) gets every score through observable(): one row per head, in range."""
+    model = _gpt2()
+    df = head_scores(model, torch.randint(0, 40, (2, 16)), n_examples=2, seq_len=8, prefix_tokens=5, n_repeats=3)
+    assert len(df) == 4 and df[["prefix_matching", "induction", "previous_token"]].le(1).all().all()
+    assert df.copying.between(-1, 1).all()
+
+
+def _tl_with_tokenizer(model, tmp_path):
+    """A HookedTransformer of the same weights with the byte tokenizer attached (loaded from a saved
+    folder: TL needs name_or_path). Right padding: with left padding TL masks leading pad tokens, and
+    our pad token is the BOS/separator, so it would mask the BOS."""
+    from interventions.tokenizer import byte_tokenizer, load_tokenizer
+
+    byte_tokenizer().save_pretrained(tmp_path)
+    tl = to_hooked_transformer(model)
+    tl.set_tokenizer(load_tokenizer(str(tmp_path)), default_padding_side="right")
+    return tl
+
+
+def test_agrees_with_transformer_lens_detect_head(tmp_path):
+    """On identical weights and token sequences, our scores equal TransformerLens' detect_head
+    (error_measure="mul") rescaled to its normalisation. detect_head divides the attention on its
+    detection pattern by the *sum of the whole pattern*, i.e. by all pos query rows, where we average
+    over the scored queries only. With distinct tokens within a repeat and a unique BOS its patterns
+    have exactly one target per scored query, so:
+      induction / duplicate (2 copies of L, pos 2L+1):  TL = L / (2L + 1) * ours
+      prefix matching vs TL "induction_head" on R repeats of T: TL = (R-1) T / (RT + 1) * ours
+      previous token on windows of pos tokens:        TL = (pos - 1) / pos * ours
+    detect_head on a list of strings averages per string, as we average per example."""
+    from transformer_lens.head_detector import detect_head
+    from interventions.tokenizer import SEP
+
+    torch.manual_seed(0)
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=64, vocab_size=257,
+                                               init_range=0.3)).eval()
+    tl = _tl_with_tokenizer(model, tmp_path)
+    ascii_ = dict(bos_id=256, vocab_range=(33, 127), n_examples=3, seed=0)  # printable ASCII: strings round-trip
+    pool = probe_token_pool(257, vocab_range=(33, 127), exclude_ids=(256,))
+
+    def strings(tokens):
+        strs = [SEP + bytes(r[1:].tolist()).decode("ascii") for r in tokens]
+        assert torch.equal(tl.to_tokens(strs), tokens)
+        return strs
+
+    def close(ours, theirs, factor):
+        assert torch.allclose(torch.tensor(ours.score.values, dtype=torch.float32) * factor, theirs.flatten(),
+                              atol=1e-5)
+
+    L = 12
+    strs = strings(repeated_random_tokens(pool, L, 2, 3, 256, seed=0))
+    close(induction_score(model, seq_len=L, **ascii_), detect_head(tl, strs, "induction_head"), L / (2 * L + 1))
+    close(duplicate_token_score(model, seq_len=L, **ascii_), detect_head(tl, strs, "duplicate_token_head"),
+          L / (2 * L + 1))
+    T, R = 8, 4
+    strs = strings(repeated_random_tokens(pool, T, R, 3, 256, seed=0))
+    close(prefix_matching_score(model, n_tokens=T, n_repeats=R, **ascii_), detect_head(tl, strs, "induction_head"),
+          (R - 1) * T / (R * T + 1))
+    windows = torch.randint(33, 127, (3, 30), generator=torch.Generator().manual_seed(2))
+    texts = [bytes(r.tolist()).decode("ascii") for r in windows]
+    assert torch.equal(tl.to_tokens(texts), windows)
+    close(previous_token_score(model, windows), detect_head(tl, texts, "previous_token_head"), 29 / 30)
+
+
+def test_probe_token_pool():
+    """Without frequencies the lowest and highest ids are left out; with counts the most and least
+    common; vocab_range is taken as given; excluded ids (BOS) never appear."""
+    assert probe_token_pool(100, exclude_top=0.1).tolist() == list(range(10, 90))
+    counts = torch.arange(100, 0, -1)  # id 0 most common
+    assert probe_token_pool(100, exclude_top=0.1, token_counts=counts).tolist() == list(range(10, 90))
+    counts = torch.arange(100)  # id 99 most common
+    assert probe_token_pool(100, exclude_top=0.2, token_counts=counts).tolist() == list(range(20, 80))
+    assert probe_token_pool(100, vocab_range=(5, 9), exclude_ids=(6,)).tolist() == [5, 7, 8]
+
+
+def test_bad_inputs_raise(circuit):
+    """A vocabulary too small for the probe, a context too short, a bad BOS, an unsupported
+    architecture (attention scores and copying), and a table without the needed columns all raise,
+    naming the fix."""
+    with pytest.raises(ValueError, match="vocabulary is too small.*token_pool"):
+        induction_score(circuit, seq_len=50, bos_id=BOS)
+    with pytest.raises(ValueError, match="model's context is 128"):
+        prefix_matching_score(circuit, n_tokens=20, n_repeats=7, bos_id=BOS, token_pool=POOL)
+    with pytest.raises(ValueError, match="n_repeats"):
+        prefix_matching_score(circuit, n_tokens=5, n_repeats=1, bos_id=BOS, token_pool=POOL)
+    with pytest.raises(ValueError, match="bos_id"):
+        induction_score(circuit, seq_len=5, bos_id=V)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        previous_token_score(circuit, torch.zeros(2, 1, dtype=torch.long))
+
+    class Mystery(torch.nn.Module):
+        config = type("Config", (), {"model_type": "mystery"})()
+
+    with pytest.raises(ValueError, match="unsupported architecture 'mystery'"):
+        induction_score(Mystery(), seq_len=5, bos_id=0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=40))
+    with pytest.raises(NotImplementedError, match="attn_only, gpt2"):
+        copying_score(llama)
+    with pytest.raises(ValueError, match="head_scores"):
+        classify_induction_heads(pd.DataFrame({"layer": [0], "head": [0], "induction": [0.9]}))
