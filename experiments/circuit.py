@@ -23,7 +23,6 @@ import torch
 
 from interventions.adapters import get_adapter
 from interventions.loss import loss_from_logits
-from interventions.tracing import wrap
 from interventions.train import TrainConfig, list_checkpoints, load_model
 
 from .common import Results
@@ -44,32 +43,39 @@ def second_copy_loss(length: int):
 
 @torch.no_grad()
 def k_composition(model, clean: torch.Tensor, prev_head: tuple[int, int], ind_layer: int, length: int) -> dict:
-    """Second-copy loss with the previous-token head ablated, restoring the later layer's q, k or v."""
+    """Second-copy loss with the previous-token head ablated, restoring the later layer's q, k or v.
+
+    Plain torch hooks (a pre-hook zeroes the head's slice of the o_proj input; forward hooks put back
+    the clean projection outputs), so this check shares no code with the nnsight primitives."""
     a = get_adapter(model)
     if a.model_type != "attn_only":
         raise ValueError("K-composition needs separate q/k/v projections (our attention-only model)")
-    lm = wrap(model)
     layer0, head0 = prev_head
     sl = a.head_slice(head0)
-    attn_path = a.path(ind_layer, "attn")
+    attn = a.module(model, ind_layer, "attn")
+    projs = {n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")}
+    cached: dict = {}
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: cached.__setitem__(n, o.clone()))
+               for n, m in projs.items()]
+    clean_loss = loss_from_logits(model(clean).logits, clean)[:, length:].mean().item()
+    for h in handles:
+        h.remove()
 
-    def site(env, name):
-        for part in f"{attn_path}.{name}".split("."):
-            env = env[int(part)] if part.isdigit() else getattr(env, part)
-        return env
+    def zero_head(mod, args):
+        z = args[0].clone()
+        z[:, :, sl] = 0
+        return (z,)
 
-    with lm.trace(clean):
-        cached = {n: site(lm, n).output.save() for n in ("q_proj", "k_proj", "v_proj")}
-    out = {}
+    out = {"clean": clean_loss}
     for restore in ("none", "q_proj", "k_proj", "v_proj"):
-        with lm.trace(clean):
-            a.module(lm, layer0, "o_proj").input[:, :, sl] = 0
-            for n in ("q_proj", "k_proj", "v_proj"):
-                if n == restore:
-                    site(lm, n).output = cached[n]
-            logits = lm.lm_head.output.save()
-        out[restore] = loss_from_logits(logits, clean)[:, length:].mean().item()
-    out["clean"] = loss_from_logits(model(clean).logits, clean)[:, length:].mean().item()
+        handles = [a.module(model, layer0, "o_proj").register_forward_pre_hook(zero_head)]
+        if restore != "none":
+            handles.append(projs[restore].register_forward_hook(lambda mod, i, o, n=restore: cached[n]))
+        try:
+            out[restore] = loss_from_logits(model(clean).logits, clean)[:, length:].mean().item()
+        finally:
+            for h in handles:
+                h.remove()
     return out
 
 
@@ -111,8 +117,8 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
         final = hs[hs.step == hs.step.max()]
         prev = final[(final.score == "previous_token") & (final.layer == 0)].sort_values("value").iloc[-1]
         ind = final[(final.score == "induction") & (final.layer > 0)].sort_values("value").iloc[-1]
-        kc = k_composition(model, clean, (int(prev.layer), int(prev.head)), int(ind.layer), length)
-        res.write("k_composition", pd.DataFrame([{"model": name, "previous_token_head": f"L{int(prev.layer)}H{int(prev.head)}",
+        kc = k_composition(model, clean, (int(prev["layer"]), int(prev["head"])), int(ind["layer"]), length)
+        res.write("k_composition", pd.DataFrame([{"model": name, "previous_token_head": f"L{int(prev['layer'])}H{int(prev['head'])}",
                                                    "induction_layer": int(ind.layer), "restored": k, "loss": v}
                                                   for k, v in kc.items()]))
     else:

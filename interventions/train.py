@@ -235,7 +235,9 @@ def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
         raise RunFolderError(f"checkpoint {path} does not match its manifest (half-written or modified): "
                              "delete it and use an earlier checkpoint")
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per load drowns the experiment's own
     return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
 
 
