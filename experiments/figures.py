@@ -159,9 +159,9 @@ def fig_ablation_heatmap(root: Path, out: Path, model: str = "attn-2l"):
         m = ph[ph.kind == kind].pivot(index="layer", columns="head", values="icl_share")
         sns.heatmap(m, ax=ax, cmap="RdBu_r", center=0, vmin=-vmax, vmax=vmax, annot=True, fmt=".2f",
                     annot_kws={"size": 6}, cbar=ax is axes[-1], cbar_kws={"label": "share of ICL score removed"})
-        ax.set_title(f"{kind} ablation")
+        ax.set_title({"pattern": "pattern-preserving zero"}.get(kind, kind) + " ablation")
         ax.set_xlabel("head")
-        ax.set_ylabel("layer")
+        ax.set_ylabel("layer" if ax is axes[0] else "")
     return _save(fig, out, f"ablation_icl_share_{model}")
 
 

@@ -11,6 +11,12 @@ from .adapters import ArchSpec, get_adapter, observable, register_adapter
 from .heads import Head, all_heads, parse_head, parse_heads
 from .loss import loss_by_position, loss_from_logits, per_token_loss
 from .model import AttnOnlyConfig, AttnOnlyForCausalLM
+from .cache import cache_activations
+from .metrics import icl_from_losses, icl_indices, icl_score, loss_by_token_index
+from .patching import logit_diff, mean_loss_metric, patch_heads, patch_patterns, patch_residual
+from .scores import (classify_induction_heads, copying_score, duplicate_token_score, head_scores,
+                     induction_score, prefix_matching_score, previous_token_score)
+from .sweep import ablation_sweep, sweep_table
 from .tracing import InterventionError, head_outputs, run_edited, wrap
 
 __all__ = [
@@ -18,4 +24,8 @@ __all__ = [
     "MeanAblation", "PatternPreserving", "ResampleAblation", "ZeroAblation", "all_heads", "get_adapter",
     "head_outputs", "loss_by_position", "loss_from_logits", "observable", "parse_head", "parse_heads",
     "per_token_loss", "register_adapter", "run_edited", "run_with_ablations", "wrap",
+    "cache_activations", "icl_from_losses", "icl_indices", "icl_score", "loss_by_token_index",
+    "logit_diff", "mean_loss_metric", "patch_heads", "patch_patterns", "patch_residual",
+    "classify_induction_heads", "copying_score", "duplicate_token_score", "head_scores", "induction_score",
+    "prefix_matching_score", "previous_token_score", "ablation_sweep", "sweep_table",
 ]

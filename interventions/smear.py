@@ -28,7 +28,9 @@ Pythia, Llama, Qwen2 or Mistral (the caller's model is untouched):
                             attention: the query heads that share a key head share its alpha)
 
     The hooks are bound methods of the ``key_smear`` modules, so ``copy.deepcopy`` of an edited model
-    carries working hooks; nnsight traces (``run_with_ablations``) see the smeared keys.
+    carries working hooks. nnsight traces (``run_with_ablations``) run the smear. The ``k_proj`` site's
+    output, read through nnsight, is the raw projection (before the smear), as in our own model, where
+    ``k_proj`` also precedes rotary and smear; a value written there is smeared afterwards.
 
 Rotary positions (NeoX, Llama family): the smear is **after the rotation**, as in our model and the
 paper's sense (the keys attention compares with queries are mixed), although the hook runs on the
