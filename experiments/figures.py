@@ -91,6 +91,33 @@ def fig_loss_curves(root: Path, out: Path):
     return _save(fig, out, "loss_curves")
 
 
+def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
+    """Validation loss and the induction check (loss on the 2nd copy of repeated random tokens)."""
+    import matplotlib.pyplot as plt
+
+    style()
+    tr = _read(root, "phase_change", "training")
+    if tr is None or tr[tr.model == model].empty:
+        return []
+    d = tr[(tr.model == model) & (tr.tokens > 0)]
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    ax.plot(d.tokens, d.val_loss, label="validation loss (corpus)")
+    ax.plot(d.tokens, d.repeat_loss_first, label="random tokens, 1st copy", ls=":")
+    ax.plot(d.tokens, d.repeat_loss_second, label="random tokens, 2nd copy")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats/token)")
+    if d.wall_s.notna().any():
+        top = ax.secondary_xaxis("top", functions=(lambda t: t, lambda t: t))
+        ticks = d.dropna(subset=["wall_s"]).iloc[::8]
+        top.set_xticks(ticks.tokens.to_numpy())
+        top.set_xticklabels([f"{w / 60:.0f}" for w in ticks.wall_s], fontsize=6)
+        top.set_xlabel("wall-clock on this machine (min)", fontsize=7)
+    ax.set_title(model, fontsize=8)
+    ax.legend(frameon=False)
+    return _save(fig, out, f"training_curves_{model}")
+
+
 def fig_head_scores(root: Path, out: Path, model: str = "attn-2l"):
     import matplotlib.pyplot as plt
 
@@ -239,7 +266,7 @@ def fig_mosaic(root: Path, out: Path):
     return _save(fig, out, "induction_mosaic")
 
 
-ALL = [fig_icl_over_training, fig_loss_curves, fig_head_scores, fig_pca, fig_ablation_by_index,
+ALL = [fig_training_curves, fig_icl_over_training, fig_loss_curves, fig_head_scores, fig_pca, fig_ablation_by_index,
        fig_ablation_heatmap, fig_attribution, fig_smear, fig_patching, fig_mosaic]
 
 

@@ -106,8 +106,24 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     res.write("head_scores", hs)
     res.write("loss_by_index", pd.concat([res.read(f"loss_by_index_{n}") for n in runs]))
     res.write("windows", detect_windows(ck, hs))
+    res.write("training", training_table(runs))
     res.write("pca", pca_trajectories({n: np.load(res.dir / f"per_token_losses_{n}.npy") for n in runs}, ck))
     return res
+
+
+def training_table(runs: dict[str, Path]) -> pd.DataFrame:
+    """The trainer's metrics.jsonl of every run (step, tokens, losses, ICL, repeated-token check),
+    with the wall-clock seconds since the run started at each checkpoint (from checkpoint times)."""
+    from interventions.train import read_metrics
+
+    frames = []
+    for name, run in runs.items():
+        df = pd.DataFrame(read_metrics(run)).assign(model=name)
+        t0 = (run / "train_config.json").stat().st_mtime
+        wall = {int(c.name.split("-")[1]): c.stat().st_mtime - t0 for c in list_checkpoints(run)}
+        df["wall_s"] = df.step.map(wall)
+        frames.append(df)
+    return pd.concat(frames)
 
 
 def _fastest_rise(x: np.ndarray, y: np.ndarray, frac: float = 0.5) -> tuple[float, float, float]:

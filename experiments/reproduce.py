@@ -48,6 +48,7 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
         run_circuit(runs["attn-2l"], "attn-2l", head_scores, out, device=device)
     run_survey({name: str(run) for name, run in runs.items()}, out, device=device)
     timings["total_s"] = time.time() - t0
+    timings = _accumulate_timings(out, timings)
     paths = make_figures(out, figures_dir)
     report = write_report(out, scale, timings, figures_dir)
     if scale == "cpu":
@@ -55,6 +56,18 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     print(report.read_text())
     print(f"figures: {len(paths)} files in {figures_dir}")
     return report
+
+
+def _accumulate_timings(out: Path, timings: dict) -> dict:
+    """Add this invocation's times to those of earlier (interrupted or resumed) invocations."""
+    path = out / "report" / "timings.json"
+    runs = json.loads(path.read_text()) if path.is_file() else []
+    legacy = out / "report" / "headline.json"
+    if not runs and legacy.is_file():  # a run made before timings were kept separately
+        runs.append(json.loads(legacy.read_text()).get("timings", {}))
+    runs.append(timings)
+    Results(out, "report").write_json("timings", runs)
+    return {k: sum(r.get(k, 0.0) for r in runs) for k in timings} | {"invocations": len(runs)}
 
 
 def _nearest(ck: pd.DataFrame, tokens: float) -> pd.Series:
@@ -107,7 +120,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path) -> Pat
              f"Machine: {prov['machine']['platform']}, {prov['machine']['threads']} threads, "
              f"GPU: {prov['machine']['cuda'] or 'none'}. Commit {prov['git']['commit']} "
              f"(dirty: {prov['git']['dirty']}). Wall-clock: {timings['total_s'] / 60:.1f} min "
-             f"(training {timings['train_s'] / 60:.1f} min).", ""]
+             f"(training {timings['train_s'] / 60:.1f} min), over {timings.get('invocations', 1)} invocation(s).", ""]
     if "window_tokens" in h:
         lines += [f"- **2L phase-change window** (steepest rise of the best head's induction score): "
                   f"{tok(h['window_tokens'][0])} - {tok(h['window_tokens'][1])} training tokens."]

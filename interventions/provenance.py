@@ -1,8 +1,8 @@
 """Provenance recorded beside every result: config, seed, package versions, git commit, machine.
 
 Example:
-    >>> sorted(provenance(config={"a": 1}, seed=0))[:3]
-    ['config', 'git', 'machine']
+    >>> sorted(provenance(config={"a": 1}, seed=0))
+    ['config', 'created', 'git', 'machine', 'seed', 'versions']
 """
 
 from __future__ import annotations
