@@ -158,7 +158,8 @@ def detect_windows(checkpoints: pd.DataFrame, head_scores: pd.DataFrame) -> pd.D
         # bump: concave stretch of loss(log tokens) after warm-up (second difference < 0)
         loss = np.convolve(np.pad(ck.val_loss.to_numpy(), 1, mode="edge"), np.ones(3) / 3, mode="valid")
         curv = np.gradient(np.gradient(loss, x), x)
-        half = len(x) // 3  # ignore the first third (initial fall from uniform)
+        # ignore the initial fall from uniform: only checkpoints past 5% of the run's tokens
+        half = int(np.searchsorted(x, x[-1] + np.log10(0.05)))
         j = half + int(np.argmin(curv[half:])) if len(x) > 3 else 0
         bump = curv[j] < 0
         lo = hi = j

@@ -15,7 +15,7 @@ import copy
 
 BASE_MODEL = dict(n_heads=4, d_model=128, n_ctx=256, positional="shortformer")
 BASE = dict(corpus="stdlib", vocab_size=257, batch_size=16, lr=1e-3, warmup_tokens=1_000_000,
-            tokens=30_000_000, n_checkpoints=48, n_eval_windows=256, seed=0)
+            tokens=45_000_000, n_checkpoints=48, n_eval_windows=128, seed=0)
 
 PRESETS: dict[str, dict] = {
     "attn-1l": dict(BASE, model=dict(BASE_MODEL, n_layers=1)),

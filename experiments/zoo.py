@@ -18,7 +18,7 @@ from .presets import get_preset
 # tokens per model at each scale (the 2L budget covers its phase change with margin: see README)
 SCALES: dict[str, dict[str, int]] = {
     "tiny": {"attn-1l": 600_000, "attn-2l": 1_500_000, "smear-1l": 600_000, "smear-2l": 600_000},
-    "cpu": {"attn-1l": 12_000_000, "attn-2l": 30_000_000, "smear-1l": 12_000_000, "smear-2l": 16_000_000},
+    "cpu": {"attn-1l": 12_000_000, "attn-2l": 45_000_000, "smear-1l": 12_000_000, "smear-2l": 16_000_000},
     "gpu": {"attn-1l": 60_000_000, "attn-2l": 120_000_000, "attn-3l": 120_000_000, "mlp-1l": 60_000_000,
             "mlp-2l": 120_000_000, "smear-1l": 60_000_000, "smear-2l": 120_000_000},
 }

@@ -38,10 +38,13 @@ from .ablation import MeanAblation, ZeroAblation
 from .adapters import get_adapter, observable
 from .heads import Head, HeadLike, all_heads, check_heads, parse_heads
 from .loss import loss_from_logits
-from .tracing import LayerEdits, check_tokens, run_edited, unwrap
+from .tracing import InterventionError, LayerEdits, _device, _unembed, check_tokens, unwrap, wrap
 
 SweepKind = Literal["zero", "mean", "pattern"]
 SWEEP_KINDS = ("zero", "mean", "pattern")
+# Skip the ablated layer's attention where it is safe (see ``_sweep_chunk``); tests turn it off to check
+# the general path (edits at the per-head site inside the trace) against the same oracle.
+_ATTN_SHORTCUT = True
 
 
 @torch.no_grad()
@@ -91,7 +94,7 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
 
     b_total, pos = tokens.shape
     chunk = b_total if batch_size is None else batch_size
-    groups = [heads[i:i + heads_per_pass] for i in range(0, len(heads), heads_per_pass)]
+    groups = _layer_groups(heads, heads_per_pass)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -104,7 +107,7 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
         with ctx:
             for start in range(0, b_total, chunk):
                 toks = tokens[start:start + chunk]
-                clean, delta = _sweep_chunk(inner, toks, kind, ablation, groups, bar)
+                clean, delta = _sweep_chunk(inner, toks, kind, ablation, groups, len(heads), bar)
                 clean_parts.append(clean)
                 delta_parts.append(delta)
     finally:
@@ -113,31 +116,132 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
     return torch.cat(clean_parts), torch.cat(delta_parts, dim=1)
 
 
-def _sweep_chunk(model, tokens, kind, ablation, groups: Sequence[Sequence[Head]], bar):
-    """(batch, pos - 1) clean loss and (n_heads, batch, pos - 1) deltas for one chunk of tokens."""
+def _layer_groups(heads: Sequence[Head], heads_per_pass: int) -> list[list[tuple[int, Head]]]:
+    """(index in ``heads``, head) groups of at most ``heads_per_pass`` heads, each from one layer, so a
+    pass can start at its layer: blocks below it are the same as in the clean run."""
+    by_layer: dict[int, list[tuple[int, Head]]] = {}
+    for i, h in enumerate(heads):
+        by_layer.setdefault(h.layer, []).append((i, h))
+    return [hs[i:i + heads_per_pass] for layer in sorted(by_layer) for hs in [by_layer[layer]]
+            for i in range(0, len(hs), heads_per_pass)]
+
+
+def _first(output):
+    """The tensor a block or attention module passes on: the output, or its first element."""
+    return output if torch.is_tensor(output) else output[0]
+
+
+def _with_first(output, first: torch.Tensor):
+    """``first`` in the output structure of a module whose clean output was ``output``: a tensor (HF
+    decoder layers in transformers 5), or a tuple whose first element is what the module passes on
+    (our ``Block``: (x, pattern); attention modules: (out, pattern or None)). The other elements become
+    None: nothing downstream reads a skipped module's pattern."""
+    if torch.is_tensor(output):
+        return first
+    if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
+        return (first,) + (None,) * (len(output) - 1)
+    raise InterventionError(f"cannot reuse a module output of type {type(output).__name__}: skipped modules "
+                            "must return a tensor or a tuple starting with one")
+
+
+def _sweep_pass(model, adapter, tokens, kind, edits: dict[int, LayerEdits], start: int = 0, prefix=None,
+                attn_out=None, save_layers: Sequence[int] = (), save_patterns: bool = False):
+    """One forward of ``tokens`` with head edits, starting at layer ``start``.
+
+    Blocks below ``start`` are skipped (``envoy.skip``) and replaced by ``prefix``, the clean output of
+    block ``start - 1`` repeated along the batch (only the last skipped block's output is read
+    downstream, so one replacement serves them all). With ``attn_out`` the attention module of layer
+    ``start`` is skipped too and replaced by it (the head edits were then applied by the caller).
+
+    Returns logits (batch, pos, vocab); for each layer in ``save_layers`` a dict with the clean outputs
+    of its block, attention module and output projection and the per-head site (the projection's input);
+    and, if asked, the patterns (list per layer)."""
+    lm = wrap(model)
+    patterns, saved, checks = [], {}, []
+    with lm.trace(tokens.to(_device(model))):
+        for layer in range(adapter.n_layers):
+            block = adapter.module(lm, layer, "layer")
+            if layer < start:
+                block.skip(prefix)
+                continue
+            if layer == start and attn_out is not None:
+                adapter.module(lm, layer, "attn").skip(attn_out)
+            else:
+                edit = edits.get(layer)
+                if kind == "pattern":
+                    site = adapter.module(lm, layer, "pattern")
+                    if edit is not None and edit.pattern is not None:
+                        site.output = edit.pattern
+                    if save_patterns:
+                        patterns.append(site.output.save())
+                if edit is not None and edit.heads:
+                    z = adapter.module(lm, layer, "o_proj").input  # (batch, pos, head*d_head)
+                    for head, value in edit.heads.items():
+                        sl, rows = adapter.head_slice(head), edit.rows.get(head, slice(None))
+                        z[rows, :, sl] = 0 if value is None else value
+                        checks.append((layer, head, value, z[rows, :, sl].clone().save()))
+                if layer in save_layers:
+                    o_proj = adapter.module(lm, layer, "o_proj")
+                    saved[layer] = {"z": o_proj.input.save(), "o_proj": o_proj.output.save(),
+                                    "attn": adapter.module(lm, layer, "attn").output.save()}
+            if layer in save_layers or layer + 1 in save_layers:
+                saved.setdefault(layer, {})["block"] = block.output.save()
+        logits = _unembed(lm, adapter).output.save()
+    for layer, head, value, seen in checks:
+        expected = torch.zeros_like(seen) if value is None else value.to(seen.dtype).expand_as(seen)
+        if not torch.equal(seen, expected):
+            raise InterventionError(f"the edit of L{layer}H{head} did not take effect (the model's forward "
+                                    "does not use the per-head site as expected); check the adapter")
+    return logits, saved, patterns
+
+
+def _sweep_chunk(model, tokens, kind, ablation, groups: Sequence[Sequence[tuple[int, Head]]], n_swept: int, bar):
+    """(batch, pos - 1) clean loss and (n_heads, batch, pos - 1) deltas for one chunk of tokens.
+
+    One clean pass records the logits (clean loss), the patterns (kind "pattern"), and for each
+    group's layer l the output of block l - 1 and the clean attention of layer l. A group's pass then
+    starts at layer l: blocks below are skipped (their output is the clean one, repeated), and so is
+    layer l's attention: in every kind the heads of layer l not ablated compute exactly what they did
+    on the clean run (same input, and in kind "pattern" the same pattern), so its output is the output
+    projection applied to the clean per-head site with the ablated heads' slices replaced. That
+    shortcut is used only where the clean run showed the attention module's output *is* its output
+    projection's output (true of every supported architecture in eval mode)."""
+    adapter = get_adapter(model)
     b = tokens.shape[0]
-    if kind == "pattern":
-        logits, patterns = run_edited(model, tokens, {}, save_patterns=True)  # (batch, head, q, k) each
-    else:
-        logits, patterns = run_edited(model, tokens, {}), None
+    layers = sorted({h.layer for g in groups for _, h in g})
+    logits, saved, patterns = _sweep_pass(model, adapter, tokens, kind, {}, save_layers=layers,
+                                          save_patterns=kind == "pattern")
     clean = loss_from_logits(logits, tokens).cpu()  # (batch, pos - 1)
-    deltas = []
+    del logits
+    o_projs = {layer: adapter.module(model, layer, "o_proj") for layer in layers}
+    shortcut = {layer: _ATTN_SHORTCUT and torch.equal(_first(saved[layer]["attn"]), saved[layer]["o_proj"]) for layer in layers}
+    delta = torch.empty(n_swept, *clean.shape, dtype=clean.dtype)
     for group in groups:
-        k = len(group)
-        edits: dict[int, LayerEdits] = {}
-        for j, h in enumerate(group):
-            e = edits.setdefault(h.layer, LayerEdits())
-            e.heads[h.head] = ablation.value(h, tokens)  # None (zero) or (batch, pos, d_head)
-            e.rows[h.head] = slice(j * b, (j + 1) * b)
-        if patterns is not None:  # freeze every pattern, in every block of rows, to the clean one
-            for layer, p in enumerate(patterns):
-                edits.setdefault(layer, LayerEdits()).pattern = p.repeat(k, 1, 1, 1)
+        k, layer = len(group), group[0][1].layer
+        rows = [slice(j * b, (j + 1) * b) for j in range(k)]
+        values = [ablation.value(h, tokens) for _, h in group]  # None (zero) or (batch, pos, d_head) each
+        edits, attn_out = {}, None
+        if shortcut[layer]:  # apply the edits to the clean per-head site here; skip the attention
+            z = saved[layer]["z"].repeat(k, 1, 1)  # (k * batch, pos, head*d_head)
+            for r, (_, h), value in zip(rows, group, values):
+                z[r, :, adapter.head_slice(h.head)] = 0 if value is None else value
+            attn_out = _with_first(saved[layer]["attn"], o_projs[layer](z))
+        else:
+            edits[layer] = LayerEdits(heads={h.head: v for (_, h), v in zip(group, values)},
+                                      rows={h.head: r for (_, h), r in zip(group, rows)})
+        if kind == "pattern":  # freeze every pattern at or above the layer, in every block of rows
+            for above in range(layer, adapter.n_layers):
+                edits.setdefault(above, LayerEdits()).pattern = patterns[above].repeat(k, 1, 1, 1)
+        prefix = _with_first(saved[layer - 1]["block"], _first(saved[layer - 1]["block"]).repeat(k, 1, 1)) \
+            if layer > 0 else None
         rep = tokens.repeat(k, 1)  # (k * batch, pos)
-        loss = loss_from_logits(run_edited(model, rep, edits), rep).cpu()  # (k * batch, pos - 1)
-        deltas.append(loss.view(k, b, -1) - clean)
+        out, _, _ = _sweep_pass(model, adapter, rep, kind, edits, start=layer, prefix=prefix, attn_out=attn_out)
+        loss = loss_from_logits(out, rep).cpu().view(k, b, -1)  # (k, batch, pos - 1)
+        for j, (i, _) in enumerate(group):
+            delta[i] = loss[j] - clean
         if bar is not None:
             bar.update(1)
-    return clean, torch.cat(deltas)
+    return clean, delta
 
 
 def sweep_table(delta: torch.Tensor, heads: HeadLike | Iterable[HeadLike]):

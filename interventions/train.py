@@ -234,11 +234,22 @@ def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
     if (path / "manifest.json").is_file() and not verify_checkpoint(path):
         raise RunFolderError(f"checkpoint {path} does not match its manifest (half-written or modified): "
                              "delete it and use an earlier checkpoint")
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        raise RunFolderError(f"{path} holds no safetensors weights (model.safetensors)"
+                             + (f", only {', '.join(found)}: pickle weights are never loaded (unpickling can run "
+                                "code); convert them to safetensors first" if found else "")
+                             + ": pass a checkpoint folder written by save_pretrained")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per load drowns the experiment's own
-    return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:  # unreadable config.json, unknown model type, ...
+        raise RunFolderError(f"cannot load the model in {path} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                             "pass a checkpoint folder written by save_pretrained") from None
+    return model.to(device).eval()
 
 
 def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> int:
@@ -340,6 +351,13 @@ def repeated_random_tokens(vocab_size: int, n_ctx: int, n: int = 16, seed: int =
 
 # ----------------------------------------------------------------------------- training loop
 
+def _startup_leftover(path: Path) -> bool:
+    """A file ``train`` writes before ``train_config.json`` (which marks a started run): a folder holding
+    only these was killed at start-up and is reused rather than refused."""
+    return path.name in ("provenance.json", "tokenizer", ".write-test") or (
+        path.name.startswith(".") and ".tmp" in path.name)
+
+
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     cfg_path = run_dir / "train_config.json"
     if cfg_path.is_file():
@@ -351,7 +369,7 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
         if not resume and latest_checkpoint(run_dir) is not None:
             raise RunFolderError(f"{run_dir} already holds checkpoints of this run: pass --resume to "
                                  "continue it, or choose another --out folder")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and not all(_startup_leftover(p) for p in run_dir.iterdir()):
         raise RunFolderError(f"{run_dir} is not empty and holds no training run: choose an empty or new "
                              "--out folder")
 
@@ -378,8 +396,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=cfg.betas, fused=cfg.device.startswith("cuda") or None)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
+    try:  # mkdir too: a parent that is a regular file or read-only raises OSError here
+        run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("")
         probe.unlink()
@@ -449,8 +467,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             metrics = {"step": done, "tokens": done * tokens_per_step, "train_loss": float(np.mean(recent)),
                        "lr": lr, **quick_eval(model, windows, induction)}
             recent = []
-            last_ckpt = save_checkpoint(run_dir, done, model, opt, done * tokens_per_step)
+            # Log first: a kill between the two leaves a line past the last checkpoint, which --resume
+            # truncates; the other order would leave a checkpoint whose metrics line is lost for good.
             _log(run_dir, metrics)
+            last_ckpt = save_checkpoint(run_dir, done, model, opt, done * tokens_per_step)
             if bar is not None:
                 bar.set_postfix(val=f"{metrics['val_loss']:.3f}", icl=f"{metrics['icl_score']:+.3f}")
     if bar is not None:

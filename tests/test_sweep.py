@@ -95,3 +95,49 @@ def test_sweep_bad_inputs(tiny_model):
         ablation_sweep(tiny_model, tokens, heads_per_pass=0)
     with pytest.raises(ValueError, match="batch_size"):
         ablation_sweep(tiny_model, tokens, batch_size=0)
+
+
+@pytest.mark.parametrize("which", ["attn_only", "gpt2"])
+@pytest.mark.parametrize("kind", ["zero", "pattern"])
+def test_sweep_without_attention_shortcut_equals_unbatched(which, kind, tiny_model, tiny_gpt2, monkeypatch):
+    """With the ablated layer's attention recomputed (edits applied at the per-head site inside the trace,
+    only the blocks below skipped), the sweep still equals per-head ablation to 1e-5."""
+    import interventions.sweep as S
+
+    monkeypatch.setattr(S, "_ATTN_SHORTCUT", False)
+    model = tiny_model if which == "attn_only" else tiny_gpt2
+    tokens = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(6))
+    clean, delta = ablation_sweep(model, tokens, kind=kind, heads_per_pass=3)
+    ref_clean, ref_delta = _oracle(model, tokens, kind, all_heads(2, 4), None)
+    torch.testing.assert_close(clean, ref_clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(delta, ref_delta, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_sweep_shares_the_clean_prefix(tiny_model, monkeypatch, shortcut):
+    """Blocks below a group's layer never run in its pass (their clean output is reused), and one clean
+    pass serves the clean loss: layer 0's block runs for the clean pass and the layer-0 group only; with
+    the shortcut, each layer's attention runs only on the clean pass and in passes of lower layers."""
+    import interventions.sweep as S
+
+    monkeypatch.setattr(S, "_ATTN_SHORTCUT", shortcut)
+    rows = {"block0": [], "block1": [], "attn0": [], "attn1": []}
+
+    def counting(name, module):  # count real forward calls (a skipped module's forward never runs)
+        forward = module.forward
+
+        def f(x, *args, **kwargs):
+            rows[name].append(x.shape[0])
+            return forward(x, *args, **kwargs)
+        return f
+
+    for i, block in enumerate(tiny_model.transformer.h):  # patched before the sweep wraps the model
+        block.forward = counting(f"block{i}", block)
+        block.attn.forward = counting(f"attn{i}", block.attn)
+    ablation_sweep(tiny_model, torch.randint(0, 50, (3, 8)), heads_per_pass=4)
+    assert rows["block0"] == [3, 12]  # clean pass, layer-0 group (4 heads x 3 rows); skipped for layer 1
+    assert rows["block1"] == [3, 12, 12]
+    if shortcut:
+        assert rows["attn0"] == [3] and rows["attn1"] == [3, 12]
+    else:
+        assert rows["attn0"] == [3, 12] and rows["attn1"] == [3, 12, 12]

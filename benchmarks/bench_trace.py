@@ -1,0 +1,65 @@
+"""One intervention trace (zero-ablate one head) vs a plain forward, at batch 8 x 256 tokens.
+
+Variants, interleaved, on the attn-2l preset's model (random weights):
+  * ``plain``: ``model(x).logits`` under no_grad;
+  * ``toolkit``: ``run_with_ablations(model, x, [ZeroAblation("L1H0")])`` (input checks, the nnsight
+    trace, and the check that the edit took effect);
+  * ``nnsight``: a bare nnsight trace doing the same edit (slice of the o_proj input set to 0, logits
+    saved): nnsight's own overhead without the toolkit's checks.
+Target: toolkit / plain <= 1.10.
+
+    python benchmarks/bench_trace.py --device cpu --out results/bench/trace.json
+"""
+
+from __future__ import annotations
+
+from _common import attn2l, base_parser, finish, interleaved, machine, med, optional
+
+import torch
+
+
+def main(argv=None):
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--pos", type=int, default=256)
+    args = p.parse_args(argv)
+    reps = args.reps or (30 if args.device == "cpu" else 200)
+    model = attn2l(args.device)
+    x = torch.randint(0, 257, (args.batch, args.pos), generator=torch.Generator().manual_seed(0)).to(args.device)
+    variants = {"plain": lambda: model(x).logits}
+    result = {"benchmark": "trace", "machine": machine(args.device), "batch": args.batch, "pos": args.pos,
+              "reps": reps, "head": "L1H0"}
+    if optional("nnsight") is not None:
+        from interventions import ZeroAblation, run_with_ablations
+        from interventions.tracing import wrap
+
+        lm = wrap(model)
+        d_head = model.config.d_head
+
+        def bare():
+            with lm.trace(x):
+                lm.transformer.h[1].attn.c_proj.input[:, :, 0:d_head] = 0
+                out = lm.lm_head.output.save()
+            return out
+
+        abl = [ZeroAblation("L1H0")]
+        variants["toolkit"] = lambda: run_with_ablations(model, x, abl)
+        variants["nnsight"] = bare
+        with torch.no_grad():  # the bare trace must equal the toolkit's
+            result["max_abs_diff_bare_vs_toolkit"] = (bare() - variants["toolkit"]()).abs().max().item()
+    with torch.no_grad():
+        times = interleaved(variants, reps, args.device, warmup=2)
+    s = {k: med(v) for k, v in times.items()}
+    result.update(seconds=s, all_seconds=times)
+    for k in ("toolkit", "nnsight"):
+        if k in s:
+            result[f"{k}_over_plain"] = s[k] / s["plain"]
+            result[f"{k}_overhead_ms"] = (s[k] - s["plain"]) * 1e3
+    print("[trace] " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in s.items()) + "; " +
+          ", ".join(f"{k} {result[k]:.3f}x" for k in ("toolkit_over_plain", "nnsight_over_plain") if k in result),
+          flush=True)
+    return finish(result, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Input validation matrix: bad inputs through the public API and the CLI.
+
+Every case checks three things: the error type (a ValueError subclass for the API, exit code 2 for
+the CLI), that the message names the problem, and that nothing was written or modified (the input
+tensors, the model's weights and the folder listing are unchanged).
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import interventions as iv
+from experiments.__main__ import main as cli_main
+from experiments.presets import get_preset
+from interventions import train as T
+from interventions.corpus import CorpusError, RepeatedRandomSource, load_documents, split_documents
+
+REPO = Path(__file__).resolve().parents[1]
+V, CTX = 50, 32  # the conftest tiny_model: 2 layers x 4 heads, d_model 32, context 32, vocab 50
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("INTERVENTIONS_CACHE", str(tmp_path / "cache"))
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 (or 'dir') of everything under ``root``: 'nothing written or changed'."""
+    return {str(p.relative_to(root)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*"))}
+
+
+def good(b=2, p=8) -> torch.Tensor:
+    return torch.randint(0, V, (b, p), generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------- API: tensors and heads
+
+# name -> (call(model, tokens) raising, message fragment). ``tokens`` is a valid (2, 8) batch the
+# case may ignore; every input tensor built here is checked unchanged afterwards.
+API_CASES = {
+    "head 'L1X3'": (lambda m, t: iv.parse_head("L1X3"), "malformed head"),
+    "head ''": (lambda m, t: iv.parse_head(""), "malformed head"),
+    "head 'L-1H0'": (lambda m, t: iv.parse_head("L-1H0"), "malformed head"),
+    "head (1,)": (lambda m, t: iv.parse_head((1,)), "cannot read"),
+    "head (1.0, 2)": (lambda m, t: iv.parse_head((1.0, 2)), "cannot read"),
+    "no heads": (lambda m, t: iv.parse_heads([]), "no heads"),
+    "head L9H0 (layer out of range)": (lambda m, t: iv.per_token_loss(m, t, iv.ZeroAblation("L9H0")),
+                                       "layer 9 out of range"),
+    "head L1H7 (head out of range)": (lambda m, t: iv.per_token_loss(m, t, iv.ZeroAblation("L1H7")),
+                                      "heads 0-3"),
+    "sweep over out-of-range head": (lambda m, t: iv.ablation_sweep(m, t, heads=["L0H0", "L2H0"]),
+                                     "layers 0-1"),
+    "sweep lists a head twice": (lambda m, t: iv.ablation_sweep(m, t, heads="L0H0,L0H0"), "more than once"),
+    "sweep kind unknown": (lambda m, t: iv.ablation_sweep(m, t, kind="bogus"), "kind='bogus' is unknown"),
+    "float tokens": (lambda m, t: iv.per_token_loss(m, t.float()), "integer token ids"),
+    "1-D tokens": (lambda m, t: iv.per_token_loss(m, t[0]), "batch dimension"),
+    "3-D tokens": (lambda m, t: iv.per_token_loss(m, t[None]), "(batch, pos)"),
+    "empty batch": (lambda m, t: iv.per_token_loss(m, t[:0]), "empty"),
+    "zero positions": (lambda m, t: iv.per_token_loss(m, t[:, :0]), "empty"),
+    "list instead of tensor": (lambda m, t: iv.per_token_loss(m, t.tolist()), "torch.LongTensor"),
+    "too-long sequence": (lambda m, t: iv.per_token_loss(m, torch.zeros(1, CTX + 1, dtype=torch.long)),
+                          f"context of {CTX}"),
+    "id = vocab size": (lambda m, t: iv.per_token_loss(m, torch.full((1, 4), V)), "outside the vocabulary"),
+    "negative id": (lambda m, t: iv.per_token_loss(m, torch.full((1, 4), -1)), "outside the vocabulary"),
+    "batch_size 0": (lambda m, t: iv.per_token_loss(m, t, batch_size=0), "positive integer"),
+    "not an ablation": (lambda m, t: iv.run_with_ablations(m, t, ["L0H0"]), "not an ablation"),
+    "reference not a tensor": (lambda m, t: iv.MeanAblation("L0H0", reference=[[1, 2]]), "reference must be"),
+    "mean reference too short": (lambda m, t: iv.per_token_loss(m, t, iv.MeanAblation("L0H0", reference=t[:, :4])),
+                                 "per-position means"),
+    "resample reference too short": (lambda m, t: iv.per_token_loss(
+        m, t, iv.ResampleAblation("L0H0", reference=t[:, :4])), "at least as long"),
+    "reference ids out of vocab": (lambda m, t: iv.per_token_loss(
+        m, t, iv.MeanAblation("L0H0", reference=torch.full((2, 8), V + 3))), "reference holds ids outside"),
+    "pattern-preserving of a non-ablation": (lambda m, t: iv.PatternPreserving("L0H0"), "wraps one"),
+    "patching shape mismatch": (lambda m, t: iv.patch_heads(m, t, t[:, :4], iv.mean_loss_metric(t)),
+                                "corrupted has"),
+    "patching direction unknown": (lambda m, t: iv.patch_heads(m, t, t, iv.mean_loss_metric(t),
+                                                               direction="sideways"), "direction"),
+    "unsupported architecture": (lambda m, t: iv.per_token_loss(torch.nn.Linear(2, 2), t),
+                                 "unsupported architecture"),
+    "model config: d_model not divisible": (lambda m, t: iv.AttnOnlyConfig(n_heads=3, d_model=32),
+                                            "divisible"),
+    "model config: unknown positional": (lambda m, t: iv.AttnOnlyConfig(positional="bogus"), "positional"),
+}
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_api_rejects_bad_input(case, tiny_model):
+    """A bad input to the public API raises a ValueError subclass whose message names the problem,
+    and leaves the model's weights and the caller's tensors untouched."""
+    call, message = API_CASES[case]
+    tokens = good()
+    before_tokens = tokens.clone()
+    before_weights = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with pytest.raises(ValueError) as e:
+        call(tiny_model, tokens)
+    assert message in str(e.value), str(e.value)
+    assert torch.equal(tokens, before_tokens)
+    after = tiny_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before_weights.items())
+
+
+# ----------------------------------------------------------------------------- API: corpora, configs, folders
+
+def _write(path: Path, data: bytes | str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+    return path
+
+
+def _attn_folder(root: Path) -> Path:
+    folder = root / "model"
+    iv.AttnOnlyForCausalLM(iv.AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, n_ctx=16, vocab_size=20)
+                           ).save_pretrained(folder)
+    return folder
+
+
+def _bad_manifest(root: Path) -> Path:
+    folder = _attn_folder(root)
+    (folder / "manifest.json").write_text(json.dumps({"files": {"model.safetensors": "0" * 64}}))
+    return folder
+
+
+def _foreign(root: Path) -> Path:
+    folder = root / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    return folder
+
+
+def _unknown_type(root: Path) -> Path:
+    folder = _attn_folder(root)
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_model_xyz"}))
+    return folder
+
+
+def _garbled_config(root: Path) -> Path:
+    folder = _attn_folder(root)
+    (folder / "config.json").write_text("{not json")
+    return folder
+
+
+def _tc(**over) -> T.TrainConfig:
+    d = get_preset("tiny")
+    d.update(tokens=2048, n_checkpoints=2)
+    d.update(over)
+    return T.TrainConfig.from_dict(d)
+
+
+# name -> (setup(tmp) -> argument, call(argument, tmp), error type, message fragment)
+FILE_CASES = {
+    "corpus: empty text file": (lambda d: _write(d / "empty.txt", "  \n"),
+                                lambda a, d: load_documents(str(a)), CorpusError, "no non-empty"),
+    "corpus: binary file": (lambda d: _write(d / "blob.txt", b"\x00\x01\x02" * 100),
+                            lambda a, d: load_documents(str(a)), CorpusError, "binary"),
+    "corpus: empty folder": (lambda d: (d / "docs").mkdir() or d / "docs",
+                             lambda a, d: load_documents(str(a)), CorpusError, "no non-empty"),
+    "corpus: missing path": (lambda d: d / "nope", lambda a, d: load_documents(str(a)), CorpusError,
+                             "does not exist"),
+    "corpus: jsonl without text": (lambda d: _write(d / "c.jsonl", '{"txt": "x"}\n'),
+                                   lambda a, d: load_documents(str(a)), CorpusError, "line 1"),
+    "corpus: val_fraction 0": (lambda d: None, lambda a, d: split_documents([("a", "x")], 0.0), ValueError,
+                               "val_fraction"),
+    "corpus: synthetic vocab 1": (lambda d: None, lambda a, d: RepeatedRandomSource(1), ValueError,
+                                  "fewer than 2"),
+    "load: folder without config.json": (lambda d: (d / "m").mkdir() or d / "m",
+                                         lambda a, d: T.load_model(a), T.RunFolderError, "no config.json"),
+    "load: missing folder": (lambda d: d / "nowhere", lambda a, d: T.load_model(a), T.RunFolderError,
+                             "not a model folder"),
+    "load: manifest mismatch": (_bad_manifest, lambda a, d: T.load_model(a), T.RunFolderError, "manifest"),
+    "load: config of another model, no weights": (_foreign, lambda a, d: T.load_model(a), T.RunFolderError,
+                                                  "no safetensors weights"),
+    "load: unknown model type": (_unknown_type, lambda a, d: T.load_model(a), T.RunFolderError,
+                                 "no_such_model_xyz"),
+    "load: garbled config.json": (_garbled_config, lambda a, d: T.load_model(a), T.RunFolderError,
+                                  "cannot load"),
+    "train: unknown option": (lambda d: None, lambda a, d: T.TrainConfig.from_dict({"epochs": 3}),
+                              ValueError, "unknown training option"),
+    "train: tokens 0": (lambda d: None, lambda a, d: T.train(_tc(tokens=0), d / "run"), ValueError,
+                        "tokens=0"),
+    "train: lr nan": (lambda d: None, lambda a, d: T.train(_tc(lr=float("nan")), d / "run"), ValueError,
+                      "lr=nan"),
+    "train: model.vocab_size with a text corpus": (
+        lambda d: _write(d / "c.txt", "hello world\n" * 50),
+        lambda a, d: T.train(_tc(corpus=str(a)), d / "run"), ValueError, "model.vocab_size"),
+    "train: bad model option": (lambda d: None, lambda a, d: T.train(_tc(model={"n_layers": 0}), d / "run"),
+                                ValueError, "n_layers"),
+    "train: unknown synthetic corpus": (lambda d: None, lambda a, d: T.train(_tc(corpus="synthetic:zipf"),
+                                                                             d / "run"),
+                                        ValueError, "unknown synthetic corpus 'zipf'"),
+    "train: out under a regular file": (lambda d: _write(d / "file.txt", "x"),
+                                        lambda a, d: T.train(_tc(), a / "sub", progress=False),
+                                        T.RunFolderError, "writable"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES))
+def test_api_rejects_bad_files_and_options(case, tmp_path):
+    """A bad corpus, checkpoint folder, training option or output folder raises a ValueError subclass
+    naming the problem and writes or changes nothing under the working folder."""
+    setup, call, error, message = FILE_CASES[case]
+    assert issubclass(error, ValueError)
+    arg = setup(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(error) as e:
+        call(arg, tmp_path)
+    assert message in str(e.value), str(e.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_pickle_only_checkpoint_is_named(tmp_path):
+    """A folder with config.json and only pytorch_model.bin is refused, naming the pickle file."""
+    folder = _attn_folder(tmp_path)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    before = snapshot(tmp_path)
+    with pytest.raises(T.RunFolderError, match="pytorch_model.bin"):
+        T.load_model(folder)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write to a read-only folder")
+def test_read_only_out_folder(tmp_path):
+    """Training into a folder that cannot be written raises RunFolderError and writes nothing."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(T.RunFolderError, match="writable"):
+            T.train(_tc(), ro / "run", progress=False)
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
+
+
+# ----------------------------------------------------------------------------- CLI (in process)
+
+def _train(*extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--out", "{tmp}/out", "--tokens", "2048", "--quiet", *extra]
+
+
+# name -> (argv with {tmp}, setup(tmp), message fragment)
+CLI_CASES = {
+    "unknown preset": (["train", "--preset", "nope", "--out", "{tmp}/out"], None, "unknown preset"),
+    "malformed --set (no =)": (_train("--set", "lr"), None, "not KEY=VALUE"),
+    "malformed --set (no key)": (_train("--set", "=3"), None, "not KEY=VALUE"),
+    "--set of a bad type": (_train("--set", "n_eval_windows=many"), None, "n_eval_windows='many'"),
+    "--tokens 0": (_train("--tokens", "0"), None, "tokens=0"),
+    "--tokens not a number": (_train("--tokens", "lots"), None, "invalid int value"),
+    "--batch-size 0": (_train("--batch-size", "0"), None, "batch_size=0"),
+    "--lr negative": (_train("--lr", "-1"), None, "lr=-1"),
+    "missing --out": (["train", "--preset", "tiny"], None, "--out"),
+    "unknown command": (["fly"], None, "invalid choice"),
+    "unknown option": (_train("--epochs", "3"), None, "unrecognized arguments"),
+    "empty corpus file": (["train", "--preset", "attn-1l", "--out", "{tmp}/out", "--corpus", "{tmp}/empty.txt"],
+                          lambda d: _write(d / "empty.txt", ""), "no non-empty"),
+    "binary corpus file": (["train", "--preset", "attn-1l", "--out", "{tmp}/out", "--corpus", "{tmp}/blob.txt"],
+                           lambda d: _write(d / "blob.txt", b"\x00\xff" * 64), "binary"),
+    "model.vocab_size with a text corpus": (_train("--corpus", "{tmp}/c.txt"),
+                                            lambda d: _write(d / "c.txt", "some text\n" * 100),
+                                            "model.vocab_size"),
+    "out under a regular file": (["train", "--preset", "tiny", "--out", "{tmp}/file.txt/sub", "--tokens", "2048",
+                                  "--quiet"], lambda d: _write(d / "file.txt", "x"), "writable"),
+    "out is a non-empty foreign folder": (_train(), lambda d: _write(d / "out" / "notes.txt", "mine"),
+                                          "not empty"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_cli_usage_error_exits_2(case, tmp_path, capsys):
+    """A CLI usage error exits with code 2, says what is wrong on stderr, and writes nothing."""
+    argv, setup, message = CLI_CASES[case]
+    if setup is not None:
+        setup(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli_main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert message in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_cli_resume_of_a_different_run_exits_2(tmp_path, capsys):
+    """`--resume` on a folder holding a different run (another seed) exits 2, naming the differing
+    option, and leaves the run's files byte-identical."""
+    run = tmp_path / "out"
+    argv = ["train", "--preset", "tiny", "--out", str(run), "--tokens", "2048", "--quiet"]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli_main([*argv, "--seed", "1", "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "different run" in err and "seed" in err, err
+    assert snapshot(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------- CLI (real subprocesses)
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "tiny", "--out", "{tmp}/f.txt/sub", "--tokens", "2048", "--quiet"], "writable"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/out", "--set", "model.d_model"], "not KEY=VALUE"),
+])
+def test_cli_subprocess_exit_code_2(tmp_path, argv, message):
+    """Through a real `python -m experiments` process: exit status 2, the problem on stderr, no
+    traceback, nothing written."""
+    (tmp_path / "f.txt").write_text("x")
+    before = snapshot(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "experiments", *[a.format(tmp=tmp_path) for a in argv]],
+                         capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert snapshot(tmp_path) == before
