@@ -4,6 +4,9 @@ Commands:
   presets      list the training presets
   train        train one model (resumable)
   reproduce    the main job: the default reproduction on the embedded corpus
+  phase-change evaluate every checkpoint of runs: ICL, loss by index, head scores, windows, PCA
+  ablations    per-head and head-set ablations of a run (needs phase-change results)
+  circuit      activation-patching circuit and K-composition of a run
   figures      make every figure from result tables
   survey       the induction mosaic for a list of models
 
@@ -121,6 +124,56 @@ def cmd_survey(args) -> int:
     return 0
 
 
+def _runs(paths: list[str]) -> dict:
+    runs = {}
+    for p in paths:
+        path = Path(p)
+        if not (path / "train_config.json").is_file():
+            raise UsageError(f"{p} is not a training run folder (no train_config.json): pass folders made by "
+                             "`python -m experiments train`")
+        runs[path.name] = path
+    return runs
+
+
+def cmd_phase_change(args) -> int:
+    from .phase_change import run_phase_change
+
+    res = run_phase_change(_runs(args.runs), Path(args.out), n_windows=args.windows, device=args.device,
+                           progress=not args.quiet)
+    print(res.read("windows").to_string(index=False))
+    return 0
+
+
+def cmd_ablations(args) -> int:
+    from .ablations import run_ablations
+    from .common import Results
+
+    run = _runs([args.run])
+    name = next(iter(run))
+    pc = Results(Path(args.out), "phase_change")
+    if not pc.has("head_scores"):
+        raise UsageError(f"no head scores under {args.out}/phase_change: run `phase-change` on this run first")
+    windows = pc.read("windows") if pc.has("windows") else None
+    res = run_ablations(run[name], name, pc.read("head_scores"), Path(args.out), windows_table=windows,
+                        n_windows=args.windows, device=args.device, progress=not args.quiet)
+    print(res.read("sets").to_string(index=False))
+    return 0
+
+
+def cmd_circuit(args) -> int:
+    from .circuit import run_circuit
+    from .common import Results
+
+    run = _runs([args.run])
+    name = next(iter(run))
+    pc = Results(Path(args.out), "phase_change")
+    if not pc.has("head_scores"):
+        raise UsageError(f"no head scores under {args.out}/phase_change: run `phase-change` on this run first")
+    res = run_circuit(run[name], name, pc.read("head_scores"), Path(args.out), device=args.device)
+    print(res.read("k_composition").to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
     sp.add_argument("--quiet", action="store_true")
     sp.set_defaults(func=cmd_reproduce)
+
+    sp = sub.add_parser("phase-change", help="evaluate every checkpoint of runs (Argument 1, per-token-loss PCA)")
+    sp.add_argument("runs", nargs="+", help="run folders")
+    sp.add_argument("--out", default="results/custom")
+    sp.add_argument("--windows", type=int, default=512, help="validation windows per checkpoint")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--quiet", action="store_true")
+    sp.set_defaults(func=cmd_phase_change)
+
+    for name, fn, helptext in (("ablations", cmd_ablations, "per-head and head-set ablations (Argument 3)"),
+                               ("circuit", cmd_circuit, "patching circuit and K-composition")):
+        sp = sub.add_parser(name, help=helptext + "; needs `phase-change` results in --out")
+        sp.add_argument("run", help="a run folder")
+        sp.add_argument("--out", default="results/custom")
+        sp.add_argument("--device", default="cpu")
+        if name == "ablations":
+            sp.add_argument("--windows", type=int, default=256)
+            sp.add_argument("--quiet", action="store_true")
+        sp.set_defaults(func=fn)
 
     sp = sub.add_parser("figures", help="make every figure from result tables")
     sp.add_argument("--results", default="results/default")
