@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from .adapters import Adapter, _get, get_adapter, has_pattern_site
-from .tracing import InterventionError, check_tokens, unwrap, wrap
+from .tracing import InterventionError, _unembed, check_tokens, translate_trace_error, unwrap, wrap
 
 SiteKind = Literal["resid_pre", "keys", "pattern", "head_out"]
 # Execution order of the kinds inside one layer: block input, key projection, pattern, o_proj input.
@@ -114,16 +114,11 @@ def _run_sites(model, tokens: torch.Tensor, reads: Iterable[tuple[int, str]] = (
                         checks.append((layer, kind, value, x[index].clone().save()))
                     if (layer, kind) in reads:
                         saved[(layer, kind)] = x.clone().save()
-            logits = _get(lm, adapter.spec.unembed).output.save()
+            logits = _unembed(lm, adapter).output.save()
     except InterventionError:
         raise
-    except Exception as e:  # nnsight's errors for sites that never ran, out-of-order access, ...
-        name = type(e).__name__
-        if "OutOfOrder" in name or "never" in str(e) or "Missed" in name:
-            raise InterventionError(f"a site did not run ({name}: {e}). Pattern sites need "
-                                    "`with interventions.observable(model):`; module paths come from "
-                                    "interventions.adapters") from None
-        raise
+    except Exception as e:
+        raise translate_trace_error(e) from None
     for layer, kind, value, seen in checks:
         if not torch.equal(seen, value.to(seen.dtype).expand_as(seen)):
             raise InterventionError(f"the write to L{layer}.{kind} did not take effect (the model's forward "

@@ -176,13 +176,8 @@ def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
             logits = _unembed(lm, adapter).output.save()
     except InterventionError:
         raise
-    except Exception as e:  # nnsight's errors for sites that never ran, out-of-order access, ...
-        name = type(e).__name__
-        if "OutOfOrder" in name or "never" in str(e) or "Missed" in name:
-            raise InterventionError(f"an intervention's target did not run ({name}: {e}). Pattern sites need "
-                                    "`with interventions.observable(model):`; module paths come from "
-                                    "interventions.adapters") from None
-        raise
+    except Exception as e:
+        raise translate_trace_error(e) from None
     for layer, head, rows, value, seen in checks:
         expected = torch.zeros_like(seen) if value is None else value.to(seen.dtype).expand_as(seen)
         if not torch.equal(seen, expected):
@@ -194,6 +189,17 @@ def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
     if save_head_outputs:
         out.append(head_outs)
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def translate_trace_error(e: Exception) -> Exception:
+    """nnsight's errors for a site that never ran (or was accessed out of execution order) become an
+    ``InterventionError`` naming the fix; any other error is returned unchanged."""
+    name = type(e).__name__
+    if "OutOfOrder" in name or "never" in str(e) or "Missed" in name:
+        return InterventionError(f"an intervention's target did not run ({name}: {e}). Pattern sites need "
+                                 "`with interventions.observable(model):`; module paths come from "
+                                 "interventions.adapters")
+    return e
 
 
 def _unembed(lm, adapter: Adapter):
