@@ -9,7 +9,6 @@ TrainConfig dict; runs go in parallel processes; the metrics of all runs are gat
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from pathlib import Path

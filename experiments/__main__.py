@@ -51,7 +51,7 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def train_config_from_args(args) -> "TrainConfig":
+def train_config_from_args(args):
     from interventions.train import TrainConfig
 
     from .presets import get_preset

@@ -119,8 +119,6 @@ def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
 
 
 def fig_head_scores(root: Path, out: Path, model: str = "attn-2l"):
-    import matplotlib.pyplot as plt
-
     sns = style()
     hs = _read(root, "phase_change", "head_scores")
     if hs is None or hs[hs.model == model].empty:
@@ -138,7 +136,7 @@ def fig_head_scores(root: Path, out: Path, model: str = "attn-2l"):
 def fig_pca(root: Path, out: Path):
     import matplotlib.pyplot as plt
 
-    sns = style()
+    style()
     pca = _read(root, "phase_change", "pca")
     if pca is None or pca.empty:
         return []

@@ -34,7 +34,7 @@ from typing import Literal
 
 import torch
 
-from .adapters import Adapter, _get, get_adapter, has_pattern_site
+from .adapters import Adapter, get_adapter, has_pattern_site
 from .tracing import InterventionError, _unembed, check_tokens, translate_trace_error, unwrap, wrap
 
 SiteKind = Literal["resid_pre", "keys", "pattern", "head_out"]

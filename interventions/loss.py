@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .ablation import Ablation, run_with_ablations
 from .adapters import get_adapter

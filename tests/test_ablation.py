@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from interventions import (ArchSpec, AttnOnlyConfig, AttnOnlyForCausalLM, Head, InterventionError,

@@ -19,7 +19,6 @@ the weights below; it never changes which key wins.
     attention evenly between itself and the earlier copy).
 """
 
-import math
 
 import pandas as pd
 import pytest
