@@ -213,6 +213,8 @@ def head_outputs(model, tokens: torch.Tensor, layers: list[int] | None = None) -
     """Per-head outputs of chosen layers on clean tokens: {layer: (batch, pos, head, d_head)}."""
     adapter = get_adapter(unwrap(model))
     layers = list(range(adapter.n_layers)) if layers is None else sorted(set(layers))
+    for layer in layers:
+        adapter.check_layer(layer)
     _, outs = run_edited(model, tokens, {}, save_head_outputs=True)
     b, p = tokens.shape
     return {layer: outs[layer].view(b, p, adapter.n_heads, adapter.d_head) for layer in layers}

@@ -6,7 +6,6 @@ file fast on 2 cores) and resume it, so a kill really leaves whatever is on disk
 Every process that trains uses one thread, so weights can be compared byte for byte.
 """
 
-import hashlib
 import json
 import os
 import pickle
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from experiments.__main__ import main as cli_main
-from experiments.common import Results, ResultError
+from experiments.common import ResultError, Results
 from experiments.presets import get_preset
 from interventions import train as T
 
@@ -51,12 +50,6 @@ def _one_thread():
 def final_bytes(run: Path) -> bytes:
     last = max((run / "checkpoints").glob("step-*"))
     return (last / "model.safetensors").read_bytes()
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """Relative path -> sha256 (or 'dir') of everything under ``root``."""
-    return {str(p.relative_to(root)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +210,7 @@ def test_timer_sigkill_of_cli_then_cli_resume(killed, reference):
     assert rc == -signal.SIGKILL, when
     assert T.latest_checkpoint(out) is not None
     res = subprocess.run([sys.executable, "-m", "experiments", "train", "--preset", "tiny", "--out", str(out),
-                          "--tokens", str(TOKENS), "--quiet", "--resume"], env=ENV, cwd=REPO,
+                          "--tokens", str(TOKENS), "--quiet", "--resume"], check=False, env=ENV, cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert final_bytes(out) == final_bytes(reference), when
