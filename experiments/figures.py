@@ -107,11 +107,12 @@ def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
-    if d.wall_s.notna().any():
-        top = ax.secondary_xaxis("top", functions=(lambda t: t, lambda t: t))
-        ticks = d.dropna(subset=["wall_s"]).iloc[::8]
-        top.set_xticks(ticks.tokens.to_numpy())
-        top.set_xticklabels([f"{w / 60:.0f}" for w in ticks.wall_s], fontsize=6)
+    w = d.dropna(subset=["wall_s"])
+    if len(w) > 1:  # a top axis of wall-clock minutes (interpolated between checkpoints)
+        minutes = [m for m in (0.5, 1, 2, 5, 10, 20, 30, 60) if m <= w.wall_s.max() / 60]
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(np.interp(minutes, w.wall_s / 60, w.tokens))
+        top.set_xticklabels([f"{m:g}" for m in minutes], fontsize=6)
         top.set_xlabel("wall-clock on this machine (min)", fontsize=7)
     ax.set_title(model, fontsize=8)
     ax.legend(frameon=False)
@@ -267,6 +268,7 @@ def fig_mosaic(root: Path, out: Path):
         sns.heatmap(m, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[0][-1],
                     cbar_kws={"label": "induction score"})
         ax.set_title(model)
+        ax.set_ylabel("layer" if ax is axes[0][0] else "")
     return _save(fig, out, "induction_mosaic")
 
 

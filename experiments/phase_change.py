@@ -26,7 +26,8 @@ from interventions.train import TrainConfig, build_source, list_checkpoints, loa
 
 from .common import Results
 
-N_PCA_WINDOWS = 16  # windows whose per-token losses enter the PCA (x every position)
+N_PCA_WINDOWS = 16
+MIN_RISE = 0.1  # induction-score rise (attention share) below which no phase-change window is reported  # windows whose per-token losses enter the PCA (x every position)
 
 
 def eval_windows(cfg: TrainConfig, n: int) -> torch.Tensor:
@@ -153,7 +154,9 @@ def detect_windows(checkpoints: pd.DataFrame, head_scores: pd.DataFrame) -> pd.D
         x = np.log10(ck.tokens.to_numpy(dtype=float))
         ind = (head_scores[(head_scores.model == model) & (head_scores.score == "induction")]
                .groupby("tokens").value.max().reindex(ck.tokens).to_numpy())
-        s, e, p = _fastest_rise(x, np.nan_to_num(ind))
+        ind = np.nan_to_num(ind)
+        # no window when the best induction score never rises by MIN_RISE (e.g. a vanilla 1-layer model)
+        s, e, p = _fastest_rise(x, ind) if ind.max() - ind[0] >= MIN_RISE else (float("nan"),) * 3
         si, ei, pi = _fastest_rise(x, -ck.icl_score.to_numpy())
         # bump: concave stretch of loss(log tokens) after warm-up (second difference < 0)
         loss = np.convolve(np.pad(ck.val_loss.to_numpy(), 1, mode="edge"), np.ones(3) / 3, mode="valid")

@@ -102,8 +102,15 @@ def headline(out: Path) -> dict:
         sub = ck[ck.model == name]
         if len(sub):
             last = sub.sort_values("tokens").iloc[-1]
-            h[f"final_icl_{name}"] = [float(last.icl_score), float(last.icl_sem)]
+            h[f"final_icl_{name}"] = [float(last.icl_score), float(last.icl_sem), int(last.tokens)]
             h[f"final_max_induction_{name}"] = float(win[win.model == name].final_max_induction.iloc[0])
+    h["windows"] = {r.model: [float(r.window_start_tokens), float(r.window_end_tokens)] for r in win.itertuples()}
+    # smeared vs vanilla at equal training tokens (the shorter run's end)
+    for a, b in (("attn-1l", "smear-1l"), ("attn-2l", "smear-2l")):
+        if f"final_icl_{a}" in h and f"final_icl_{b}" in h:
+            t = min(h[f"final_icl_{a}"][2], h[f"final_icl_{b}"][2])
+            h[f"equal_tokens_{a}_{b}"] = {"tokens": t, **{m: float(_nearest(ck[ck.model == m].sort_values("tokens"), t)
+                                                                .icl_score) for m in (a, b)}}
     return h
 
 
@@ -138,10 +145,15 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path) -> Pat
                   f"all other heads {100 * s.get('other heads', float('nan')):.0f}%, random sets of the same size "
                   f"{100 * s.get('random', float('nan')):.0f}% (mean of draws)."]
     for a, b in (("attn-1l", "smear-1l"), ("attn-2l", "smear-2l")):
-        if f"final_icl_{a}" in h and f"final_icl_{b}" in h:
-            lines += [f"- **{b} vs {a}** final ICL score: {h[f'final_icl_{b}'][0]:+.3f} vs "
-                      f"{h[f'final_icl_{a}'][0]:+.3f} nats; best induction score "
-                      f"{h[f'final_max_induction_{b}']:.2f} vs {h[f'final_max_induction_{a}']:.2f}."]
+        eq = h.get(f"equal_tokens_{a}_{b}")
+        if eq:
+            lines += [f"- **{b} vs {a}** at {tok(eq['tokens'])} tokens: ICL score {eq[b]:+.3f} vs {eq[a]:+.3f} nats; "
+                      f"best induction score at the end of each run {h[f'final_max_induction_{b}']:.2f} vs "
+                      f"{h[f'final_max_induction_{a}']:.2f}."]
+    if h.get("windows"):
+        lines += ["- Phase-change windows (best induction score's steepest rise; none if it never rises by 0.1): "
+                  + "; ".join(f"{m} {tok(v[0])} - {tok(v[1])}" if np.isfinite(v[0]) else f"{m} none"
+                              for m, v in h["windows"].items()) + "."]
     lines += ["", f"Figures in `{figures_dir}`; tables under `{out}` (each with provenance.json)."]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
