@@ -111,7 +111,7 @@ def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=32, help="sequences")
     p.add_argument("--pos", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--heads-per-pass", type=int, default=8)
+    p.add_argument("--heads-per-pass", type=int, default=None, help="default: the sweep's own choice")
     p.add_argument("--models", default="attn-2l,gpt2-4l")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--_memory", nargs=2, help="internal: NAME VARIANT (memory of one call)")
@@ -160,7 +160,8 @@ def main(argv=None):
                     mem[variant] = memory_child(name, variant, "cuda", args.n, args.pos, args.heads_per_pass)
                 else:
                     cmd = [sys.executable, __file__, "--device", "cpu", "--n", str(args.n), "--pos", str(args.pos),
-                           "--heads-per-pass", str(args.heads_per_pass), "--_memory", name, variant]
+                           *(["--heads-per-pass", str(args.heads_per_pass)] if args.heads_per_pass else []),
+                           "--_memory", name, variant]
                     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True).stdout
                     mem[variant] = json.loads(out.strip().splitlines()[-1])
             row["peak_memory_mib"] = mem

@@ -1,11 +1,12 @@
 """Training throughput: our trainer loop vs a minimal plain-PyTorch loop, side by side.
 
 * ``trainer``: ``interventions.train.train`` on the attn-2l preset (byte-level stdlib corpus, batch
-  16 x 256, AdamW, clipping 1.0, SDPA attention). Its fixed costs (corpus load, the step-0 evaluation,
-  the checkpoint at step 1, run-folder writes) are *differenced out*: each round runs it for N1 and for
-  N2 steps (``stop_after_steps``, fresh run folders) and the loop's rate is (N2 - N1) steps / (t2 - t1).
-  In a real run checkpoints and evaluations are log-spaced (48 over the run), so they are amortized to
-  a few percent; this measures the step loop itself, data loading included.
+  16 x 256, AdamW, clipping 1.0, SDPA attention), N2 steps. Step time = the median interval between
+  consecutive steps, stamped at each step's gradient clipping (the same point of every step, data
+  loading included), after N1 warm-up steps. This leaves out the run's fixed costs (corpus load,
+  step-0 evaluation, checkpoints: log-spaced, 48 per run, a few percent of a real run). An earlier
+  version differenced two runs of N1 and N2 steps; the fixed costs' run-to-run noise (page cache,
+  reading the corpus for its fingerprint) biased that by 5-10% against the trainer.
 * ``plain``: the same model, batch shape, AdamW groups and clipping in a bare loop over batches
   fetched beforehand (no data loading), N2 - N1 steps.
 * ``plain_fused``: as ``plain`` with ``AdamW(fused=True)`` (CPU fused kernels exist since torch 2.4).
@@ -31,8 +32,8 @@ import torch.nn.functional as F
 
 def main(argv=None):
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--n1", type=int, default=4)
-    p.add_argument("--n2", type=int, default=None, help="default 24 on CPU, 204 on CUDA")
+    p.add_argument("--n1", type=int, default=4, help="warm-up steps left out of the median")
+    p.add_argument("--n2", type=int, default=None, help="steps run (default 24 on CPU, 204 on CUDA)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) in the plain loop")
     args = p.parse_args(argv)
     from experiments.presets import get_preset
@@ -51,15 +52,26 @@ def main(argv=None):
     batches = [source.train_batch(s, cfg.batch_size, cfg.n_ctx, cfg.seed).to(args.device) for s in range(steps)]
     tmp = tempfile.mkdtemp(prefix="bench_train_")
 
-    def trainer(n):
+    stamps: list[float] = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def stamped_clip(*a, **k):  # called once per step, by the trainer and by the plain loop alike
+        sync(args.device)
+        stamps.append(time.perf_counter())
+        return real_clip(*a, **k)
+
+    torch.nn.utils.clip_grad_norm_ = stamped_clip
+
+    def median_step(skip: int) -> float:
+        gaps = [b - a for a, b in zip(stamps[skip:], stamps[skip + 1:])]
+        return med(gaps)
+
+    def trainer():
         run = os.path.join(tmp, f"run{time.perf_counter_ns()}")
-        sync(args.device)
-        t = time.perf_counter()
-        T.train(cfg, run, progress=False, stop_after_steps=n)
-        sync(args.device)
-        dt = time.perf_counter() - t
+        stamps.clear()
+        T.train(cfg, run, progress=False, stop_after_steps=n2)
         shutil.rmtree(run, ignore_errors=True)
-        return dt
+        return median_step(n1) * steps
 
     def plain(fused=False, compiled=False):
         torch.manual_seed(cfg.seed)
@@ -82,12 +94,10 @@ def main(argv=None):
 
         for x in batches[:2]:  # warm-up (compilation, allocator)
             step(x)
-        sync(args.device)
-        t = time.perf_counter()
+        stamps.clear()
         for x in batches:
             step(x)
-        sync(args.device)
-        return time.perf_counter() - t
+        return median_step(n1) * steps  # same measure as the trainer's: median step x steps
 
     def data():
         t = time.perf_counter()
@@ -98,15 +108,16 @@ def main(argv=None):
 
     names = ["trainer", "plain", "plain_fused"] + (["plain_compiled"] if args.compile else [])
     times = {k: [] for k in names + ["data"]}
-    trainer(n1)  # warm-up: first-call costs (imports, thread pools)
+    trainer()  # warm-up: first-call costs (imports, thread pools)
     for _ in range(reps):
-        times["trainer"].append(trainer(n2) - trainer(n1))
+        times["trainer"].append(trainer())
         times["plain"].append(plain())
         times["plain_fused"].append(plain(fused=True))
         if args.compile:
             times["plain_compiled"].append(plain(compiled=True))
         times["data"].append(data())
     shutil.rmtree(tmp, ignore_errors=True)
+    torch.nn.utils.clip_grad_norm_ = real_clip
     s = {k: med(v) for k, v in times.items()}
     tps = {k: steps * tokens_per_step / s[k] for k in names}
     result = {"benchmark": "train", "machine": machine(args.device), "preset": "attn-2l", "batch": cfg.batch_size,

@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -126,10 +127,31 @@ class Adapter:
         return slice(head * self.d_head, (head + 1) * self.d_head)
 
 
+_ADAPTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def get_adapter(model) -> Adapter:
-    """The adapter of an HF causal LM (or an nnsight wrapper of one)."""
+    """The adapter of an HF causal LM (or an nnsight wrapper of one).
+
+    Cached per model and config object (HF config attribute reads are slow enough to show in the
+    per-trace overhead); re-read when the config or the registry changes."""
     inner = getattr(model, "_module", model)
     config = getattr(inner, "config", None)
+    try:
+        cached = _ADAPTERS.get(inner)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] is config and cached[1] is ARCHS.get(cached[2].model_type):
+        return cached[2]
+    adapter = _build_adapter(config)
+    try:
+        _ADAPTERS[inner] = (config, adapter.spec, adapter)
+    except TypeError:
+        pass
+    return adapter
+
+
+def _build_adapter(config) -> Adapter:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHS:
         raise ValueError(

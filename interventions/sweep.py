@@ -47,9 +47,13 @@ SWEEP_KINDS = ("zero", "mean", "pattern")
 _ATTN_SHORTCUT = True
 
 
+# tokens per forward pass that the default heads_per_pass aims at, by device (see ablation_sweep)
+PASS_TOKENS = {"cpu": 4096, "cuda": 262144}
+
+
 @torch.no_grad()
 def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
-                   heads: HeadLike | Iterable[HeadLike] | None = None, heads_per_pass: int = 8,
+                   heads: HeadLike | Iterable[HeadLike] | None = None, heads_per_pass: int | None = None,
                    reference: torch.Tensor | None = None, batch_size: int | None = None,
                    progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss change from ablating each head on its own.
@@ -60,6 +64,10 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
         kind: "zero", "mean" or "pattern" (see the module docstring).
         heads: heads to sweep, in the order of the result (default: all, layer-major, as ``all_heads``).
         heads_per_pass: heads ablated per forward pass (the pass has heads_per_pass * batch rows).
+            Default: as many as keep a pass near ``PASS_TOKENS`` tokens (at least 1); measured in
+            benchmarks/bench_sweep.py: on CPU, once a batch holds a few thousand tokens, bigger passes
+            only cost (32 x 256 tokens: 1 head per pass 0.51x of plain forwards vs 0.65x for 8); on a
+            GPU small passes are launch-bound, so many heads share a pass.
         reference: (n, pos_ref) tokens for kind="mean" (default: ``tokens``); pos_ref >= pos.
         batch_size: split ``tokens`` into chunks of this many rows (same result, less memory).
         progress: show a tqdm bar over forward passes.
@@ -74,6 +82,9 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
     if kind not in SWEEP_KINDS:
         raise ValueError(f"kind={kind!r} is unknown: use 'zero', 'mean' or 'pattern' (pattern-preserving "
                          "zero ablation)")
+    if heads_per_pass is None:
+        budget = PASS_TOKENS["cuda" if _device(inner).type == "cuda" else "cpu"]
+        heads_per_pass = max(1, budget // (tokens.shape[0] * tokens.shape[1]))
     if not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass < 1:
         raise ValueError(f"heads_per_pass={heads_per_pass!r} must be a positive integer")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):

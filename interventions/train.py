@@ -35,6 +35,9 @@ from safetensors.torch import load_file, save_file
 from .model import AttnOnlyConfig, AttnOnlyForCausalLM
 
 
+DEFAULT_N_CTX = 256  # AttnOnlyConfig's default context (read per step: no config object built)
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -84,7 +87,7 @@ class TrainConfig:
 
     @property
     def n_ctx(self) -> int:
-        return int(self.model.get("n_ctx", AttnOnlyConfig().n_ctx))
+        return int(self.model["n_ctx"]) if "n_ctx" in self.model else DEFAULT_N_CTX
 
     @property
     def total_steps(self) -> int:
