@@ -16,6 +16,7 @@ from .metrics import icl_from_losses, icl_indices, icl_score, loss_by_token_inde
 from .patching import logit_diff, mean_loss_metric, patch_heads, patch_patterns, patch_residual
 from .scores import (classify_induction_heads, copying_score, duplicate_token_score, head_scores,
                      induction_score, prefix_matching_score, previous_token_score)
+from .smear import get_alphas, set_alphas, smear_keys
 from .sweep import ablation_sweep, sweep_table
 from .tracing import InterventionError, head_outputs, run_edited, wrap
 
@@ -28,4 +29,5 @@ __all__ = [
     "logit_diff", "mean_loss_metric", "patch_heads", "patch_patterns", "patch_residual",
     "classify_induction_heads", "copying_score", "duplicate_token_score", "head_scores", "induction_score",
     "prefix_matching_score", "previous_token_score", "ablation_sweep", "sweep_table",
+    "get_alphas", "set_alphas", "smear_keys",
 ]
