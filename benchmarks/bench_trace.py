@@ -23,7 +23,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--pos", type=int, default=256)
     args = p.parse_args(argv)
-    reps = args.reps or (30 if args.device == "cpu" else 200)
+    reps = args.reps or (100 if args.device == "cpu" else 200)
     model = attn2l(args.device)
     x = torch.randint(0, 257, (args.batch, args.pos), generator=torch.Generator().manual_seed(0)).to(args.device)
     variants = {"plain": lambda: model(x).logits}
@@ -53,7 +53,10 @@ def main(argv=None):
     result.update(seconds=s, all_seconds=times)
     for k in ("toolkit", "nnsight"):
         if k in s:
-            result[f"{k}_over_plain"] = s[k] / s["plain"]
+            # median of per-round ratios: each round times the variants back to back, so slow drift of a
+            # shared machine cancels (the ratio of medians is kept as *_ratio_of_medians)
+            result[f"{k}_over_plain"] = med([a / b for a, b in zip(times[k], times["plain"])])
+            result[f"{k}_ratio_of_medians"] = s[k] / s["plain"]
             result[f"{k}_overhead_ms"] = (s[k] - s["plain"]) * 1e3
     print("[trace] " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in s.items()) + "; " +
           ", ".join(f"{k} {result[k]:.3f}x" for k in ("toolkit_over_plain", "nnsight_over_plain") if k in result),
