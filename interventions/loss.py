@@ -19,7 +19,7 @@ import torch
 
 from .ablation import Ablation, run_with_ablations
 from .adapters import get_adapter
-from .tracing import check_tokens, unwrap
+from .tracing import check_mask, check_tokens, pad_to_nan, unwrap
 
 
 def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -30,18 +30,23 @@ def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ablation] | None = None,
-                   batch_size: int | None = None) -> torch.Tensor:
+                   batch_size: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Loss (batch, pos - 1) in nats of ``model`` on ``tokens``, under ``ablation`` (one or a list).
 
-    ``batch_size`` splits large inputs into chunks (same result)."""
+    ``batch_size`` splits large inputs into chunks (same result). ``attention_mask`` (batch, pos; 1 =
+    real token) runs a left-padded batch with each real token at its unpadded position; entries whose
+    context or target is padding are NaN."""
     check_tokens(tokens, get_adapter(unwrap(model)))
+    check_mask(attention_mask, tokens)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch)")
     ablations = [] if ablation is None else ([ablation] if isinstance(ablation, Ablation) else list(ablation))
-    if batch_size is None or tokens.shape[0] <= batch_size:
-        return loss_from_logits(run_with_ablations(model, tokens, ablations), tokens).cpu()
-    parts = [loss_from_logits(run_with_ablations(model, tokens[i:i + batch_size], ablations, row_offset=i),
-                              tokens[i:i + batch_size]).cpu() for i in range(0, tokens.shape[0], batch_size)]
+    step = tokens.shape[0] if batch_size is None else batch_size
+    parts = []
+    for i in range(0, tokens.shape[0], step):
+        mask = None if attention_mask is None else attention_mask[i:i + step]
+        logits = run_with_ablations(model, tokens[i:i + step], ablations, attention_mask=mask, row_offset=i)
+        parts.append(pad_to_nan(loss_from_logits(logits, tokens[i:i + step]).cpu(), mask))
     return torch.cat(parts)
 
 

@@ -38,7 +38,8 @@ from .ablation import MeanAblation, ZeroAblation
 from .adapters import get_adapter, observable
 from .heads import Head, HeadLike, all_heads, check_heads, parse_heads
 from .loss import loss_from_logits
-from .tracing import InterventionError, LayerEdits, _device, _unembed, check_tokens, unwrap, wrap
+from .tracing import (InterventionError, LayerEdits, _device, _unembed, check_mask, check_tokens, mask_kwargs,
+                      pad_to_nan, unwrap, wrap)
 
 SweepKind = Literal["zero", "mean", "pattern"]
 SWEEP_KINDS = ("zero", "mean", "pattern")
@@ -55,7 +56,8 @@ PASS_TOKENS = {"cpu": 4096, "cuda": 262144}
 def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
                    heads: HeadLike | Iterable[HeadLike] | None = None, heads_per_pass: int | None = None,
                    reference: torch.Tensor | None = None, batch_size: int | None = None,
-                   progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   progress: bool = False, attention_mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss change from ablating each head on its own.
 
     Args:
@@ -71,6 +73,9 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
         reference: (n, pos_ref) tokens for kind="mean" (default: ``tokens``); pos_ref >= pos.
         batch_size: split ``tokens`` into chunks of this many rows (same result, less memory).
         progress: show a tqdm bar over forward passes.
+        attention_mask: (batch, pos), 1 = real token, for left-padded batches: every real token runs at
+            its unpadded position, so results match unpadded runs there; entries whose context or
+            target is padding are NaN.
 
     Returns:
         clean_loss (batch, pos - 1) and delta (n_heads_swept, batch, pos - 1): per-token loss (nats)
@@ -79,6 +84,7 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
     inner = unwrap(model)
     adapter = get_adapter(inner)
     check_tokens(tokens, adapter)
+    check_mask(attention_mask, tokens)
     if kind not in SWEEP_KINDS:
         raise ValueError(f"kind={kind!r} is unknown: use 'zero', 'mean' or 'pattern' (pattern-preserving "
                          "zero ablation)")
@@ -118,9 +124,10 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
         with ctx:
             for start in range(0, b_total, chunk):
                 toks = tokens[start:start + chunk]
-                clean, delta = _sweep_chunk(inner, toks, kind, ablation, groups, len(heads), bar)
-                clean_parts.append(clean)
-                delta_parts.append(delta)
+                mask = None if attention_mask is None else attention_mask[start:start + chunk]
+                clean, delta = _sweep_chunk(inner, toks, kind, ablation, groups, len(heads), bar, mask)
+                clean_parts.append(pad_to_nan(clean, mask))
+                delta_parts.append(pad_to_nan(delta, mask))
     finally:
         if bar is not None:
             bar.close()
@@ -156,7 +163,7 @@ def _with_first(output, first: torch.Tensor):
 
 
 def _sweep_pass(model, adapter, tokens, kind, edits: dict[int, LayerEdits], start: int = 0, prefix=None,
-                attn_out=None, save_layers: Sequence[int] = (), save_patterns: bool = False):
+                attn_out=None, save_layers: Sequence[int] = (), save_patterns: bool = False, mask=None):
     """One forward of ``tokens`` with head edits, starting at layer ``start``.
 
     Blocks below ``start`` are skipped (``envoy.skip``) and replaced by ``prefix``, the clean output of
@@ -169,7 +176,8 @@ def _sweep_pass(model, adapter, tokens, kind, edits: dict[int, LayerEdits], star
     and, if asked, the patterns (list per layer)."""
     lm = wrap(model)
     patterns, saved, checks = [], {}, []
-    with lm.trace(tokens.to(_device(model))):
+    tokens = tokens.to(_device(model))
+    with lm.trace(tokens, **mask_kwargs(mask, tokens)):
         for layer in range(adapter.n_layers):
             block = adapter.module(lm, layer, "layer")
             if layer < start:
@@ -206,7 +214,8 @@ def _sweep_pass(model, adapter, tokens, kind, edits: dict[int, LayerEdits], star
     return logits, saved, patterns
 
 
-def _sweep_chunk(model, tokens, kind, ablation, groups: Sequence[Sequence[tuple[int, Head]]], n_swept: int, bar):
+def _sweep_chunk(model, tokens, kind, ablation, groups: Sequence[Sequence[tuple[int, Head]]], n_swept: int, bar,
+                 mask=None):
     """(batch, pos - 1) clean loss and (n_heads, batch, pos - 1) deltas for one chunk of tokens.
 
     One clean pass records the logits (clean loss), the patterns (kind "pattern"), and for each
@@ -221,7 +230,7 @@ def _sweep_chunk(model, tokens, kind, ablation, groups: Sequence[Sequence[tuple[
     b = tokens.shape[0]
     layers = sorted({h.layer for g in groups for _, h in g})
     logits, saved, patterns = _sweep_pass(model, adapter, tokens, kind, {}, save_layers=layers,
-                                          save_patterns=kind == "pattern")
+                                          save_patterns=kind == "pattern", mask=mask)
     clean = loss_from_logits(logits, tokens).cpu()  # (batch, pos - 1)
     del logits
     o_projs = {layer: adapter.module(model, layer, "o_proj") for layer in layers}
@@ -246,7 +255,8 @@ def _sweep_chunk(model, tokens, kind, ablation, groups: Sequence[Sequence[tuple[
         prefix = _with_first(saved[layer - 1]["block"], _first(saved[layer - 1]["block"]).repeat(k, 1, 1)) \
             if layer > 0 else None
         rep = tokens.repeat(k, 1)  # (k * batch, pos)
-        out, _, _ = _sweep_pass(model, adapter, rep, kind, edits, start=layer, prefix=prefix, attn_out=attn_out)
+        out, _, _ = _sweep_pass(model, adapter, rep, kind, edits, start=layer, prefix=prefix, attn_out=attn_out,
+                                mask=None if mask is None else mask.repeat(k, 1))
         loss = loss_from_logits(out, rep).cpu().view(k, b, -1)  # (k, batch, pos - 1)
         for j, (i, _) in enumerate(group):
             delta[i] = loss[j] - clean

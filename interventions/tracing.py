@@ -156,7 +156,7 @@ def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
                                         f"(site {site!r}): fix the adapter with interventions.register_adapter") from None
     lm = wrap(inner)
     tokens = tokens.to(_device(inner))
-    kwargs = {} if attention_mask is None else {"attention_mask": attention_mask.to(tokens.device)}
+    kwargs = mask_kwargs(attention_mask, tokens)
     patterns, head_outs, checks = [], [], []
     verified = _VERIFIED.setdefault(inner, set())
     try:
@@ -197,6 +197,36 @@ def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
     if save_head_outputs:
         out.append(head_outs)
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def check_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
+    """An attention mask must match the tokens' shape and hold 0/1 (1 = real token)."""
+    if attention_mask is None:
+        return
+    if not torch.is_tensor(attention_mask) or attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask must be a tensor of the tokens' shape {tuple(tokens.shape)}, got "
+                         f"{tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+
+
+def mask_kwargs(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> dict:
+    """Forward kwargs for a padded batch: the mask, and position ids counted over real tokens only, so
+    each real token sits at the position it has in the unpadded sequence (HF models do not all derive
+    positions from the mask themselves)."""
+    if attention_mask is None:
+        return {}
+    check_mask(attention_mask, tokens)
+    m = attention_mask.to(tokens.device).long()
+    return {"attention_mask": m, "position_ids": (m.cumsum(-1) - 1).clamp(min=0)}
+
+
+def pad_to_nan(losses: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Set per-token losses (batch, pos - 1) whose context or target token is padding to NaN."""
+    if attention_mask is None:
+        return losses
+    m = attention_mask.to(losses.device).bool()
+    return losses.masked_fill(~(m[:, :-1] & m[:, 1:]), float("nan"))
 
 
 def translate_trace_error(e: Exception) -> Exception:
