@@ -99,7 +99,7 @@ def _run_sites(model, tokens: torch.Tensor, reads: Iterable[tuple[int, str]] = (
     if any(kind == "pattern" for _, kind in wanted) and not has_pattern_site(inner):
         raise InterventionError("attention patterns are not observable on this model's attention path "
                                 "(SDPA/flash computes no pattern): run inside `with interventions.observable(model):`")
-    lm = wrap(inner)
+    lm = wrap(inner, lean=True)
     tokens = tokens.to(next(inner.parameters()).device)
     saved, checks = {}, []
     try:

@@ -174,7 +174,7 @@ def _sweep_pass(model, adapter, tokens, kind, edits: dict[int, LayerEdits], star
     Returns logits (batch, pos, vocab); for each layer in ``save_layers`` a dict with the clean outputs
     of its block, attention module and output projection and the per-head site (the projection's input);
     and, if asked, the patterns (list per layer)."""
-    lm = wrap(model)
+    lm = wrap(model, lean=True)
     patterns, saved, checks = [], {}, []
     tokens = tokens.to(_device(model))
     with lm.trace(tokens, **mask_kwargs(mask, tokens)):

@@ -64,24 +64,33 @@ def _pattern_modules(model) -> tuple:
     return (has_pattern_site(model), *out)
 
 
-def wrap(model, tokenizer=None):
-    """An nnsight ``TransformersModel`` over ``model`` (cached per model; a wrapper passes through).
+def wrap(model, tokenizer=None, *, lean: bool = False):
+    """An nnsight wrapper over ``model`` (cached per model; a wrapper passes through).
 
-    The cache is keyed on the model, the tokenizer and the current pattern modules, all by identity:
-    a wrapper's envoy tree is built once, so a wrapper built before ``observable`` added (or after it
-    removed) ``hook_pattern`` modules would point at modules that never run."""
+    By default a ``TransformersModel`` (string prompts, several invokes per trace). ``lean=True`` gives
+    a bare ``nnsight.NNsight``: the primitives trace token ids in one invoke and need nothing more,
+    and its per-trace cost is lower (0.15-0.5 ms vs 0.4-0.85 ms on the 2-core CPU, measured side by
+    side at 8 x 256 tokens).
+
+    The cache is keyed on the model, the tokenizer, the kind and the current pattern modules, all by
+    identity: a wrapper's envoy tree is built once, so a wrapper built before ``observable`` added (or
+    after it removed) ``hook_pattern`` modules would point at modules that never run."""
     import nnsight
 
     if isinstance(model, nnsight.NNsight):
         return model
     patterns = _pattern_modules(model)
+    key = "lean" if lean else tokenizer
     for i, (m, tok, pats, lm) in enumerate(_WRAPPED):
-        if m is model and tok is tokenizer and len(pats) == len(patterns) and all(
+        if m is model and tok is key and len(pats) == len(patterns) and all(
                 a is b for a, b in zip(pats, patterns)):
             _WRAPPED.append(_WRAPPED.pop(i))
             return lm
-    lm = nnsight.TransformersModel(model, tokenizer=_placeholder_tokenizer() if tokenizer is None else tokenizer)
-    _WRAPPED.append((model, tokenizer, patterns, lm))
+    if lean:
+        lm = nnsight.NNsight(model)
+    else:
+        lm = nnsight.TransformersModel(model, tokenizer=_placeholder_tokenizer() if tokenizer is None else tokenizer)
+    _WRAPPED.append((model, key, patterns, lm))
     del _WRAPPED[:-_CACHE_SIZE]
     return lm
 
@@ -154,7 +163,7 @@ def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
             except (AttributeError, IndexError):
                 raise InterventionError(f"this {adapter.model_type} model has no module at {adapter.path(layer, site)!r} "
                                         f"(site {site!r}): fix the adapter with interventions.register_adapter") from None
-    lm = wrap(inner)
+    lm = wrap(inner, lean=True)
     tokens = tokens.to(_device(inner))
     kwargs = mask_kwargs(attention_mask, tokens)
     patterns, head_outs, checks = [], [], []
