@@ -144,17 +144,23 @@ def cmd_phase_change(args) -> int:
     return 0
 
 
-def cmd_ablations(args) -> int:
-    from .ablations import run_ablations
+def _run_with_phase_change(args):
+    """(run name, run folder, phase_change Results) for the single-run commands."""
     from .common import Results
 
-    run = _runs([args.run])
-    name = next(iter(run))
+    name, run = next(iter(_runs([args.run]).items()))
     pc = Results(Path(args.out), "phase_change")
     if not pc.has("head_scores"):
         raise UsageError(f"no head scores under {args.out}/phase_change: run `phase-change` on this run first")
+    return name, run, pc
+
+
+def cmd_ablations(args) -> int:
+    from .ablations import run_ablations
+
+    name, run, pc = _run_with_phase_change(args)
     windows = pc.read("windows") if pc.has("windows") else None
-    res = run_ablations(run[name], name, pc.read("head_scores"), Path(args.out), windows_table=windows,
+    res = run_ablations(run, name, pc.read("head_scores"), Path(args.out), windows_table=windows,
                         n_windows=args.windows, device=args.device, progress=not args.quiet)
     print(res.read("sets").to_string(index=False))
     return 0
@@ -162,14 +168,9 @@ def cmd_ablations(args) -> int:
 
 def cmd_circuit(args) -> int:
     from .circuit import run_circuit
-    from .common import Results
 
-    run = _runs([args.run])
-    name = next(iter(run))
-    pc = Results(Path(args.out), "phase_change")
-    if not pc.has("head_scores"):
-        raise UsageError(f"no head scores under {args.out}/phase_change: run `phase-change` on this run first")
-    res = run_circuit(run[name], name, pc.read("head_scores"), Path(args.out), device=args.device)
+    name, run, pc = _run_with_phase_change(args)
+    res = run_circuit(run, name, pc.read("head_scores"), Path(args.out), device=args.device)
     print(res.read("k_composition").to_string(index=False))
     return 0
 

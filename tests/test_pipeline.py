@@ -63,3 +63,19 @@ def test_rerun_skips_and_corruption_is_detected(tiny_run):
     path.write_text(path.read_text()[:50])
     with pytest.raises(ResultError, match="delete"):
         Results(out, "ablations_attn-2l").read("sets")
+
+
+def test_single_experiment_commands(tiny_run, capsys):
+    """`phase-change`, `ablations` and `circuit` run by name on a run folder (finished units are
+    skipped and their tables printed); a folder that is not a run exits with code 2."""
+    from experiments.__main__ import main
+
+    out, _ = tiny_run
+    run = str(out / "runs" / "attn-2l")
+    assert main(["phase-change", run, "--out", str(out / "single"), "--windows", "8", "--quiet"]) == 0
+    assert main(["ablations", run, "--out", str(out), "--quiet"]) == 0
+    assert main(["circuit", run, "--out", str(out)]) == 0
+    assert "k_proj" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["circuit", str(out), "--out", str(out)])
+    assert e.value.code == 2
