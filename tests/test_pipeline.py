@@ -52,19 +52,6 @@ def test_smeared_one_layer_learns_in_context(tiny_run):
     assert win.loc["smear-1l", "final_icl"] < win.loc["attn-1l", "final_icl"] - 0.3
 
 
-def test_rerun_skips_and_corruption_is_detected(tiny_run):
-    """A re-run skips finished work and leaves tables unchanged; a truncated table is detected with a
-    message naming the file to delete."""
-    out, _ = tiny_run
-    before = (out / "phase_change" / "checkpoints.csv").read_bytes()
-    reproduce(out=out, scale="tiny", progress=False, figures_dir=out / "figures")
-    assert (out / "phase_change" / "checkpoints.csv").read_bytes() == before
-    path = out / "ablations_attn-2l" / "sets.csv"
-    path.write_text(path.read_text()[:50])
-    with pytest.raises(ResultError, match="delete"):
-        Results(out, "ablations_attn-2l").read("sets")
-
-
 def test_single_experiment_commands(tiny_run, capsys):
     """`phase-change`, `ablations` and `circuit` run by name on a run folder (finished units are
     skipped and their tables printed); a folder that is not a run exits with code 2."""
@@ -79,3 +66,17 @@ def test_single_experiment_commands(tiny_run, capsys):
     with pytest.raises(SystemExit) as e:
         main(["circuit", str(out), "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
+    """A re-run skips finished work and leaves tables unchanged; a truncated table is detected with a
+    message naming the file to delete."""
+    out, _ = tiny_run
+    before = (out / "phase_change" / "checkpoints.csv").read_bytes()
+    reproduce(out=out, scale="tiny", progress=False, figures_dir=out / "figures")
+    assert (out / "phase_change" / "checkpoints.csv").read_bytes() == before
+    path = out / "ablations_attn-2l" / "sets.csv"
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(ResultError, match="delete"):
+        Results(out, "ablations_attn-2l").read("sets")
+
