@@ -23,7 +23,7 @@ import torch
 
 from interventions import Head, PatternPreserving, ZeroAblation, per_token_loss
 from interventions.adapters import get_adapter
-from interventions.metrics import icl_indices
+from interventions.metrics import icl_from_losses, icl_indices
 from interventions.train import TrainConfig, list_checkpoints, load_model
 
 from .common import Results
@@ -34,7 +34,7 @@ INDUCTION_THRESHOLD = 0.4  # TransformerLens-style induction score; see interven
 
 
 def _icl(losses: torch.Tensor, early: int, late: int) -> float:
-    return (losses[:, late - 2] - losses[:, early - 2]).mean().item()
+    return icl_from_losses(losses, early, late)["icl_score"]
 
 
 def induction_heads(head_scores: pd.DataFrame, model: str, threshold: float = INDUCTION_THRESHOLD,

@@ -13,15 +13,14 @@ phase-change window and bump), ``pca`` (model x step: PC1, PC2 of per-token loss
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from interventions.loss import per_token_loss
-from interventions.metrics import icl_indices
+from interventions.loss import loss_by_position, per_token_loss
+from interventions.metrics import icl_from_losses, icl_indices
 from interventions.train import TrainConfig, build_source, list_checkpoints, load_model
 
 from .common import Results
@@ -63,13 +62,10 @@ def head_score_rows(model, windows: torch.Tensor, seed: int = 0) -> pd.DataFrame
 
 def evaluate_checkpoint(model, windows: torch.Tensor, batch_size: int = 32, seed: int = 0):
     losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos-1)
-    early, late = icl_indices(windows.shape[1])
-    diff = losses[:, late - 2] - losses[:, early - 2]
-    n = losses.shape[0]
-    row = {"val_loss": losses.mean().item(), "icl_score": diff.mean().item(),
-           "icl_sem": (diff.std() / math.sqrt(n)).item(), "icl_early": early, "icl_late": late}
-    by_index = pd.DataFrame({"token_index": np.arange(1, losses.shape[1] + 1),
-                             "loss": losses.mean(0).numpy(), "sem": (losses.std(0) / math.sqrt(n)).numpy()})
+    icl = icl_from_losses(losses, *icl_indices(windows.shape[1]))
+    row = {"val_loss": losses.mean().item(), "icl_score": icl["icl_score"], "icl_sem": icl["sem"],
+           "icl_early": icl["early"], "icl_late": icl["late"]}
+    by_index = loss_by_position(losses).drop(columns="n")
     return row, by_index, head_score_rows(model, windows, seed), losses[:N_PCA_WINDOWS].flatten().numpy()
 
 

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,25 +320,22 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
 
 @torch.no_grad()
 def quick_eval(model, windows: torch.Tensor, induction_tokens: torch.Tensor, batch_size: int = 16) -> dict:
-    """Validation loss, ICL score (late minus early token loss) and repeated-random-token loss."""
-    from .metrics import icl_indices
+    """Validation loss, ICL score (late minus early token loss) and repeated-random-token loss.
+
+    Plain forwards (no tracing): this runs at every checkpoint inside the training loop."""
+    from .loss import loss_from_logits
+    from .metrics import icl_from_losses, icl_indices
 
     model.eval()
     device = next(model.parameters()).device
-    losses = []
-    for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size].to(device)
-        logits = model(x).logits.float()
-        losses.append(F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").cpu())
-    loss = torch.cat(losses)  # (n, pos-1): loss of predicting token t+1
-    early, late = icl_indices(windows.shape[1])
+    loss = torch.cat([loss_from_logits(model(x).logits, x).cpu()  # (n, pos-1): loss of predicting token t+1
+                      for x in windows.to(device).split(batch_size)])
     x = induction_tokens.to(device)
-    logits = model(x).logits.float()
-    ind = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none").cpu()
+    ind = loss_from_logits(model(x).logits, x).cpu()
     half = x.shape[1] // 2
     model.train()
     return {"val_loss": loss.mean().item(),
-            "icl_score": (loss[:, late - 2].mean() - loss[:, early - 2].mean()).item(),
+            "icl_score": icl_from_losses(loss, *icl_indices(windows.shape[1]))["icl_score"],
             "repeat_loss_first": ind[:, : half - 1].mean().item(),
             "repeat_loss_second": ind[:, half:].mean().item()}
 
