@@ -36,6 +36,11 @@ def load_any(spec: str, device: str = "cpu"):
         raise ValueError(f"could not load {spec!r} from the hub ({e}); offline, pass a local folder") from None
 
 
+def _table(label: str) -> str:
+    """Table name of one model's scores (a hub name like ``EleutherAI/pythia-70m`` made file-safe)."""
+    return "induction_" + "".join(c if c.isalnum() else "_" for c in label)
+
+
 def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_examples: int = 10,
                device: str = "cpu") -> Results:
     from interventions import scores
@@ -43,7 +48,7 @@ def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_
     res = Results(results_root, "survey")
     res.write_provenance({"models": models, "seq_len": seq_len, "n_examples": n_examples})
     for label, spec in models.items():
-        table = "induction_" + "".join(c if c.isalnum() else "_" for c in label)
+        table = _table(label)
         if res.has(table):
             continue
         model = load_any(spec, device)
@@ -54,6 +59,5 @@ def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_
         kw["seq_len"] = min(seq_len, kw["seq_len"])
         df = scores.induction_score(model, n_examples=n_examples, **kw)
         res.write(table, df.assign(model=label))
-    res.write("induction_scores", pd.concat([res.read("induction_" + "".join(c if c.isalnum() else "_" for c in label))
-                                             for label in models]))
+    res.write("induction_scores", pd.concat([res.read(_table(label)) for label in models]))
     return res

@@ -238,30 +238,28 @@ def observable(model):
     """
     inner = getattr(model, "_module", model)
     a = get_adapter(inner)
-    old_impl = getattr(inner.config, "_attn_implementation", None)
     added = []
-    if a.model_type == "attn_only":
-        inner.config._attn_implementation = "eager"
-    else:
+    impl = "eager" if a.model_type == "attn_only" else "interventions_eager"
+    # the model's config and any sub-configs some models keep per module, each with its own old value
+    configs = {id(inner.config): inner.config}
+    if a.model_type != "attn_only":
         _register_attention()
         for layer in range(a.n_layers):
             attn = a.module(inner, layer, "attn")
             if not hasattr(attn, "hook_pattern"):
                 attn.hook_pattern = nn.Identity()
                 added.append(attn)
-        inner.config._attn_implementation = "interventions_eager"
-        for m in inner.modules():  # sub-configs some models keep per module
+        for m in inner.modules():
             cfg = getattr(m, "config", None)
-            if cfg is not None and cfg is not inner.config and hasattr(cfg, "_attn_implementation"):
-                cfg._attn_implementation = "interventions_eager"
+            if cfg is not None and hasattr(cfg, "_attn_implementation"):
+                configs[id(cfg)] = cfg
+    saved = [(cfg, getattr(cfg, "_attn_implementation", None)) for cfg in configs.values()]
+    for cfg, _ in saved:
+        cfg._attn_implementation = impl
     try:
         yield model
     finally:
         for attn in added:
             del attn.hook_pattern
-        inner.config._attn_implementation = old_impl
-        if a.model_type != "attn_only":
-            for m in inner.modules():
-                cfg = getattr(m, "config", None)
-                if cfg is not None and cfg is not inner.config and hasattr(cfg, "_attn_implementation"):
-                    cfg._attn_implementation = old_impl
+        for cfg, old in saved:
+            cfg._attn_implementation = old
