@@ -90,7 +90,7 @@ def memory_child(name, variant, device, n, pos, hpp):
     x = torch.randint(0, 257, (n, pos), generator=torch.Generator().manual_seed(0)).to(device)
     if variant == "sweep":
         import nnsight  # noqa: F401  (its import is not the sweep's memory)
-        from interventions.sweep import ablation_sweep
+        from interventions.primitives.sweep import ablation_sweep
 
         fn = lambda: ablation_sweep(model, x, kind="zero", heads_per_pass=hpp)  # noqa: E731
     else:
@@ -130,7 +130,7 @@ def main(argv=None):
         tl = to_tl(name, model)
         variants = {}
         if has_nnsight:
-            from interventions.sweep import ablation_sweep
+            from interventions.primitives.sweep import ablation_sweep
 
             variants["sweep"] = lambda: ablation_sweep(model, x, kind="zero", heads_per_pass=args.heads_per_pass)
         variants["plain"] = lambda: [plain_loss(model, x) for _ in range(H + 1)]

@@ -31,7 +31,7 @@ def main(argv=None):
               "reps": reps, "head": "L1H0"}
     if optional("nnsight") is not None:
         from interventions import ZeroAblation, run_with_ablations
-        from interventions.tracing import wrap
+        from interventions.engine.tracing import wrap
 
         lm = wrap(model, lean=True)  # the wrapper the primitives use (bare nnsight.NNsight)
         d_head = model.config.d_head

@@ -1,6 +1,6 @@
 """Training throughput: our trainer loop vs a minimal plain-PyTorch loop, side by side.
 
-* ``trainer``: ``interventions.train.train`` on the attn-2l preset (byte-level stdlib corpus, batch
+* ``trainer``: ``interventions.zoo.train.train`` on the attn-2l preset (byte-level stdlib corpus, batch
   16 x 256, AdamW, clipping 1.0, SDPA attention), N2 steps. Step time = the median interval between
   consecutive steps, stamped at each step's gradient clipping (the same point of every step, data
   loading included), after N1 warm-up steps. This leaves out the run's fixed costs (corpus load,
@@ -37,7 +37,7 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="also time torch.compile(model) in the plain loop")
     args = p.parse_args(argv)
     from experiments.presets import get_preset
-    from interventions import train as T
+    from interventions.zoo import train as T
 
     reps = args.reps or 3
     n1 = args.n1

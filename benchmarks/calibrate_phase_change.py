@@ -21,7 +21,7 @@ def _run(args):
     import torch
 
     torch.set_num_threads(2)
-    from interventions.train import TrainConfig, read_metrics, train
+    from interventions.zoo.train import TrainConfig, read_metrics, train
 
     cfg = TrainConfig.from_dict(cfg_dict)
     run_dir = Path(out_dir) / name
@@ -47,7 +47,7 @@ def main():
     for cfg in grid.values():
         cfg["device"] = a.device
     # Tokenise once before the parallel runs share the cache.
-    from interventions.train import TrainConfig, build_source
+    from interventions.zoo.train import TrainConfig, build_source
 
     for cfg in grid.values():
         build_source(TrainConfig.from_dict(cfg))

@@ -52,7 +52,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def train_config_from_args(args):
-    from interventions.train import TrainConfig
+    from interventions.zoo.train import TrainConfig
 
     from .presets import get_preset
 
@@ -86,7 +86,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from interventions.train import read_metrics, train
+    from interventions.zoo.train import read_metrics, train
 
     cfg = train_config_from_args(args)
     out = Path(args.out)
@@ -241,8 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from interventions.corpus import CorpusError
-    from interventions.train import RunFolderError, TrainingDiverged
+    from interventions.zoo.corpus import CorpusError
+    from interventions.zoo.train import RunFolderError, TrainingDiverged
 
     try:
         return args.func(args)

@@ -22,15 +22,15 @@ import pandas as pd
 import torch
 
 from interventions import Head, PatternPreserving, ZeroAblation, per_token_loss
-from interventions.adapters import get_adapter
-from interventions.metrics import icl_from_losses, icl_indices
-from interventions.train import TrainConfig, list_checkpoints, load_model
+from interventions.engine.adapters import get_adapter
+from interventions.analysis.metrics import icl_from_losses, icl_indices
+from interventions.zoo.train import TrainConfig, list_checkpoints, load_model
 
 from .common import Results
 from .phase_change import eval_windows
 
 KINDS = ("zero", "mean", "pattern")
-INDUCTION_THRESHOLD = 0.4  # TransformerLens-style induction score; see interventions.scores
+INDUCTION_THRESHOLD = 0.4  # TransformerLens-style induction score; see interventions.analysis.scores
 
 
 def _icl(losses: torch.Tensor, early: int, late: int) -> float:
@@ -51,7 +51,7 @@ def induction_heads(head_scores: pd.DataFrame, model: str, threshold: float = IN
 def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root: Path,
                   windows_table: pd.DataFrame | None = None, n_windows: int = 64, n_random: int = 10,
                   n_attribution_ckpts: int = 10, device: str = "cpu", progress: bool = True) -> Results:
-    from interventions.sweep import ablation_sweep
+    from interventions.primitives.sweep import ablation_sweep
 
     res = Results(results_root, f"ablations_{name}")
     cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
@@ -125,7 +125,7 @@ def _attribution(ckpts, cfg, name, windows, windows_table, n_pick, device, progr
     """Before-and-after attribution of each head at a log-spaced selection of checkpoints."""
     from tqdm.auto import tqdm
 
-    from interventions.sweep import ablation_sweep
+    from interventions.primitives.sweep import ablation_sweep
 
     w = windows_table[windows_table.model == name].iloc[0]
     steps = np.array([int(c.name.split("-")[1]) for c in ckpts])

@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from interventions.adapters import get_adapter
-from interventions.loss import loss_from_logits
-from interventions.train import TrainConfig, list_checkpoints, load_model
+from interventions.engine.adapters import get_adapter
+from interventions.primitives.loss import loss_from_logits
+from interventions.zoo.train import TrainConfig, list_checkpoints, load_model
 
 from .common import Results
 
@@ -81,7 +81,7 @@ def k_composition(model, clean: torch.Tensor, prev_head: tuple[int, int], ind_la
 
 def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: Path, n_prompts: int = 16,
                 device: str = "cpu") -> Results:
-    from interventions.patching import patch_heads
+    from interventions.primitives.patching import patch_heads
 
     res = Results(results_root, f"circuit_{name}")
     if res.has("k_composition"):

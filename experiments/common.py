@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from interventions.provenance import provenance
-from interventions.train import atomic_write_text
+from interventions.zoo.provenance import provenance
+from interventions.zoo.train import atomic_write_text
 
 
 class ResultError(RuntimeError):

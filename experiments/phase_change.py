@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interventions.loss import loss_by_position, per_token_loss
-from interventions.metrics import icl_from_losses, icl_indices
-from interventions.train import TrainConfig, build_source, list_checkpoints, load_model
+from interventions.primitives.loss import loss_by_position, per_token_loss
+from interventions.analysis.metrics import icl_from_losses, icl_indices
+from interventions.zoo.train import TrainConfig, build_source, list_checkpoints, load_model
 
 from .common import Results
 
@@ -52,7 +52,7 @@ def probe_kwargs(model) -> dict:
 
 def head_score_rows(model, windows: torch.Tensor, seed: int = 0) -> pd.DataFrame:
     """Induction, prefix-matching, copying and previous-token scores of every head (long format)."""
-    from interventions import scores
+    from interventions.analysis import scores
 
     df = scores.head_scores(model, windows=windows[:16], seed=seed, **probe_kwargs(model))
     keep = [c for c in ("induction", "prefix_matching", "previous_token", "copying", "duplicate_token")
@@ -111,7 +111,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
 def training_table(runs: dict[str, Path]) -> pd.DataFrame:
     """The trainer's metrics.jsonl of every run (step, tokens, losses, ICL, repeated-token check),
     with the wall-clock seconds since the run started at each checkpoint (from checkpoint times)."""
-    from interventions.train import read_metrics
+    from interventions.zoo.train import read_metrics
 
     frames = []
     for name, run in runs.items():

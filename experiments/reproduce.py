@@ -115,7 +115,7 @@ def headline(out: Path) -> dict:
 
 
 def write_report(out: Path, scale: str, timings: dict, figures_dir: Path) -> Path:
-    from interventions.provenance import provenance
+    from interventions.zoo.provenance import provenance
 
     h = headline(out)
     prov = provenance(config={"scale": scale}, timings=timings)

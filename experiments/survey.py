@@ -16,7 +16,7 @@ from .common import Results
 
 def load_any(spec: str, device: str = "cpu"):
     """A model from a run folder, a checkpoint/model folder, or a hub name (needs the network)."""
-    from interventions.train import latest_checkpoint, load_model
+    from interventions.zoo.train import latest_checkpoint, load_model
 
     p = Path(spec)
     if (p / "checkpoints").is_dir():
@@ -43,7 +43,7 @@ def _table(label: str) -> str:
 
 def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_examples: int = 10,
                device: str = "cpu") -> Results:
-    from interventions import scores
+    from interventions.analysis import scores
 
     res = Results(results_root, "survey")
     res.write_provenance({"models": models, "seq_len": seq_len, "n_examples": n_examples})

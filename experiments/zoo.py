@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from interventions.train import TrainConfig, latest_checkpoint, read_metrics, train
+from interventions.zoo.train import TrainConfig, latest_checkpoint, read_metrics, train
 
 from .presets import get_preset
 

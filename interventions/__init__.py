@@ -5,20 +5,20 @@ The public API is re-exported here; see README.md for a tour. Importing register
 ``AutoModelForCausalLM.from_pretrained``); nothing else happens at import.
 """
 
-from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation,
+from .primitives.ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation,
                        run_with_ablations)
-from .adapters import ArchSpec, get_adapter, observable, register_adapter
-from .heads import Head, all_heads, parse_head, parse_heads
-from .loss import loss_by_position, loss_from_logits, per_token_loss
-from .model import AttnOnlyConfig, AttnOnlyForCausalLM
-from .cache import cache_activations
-from .metrics import icl_from_losses, icl_indices, icl_score, loss_by_token_index
-from .patching import logit_diff, mean_loss_metric, patch_heads, patch_patterns, patch_residual
-from .scores import (classify_induction_heads, copying_score, duplicate_token_score, head_scores,
+from .engine.adapters import ArchSpec, get_adapter, observable, register_adapter
+from .engine.heads import Head, all_heads, parse_head, parse_heads
+from .primitives.loss import loss_by_position, loss_from_logits, per_token_loss
+from .zoo.model import AttnOnlyConfig, AttnOnlyForCausalLM
+from .primitives.cache import cache_activations
+from .analysis.metrics import icl_from_losses, icl_indices, icl_score, loss_by_token_index
+from .primitives.patching import logit_diff, mean_loss_metric, patch_heads, patch_patterns, patch_residual
+from .analysis.scores import (classify_induction_heads, copying_score, duplicate_token_score, head_scores,
                      induction_score, prefix_matching_score, previous_token_score)
-from .smear import get_alphas, set_alphas, smear_keys
-from .sweep import ablation_sweep, sweep_table
-from .tracing import InterventionError, head_outputs, run_edited, wrap
+from .zoo.smear import get_alphas, set_alphas, smear_keys
+from .primitives.sweep import ablation_sweep, sweep_table
+from .engine.tracing import InterventionError, head_outputs, run_edited, wrap
 
 __all__ = [
     "Ablation", "ArchSpec", "AttnOnlyConfig", "AttnOnlyForCausalLM", "Head", "InterventionError",

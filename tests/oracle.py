@@ -1,7 +1,7 @@
 """Independent re-implementations used as oracles in tests (and benchmarks).
 
 ``to_hooked_transformer`` rebuilds our attention-only model in TransformerLens from the exact
-computation documented in ``interventions/model.py``, copying the weights; it shares no code with
+computation documented in ``interventions/zoo/model.py``, copying the weights; it shares no code with
 our forward pass."""
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from torch import nn
 from interventions import (ArchSpec, AttnOnlyConfig, AttnOnlyForCausalLM, Head, InterventionError,
                            MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, get_adapter,
                            per_token_loss, register_adapter, run_edited, run_with_ablations)
-from interventions.adapters import ARCHS
-from interventions.tracing import LayerEdits
+from interventions.engine.adapters import ARCHS
+from interventions.engine.tracing import LayerEdits
 
 from .oracle import to_hooked_transformer
 

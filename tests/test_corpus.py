@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from interventions import corpus as C
-from interventions.tokenizer import byte_tokenizer, train_tokenizer
+from interventions.zoo import corpus as C
+from interventions.zoo.tokenizer import byte_tokenizer, train_tokenizer
 
 
 def test_stdlib_corpus_and_fingerprint():

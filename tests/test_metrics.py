@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
-from interventions import metrics
-from interventions.metrics import icl_from_losses, icl_indices, icl_score, loss_by_token_index
+from interventions.analysis import metrics
+from interventions.analysis.metrics import icl_from_losses, icl_indices, icl_score, loss_by_token_index
 
 from .oracle import to_hooked_transformer
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from interventions import InterventionError, observable
-from interventions.cache import cache_activations
-from interventions.patching import (logit_diff, mean_loss_metric, patch_heads, patch_patterns,
+from interventions.primitives.cache import cache_activations
+from interventions.primitives.patching import (logit_diff, mean_loss_metric, patch_heads, patch_patterns,
                                     patch_residual)
 
 N_LAYERS, N_HEADS, D_HEAD, POS = 2, 4, 8, 6

@@ -23,7 +23,7 @@ import torch
 from experiments.__main__ import main as cli_main
 from experiments.common import ResultError, Results
 from experiments.presets import get_preset
-from interventions import train as T
+from interventions.zoo import train as T
 
 TOKENS = 60_000  # tiny preset: 58 steps of 1024 tokens, checkpoints at 1 2 3 6 10 18 32 58
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ DRIVER = r'''
 import os, signal, sys, json
 import torch
 torch.set_num_threads(1)
-from interventions import train as T
+from interventions.zoo import train as T
 
 root, cfg, points = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
-from interventions.scores import (classify_induction_heads, copying_score, duplicate_token_score, head_scores,
+from interventions.analysis.scores import (classify_induction_heads, copying_score, duplicate_token_score, head_scores,
                                   induction_score, ov_weights, prefix_matching_score, previous_token_score,
                                   probe_token_pool, repeated_random_tokens)
 
@@ -215,7 +215,7 @@ def _tl_with_tokenizer(model, tmp_path):
     """A HookedTransformer of the same weights with the byte tokenizer attached (loaded from a saved
     folder: TL needs name_or_path). Right padding: with left padding TL masks leading pad tokens, and
     our pad token is the BOS/separator, so it would mask the BOS."""
-    from interventions.tokenizer import byte_tokenizer, load_tokenizer
+    from interventions.zoo.tokenizer import byte_tokenizer, load_tokenizer
 
     byte_tokenizer().save_pretrained(tmp_path)
     tl = to_hooked_transformer(model)
@@ -234,7 +234,7 @@ def test_agrees_with_transformer_lens_detect_head(tmp_path):
       previous token on windows of pos tokens:        TL = (pos - 1) / pos * ours
     detect_head on a list of strings averages per string, as we average per example."""
     from transformer_lens.head_detector import detect_head
-    from interventions.tokenizer import SEP
+    from interventions.zoo.tokenizer import SEP
 
     torch.manual_seed(0)
     model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=64, vocab_size=257,

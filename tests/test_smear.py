@@ -10,7 +10,7 @@ from transformers import (AttentionInterface, GPT2Config, GPT2LMHeadModel, GPTNe
                           LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
 from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, ZeroAblation, get_adapter, run_with_ablations
-from interventions.smear import KeySmear, get_alphas, set_alphas, smear_keys, smear_modules
+from interventions.zoo.smear import KeySmear, get_alphas, set_alphas, smear_keys, smear_modules
 
 VOCAB = 50
 COMMON = dict(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
@@ -116,7 +116,7 @@ class CaptureKeys:
         self.keys = []
 
     def __call__(self, module, query, key, value, attention_mask, **kw):
-        from interventions.adapters import _observable_attention  # plain eager attention, any arch
+        from interventions.engine.adapters import _observable_attention  # plain eager attention, any arch
 
         self.keys.append(key.detach().clone())  # (batch, kv_head, pos, d_head)
         return _observable_attention(module, query, key, value, attention_mask, **kw)
@@ -358,7 +358,7 @@ def test_one_layer_smeared_model_forms_induction_head(tmp_path, monkeypatch):
     (Argument 2). Measured on the 2-core CPU, one thread: about 3-4 s per run; best-head scores 0.62
     (smeared; heads 0.62 and 0.46) and 0.05 (vanilla)."""
     from experiments.presets import get_preset
-    from interventions.train import TrainConfig, load_model, train
+    from interventions.zoo.train import TrainConfig, load_model, train
 
     monkeypatch.setenv("INTERVENTIONS_CACHE", str(tmp_path / "cache"))
     threads = torch.get_num_threads()

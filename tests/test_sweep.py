@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from interventions import MeanAblation, PatternPreserving, ZeroAblation, all_heads, per_token_loss
-from interventions.sweep import ablation_sweep, sweep_table
+from interventions.primitives.sweep import ablation_sweep, sweep_table
 
 
 @pytest.fixture
@@ -102,7 +102,7 @@ def test_sweep_bad_inputs(tiny_model):
 def test_sweep_without_attention_shortcut_equals_unbatched(which, kind, tiny_model, tiny_gpt2, monkeypatch):
     """With the ablated layer's attention recomputed (edits applied at the per-head site inside the trace,
     only the blocks below skipped), the sweep still equals per-head ablation to 1e-5."""
-    import interventions.sweep as S
+    import interventions.primitives.sweep as S
 
     monkeypatch.setattr(S, "_ATTN_SHORTCUT", False)
     model = tiny_model if which == "attn_only" else tiny_gpt2
@@ -118,7 +118,7 @@ def test_sweep_shares_the_clean_prefix(tiny_model, monkeypatch, shortcut):
     """Blocks below a group's layer never run in its pass (their clean output is reused), and one clean
     pass serves the clean loss: layer 0's block runs for the clean pass and the layer-0 group only; with
     the shortcut, each layer's attention runs only on the clean pass and in passes of lower layers."""
-    import interventions.sweep as S
+    import interventions.primitives.sweep as S
 
     monkeypatch.setattr(S, "_ATTN_SHORTCUT", shortcut)
     rows = {"block0": [], "block1": [], "attn0": [], "attn1": []}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from experiments.presets import get_preset
-from interventions import train as T
+from interventions.zoo import train as T
 
 
 def tiny_cfg(**over):

@@ -18,8 +18,8 @@ import torch
 import interventions as iv
 from experiments.__main__ import main as cli_main
 from experiments.presets import get_preset
-from interventions import train as T
-from interventions.corpus import (
+from interventions.zoo import train as T
+from interventions.zoo.corpus import (
     CorpusError,
     RepeatedRandomSource,
     load_documents,

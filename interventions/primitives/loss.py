@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import torch
 
 from .ablation import Ablation, run_with_ablations
-from .adapters import get_adapter
-from .tracing import check_mask, check_tokens, pad_to_nan, unwrap
+from ..engine.adapters import get_adapter
+from ..engine.tracing import check_mask, check_tokens, pad_to_nan, unwrap
 
 
 def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

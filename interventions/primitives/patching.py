@@ -36,10 +36,10 @@ from typing import Literal
 
 import torch
 
-from .adapters import get_adapter, observable
+from ..engine.adapters import get_adapter, observable
 from .cache import Write, _run_sites
 from .loss import loss_from_logits
-from .tracing import check_tokens, unwrap
+from ..engine.tracing import check_tokens, unwrap
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 Direction = Literal["clean_to_corrupted", "corrupted_to_clean"]

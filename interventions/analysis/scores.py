@@ -6,7 +6,7 @@ and ``classify_induction_heads`` marks induction heads on it.
 
 Attention scores are read from the attention patterns of the toolkit's own traces
 (``run_edited(..., save_patterns=True)`` inside ``observable(model)``), so they work for every
-architecture ``interventions.adapters`` supports. The copying score is read from the weights (it is a
+architecture ``interventions.engine.adapters`` supports. The copying score is read from the weights (it is a
 property of the OV circuit, no forward pass); it supports our ``attn_only`` model and GPT-2.
 
 Definitions (Olsson et al. 2022; see shared/notes/reference.md):
@@ -41,8 +41,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .adapters import get_adapter, observable
-from .tracing import run_edited, unwrap
+from ..engine.adapters import get_adapter, observable
+from ..engine.tracing import run_edited, unwrap
 
 ScoreName = Literal["prefix_matching", "copying", "induction", "duplicate_token", "previous_token"]
 

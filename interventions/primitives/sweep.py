@@ -35,10 +35,10 @@ from typing import Literal
 import torch
 
 from .ablation import MeanAblation, ZeroAblation
-from .adapters import get_adapter, observable
-from .heads import Head, HeadLike, all_heads, check_heads, parse_heads
+from ..engine.adapters import get_adapter, observable
+from ..engine.heads import Head, HeadLike, all_heads, check_heads, parse_heads
 from .loss import loss_from_logits
-from .tracing import (InterventionError, LayerEdits, _device, _unembed, check_mask, check_tokens, mask_kwargs,
+from ..engine.tracing import (InterventionError, LayerEdits, _device, _unembed, check_mask, check_tokens, mask_kwargs,
                       pad_to_nan, unwrap, wrap)
 
 SweepKind = Literal["zero", "mean", "pattern"]

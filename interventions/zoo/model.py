@@ -59,7 +59,7 @@ class AttnOnlyConfig(PretrainedConfig):
         positional: "shortformer" (learned positions added to query/key inputs only; the
             paper's small models, default), "standard" (added to the residual stream), "rotary".
         d_mlp: None for attention-only; a width gives the paper's "with MLP" family.
-        smear_keys: the smeared-key variant (Argument 2); see ``interventions.smear``.
+        smear_keys: the smeared-key variant (Argument 2); see ``interventions.zoo.smear``.
         layer_norm_eps: LayerNorm epsilon (1e-5, as GPT-2 and TransformerLens).
         init_range: std of the normal weight init (0.02, as GPT-2).
     """
@@ -148,7 +148,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(config.d_model, inner)
         self.k_proj = nn.Linear(config.d_model, inner)
         self.v_proj = nn.Linear(config.d_model, inner)
-        # The smeared-key variant lives in its own module (interventions/smear.py); None = vanilla.
+        # The smeared-key variant lives in its own module (interventions/zoo/smear.py); None = vanilla.
         self.smear = None
         if config.smear_keys:
             from .smear import KeySmear

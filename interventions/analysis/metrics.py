@@ -21,7 +21,7 @@ import math
 import numpy as np
 import torch
 
-from .loss import loss_by_position, per_token_loss
+from ..primitives.loss import loss_by_position, per_token_loss
 
 PAPER_EARLY, PAPER_LATE, PAPER_CTX = 50, 500, 512
 

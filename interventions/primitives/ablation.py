@@ -26,9 +26,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .adapters import get_adapter, observable
-from .heads import Head, HeadLike, check_heads, parse_heads
-from .tracing import LayerEdits, check_tokens, head_outputs, run_edited, unwrap
+from ..engine.adapters import get_adapter, observable
+from ..engine.heads import Head, HeadLike, check_heads, parse_heads
+from ..engine.tracing import LayerEdits, check_tokens, head_outputs, run_edited, unwrap
 
 
 class Ablation:

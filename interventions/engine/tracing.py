@@ -102,7 +102,7 @@ def _placeholder_tokenizer():
     """nnsight needs a tokenizer object; token-id inputs never use it."""
     global _PLACEHOLDER
     if _PLACEHOLDER is None:
-        from .tokenizer import byte_tokenizer
+        from ..zoo.tokenizer import byte_tokenizer
 
         _PLACEHOLDER = byte_tokenizer()
     return _PLACEHOLDER
@@ -245,7 +245,7 @@ def translate_trace_error(e: Exception) -> Exception:
     if "OutOfOrder" in name or "never" in str(e) or "Missed" in name:
         return InterventionError(f"an intervention's target did not run ({name}: {e}). Pattern sites need "
                                  "`with interventions.observable(model):`; module paths come from "
-                                 "interventions.adapters")
+                                 "interventions.engine.adapters")
     return e
 
 

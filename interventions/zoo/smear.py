@@ -224,14 +224,14 @@ def is_smeared(model) -> bool:
 
 
 def _layout(model) -> tuple[object, Layout]:
-    from .adapters import get_adapter
+    from ..engine.adapters import get_adapter
 
     a = get_adapter(model)
     layout = SMEAR_LAYOUTS.get(a.model_type)
     if layout is None:
         raise ValueError(f"smear_keys does not know where {a.model_type!r} keeps its keys: supported are "
                          f"{', '.join(sorted(SMEAR_LAYOUTS))}. Add the layout to "
-                         "interventions.smear.SMEAR_LAYOUTS (and a test) to support it")
+                         "interventions.zoo.smear.SMEAR_LAYOUTS (and a test) to support it")
     return a, layout
 
 

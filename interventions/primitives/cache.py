@@ -13,7 +13,7 @@ frequent memory complaint about other toolkits). Kinds and shapes:
     rotary embeddings or key smearing. For fused q/k/v projections (GPT-2, GPT-NeoX) the key part is
     sliced out of the fused output.
 
-``_run_sites`` is the private driver shared with ``interventions.patching``: one trace that visits
+``_run_sites`` is the private driver shared with ``interventions.primitives.patching``: one trace that visits
 layers, and the sites inside a layer, in execution order (nnsight requires it), writes values in
 place at given indices, saves what is asked, and checks afterwards that every write took effect.
 
@@ -34,8 +34,8 @@ from typing import Literal
 
 import torch
 
-from .adapters import Adapter, get_adapter, has_pattern_site
-from .tracing import InterventionError, _unembed, check_tokens, translate_trace_error, unwrap, wrap
+from ..engine.adapters import Adapter, get_adapter, has_pattern_site
+from ..engine.tracing import InterventionError, _unembed, check_tokens, translate_trace_error, unwrap, wrap
 
 SiteKind = Literal["resid_pre", "keys", "pattern", "head_out"]
 # Execution order of the kinds inside one layer: block input, key projection, pattern, o_proj input.

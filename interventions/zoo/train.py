@@ -323,8 +323,8 @@ def quick_eval(model, windows: torch.Tensor, induction_tokens: torch.Tensor, bat
     """Validation loss, ICL score (late minus early token loss) and repeated-random-token loss.
 
     Plain forwards (no tracing): this runs at every checkpoint inside the training loop."""
-    from .loss import loss_from_logits
-    from .metrics import icl_from_losses, icl_indices
+    from ..primitives.loss import loss_from_logits
+    from ..analysis.metrics import icl_from_losses, icl_indices
 
     model.eval()
     device = next(model.parameters()).device

@@ -1,0 +1,1 @@
+"""Analysis on top of the primitives: ICL metrics and head scores."""

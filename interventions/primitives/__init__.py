@@ -1,0 +1,1 @@
+"""Intervention primitives built on the engine: ablations, per-token loss, patching, caching, sweeps."""
