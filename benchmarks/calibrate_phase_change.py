@@ -17,17 +17,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _run(args):
-    name, cfg_dict, out_dir, max_seconds = args
+    name, cfg_dict, out_dir, max_seconds, threads = args
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     from interventions.zoo.train import TrainConfig, read_metrics, train
 
     cfg = TrainConfig.from_dict(cfg_dict)
     run_dir = Path(out_dir) / name
     t0 = time.time()
     try:
-        train(cfg, run_dir, progress=False)
+        train(cfg, run_dir, progress=False, resume=(run_dir / "train_config.json").is_file())
         err = None
     except Exception as e:  # record and continue the grid
         err = f"{type(e).__name__}: {e}"
@@ -42,6 +42,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--max-seconds", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run (1 per core scales best)")
     a = ap.parse_args()
     grid = json.loads(Path(a.grid).read_text())
     for cfg in grid.values():
@@ -51,7 +52,7 @@ def main():
 
     for cfg in grid.values():
         build_source(TrainConfig.from_dict(cfg))
-    jobs = [(name, cfg, a.out, a.max_seconds) for name, cfg in grid.items()]
+    jobs = [(name, cfg, a.out, a.max_seconds, a.threads) for name, cfg in grid.items()]
     results = {}
     with mp.get_context("spawn").Pool(a.parallel) as pool:
         for name, res in pool.imap_unordered(_run, jobs):

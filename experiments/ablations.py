@@ -1,19 +1,30 @@
 """Argument 3: which heads carry the in-context learning (ablations).
 
-On a trained model's final checkpoint, over fixed validation windows:
-  * every head ablated alone, three ways (zero, mean, pattern-preserving zero): the change in loss at
-    each token index, and the head's share of the ICL score (the fraction of the ICL score that
-    disappears: (ICL_ablated - ICL_clean) / -ICL_clean; ICL is negative when context helps);
-  * all induction heads vs all other heads vs random sets of the same size (pattern-preserving);
-  * before-and-after attribution over training: at each checkpoint, each head's ablation change in
-    per-token losses projected on the change across the phase change
-    (attribution = -<delta_ablation, loss_after - loss_before> / |loss_after - loss_before|^2;
-    +1 means ablating the head alone undoes the whole phase change on those tokens).
+On a trained model's final checkpoint, over fixed validation windows (the run's own, see
+``phase_change.eval_windows``):
+
+* every head ablated **alone**, three ways (zero, mean, pattern-preserving zero): the change in loss
+  at each token index and the head's **share of the ICL score** removed,
+  ``share = (ICL_ablated - ICL_clean) / -ICL_clean`` (ICL is negative when context helps; 1 = the
+  head carries all of it, negative = ablating it makes the ICL score larger);
+* head **sets** (pattern-preserving zero ablation, the paper's kind): the induction heads chosen by
+  the library's rule (``classify_induction_heads``: prefix matching and copying), random control
+  sets of the same size drawn from the non-induction heads only, and all other heads together
+  (reported in nats only: ablating most of a model breaks it, so a share of the ICL score means
+  little there).
+
+Standard errors: every ICL number here is a mean over windows of a per-window difference; a share's
+s.e. comes from a bootstrap over windows (``N_BOOT`` resamples, fixed seed), which keeps the pairing
+of clean and ablated losses on the same window.
+
+* **before-and-after attribution** over training, at checkpoints inside the ICL window (>= 5) and a
+  few outside: each head's ablation change in per-token losses projected on the change across the
+  phase change, ``-<delta_ablation, loss_after - loss_before> / |loss_after - loss_before|^2`` (+1:
+  ablating the head alone undoes the whole phase change on those tokens).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -22,65 +33,82 @@ import pandas as pd
 import torch
 
 from interventions import Head, PatternPreserving, ZeroAblation, per_token_loss
+from interventions.analysis.metrics import icl_band, icl_indices
 from interventions.engine.adapters import get_adapter
-from interventions.analysis.metrics import icl_from_losses, icl_indices
 from interventions.zoo.train import TrainConfig, list_checkpoints, load_model
 
 from .common import Results
-from .phase_change import eval_windows
+from .phase_change import eval_windows, induction_heads_of, run_config, step_tokens, window_losses
 
 KINDS = ("zero", "mean", "pattern")
-INDUCTION_THRESHOLD = 0.4  # TransformerLens-style induction score; see interventions.analysis.scores
+N_BOOT = 1000
 
 
-def _icl(losses: torch.Tensor, early: int, late: int) -> float:
-    return icl_from_losses(losses, early, late)["icl_score"]
+def per_window_icl(losses: torch.Tensor) -> np.ndarray:
+    """(n,) each window's banded ICL score (late band minus early band), nats."""
+    pos = losses.shape[1] + 1
+    early, late = icl_indices(pos)
+    band = icl_band(pos)
+
+    def band_mean(k):
+        lo, hi = max(2, k - band), min(pos, k + band)
+        return losses[:, lo - 2:hi - 1].double().mean(1)
+
+    return (band_mean(late) - band_mean(early)).numpy()
 
 
-def induction_heads(head_scores: pd.DataFrame, model: str, threshold: float = INDUCTION_THRESHOLD,
-                    min_heads: int = 1) -> list[Head]:
-    """Heads of ``model`` whose final induction score exceeds ``threshold`` (at least the top one)."""
-    hs = head_scores[(head_scores.model == model) & (head_scores.score == "induction")]
-    final = hs[hs.step == hs.step.max()].sort_values("value", ascending=False)
-    chosen = [Head(int(r.layer), int(r.head)) for r in final.itertuples() if r.value > threshold]
-    if len(chosen) < min_heads:
-        chosen = [Head(int(r.layer), int(r.head)) for r in final.head(min_heads).itertuples()]
-    return chosen
+def share_removed(clean: np.ndarray, ablated: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """(share, bootstrap s.e.): the fraction of the (negative) clean ICL score an ablation removes."""
+    def share(c, a):
+        return (a.mean() - c.mean()) / -c.mean()
+
+    g = np.random.default_rng(seed)
+    idx = g.integers(0, len(clean), size=(N_BOOT, len(clean)))
+    boots = (ablated[idx].mean(1) - clean[idx].mean(1)) / -clean[idx].mean(1)
+    return float(share(clean, ablated)), float(np.std(boots, ddof=1))
 
 
-def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root: Path,
-                  windows_table: pd.DataFrame | None = None, n_windows: int = 64, n_random: int = 10,
-                  n_attribution_ckpts: int = 10, device: str = "cpu", progress: bool = True) -> Results:
+def _sem(x: np.ndarray) -> float:
+    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
+
+
+def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, results_root: Path,
+                  windows_table: pd.DataFrame | None = None, n_windows: int = 1024, n_random: int = 10,
+                  n_attribution_inside: int = 6, device: str = "cpu", progress: bool = True) -> Results:
     from interventions.primitives.sweep import ablation_sweep
 
     res = Results(results_root, f"ablations_{name}")
-    cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+    cfg = run_config(run)
     windows = eval_windows(cfg, n_windows)
-    reference = eval_windows(TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 100}), n_windows)
-    early, late = icl_indices(windows.shape[1])
+    reference = eval_windows(TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 100}), min(n_windows, 256))
     ckpts = list_checkpoints(run)
     model = load_model(ckpts[-1], device)
     a = get_adapter(model)
-    ind = induction_heads(head_scores, name)
+    ind = induction_heads_of(model, windows, cfg.seed)
+    rule = "classify_induction_heads"
+    if not ind:  # no head passes the rule (e.g. a model without induction): say so in the tables
+        rule = "none passed classify_induction_heads"
     res.write_provenance({"run": str(run), "model": name, "n_windows": n_windows, "n_random": n_random,
-                          "induction_heads": [str(h) for h in ind], "threshold": INDUCTION_THRESHOLD},
-                         seed=cfg.seed)
+                          "induction_heads": [str(h) for h in ind], "rule": rule}, seed=cfg.seed)
+    all_heads = [Head(layer, h) for layer in range(a.n_layers) for h in range(a.n_heads)]
 
     if not res.has("per_head"):
         rows, by_index = [], []
         for kind in KINDS:
-            clean, delta = ablation_sweep(model, windows, kind=kind, reference=reference if kind == "mean" else None,
+            clean, delta = ablation_sweep(model, windows[:n_windows // 2], kind=kind,
+                                          reference=reference if kind == "mean" else None,
                                           progress=progress)
-            icl_clean = _icl(clean, early, late)
-            heads = [Head(layer, h) for layer in range(a.n_layers) for h in range(a.n_heads)]
-            for i, head in enumerate(heads):
-                ablated = clean + delta[i]
-                icl_abl = _icl(ablated, early, late)
+            c = per_window_icl(clean)
+            for i, head in enumerate(all_heads):
+                abl = per_window_icl(clean + delta[i])
+                share, share_se = share_removed(c, abl, cfg.seed)
                 rows.append({"model": name, "kind": kind, "layer": head.layer, "head": head.head,
-                             "head_name": str(head), "icl_clean": icl_clean, "icl_ablated": icl_abl,
-                             "icl_share": (icl_abl - icl_clean) / -icl_clean if icl_clean < 0 else float("nan"),
+                             "head_name": str(head), "is_induction": head in ind,
+                             "icl_clean": float(c.mean()), "icl_ablated": float(abl.mean()),
+                             "icl_change": float((abl - c).mean()), "icl_change_sem": _sem(abl - c),
+                             "icl_share": share, "icl_share_sem": share_se,
                              "mean_delta_loss": delta[i].mean().item(),
-                             "late_delta_loss": delta[i][:, late - 2].mean().item()})
+                             "late_delta_loss": delta[i][:, -icl_band(windows.shape[1]) * 2 - 1:].mean().item()})
                 d = delta[i].mean(0).numpy()
                 by_index.append(pd.DataFrame({"model": name, "kind": kind, "head_name": str(head),
                                               "token_index": np.arange(1, len(d) + 1), "delta_loss": d}))
@@ -88,24 +116,26 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root:
         res.write("per_head", pd.DataFrame(rows))
 
     if not res.has("sets"):
-        all_heads = [Head(layer, h) for layer in range(a.n_layers) for h in range(a.n_heads)]
         others = [h for h in all_heads if h not in ind]
         g = np.random.default_rng(cfg.seed)
-        sets = {"clean": [], "induction heads": ind, "other heads": others}
-        for r in range(n_random):
-            pick = g.choice(len(all_heads), size=len(ind), replace=False)
-            sets[f"random {r}"] = [all_heads[i] for i in pick]
+        sets: dict[str, list] = {"clean": [], "induction heads": ind, "all other heads": others}
+        if ind and len(others) >= len(ind):
+            for r in range(n_random):
+                pick = g.choice(len(others), size=len(ind), replace=False)
+                sets[f"random {r}"] = [others[i] for i in sorted(pick)]
         rows, by_index = [], []
-        clean = per_token_loss(model, windows, batch_size=32)
-        icl_clean = _icl(clean, early, late)
+        clean = per_token_loss(model, windows, batch_size=64)
+        c = per_window_icl(clean)
         for set_name, heads in sets.items():
-            abl = [PatternPreserving(ZeroAblation(heads))] if heads else None
-            losses = clean if not heads else per_token_loss(model, windows, abl, batch_size=32)
-            icl = _icl(losses, early, late)
-            group = "random" if set_name.startswith("random") else set_name
+            losses = clean if not heads else per_token_loss(model, windows, [PatternPreserving(ZeroAblation(heads))],
+                                                            batch_size=64)
+            abl = per_window_icl(losses)
+            share, share_se = share_removed(c, abl, cfg.seed) if heads else (0.0, 0.0)
+            group = "random (non-induction)" if set_name.startswith("random") else set_name
             rows.append({"model": name, "set": set_name, "group": group, "n_heads": len(heads),
-                         "heads": " ".join(map(str, heads)), "icl_score": icl,
-                         "icl_share_removed": (icl - icl_clean) / -icl_clean if icl_clean < 0 else float("nan"),
+                         "heads": " ".join(map(str, heads)), "icl_score": float(abl.mean()), "icl_sem": _sem(abl),
+                         "icl_change": float((abl - c).mean()), "icl_change_sem": _sem(abl - c),
+                         "icl_share_removed": share, "icl_share_removed_sem": share_se,
                          "val_loss": losses.mean().item()})
             n = losses.shape[0]
             by_index.append(pd.DataFrame({"model": name, "set": set_name, "group": group,
@@ -116,39 +146,56 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root:
         res.write("sets", pd.DataFrame(rows))
 
     if not res.has("attribution") and windows_table is not None and len(ckpts) >= 3:
-        res.write("attribution", _attribution(ckpts, cfg, name, windows, windows_table, n_attribution_ckpts,
+        res.write("attribution", _attribution(ckpts, cfg, name, windows[:256], windows_table, n_attribution_inside,
                                               device, progress))
     return res
 
 
-def _attribution(ckpts, cfg, name, windows, windows_table, n_pick, device, progress) -> pd.DataFrame:
-    """Before-and-after attribution of each head at a log-spaced selection of checkpoints."""
+def attribution_checkpoints(ckpts: list[Path], cfg: TrainConfig, start: float, end: float,
+                            n_inside: int) -> list[Path]:
+    """``n_inside`` checkpoints spread through [start, end] (all when fewer), plus two before and two
+    after the window (log-spaced), oldest first."""
+    tok = np.array([step_tokens(c, cfg)[1] for c in ckpts], dtype=float)
+    inside = np.flatnonzero((tok >= start) & (tok <= end))
+    pick = set(inside[np.unique(np.round(np.linspace(0, len(inside) - 1, min(n_inside, len(inside)))).astype(int))]
+               .tolist()) if len(inside) else set()
+    before = np.flatnonzero((tok < start) & (tok > 0))
+    after = np.flatnonzero(tok > end)
+    for side in (before, after):
+        if len(side):
+            pick |= set(side[np.unique(np.round(np.linspace(0, len(side) - 1, 2)).astype(int))].tolist())
+    return [ckpts[i] for i in sorted(pick)]
+
+
+def _attribution(ckpts, cfg, name, windows, windows_table, n_inside, device, progress) -> pd.DataFrame:
+    """Before-and-after attribution of each head at checkpoints through the ICL window."""
     from tqdm.auto import tqdm
 
     from interventions.primitives.sweep import ablation_sweep
 
     w = windows_table[windows_table.model == name].iloc[0]
-    steps = np.array([int(c.name.split("-")[1]) for c in ckpts])
-    tokens = steps * cfg.batch_size * cfg.n_ctx
-    start, end = w.window_start_tokens, w.window_end_tokens
+    start, end = w.icl_window_start_tokens, w.icl_window_end_tokens
     if not (np.isfinite(start) and np.isfinite(end)):
-        start, end = tokens[len(tokens) // 3], tokens[-1]
-    before = ckpts[int(np.searchsorted(tokens, start, side="right")) - 1 if tokens[0] <= start else 0]
-    after = ckpts[min(int(np.searchsorted(tokens, end)), len(ckpts) - 1)]
-    l_before = per_token_loss(load_model(before, device), windows, batch_size=32)
-    l_after = per_token_loss(load_model(after, device), windows, batch_size=32)
+        return pd.DataFrame(columns=["model", "step", "tokens", "layer", "head", "head_name", "attribution",
+                                     "in_window"])
+    before = [c for c in ckpts if step_tokens(c, cfg)[1] <= start][-1:] or ckpts[:1]
+    after = [c for c in ckpts if step_tokens(c, cfg)[1] >= end][:1] or ckpts[-1:]
+    l_before = window_losses(load_model(before[0], device), windows)
+    l_after = window_losses(load_model(after[0], device), windows)
     phase = l_after - l_before
     norm2 = (phase ** 2).sum().item()
-    pick = sorted(set(np.unique(np.round(np.linspace(0, len(ckpts) - 1, n_pick)).astype(int)).tolist()))
     rows = []
-    for i in tqdm(pick, desc=f"attribution {name}", disable=not progress):
-        model = load_model(ckpts[i], device)
+    for ckpt in tqdm(attribution_checkpoints(ckpts, cfg, start, end, n_inside), desc=f"attribution {name}",
+                     disable=not progress):
+        model = load_model(ckpt, device)
         a = get_adapter(model)
+        step, tokens = step_tokens(ckpt, cfg)
         _, delta = ablation_sweep(model, windows, kind="pattern")
         for j in range(a.n_layers * a.n_heads):
             layer, head = divmod(j, a.n_heads)
-            rows.append({"model": name, "step": int(steps[i]), "tokens": int(tokens[i]), "layer": layer,
+            rows.append({"model": name, "step": step, "tokens": tokens, "layer": layer,
                          "head": head, "head_name": f"L{layer}H{head}",
                          "attribution": -(delta[j] * phase).sum().item() / norm2,
-                         "before_step": int(before.name.split("-")[1]), "after_step": int(after.name.split("-")[1])})
+                         "in_window": bool(start <= tokens <= end),
+                         "before_step": step_tokens(before[0], cfg)[0], "after_step": step_tokens(after[0], cfg)[0]})
     return pd.DataFrame(rows)

@@ -46,6 +46,17 @@ def _read(root: Path, exp: str, table: str) -> pd.DataFrame | None:
         return None
 
 
+def _shade_window(ax, win, model="attn-2l", kind="icl", label=True):
+    """Grey span: ``model``'s ``kind`` window (10%-90% of the rise) if it has one."""
+    if win is None:
+        return
+    for r in win[win.model == model].itertuples():
+        s, e = getattr(r, f"{kind}_window_start_tokens"), getattr(r, f"{kind}_window_end_tokens")
+        if np.isfinite(s):
+            ax.axvspan(s, e, color="0.85" if kind == "icl" else "0.93", zorder=0,
+                       label=f"{model} {kind.upper() if kind == 'icl' else kind} window" if label else None)
+
+
 def fig_icl_over_training(root: Path, out: Path):
     import matplotlib.pyplot as plt
 
@@ -55,15 +66,16 @@ def fig_icl_over_training(root: Path, out: Path):
         return []
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
     ck = ck[ck.tokens > 0]
-    sns.lineplot(data=ck, x="tokens", y="icl_score", hue="model", ax=ax, marker="o", markersize=3)
-    if win is not None:
-        for r in win[win.model == "attn-2l"].itertuples():
-            if np.isfinite(r.window_start_tokens):
-                ax.axvspan(r.window_start_tokens, r.window_end_tokens, color="0.85", zorder=0,
-                           label="attn-2l phase change")
+    colors = dict(zip(ck.model.unique(), sns.color_palette(n_colors=ck.model.nunique())))
+    for model, d in ck.groupby("model", sort=False):
+        d = d.sort_values("tokens")
+        ax.plot(d.tokens, d.icl_score, color=colors[model], lw=1, label=model)
+        ax.fill_between(d.tokens, d.icl_score - d.icl_sem, d.icl_score + d.icl_sem, color=colors[model], alpha=0.2, lw=0)
+    _shade_window(ax, win)
+    ax.axhline(0, color="k", lw=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("ICL score (nats)\nloss[late] - loss[early]")
+    ax.set_ylabel("ICL score (nats; band = 1 s.e.)\nloss[late] - loss[early]")
     ax.legend(frameon=False, ncol=2)
     return _save(fig, out, "icl_over_training")
 
@@ -142,10 +154,18 @@ def fig_pca(root: Path, out: Path):
     if pca is None or pca.empty:
         return []
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
-    for model, d in pca.groupby("model"):
-        d = d.sort_values("step")
-        ax.plot(d.pc1, d.pc2, marker="o", markersize=2, lw=1, label=model)
+    win = _read(root, "phase_change", "windows")
+    ref = win[win.model == "attn-2l"] if win is not None else None
+    for model, d in pca.groupby("model", sort=False):
+        d = d[d.tokens > 0].sort_values("step")
+        line, = ax.plot(d.pc1, d.pc2, marker="o", markersize=1.5, lw=0.8, label=model)
         ax.annotate("end", (d.pc1.iloc[-1], d.pc2.iloc[-1]), fontsize=6)
+        if ref is not None and len(ref) and np.isfinite(ref.icl_window_start_tokens.iloc[0]):
+            for t, mk in ((ref.icl_window_start_tokens.iloc[0], ">"), (ref.icl_window_end_tokens.iloc[0], "s")):
+                if d.tokens.max() >= t:
+                    j = int(np.argmin(np.abs(np.log(d.tokens.to_numpy()) - np.log(t))))
+                    ax.plot(d.pc1.iloc[j], d.pc2.iloc[j], mk, color=line.get_color(), markersize=5, mec="k", mew=0.5)
+    ax.set_title("triangle / square: attn-2l ICL window start / end", fontsize=7)
     ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
     ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
     ax.legend(frameon=False)
@@ -160,7 +180,7 @@ def fig_ablation_by_index(root: Path, out: Path, model: str = "attn-2l"):
     if sets is None:
         return []
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
-    sub = sets[sets.group.isin(["clean", "induction heads", "other heads", "random"])].copy()
+    sub = sets[sets.group.isin(["clean", "induction heads", "random (non-induction)"])].copy()
     # single-token losses are noisy: average within ~24 log-spaced bins of token index
     edges = np.unique(np.round(np.logspace(0, np.log10(sub.token_index.max() + 1), 25)).astype(int))
     sub["bin"] = pd.cut(sub.token_index, edges, right=False, labels=False)
@@ -171,7 +191,8 @@ def fig_ablation_by_index(root: Path, out: Path, model: str = "attn-2l"):
     ax.set_xscale("log")
     ax.set_xlabel("token index (tokens of context)")
     ax.set_ylabel("loss (nats, log-binned)")
-    ax.set_title(f"{model}: pattern-preserving ablation (random: 10 draws, 95% CI)")
+    n_random = sets[sets.group == "random (non-induction)"].set.nunique()
+    ax.set_title(f"{model}: pattern-preserving ablation (random: {n_random} draws, 95% CI)")
     ax.legend(frameon=False)
     return _save(fig, out, f"ablation_loss_by_index_{model}")
 
@@ -201,16 +222,60 @@ def fig_attribution(root: Path, out: Path, model: str = "attn-2l"):
     import matplotlib.pyplot as plt
 
     sns = style()
-    at = _read(root, f"ablations_{model}", "attribution")
+    at, win = _read(root, f"ablations_{model}", "attribution"), _read(root, "phase_change", "windows")
     if at is None or at.empty:
         return []
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    _shade_window(ax, win, model)
     sns.lineplot(data=at, x="tokens", y="attribution", hue="head_name", ax=ax, marker="o", markersize=3)
+    ax.axhline(0, color="k", lw=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("before-and-after attribution\n(fraction of phase-change loss drop)")
+    ax.set_title(f"{model}: {int(at[at.in_window].tokens.nunique())} checkpoints inside the ICL window")
     ax.legend(frameon=False, ncol=2)
     return _save(fig, out, f"attribution_over_training_{model}")
+
+
+def fig_loss_heatmap(root: Path, out: Path):
+    """Loss by token index over training (the paper's heatmap) and its derivative against log tokens."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm  # noqa: F401  (kept for users switching the colour scale)
+
+    style()
+    lbi, win = _read(root, "phase_change", "loss_by_index"), _read(root, "phase_change", "windows")
+    if lbi is None or lbi.empty:
+        return []
+    models = list(lbi.model.unique())
+    fig, axes = plt.subplots(len(models), 2, figsize=(2 * COLUMN_WIDTH, 1.7 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        d = lbi[(lbi.model == model) & (lbi.tokens > 0)]
+        edges = np.unique(np.round(np.logspace(0, np.log10(d.token_index.max() + 1), 30)).astype(int))
+        d = d.assign(bin=pd.cut(d.token_index, edges, right=False, labels=edges[:-1]))
+        m = d.groupby(["bin", "tokens"], observed=True).loss.mean().unstack("tokens")  # (index bin, tokens)
+        tok = m.columns.to_numpy(dtype=float)
+        deriv = np.gradient(m.to_numpy(), np.log10(tok), axis=1)
+        y = m.index.to_numpy(dtype=float)
+        for ax, z, label, cmap in ((row[0], m.to_numpy(), "loss (nats)", "viridis"),
+                                   (row[1], deriv, "d loss / d log10 tokens", "RdBu_r")):
+            kw = {}
+            if cmap == "RdBu_r":
+                v = np.nanpercentile(np.abs(deriv), 98)
+                kw = dict(vmin=-v, vmax=v)
+            im = ax.pcolormesh(tok, y, z, cmap=cmap, shading="nearest", **kw)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            fig.colorbar(im, ax=ax, label=label)
+            if win is not None:
+                for r in win[win.model == model].itertuples():
+                    for t in (r.icl_window_start_tokens, r.icl_window_end_tokens):
+                        if np.isfinite(t):
+                            ax.axvline(t, color="w" if cmap == "viridis" else "k", lw=0.8, ls="--")
+            ax.set_xlabel("training tokens")
+            ax.set_ylabel(f"{model}\ntoken index")
+    axes[0][0].set_title("loss by token index (dashed: ICL window)")
+    axes[0][1].set_title("its derivative over training")
+    return _save(fig, out, "loss_by_index_over_training")
 
 
 def fig_smear(root: Path, out: Path):
@@ -255,30 +320,76 @@ def fig_patching(root: Path, out: Path, model: str = "attn-2l"):
 
 
 def fig_mosaic(root: Path, out: Path):
+    """Induction score of every head of every surveyed model: each model its own block of rows (one
+    per layer, labelled), blocks packed into columns, so 4 or 40 models stay legible."""
     import matplotlib.pyplot as plt
 
-    sns = style()
+    style()
     sv = _read(root, "survey", "induction_scores")
     if sv is None or sv.empty:
         return []
     models = list(sv.model.unique())
-    fig, axes = plt.subplots(1, len(models), figsize=(max(COLUMN_WIDTH, 1.6 * len(models)), 1.8), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        m = sv[sv.model == model].pivot(index="layer", columns="head", values="score")
-        sns.heatmap(m, ax=ax, vmin=0, vmax=1, cmap="viridis", cbar=ax is axes[0][-1],
-                    cbar_kws={"label": "induction score"})
-        ax.set_title(model)
-        ax.set_ylabel("layer" if ax is axes[0][0] else "")
+    mats = {m: sv[sv.model == m].pivot(index="layer", columns="head", values="score") for m in models}
+    n_cols = max(1, min(4, int(np.ceil(np.sqrt(len(models) / 2)))))
+    total = sum(len(m) + 1.2 for m in mats.values())  # rows incl. a title row per model
+    per_col = total / n_cols
+    columns, cur, acc = [[]], 0.0, 0.0
+    for name in models:
+        h = len(mats[name]) + 1.2
+        if acc + h > per_col * 1.05 and columns[-1]:
+            columns.append([])
+            acc = 0.0
+        columns[-1].append(name)
+        acc += h
+    rows_max = max(sum(len(mats[n]) + 1.2 for n in col) for col in columns)
+    row_in = 0.22  # inches per layer row
+    width = 2.4 * len(columns) + 0.8
+    fig = plt.figure(figsize=(width, max(1.6, rows_max * row_in + 0.6)))
+    top = 1 - 0.3 / (rows_max * row_in + 0.6)
+    scale = (top - 0.02) / rows_max
+    im = None
+    for ci, col in enumerate(columns):
+        y = top
+        for name in col:
+            m = mats[name]
+            h = len(m) * scale
+            ax = fig.add_axes([0.06 + ci * (2.4 / width), y - h - 0.9 * scale, 1.9 / width, h])
+            im = ax.imshow(m.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+            ax.set_yticks(range(len(m)), [f"L{i}" for i in m.index], fontsize=6)
+            ax.set_xticks(range(m.shape[1]) if m.shape[1] <= 16 else [], [str(c) for c in m.columns]
+                          if m.shape[1] <= 16 else [], fontsize=5)
+            ax.set_title(name, fontsize=7, loc="left", pad=2)
+            y -= h + 1.2 * scale
+    cax = fig.add_axes([1 - 0.25 / width, 0.1, 0.08 / width, 0.8])
+    fig.colorbar(im, cax=cax, label="induction score")
     return _save(fig, out, "induction_mosaic")
 
 
-ALL = [fig_training_curves, fig_icl_over_training, fig_loss_curves, fig_head_scores, fig_pca, fig_ablation_by_index,
-       fig_ablation_heatmap, fig_attribution, fig_smear, fig_patching, fig_mosaic]
+ALL = [fig_icl_over_training, fig_loss_curves, fig_pca, fig_smear, fig_loss_heatmap, fig_mosaic]
+PER_MODEL = [fig_training_curves, fig_head_scores]  # every model in the phase-change tables
+PER_ABLATED = [fig_ablation_by_index, fig_ablation_heatmap, fig_attribution]  # every model with ablation tables
+PER_CIRCUIT = [fig_patching]
+
+
+def _models_with(root: Path, prefix: str) -> list[str]:
+    """Models that have an experiment folder ``<prefix>_<model>`` (read only: nothing is created)."""
+    return sorted(p.name[len(prefix) + 1:] for p in root.glob(f"{prefix}_*") if p.is_dir())
 
 
 def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
-    """Every figure whose result tables exist. Returns the written paths."""
+    """Every figure whose result tables exist, for every model present. Returns the written paths."""
+    root, out = Path(results_root), Path(out)
     paths = []
     for fn in ALL:
-        paths += fn(Path(results_root), Path(out))
+        paths += fn(root, out)
+    ck = _read(root, "phase_change", "checkpoints")
+    for model in (list(ck.model.unique()) if ck is not None else []):
+        for fn in PER_MODEL:
+            paths += fn(root, out, model)
+    for model in _models_with(root, "ablations"):
+        for fn in PER_ABLATED:
+            paths += fn(root, out, model)
+    for model in _models_with(root, "circuit"):
+        for fn in PER_CIRCUIT:
+            paths += fn(root, out, model)
     return paths

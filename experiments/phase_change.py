@@ -1,37 +1,97 @@
 """Argument 1 (phase change) and the per-token-loss analysis, measured at every checkpoint.
 
-For each model of the zoo and each of its checkpoints: validation loss, ICL score (with standard
-error), loss by token index, head scores (induction, prefix matching, previous token), and the
-per-token losses on a fixed set of (window, position) pairs. Then, per model: the phase-change
-window (where the best head's induction score rises fastest against log tokens) and the loss-curve
-bump (the stretch where the loss, against log tokens, bends downwards: the non-convex stretch).
+For each model of the zoo and each of its checkpoints (in parallel worker processes): validation
+loss, ICL score with its standard error, loss by token index, head scores, and per-token losses on a
+fixed set of (example, token) pairs, one token per example. Then, per model:
 
-Tables (``results/<run>/phase_change/``): ``checkpoints`` (model x step), ``loss_by_index`` (model x
-step x token_index), ``head_scores`` (model x step x layer x head x score), ``windows`` (model:
-phase-change window and bump), ``pca`` (model x step: PC1, PC2 of per-token losses).
+* **windows** of the phase change, each the 10% -> 90% stretch of one rise (no padding), interpolated
+  in log tokens between checkpoints: ``icl_*`` from the ICL score (the paper's definition: where it
+  falls, i.e. where its derivative is large) and ``induction_*`` from the best head's induction score.
+  Each says whether it ends inside the run and how many checkpoints it holds.
+* **precise ICL** (``icl_precise``): the ICL score on ``N_PRECISE`` windows at the checkpoints just
+  before and after the ICL window, at 80% of the run and at its end (s.e. <= 0.04 nats).
+* **bump**: the non-convex stretch of the validation loss against log tokens (the detector's output
+  for every model; see ``detect_bump``).
+* **PCA** of the per-token-loss vectors, all models' checkpoints projected jointly, fit on
+  checkpoints after warm-up (before it, PC1 is just the fall from the uniform distribution), and
+  the angle by which each trajectory turns at attn-2l's ICL window.
+* **transient**: attention entropy against token position and loss by token index at the early
+  checkpoints where the ICL score turns positive (what causes that +0.2-nat bump).
+
+ICL score: ``analysis.metrics.icl_from_losses`` with ``icl_band`` (mean loss of tokens 245-255 minus
+that of tokens 20-30 at context 256, per window, then averaged; paired s.e. over windows); the
+trainer's log uses the same definition on the same first windows, so the two agree.
+
+Tables (``results/<run>/phase_change/``): ``checkpoints``, ``loss_by_index``, ``head_scores``,
+``windows``, ``icl_precise``, ``pca``, ``pca_turn``, ``transient``, ``training``.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from interventions.primitives.loss import loss_by_position, per_token_loss
-from interventions.analysis.metrics import icl_from_losses, icl_indices
+from interventions.analysis.metrics import icl_band, icl_from_losses, icl_indices
+from interventions.primitives.loss import loss_by_position, loss_from_logits
 from interventions.zoo.train import TrainConfig, build_source, list_checkpoints, load_model
 
 from .common import Results
 
-N_PCA_WINDOWS = 16
-MIN_RISE = 0.1  # induction-score rise (attention share) below which no phase-change window is reported  # windows whose per-token losses enter the PCA (x every position)
+N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows
+N_PRECISE = 2048  # windows for the before/after/plateau ICL points (s.e. ~0.02-0.03 nats)
+MIN_INDUCTION_RISE = 0.1  # best induction score (attention share) must rise this much for a window
+MIN_ICL_DROP = 0.15  # nats: smaller ICL changes are not called a phase change (cf. the paper's ~0.4)
+PCA_FIT_FROM_TOKENS = 1_000_000  # PCs fit on checkpoints after warm-up
+
+
+def run_config(run: Path) -> TrainConfig:
+    return TrainConfig.from_dict(json.loads((Path(run) / "train_config.json").read_text()))
+
+
+def step_tokens(ckpt: Path, cfg: TrainConfig) -> tuple[int, int]:
+    step = int(ckpt.name.split("-")[1])
+    return step, step * cfg.batch_size * cfg.n_ctx
 
 
 def eval_windows(cfg: TrainConfig, n: int) -> torch.Tensor:
+    """The run's validation windows: the first ``cfg.n_eval_windows`` are those the trainer logs on."""
     source, _, _ = build_source(cfg)
-    return source.eval_windows(n, cfg.n_ctx, seed=cfg.seed + 1)
+    return source.eval_windows(n, cfg.n_ctx, seed=cfg.seed)
+
+
+def pca_pairs(cfg: TrainConfig, n: int = N_PCA_PAIRS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(windows (n, n_ctx), targets (n,)): one token index in [1, n_ctx) per separate window."""
+    source, _, _ = build_source(cfg)
+    windows = source.eval_windows(n, cfg.n_ctx, seed=cfg.seed + 1)
+    g = np.random.default_rng([cfg.seed, 7])
+    return windows, torch.from_numpy(g.integers(1, cfg.n_ctx, size=n))
+
+
+@torch.no_grad()
+def window_losses(model, windows: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """(n, pos-1) per-token losses by plain forwards (clean runs need no tracing)."""
+    return torch.cat([loss_from_logits(model(x).logits, x) for x in windows.split(batch_size)])
+
+
+@torch.no_grad()
+def pair_losses(model, windows: torch.Tensor, targets: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Loss of token ``targets[i]`` of window i (predicted from the tokens before it), (n,).
+
+    Windows are cut after their target (causal attention: later tokens cannot change it) and run
+    in batches of similar length, so the cost is ~half of full windows."""
+    order = torch.argsort(targets)
+    out = torch.empty(len(targets))
+    for idx in order.split(batch_size):
+        t = targets[idx]
+        x = windows[idx, : int(t.max()) + 1]
+        lp = torch.log_softmax(model(x).logits.float(), -1)  # (b, L, vocab)
+        out[idx] = -lp[torch.arange(len(idx)), t - 1, x[torch.arange(len(idx)), t]]
+    return out.numpy()
 
 
 def probe_kwargs(model) -> dict:
@@ -50,61 +110,138 @@ def probe_kwargs(model) -> dict:
     return kw
 
 
-def head_score_rows(model, windows: torch.Tensor, seed: int = 0) -> pd.DataFrame:
-    """Induction, prefix-matching, copying and previous-token scores of every head (long format)."""
+def head_score_frame(model, windows: torch.Tensor, seed: int = 0) -> pd.DataFrame:
+    """Every score of every head (wide: one row per head), with the library's probe settings."""
     from interventions.analysis import scores
 
-    df = scores.head_scores(model, windows=windows[:16], seed=seed, **probe_kwargs(model))
+    return scores.head_scores(model, windows=windows[:16], seed=seed, **probe_kwargs(model))
+
+
+def induction_heads_of(model, windows: torch.Tensor, seed: int = 0) -> list:
+    """The induction heads by the library's one rule (``classify_induction_heads``: prefix matching
+    and copying, as the paper defines them)."""
+    from interventions import Head
+    from interventions.analysis import scores
+
+    df = scores.classify_induction_heads(head_score_frame(model, windows, seed))
+    return [Head(int(r.layer), int(r.head)) for r in df[df.is_induction].itertuples()]
+
+
+def head_score_rows(model, windows: torch.Tensor, seed: int = 0) -> pd.DataFrame:
+    """Induction, prefix-matching, copying and previous-token scores of every head (long format)."""
+    df = head_score_frame(model, windows, seed)
     keep = [c for c in ("induction", "prefix_matching", "previous_token", "copying", "duplicate_token")
             if c in df.columns]
     return df.melt(id_vars=["layer", "head"], value_vars=keep, var_name="score", value_name="value")
 
 
-def evaluate_checkpoint(model, windows: torch.Tensor, batch_size: int = 32, seed: int = 0):
-    losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos-1)
-    icl = icl_from_losses(losses, *icl_indices(windows.shape[1]))
-    row = {"val_loss": losses.mean().item(), "icl_score": icl["icl_score"], "icl_sem": icl["sem"],
-           "icl_early": icl["early"], "icl_late": icl["late"]}
-    by_index = loss_by_position(losses).drop(columns="n")
-    return row, by_index, head_score_rows(model, windows, seed), losses[:N_PCA_WINDOWS].flatten().numpy()
+def icl_row(losses: torch.Tensor) -> dict:
+    """ICL score (banded, the experiments' definition) and the paper's single-token score, with s.e."""
+    pos = losses.shape[1] + 1
+    early, late = icl_indices(pos)
+    b, s = icl_from_losses(losses, early, late, icl_band(pos)), icl_from_losses(losses, early, late)
+    return {"icl_score": b["icl_score"], "icl_sem": b["sem"], "icl_early": b["loss_early"],
+            "icl_late": b["loss_late"], "icl_single": s["icl_score"], "icl_single_sem": s["sem"], "icl_n": b["n"]}
 
 
-def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int = 128, device: str = "cpu",
-                     progress: bool = True) -> Results:
-    """Evaluate every checkpoint of every run (skipping models already done) and detect windows."""
+# ----------------------------------------------------------------------------- per-checkpoint work
+
+def _eval_chunk(job) -> list[dict]:
+    """Worker: evaluate some checkpoints of one run. Returns one dict of results per checkpoint."""
+    run, ckpts, n_windows, with_pca, device, threads = job
+    torch.set_num_threads(threads)
+    cfg = run_config(Path(run))
+    windows = eval_windows(cfg, n_windows)
+    pw, pt = pca_pairs(cfg) if with_pca else (None, None)
+    out = []
+    for ckpt in ckpts:
+        ckpt = Path(ckpt)
+        step, tokens = step_tokens(ckpt, cfg)
+        model = load_model(ckpt, device)
+        losses = window_losses(model, windows.to(device)).cpu()
+        out.append({"step": step, "tokens": tokens, "val_loss": losses.mean().item(), **icl_row(losses),
+                    "by_index": loss_by_position(losses).drop(columns="n"),
+                    "heads": head_score_rows(model, windows, cfg.seed),
+                    "pca": pair_losses(model, pw.to(device), pt.to(device)) if with_pca else None})
+    return out
+
+
+def _pool_map(fn, jobs: list, workers: int, progress: bool, desc: str, total: int):
+    """Run ``fn`` over ``jobs`` (in spawned processes when workers > 1), with one progress bar."""
     from tqdm.auto import tqdm
 
+    bar = tqdm(total=total, desc=desc, disable=not progress, unit="ckpt")
+    results = []
+    if workers <= 1:
+        for job in jobs:
+            r = fn(job)
+            bar.update(len(r))
+            results.append(r)
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for r in pool.imap(fn, jobs):
+                bar.update(len(r))
+                results.append(r)
+    bar.close()
+    return results
+
+
+def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int = 256, device: str = "cpu",
+                     progress: bool = True, workers: int | None = None, n_precise: int = N_PRECISE) -> Results:
+    """Evaluate every checkpoint of every run (skipping models already done), then windows, precise
+    ICL points, PCA and the transient."""
+    from .zoo import default_workers
+
+    workers = workers or default_workers(device)
     res = Results(results_root, "phase_change")
-    res.write_provenance({"runs": {k: str(v) for k, v in runs.items()}, "n_windows": n_windows})
-    for name, run in runs.items():
-        table = f"checkpoints_{name}"
-        if res.has(table):
-            continue
-        cfg = TrainConfig.from_dict(__import__("json").loads((run / "train_config.json").read_text()))
-        windows = eval_windows(cfg, n_windows)
-        rows, by_idx, heads, vectors = [], [], [], []
-        ckpts = list_checkpoints(run)
-        for ckpt in tqdm(ckpts, desc=f"evaluate {name}", disable=not progress):
-            step = int(ckpt.name.split("-")[1])
-            tokens = step * cfg.batch_size * cfg.n_ctx
-            model = load_model(ckpt, device)
-            row, bi, hs, vec = evaluate_checkpoint(model, windows, seed=cfg.seed)
-            rows.append({"model": name, "step": step, "tokens": tokens, **row})
-            by_idx.append(bi.assign(model=name, step=step, tokens=tokens))
-            heads.append(hs.assign(model=name, step=step, tokens=tokens))
-            vectors.append(vec)
-        res.write(f"loss_by_index_{name}", pd.concat(by_idx))
-        res.write(f"head_scores_{name}", pd.concat(heads))
-        np.save(res.dir / f"per_token_losses_{name}.npy", np.stack(vectors))
-        res.write(table, pd.DataFrame(rows))  # written last: marks the model done
+    res.write_provenance({"runs": {k: str(v) for k, v in runs.items()}, "n_windows": n_windows,
+                          "n_precise": n_precise, "n_pca_pairs": N_PCA_PAIRS})
+    todo = [name for name in runs if not res.has(f"checkpoints_{name}")]
+    jobs, owners = [], []
+    threads = 1 if workers > 1 else 0
+    for name in todo:
+        ckpts = [str(c) for c in list_checkpoints(runs[name])]
+        if not ckpts:
+            raise ValueError(f"run {runs[name]} has no complete checkpoint: train it first")
+        n_chunks = max(1, min(len(ckpts), 2 * workers))
+        for chunk in np.array_split(np.array(ckpts), n_chunks):
+            jobs.append((str(runs[name]), list(chunk), n_windows, True, device, threads or torch.get_num_threads()))
+            owners.append(name)
+    if jobs:
+        results = _pool_map(_eval_chunk, jobs, workers, progress, "evaluate checkpoints",
+                            sum(len(j[1]) for j in jobs))
+        for name in todo:
+            rows = [r for owner, chunk in zip(owners, results) if owner == name for r in chunk]
+            rows.sort(key=lambda r: r["step"])
+            meta = dict(model=name)
+            res.write(f"loss_by_index_{name}", pd.concat([r["by_index"].assign(model=name, step=r["step"],
+                                                                                tokens=r["tokens"]) for r in rows]))
+            res.write(f"head_scores_{name}", pd.concat([r["heads"].assign(model=name, step=r["step"],
+                                                                           tokens=r["tokens"]) for r in rows]))
+            np.save(res.dir / f"per_token_losses_{name}.npy", np.stack([r["pca"] for r in rows]))
+            table = pd.DataFrame([{**meta, **{k: v for k, v in r.items() if k not in ("by_index", "heads", "pca")}}
+                                  for r in rows])
+            res.write(f"checkpoints_{name}", table)  # written last: marks the model done
     ck = pd.concat([res.read(f"checkpoints_{n}") for n in runs])
     hs = pd.concat([res.read(f"head_scores_{n}") for n in runs])
     res.write("checkpoints", ck)
     res.write("head_scores", hs)
     res.write("loss_by_index", pd.concat([res.read(f"loss_by_index_{n}") for n in runs]))
-    res.write("windows", detect_windows(ck, hs))
     res.write("training", training_table(runs))
-    res.write("pca", pca_trajectories({n: np.load(res.dir / f"per_token_losses_{n}.npy") for n in runs}, ck))
+    win = detect_windows(ck, hs)
+    if not res.has("icl_precise"):
+        res.write("icl_precise", precise_icl(runs, win, n_precise, device))
+    win = add_plateau(win, res.read("icl_precise"))
+    res.write("windows", win)
+    vectors = {n: np.load(res.dir / f"per_token_losses_{n}.npy", allow_pickle=False) for n in runs}
+    pca = pca_trajectories(vectors, ck)
+    res.write("pca", pca)
+    ref = win[win.model == "attn-2l"] if "attn-2l" in set(win.model) else win.iloc[:0]
+    res.write("pca_turn", pca_turns(pca, ref))
+    if not res.has("transient"):
+        res.write("transient", transient_table(runs, ck, device))
     return res
 
 
@@ -123,75 +260,263 @@ def training_table(runs: dict[str, Path]) -> pd.DataFrame:
     return pd.concat(frames)
 
 
-def _fastest_rise(x: np.ndarray, y: np.ndarray, frac: float = 0.5) -> tuple[float, float, float]:
-    """(start, end, peak) in x of the contiguous stretch around the steepest rise of y(x) where the
-    slope stays above ``frac`` of its maximum. x should be log10 tokens; y lightly smoothed first."""
-    if len(x) < 4:
-        return (float("nan"),) * 3
-    ys = np.convolve(np.pad(y, 1, mode="edge"), np.ones(3) / 3, mode="valid")
+# ----------------------------------------------------------------------------- windows and bump
+
+def _smooth(y: np.ndarray) -> np.ndarray:
+    """3-point moving average (edges padded): single-checkpoint noise must not set a window."""
+    return np.convolve(np.pad(y, 1, mode="edge"), np.ones(3) / 3, mode="valid") if len(y) >= 3 else y
+
+
+def _crossing(x: np.ndarray, y: np.ndarray, i: int, j: int, level: float) -> float:
+    """x where y crosses ``level`` between points i and j (linear in x = log tokens)."""
+    if y[j] == y[i]:
+        return float(x[j])
+    return float(x[i] + (level - y[i]) * (x[j] - x[i]) / (y[j] - y[i]))
+
+
+def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float) -> dict:
+    """The 10% -> 90% stretch of the steepest rise of ``y`` against log tokens.
+
+    The rise runs from the lowest (smoothed) value before the point of steepest slope to the highest
+    after it; the window is where the curve first passes 10% and then 90% of that rise (linear
+    interpolation in log tokens), so it is not padded to checkpoints. No window (NaNs) when the rise
+    is below ``min_rise``. ``ends_inside``: the run goes on past the window's end for at least half
+    the window's own width (in log tokens), so a plateau after it was observed; a curve still rising
+    at the end of the run has its 90% point too close to the end.
+
+    >>> t = np.array([1e6, 2e6, 4e6, 8e6, 16e6, 32e6]); y = np.array([0, 0, 0.1, 0.9, 1, 1.0])
+    >>> w = rise_window(t, y, 0.5); round(w["start_tokens"] / 1e6, 1), round(w["end_tokens"] / 1e6, 1)
+    (2.6, 9.1)
+    """
+    nan = {"start_tokens": math.nan, "end_tokens": math.nan, "peak_tokens": math.nan, "rise": 0.0,
+           "from": math.nan, "to": math.nan, "n_checkpoints": 0, "ends_inside": False}
+    if len(tokens) < 4:
+        return nan
+    x = np.log10(tokens.astype(float))
+    ys = _smooth(np.asarray(y, dtype=float))
     slope = np.gradient(ys, x)
     i = int(np.argmax(slope))
-    if slope[i] <= 0:
-        return (float("nan"),) * 3
-    lo = hi = i
-    while lo > 0 and slope[lo - 1] >= frac * slope[i]:
+    lo_i = int(np.argmin(ys[: i + 1]))
+    hi_i = i + int(np.argmax(ys[i:]))
+    lo, hi = ys[lo_i], ys[hi_i]
+    if slope[i] <= 0 or hi - lo < min_rise:
+        return {**nan, "rise": float(max(hi - lo, 0.0))}
+    l10, l90 = lo + 0.1 * (hi - lo), lo + 0.9 * (hi - lo)
+    a = i
+    while a > lo_i and ys[a] > l10:  # walk back to the last point at or below 10%
+        a -= 1
+    b = max(i, a)
+    while b < hi_i and ys[b] < l90:  # walk forward to the first point at or above 90%
+        b += 1
+    start = _crossing(x, ys, a, a + 1, l10) if ys[a] <= l10 < ys[a + 1] else float(x[a])
+    end = _crossing(x, ys, b - 1, b, l90) if b > 0 and ys[b - 1] < l90 <= ys[b] else float(x[b])
+    inside = int(((x >= start) & (x <= end)).sum())
+    return {"start_tokens": 10 ** start, "end_tokens": 10 ** end, "peak_tokens": float(10 ** x[i]),
+            "rise": float(hi - lo), "from": float(lo), "to": float(hi), "n_checkpoints": inside,
+            "ends_inside": bool(x[-1] - end >= 0.5 * (end - start))}
+
+
+def detect_bump(tokens: np.ndarray, loss: np.ndarray, after_fraction: float = 0.05) -> dict:
+    """The loss curve's non-convex stretch: where validation loss against log tokens bends downwards
+    (second difference < 0 after 3-point smoothing), the most concave stretch after ``after_fraction``
+    of the run (the initial fall from uniform is excluded). ``depth`` is how far (nats) the stretch
+    lies below the chord between its ends... negative means above it; a real bump has depth > 0.
+
+    Reported for every model: a detector that also fires on a model without a phase change (e.g. on
+    noise) says how much the bump of another model means."""
+    if len(tokens) < 5:
+        return {"bump": False, "bump_start_tokens": math.nan, "bump_end_tokens": math.nan, "bump_curvature": math.nan}
+    x = np.log10(tokens.astype(float))
+    ys = _smooth(loss.astype(float))
+    curv = np.gradient(np.gradient(ys, x), x)
+    first = int(np.searchsorted(x, x[-1] + np.log10(after_fraction)))
+    j = first + int(np.argmin(curv[first:]))
+    if curv[j] >= 0:
+        return {"bump": False, "bump_start_tokens": math.nan, "bump_end_tokens": math.nan,
+                "bump_curvature": float(curv[j])}
+    lo = hi = j
+    while lo > first and curv[lo - 1] < 0:
         lo -= 1
-    while hi < len(x) - 1 and slope[hi + 1] >= frac * slope[i]:
+    while hi < len(x) - 1 and curv[hi + 1] < 0:
         hi += 1
-    return float(x[max(lo - 1, 0)]), float(x[min(hi + 1, len(x) - 1)]), float(x[i])
+    return {"bump": True, "bump_start_tokens": float(10 ** x[lo]), "bump_end_tokens": float(10 ** x[hi]),
+            "bump_curvature": float(curv[j])}
 
 
 def detect_windows(checkpoints: pd.DataFrame, head_scores: pd.DataFrame) -> pd.DataFrame:
-    """Per model: the phase-change window (steepest rise of the best induction score; also of -ICL)
-    and the loss bump (where loss against log tokens is most concave), in tokens."""
+    """Per model: the ICL window (10-90% of the ICL score's fall), the induction window (10-90% of the
+    best head's induction-score rise), the loss bump, and where the run ends."""
     rows = []
-    for model, ck in checkpoints.groupby("model"):
+    for model, ck in checkpoints.groupby("model", sort=False):
         ck = ck[ck.tokens > 0].sort_values("tokens")
-        x = np.log10(ck.tokens.to_numpy(dtype=float))
+        t = ck.tokens.to_numpy()
         ind = (head_scores[(head_scores.model == model) & (head_scores.score == "induction")]
-               .groupby("tokens").value.max().reindex(ck.tokens).to_numpy())
-        ind = np.nan_to_num(ind)
-        # no window when the best induction score never rises by MIN_RISE (e.g. a vanilla 1-layer model)
-        s, e, p = _fastest_rise(x, ind) if ind.max() - ind[0] >= MIN_RISE else (float("nan"),) * 3
-        si, ei, pi = _fastest_rise(x, -ck.icl_score.to_numpy())
-        # bump: concave stretch of loss(log tokens) after warm-up (second difference < 0)
-        loss = np.convolve(np.pad(ck.val_loss.to_numpy(), 1, mode="edge"), np.ones(3) / 3, mode="valid")
-        curv = np.gradient(np.gradient(loss, x), x)
-        # ignore the initial fall from uniform: only checkpoints past 5% of the run's tokens
-        half = int(np.searchsorted(x, x[-1] + np.log10(0.05)))
-        j = half + int(np.argmin(curv[half:])) if len(x) > 3 else 0
-        bump = curv[j] < 0
-        lo = hi = j
-        while bump and lo > half and curv[lo - 1] < 0:
-            lo -= 1
-        while bump and hi < len(x) - 1 and curv[hi + 1] < 0:
-            hi += 1
-        final_ind = float(np.nan_to_num(ind)[-1]) if len(ind) else float("nan")
-        rows.append({"model": model, "window_start_tokens": 10 ** s, "window_end_tokens": 10 ** e,
-                     "window_peak_tokens": 10 ** p, "icl_window_start_tokens": 10 ** si,
-                     "icl_window_end_tokens": 10 ** ei, "bump": bool(bump),
-                     "bump_start_tokens": 10 ** x[lo] if bump else float("nan"),
-                     "bump_end_tokens": 10 ** x[hi] if bump else float("nan"),
-                     "final_max_induction": final_ind, "final_icl": float(ck.icl_score.iloc[-1])})
+               .groupby("tokens").value.max().reindex(ck.tokens).fillna(0).to_numpy())
+        w_icl = rise_window(t, -ck.icl_score.to_numpy(), MIN_ICL_DROP)
+        w_ind = rise_window(t, ind, MIN_INDUCTION_RISE)
+        rows.append({"model": model, "run_tokens": int(t[-1]),
+                     **{f"icl_window_{k}": v for k, v in w_icl.items()},
+                     **{f"induction_window_{k}": v for k, v in w_ind.items()},
+                     **detect_bump(t, ck.val_loss.to_numpy()),
+                     "final_induction_score": float(ind[-1]), "final_icl": float(ck.icl_score.iloc[-1]),
+                     "final_icl_sem": float(ck.icl_sem.iloc[-1])})
     return pd.DataFrame(rows)
 
 
-def pca_trajectories(vectors: dict[str, np.ndarray], checkpoints: pd.DataFrame) -> pd.DataFrame:
-    """Project every checkpoint's per-token-loss vector (all models jointly) on 2 principal components."""
+def _at_or_before(ckpts: list[Path], cfg: TrainConfig, tokens: float) -> Path:
+    before = [c for c in ckpts if step_tokens(c, cfg)[1] <= tokens]
+    return before[-1] if before else ckpts[0]
+
+
+def _at_or_after(ckpts: list[Path], cfg: TrainConfig, tokens: float) -> Path:
+    after = [c for c in ckpts if step_tokens(c, cfg)[1] >= tokens]
+    return after[0] if after else ckpts[-1]
+
+
+def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: str) -> pd.DataFrame:
+    """ICL on ``n`` windows at: the checkpoint at/before the ICL window's start ("before"), at/after its
+    end ("after"), at 80% of the run ("at_80pct") and the last ("final"). Paired differences between
+    points on the same windows ("*_minus_*" rows) have their own, smaller s.e."""
+    rows = []
+    for name, run in runs.items():
+        cfg = run_config(run)
+        ckpts = list_checkpoints(run)
+        w = windows[windows.model == name].iloc[0]
+        points = {"at_80pct": _at_or_before(ckpts, cfg, 0.8 * step_tokens(ckpts[-1], cfg)[1]), "final": ckpts[-1]}
+        if np.isfinite(w.icl_window_start_tokens):
+            points = {"before": _at_or_before(ckpts, cfg, w.icl_window_start_tokens),
+                      "after": _at_or_after(ckpts, cfg, w.icl_window_end_tokens), **points}
+        if name != "attn-2l" and not name.startswith("attn-2l-"):
+            points = {"final": points["final"]}
+        wins = eval_windows(cfg, n)
+        per_window = {}
+        for point, ckpt in points.items():
+            losses = window_losses(load_model(ckpt, device), wins.to(device)).cpu()
+            pos = losses.shape[1] + 1
+            early, late = icl_indices(pos)
+            band = icl_band(pos)
+            r = icl_from_losses(losses, early, late, band)
+            lo, hi = max(2, late - band), min(pos, late + band)
+            elo, ehi = max(2, early - band), min(pos, early + band)
+            per_window[point] = (losses[:, lo - 2:hi - 1].mean(1) - losses[:, elo - 2:ehi - 1].mean(1)).double()
+            rows.append({"model": name, "point": point, "step": step_tokens(ckpt, cfg)[0],
+                         "tokens": step_tokens(ckpt, cfg)[1], "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n})
+        for a, b in (("after", "before"), ("final", "at_80pct")):
+            if a in per_window and b in per_window:
+                d = per_window[a] - per_window[b]
+                rows.append({"model": name, "point": f"{a}_minus_{b}", "step": -1, "tokens": -1,
+                             "icl_score": float(d.mean()), "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n})
+    return pd.DataFrame(rows)
+
+
+def add_plateau(win: pd.DataFrame, precise: pd.DataFrame) -> pd.DataFrame:
+    """Plateau test per model: the last 20% of the run moves the ICL score by less than 2 s.e.
+    (the s.e. of the paired change between the 80% checkpoint and the end)."""
+    win = win.copy()
+    win["plateau_change"], win["plateau_sem"], win["plateaued"] = math.nan, math.nan, False
+    for i, r in win.iterrows():
+        p = precise[(precise.model == r.model) & (precise.point == "final_minus_at_80pct")]
+        if len(p):
+            win.loc[i, ["plateau_change", "plateau_sem"]] = [p.icl_score.iloc[0], p.icl_sem.iloc[0]]
+            win.loc[i, "plateaued"] = bool(abs(p.icl_score.iloc[0]) < 2 * p.icl_sem.iloc[0])
+    return win
+
+
+# ----------------------------------------------------------------------------- PCA
+
+def pca_trajectories(vectors: dict[str, np.ndarray], checkpoints: pd.DataFrame,
+                     fit_from_tokens: int = PCA_FIT_FROM_TOKENS) -> pd.DataFrame:
+    """Project every checkpoint's per-token-loss vector (all models jointly) on 2 principal components
+    fit on the checkpoints with at least ``fit_from_tokens`` tokens (all of them when none has)."""
     names = [n for n in vectors if vectors[n].size]
     if not names:
-        return pd.DataFrame(columns=["model", "step", "tokens", "pc1", "pc2"])
-    length = min(v.shape[1] for v in vectors.values())
+        return pd.DataFrame(columns=["model", "step", "tokens", "pc1", "pc2", "var_pc1", "var_pc2"])
+    length = min(vectors[n].shape[1] for n in names)
     X = np.concatenate([vectors[n][:, :length] for n in names])
-    Xc = X - X.mean(0)
-    _, S, Vt = np.linalg.svd(Xc, full_matrices=False)
-    pcs = Xc @ Vt[:2].T
-    var = (S[:2] ** 2 / (S ** 2).sum()).tolist()
+    tok = np.concatenate([checkpoints[checkpoints.model == n].sort_values("step").tokens.to_numpy() for n in names])
+    fit = X[tok >= fit_from_tokens] if (tok >= fit_from_tokens).sum() >= 3 else X
+    mean = fit.mean(0)
+    _, S, Vt = np.linalg.svd(fit - mean, full_matrices=False)
+    pcs = (X - mean) @ Vt[:2].T
+    var = (S[:2] ** 2 / (S ** 2).sum()).tolist() + [0.0, 0.0]
     rows, i = [], 0
     for n in names:
         ck = checkpoints[checkpoints.model == n].sort_values("step")
         for (_, r), v in zip(ck.iterrows(), pcs[i:i + len(vectors[n])]):
-            rows.append({"model": n, "step": r.step, "tokens": r.tokens, "pc1": v[0], "pc2": v[1],
-                         "var_pc1": var[0], "var_pc2": var[1]})
+            rows.append({"model": n, "step": r.step, "tokens": r.tokens, "pc1": v[0], "pc2": v[1] if len(v) > 1 else 0.0,
+                         "var_pc1": var[0], "var_pc2": var[1], "fit": r.tokens >= fit_from_tokens})
         i += len(vectors[n])
+    return pd.DataFrame(rows)
+
+
+def _point(d: pd.DataFrame, tokens: float) -> np.ndarray:
+    j = int(np.argmin(np.abs(np.log(d.tokens.clip(lower=1).to_numpy()) - math.log(max(tokens, 1)))))
+    return d[["pc1", "pc2"]].to_numpy()[j]
+
+
+def turn_angle(d: pd.DataFrame, start: float, end: float) -> float:
+    """Degrees between the trajectory's direction before a window (from start/2.5 to start) and across
+    it (start to end), in the PC1-PC2 plane: 0 = straight on, 180 = reversal."""
+    a, b, c = _point(d, start / 2.5), _point(d, start), _point(d, end)
+    u, v = b - a, c - b
+    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+    if nu == 0 or nv == 0:
+        return math.nan
+    return float(np.degrees(np.arccos(np.clip(u @ v / (nu * nv), -1, 1))))
+
+
+def pca_turns(pca: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
+    """Every model's turn angle at attn-2l's ICL window (the same token counts for every model)."""
+    rows = []
+    if ref.empty or not np.isfinite(ref.icl_window_start_tokens.iloc[0]):
+        return pd.DataFrame(columns=["model", "window_start_tokens", "window_end_tokens", "turn_deg"])
+    s, e = float(ref.icl_window_start_tokens.iloc[0]), float(ref.icl_window_end_tokens.iloc[0])
+    for model, d in pca.groupby("model", sort=False):
+        d = d[d.tokens > 0].sort_values("tokens")
+        ok = d.tokens.max() >= e
+        rows.append({"model": model, "window_start_tokens": s, "window_end_tokens": e,
+                     "turn_deg": turn_angle(d, s, e) if ok else math.nan})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- the early transient
+
+@torch.no_grad()
+def attention_entropy(model, windows: torch.Tensor) -> pd.DataFrame:
+    """Mean attention entropy (nats) of every head at every query position, and log(pos + 1), the
+    entropy of uniform attention over the visible tokens. Eager attention (patterns returned)."""
+    out = model(windows, output_attentions=True)
+    rows = []
+    for layer, pat in enumerate(out.attentions):  # (batch, head, q, k)
+        ent = -(pat.clamp_min(1e-12).log() * pat).sum(-1).mean(0)  # (head, q)
+        for h in range(ent.shape[0]):
+            rows.append(pd.DataFrame({"layer": layer, "head": h, "position": np.arange(ent.shape[1]),
+                                      "entropy": ent[h].numpy(), "uniform_entropy": np.log(np.arange(ent.shape[1]) + 1)}))
+    return pd.concat(rows)
+
+
+def transient_table(runs: dict[str, Path], checkpoints: pd.DataFrame, device: str, n: int = 64) -> pd.DataFrame:
+    """At each model's checkpoints between 0.3M and 5M tokens: mean attention entropy by position
+    band, and the loss of early vs late tokens, to explain the early positive ICL score."""
+    rows = []
+    for name, run in runs.items():
+        cfg = run_config(run)
+        wins = eval_windows(cfg, n)
+        ck = checkpoints[(checkpoints.model == name)]
+        pos = cfg.n_ctx
+        early, late = icl_indices(pos)
+        for c in list_checkpoints(run):
+            step, tokens = step_tokens(c, cfg)
+            if not 0.3e6 <= tokens <= 5e6:
+                continue
+            model = load_model(c, device)
+            ent = attention_entropy(model, wins.to(device))
+            ent = ent.assign(band=np.where(ent.position < early + 5, "early", np.where(ent.position >= late - 5, "late", "mid")))
+            g = ent[ent.band != "mid"].groupby(["layer", "band"]).agg(entropy=("entropy", "mean"),
+                                                                   uniform=("uniform_entropy", "mean")).reset_index()
+            icl = ck[ck.step == step]
+            for r in g.itertuples():
+                rows.append({"model": name, "step": step, "tokens": tokens, "layer": r.layer, "band": r.band,
+                             "entropy": r.entropy, "uniform_entropy": r.uniform,
+                             "icl_score": float(icl.icl_score.iloc[0]) if len(icl) else math.nan})
     return pd.DataFrame(rows)

@@ -1,12 +1,15 @@
-"""The main job: the whole default reproduction, then figures and a short report.
+"""The main job: the whole default reproduction, then figures, a report and a machine-readable headline.
 
-``python -m experiments reproduce`` (CPU, embedded corpus, ~30 minutes on 2 cores). Re-running
-resumes: trained models, evaluated checkpoints and finished tables are skipped.
+``python -m experiments reproduce`` (CPU, embedded corpus). Re-running resumes: trained models,
+evaluated checkpoints and finished tables are skipped. The report (``report.md``, copied to
+``figures/REPORT.md``) and ``headline.json`` (copied to ``figures/headline.json``) are written by the
+same code (``headline``) from the result tables.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -16,9 +19,11 @@ import pandas as pd
 
 from .common import Results, check_writable
 
+ZOO_MODELS = ("attn-1l", "attn-2l", "smear-1l", "smear-2l")
+
 
 def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: str | None = None,
-              progress: bool = True, figures_dir: Path | None = None) -> Path:
+              progress: bool = True, figures_dir: Path | None = None, workers: int | None = None) -> Path:
     from .ablations import run_ablations
     from .circuit import run_circuit
     from .figures import make_figures
@@ -34,26 +39,27 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
     t0 = time.time()
     timings = {}
-    runs = train_zoo(scale, out / "runs", device=device, progress=progress)
+    runs = train_zoo(scale, out / "runs", device=device, progress=progress, workers=workers)
     timings["train_s"] = time.time() - t0
-    # ICL s.e. ~ 1/sqrt(windows): 512 windows give ~0.1 nats on bytes (128 gave ~0.2)
-    n_windows = {"tiny": 32, "cpu": 512, "gpu": 2048}[scale]
-    pc = run_phase_change(runs, out, n_windows=n_windows, device=device, progress=progress)
+    n_windows = {"tiny": 32, "cpu": 256, "gpu": 512}[scale]
+    n_precise = {"tiny": 64, "cpu": 2048, "gpu": 4096}[scale]
+    pc = run_phase_change(runs, out, n_windows=n_windows, device=device, progress=progress, workers=workers,
+                          n_precise=n_precise)
     timings["phase_change_s"] = time.time() - t0 - timings["train_s"]
-    head_scores, windows = pc.read("head_scores"), pc.read("windows")
-    for name in ("attn-2l", "smear-1l"):
-        if name in runs:
-            run_ablations(runs[name], name, head_scores, out, windows_table=windows,
-                          n_windows=max(16, n_windows // 2), device=device, progress=progress)
-    if "attn-2l" in runs:
-        run_circuit(runs["attn-2l"], "attn-2l", head_scores, out, device=device)
+    windows = pc.read("windows")
+    for name in runs:
+        if name in ("attn-2l", "smear-1l", "attn-2l-s0", "smear-1l-s0"):
+            run_ablations(runs[name], name, None, out, windows_table=windows,
+                          n_windows={"tiny": 64, "cpu": 1024, "gpu": 2048}[scale], device=device, progress=progress)
+    timings["ablations_s"] = time.time() - t0 - timings["train_s"] - timings["phase_change_s"]
+    main_2l = "attn-2l" if "attn-2l" in runs else next((n for n in runs if n.startswith("attn-2l")), None)
+    if main_2l:
+        run_circuit(runs[main_2l], main_2l, pc.read("head_scores"), out, device=device)
     run_survey({name: str(run) for name, run in runs.items()}, out, device=device)
     timings["total_s"] = time.time() - t0
     timings = _accumulate_timings(out, timings)
     paths = make_figures(out, figures_dir)
     report = write_report(out, scale, timings, figures_dir)
-    if scale == "cpu":
-        shutil.copy(report, figures_dir / "REPORT.md")
     print(report.read_text())
     print(f"figures: {len(paths)} files in {figures_dir}")
     return report
@@ -63,98 +69,222 @@ def _accumulate_timings(out: Path, timings: dict) -> dict:
     """Add this invocation's times to those of earlier (interrupted or resumed) invocations."""
     path = out / "report" / "timings.json"
     runs = json.loads(path.read_text()) if path.is_file() else []
-    legacy = out / "report" / "headline.json"
-    if not runs and legacy.is_file():  # a run made before timings were kept separately
-        runs.append(json.loads(legacy.read_text()).get("timings", {}))
     runs.append(timings)
     Results(out, "report").write_json("timings", runs)
     return {k: sum(r.get(k, 0.0) for r in runs) for k in timings} | {"invocations": len(runs)}
 
 
-def _nearest(ck: pd.DataFrame, tokens: float) -> pd.Series:
-    return ck.iloc[int(np.argmin(np.abs(np.log(ck.tokens.clip(lower=1)) - np.log(max(tokens, 1)))))]
+def _f(x) -> float | None:
+    """A float for JSON (None for NaN/missing)."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
-def headline(out: Path) -> dict:
-    """The report's numbers, from the result tables."""
+def headline(out: Path, timings: dict | None = None) -> dict:
+    """The report's numbers, from the result tables (``figures/headline.json``)."""
+    from interventions.zoo.provenance import provenance
+
     pc = Results(out, "phase_change")
-    ck, win = pc.read("checkpoints"), pc.read("windows")
-    h: dict = {}
-    if "attn-2l" in set(win.model):
-        w = win[win.model == "attn-2l"].iloc[0]
-        c2 = ck[ck.model == "attn-2l"].sort_values("tokens")
-        h["window_tokens"] = [float(w.window_start_tokens), float(w.window_end_tokens)]
-        if np.isfinite(w.window_start_tokens):
-            before, after = _nearest(c2, w.window_start_tokens), _nearest(c2, w.window_end_tokens)
-            h["icl_before"] = [float(before.icl_score), float(before.icl_sem), int(before.tokens)]
-            h["icl_after"] = [float(after.icl_score), float(after.icl_sem), int(after.tokens)]
-        h["icl_final_2l"] = float(c2.icl_score.iloc[-1])
-        h["bump_tokens"] = [float(w.bump_start_tokens), float(w.bump_end_tokens)] if w.bump else None
-        h["final_max_induction_2l"] = float(w.final_max_induction)
-        try:
-            sets = Results(out, "ablations_attn-2l").read("sets")
-            g = sets.groupby("group").icl_share_removed.mean()
-            h["share_removed"] = {k: float(v) for k, v in g.items()}
-            h["induction_heads"] = sets[sets.group == "induction heads"].heads.iloc[0]
-        except Exception:  # ablations not run
-            pass
-    for name in ("attn-1l", "smear-1l", "attn-2l", "smear-2l"):
-        sub = ck[ck.model == name]
-        if len(sub):
-            last = sub.sort_values("tokens").iloc[-1]
-            h[f"final_icl_{name}"] = [float(last.icl_score), float(last.icl_sem), int(last.tokens)]
-            h[f"final_max_induction_{name}"] = float(win[win.model == name].final_max_induction.iloc[0])
-    h["windows"] = {r.model: [float(r.window_start_tokens), float(r.window_end_tokens)] for r in win.itertuples()}
-    # smeared vs vanilla at equal training tokens (the shorter run's end)
-    for a, b in (("attn-1l", "smear-1l"), ("attn-2l", "smear-2l")):
-        if f"final_icl_{a}" in h and f"final_icl_{b}" in h:
-            t = min(h[f"final_icl_{a}"][2], h[f"final_icl_{b}"][2])
-            h[f"equal_tokens_{a}_{b}"] = {"tokens": t, **{m: float(_nearest(ck[ck.model == m].sort_values("tokens"), t)
-                                                                .icl_score) for m in (a, b)}}
+    ck, win, prec = pc.read("checkpoints"), pc.read("windows"), pc.read("icl_precise")
+    turn = pc.read("pca_turn")
+    prov = provenance(config={}, timings=timings or {})
+    m = prov["machine"]
+    h: dict = {"machine": f"{m['platform']}, {m['threads']} threads, GPU: {m['cuda'] or 'none'}",
+               "git_commit": prov["git"]["commit"], "git_dirty": prov["git"]["dirty"]}
+    if timings:
+        h |= {"wall_clock_min": timings["total_s"] / 60, "train_min": timings["train_s"] / 60,
+              "invocations": timings.get("invocations", 1)}
+    h["icl_definition"] = ("mean loss of tokens late-b..late+b minus early-b..early+b per window, averaged over "
+                           "windows (early, late = 25, 250 of 256; b = 5); s.e. = std of the per-window "
+                           "difference / sqrt(windows)")
+    models = {}
+    for r in win.itertuples():
+        d = {"run_tokens": int(r.run_tokens),
+             "icl_window_start_tokens": _f(r.icl_window_start_tokens), "icl_window_end_tokens": _f(r.icl_window_end_tokens),
+             "icl_window_ends_inside": bool(r.icl_window_ends_inside),
+             "icl_window_width_ratio": _f(r.icl_window_end_tokens / r.icl_window_start_tokens),
+             "icl_window_end_fraction_of_run": _f(r.icl_window_end_tokens / r.run_tokens),
+             "checkpoints_in_window": int(r.icl_window_n_checkpoints),
+             "induction_window_start_tokens": _f(r.induction_window_start_tokens),
+             "induction_window_end_tokens": _f(r.induction_window_end_tokens),
+             "checkpoints_in_induction_window": int(r.induction_window_n_checkpoints),
+             "final_induction_score": _f(r.final_induction_score), "final_icl": _f(r.final_icl),
+             "final_icl_sem": _f(r.final_icl_sem),
+             "bump": bool(r.bump), "bump_start_tokens": _f(r.bump_start_tokens), "bump_end_tokens": _f(r.bump_end_tokens),
+             "icl_plateau_change_last_20pct": _f(r.plateau_change), "icl_plateau_change_sem": _f(r.plateau_sem),
+             "icl_plateaued": bool(r.plateaued)}
+        p = prec[prec.model == r.model].set_index("point")
+        for point, key in (("before", "icl_before"), ("after", "icl_after"), ("final", "icl_final"),
+                           ("after_minus_before", "icl_drop")):
+            if point in p.index:
+                d[key], d[f"{key}_sem"] = _f(p.loc[point, "icl_score"]), _f(p.loc[point, "icl_sem"])
+                if p.loc[point, "tokens"] >= 0:
+                    d[f"{key}_tokens"] = int(p.loc[point, "tokens"])
+        models[r.model] = d
+    h["models"] = models
+    h |= {name: models[name] for name in ZOO_MODELS if name in models}  # flat keys for the main four
+    h["pca_turn_deg"] = {r.model: _f(r.turn_deg) for r in turn.itertuples()}
+    try:
+        abl = Results(out, "ablations_attn-2l")
+        sets, per = abl.read("sets"), abl.read("per_head")
+    except Exception:  # ablations not run (e.g. no attn-2l at this scale)
+        sets = None
+    if sets is not None:
+        pat = per[per.kind == "pattern"]
+        ind = sets[sets.group == "induction heads"]
+        others = pat[~pat.is_induction]
+        rnd = sets[sets.group == "random (non-induction)"]
+        allo = sets[sets.group == "all other heads"]
+        h["ablation"] = {
+            "kind": "pattern-preserving zero ablation, final attn-2l checkpoint",
+            "induction_heads": ind.heads.iloc[0].split() if len(ind) and isinstance(ind.heads.iloc[0], str) else [],
+            "icl_clean": _f(sets[sets.group == "clean"].icl_score.iloc[0]),
+            "icl_clean_sem": _f(sets[sets.group == "clean"].icl_sem.iloc[0]),
+            "icl_share_removed": _f(ind.icl_share_removed.iloc[0]) if len(ind) else None,
+            "icl_share_removed_sem": _f(ind.icl_share_removed_sem.iloc[0]) if len(ind) else None,
+            "icl_change_nats": _f(ind.icl_change.iloc[0]) if len(ind) else None,
+            "other_heads_single_share_min": _f(others.icl_share.min()),
+            "other_heads_single_share_max": _f(others.icl_share.max()),
+            "other_heads_single_larger_icl": int((others.icl_share < 0).sum()), "other_heads_n": int(len(others)),
+            "random_control_share": _f(rnd.icl_share_removed.mean()) if len(rnd) else None,
+            "random_control_share_sem": _f(rnd.icl_share_removed.std(ddof=1) / math.sqrt(len(rnd))) if len(rnd) > 1 else None,
+            "random_control_draws": int(len(rnd)),
+            "all_other_heads_icl_change_nats": _f(allo.icl_change.iloc[0]) if len(allo) else None,
+            "all_other_heads_icl_change_sem": _f(allo.icl_change_sem.iloc[0]) if len(allo) else None,
+        }
+    h["smear_vs_vanilla"] = smear_vs_vanilla(ck, pc.read("head_scores"))
+    tr = pc.read("transient")
+    if len(tr):
+        h["transient"] = transient_summary(tr)
     return h
 
 
-def write_report(out: Path, scale: str, timings: dict, figures_dir: Path) -> Path:
-    from interventions.zoo.provenance import provenance
-
-    h = headline(out)
-    prov = provenance(config={"scale": scale}, timings=timings)
-    Results(out, "report").write_json("headline", {**h, "timings": timings})
-
-    def tok(x):
-        return f"{x / 1e6:.1f}M" if x is not None and np.isfinite(x) else "n/a"
-
-    lines = [f"# Reproduction report ({scale} scale)", "",
-             f"Machine: {prov['machine']['platform']}, {prov['machine']['threads']} threads, "
-             f"GPU: {prov['machine']['cuda'] or 'none'}. Commit {prov['git']['commit']} "
-             f"(dirty: {prov['git']['dirty']}). Wall-clock: {timings['total_s'] / 60:.1f} min "
-             f"(training {timings['train_s'] / 60:.1f} min), over {timings.get('invocations', 1)} invocation(s).", ""]
-    if "window_tokens" in h:
-        lines += [f"- **2L phase-change window** (steepest rise of the best head's induction score): "
-                  f"{tok(h['window_tokens'][0])} - {tok(h['window_tokens'][1])} training tokens."]
-    if "icl_before" in h:
-        lines += [f"- **ICL score** (loss at late minus early token, nats; +- s.e.): before the window "
-                  f"{h['icl_before'][0]:+.3f} +- {h['icl_before'][1]:.3f} (at {tok(h['icl_before'][2])}), after "
-                  f"{h['icl_after'][0]:+.3f} +- {h['icl_after'][1]:.3f} (at {tok(h['icl_after'][2])})."]
-    if h.get("bump_tokens"):
-        lines += [f"- Loss-curve non-convex stretch: {tok(h['bump_tokens'][0])} - {tok(h['bump_tokens'][1])} tokens."]
-    if "share_removed" in h:
-        s = h["share_removed"]
-        lines += [f"- **Share of the ICL score removed** (pattern-preserving zero ablation, final attn-2l): "
-                  f"induction heads ({h.get('induction_heads')}) {100 * s.get('induction heads', float('nan')):.0f}%, "
-                  f"all other heads {100 * s.get('other heads', float('nan')):.0f}%, random sets of the same size "
-                  f"{100 * s.get('random', float('nan')):.0f}% (mean of draws)."]
+def smear_vs_vanilla(ck: pd.DataFrame, hs: pd.DataFrame) -> dict:
+    """Each smeared model against its vanilla twin at the largest token count both were checkpointed
+    at (one schedule: constant lr after the same warm-up, so a prefix of the longer run is comparable)."""
+    ind = hs[hs.score == "induction"].groupby(["model", "tokens"]).value.max()
+    out = {}
     for a, b in (("attn-1l", "smear-1l"), ("attn-2l", "smear-2l")):
-        eq = h.get(f"equal_tokens_{a}_{b}")
-        if eq:
-            lines += [f"- **{b} vs {a}** at {tok(eq['tokens'])} tokens: ICL score {eq[b]:+.3f} vs {eq[a]:+.3f} nats; "
-                      f"best induction score at the end of each run {h[f'final_max_induction_{b}']:.2f} vs "
-                      f"{h[f'final_max_induction_{a}']:.2f}."]
-    if h.get("windows"):
-        lines += ["- Phase-change windows (best induction score's steepest rise; none if it never rises by 0.1): "
-                  + "; ".join(f"{m} {tok(v[0])} - {tok(v[1])}" if np.isfinite(v[0]) else f"{m} none"
-                              for m, v in h["windows"].items()) + "."]
-    lines += ["", f"Figures in `{figures_dir}`; tables under `{out}` (each with provenance.json)."]
+        if a not in set(ck.model) or b not in set(ck.model):
+            continue
+        common = sorted(set(ck[ck.model == a].tokens) & set(ck[ck.model == b].tokens))
+        if not common:
+            continue
+        t = int(common[-1])
+        row = {"tokens": t}
+        for m in (a, b):
+            r = ck[(ck.model == m) & (ck.tokens == t)].iloc[0]
+            row[m] = {"icl_score": _f(r.icl_score), "icl_sem": _f(r.icl_sem), "induction_score": _f(ind.get((m, t)))}
+        out[f"{b}_vs_{a}"] = row
+    return out
+
+
+def transient_summary(tr: pd.DataFrame) -> dict:
+    """Per model, at the checkpoint (0.3-5M tokens) with the highest ICL score: attention entropy of
+    late vs early query positions, as a fraction of uniform attention's entropy."""
+    out = {}
+    for model, d in tr.groupby("model", sort=False):
+        step = d.loc[d.icl_score.idxmax(), "step"]
+        e = d[d.step == step].groupby("band")[["entropy", "uniform_entropy"]].mean()
+        out[model] = {"tokens": int(d[d.step == step].tokens.iloc[0]), "icl_score": _f(d.icl_score.max()),
+                      **{f"entropy_{b}": _f(e.loc[b, "entropy"]) for b in e.index},
+                      **{f"entropy_fraction_of_uniform_{b}": _f(e.loc[b, "entropy"] / e.loc[b, "uniform_entropy"])
+                         for b in e.index}}
+    return out
+
+
+def _tok(x) -> str:
+    return f"{x / 1e6:.1f}M" if x is not None and np.isfinite(x) else "n/a"
+
+
+def _pm(v, s, unit=" nats") -> str:
+    return "n/a" if v is None else f"{v:+.3f} ± {s:.3f}{unit}" if s is not None else f"{v:+.3f}{unit}"
+
+
+def write_report(out: Path, scale: str, timings: dict, figures_dir: Path) -> Path:
+    h = headline(out, timings)
+    Results(out, "report").write_json("headline", h)
+    lines = [f"# Reproduction report ({scale} scale)", "",
+             f"Machine: {h['machine']}. Commit {h['git_commit']} (dirty: {h['git_dirty']}). Wall-clock: "
+             f"{timings['total_s'] / 60:.1f} min (training {timings['train_s'] / 60:.1f} min), over "
+             f"{timings.get('invocations', 1)} invocation(s).", "",
+             f"ICL score: {h['icl_definition']}. Negative = later tokens predicted better.", "",
+             "## Phase change (Argument 1)", ""]
+    for name, d in h["models"].items():
+        w = (f"ICL window {_tok(d['icl_window_start_tokens'])} - {_tok(d['icl_window_end_tokens'])} tokens "
+             f"({d['icl_window_width_ratio']:.2f}x wide, ends at {100 * d['icl_window_end_fraction_of_run']:.0f}% of the "
+             f"run, {'inside' if d['icl_window_ends_inside'] else 'NOT inside'} it, {d['checkpoints_in_window']} "
+             f"checkpoints inside)" if d["icl_window_start_tokens"] else "no ICL window (the ICL score never falls "
+             "by the threshold in one rise)")
+        iw = (f"induction window {_tok(d['induction_window_start_tokens'])} - {_tok(d['induction_window_end_tokens'])}"
+              if d["induction_window_start_tokens"] else "no induction window (best induction score never rises by 0.1)")
+        lines += [f"- **{name}** ({_tok(d['run_tokens'])} tokens): {w}; {iw}; final best induction score "
+                  f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} (256 windows)."]
+        if "icl_before" in d:
+            lines += [f"  - ICL before the window {_pm(d['icl_before'], d['icl_before_sem'])} (at {_tok(d['icl_before_tokens'])}), "
+                      f"after {_pm(d['icl_after'], d['icl_after_sem'])} (at {_tok(d['icl_after_tokens'])}); change across it "
+                      f"{_pm(d['icl_drop'], d['icl_drop_sem'])} (paired, 2,048 windows)."]
+        if d.get("icl_plateau_change_last_20pct") is not None:
+            lines += [f"  - Plateau: the last 20% of the run moves the ICL score by "
+                      f"{_pm(d['icl_plateau_change_last_20pct'], d['icl_plateau_change_sem'])} "
+                      f"({'< 2 s.e.: plateaued' if d['icl_plateaued'] else '>= 2 s.e.: still moving'})."]
+        lines += [f"  - Loss-bump detector: {'fires at ' + _tok(d['bump_start_tokens']) + ' - ' + _tok(d['bump_end_tokens']) if d['bump'] else 'no non-convex stretch'}."]
+    lines += ["", "The bump detector marks the most concave stretch of validation loss against log tokens after "
+              "5% of the run. It fires on any model whose loss curve bends downwards anywhere (noise included), "
+              "so a bump means something only where it coincides with the window; compare attn-1l's line.", ""]
+    if h.get("pca_turn_deg"):
+        lines += ["## Per-token-loss PCA", "",
+                  "2,048 (example, token) pairs, one token from each of 2,048 separate windows; PCs fit on every "
+                  "model's checkpoints after 1M tokens (warm-up), all checkpoints projected. Turn = angle between "
+                  "the trajectory's direction over [start/2.5, start] and over [start, end] of attn-2l's ICL "
+                  "window, in the PC1-PC2 plane (0 = straight on): "
+                  + "; ".join(f"{m} {v:.0f}°" if v is not None else f"{m} n/a" for m, v in h["pca_turn_deg"].items())
+                  + ".", ""]
+    if "ablation" in h:
+        a = h["ablation"]
+        lines += ["## Which heads carry the ICL (Argument 3)", "",
+                  f"Pattern-preserving zero ablation on the final attn-2l, 1,024 windows; clean ICL "
+                  f"{_pm(a['icl_clean'], a['icl_clean_sem'])}. Share = (ICL_ablated - ICL_clean) / -ICL_clean, "
+                  "bootstrap s.e. over windows.", "",
+                  f"- Induction heads by `classify_induction_heads` ({', '.join(a['induction_heads']) or 'none'}): "
+                  + (f"remove **{100 * a['icl_share_removed']:.0f}% ± {100 * a['icl_share_removed_sem']:.0f}%** of the ICL "
+                     f"score ({_pm(a['icl_change_nats'], None)})." if a["icl_share_removed"] is not None else "n/a."),
+                  f"- Each other head alone: shares from {100 * a['other_heads_single_share_min']:.0f}% to "
+                  f"{100 * a['other_heads_single_share_max']:.0f}%; {a['other_heads_single_larger_icl']} of "
+                  f"{a['other_heads_n']} make the ICL score larger (negative share), the paper's observation.",
+                  f"- Random control, {a['random_control_draws']} sets of the same size drawn from the non-induction "
+                  f"heads: mean share {100 * (a['random_control_share'] or float('nan')):.0f}%.",
+                  f"- All other heads together: ICL changes by "
+                  f"{_pm(a['all_other_heads_icl_change_nats'], a['all_other_heads_icl_change_sem'])} (nats only: ablating "
+                  "most of the model breaks it).", ""]
+    sv = h.get("smear_vs_vanilla", {})
+    if sv:
+        lines += ["## Smeared keys (Argument 2), one schedule, equal tokens", ""]
+        for key, row in sv.items():
+            b, a = key.split("_vs_")
+            lines += [f"- at {_tok(row['tokens'])} tokens: {b} ICL {_pm(row[b]['icl_score'], row[b]['icl_sem'])}, "
+                      f"induction score {row[b]['induction_score']:.2f}; {a} ICL {_pm(row[a]['icl_score'], row[a]['icl_sem'])}, "
+                      f"induction score {row[a]['induction_score']:.2f}."]
+        lines += [""]
+    if "transient" in h:
+        lines += ["## The early transient", "",
+                  "At the checkpoint between 0.3M and 5M tokens where each model's ICL score is highest: mean "
+                  "attention entropy of late (>= 245) vs early (< 30) query positions, as a fraction of uniform "
+                  "attention's entropy over the visible tokens:"]
+        for m, t in h["transient"].items():
+            lines += [f"- {m} at {_tok(t['tokens'])} (ICL {t['icl_score']:+.2f}): early "
+                      f"{t.get('entropy_fraction_of_uniform_early', float('nan')):.2f}, late "
+                      f"{t.get('entropy_fraction_of_uniform_late', float('nan')):.2f} of uniform "
+                      f"({t.get('entropy_early', float('nan')):.2f} vs {t.get('entropy_late', float('nan')):.2f} nats)."]
+        lines += [""]
+    lines += [f"Figures in `{figures_dir}`; tables under `{out}` (each with provenance.json); numbers in "
+              "`headline.json`."]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, figures_dir / "REPORT.md")
+    (figures_dir / "headline.json").write_text(json.dumps(h, indent=1, default=_f) + "\n")
     return path

@@ -98,3 +98,20 @@ def test_synthetic_sources():
     # Different sequences have different transition statistics (in-context only).
     counts = [np.bincount((s[:-1] * 4 + s[1:]).numpy(), minlength=16) for s in y]
     assert not all(np.array_equal(counts[0] > 0, c > 0) for c in counts[1:])
+
+
+def test_byte_fast_path_equals_the_tokenizer():
+    """The pure-byte fast path of tokenize_stream gives exactly the HF tokenizer's ids (incl. non-ASCII
+    text and a document holding the separator's text)."""
+    from interventions.zoo.tokenizer import SEP, byte_tokenizer
+
+    tok = byte_tokenizer()
+    docs = [("a.py", "def f():\n    return 'é中😀'\n"), ("b.py", "x = 1" + SEP + "y"), ("c.py", "\t\x00\x7f ÿ")]
+    assert C._is_byte_tokenizer(tok)
+    ids, starts = C.tokenize_stream(docs, tok, 256)
+    ref = []
+    for _, t in docs:
+        ref += tok([t], add_special_tokens=False)["input_ids"][0] + [256]
+    assert ids.tolist() == ref
+    assert starts.tolist() == [0, len(tok(docs[0][1])["input_ids"]) + 1,
+                               len(tok(docs[0][1])["input_ids"]) + len(tok(docs[1][1])["input_ids"]) + 2]

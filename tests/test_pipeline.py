@@ -26,7 +26,20 @@ def test_pipeline_writes_tables_figures_report(tiny_run):
     pngs = sorted(p.stem for p in (out / "figures").glob("*.png"))
     assert len(pngs) >= 9 and sorted(p.stem for p in (out / "figures").glob("*.pdf")) == pngs
     text = report.read_text()
-    assert "phase-change window" in text and "Share of the ICL score removed" in text
+    assert "ICL window" in text and "Which heads carry the ICL" in text and "Smeared keys" in text
+    head = json.loads((out / "figures" / "headline.json").read_text())
+    assert head == json.loads((out / "report" / "headline.json").read_text())
+    for key in ("wall_clock_min", "train_min", "machine", "pca_turn_deg", "smear_vs_vanilla", "ablation"):
+        assert key in head, key
+    for model in ("attn-1l", "attn-2l", "smear-1l", "smear-2l"):
+        for key in ("run_tokens", "icl_window_start_tokens", "icl_window_end_tokens", "induction_window_start_tokens",
+                    "induction_window_end_tokens", "checkpoints_in_window", "final_induction_score", "bump"):
+            assert key in head[model], (model, key)
+    for key in ("icl_before", "icl_before_sem", "icl_after", "icl_after_sem"):
+        assert key in head["attn-2l"], key
+    for key in ("induction_heads", "icl_share_removed", "icl_share_removed_sem", "other_heads_single_share_min",
+                "other_heads_single_share_max", "random_control_share"):
+        assert key in head["ablation"], key
 
 
 def test_induction_heads_carry_the_icl(tiny_run):
@@ -41,14 +54,14 @@ def test_induction_heads_carry_the_icl(tiny_run):
     assert top.layer == 1
     assert top.late_delta_loss > 2 * ph[ph.layer == 0].late_delta_loss.max()
     sets = res.read("sets").groupby("group").icl_share_removed.mean()
-    assert sets["induction heads"] > sets["other heads"] + 0.3
+    assert sets["induction heads"] > sets["all other heads"] + 0.3
 
 
 def test_smeared_one_layer_learns_in_context(tiny_run):
     """Smeared keys give a one-layer model an induction head; the vanilla one-layer model has none."""
     out, _ = tiny_run
     win = Results(out, "phase_change").read("windows").set_index("model")
-    assert win.loc["smear-1l", "final_max_induction"] > 0.4 > win.loc["attn-1l", "final_max_induction"]
+    assert win.loc["smear-1l", "final_induction_score"] > 0.4 > win.loc["attn-1l", "final_induction_score"]
     assert win.loc["smear-1l", "final_icl"] < win.loc["attn-1l", "final_icl"] - 0.3
 
 

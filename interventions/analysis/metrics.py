@@ -9,9 +9,15 @@
 Token numbering: the k-th token of a window (1-indexed) is predicted from the k-1 tokens before
 it; in a per-token loss array of shape (batch, pos - 1) it is entry k - 2.
 
+Precision: one token against one token is noisy (s.e. ~0.1 nats on 512 byte-level windows). The
+``band`` option averages each window's loss over the tokens ``early - band .. early + band`` and
+``late - band .. late + band`` before differencing; ``icl_band(n_ctx)`` (+-2% of the context: tokens
+20-30 and 245-255 at 256) is what the experiments and the trainer's log use. ``band=0`` is the paper's
+exact definition.
+
 Example:
-    >>> icl_indices(512), icl_indices(256)
-    ((50, 500), (25, 250))
+    >>> icl_indices(512), icl_indices(256), icl_band(256)
+    ((50, 500), (25, 250), 5)
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ def icl_indices(n_ctx: int) -> tuple[int, int]:
     if late > n_ctx:
         raise ValueError(f"a context of {n_ctx} tokens is too short for an ICL score: use n_ctx >= 3")
     return early, late
+
+
+def icl_band(n_ctx: int) -> int:
+    """Half-width (tokens) of the bands the experiments average the ICL score over: 10/512 of the context,
+    so the bands stay well inside "little context" and "nearly all of it" at any context length."""
+    return round(n_ctx * 10 / PAPER_CTX)
 
 
 def _as_windows(windows) -> torch.Tensor:
@@ -83,8 +95,11 @@ def check_icl_indices(pos: int, early: int | None = None, late: int | None = Non
     return early, late
 
 
-def icl_from_losses(losses: torch.Tensor, early: int, late: int) -> dict:
+def icl_from_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) -> dict:
     """The ICL score from a (n, pos - 1) per-token-loss array (entry k - 2 is the k-th token's loss).
+
+    ``band`` > 0 averages each window's losses over tokens ``k - band .. k + band`` (clipped to the
+    window) around ``early`` and ``late`` first (see the module docstring); 0 is the paper's definition.
 
     Returns a dict: ``icl_score`` = mean(loss[late]) - mean(loss[early]) in nats (negative when later
     tokens are predicted better, i.e. the model uses its context), ``sem`` its paired standard error
@@ -94,16 +109,28 @@ def icl_from_losses(losses: torch.Tensor, early: int, late: int) -> dict:
     Paired because both losses come from the same windows: the per-window difference cancels how hard
     a window is overall, so its spread is the honest uncertainty of the difference."""
     losses = torch.as_tensor(losses).double()
-    early, late = check_icl_indices(losses.shape[1] + 1, early, late)
-    e, l_ = losses[:, early - 2], losses[:, late - 2]  # (n,)
+    pos = losses.shape[1] + 1
+    early, late = check_icl_indices(pos, early, late)
+    if not isinstance(band, (int, np.integer)) or isinstance(band, bool) or band < 0:
+        raise ValueError(f"band={band!r} must be a non-negative integer (tokens each side)")
+    if early + band >= late - band:
+        raise ValueError(f"band={band} makes the early and late bands around tokens {early} and {late} overlap: "
+                         f"use band < {(late - early) / 2:g}")
+
+    def band_mean(k: int) -> torch.Tensor:  # (n,) mean loss over tokens k-band..k+band (1-indexed, clipped)
+        lo, hi = max(2, k - band), min(pos, k + band)
+        return losses[:, lo - 2:hi - 1].mean(1)
+
+    e, l_ = band_mean(early), band_mean(late)  # (n,)
     diff = l_ - e
     n = int(diff.shape[0])
     sem = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"icl_score": float(diff.mean()), "sem": sem, "n": n, "early": early, "late": late,
+    return {"icl_score": float(diff.mean()), "sem": sem, "n": n, "early": early, "late": late, "band": int(band),
             "loss_early": float(e.mean()), "loss_late": float(l_.mean())}
 
 
-def icl_score(model, windows, early: int | None = None, late: int | None = None, batch_size: int = 16) -> dict:
+def icl_score(model, windows, early: int | None = None, late: int | None = None, batch_size: int = 16,
+              band: int = 0) -> dict:
     """In-context-learning score of ``model`` on evaluation ``windows`` (Olsson et al. 2022).
 
     icl_score = mean loss of the ``late``-th token - mean loss of the ``early``-th token (1-indexed),
@@ -115,6 +142,8 @@ def icl_score(model, windows, early: int | None = None, late: int | None = None,
         windows: (n, pos) token ids, e.g. ``StreamSource.eval_windows(n, pos)``; all windows the same length.
         early, late: 1-indexed token numbers (2 <= early < late <= pos).
         batch_size: windows per forward pass (same result for any value).
+        band: average each window's loss over ``band`` tokens either side of early and late (0: the
+            paper's single tokens; ``icl_band(pos)`` is the experiments' choice).
 
     Returns:
         dict with ``icl_score``, ``sem`` (paired standard error), ``n``, ``early``, ``late``,
@@ -127,7 +156,7 @@ def icl_score(model, windows, early: int | None = None, late: int | None = None,
     windows = _as_windows(windows)
     early, late = check_icl_indices(windows.shape[1], early, late)
     losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos - 1)
-    return icl_from_losses(losses, early, late)
+    return icl_from_losses(losses, early, late, band)
 
 
 def loss_by_token_index(model, windows, batch_size: int = 16):

@@ -178,9 +178,28 @@ def split_documents(docs: list[Document], val_fraction: float = 0.05) -> tuple[l
     return train, val
 
 
-def tokenize_stream(docs: list[Document], tokenizer, sep_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Documents joined by ``sep_id`` into one stream. Returns (ids uint32 (n_tokens,), doc_starts)."""
-    encoded = tokenizer([t for _, t in docs], add_special_tokens=False)["input_ids"]
+def tokenize_stream(docs: list[Document], tokenizer, sep_id: int, progress: bool = False,
+                    desc: str = "tokenize") -> tuple[np.ndarray, np.ndarray]:
+    """Documents joined by ``sep_id`` into one stream. Returns (ids uint32 (n_tokens,), doc_starts).
+
+    A pure byte tokenizer (id b = byte b, checked on a probe string) takes a fast exact path: the
+    UTF-8 bytes themselves (documents containing the separator's text go through the tokenizer).
+    ``progress`` shows a bar (by characters) while encoding: a fresh corpus takes a while."""
+    from tqdm.auto import tqdm
+
+    sep_text = tokenizer.convert_ids_to_tokens(sep_id) if hasattr(tokenizer, "convert_ids_to_tokens") else None
+    fast = _is_byte_tokenizer(tokenizer)
+    encoded = []
+    with tqdm(total=sum(len(t) for _, t in docs), desc=desc, unit="char", unit_scale=True,
+              disable=not progress) as bar:
+        for i in range(0, len(docs), 64):
+            chunk = [t for _, t in docs[i:i + 64]]
+            if fast:
+                encoded += [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) if not (sep_text and sep_text in t)
+                            else tokenizer([t], add_special_tokens=False)["input_ids"][0] for t in chunk]
+            else:
+                encoded += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            bar.update(sum(len(t) for t in chunk))
     parts, starts, offset = [], [], 0
     for ids in encoded:
         starts.append(offset)
@@ -188,6 +207,20 @@ def tokenize_stream(docs: list[Document], tokenizer, sep_id: int) -> tuple[np.nd
         parts.append(np.asarray([sep_id], dtype=np.uint32))
         offset += len(ids) + 1
     return np.concatenate(parts), np.asarray(starts, dtype=np.int64)
+
+
+_BYTE_PROBE = "".join(chr(c) for c in range(1, 600)) + "\u4e2d\U0001f600 end"
+
+
+def _is_byte_tokenizer(tokenizer) -> bool:
+    """True iff ``tokenizer`` maps text to its UTF-8 bytes (id b = byte b)."""
+    if getattr(tokenizer, "vocab_size", None) is None or len(tokenizer) != 257:
+        return False
+    try:
+        ids = tokenizer([_BYTE_PROBE], add_special_tokens=False)["input_ids"][0]
+    except Exception:
+        return False
+    return list(ids) == list(_BYTE_PROBE.encode("utf-8"))
 
 
 @dataclass

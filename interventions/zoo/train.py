@@ -57,12 +57,20 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     warmup_tokens: int = 500_000  # linear warm-up; stabilises the first steps of Adam
+    # "constant" after warm-up: every prefix of a run is comparable at equal tokens with any other run
+    # of the same lr and warm-up (the paper's small models changed phase right after warm-up);
+    # "cosine" decays to min_lr_ratio * lr over this run's own token budget.
+    schedule: str = "constant"
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
     seed: int = 0
     n_checkpoints: int = 48  # log-spaced; >= 40 resolves a phase change
+    # plus one checkpoint every this many tokens (None: log-spaced only)
+    checkpoint_every_tokens: int | None = None
+    # plus [start_tokens, end_tokens, every_tokens]: dense checkpoints through a transition (None: none)
+    dense_checkpoints: list | None = None
     n_eval_windows: int = 64  # fixed validation windows for loss and ICL score
     val_fraction: float = 0.05
     device: str = "cpu"
@@ -97,6 +105,18 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r}: choose 'constant' or 'cosine'")
+        if self.checkpoint_every_tokens is not None and (not isinstance(self.checkpoint_every_tokens, int)
+                                                         or self.checkpoint_every_tokens < 1):
+            raise ValueError(f"checkpoint_every_tokens={self.checkpoint_every_tokens!r} must be a positive "
+                             "integer or null")
+        if self.dense_checkpoints is not None and (
+                not isinstance(self.dense_checkpoints, (list, tuple)) or len(self.dense_checkpoints) != 3
+                or not all(isinstance(v, int) and v >= 0 for v in self.dense_checkpoints)
+                or self.dense_checkpoints[2] < 1):
+            raise ValueError(f"dense_checkpoints={self.dense_checkpoints!r} must be [start_tokens, end_tokens, "
+                             "every_tokens] (non-negative integers, every >= 1) or null")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr} must be a positive number")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -115,10 +135,30 @@ class TrainConfig:
         AttnOnlyConfig(**self.model)  # raises on bad model options
 
 
-def checkpoint_steps(total_steps: int, n: int) -> list[int]:
-    """``n`` (or fewer, when steps are few) log-spaced steps in [1, total_steps], always incl. the last."""
+def checkpoint_steps(total_steps: int, n: int, every: int | None = None,
+                     dense: tuple[int, int, int] | None = None) -> list[int]:
+    """``n`` (or fewer, when steps are few) log-spaced steps in [1, total_steps], always incl. the last,
+    plus every ``every``-th step when given, plus every ``dense[2]``-th step in [dense[0], dense[1]].
+
+    >>> checkpoint_steps(100, 5), checkpoint_steps(100, 3, every=40), checkpoint_steps(100, 2, dense=(50, 60, 5))
+    ([1, 3, 10, 32, 100], [1, 10, 40, 80, 100], [1, 50, 55, 60, 100])
+    """
     raw = np.unique(np.round(np.logspace(0, math.log10(total_steps), n)).astype(int))
-    return sorted(set(int(s) for s in raw if s >= 1) | {total_steps})
+    extra = set(range(every, total_steps + 1, every)) if every else set()
+    if dense:
+        extra |= set(range(max(1, dense[0]), min(dense[1], total_steps) + 1, dense[2]))
+    return sorted(set(int(s) for s in raw if s >= 1) | extra | {total_steps})
+
+
+def checkpoint_schedule(cfg: "TrainConfig") -> list[int]:
+    """The steps at which ``cfg``'s run writes checkpoints (see ``checkpoint_steps``)."""
+    tps = cfg.batch_size * cfg.n_ctx
+    every = max(1, cfg.checkpoint_every_tokens // tps) if cfg.checkpoint_every_tokens else None
+    dense = None
+    if cfg.dense_checkpoints:
+        start, end, step = cfg.dense_checkpoints
+        dense = (int(math.ceil(start / tps)), end // tps, max(1, step // tps))
+    return checkpoint_steps(cfg.total_steps, cfg.n_checkpoints, every, dense)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -126,6 +166,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     warm = max(1, cfg.warmup_tokens // (cfg.batch_size * cfg.n_ctx))
     if step < warm:
         return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
     progress = (step - warm) / max(1, cfg.total_steps - warm)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
@@ -270,8 +312,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> int:
 
 # ----------------------------------------------------------------------------- data
 
-def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path | None = None):
-    """(token source, tokenizer or None, corpus fingerprint) for a config."""
+def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path | None = None,
+                 progress: bool = False):
+    """(token source, tokenizer or None, corpus fingerprint) for a config. The tokenised corpus is
+    cached (``$INTERVENTIONS_CACHE``, default ``~/.cache/interventions``); ``progress`` shows bars
+    while a fresh corpus is tokenised."""
     from . import corpus as C
 
     if cfg.corpus.startswith("synthetic:"):
@@ -303,7 +348,7 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
         tok.save_pretrained(tmp / "tokenizer")
         sep = tok.eos_token_id if tok.eos_token_id is not None else 0
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            ids, starts = C.tokenize_stream(split_docs, tok, sep)
+            ids, starts = C.tokenize_stream(split_docs, tok, sep, progress=progress, desc=f"tokenize {split} corpus")
             np.save(tmp / f"{split}_ids.npy", ids)
             np.save(tmp / f"{split}_starts.npy", starts)
         (tmp / "done").write_text(json.dumps(fp))
@@ -324,7 +369,7 @@ def quick_eval(model, windows: torch.Tensor, induction_tokens: torch.Tensor, bat
 
     Plain forwards (no tracing): this runs at every checkpoint inside the training loop."""
     from ..primitives.loss import loss_from_logits
-    from ..analysis.metrics import icl_from_losses, icl_indices
+    from ..analysis.metrics import icl_band, icl_from_losses, icl_indices
 
     model.eval()
     device = next(model.parameters()).device
@@ -335,7 +380,8 @@ def quick_eval(model, windows: torch.Tensor, induction_tokens: torch.Tensor, bat
     half = x.shape[1] // 2
     model.train()
     return {"val_loss": loss.mean().item(),
-            "icl_score": icl_from_losses(loss, *icl_indices(windows.shape[1]))["icl_score"],
+            # the experiments' definition (banded; see analysis.metrics), so the log and the report agree
+            "icl_score": icl_from_losses(loss, *icl_indices(windows.shape[1]), icl_band(windows.shape[1]))["icl_score"],
             "repeat_loss_first": ind[:, : half - 1].mean().item(),
             "repeat_loss_second": ind[:, half:].mean().item()}
 
@@ -374,14 +420,15 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after_steps: int | None = None) -> Path:
+          stop_after_steps: int | None = None, progress_position: int | None = None) -> Path:
     """Train (or resume) a run in ``run_dir``. Returns the final checkpoint folder.
 
-    ``stop_after_steps`` ends the process-local loop early (tests of interruption)."""
+    ``stop_after_steps`` ends the process-local loop early (tests of interruption);
+    ``progress_position`` is the progress bar's line (parallel runs)."""
     cfg.validate()
     run_dir = Path(run_dir)
     _check_run_dir(run_dir, cfg, resume)
-    source, tok, fingerprint = build_source(cfg)
+    source, tok, fingerprint = build_source(cfg, progress=progress)
     model_kwargs = dict(cfg.model)
     if tok is not None:
         model_kwargs["vocab_size"] = len(tok)
@@ -421,7 +468,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
 
     total = cfg.total_steps
-    schedule = checkpoint_steps(total, cfg.n_checkpoints)
+    schedule = checkpoint_schedule(cfg)
     windows = source.eval_windows(cfg.n_eval_windows, cfg.n_ctx, seed=cfg.seed)
     # Random tokens for the induction check: printable-ish byte ids for text tokenizers.
     low, high = (0, mcfg.vocab_size) if tok is None else (32, min(mcfg.vocab_size, 127))
@@ -436,7 +483,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total * tokens_per_step, initial=start * tokens_per_step, unit="tok",
-                   unit_scale=True, desc=run_dir.name, dynamic_ncols=True)
+                   unit_scale=True, desc=run_dir.name, dynamic_ncols=True, position=progress_position)
     recent: list[float] = []
     last_ckpt = ckpt
     for step in range(start, total):

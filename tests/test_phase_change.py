@@ -1,0 +1,84 @@
+"""The measurement definitions of the reproduction, checked against hand computations."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from experiments.phase_change import detect_bump, pca_trajectories, rise_window, turn_angle
+from interventions.analysis.metrics import icl_band, icl_from_losses
+
+
+def test_banded_icl_is_the_mean_of_per_window_band_differences():
+    """band=b averages tokens k-b..k+b (1-indexed; entry k-2 of the loss array) before differencing;
+    its s.e. is the std of the per-window differences / sqrt(n); band=0 is the single-token score."""
+    g = torch.Generator().manual_seed(0)
+    losses = torch.rand(40, 255, generator=g)  # windows of 256 tokens
+    r = icl_from_losses(losses, 25, 250, band=5)
+    per = losses[:, 243:254].double().mean(1) - losses[:, 18:29].double().mean(1)  # tokens 245-255, 20-30
+    assert r["icl_score"] == pytest.approx(per.mean().item(), abs=1e-12)
+    assert r["sem"] == pytest.approx((per.std() / math.sqrt(40)).item(), abs=1e-12)
+    single = icl_from_losses(losses, 25, 250)
+    assert single["icl_score"] == pytest.approx((losses[:, 248] - losses[:, 23]).double().mean().item(), abs=1e-12)
+    assert icl_band(256) == 5 and icl_band(512) == 10
+
+
+def test_banded_icl_rejects_bad_bands():
+    losses = torch.rand(4, 63)
+    with pytest.raises(ValueError, match="overlap"):
+        icl_from_losses(losses, 6, 20, band=8)
+    with pytest.raises(ValueError, match="non-negative"):
+        icl_from_losses(losses, 6, 20, band=-1)
+
+
+def test_rise_window_finds_the_10_to_90_percent_points_of_a_logistic():
+    """For y = 1 / (1 + exp(-k (log10 t - c))) the 10% and 90% points are c -+ ln(9) / k in log10 t;
+    dense sampling recovers them (the 3-point smoothing is symmetric and nearly linear there)."""
+    t = np.logspace(5, 8, 400)
+    k, c = 6.0, 7.0
+    y = 1 / (1 + np.exp(-k * (np.log10(t) - c)))
+    w = rise_window(t, y, 0.5)
+    assert math.log10(w["start_tokens"]) == pytest.approx(c - math.log(9) / k, abs=0.01)
+    assert math.log10(w["end_tokens"]) == pytest.approx(c + math.log(9) / k, abs=0.01)
+    assert w["ends_inside"] and w["n_checkpoints"] == int(((t >= w["start_tokens"]) & (t <= w["end_tokens"])).sum())
+    flat = rise_window(t, 0.01 * np.sin(np.log10(t)), 0.1)
+    assert math.isnan(flat["start_tokens"]) and flat["n_checkpoints"] == 0
+
+
+def test_a_rise_still_going_at_the_end_does_not_end_inside():
+    t = np.logspace(5, 7, 50)
+    w = rise_window(t, np.log10(t), 0.5)
+    assert not w["ends_inside"]
+
+
+def test_bump_detector_finds_a_concave_stretch_and_not_in_a_convex_curve():
+    t = np.logspace(5, 8, 60)
+    x = np.log10(t)
+    convex = 3 + 0.3 * (x - 8) ** 2
+    assert not detect_bump(t, convex)["bump"]
+    bumped = convex - 0.4 / (1 + np.exp(-8 * (x - 7)))  # a sudden extra drop around 1e7
+    b = detect_bump(t, bumped)
+    assert b["bump"] and 3e6 < b["bump_start_tokens"] < b["bump_end_tokens"] <= 1.1e7  # concave before the centre
+
+
+def test_turn_angle_of_a_right_angle_and_a_straight_line():
+    tokens = np.array([1e6, 2e6, 4e6, 8e6])
+    d = pd.DataFrame({"tokens": tokens, "pc1": [0, 1, 2, 2], "pc2": [0, 0, 0, 1.0]})
+    assert turn_angle(d, 4e6, 8e6) == pytest.approx(90.0)
+    line = pd.DataFrame({"tokens": tokens, "pc1": [0, 1, 2, 3.0], "pc2": [0, 0, 0, 0.0]})
+    assert turn_angle(line, 4e6, 8e6) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pca_is_fit_after_warm_up_and_projects_every_checkpoint():
+    """PCs come from the checkpoints past fit_from_tokens; the early ones are projected, not fit."""
+    g = np.random.default_rng(0)
+    late = np.outer(np.linspace(0, 1, 6), np.r_[1.0, np.zeros(9)]) + 0.001 * g.normal(size=(6, 10))
+    early = np.tile(np.r_[0, 50.0, np.zeros(8)], (3, 1))  # a huge early move along another axis
+    vectors = {"m": np.concatenate([early, late])}
+    ck = pd.DataFrame({"model": "m", "step": range(9), "tokens": [1e4, 1e5, 5e5] + [1e6 * (i + 1) for i in range(6)]})
+    pca = pca_trajectories(vectors, ck, fit_from_tokens=1_000_000)
+    fit = pca[pca.fit]
+    assert len(pca) == 9 and len(fit) == 6
+    assert abs(np.corrcoef(fit.pc1, np.linspace(0, 1, 6))[0, 1]) > 0.99  # PC1 is the late direction
