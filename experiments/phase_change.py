@@ -148,11 +148,12 @@ def icl_row(losses: torch.Tensor) -> dict:
 
 def _eval_chunk(job) -> list[dict]:
     """Worker: evaluate some checkpoints of one run. Returns one dict of results per checkpoint."""
-    run, ckpts, n_windows, with_pca, device, threads = job
+    run, ckpts, n_windows, n_pairs, device, threads = job
     torch.set_num_threads(threads)
     cfg = run_config(Path(run))
     windows = eval_windows(cfg, n_windows)
-    pw, pt = pca_pairs(cfg) if with_pca else (None, None)
+    with_pca = n_pairs > 0
+    pw, pt = pca_pairs(cfg, n_pairs) if with_pca else (None, None)
     out = []
     for ckpt in ckpts:
         ckpt = Path(ckpt)
@@ -189,7 +190,8 @@ def _pool_map(fn, jobs: list, workers: int, progress: bool, desc: str, total: in
 
 
 def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int = 256, device: str = "cpu",
-                     progress: bool = True, workers: int | None = None, n_precise: int = N_PRECISE) -> Results:
+                     progress: bool = True, workers: int | None = None, n_precise: int = N_PRECISE,
+                     n_pca_pairs: int = N_PCA_PAIRS) -> Results:
     """Evaluate every checkpoint of every run (skipping models already done), then windows, precise
     ICL points, PCA and the transient."""
     from .zoo import default_workers
@@ -197,7 +199,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     workers = workers or default_workers(device)
     res = Results(results_root, "phase_change")
     res.write_provenance({"runs": {k: str(v) for k, v in runs.items()}, "n_windows": n_windows,
-                          "n_precise": n_precise, "n_pca_pairs": N_PCA_PAIRS})
+                          "n_precise": n_precise, "n_pca_pairs": n_pca_pairs})
     todo = [name for name in runs if not res.has(f"checkpoints_{name}")]
     jobs, owners = [], []
     threads = 1 if workers > 1 else 0
@@ -207,7 +209,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
             raise ValueError(f"run {runs[name]} has no complete checkpoint: train it first")
         n_chunks = max(1, min(len(ckpts), 2 * workers))
         for chunk in np.array_split(np.array(ckpts), n_chunks):
-            jobs.append((str(runs[name]), list(chunk), n_windows, True, device, threads or torch.get_num_threads()))
+            jobs.append((str(runs[name]), list(chunk), n_windows, n_pca_pairs, device, threads or torch.get_num_threads()))
             owners.append(name)
     if jobs:
         results = _pool_map(_eval_chunk, jobs, workers, progress, "evaluate checkpoints",

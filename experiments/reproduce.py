@@ -44,7 +44,7 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     n_windows = {"tiny": 32, "cpu": 256, "gpu": 512}[scale]
     n_precise = {"tiny": 64, "cpu": 2048, "gpu": 4096}[scale]
     pc = run_phase_change(runs, out, n_windows=n_windows, device=device, progress=progress, workers=workers,
-                          n_precise=n_precise)
+                          n_precise=n_precise, n_pca_pairs={"tiny": 256, "cpu": 2048, "gpu": 4096}[scale])
     timings["phase_change_s"] = time.time() - t0 - timings["train_s"]
     windows = pc.read("windows")
     for name in runs:
@@ -127,11 +127,10 @@ def headline(out: Path, timings: dict | None = None) -> dict:
     h["models"] = models
     h |= {name: models[name] for name in ZOO_MODELS if name in models}  # flat keys for the main four
     h["pca_turn_deg"] = {r.model: _f(r.turn_deg) for r in turn.itertuples()}
-    try:
+    sets = per = None
+    if (out / "ablations_attn-2l").is_dir():  # ablations are run for attn-2l whenever it is in the zoo
         abl = Results(out, "ablations_attn-2l")
         sets, per = abl.read("sets"), abl.read("per_head")
-    except Exception:  # ablations not run (e.g. no attn-2l at this scale)
-        sets = None
     if sets is not None:
         pat = per[per.kind == "pattern"]
         ind = sets[sets.group == "induction heads"]

@@ -50,8 +50,8 @@ def zoo_configs(scale: str, device: str = "cpu") -> dict[str, TrainConfig]:
                 cfg = get_preset("tiny")
                 layers = int(name.split("-")[1][0])
                 cfg["model"] = dict(cfg["model"], n_layers=layers, smear_keys=name.startswith("smear"))
-                cfg["n_checkpoints"] = 12
-                cfg["checkpoint_every_tokens"] = 100_000
+                cfg["n_checkpoints"] = 10
+                cfg["checkpoint_every_tokens"] = 150_000
                 cfg["dense_checkpoints"] = None
             else:
                 cfg = get_preset(name)
@@ -97,6 +97,10 @@ def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: b
     if not todo:
         return out
     threads = 1 if workers > 1 else (os.cpu_count() or 1)
+    from interventions.zoo.train import build_source
+
+    for cfg in {c.corpus: c for c in (cfgs[n] for n in todo)}.values():  # tokenise once, with a progress bar,
+        build_source(cfg, progress=progress)  # before the workers share the cache
     jobs = [(n, cfgs[n].to_dict(), str(out[n]), threads, progress, i) for i, n in enumerate(todo)]
     if workers == 1:
         for job in jobs:
