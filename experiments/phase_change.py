@@ -4,8 +4,8 @@ For each model of the zoo and each of its checkpoints (in parallel worker proces
 loss, ICL score with its standard error, loss by token index, head scores, and per-token losses on a
 fixed set of (example, token) pairs, one token per example. Then, per model:
 
-* **windows** of the phase change, each the 10% -> 90% stretch of one rise (no padding), interpolated
-  in log tokens between checkpoints: ``icl_*`` from the ICL score (the paper's definition: where it
+* **windows** of the phase change, each the 10% -> 90% stretch of one rise (no padding) of a logistic
+  fit in log tokens (``rise_window``): ``icl_*`` from the ICL score (the paper's definition: where it
   falls, i.e. where its derivative is large) and ``induction_*`` from the best head's induction score.
   Each says whether it ends inside the run and how many checkpoints it holds.
 * **precise ICL** (``icl_precise``): the ICL score on ``N_PRECISE`` windows at the checkpoints just
@@ -47,6 +47,9 @@ N_PRECISE = 2048  # windows for the before/after/plateau ICL points (s.e. ~0.02-
 MIN_INDUCTION_RISE = 0.1  # best induction score (attention share) must rise this much for a window
 MIN_ICL_DROP = 0.15  # nats: smaller ICL changes are not called a phase change (cf. the paper's ~0.4)
 PCA_FIT_FROM_TOKENS = 1_000_000  # PCs fit on checkpoints after warm-up
+# windows are fit to checkpoints from here on: before it the loss is still falling from uniform and the
+# ICL score swings with it (the smeared models change phase right after, at ~1.3M tokens)
+FIT_FROM_TOKENS = 500_000
 
 
 def run_config(run: Path) -> TrainConfig:
@@ -269,53 +272,78 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(y, 1, mode="edge"), np.ones(3) / 3, mode="valid") if len(y) >= 3 else y
 
 
-def _crossing(x: np.ndarray, y: np.ndarray, i: int, j: int, level: float) -> float:
-    """x where y crosses ``level`` between points i and j (linear in x = log tokens)."""
-    if y[j] == y[i]:
-        return float(x[j])
-    return float(x[i] + (level - y[i]) * (x[j] - x[i]) / (y[j] - y[i]))
+def logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, float, float]:
+    """Least-squares fit of y = a + b (x - x0) + r * sigmoid((x - c) / w), x0 = x[0]:
+    a sharp rise r at c of width w on top of a slow linear trend b (learning goes on before and after
+    a phase change). Returns (a, b, r, c, w, rms residual).
+
+    Grid over (c, w) with (a, b, r) solved in closed form (y is linear in them), then polished by
+    scipy's least squares from the grid's best (kept only if it improves the fit): the optimiser
+    cannot start badly."""
+    best = (math.inf, 0.0, 0.0, 0.0, x[0], 0.1)
+    dx = x - x[0]
+
+    def design(c, w):
+        return np.stack([np.ones_like(x), dx, 1 / (1 + np.exp(-(x - c) / w))], 1)
+
+    span = x[-1] - x[0]
+    for w in np.geomspace(0.005, 0.3, 30):
+        for c in np.linspace(x[0], x[-1], 100):
+            A = design(c, w)
+            coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+            sse = float(((A @ coef - y) ** 2).sum())
+            if sse < best[0]:
+                best = (sse, *map(float, coef), float(c), float(w))
+    sse, a, b, r, c, w = best
+    from scipy.optimize import least_squares
+
+    def resid(p):
+        return p[0] + p[1] * dx + p[2] / (1 + np.exp(-(x - p[3]) / p[4])) - y
+
+    try:
+        fit = least_squares(resid, [a, b, r, c, w], bounds=([-np.inf, -np.inf, -np.inf, x[0] - 0.1 * span, 2e-3],
+                                                             [np.inf, np.inf, np.inf, x[-1] + 0.1 * span, 1.0]))
+        if fit.success and float((fit.fun ** 2).sum()) < sse:
+            (a, b, r, c, w), sse = fit.x.tolist(), float((fit.fun ** 2).sum())
+    except ValueError:  # non-finite residuals: keep the grid's answer
+        pass
+    return a, b, r, c, w, math.sqrt(sse / len(x))
 
 
-def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float) -> dict:
-    """The 10% -> 90% stretch of the steepest rise of ``y`` against log tokens.
+def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tokens: float = 0.0) -> dict:
+    """The 10% -> 90% stretch of the sharp rise of ``y`` against log tokens, from a fit.
 
-    The rise runs from the lowest (smoothed) value before the point of steepest slope to the highest
-    after it; the window is where the curve first passes 10% and then 90% of that rise (linear
-    interpolation in log tokens), so it is not padded to checkpoints. No window (NaNs) when the rise
-    is below ``min_rise``. ``ends_inside``: the run goes on past the window's end for at least half
-    the window's own width (in log tokens), so a plateau after it was observed; a curve still rising
-    at the end of the run has its 90% point too close to the end.
+    ``logistic_fit`` (a logistic in log10 tokens on top of a linear trend) is fit by least squares to
+    the checkpoints with at least ``fit_from_tokens`` tokens; the window is where the logistic part
+    passes 10% and 90% of its rise, ``c -+ w ln 9``: the stretch where the derivative is large, read
+    off a fit rather than off differences of noisy neighbouring checkpoints (at 0.2M-token spacing,
+    the s.e. of one checkpoint's ICL score swamps the difference to the next), and apart from the slow
+    learning before and after. Not padded to checkpoints. No window (NaNs) when the fitted rise is
+    below ``min_rise`` (or is a fall). ``ends_inside``: the 90% point comes before
+    the last checkpoint by at least half the window's own width in log tokens (a plateau after it was
+    observed; a curve still rising at the end of the run has its 90% point at or beyond the end).
 
-    >>> t = np.array([1e6, 2e6, 4e6, 8e6, 16e6, 32e6]); y = np.array([0, 0, 0.1, 0.9, 1, 1.0])
+    >>> t = np.geomspace(1e6, 1e8, 60); y = 1 / (1 + np.exp(-(np.log10(t) - 7) / 0.1))
     >>> w = rise_window(t, y, 0.5); round(w["start_tokens"] / 1e6, 1), round(w["end_tokens"] / 1e6, 1)
-    (2.6, 9.1)
+    (6.0, 16.6)
     """
     nan = {"start_tokens": math.nan, "end_tokens": math.nan, "peak_tokens": math.nan, "rise": 0.0,
-           "from": math.nan, "to": math.nan, "n_checkpoints": 0, "ends_inside": False}
-    if len(tokens) < 4:
+           "trend_per_decade": math.nan, "from": math.nan, "to": math.nan, "n_checkpoints": 0,
+           "ends_inside": False, "fit_rms": math.nan}
+    keep = tokens >= fit_from_tokens
+    t, y = tokens[keep].astype(float), np.asarray(y, dtype=float)[keep]
+    if len(t) < 5:
         return nan
-    x = np.log10(tokens.astype(float))
-    ys = _smooth(np.asarray(y, dtype=float))
-    slope = np.gradient(ys, x)
-    i = int(np.argmax(slope))
-    lo_i = int(np.argmin(ys[: i + 1]))
-    hi_i = i + int(np.argmax(ys[i:]))
-    lo, hi = ys[lo_i], ys[hi_i]
-    if slope[i] <= 0 or hi - lo < min_rise:
-        return {**nan, "rise": float(max(hi - lo, 0.0))}
-    l10, l90 = lo + 0.1 * (hi - lo), lo + 0.9 * (hi - lo)
-    a = i
-    while a > lo_i and ys[a] > l10:  # walk back to the last point at or below 10%
-        a -= 1
-    b = max(i, a)
-    while b < hi_i and ys[b] < l90:  # walk forward to the first point at or above 90%
-        b += 1
-    start = _crossing(x, ys, a, a + 1, l10) if ys[a] <= l10 < ys[a + 1] else float(x[a])
-    end = _crossing(x, ys, b - 1, b, l90) if b > 0 and ys[b - 1] < l90 <= ys[b] else float(x[b])
-    inside = int(((x >= start) & (x <= end)).sum())
-    return {"start_tokens": 10 ** start, "end_tokens": 10 ** end, "peak_tokens": float(10 ** x[i]),
-            "rise": float(hi - lo), "from": float(lo), "to": float(hi), "n_checkpoints": inside,
-            "ends_inside": bool(x[-1] - end >= 0.5 * (end - start))}
+    x = np.log10(t)
+    a, b, r, c, w, rms = logistic_fit(x, y)
+    if r < min_rise:
+        return {**nan, "rise": float(r), "fit_rms": rms}
+    start, end = c - w * math.log(9), c + w * math.log(9)
+    return {"start_tokens": 10 ** start, "end_tokens": 10 ** end, "peak_tokens": 10 ** c, "rise": float(r),
+            "trend_per_decade": float(b), "from": float(a + b * (start - x[0]) + 0.1 * r),
+            "to": float(a + b * (end - x[0]) + 0.9 * r),
+            "n_checkpoints": int(((x >= start) & (x <= end)).sum()),
+            "ends_inside": bool(x[-1] - end >= 0.5 * (end - start)), "fit_rms": rms}
 
 
 def detect_bump(tokens: np.ndarray, loss: np.ndarray, after_fraction: float = 0.05) -> dict:
@@ -354,8 +382,8 @@ def detect_windows(checkpoints: pd.DataFrame, head_scores: pd.DataFrame) -> pd.D
         t = ck.tokens.to_numpy()
         ind = (head_scores[(head_scores.model == model) & (head_scores.score == "induction")]
                .groupby("tokens").value.max().reindex(ck.tokens).fillna(0).to_numpy())
-        w_icl = rise_window(t, -ck.icl_score.to_numpy(), MIN_ICL_DROP)
-        w_ind = rise_window(t, ind, MIN_INDUCTION_RISE)
+        w_icl = rise_window(t, -ck.icl_score.to_numpy(), MIN_ICL_DROP, FIT_FROM_TOKENS)
+        w_ind = rise_window(t, ind, MIN_INDUCTION_RISE, FIT_FROM_TOKENS)
         rows.append({"model": model, "run_tokens": int(t[-1]),
                      **{f"icl_window_{k}": v for k, v in w_icl.items()},
                      **{f"induction_window_{k}": v for k, v in w_ind.items()},

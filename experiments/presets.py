@@ -11,7 +11,7 @@ trainer on this corpus):
     never formed). Every model shares this schedule, so any prefix of any run is comparable with
     any other at equal tokens (cosine, tied to each run's own budget, is ``--set schedule=cosine``).
   * Shortformer positions (as the paper's small models).
-  * Checkpoints: 24 log-spaced, one every 1M tokens, and one every 0.2M tokens from 5M to 12M
+  * Checkpoints: 24 log-spaced, one every 1M tokens, and one every 0.15M tokens from 5M to 11M
     (``dense_checkpoints``: where the calibration saw the vanilla 2-layer ICL score fall, so the
     window holds >= 12 checkpoints). The schedule of checkpoints does not change training.
 """
@@ -23,7 +23,7 @@ import copy
 BASE_MODEL = dict(n_heads=4, d_model=96, n_ctx=256, positional="shortformer")
 BASE = dict(corpus="stdlib", vocab_size=257, batch_size=8, lr=2e-3, warmup_tokens=1_000_000, schedule="constant",
             tokens=20_000_000, n_checkpoints=24, checkpoint_every_tokens=1_000_000,
-            dense_checkpoints=[5_000_000, 12_000_000, 200_000], n_eval_windows=256, seed=0)
+            dense_checkpoints=[5_000_000, 11_000_000, 150_000], n_eval_windows=256, seed=0)
 
 PRESETS: dict[str, dict] = {
     "attn-1l": dict(BASE, model=dict(BASE_MODEL, n_layers=1)),

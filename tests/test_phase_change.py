@@ -33,17 +33,23 @@ def test_banded_icl_rejects_bad_bands():
         icl_from_losses(losses, 6, 20, band=-1)
 
 
-def test_rise_window_finds_the_10_to_90_percent_points_of_a_logistic():
-    """For y = 1 / (1 + exp(-k (log10 t - c))) the 10% and 90% points are c -+ ln(9) / k in log10 t;
-    dense sampling recovers them (the 3-point smoothing is symmetric and nearly linear there)."""
-    t = np.logspace(5, 8, 400)
+def test_rise_window_finds_the_10_to_90_percent_points_of_a_noisy_logistic():
+    """For y = lo + trend * log10 t + rise / (1 + exp(-k (log10 t - c))) the 10% and 90% points of the
+    rise are c -+ ln(9) / k in log10 t; the fit recovers them, and the rise apart from the slow trend,
+    through noise of a tenth of the rise on each point (the real ICL curves' level)."""
+    t = np.logspace(5, 8, 150)
     k, c = 6.0, 7.0
-    y = 1 / (1 + np.exp(-k * (np.log10(t) - c)))
-    w = rise_window(t, y, 0.5)
-    assert math.log10(w["start_tokens"]) == pytest.approx(c - math.log(9) / k, abs=0.01)
-    assert math.log10(w["end_tokens"]) == pytest.approx(c + math.log(9) / k, abs=0.01)
+    y = (-0.2 + 0.1 * np.log10(t) + 0.4 / (1 + np.exp(-k * (np.log10(t) - c)))
+         + np.random.default_rng(0).normal(0, 0.04, len(t)))
+    w = rise_window(t, y, 0.2)
+    assert w["rise"] == pytest.approx(0.4, abs=0.05)
+    assert w["trend_per_decade"] == pytest.approx(0.1, abs=0.03)
+    assert math.log10(w["start_tokens"]) == pytest.approx(c - math.log(9) / k, abs=0.04)
+    assert math.log10(w["end_tokens"]) == pytest.approx(c + math.log(9) / k, abs=0.04)
     assert w["ends_inside"] and w["n_checkpoints"] == int(((t >= w["start_tokens"]) & (t <= w["end_tokens"])).sum())
     flat = rise_window(t, 0.01 * np.sin(np.log10(t)), 0.1)
+    fall = rise_window(t, -y, 0.2)
+    assert math.isnan(fall["start_tokens"])
     assert math.isnan(flat["start_tokens"]) and flat["n_checkpoints"] == 0
 
 
