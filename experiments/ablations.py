@@ -73,8 +73,8 @@ def _sem(x: np.ndarray) -> float:
 
 
 def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, results_root: Path,
-                  windows_table: pd.DataFrame | None = None, n_windows: int = 1024, n_random: int = 10,
-                  n_attribution_inside: int = 6, device: str = "cpu", progress: bool = True) -> Results:
+                  windows_table: pd.DataFrame | None = None, n_windows: int = 1024, n_random: int = 6,
+                  n_attribution_inside: int = 5, device: str = "cpu", progress: bool = True) -> Results:
     from interventions.primitives.sweep import ablation_sweep
 
     res = Results(results_root, f"ablations_{name}")
@@ -146,15 +146,15 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
         res.write("sets", pd.DataFrame(rows))
 
     if not res.has("attribution") and windows_table is not None and len(ckpts) >= 3:
-        res.write("attribution", _attribution(ckpts, cfg, name, windows[:256], windows_table, n_attribution_inside,
+        res.write("attribution", _attribution(ckpts, cfg, name, windows[:128], windows_table, n_attribution_inside,
                                               device, progress))
     return res
 
 
 def attribution_checkpoints(ckpts: list[Path], cfg: TrainConfig, start: float, end: float,
                             n_inside: int) -> list[Path]:
-    """``n_inside`` checkpoints spread through [start, end] (all when fewer), plus two before and two
-    after the window (log-spaced), oldest first."""
+    """``n_inside`` checkpoints spread through [start, end] (all when fewer), plus the first and the last
+    checkpoint before the window and after it, oldest first."""
     tok = np.array([step_tokens(c, cfg)[1] for c in ckpts], dtype=float)
     inside = np.flatnonzero((tok >= start) & (tok <= end))
     pick = set(inside[np.unique(np.round(np.linspace(0, len(inside) - 1, min(n_inside, len(inside)))).astype(int))]

@@ -149,9 +149,26 @@ def icl_row(losses: torch.Tensor) -> dict:
 
 # ----------------------------------------------------------------------------- per-checkpoint work
 
+def pca_checkpoints(tokens: list[int], min_log_step: float = 0.04) -> set[int]:
+    """Indices of the checkpoints whose per-token losses enter the PCA: a log-spaced thinning (each
+    at least ``min_log_step`` decades of tokens after the previous one, ~10%), always the last.
+
+    >>> sorted(pca_checkpoints([1, 2, 3, 100, 105, 111, 120]))
+    [0, 1, 2, 3, 5, 6]
+    """
+    keep, last = set(), -math.inf
+    for i, t in enumerate(tokens):
+        x = math.log10(max(t, 1))
+        if x - last >= min_log_step or i == len(tokens) - 1:
+            keep.add(i)
+            last = x
+    return keep
+
+
 def _eval_chunk(job) -> list[dict]:
-    """Worker: evaluate some checkpoints of one run. Returns one dict of results per checkpoint."""
-    run, ckpts, n_windows, n_pairs, device, threads = job
+    """Worker: evaluate some checkpoints of one run. Returns one dict of results per checkpoint
+    (``pca`` is None for checkpoints thinned out of the PCA)."""
+    run, ckpts, n_windows, n_pairs, device, threads, pca_steps = job
     torch.set_num_threads(threads)
     cfg = run_config(Path(run))
     windows = eval_windows(cfg, n_windows)
@@ -166,7 +183,7 @@ def _eval_chunk(job) -> list[dict]:
         out.append({"step": step, "tokens": tokens, "val_loss": losses.mean().item(), **icl_row(losses),
                     "by_index": loss_by_position(losses).drop(columns="n"),
                     "heads": head_score_rows(model, windows, cfg.seed),
-                    "pca": pair_losses(model, pw.to(device), pt.to(device)) if with_pca else None})
+                    "pca": pair_losses(model, pw.to(device), pt.to(device)) if with_pca and step in pca_steps else None})
     return out
 
 
@@ -210,9 +227,13 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
         ckpts = [str(c) for c in list_checkpoints(runs[name])]
         if not ckpts:
             raise ValueError(f"run {runs[name]} has no complete checkpoint: train it first")
+        cfg = run_config(runs[name])
+        steps = [step_tokens(Path(c), cfg) for c in ckpts]
+        pca_steps = {steps[i][0] for i in pca_checkpoints([t for _, t in steps])}
         n_chunks = max(1, min(len(ckpts), 2 * workers))
         for chunk in np.array_split(np.array(ckpts), n_chunks):
-            jobs.append((str(runs[name]), list(chunk), n_windows, n_pca_pairs, device, threads or torch.get_num_threads()))
+            jobs.append((str(runs[name]), list(chunk), n_windows, n_pca_pairs, device, threads or torch.get_num_threads(),
+                         pca_steps))
             owners.append(name)
     if jobs:
         results = _pool_map(_eval_chunk, jobs, workers, progress, "evaluate checkpoints",
@@ -225,7 +246,8 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
                                                                                 tokens=r["tokens"]) for r in rows]))
             res.write(f"head_scores_{name}", pd.concat([r["heads"].assign(model=name, step=r["step"],
                                                                            tokens=r["tokens"]) for r in rows]))
-            np.save(res.dir / f"per_token_losses_{name}.npy", np.stack([r["pca"] for r in rows]))
+            np.save(res.dir / f"per_token_losses_{name}.npy", np.stack([r["pca"] for r in rows if r["pca"] is not None]))
+            res.write(f"pca_steps_{name}", pd.DataFrame({"step": [r["step"] for r in rows if r["pca"] is not None]}))
             table = pd.DataFrame([{**meta, **{k: v for k, v in r.items() if k not in ("by_index", "heads", "pca")}}
                                   for r in rows])
             res.write(f"checkpoints_{name}", table)  # written last: marks the model done
@@ -241,7 +263,8 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     win = add_plateau(win, res.read("icl_precise"))
     res.write("windows", win)
     vectors = {n: np.load(res.dir / f"per_token_losses_{n}.npy", allow_pickle=False) for n in runs}
-    pca = pca_trajectories(vectors, ck)
+    pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(res.read(f"pca_steps_{n}").step)] for n in runs])
+    pca = pca_trajectories(vectors, pca_ck)
     res.write("pca", pca)
     ref = win[win.model == "attn-2l"] if "attn-2l" in set(win.model) else win.iloc[:0]
     res.write("pca_turn", pca_turns(pca, ref))
