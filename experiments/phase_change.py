@@ -536,15 +536,19 @@ def pca_turns(pca: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
 
 @torch.no_grad()
 def attention_entropy(model, windows: torch.Tensor) -> pd.DataFrame:
-    """Mean attention entropy (nats) of every head at every query position, and log(pos + 1), the
-    entropy of uniform attention over the visible tokens. Eager attention (patterns returned)."""
+    """Mean attention entropy (nats) of every head at every query position, log(pos + 1) (the entropy
+    of uniform attention over the visible tokens), and the attention weight on the previous token.
+    Eager attention (patterns returned)."""
     out = model(windows, output_attentions=True)
     rows = []
     for layer, pat in enumerate(out.attentions):  # (batch, head, q, k)
         ent = -(pat.clamp_min(1e-12).log() * pat).sum(-1).mean(0)  # (head, q)
+        prev = torch.diagonal(pat, offset=-1, dim1=-2, dim2=-1).mean(0)  # (head, q - 1): weight on token q - 1
+        prev = torch.cat([torch.full((prev.shape[0], 1), float("nan")), prev], 1)
         for h in range(ent.shape[0]):
             rows.append(pd.DataFrame({"layer": layer, "head": h, "position": np.arange(ent.shape[1]),
-                                      "entropy": ent[h].numpy(), "uniform_entropy": np.log(np.arange(ent.shape[1]) + 1)}))
+                                      "entropy": ent[h].numpy(), "uniform_entropy": np.log(np.arange(ent.shape[1]) + 1),
+                                      "prev_token_attention": prev[h].numpy()}))
     return pd.concat(rows)
 
 
@@ -566,10 +570,11 @@ def transient_table(runs: dict[str, Path], checkpoints: pd.DataFrame, device: st
             ent = attention_entropy(model, wins.to(device))
             ent = ent.assign(band=np.where(ent.position < early + 5, "early", np.where(ent.position >= late - 5, "late", "mid")))
             g = ent[ent.band != "mid"].groupby(["layer", "band"]).agg(entropy=("entropy", "mean"),
-                                                                   uniform=("uniform_entropy", "mean")).reset_index()
+                                                                   uniform=("uniform_entropy", "mean"),
+                                                                   prev=("prev_token_attention", "mean")).reset_index()
             icl = ck[ck.step == step]
             for r in g.itertuples():
                 rows.append({"model": name, "step": step, "tokens": tokens, "layer": r.layer, "band": r.band,
-                             "entropy": r.entropy, "uniform_entropy": r.uniform,
+                             "entropy": r.entropy, "uniform_entropy": r.uniform, "prev_token_attention": r.prev,
                              "icl_score": float(icl.icl_score.iloc[0]) if len(icl) else math.nan})
     return pd.DataFrame(rows)

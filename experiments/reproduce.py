@@ -187,11 +187,13 @@ def transient_summary(tr: pd.DataFrame) -> dict:
     out = {}
     for model, d in tr.groupby("model", sort=False):
         step = d.loc[d.icl_score.idxmax(), "step"]
-        e = d[d.step == step].groupby("band")[["entropy", "uniform_entropy"]].mean()
+        e = d[d.step == step].groupby("band")[["entropy", "uniform_entropy", "prev_token_attention"]].mean()
+        l0 = d[(d.step == step) & (d.layer == 0)].groupby("band").prev_token_attention.mean()
         out[model] = {"tokens": int(d[d.step == step].tokens.iloc[0]), "icl_score": _f(d.icl_score.max()),
                       **{f"entropy_{b}": _f(e.loc[b, "entropy"]) for b in e.index},
                       **{f"entropy_fraction_of_uniform_{b}": _f(e.loc[b, "entropy"] / e.loc[b, "uniform_entropy"])
-                         for b in e.index}}
+                         for b in e.index},
+                      **{f"layer0_prev_token_attention_{b}": _f(l0.loc[b]) for b in l0.index}}
     return out
 
 
@@ -277,7 +279,9 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path) -> Pat
             lines += [f"- {m} at {_tok(t['tokens'])} (ICL {t['icl_score']:+.2f}): early "
                       f"{t.get('entropy_fraction_of_uniform_early', float('nan')):.2f}, late "
                       f"{t.get('entropy_fraction_of_uniform_late', float('nan')):.2f} of uniform "
-                      f"({t.get('entropy_early', float('nan')):.2f} vs {t.get('entropy_late', float('nan')):.2f} nats)."]
+                      f"({t.get('entropy_early', float('nan')):.2f} vs {t.get('entropy_late', float('nan')):.2f} nats); "
+                      f"layer-0 attention on the previous token, early {t.get('layer0_prev_token_attention_early', float('nan')):.2f} "
+                      f"vs late {t.get('layer0_prev_token_attention_late', float('nan')):.2f}."]
         lines += [""]
     lines += [f"Figures in `{figures_dir}`; tables under `{out}` (each with provenance.json); numbers in "
               "`headline.json`."]
