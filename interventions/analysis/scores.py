@@ -5,7 +5,7 @@ Each score function returns a tidy DataFrame with one row per (layer, head): col
 and ``classify_induction_heads`` marks induction heads on it.
 
 Attention scores are read from the attention patterns of the toolkit's own traces
-(``run_edited(..., save_patterns=True)`` inside ``observable(model)``), so they work for every
+(pattern sites read inside ``observable(model)``), so they work for every
 architecture ``interventions.engine.adapters`` supports. The copying score is read from the weights (it is a
 property of the OV circuit, no forward pass); it supports our ``attn_only`` model and GPT-2.
 
@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from ..engine.adapters import get_adapter, observable
-from ..engine.tracing import run_edited, unwrap
+from ..engine.sites import Site
+from ..engine.tracing import Engine, Run, unwrap
 
 ScoreName = Literal["prefix_matching", "copying", "induction", "duplicate_token", "previous_token"]
 
@@ -184,16 +185,19 @@ def attention_score(model, tokens: torch.Tensor, target: torch.Tensor, n_queries
     score[l, h] = sum over examples, queries q, keys k of pattern[b, h, q, k] * target[b, q, k],
     divided by (n_examples * n_queries). ``target`` is (n_examples or 1, pos, pos), zero on rows that
     are not scored queries; ``n_queries`` is the number of scored queries per example. Patterns come
-    from ``run_edited`` inside ``observable(model)`` in batches of ``batch_size``."""
+    read inside ``observable(model)`` in batches of ``batch_size``."""
     a = get_adapter(unwrap(model))
     n = tokens.shape[0]
     totals = torch.zeros(a.n_layers, a.n_heads, dtype=torch.float64)
-    with observable(unwrap(model)):
+    engine = Engine(model)
+    sites = [Site(layer, "pattern") for layer in range(a.n_layers)]
+    with observable(engine.inner):
         for i in range(0, n, batch_size):
             batch = tokens[i:i + batch_size]
             tgt = target if target.shape[0] == 1 else target[i:i + batch_size]
-            _, patterns = run_edited(model, batch, {}, save_patterns=True)
-            for layer, p in enumerate(patterns):  # p: (batch, head, q_pos, k_pos)
+            acts = engine.run(Run(batch, reads=sites)).acts
+            for layer in range(a.n_layers):
+                p = acts[f"L{layer}.pattern"]  # (batch, head, q_pos, k_pos)
                 totals[layer] += (p.detach().double().cpu() * tgt[:, None].double()).sum(dim=(0, 2, 3))
     return totals / (n * n_queries)
 
