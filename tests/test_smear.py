@@ -9,7 +9,8 @@ import torch
 from transformers import (AttentionInterface, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
                           LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, ZeroAblation, get_adapter, run_with_ablations
+from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, ZeroAblation, run_with_ablations
+from interventions.engine.adapters import get_adapter
 from interventions.zoo.smear import KeySmear, get_alphas, set_alphas, smear_keys, smear_modules
 
 VOCAB = 50
