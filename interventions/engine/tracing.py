@@ -322,14 +322,20 @@ class Engine:
         probe = torch.arange(2)[None] % self.adapter.vocab_size
         nan = self.run(Run(probe, writes=[Write(site, lambda x: torch.full_like(x, float("nan")))]), verify=False)
         if not bool(torch.isnan(nan.logits).any()):
+            # q/k/v/pattern feed the same layer's z: compare that (a head with no output path to the
+            # logits still consumes them); other sites: the logits.
             g = torch.Generator().manual_seed(0)
-            clean = self.run(Run(probe), verify=False).logits
+            tokens = torch.randint(0, self.adapter.vocab_size, (1, min(8, self.adapter.n_ctx or 8)), generator=g)
+            reads = [Site(site.layer, "z")] if site.kind in ("q", "k", "v", "pattern") else []
 
             def noise(x):
                 return x + (1 + x.abs()) * torch.randn(x.shape, generator=g).to(x.device, x.dtype)
 
-            moved = self.run(Run(probe, writes=[Write(site, noise)]), verify=False).logits
-            if torch.equal(clean, moved):
+            clean = self.run(Run(tokens, reads=reads), verify=False)
+            moved = self.run(Run(tokens, reads=reads, writes=[Write(site, noise)]), verify=False)
+            same = all(torch.equal(clean.acts[k], moved.acts[k]) for k in clean.acts) if reads else \
+                torch.equal(clean.logits, moved.logits)
+            if same:
                 raise InterventionError(f"a write to {site} did not take effect: the model's forward does not consume "
                                         f"{self.adapter.point(site, self.inner)} as the site's value; fix the adapter "
                                         "with interventions.register_adapter")
