@@ -143,3 +143,27 @@ def test_sweep_shares_the_clean_prefix(tiny_model, monkeypatch, shortcut):
         assert rows["attn0"] == [3] and rows["attn1"] == [3, 12]
     else:
         assert rows["attn0"] == [3, 12] and rows["attn1"] == [3, 12, 12]
+
+
+@pytest.mark.parametrize("which", ["attn_only", "gpt2"])
+def test_sweep_accepts_any_ablation(which, tiny_model, tiny_gpt2):
+    """A factory heads -> PatternPreserving(MeanAblation(heads, reference)), a FunctionAblation (a
+    function of the activation it replaces) and a ResampleAblation object are swept exactly as
+    ablating each head alone with per_token_loss (< 1e-5)."""
+    from interventions import FunctionAblation, ResampleAblation
+
+    model = tiny_model if which == "attn_only" else tiny_gpt2
+    tokens = torch.randint(0, 50, (3, 10), generator=torch.Generator().manual_seed(7))
+    reference = torch.randint(0, 50, (4, 10), generator=torch.Generator().manual_seed(8))
+    heads = all_heads(2, 4)
+    makers = {
+        "pp-mean": lambda hs: PatternPreserving(MeanAblation(hs, reference)),
+        "function": lambda hs: FunctionAblation(hs, lambda z, head: -2.0 * z),
+        "resample": lambda hs: ResampleAblation(hs, reference, seed=1),
+    }
+    for name, make in makers.items():
+        clean, delta = ablation_sweep(model, tokens, kind=make, heads_per_pass=3, batch_size=2)
+        want = torch.stack([per_token_loss(model, tokens, make([h])) - clean for h in heads])
+        torch.testing.assert_close(delta, want, atol=1e-5, rtol=0, msg=name)
+    _, delta = ablation_sweep(model, tokens, kind=ResampleAblation(heads[:3], reference, seed=1))
+    assert delta.shape == (3, 3, 9)
