@@ -57,19 +57,23 @@ class ArchSpec:
     # The attention module's output is exactly its output projection's output (no dropout, no extra
     # term). Built-in architectures only: lets a sweep skip recomputing an ablated layer's attention.
     attn_is_o_proj: bool = False
+    final_norm: str | None = None  # the norm before the unembedding (copying score); None: not known
 
 
 ARCHS: dict[str, ArchSpec] = {
     "attn_only": ArchSpec("transformer.h", "attn", "c_proj", "k_proj", "hook_pattern", block_output="tuple",
-                          attn_is_o_proj=True),
+                          attn_is_o_proj=True, final_norm="transformer.ln_f"),
     "gpt2": ArchSpec("transformer.h", "attn", "c_proj", "c_attn", "hook_pattern", fused_qkv="gpt2",
-                     attn_is_o_proj=True),
+                     attn_is_o_proj=True, final_norm="transformer.ln_f"),
     # transformers 5 names the NeoX unembedding ``lm_head`` (4.x: ``embed_out``; see ``unembed_path``)
     "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "dense", "query_key_value", "hook_pattern",
-                         fused_qkv="neox", attn_is_o_proj=True),
-    "llama": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True),
-    "qwen2": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True),
-    "mistral": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True),
+                         fused_qkv="neox", attn_is_o_proj=True, final_norm="gpt_neox.final_layer_norm"),
+    "llama": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
+                      final_norm="model.norm"),
+    "qwen2": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
+                      final_norm="model.norm"),
+    "mistral": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
+                        final_norm="model.norm"),
 }
 
 _REGISTER_HINT = ("interventions.register_adapter(model_type, ArchSpec(layers='model.layers', attn='self_attn', "
