@@ -31,19 +31,23 @@ from .common import Results
 from .phase_change import eval_windows
 
 KINDS = ("zero", "mean", "pattern")
-INDUCTION_THRESHOLD = 0.4  # TransformerLens-style induction score; see interventions.analysis.scores
 
 
 def _icl(losses: torch.Tensor, early: int, late: int) -> float:
     return icl_from_losses(losses, early, late)["icl_score"]
 
 
-def induction_heads(head_scores: pd.DataFrame, model: str, threshold: float = INDUCTION_THRESHOLD,
-                    min_heads: int = 1) -> list[Head]:
-    """Heads of ``model`` whose final induction score exceeds ``threshold`` (at least the top one)."""
-    hs = head_scores[(head_scores.model == model) & (head_scores.score == "induction")]
-    final = hs[hs.step == hs.step.max()].sort_values("value", ascending=False)
-    chosen = [Head(int(r.layer), int(r.head)) for r in final.itertuples() if r.value > threshold]
+def induction_heads(head_scores: pd.DataFrame, model: str, min_heads: int = 1) -> list[Head]:
+    """Heads of ``model`` that the library's one rule (``classify_induction_heads``: prefix matching and
+    copying) marks at the final checkpoint; at least the top one by induction score."""
+    from interventions import classify_induction_heads
+
+    hs = head_scores[head_scores.model == model]
+    hs = hs[hs.step == hs.step.max()]
+    wide = hs.pivot_table(index=["layer", "head"], columns="score", values="value").reset_index()
+    marked = classify_induction_heads(wide)
+    chosen = [Head(int(r.layer), int(r.head)) for r in marked[marked.is_induction].itertuples()]
+    final = hs[hs.score == "induction"].sort_values("value", ascending=False)
     if len(chosen) < min_heads:
         chosen = [Head(int(r.layer), int(r.head)) for r in final.head(min_heads).itertuples()]
     return chosen
@@ -64,7 +68,7 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root:
     a = get_adapter(model)
     ind = induction_heads(head_scores, name)
     res.write_provenance({"run": str(run), "model": name, "n_windows": n_windows, "n_random": n_random,
-                          "induction_heads": [str(h) for h in ind], "threshold": INDUCTION_THRESHOLD},
+                          "induction_heads": [str(h) for h in ind], "rule": "classify_induction_heads"},
                          seed=cfg.seed)
 
     if not res.has("per_head"):

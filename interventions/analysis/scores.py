@@ -498,10 +498,11 @@ def head_scores(model, windows=None, *, n_examples: int = 10, seed: int = 0, bos
 
 def classify_induction_heads(df, prefix_threshold: float = PREFIX_THRESHOLD,
                              copying_threshold: float = COPYING_THRESHOLD, prefix_column: str = "prefix_matching"):
-    """Mark induction heads: prefix matching >= ``prefix_threshold`` and copying >= ``copying_threshold``.
+    """The one induction-head rule: prefix matching >= ``prefix_threshold`` and copying >= ``copying_threshold``.
 
-    The paper defines an induction head as one with both prefix matching and copying and gives no
-    numbers. Defaults, and why:
+    ``df``: a table of ``head_scores``, or a model (its ``head_scores`` with default, inferred probes
+    are computed first). The paper defines an induction head as one with both prefix matching and
+    copying and gives no numbers. Defaults, and why:
       * prefix 0.4: uniform attention scores about 1 / n_tokens (0.04 for the paper's 25 tokens), so
         0.4 is ten times chance, and it is the common practical threshold for the induction score
         (ARENA). Use ``prefix_column="induction"`` to classify on the induction score instead.
@@ -509,7 +510,18 @@ def classify_induction_heads(df, prefix_threshold: float = PREFIX_THRESHOLD,
         to the attended token itself, half the paper's maximum of about 0.5. A head with unrelated
         OV output gives a share near 2 / vocab (score near -1).
 
-    Returns a copy of ``df`` with a boolean ``is_induction`` column."""
+    Returns a copy of the table with a boolean ``is_induction`` column.
+
+    Example:
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=60)).eval()
+        >>> classify_induction_heads(model).columns[-1], int(classify_induction_heads(model).is_induction.sum())
+        ('is_induction', 0)
+    """
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        df = head_scores(df)
     missing = [c for c in (prefix_column, "copying") if c not in df.columns]
     if missing:
         raise ValueError(f"df lacks column(s) {missing}: pass the DataFrame of head_scores(model, ...)")
