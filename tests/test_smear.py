@@ -117,10 +117,10 @@ class CaptureKeys:
         self.keys = []
 
     def __call__(self, module, query, key, value, attention_mask, **kw):
-        from interventions.engine.adapters import _observable_attention  # plain eager attention, any arch
+        from interventions.engine.adapters import observable_attention  # plain eager attention, any arch
 
         self.keys.append(key.detach().clone())  # (batch, kv_head, pos, d_head)
-        return _observable_attention(module, query, key, value, attention_mask, **kw)
+        return observable_attention(module, query, key, value, attention_mask, **kw)
 
 
 def capture_keys(model, x, **kw):

@@ -373,9 +373,9 @@ def previous_token_score(model, windows, batch_size: int = 16):
     (n, pos) of ordinary text (e.g. ``eval_windows``). Returns layer, head, score.
 
     ``detect_head(..., "previous_token_head")`` on one window gives (pos - 1) / pos times this."""
-    from .metrics import _as_windows
+    from .metrics import as_windows
 
-    windows = _as_windows(windows)
+    windows = as_windows(windows)
     pos = windows.shape[1]
     if pos < 2:
         raise ValueError(f"windows of {pos} token have no previous token: use windows of at least 2 tokens")

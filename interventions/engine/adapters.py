@@ -245,7 +245,7 @@ def _build_adapter(config) -> Adapter:
 
 # ----------------------------------------------------------------------------- patterns
 
-def _observable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def observable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention for any HF architecture, routing the pattern through ``module.hook_pattern``.
 
     query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head)."""
@@ -278,7 +278,7 @@ def _register_attention() -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-        AttentionInterface.register("interventions_eager", _observable_attention)
+        AttentionInterface.register("interventions_eager", observable_attention)
         # Without a mask function of the same name HF builds *no* mask for a custom attention
         # implementation (it assumes the kernel masks by itself), so the eager path above would attend
         # to future tokens. The eager mask is additive (0 / dtype min), causal, and honours padding.
