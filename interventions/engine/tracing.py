@@ -217,7 +217,13 @@ class Engine:
             self._lm, self._lm_key = self._nnsight.NNsight(self.inner), key
         return self._lm
 
-    def device(self) -> torch.device:
+    def device(self, path: str | None = None) -> torch.device:
+        """Device of the module at ``path`` (its first parameter), else of the model's first parameter:
+        a tensor fed to a module goes to that module's device (multi-device models)."""
+        if path is not None:
+            p = next(module_at(self.inner, path).parameters(), None)
+            if p is not None:
+                return p.device
         return next(self.inner.parameters()).device
 
     # ------------------------------------------------------------------ validation
@@ -391,13 +397,14 @@ class Engine:
                 for layer in range(a.n_layers):
                     block = a.module(lm, layer, "layer")
                     if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
-                        p = run.prefix.to(device)
+                        p = run.prefix.to(self.device(a.path(run.start, "layer")))
                         block.skip((p, None) if a.spec.block_output == "tuple" else p)
                         continue
                     sites = by_layer.get(layer, [])
                     if layer in run.attn_outputs:
                         visit([s for s in sites if s.kind == "resid_pre"])
-                        a.module(lm, layer, "attn").skip((run.attn_outputs[layer].to(device), None))
+                        out = run.attn_outputs[layer].to(self.device(a.path(layer, "attn")))
+                        a.module(lm, layer, "attn").skip((out, None))
                         visit([s for s in sites if s.kind != "resid_pre"])
                     else:
                         visit(sites)
