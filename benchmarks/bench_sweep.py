@@ -78,7 +78,7 @@ def build(name, device):
 
 
 def n_heads_total(model):
-    from interventions import get_adapter
+    from interventions.engine.adapters import get_adapter
 
     a = get_adapter(model)
     return a.n_layers * a.n_heads

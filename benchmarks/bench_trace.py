@@ -30,10 +30,9 @@ def main(argv=None):
     result = {"benchmark": "trace", "machine": machine(args.device), "batch": args.batch, "pos": args.pos,
               "reps": reps, "head": "L1H0"}
     if optional("nnsight") is not None:
-        from interventions import ZeroAblation, run_with_ablations
-        from interventions.engine.tracing import wrap
+        from interventions import ZeroAblation, run_with_ablations, wrap
 
-        lm = wrap(model, lean=True)  # the wrapper the primitives use (bare nnsight.NNsight)
+        lm = wrap(model)  # the wrapper the engine uses (bare nnsight.NNsight)
         d_head = model.config.d_head
 
         def bare():

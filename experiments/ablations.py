@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interventions import Head, PatternPreserving, ZeroAblation, per_token_loss
+from interventions import PatternPreserving, ZeroAblation, per_token_loss
+from interventions.engine.heads import Head
 from interventions.analysis.metrics import icl_band, icl_indices
 from interventions.engine.adapters import get_adapter
 from interventions.zoo.train import TrainConfig, list_checkpoints, load_model

@@ -96,13 +96,10 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
     metric_c = second_copy_loss(length)
     res.write_provenance({"run": str(run), "n_prompts": n_prompts, "length": length}, seed=cfg.seed)
 
-    def metric(logits):
-        return metric_c(logits, clean)  # same second copy in both prompts
-
-    base_clean = metric(model(clean).logits).mean().item()
-    base_corr = metric(model(corrupted).logits).mean().item()
-    by_head = patch_heads(model, clean, corrupted, metric, by="head")  # (layer, head)
-    by_pos = patch_heads(model, clean, corrupted, metric, by="head_pos")  # (layer, head, pos)
+    base_clean = metric_c(model(clean).logits, clean).mean().item()
+    base_corr = metric_c(model(corrupted).logits, corrupted).mean().item()  # same second copy in both prompts
+    by_head = patch_heads(model, clean, corrupted, metric_c, by="head")  # (layer, head)
+    by_pos = patch_heads(model, clean, corrupted, metric_c, by="head_pos")  # (layer, head, pos)
     gap = base_corr - base_clean
     rows = [{"layer": layer, "head": h, "head_name": f"L{layer}H{h}", "loss": by_head[layer, h].item(),
              "restored": (base_corr - by_head[layer, h].item()) / gap if gap else float("nan")}

@@ -123,7 +123,7 @@ def head_score_frame(model, windows: torch.Tensor, seed: int = 0) -> pd.DataFram
 def induction_heads_of(model, windows: torch.Tensor, seed: int = 0) -> list:
     """The induction heads by the library's one rule (``classify_induction_heads``: prefix matching
     and copying, as the paper defines them)."""
-    from interventions import Head
+    from interventions.engine.heads import Head
     from interventions.analysis import scores
 
     df = scores.classify_induction_heads(head_score_frame(model, windows, seed))

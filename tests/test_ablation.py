@@ -7,11 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from interventions import (ArchSpec, AttnOnlyConfig, AttnOnlyForCausalLM, Head, InterventionError,
-                           MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, get_adapter,
-                           per_token_loss, register_adapter, run_edited, run_with_ablations)
-from interventions.engine.adapters import ARCHS
-from interventions.engine.tracing import LayerEdits
+from interventions import (ArchSpec, AttnOnlyConfig, AttnOnlyForCausalLM, InterventionError,
+                           MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation,
+                           per_token_loss, register_adapter, run_with_ablations)
+from interventions.engine.adapters import ARCHS, get_adapter
+from interventions.engine.heads import Head
+from interventions.engine.sites import Site
+from interventions.engine.tracing import Run, Write, execute
 
 from .oracle import to_hooked_transformer
 
@@ -347,8 +349,10 @@ def test_pattern_preserving_on_hf_models(arch):
     pp0 = run_with_ablations(model, tokens, PatternPreserving(ZeroAblation("L0H0")))
     assert pp0.shape == plain.shape and torch.isfinite(pp0).all()
     with observable(model):  # the observable path alone computes the same logits as the default one
-        _, patterns = run_edited(model, tokens, {}, save_patterns=True)
-        frozen = run_edited(model, tokens, {l: LayerEdits(pattern=p) for l, p in enumerate(patterns)})
+        sites = [Site(layer, "pattern") for layer in range(2)]
+        acts = execute(model, Run(tokens, reads=sites)).acts
+        patterns = [acts[str(s)] for s in sites]
+        frozen = execute(model, Run(tokens, writes=[Write(s, p) for s, p in zip(sites, patterns)])).logits
     assert (frozen - _logits(model, tokens)).abs().max().item() < 1e-5
     assert all(torch.allclose(p.sum(-1), torch.ones(())) for p in patterns)
     assert torch.equal(patterns[0].triu(1), torch.zeros_like(patterns[0]))  # causal
@@ -437,7 +441,7 @@ def test_pattern_edit_on_sdpa_path_raises():
     tokens = _tokens(pos=8)
     pattern = torch.full((3, 4, 8, 8), 1 / 8)
     with pytest.raises(InterventionError, match="observable"):
-        run_edited(model, tokens, {0: LayerEdits(pattern=pattern)})
+        execute(model, Run(tokens, writes=[Write("L0.pattern", pattern)]))
 
 
 @pytest.mark.parametrize("o_proj", ["hook_pattern", "no_such_module"])

@@ -59,3 +59,32 @@ def test_bad_mask_is_rejected():
         per_token_loss(model, tokens, attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="only 0"):
         ablation_sweep(model, tokens, attention_mask=torch.full((2, 6), 2))
+
+
+@pytest.mark.parametrize("arch", ["attn_only", "gpt2"])
+def test_padded_mean_and_resample_match_unpadded(arch):
+    """Mean (per position) and resample ablation index their reference by each token's unpadded
+    position: on a left-padded batch they equal the unpadded runs at real tokens (< 1e-5), in
+    per_token_loss / run_with_ablations and (mean) in the sweep."""
+    from interventions import MeanAblation, ResampleAblation, run_with_ablations
+    from interventions.primitives.loss import loss_from_logits
+
+    model = _models()[arch]
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(1, 50, (1, 12), generator=g), torch.randint(1, 50, (1, 7), generator=g)]
+    reference = torch.randint(1, 50, (5, 12), generator=g)
+    tokens, mask = _padded(seqs)
+    mean = MeanAblation(["L0H1", "L1H0"], reference)
+    padded = per_token_loss(model, tokens, mean, attention_mask=mask)
+    resample = ResampleAblation(["L0H0", "L1H1"], reference, seed=3)
+    padded_rs = pad = run_with_ablations(model, tokens, resample, attention_mask=mask)
+    for i, s in enumerate(seqs):
+        n = s.shape[1]
+        assert torch.allclose(padded[i, -(n - 1):], per_token_loss(model, s, mean)[0], atol=1e-5), (arch, i)
+        alone = run_with_ablations(model, s, resample, row_offset=i)  # the row batch row i draws
+        assert torch.allclose(loss_from_logits(padded_rs[i:i + 1, -n:], s), loss_from_logits(alone, s), atol=1e-5)
+    del pad
+    clean, delta = ablation_sweep(model, tokens, kind="mean", reference=reference, attention_mask=mask)
+    for i, s in enumerate(seqs):
+        _, d1 = ablation_sweep(model, s, kind="mean", reference=reference)
+        assert torch.allclose(delta[:, i, -(s.shape[1] - 1):], d1[:, 0], atol=1e-5), (arch, i)

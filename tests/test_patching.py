@@ -239,14 +239,14 @@ def test_metrics_and_batching_invariance(tiny_model, pair):
     """A scalar metric works like a per-row one; mean_loss_metric is the mean next-token loss; the
     result does not depend on how many patches share a pass."""
     clean, corrupted = pair
-    per_row = mean_loss_metric(corrupted)
-    scalar = lambda logits: per_row(logits).mean()  # noqa: E731
+    per_row = mean_loss_metric
+    scalar = lambda logits, tokens: per_row(logits, tokens).mean()  # noqa: E731
     a = patch_heads(tiny_model, clean, corrupted, per_row, heads_per_pass=1)
     b = patch_heads(tiny_model, clean, corrupted, scalar, heads_per_pass=8)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     logits = _forward(tiny_model, corrupted)
     want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), corrupted[:, 1:].reshape(-1))
-    torch.testing.assert_close(per_row(logits).mean(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(per_row(logits, corrupted).mean(), want, atol=1e-5, rtol=0)
 
 
 def test_bad_inputs(tiny_model, pair):
@@ -265,7 +265,9 @@ def test_bad_inputs(tiny_model, pair):
     with pytest.raises(ValueError, match="heads_per_pass"):
         patch_heads(tiny_model, clean, corrupted, metric, heads_per_pass=0)
     with pytest.raises(ValueError, match="\\(batch,\\) tensor"):
-        patch_heads(tiny_model, clean, corrupted, lambda logits: logits[:, -1])
+        patch_heads(tiny_model, clean, corrupted, lambda logits, tokens: logits[:, -1])
+    with pytest.raises(ValueError, match="\\(logits, tokens\\)"):  # a metric must be told the measured run's tokens
+        patch_heads(tiny_model, clean, corrupted, lambda logits: logits[:, -1, 0])
     with pytest.raises(ValueError, match="add a batch dimension"):
         patch_heads(tiny_model, clean[0], corrupted[0], metric)
 
@@ -285,11 +287,11 @@ def test_cache_matches_hooks(model, pair):
     finally:
         h.remove()
     keys = outs["k"][..., 32:64] if is_gpt2 else outs["k"]
-    cache = cache_activations(model, clean, ["L0.head_out", "L1.resid_pre", "L1.keys"])
-    assert set(cache) == {"L0.head_out", "L1.resid_pre", "L1.keys"}
-    torch.testing.assert_close(cache["L0.head_out"], z0.view(3, POS, N_HEADS, D_HEAD), atol=0, rtol=0)
+    cache = cache_activations(model, clean, ["L0.z", "L1.resid_pre", "L1.k"])
+    assert set(cache) == {"L0.z", "L1.resid_pre", "L1.k"}
+    torch.testing.assert_close(cache["L0.z"], z0.view(3, POS, N_HEADS, D_HEAD), atol=0, rtol=0)
     torch.testing.assert_close(cache["L1.resid_pre"], r1, atol=0, rtol=0)
-    torch.testing.assert_close(cache["L1.keys"], keys.reshape(3, POS, N_HEADS, D_HEAD), atol=0, rtol=0)
+    torch.testing.assert_close(cache["L1.k"], keys.reshape(3, POS, N_HEADS, D_HEAD), atol=0, rtol=0)
     with pytest.raises(InterventionError, match="observable"):
         cache_activations(model, clean, "L0.pattern")
     model.config._attn_implementation, old = "eager", model.config._attn_implementation
@@ -306,7 +308,7 @@ def test_cache_matches_hooks(model, pair):
 def test_cache_bad_sites(tiny_model, pair):
     """Malformed site names, unknown kinds and out-of-range layers raise ValueError naming valid forms."""
     clean, _ = pair
-    for bad in ("L0.attn_out", "blocks.0.hook_z", "L0head_out"):
+    for bad in ("L0.bogus", "blocks.0.hook_z", "L0head_out"):
         with pytest.raises(ValueError, match="L<layer>.<kind>"):
             cache_activations(tiny_model, clean, [bad])
     with pytest.raises(ValueError, match="layers 0-1"):

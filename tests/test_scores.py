@@ -26,7 +26,7 @@ import torch
 
 from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
 from interventions.analysis.scores import (classify_induction_heads, copying_score, duplicate_token_score, head_scores,
-                                  induction_score, ov_weights, prefix_matching_score, previous_token_score,
+                                  induction_score, prefix_matching_score, previous_token_score,
                                   probe_token_pool, repeated_random_tokens)
 
 from .oracle import to_hooked_transformer
@@ -170,37 +170,55 @@ def _gpt2(seed=0):
     return GPT2LMHeadModel(cfg).eval()
 
 
-@pytest.mark.parametrize("arch", ["attn_only", "gpt2"])
-def test_ov_weights_match_forward(arch):
-    """On a one-token input (attention 1 on itself) with the value/output biases zeroed, the attention
-    module's output equals sum_h ln_1(x) W_V[h] W_O[h]: ov_weights reads the right slices."""
-    if arch == "gpt2":
-        model = _gpt2()
-        attn = model.transformer.h[1].attn
-        biases = [attn.c_attn.bias, attn.c_proj.bias]
-    else:
-        torch.manual_seed(0)
-        model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=40,
-                                                   init_range=0.3)).eval()
-        attn = model.transformer.h[1].attn
-        biases = [attn.v_proj.bias, attn.c_proj.bias]
-    with torch.no_grad():
-        for b in biases:
-            b.zero_()
-    seen = {}
+def _copier(arch, flip=False):
+    """A hand-built ``arch`` model (vocab 12, codes e[2t] - e[2t+1] in a 128-wide residual stream,
+    embedding = unembedding, every other weight 0, norm gains 1) whose last-layer head 0 copies the
+    token subspace through its OV circuit (negated when ``flip``); every other head writes nothing.
+    Weights are written here per architecture, independently of the library."""
+    import transformers as T
 
-    def record(name):
-        def hook(module, inputs, output):  # returns None: leaves the output as it is
-            seen[name] = output[0] if isinstance(output, tuple) else output
-        return hook
-
-    h1 = model.transformer.h[1].ln_1.register_forward_hook(record("ln"))
-    h2 = attn.register_forward_hook(record("attn"))
+    v, d, dh = 12, 128, 32
+    common = dict(vocab_size=v, hidden_size=d, num_hidden_layers=2, num_attention_heads=4, intermediate_size=16,
+                  max_position_embeddings=64)
+    model = {"gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=v, n_embd=d, n_layer=2, n_head=4, n_positions=64)),
+             "gpt_neox": lambda: T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**common)),
+             "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=False,
+                                                              **common))}[arch]().eval()
+    code = torch.zeros(v, d)
+    code[torch.arange(v), 2 * torch.arange(v)], code[torch.arange(v), 2 * torch.arange(v) + 1] = 1.0, -1.0
+    wv, wo = torch.zeros(dh, d), torch.zeros(d, dh)  # head 0: v = x[:24], o = (+/-) v back into [:24]
+    wv[torch.arange(2 * v), torch.arange(2 * v)] = 1.0
+    wo[torch.arange(2 * v), torch.arange(2 * v)] = -1.0 if flip else 1.0
     with torch.no_grad():
-        model(torch.tensor([[5]]))
-    h1.remove(), h2.remove()
-    expected = sum(seen["ln"][0] @ w_v @ w_o for w_v, w_o in (ov_weights(model, 1, h) for h in range(2)))
-    assert torch.allclose(seen["attn"][0], expected, atol=1e-5)
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) if ("norm" in name or "ln_" in name) and name.endswith("weight") else
+                    torch.zeros_like(p))
+        model.get_input_embeddings().weight.copy_(code)
+        model.get_output_embeddings().weight.copy_(code)
+        if arch == "gpt2":
+            attn = model.transformer.h[1].attn  # Conv1D: y = x @ W; c_attn columns [q | k | v]
+            attn.c_attn.weight[:, 2 * d: 2 * d + dh] = wv.T
+            attn.c_proj.weight[:dh] = wo.T
+        elif arch == "gpt_neox":
+            attn = model.gpt_neox.layers[1].attention  # rows per head [q_h | k_h | v_h]
+            attn.query_key_value.weight[2 * dh: 3 * dh] = wv
+            attn.dense.weight[:, :dh] = wo
+        else:
+            attn = model.model.layers[1].self_attn  # kv head 0 serves query heads 0 and 1
+            attn.v_proj.weight[:dh] = wv
+            attn.o_proj.weight[:, :dh] = wo
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_copying_score_on_hand_built_weights(arch):
+    """On every architecture (Llama with grouped-query attention), the hand-built copying head scores
+    1, its negation -1, and heads that write nothing -1."""
+    for flip, want in ((False, 1.0), (True, -1.0)):
+        df = copying_score(_copier(arch, flip), bos_id=0, token_pool=torch.arange(1, 12))
+        assert _score(df, 1, 0) == pytest.approx(want, abs=1e-6), (arch, flip)
+        assert all(_score(df, layer, head) == -1.0 for layer in range(2) for head in range(4)
+                   if (layer, head) != (1, 0))
 
 
 def test_scores_run_on_gpt2():
@@ -280,8 +298,8 @@ def test_probe_token_pool():
 
 def test_bad_inputs_raise(circuit):
     """A vocabulary too small for the probe, a context too short, a bad BOS, an unsupported
-    architecture (attention scores and copying), and a table without the needed columns all raise,
-    naming the fix."""
+    architecture, and a table without the needed columns all raise, naming the fix (a Llama model,
+    once without a copying score, has one)."""
     with pytest.raises(ValueError, match="vocabulary is too small.*token_pool"):
         induction_score(circuit, seq_len=50, bos_id=BOS)
     with pytest.raises(ValueError, match="model's context is 128"):
@@ -302,7 +320,6 @@ def test_bad_inputs_raise(circuit):
 
     llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32,
                                          num_attention_heads=2, num_key_value_heads=2, vocab_size=40))
-    with pytest.raises(NotImplementedError, match="attn_only, gpt2"):
-        copying_score(llama)
+    assert copying_score(llama.eval()).score.between(-1, 1).all()  # every architecture has a copying score
     with pytest.raises(ValueError, match="head_scores"):
         classify_induction_heads(pd.DataFrame({"layer": [0], "head": [0], "induction": [0.9]}))

@@ -9,7 +9,8 @@ import torch
 from transformers import (AttentionInterface, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM,
                           LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 
-from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, ZeroAblation, get_adapter, run_with_ablations
+from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, ZeroAblation, run_with_ablations
+from interventions.engine.adapters import get_adapter
 from interventions.zoo.smear import KeySmear, get_alphas, set_alphas, smear_keys, smear_modules
 
 VOCAB = 50
@@ -116,10 +117,10 @@ class CaptureKeys:
         self.keys = []
 
     def __call__(self, module, query, key, value, attention_mask, **kw):
-        from interventions.engine.adapters import _observable_attention  # plain eager attention, any arch
+        from interventions.engine.adapters import observable_attention  # plain eager attention, any arch
 
         self.keys.append(key.detach().clone())  # (batch, kv_head, pos, d_head)
-        return _observable_attention(module, query, key, value, attention_mask, **kw)
+        return observable_attention(module, query, key, value, attention_mask, **kw)
 
 
 def capture_keys(model, x, **kw):

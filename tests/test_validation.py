@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import interventions as iv
+from interventions.engine.heads import parse_head, parse_heads
 from experiments.__main__ import main as cli_main
 from experiments.presets import get_preset
 from interventions.zoo import train as T
@@ -50,12 +51,12 @@ def good(b=2, p=8) -> torch.Tensor:
 # name -> (call(model, tokens) raising, message fragment). ``tokens`` is a valid (2, 8) batch the
 # case may ignore; every input tensor built here is checked unchanged afterwards.
 API_CASES = {
-    "head 'L1X3'": (lambda m, t: iv.parse_head("L1X3"), "malformed head"),
-    "head ''": (lambda m, t: iv.parse_head(""), "malformed head"),
-    "head 'L-1H0'": (lambda m, t: iv.parse_head("L-1H0"), "malformed head"),
-    "head (1,)": (lambda m, t: iv.parse_head((1,)), "cannot read"),
-    "head (1.0, 2)": (lambda m, t: iv.parse_head((1.0, 2)), "cannot read"),
-    "no heads": (lambda m, t: iv.parse_heads([]), "no heads"),
+    "head 'L1X3'": (lambda m, t: parse_head("L1X3"), "malformed head"),
+    "head ''": (lambda m, t: parse_head(""), "malformed head"),
+    "head 'L-1H0'": (lambda m, t: parse_head("L-1H0"), "malformed head"),
+    "head (1,)": (lambda m, t: parse_head((1,)), "cannot read"),
+    "head (1.0, 2)": (lambda m, t: parse_head((1.0, 2)), "cannot read"),
+    "no heads": (lambda m, t: parse_heads([]), "no heads"),
     "head L9H0 (layer out of range)": (lambda m, t: iv.per_token_loss(m, t, iv.ZeroAblation("L9H0")),
                                        "layer 9 out of range"),
     "head L1H7 (head out of range)": (lambda m, t: iv.per_token_loss(m, t, iv.ZeroAblation("L1H7")),
@@ -84,9 +85,9 @@ API_CASES = {
     "reference ids out of vocab": (lambda m, t: iv.per_token_loss(
         m, t, iv.MeanAblation("L0H0", reference=torch.full((2, 8), V + 3))), "reference holds ids outside"),
     "pattern-preserving of a non-ablation": (lambda m, t: iv.PatternPreserving("L0H0"), "wraps one"),
-    "patching shape mismatch": (lambda m, t: iv.patch_heads(m, t, t[:, :4], iv.mean_loss_metric(t)),
+    "patching shape mismatch": (lambda m, t: iv.patch_heads(m, t, t[:, :4], iv.mean_loss_metric),
                                 "corrupted has"),
-    "patching direction unknown": (lambda m, t: iv.patch_heads(m, t, t, iv.mean_loss_metric(t),
+    "patching direction unknown": (lambda m, t: iv.patch_heads(m, t, t, iv.mean_loss_metric,
                                                                direction="sideways"), "direction"),
     "unsupported architecture": (lambda m, t: iv.per_token_loss(torch.nn.Linear(2, 2), t),
                                  "unsupported architecture"),

@@ -53,7 +53,7 @@ def icl_band(n_ctx: int) -> int:
     return round(n_ctx * 10 / PAPER_CTX)
 
 
-def _as_windows(windows) -> torch.Tensor:
+def as_windows(windows) -> torch.Tensor:
     """(n, pos) integer token ids as a LongTensor (numpy arrays and lists accepted; never modified)."""
     if not torch.is_tensor(windows):
         try:
@@ -153,7 +153,7 @@ def icl_score(model, windows, early: int | None = None, late: int | None = None,
         >>> icl_score(model, windows)["icl_score"]  # doctest: +SKIP
         -0.41
     """
-    windows = _as_windows(windows)
+    windows = as_windows(windows)
     early, late = check_icl_indices(windows.shape[1], early, late)
     losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos - 1)
     return icl_from_losses(losses, early, late, band)
@@ -165,7 +165,7 @@ def loss_by_token_index(model, windows, batch_size: int = 16):
     Returns a DataFrame with ``token_index`` (0-based position of the predicted token, i.e. how many
     tokens of context it had: 1 .. pos - 1), ``loss`` (nats), ``sem`` (standard error over windows)
     and ``n``. The k-th token (1-indexed) of the ICL score is ``token_index == k - 1``."""
-    windows = _as_windows(windows)
+    windows = as_windows(windows)
     if windows.shape[1] < 2:
         raise ValueError(f"windows of {windows.shape[1]} token have no next-token loss: use at least 2 tokens")
     return loss_by_position(per_token_loss(model, windows, batch_size=batch_size))

@@ -5,9 +5,13 @@ Each score function returns a tidy DataFrame with one row per (layer, head): col
 and ``classify_induction_heads`` marks induction heads on it.
 
 Attention scores are read from the attention patterns of the toolkit's own traces
-(``run_edited(..., save_patterns=True)`` inside ``observable(model)``), so they work for every
-architecture ``interventions.engine.adapters`` supports. The copying score is read from the weights (it is a
-property of the OV circuit, no forward pass); it supports our ``attn_only`` model and GPT-2.
+(pattern sites read inside ``observable(model)``), so they work for every
+architecture ``interventions.engine.adapters`` supports. The copying score is measured by a forward pass with
+frozen diagonal patterns (``copying_score``), so it too works on every architecture.
+
+Probe tokens and BOS are inferred from the model and its tokenizer by default (``inferred_pool``,
+``find_tokenizer``): printable, non-special ids the model predicts (so it has seen them), without the
+most common ones; the tokenizer's BOS. Pass ``bos_id`` / ``token_pool`` / ``vocab_range`` to override.
 
 Definitions (Olsson et al. 2022; see shared/notes/reference.md):
 
@@ -36,13 +40,16 @@ Example:
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from ..engine.adapters import get_adapter, observable
-from ..engine.tracing import run_edited, unwrap
+from ..engine.adapters import get_adapter, module_at, observable
+from ..engine.sites import Site
+from ..engine.tracing import Engine, Run, Write, unwrap
 
 ScoreName = Literal["prefix_matching", "copying", "induction", "duplicate_token", "previous_token"]
 
@@ -52,7 +59,6 @@ COPYING_THRESHOLD = 0.0
 # Fraction of the vocabulary left out at each end when drawing probe tokens (the paper excludes the
 # most and least common tokens; 10% at each end keeps 80% of ids as candidates).
 EXCLUDE_FRACTION = 0.1
-COPYING_SUPPORTED = ("attn_only", "gpt2")
 
 
 # ----------------------------------------------------------------------------- probe tokens
@@ -103,6 +109,8 @@ def _pool(model, n_needed: int, token_pool, exclude_top, vocab_range, token_coun
             raise ValueError(f"token_pool holds ids outside the vocabulary [0, {a.vocab_size})")
         if bos_id is not None:
             pool = pool[pool != bos_id]
+    elif vocab_range is None and token_counts is None:
+        pool = inferred_pool(model, exclude_top, bos_id)
     else:
         pool = probe_token_pool(a.vocab_size, exclude_top=exclude_top, vocab_range=vocab_range,
                                 token_counts=token_counts, exclude_ids=() if bos_id is None else (bos_id,))
@@ -114,14 +122,91 @@ def _pool(model, n_needed: int, token_pool, exclude_top, vocab_range, token_coun
     return pool
 
 
+# ----------------------------------------------------------------------------- probes inferred from the model
+
+_TOKENIZERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def find_tokenizer(model):
+    """The tokenizer saved beside ``model``'s weights, if any: in the folder it was loaded from, or in a
+    ``tokenizer`` folder there or up to two levels above (a run folder keeps ``tokenizer/`` beside
+    ``checkpoints/``). Local folders only (no hub look-up); None when there is none."""
+    inner = unwrap(model)
+    if inner in _TOKENIZERS:
+        return _TOKENIZERS[inner]
+    found = None
+    name = getattr(getattr(inner, "config", None), "_name_or_path", "") or getattr(inner, "name_or_path", "")
+    if name and Path(name).is_dir():
+        base = Path(name).resolve()
+        for folder in (base, base / "tokenizer", base.parent, base.parent / "tokenizer", base.parent.parent,
+                       base.parent.parent / "tokenizer"):
+            if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+                from transformers import AutoTokenizer
+
+                try:
+                    found = AutoTokenizer.from_pretrained(str(folder))
+                    break
+                except (OSError, ValueError):
+                    continue
+    _TOKENIZERS[inner] = found
+    return found
+
+
+def printable_ids(tokenizer) -> torch.Tensor:
+    """Ids (not special tokens) that decode to printable, non-blank text (no replacement character)."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    keep = [i for i, t in enumerate(texts)
+            if i not in special and t.strip() and t.isprintable() and "\ufffd" not in t]
+    return torch.tensor(keep, dtype=torch.long)
+
+
+@torch.no_grad()
+def predicted_frequencies(model, candidates: torch.Tensor, bos_id: int | None, seed: int = 0) -> torch.Tensor:
+    """(vocab,) the model's mean next-token probability over BOS + random candidate tokens: an estimate
+    of each token's frequency in its training data (tokens it never saw get almost none)."""
+    a = get_adapter(unwrap(model))
+    g = torch.Generator().manual_seed(seed)
+    n = min(64, (a.n_ctx or 65) - 1)
+    rows = candidates[torch.randint(0, candidates.numel(), (4, n), generator=g)]
+    if bos_id is not None:
+        rows = torch.cat([torch.full((4, 1), bos_id, dtype=torch.long), rows], dim=1)
+    logits = Engine(model).run(Run(rows)).logits
+    return logits.float().softmax(-1).mean((0, 1)).cpu()
+
+
+def inferred_pool(model, exclude_top: float = EXCLUDE_FRACTION, bos_id: int | None = None) -> torch.Tensor:
+    """Probe tokens inferred from the model (and its tokenizer, when ``find_tokenizer`` finds one).
+
+    Candidates: the tokenizer's printable, non-special ids, else every id; BOS removed. The model's own
+    predicted frequencies then stand in for the corpus counts the paper uses: ids it predicts with
+    under a tenth of the candidates' uniform probability (tokens absent from its training data, such as
+    unused bytes) are dropped, and so is the ``exclude_top`` fraction of the most predicted ones (the
+    most common tokens). Why: probing a head with tokens whose embeddings never trained measures noise
+    (a trained attn-2l's induction head scored copying -0.78 on ids 26-230 of its byte vocabulary)."""
+    a = get_adapter(unwrap(model))
+    tok = find_tokenizer(model)
+    ids = printable_ids(tok) if tok is not None else torch.arange(a.vocab_size)
+    ids = ids[ids < a.vocab_size]
+    if bos_id is not None:
+        ids = ids[ids != bos_id]
+    if ids.numel() < 2:
+        return ids
+    p = predicted_frequencies(model, ids, bos_id)[ids]
+    ids, p = ids[p >= 0.1 / ids.numel()], p[p >= 0.1 / ids.numel()]
+    order = torch.argsort(p, descending=True, stable=True)
+    return ids[order[int(round(exclude_top * ids.numel())):]].sort().values
+
+
 def _bos(model, bos_id: int | None) -> int:
-    """``bos_id``, else the config's ``bos_token_id``, else its ``eos_token_id``, else 0."""
+    """``bos_id``, else the tokenizer's BOS/EOS (``find_tokenizer``), else the config's BOS/EOS id, else 0."""
     inner = unwrap(model)
     a = get_adapter(inner)
     if bos_id is None:
+        tok = find_tokenizer(model)
         c = inner.config
-        for name in ("bos_token_id", "eos_token_id"):
-            v = getattr(c, name, None)
+        for v in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None),
+                  getattr(c, "bos_token_id", None), getattr(c, "eos_token_id", None)):
             if isinstance(v, (list, tuple)):
                 v = v[0] if v else None
             if v is not None:
@@ -184,16 +269,19 @@ def attention_score(model, tokens: torch.Tensor, target: torch.Tensor, n_queries
     score[l, h] = sum over examples, queries q, keys k of pattern[b, h, q, k] * target[b, q, k],
     divided by (n_examples * n_queries). ``target`` is (n_examples or 1, pos, pos), zero on rows that
     are not scored queries; ``n_queries`` is the number of scored queries per example. Patterns come
-    from ``run_edited`` inside ``observable(model)`` in batches of ``batch_size``."""
+    read inside ``observable(model)`` in batches of ``batch_size``."""
     a = get_adapter(unwrap(model))
     n = tokens.shape[0]
     totals = torch.zeros(a.n_layers, a.n_heads, dtype=torch.float64)
-    with observable(unwrap(model)):
+    engine = Engine(model)
+    sites = [Site(layer, "pattern") for layer in range(a.n_layers)]
+    with observable(engine.inner):
         for i in range(0, n, batch_size):
             batch = tokens[i:i + batch_size]
             tgt = target if target.shape[0] == 1 else target[i:i + batch_size]
-            _, patterns = run_edited(model, batch, {}, save_patterns=True)
-            for layer, p in enumerate(patterns):  # p: (batch, head, q_pos, k_pos)
+            acts = engine.run(Run(batch, reads=sites)).acts
+            for layer in range(a.n_layers):
+                p = acts[f"L{layer}.pattern"]  # (batch, head, q_pos, k_pos)
                 totals[layer] += (p.detach().double().cpu() * tgt[:, None].double()).sum(dim=(0, 2, 3))
     return totals / (n * n_queries)
 
@@ -285,9 +373,9 @@ def previous_token_score(model, windows, batch_size: int = 16):
     (n, pos) of ordinary text (e.g. ``eval_windows``). Returns layer, head, score.
 
     ``detect_head(..., "previous_token_head")`` on one window gives (pos - 1) / pos times this."""
-    from .metrics import _as_windows
+    from .metrics import as_windows
 
-    windows = _as_windows(windows)
+    windows = as_windows(windows)
     pos = windows.shape[1]
     if pos < 2:
         raise ValueError(f"windows of {pos} token have no previous token: use windows of at least 2 tokens")
@@ -297,79 +385,91 @@ def previous_token_score(model, windows, batch_size: int = 16):
 
 # ----------------------------------------------------------------------------- copying (OV circuit)
 
-def ov_weights(model, layer: int, head: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W_V (d_model, d_head), W_O (d_head, d_model)) of one head, so that the head's output is
-    pattern @ (ln_1(x) @ W_V + b_V) @ W_O (+ b_O). Supported: ``attn_only`` and GPT-2."""
-    inner = unwrap(model)
-    a = get_adapter(inner)
-    a.check_layer(layer)
-    if not 0 <= head < a.n_heads:
-        raise ValueError(f"head {head} out of range: layer {layer} has heads 0-{a.n_heads - 1}")
-    attn = a.module(inner, layer, "attn")
-    sl = a.head_slice(head)
-    if a.model_type == "attn_only":
-        w_v = attn.v_proj.weight[sl].T  # nn.Linear weight (head*d_head, d_model) -> (d_model, d_head)
-        w_o = attn.c_proj.weight[:, sl].T  # (d_model, head*d_head) -> (d_head, d_model)
-    elif a.model_type == "gpt2":
-        d = a.d_model  # Conv1D: y = x @ weight + bias; c_attn weight (d_model, 3 d_model) = [q | k | v]
-        w_v = attn.c_attn.weight[:, 2 * d + sl.start: 2 * d + sl.stop]
-        w_o = attn.c_proj.weight[sl]  # Conv1D (head*d_head, d_model)
-    else:
-        raise NotImplementedError(f"copying score: reading W_V/W_O is implemented for {', '.join(COPYING_SUPPORTED)}, "
-                                  f"not {a.model_type!r}")
-    return w_v.detach(), w_o.detach()
-
-
-def _copying_parts(model):
-    inner = unwrap(model)
-    a = get_adapter(inner)
-    if a.model_type not in COPYING_SUPPORTED:
-        raise NotImplementedError(f"copying score is implemented for {', '.join(COPYING_SUPPORTED)} "
-                                  f"(got {a.model_type!r}): it reads W_V/W_O from the weights per architecture")
-    return (inner.get_input_embeddings().weight.detach(), inner.get_output_embeddings().weight.detach(),
-            inner.transformer.ln_f, [inner.transformer.h[i].ln_1 for i in range(a.n_layers)])
+def frozen_final_norm(inner, adapter, resid: torch.Tensor):
+    """The final norm as a linear map with its scale frozen at ``resid`` (batch, pos, d_model):
+    LayerNorm: x -> w * (x - mean x) / sigma(resid); RMSNorm: x -> w * x / rms(resid)."""
+    path = adapter.spec.final_norm
+    if path is None:
+        raise ValueError(f"the {adapter.model_type} adapter names no final norm: register it with "
+                         "ArchSpec(final_norm=<path of the norm before the unembedding>)")
+    norm = module_at(inner, path)
+    w = getattr(norm, "weight", None)
+    w = torch.ones(resid.shape[-1]) if w is None else w.detach()
+    eps = float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-5)
+    if isinstance(norm, torch.nn.LayerNorm):
+        scale = (resid.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
+        return lambda x: w * (x - x.mean(-1, keepdim=True)) / scale
+    if "rms" in type(norm).__name__.lower():
+        scale = (resid.float().pow(2).mean(-1, keepdim=True) + eps).sqrt().to(resid.dtype)
+        return lambda x: w * x / scale
+    raise ValueError(f"final norm {type(norm).__name__} at {path!r} is neither a LayerNorm nor an RMSNorm: "
+                     "the copying score cannot freeze its scale")
 
 
 @torch.no_grad()
-def copying_score(model, n_samples: int = 200, seed: int = 0, first_ln: bool = True, final_ln: bool = True,
+def copying_score(model, n_samples: int = 200, seed: int = 0, bos_id: int | None = None,
                   exclude_top: float = EXCLUDE_FRACTION, vocab_range: tuple[int, int] | None = None,
                   token_pool=None, token_counts=None):
-    """Copying score of every head: how much of its direct OV effect raises the attended token's logit.
+    """Copying score of every head, by a forward pass: how much of a head's direct effect on the
+    logits, when it attends to a token, raises that token's own logit.
 
-    For each of ``n_samples`` random tokens t (distinct, seeded; all candidates if fewer):
-      x = W_E[t], passed through the head's layer's ``ln_1`` if ``first_ln`` (the token as if it
-          were the whole residual stream; positions are left out);
-      o = x @ W_V @ W_O (the OV circuit; biases left out: they do not depend on t);
-      if ``final_ln``: o = (o - mean(o)) * ln_f.weight (the final LayerNorm's linear part: its scale is
-          irrelevant because the share below is scale-invariant, its bias is not the head's);
-      logits = o @ W_U^T; d = relu(logits - mean over the vocabulary);
-      share(t) = d[t] / sum(d)  (0 if nothing increases).
+    For ``n_samples`` distinct probe tokens t (after a BOS), on every architecture:
+      1. run with every attention pattern frozen to the diagonal (each position attends only to
+         itself), so head h's output at t's position is its OV circuit applied to t's own residual
+         stream (norms, biases and earlier layers as the model computes them);
+      2. the head's direct effect on the logits: its output o_h (its ``z`` through the output
+         projection, bias left out) through the final norm with its scale frozen at the run's value
+         (as direct logit attribution does: a norm's rescaling is not the head's) and the unembedding:
+         d = W_U norm_frozen(o_h), over the probe vocabulary;
+      3. share(t) = relu(d - mean d)[t] / sum relu(d - mean d)  (0 if nothing increases).
     raw = mean share; score = clip(4 * raw - 1, -1, 1): the paper's raw ratio runs 0..0.5 and is
     rescaled to [-1, 1] (0.25 -> 0). A head that writes t's own unembedding direction scores 1; one
-    that suppresses t scores -1.
+    that suppresses t scores -1. Shares are over the probe tokens (``inferred_pool`` by default),
+    because logits of tokens the model never trained on say nothing about copying.
 
     Returns a DataFrame: layer, head, score, raw."""
-    w_e, w_u, ln_f, ln_1 = _copying_parts(model)
-    a = get_adapter(unwrap(model))
-    pool = _pool(model, 1, token_pool, exclude_top, vocab_range, token_counts, None)
+    engine = Engine(model)
+    a = engine.adapter
+    bos = _bos(model, bos_id)
+    pool = _pool(model, 2, token_pool, exclude_top, vocab_range, token_counts, bos)
     g = torch.Generator().manual_seed(seed)
     toks = pool[torch.randperm(pool.numel(), generator=g)[: min(n_samples, pool.numel())]]
+    width = min(toks.numel(), (a.n_ctx or toks.numel() + 1) - 1)
+    chunks = [toks[i:i + width] for i in range(0, toks.numel(), width)]
+    rows = torch.stack([torch.cat([torch.tensor([bos]), torch.cat([c, c[:1].expand(width - c.numel())])])
+                        for c in chunks])  # (n_rows, 1 + width); a short last row is padded with a probe
+    valid = torch.zeros(rows.shape, dtype=torch.bool)
+    for i, c in enumerate(chunks):
+        valid[i, 1:1 + c.numel()] = True
+    b, p = rows.shape
+    last = a.n_layers - 1
+    diag = torch.eye(p).expand(b, a.n_heads, p, p)
+    reads = [Site(layer, "z") for layer in range(a.n_layers)] + [Site(last, "resid_post")]
+    with observable(engine.inner):
+        out = engine.run(Run(rows, reads=reads, writes=[Write(Site(layer, "pattern"), diag)
+                                                        for layer in range(a.n_layers)]))
+    acts = out.acts
+    col = torch.full((a.vocab_size,), -1, dtype=torch.long)
+    col[pool] = torch.arange(pool.numel())
+    own = col[rows]  # (b, p): each token's column among the probe logits
+    resid = acts[f"L{last}.resid_post"]  # (b, p, d_model): the final norm's input
+    norm = frozen_final_norm(engine.inner, a, resid)
+    unembed = module_at(engine.inner, a.unembed_path(engine.inner))
     scores = torch.zeros(a.n_layers, a.n_heads, dtype=torch.float64)
     for layer in range(a.n_layers):
-        x = w_e[toks]  # (n, d_model)
-        if first_ln:
-            x = ln_1[layer](x)
+        z = acts[f"L{layer}.z"]  # (b, p, head, d_head)
+        o_proj = a.module(engine.inner, layer, "o_proj")
+        bias = o_proj(torch.zeros_like(z).flatten(2))  # (b, p, d_model): the output bias alone
         for head in range(a.n_heads):
-            w_v, w_o = ov_weights(model, layer, head)
-            o = x @ w_v @ w_o  # (n, d_model)
-            if final_ln:
-                o = (o - o.mean(-1, keepdim=True)) * ln_f.weight
-            logits = (o @ w_u.T).double()  # (n, vocab)
-            d = (logits - logits.mean(-1, keepdim=True)).relu()
+            only = torch.zeros_like(z)
+            only[:, :, head] = z[:, :, head]
+            o = o_proj(only.flatten(2)) - bias  # the head's direct write (b, p, d_model)
+            d = (unembed(norm(o)) - unembed(torch.zeros_like(o)))[..., pool].double()  # (b, p, n_pool)
+            d = (d - d.mean(-1, keepdim=True)).relu()
             total = d.sum(-1)
-            own = d.gather(-1, toks[:, None].to(d.device)).squeeze(-1)
-            share = torch.where(total > 0, own / total.clamp_min(1e-300), torch.zeros_like(total))
-            scores[layer, head] = share.mean()
+            mine = d.gather(-1, own.clamp(min=0)[..., None]).squeeze(-1)
+            share = torch.where(total > 0, mine / total.clamp_min(1e-300), torch.zeros_like(total))  # (b, p)
+            scores[layer, head] = share[valid].mean()
     return _frame((4 * scores - 1).clamp(-1, 1), raw=scores)
 
 
@@ -386,8 +486,7 @@ def head_scores(model, windows=None, *, n_examples: int = 10, seed: int = 0, bos
                   token_counts=token_counts)
     df = prefix_matching_score(model, prefix_tokens, n_repeats, n_examples, seed, batch_size=batch_size,
                                **common).rename(columns={"score": "prefix_matching"})
-    cp = copying_score(model, seed=seed, exclude_top=exclude_top, vocab_range=vocab_range, token_pool=token_pool,
-                       token_counts=token_counts)
+    cp = copying_score(model, seed=seed, **common)
     df["copying"], df["copying_raw"] = cp["score"].to_numpy(), cp["raw"].to_numpy()
     df["induction"] = induction_score(model, seq_len, n_examples, seed, batch_size=batch_size, **common)["score"].to_numpy()
     df["duplicate_token"] = duplicate_token_score(model, seq_len, n_examples, seed, batch_size=batch_size,
@@ -399,10 +498,11 @@ def head_scores(model, windows=None, *, n_examples: int = 10, seed: int = 0, bos
 
 def classify_induction_heads(df, prefix_threshold: float = PREFIX_THRESHOLD,
                              copying_threshold: float = COPYING_THRESHOLD, prefix_column: str = "prefix_matching"):
-    """Mark induction heads: prefix matching >= ``prefix_threshold`` and copying >= ``copying_threshold``.
+    """The one induction-head rule: prefix matching >= ``prefix_threshold`` and copying >= ``copying_threshold``.
 
-    The paper defines an induction head as one with both prefix matching and copying and gives no
-    numbers. Defaults, and why:
+    ``df``: a table of ``head_scores``, or a model (its ``head_scores`` with default, inferred probes
+    are computed first). The paper defines an induction head as one with both prefix matching and
+    copying and gives no numbers. Defaults, and why:
       * prefix 0.4: uniform attention scores about 1 / n_tokens (0.04 for the paper's 25 tokens), so
         0.4 is ten times chance, and it is the common practical threshold for the induction score
         (ARENA). Use ``prefix_column="induction"`` to classify on the induction score instead.
@@ -410,7 +510,18 @@ def classify_induction_heads(df, prefix_threshold: float = PREFIX_THRESHOLD,
         to the attended token itself, half the paper's maximum of about 0.5. A head with unrelated
         OV output gives a share near 2 / vocab (score near -1).
 
-    Returns a copy of ``df`` with a boolean ``is_induction`` column."""
+    Returns a copy of the table with a boolean ``is_induction`` column.
+
+    Example:
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=60)).eval()
+        >>> classify_induction_heads(model).columns[-1], int(classify_induction_heads(model).is_induction.sum())
+        ('is_induction', 0)
+    """
+    import pandas as pd
+
+    if not isinstance(df, pd.DataFrame):
+        df = head_scores(df)
     missing = [c for c in (prefix_column, "copying") if c not in df.columns]
     if missing:
         raise ValueError(f"df lacks column(s) {missing}: pass the DataFrame of head_scores(model, ...)")

@@ -1,17 +1,18 @@
-"""Where each architecture keeps its layers, attention, per-head outputs, keys and patterns.
+"""Where each architecture keeps its layers, attention, projections and patterns.
 
-The one place that maps a site name to a module path. Everything else asks ``get_adapter(model)``.
+The one place that maps a site (``interventions.engine.sites``) to a module path and to the module's
+input or output. Everything else asks ``get_adapter(model)``.
 
-Sites (per layer L):
-  * ``layer``: the decoder block; its first input is the residual stream before the block
-    (resid_pre, (batch, pos, d_model)).
-  * ``attn``: the attention module.
-  * ``o_proj``: the attention output projection; **its input is the per-head output site**
-    (batch, pos, n_heads * d_head), head h at columns [h * d_head, (h + 1) * d_head). Zeroing that slice
-    equals zeroing the head's rows of the projection weight exactly (tests check it).
-  * ``k_proj``: the module whose output holds the keys (fused q/k/v modules for GPT-2 / NeoX).
-  * ``pattern``: a module whose output is the attention pattern (batch, head, q_pos, k_pos); present
-    only on the eager path (see ``observable``).
+Per layer L, a site is read at one *point* (a module's input or output)::
+
+    resid_pre   block input           q / k / v   q_proj / k_proj / v_proj output (fused c_attn /
+    pattern     hook_pattern output               query_key_value for GPT-2 / NeoX, sliced per head)
+    z           o_proj input          attn_out    o_proj output
+    mlp_out     mlp output            resid_post  block output (first element when it is a tuple)
+    final       unembedding input (after the final norm)
+
+Zeroing head h's slice of ``z`` equals zeroing that head's rows of the output projection exactly (the
+tests check it per architecture).
 
 Supported: our ``attn_only`` model, GPT-2, GPT-NeoX / Pythia, Llama, Qwen2, Mistral (grouped-query
 attention: ``n_kv_heads`` < ``n_heads``). Register another with ``register_adapter``.
@@ -19,8 +20,8 @@ attention: ``n_kv_heads`` < ``n_heads``). Register another with ``register_adapt
 Example:
     >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
     >>> a = get_adapter(AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32)))
-    >>> a.n_layers, a.n_heads, a.d_head, a.path(1, "o_proj")
-    (2, 4, 8, 'transformer.h.1.attn.c_proj')
+    >>> a.n_layers, a.n_heads, a.d_head, a.point(Site(1, "z"))
+    (2, 4, 8, ('transformer.h.1.attn.c_proj', 'input'))
 """
 
 from __future__ import annotations
@@ -32,41 +33,72 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .sites import KV_KINDS, Site
+
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Module paths of one architecture, relative to the causal-LM model."""
+    """Module paths of one architecture, relative to the causal-LM model.
+
+    Paths of projections are relative to the attention module; ``q_proj`` / ``v_proj`` default to
+    ``k_proj`` when q/k/v are fused (``fused_qkv``), else to ``"q_proj"`` / ``"v_proj"``."""
 
     layers: str  # the ModuleList of decoder blocks
     attn: str  # attention, relative to a block
-    o_proj: str  # output projection, relative to attn
+    o_proj: str  # output projection, relative to attn: its input is the per-head site z
     k_proj: str  # module whose output holds the keys, relative to attn
-    pattern: str | None  # pattern module relative to attn (None: added by ``observable``)
-    fused_qkv: str | None = None  # "gpt2" (c_attn: q|k|v), "neox" (per-head interleaved) or None
+    pattern: str | None = None  # pattern module relative to attn (None: ``hook_pattern``, added by ``observable``)
+    fused_qkv: str | None = None  # "gpt2" (c_attn: q|k|v), "neox" (per-head [q_h|k_h|v_h]) or None
     unembed: str = "lm_head"
+    q_proj: str | None = None
+    v_proj: str | None = None
+    mlp: str | None = "mlp"  # relative to a block; a model without one has no mlp_out site
+    block_output: str = "tensor"  # "tensor" or "tuple" (first element is the residual stream)
+    # The attention module's output is exactly its output projection's output (no dropout, no extra
+    # term). Built-in architectures only: lets a sweep skip recomputing an ablated layer's attention.
+    attn_is_o_proj: bool = False
+    final_norm: str | None = None  # the norm before the unembedding (copying score); None: not known
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "attn_only": ArchSpec("transformer.h", "attn", "c_proj", "k_proj", "hook_pattern"),
-    "gpt2": ArchSpec("transformer.h", "attn", "c_proj", "c_attn", "hook_pattern", fused_qkv="gpt2"),
+    "attn_only": ArchSpec("transformer.h", "attn", "c_proj", "k_proj", "hook_pattern", block_output="tuple",
+                          attn_is_o_proj=True, final_norm="transformer.ln_f"),
+    "gpt2": ArchSpec("transformer.h", "attn", "c_proj", "c_attn", "hook_pattern", fused_qkv="gpt2",
+                     attn_is_o_proj=True, final_norm="transformer.ln_f"),
     # transformers 5 names the NeoX unembedding ``lm_head`` (4.x: ``embed_out``; see ``unembed_path``)
     "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "dense", "query_key_value", "hook_pattern",
-                         fused_qkv="neox"),
-    "llama": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
-    "qwen2": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
-    "mistral": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern"),
+                         fused_qkv="neox", attn_is_o_proj=True, final_norm="gpt_neox.final_layer_norm"),
+    "llama": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
+                      final_norm="model.norm"),
+    "qwen2": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
+                      final_norm="model.norm"),
+    "mistral": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
+                        final_norm="model.norm"),
 }
+
+_REGISTER_HINT = ("interventions.register_adapter(model_type, ArchSpec(layers='model.layers', attn='self_attn', "
+                  "o_proj='o_proj', k_proj='k_proj'))  # paths of your model's modules; pattern sites are "
+                  "added by observable()")
 
 
 def register_adapter(model_type: str, spec: ArchSpec) -> None:
-    """Teach the toolkit a new architecture (``model.config.model_type``)."""
+    """Teach the toolkit a new architecture (``model.config.model_type``).
+
+    Example:
+        >>> register_adapter("my_llama", ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj",
+        ...                                       k_proj="k_proj"))
+        >>> _ = ARCHS.pop("my_llama")
+    """
+    if not isinstance(spec, ArchSpec):
+        raise ValueError(f"spec must be an ArchSpec, got {type(spec).__name__}: {_REGISTER_HINT}")
     ARCHS[model_type] = spec
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
+def module_at(root, path: str):
+    """The module (or nnsight envoy, when ``root`` is one) at dotted ``path``."""
     for part in path.split("."):
-        module = module[int(part)] if part.isdigit() else getattr(module, part)
-    return module
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
 
 
 @dataclass(frozen=True)
@@ -83,31 +115,72 @@ class Adapter:
     vocab_size: int
     n_ctx: int | None
 
-    def path(self, layer: int, site: str) -> str:
-        """Dotted module path of ``site`` in ``layer`` (sites: layer, attn, o_proj, k_proj, pattern)."""
+    def path(self, layer: int, part: str) -> str:
+        """Dotted module path of a module of ``layer``: layer, attn, o_proj, q_proj, k_proj, v_proj,
+        pattern or mlp."""
         self.check_layer(layer)
         s = self.spec
         base = f"{s.layers}.{layer}"
-        if site == "layer":
+        if part == "layer":
             return base
+        if part == "mlp":
+            if s.mlp is None:
+                raise ValueError(f"this {self.model_type} adapter names no MLP module: set ArchSpec(mlp=...)")
+            return f"{base}.{s.mlp}"
         attn = f"{base}.{s.attn}"
-        if site == "attn":
+        if part == "attn":
             return attn
-        sub = {"o_proj": s.o_proj, "k_proj": s.k_proj, "pattern": s.pattern}.get(site)
+        default = s.k_proj if s.fused_qkv else None
+        sub = {"o_proj": s.o_proj, "k_proj": s.k_proj, "pattern": s.pattern or "hook_pattern",
+               "q_proj": s.q_proj or default or "q_proj", "v_proj": s.v_proj or default or "v_proj"}.get(part)
         if sub is None:
-            raise ValueError(f"unknown site {site!r}: use one of layer, attn, o_proj, k_proj, pattern")
+            raise ValueError(f"unknown module {part!r}: use one of layer, attn, o_proj, q_proj, k_proj, v_proj, "
+                             "pattern, mlp")
         return f"{attn}.{sub}"
 
-    def module(self, root, layer: int, site: str):
-        """The module (or nnsight envoy, when ``root`` is one) of ``site`` in ``layer``."""
-        return _get(root, self.path(layer, site))
+    def module(self, root, layer: int, part: str):
+        """The module (or nnsight envoy, when ``root`` is one) ``part`` of ``layer``."""
+        return module_at(root, self.path(layer, part))
 
-    def unembed_path(self, root) -> str:
+    def point(self, site: Site, root=None) -> tuple[str, str]:
+        """(module path, "input" or "output") where ``site`` is read and written."""
+        kind = site.kind
+        if kind == "final":
+            return self.unembed_path(root), "input"
+        part, io = {"resid_pre": ("layer", "input"), "q": ("q_proj", "output"), "k": ("k_proj", "output"),
+                    "v": ("v_proj", "output"), "pattern": ("pattern", "output"), "z": ("o_proj", "input"),
+                    "attn_out": ("o_proj", "output"), "mlp_out": ("mlp", "output"),
+                    "resid_post": ("layer", "output")}[kind]
+        return self.path(site.layer, part), io
+
+    def n_site_heads(self, kind: str) -> int:
+        return self.n_kv_heads if kind in KV_KINDS else self.n_heads
+
+    def view(self, raw: torch.Tensor, kind: str) -> torch.Tensor:
+        """``raw`` (the tensor at the site's point) as a view in the site's documented shape: writes to
+        the view change ``raw`` in place."""
+        b, p = raw.shape[0], raw.shape[1]
+        if kind in ("q", "k", "v"):
+            n, d = self.n_site_heads(kind), self.d_head
+            which = "qkv".index(kind)
+            if self.spec.fused_qkv == "gpt2":  # [q | k | v] along the last dim (no GQA in GPT-2)
+                width = self.n_heads * d
+                return raw[..., which * width:(which + 1) * width].view(b, p, n, d)
+            if self.spec.fused_qkv == "neox":  # per head [q_h | k_h | v_h]
+                return raw.view(b, p, self.n_heads, 3, d)[:, :, :, which]
+            return raw.view(b, p, n, d)
+        if kind == "z":
+            return raw.view(b, p, self.n_heads, self.d_head)
+        return raw
+
+    def unembed_path(self, root=None) -> str:
         """Path of the unembedding module: the spec's, else wherever ``get_output_embeddings`` lives
         (module names differ across transformers versions, e.g. NeoX ``embed_out`` -> ``lm_head``)."""
+        if root is None:
+            return self.spec.unembed
         inner = getattr(root, "_module", root)
         try:
-            _get(inner, self.spec.unembed)
+            module_at(inner, self.spec.unembed)
             return self.spec.unembed
         except (AttributeError, IndexError):
             pass
@@ -123,7 +196,7 @@ class Adapter:
             raise ValueError(f"layer {layer!r} out of range: this model has layers 0-{self.n_layers - 1}")
 
     def head_slice(self, head: int) -> slice:
-        """Columns of head ``head`` in the per-head output site (the o_proj input)."""
+        """Columns of head ``head`` in the raw per-head output (the o_proj input)."""
         return slice(head * self.d_head, (head + 1) * self.d_head)
 
 
@@ -134,7 +207,8 @@ def get_adapter(model) -> Adapter:
     """The adapter of an HF causal LM (or an nnsight wrapper of one).
 
     Cached per model and config object (HF config attribute reads are slow enough to show in the
-    per-trace overhead); re-read when the config or the registry changes."""
+    per-trace overhead); re-read when the config or the registry changes. Holds no reference to the
+    model (weak keys; the value references only the config)."""
     inner = getattr(model, "_module", model)
     config = getattr(inner, "config", None)
     try:
@@ -156,8 +230,7 @@ def _build_adapter(config) -> Adapter:
     if model_type not in ARCHS:
         raise ValueError(
             f"unsupported architecture {model_type!r}: supported are {', '.join(sorted(ARCHS))}. "
-            "Register one with interventions.register_adapter(model_type, ArchSpec(layers=..., attn=..., "
-            "o_proj=..., k_proj=..., pattern=None))")
+            f"Register one with {_REGISTER_HINT}")
     spec = ARCHS[model_type]
     c = config
     n_heads = int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
@@ -172,7 +245,7 @@ def _build_adapter(config) -> Adapter:
 
 # ----------------------------------------------------------------------------- patterns
 
-def _observable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def observable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention for any HF architecture, routing the pattern through ``module.hook_pattern``.
 
     query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head)."""
@@ -205,7 +278,7 @@ def _register_attention() -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-        AttentionInterface.register("interventions_eager", _observable_attention)
+        AttentionInterface.register("interventions_eager", observable_attention)
         # Without a mask function of the same name HF builds *no* mask for a custom attention
         # implementation (it assumes the kernel masks by itself), so the eager path above would attend
         # to future tokens. The eager mask is additive (0 / dtype min), causal, and honours padding.
@@ -218,7 +291,7 @@ def has_pattern_site(model) -> bool:
     a = get_adapter(inner)
     try:
         a.module(inner, 0, "pattern")
-    except AttributeError:
+    except (AttributeError, IndexError):
         return False
     impl = getattr(inner.config, "_attn_implementation", None)
     return impl in ("eager", "interventions_eager")

@@ -1,114 +1,107 @@
-"""Running nnsight traces over HF models: wrapping, input validation, per-layer edits.
+"""The one trace engine: a run described as data, executed by one driver.
 
-``run_edited(model, tokens, edits)`` is the one trace driver the primitives share. An edit says, for
-a layer, what to write into the per-head output site (the input of the attention output projection)
-and/or the pattern site; the driver visits layers in execution order (nnsight requires it) and
-checks afterwards that every edit took effect.
+A ``Run`` says what to read (sites), what to write (``Write``: a site, optionally restricted to batch
+rows, one head and a position, and the value: a tensor, ``None`` for zero, or a function of the current
+activation), and which layers the caller already computed (``start`` / ``prefix``: blocks below
+``start`` are skipped and their output replaced; ``attn_outputs``: an attention module skipped and its
+output given). ``execute(model, run)`` is the only place in the package that opens an nnsight trace.
+It owns, for every primitive alike:
+
+* execution order (sites visited in the order of ``interventions.engine.sites.LAYER_KINDS``),
+* attention mask and position ids of padded batches (each real token at its unpadded position),
+* ``use_cache=False``, and eval mode (a model left in training mode with active dropout runs in eval
+  mode, with a warning, and is put back),
+* placement of each written tensor on its site's device and dtype (multi-device models),
+* error translation by exception type (nnsight's ``OutOfOrderError``: a target that never ran),
+* a take-effect check: the first write to a (layer, kind) of a model is probed once by writing NaN
+  there on a 2-token input and requiring NaN in the logits (or, where an attention kernel masks NaN
+  scores, a changed logit under a random perturbation), which proves the forward *consumes* the site
+  (not just that the tensor was written).
+
+The engine keeps no reference to a model after a call: wrappers live as long as one ``Engine``.
 
 Example:
     >>> import torch
     >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
-    >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20)).eval()
-    >>> run_edited(model, torch.zeros(1, 5, dtype=torch.long), {}).shape
-    torch.Size([1, 5, 20])
+    >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=20)).eval()
+    >>> tokens = torch.zeros(1, 5, dtype=torch.long)
+    >>> out = execute(model, Run(tokens, reads=["L0.z"], writes=[Write("L1.z", None, head=0)]))
+    >>> out.logits.shape, out.acts["L0.z"].shape
+    (torch.Size([1, 5, 20]), torch.Size([1, 5, 2, 8]))
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from .adapters import Adapter, get_adapter, has_pattern_site
-
-# (batch, pos, d_head) replacement for one head, or None for zero
-HeadEdit = dict[int, torch.Tensor | None]
+from .adapters import Adapter, get_adapter, has_pattern_site, module_at
+from .sites import HEAD_KINDS, KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
 
 
 class InterventionError(RuntimeError):
-    """An intervention could not be applied (its target did not run, or it changed nothing)."""
+    """An intervention could not be applied (its target did not run, or the forward ignored it)."""
+
+
+Value = torch.Tensor | None | Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Write:
+    """Write ``value`` into ``site`` (``"L1.z"`` or ``Site``), at batch ``rows``, head ``head`` (query head
+    for q / z / pattern, key/value head for k / v) and position ``pos`` (the query position for a
+    pattern); ``None`` for any of them means all.
+
+    ``value``: a tensor broadcastable to the indexed part of the site (shapes in
+    ``interventions.engine.sites``), ``None`` for zero, or a function of the current activation there
+    (a clone) returning its replacement of the same shape."""
+
+    site: Site | str
+    value: Value = None
+    rows: slice | None = None
+    head: int | None = None
+    pos: int | slice | None = None
+
+    def index(self, kind: str) -> tuple:
+        rows = slice(None) if self.rows is None else self.rows
+        pos = slice(None) if self.pos is None else self.pos
+        head = slice(None) if self.head is None else self.head
+        if kind == "pattern":  # (batch, head, q_pos, k_pos)
+            return rows, head, pos
+        if kind in RESID_KINDS:  # (batch, pos, d_model)
+            return rows, pos
+        return rows, pos, head  # (batch, pos, head, d_head)
 
 
 @dataclass
-class LayerEdits:
-    """What to write in one layer. ``heads``: head -> replacement (batch, pos, d_head) or None (zero);
-    ``rows``: optionally restrict a head edit to these batch rows (batched sweeps);
-    ``pattern``: full pattern (batch, head, q_pos, k_pos) to force."""
+class Run:
+    """One forward pass described as data (see the module docstring)."""
 
-    heads: dict[int, torch.Tensor | None] = field(default_factory=dict)
-    rows: dict[int, slice] = field(default_factory=dict)
-    pattern: torch.Tensor | None = None
-
-
-# model -> layers whose head site was seen to take an edit. The take-effect check guards the adapter's
-# wiring, which does not change between calls, so it runs once per model and layer (it costs a copy
-# and a save per edit: ~3% of a small model's forward).
-_VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-# Recently built wrappers: [(model, tokenizer, pattern modules, wrapper)], newest last. Bounded, because
-# a wrapper holds its model: a weak-keyed cache whose values reference their keys never frees them.
-_WRAPPED: list = []
-_CACHE_SIZE = 4
+    tokens: torch.Tensor  # (batch, pos)
+    reads: Sequence[Site | str] = ()
+    writes: Sequence[Write] = ()
+    attention_mask: torch.Tensor | None = None  # (batch, pos), 1 = real token
+    start: int = 0  # blocks below are skipped ...
+    prefix: torch.Tensor | None = None  # ... and the residual entering block ``start`` is this (batch, pos, d_model)
+    attn_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> attention output (batch, pos, d_model)
 
 
-def _pattern_modules(model) -> tuple:
-    """The pattern modules the model has now (by identity; ``observable`` adds fresh ones each time)."""
-    adapter = get_adapter(model)
-    out = []
-    for layer in range(adapter.n_layers):
-        try:
-            out.append(adapter.module(model, layer, "pattern"))
-        except AttributeError:
-            out.append(None)
-    return (has_pattern_site(model), *out)
+@dataclass
+class Result:
+    logits: torch.Tensor  # (batch, pos, vocab)
+    acts: dict[str, torch.Tensor]  # site name -> activation in the site's shape (after that site's writes)
 
 
-def wrap(model, tokenizer=None, *, lean: bool = False):
-    """An nnsight wrapper over ``model`` (cached per model; a wrapper passes through).
-
-    By default a ``TransformersModel`` (string prompts, several invokes per trace). ``lean=True`` gives
-    a bare ``nnsight.NNsight``: the primitives trace token ids in one invoke and need nothing more,
-    and its per-trace cost is lower (0.15-0.5 ms vs 0.4-0.85 ms on the 2-core CPU, measured side by
-    side at 8 x 256 tokens).
-
-    The cache is keyed on the model, the tokenizer, the kind and the current pattern modules, all by
-    identity: a wrapper's envoy tree is built once, so a wrapper built before ``observable`` added (or
-    after it removed) ``hook_pattern`` modules would point at modules that never run."""
-    import nnsight
-
-    if isinstance(model, nnsight.NNsight):
-        return model
-    patterns = _pattern_modules(model)
-    key = "lean" if lean else tokenizer
-    for i, (m, tok, pats, lm) in enumerate(_WRAPPED):
-        if m is model and tok is key and len(pats) == len(patterns) and all(
-                a is b for a, b in zip(pats, patterns)):
-            _WRAPPED.append(_WRAPPED.pop(i))
-            return lm
-    if lean:
-        lm = nnsight.NNsight(model)
-    else:
-        lm = nnsight.TransformersModel(model, tokenizer=_placeholder_tokenizer() if tokenizer is None else tokenizer)
-    _WRAPPED.append((model, key, patterns, lm))
-    del _WRAPPED[:-_CACHE_SIZE]
-    return lm
-
-
-_PLACEHOLDER = None
-
-
-def _placeholder_tokenizer():
-    """nnsight needs a tokenizer object; token-id inputs never use it."""
-    global _PLACEHOLDER
-    if _PLACEHOLDER is None:
-        from ..zoo.tokenizer import byte_tokenizer
-
-        _PLACEHOLDER = byte_tokenizer()
-    return _PLACEHOLDER
-
+# ----------------------------------------------------------------------------- input validation
 
 def unwrap(model):
+    """The torch module under an nnsight wrapper (or the model itself)."""
     return getattr(model, "_module", model)
 
 
@@ -134,80 +127,6 @@ def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor
     return tokens
 
 
-def _device(model) -> torch.device:
-    return next(unwrap(model).parameters()).device
-
-
-@torch.no_grad()
-def run_edited(model, tokens: torch.Tensor, edits: dict[int, LayerEdits],
-               save_patterns: bool = False, save_head_outputs: bool = False,
-               attention_mask: torch.Tensor | None = None):
-    """Run ``model`` on ``tokens`` with per-layer edits. Returns logits (batch, pos, vocab), and if
-    asked, the patterns (list per layer) and per-head outputs (list per layer of (batch, pos, head*d_head))
-    as recorded *after* the edits of that layer."""
-    inner = unwrap(model)
-    adapter = get_adapter(inner)
-    check_tokens(tokens, adapter)
-    for layer in edits:
-        adapter.check_layer(layer)
-    needs_pattern = save_patterns or any(e.pattern is not None for e in edits.values())
-    if needs_pattern and not has_pattern_site(inner):
-        raise InterventionError("attention patterns are not observable on this model's attention path "
-                                "(SDPA/flash computes no pattern): run inside `with interventions.observable(model):`")
-    for layer in range(adapter.n_layers):  # every site this trace visits must exist (else: a wrong adapter)
-        sites = (["pattern"] if needs_pattern else []) + (
-            ["o_proj"] if save_head_outputs or (layer in edits and edits[layer].heads) else [])
-        for site in sites:
-            try:
-                adapter.module(inner, layer, site)
-            except (AttributeError, IndexError):
-                raise InterventionError(f"this {adapter.model_type} model has no module at {adapter.path(layer, site)!r} "
-                                        f"(site {site!r}): fix the adapter with interventions.register_adapter") from None
-    lm = wrap(inner, lean=True)
-    tokens = tokens.to(_device(inner))
-    kwargs = mask_kwargs(attention_mask, tokens)
-    patterns, head_outs, checks = [], [], []
-    verified = _VERIFIED.setdefault(inner, set())
-    try:
-        with lm.trace(tokens, **kwargs):
-            for layer in range(adapter.n_layers):
-                edit = edits.get(layer)
-                if needs_pattern:
-                    site = adapter.module(lm, layer, "pattern")
-                    if edit is not None and edit.pattern is not None:
-                        site.output = edit.pattern
-                    if save_patterns:
-                        patterns.append(site.output.save())
-                if (edit is not None and edit.heads) or save_head_outputs:
-                    z = adapter.module(lm, layer, "o_proj").input  # (batch, pos, head*d_head)
-                    if edit is not None:
-                        for head, value in edit.heads.items():
-                            sl = adapter.head_slice(head)
-                            rows = edit.rows.get(head, slice(None))
-                            z[rows, :, sl] = 0 if value is None else value
-                            if layer not in verified:  # the site's wiring is checked once per model
-                                checks.append((layer, head, rows, value, z[rows, :, sl].clone().save()))
-                    if save_head_outputs:
-                        head_outs.append(z.clone().save())
-            logits = _unembed(lm, adapter).output.save()
-    except InterventionError:
-        raise
-    except Exception as e:
-        raise translate_trace_error(e) from None
-    for layer, head, rows, value, seen in checks:
-        expected = torch.zeros_like(seen) if value is None else value.to(seen.dtype).expand_as(seen)
-        if not torch.equal(seen, expected):
-            raise InterventionError(f"the edit of L{layer}H{head} did not take effect (the model's forward "
-                                    "does not use the per-head site as expected); check the adapter")
-    verified.update(layer for layer, *_ in checks)
-    out = [logits]
-    if save_patterns:
-        out.append(patterns)
-    if save_head_outputs:
-        out.append(head_outs)
-    return out[0] if len(out) == 1 else tuple(out)
-
-
 def check_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
     """An attention mask must match the tokens' shape and hold 0/1 (1 = real token)."""
     if attention_mask is None:
@@ -219,15 +138,11 @@ def check_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> Non
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
 
 
-def mask_kwargs(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> dict:
-    """Forward kwargs for a padded batch: the mask, and position ids counted over real tokens only, so
-    each real token sits at the position it has in the unpadded sequence (HF models do not all derive
-    positions from the mask themselves)."""
+def position_ids(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+    """(batch, pos) position of each token in its unpadded sequence (padding: 0)."""
     if attention_mask is None:
-        return {}
-    check_mask(attention_mask, tokens)
-    m = attention_mask.to(tokens.device).long()
-    return {"attention_mask": m, "position_ids": (m.cumsum(-1) - 1).clamp(min=0)}
+        return torch.arange(tokens.shape[1], device=tokens.device)[None].expand(tokens.shape)
+    return (attention_mask.to(tokens.device).long().cumsum(-1) - 1).clamp(min=0)
 
 
 def pad_to_nan(losses: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -238,33 +153,302 @@ def pad_to_nan(losses: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
     return losses.masked_fill(~(m[:, :-1] & m[:, 1:]), float("nan"))
 
 
-def translate_trace_error(e: Exception) -> Exception:
-    """nnsight's errors for a site that never ran (or was accessed out of execution order) become an
-    ``InterventionError`` naming the fix; any other error is returned unchanged."""
-    name = type(e).__name__
-    if "OutOfOrder" in name or "never" in str(e) or "Missed" in name:
-        return InterventionError(f"an intervention's target did not run ({name}: {e}). Pattern sites need "
-                                 "`with interventions.observable(model):`; module paths come from "
-                                 "interventions.engine.adapters")
-    return e
+def check_positive(value, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
 
 
-def _unembed(lm, adapter: Adapter):
-    from .adapters import _get
+# ----------------------------------------------------------------------------- the engine
 
-    return _get(lm, adapter.unembed_path(lm))
-
-
-@torch.no_grad()
-def head_outputs(model, tokens: torch.Tensor, layers: list[int] | None = None) -> dict[int, torch.Tensor]:
-    """Per-head outputs of chosen layers on clean tokens: {layer: (batch, pos, head, d_head)}."""
-    adapter = get_adapter(unwrap(model))
-    layers = list(range(adapter.n_layers)) if layers is None else sorted(set(layers))
-    for layer in layers:
-        adapter.check_layer(layer)
-    _, outs = run_edited(model, tokens, {}, save_head_outputs=True)
-    b, p = tokens.shape
-    return {layer: outs[layer].view(b, p, adapter.n_heads, adapter.d_head) for layer in layers}
+# model -> {(spec, layer, kind)} whose consumption by the forward was proven (weak keys: no reference)
+_VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-Metric = Callable[[torch.Tensor], torch.Tensor]
+def _dropout_active(inner: nn.Module) -> bool:
+    if not inner.training:
+        return False
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in inner.modules()):
+        return True
+    c = getattr(inner, "config", None)
+    return any(float(getattr(c, name, 0) or 0) > 0 for name in ("attention_dropout", "attn_pdrop"))
+
+
+@contextlib.contextmanager
+def _eval_mode(inner: nn.Module):
+    """Run in eval mode if dropout would otherwise make the run random; restore the modes after."""
+    if not _dropout_active(inner):
+        yield
+        return
+    warnings.warn("the model is in training mode with dropout: running it in eval mode for this call "
+                  "(call model.eval() to silence this)", stacklevel=4)
+    modes = [(m, m.training) for m in inner.modules()]
+    inner.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+class Engine:
+    """Executes runs on one model; build one per primitive call (it holds the model until dropped)."""
+
+    def __init__(self, model):
+        import nnsight
+
+        self.inner = unwrap(model)
+        self.adapter = get_adapter(self.inner)
+        self._nnsight = nnsight
+        self._lm, self._lm_key = None, None
+
+    def _wrapper(self):
+        """A bare ``nnsight.NNsight`` over the model, rebuilt when ``observable`` added or removed pattern
+        modules (an envoy tree is built once and would point at modules that no longer run)."""
+        a = self.adapter
+        key = [has_pattern_site(self.inner)]
+        for layer in range(a.n_layers):
+            try:
+                key.append(a.module(self.inner, layer, "pattern"))
+            except (AttributeError, IndexError):
+                key.append(None)
+        if self._lm is None or len(key) != len(self._lm_key) or any(x is not y for x, y in zip(key, self._lm_key)):
+            self._lm, self._lm_key = self._nnsight.NNsight(self.inner), key
+        return self._lm
+
+    def device(self, path: str | None = None) -> torch.device:
+        """Device of the module at ``path`` (its first parameter), else of the model's first parameter:
+        a tensor fed to a module goes to that module's device (multi-device models)."""
+        if path is not None:
+            p = next(module_at(self.inner, path).parameters(), None)
+            if p is not None:
+                return p.device
+        return next(self.inner.parameters()).device
+
+    # ------------------------------------------------------------------ validation
+    def _check_site(self, site: Site, batch: int, pos: int) -> tuple[int, ...]:
+        """The site's full shape; raises if it does not exist on this model."""
+        a = self.adapter
+        if site.kind == "pattern" and not has_pattern_site(self.inner):
+            raise InterventionError(f"site {site}: attention patterns are not observable on this model's "
+                                    "attention path (SDPA/flash computes no pattern): run inside "
+                                    "`with interventions.observable(model):`")
+        path, _ = a.point(site, self.inner)
+        try:
+            module_at(self.inner, path)
+        except (AttributeError, IndexError):
+            if site.kind == "mlp_out":
+                raise ValueError(f"site {site} does not exist: this {a.model_type} model has no MLP at {path!r} "
+                                 "(attention-only); use attn_out or resid_post") from None
+            raise InterventionError(f"site {site}: this {a.model_type} model has no module at {path!r}: fix the "
+                                    "adapter with interventions.register_adapter") from None
+        if site.kind in RESID_KINDS:
+            return batch, pos, a.d_model
+        if site.kind == "pattern":
+            return batch, a.n_heads, pos, pos
+        return batch, pos, a.n_site_heads(site.kind), a.d_head
+
+    def _check_write(self, w: Write, site: Site, full: tuple[int, ...]) -> tuple[int, ...]:
+        a = self.adapter
+        if w.head is not None:
+            if site.kind in RESID_KINDS:
+                raise ValueError(f"write to {site}: the site has no heads; drop head={w.head}")
+            n = a.n_site_heads(site.kind)
+            if not isinstance(w.head, int) or not 0 <= w.head < n:
+                what = "kv head" if site.kind in KV_KINDS else "head"
+                extra = (f" (grouped-query attention: query head h reads kv head h // {a.n_heads // a.n_kv_heads})"
+                         if site.kind in KV_KINDS and a.n_kv_heads != a.n_heads else "")
+                raise ValueError(f"write to {site}: {what} {w.head!r} out of range: layer {site.layer} has "
+                                 f"{what}s 0-{n - 1}{extra}")
+        try:
+            shape = tuple(torch.empty(full, device="meta")[w.index(site.kind)].shape)
+        except IndexError as e:
+            raise ValueError(f"write to {site}: rows/pos {w.rows}/{w.pos} do not index a site of shape {full}: {e}") from None
+        if torch.is_tensor(w.value):
+            try:
+                ok = torch.broadcast_shapes(tuple(w.value.shape), shape) == shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"write to {site}: a value of shape {tuple(w.value.shape)} does not fit the written "
+                                 f"part {shape} of the site (full shape {full}); see interventions.engine.sites")
+        elif w.value is not None and not callable(w.value):
+            raise ValueError(f"write to {site}: value must be a tensor, None (zero) or a function of the current "
+                             f"activation, got {type(w.value).__name__}")
+        return shape
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def run(self, run: Run, verify: bool = True) -> Result:
+        a, inner = self.adapter, self.inner
+        tokens = check_tokens(run.tokens, a)
+        check_mask(run.attention_mask, tokens)
+        batch, pos = tokens.shape
+        reads = [parse_site(s, a.n_layers) for s in run.reads]
+        writes: dict[Site, list[Write]] = {}
+        for w in run.writes:
+            if not isinstance(w, Write):
+                raise ValueError(f"writes must be Write objects, got {type(w).__name__}")
+            writes.setdefault(parse_site(w.site, a.n_layers), []).append(w)
+        if not isinstance(run.start, int) or not 0 <= run.start < a.n_layers:
+            raise ValueError(f"start={run.start!r} must be a layer 0-{a.n_layers - 1}")
+        if (run.start > 0) != (run.prefix is not None):
+            raise ValueError("a run that starts above layer 0 needs prefix (the residual entering that layer), "
+                             "and only such a run takes one")
+        if run.prefix is not None and tuple(run.prefix.shape) != (batch, pos, a.d_model):
+            raise ValueError(f"prefix has shape {tuple(run.prefix.shape)}; expected {(batch, pos, a.d_model)}")
+        inside_attn = {"q", "k", "v", "pattern", "z", "attn_out"}
+        for site in set(reads) | set(writes):
+            shape = self._check_site(site, batch, pos)
+            if site.layer is not None and site.layer < run.start:
+                raise ValueError(f"site {site} lies below the run's start layer {run.start}: it is not computed")
+            if site.layer in run.attn_outputs and site.kind in inside_attn:
+                raise ValueError(f"site {site} lies in an attention module this run skips (attn_outputs)")
+            for w in writes.get(site, ()):
+                self._check_write(w, site, shape)
+        for layer, value in run.attn_outputs.items():
+            a.check_layer(layer)
+            if tuple(value.shape) != (batch, pos, a.d_model):
+                raise ValueError(f"attn_outputs[{layer}] has shape {tuple(value.shape)}; expected {(batch, pos, a.d_model)}")
+        with _eval_mode(inner):
+            if verify:
+                for site in writes:
+                    self._verify(site)
+            return self._trace(tokens, run, reads, writes)
+
+    def _verify(self, site: Site) -> None:
+        """Prove once per model and (layer, kind) that the forward consumes a write there: NaN written
+        at the site on a 2-token input must reach the logits, or (attention kernels treat NaN scores as
+        masked) a random perturbation of the site must change them."""
+        key = (id(self.adapter.spec), site.layer, site.kind)
+        done = _VERIFIED.setdefault(self.inner, set())
+        if key in done:
+            return
+        probe = torch.arange(2)[None] % self.adapter.vocab_size
+        nan = self.run(Run(probe, writes=[Write(site, lambda x: torch.full_like(x, float("nan")))]), verify=False)
+        if not bool(torch.isnan(nan.logits).any()):
+            # q/k/v/pattern feed the same layer's z: compare that (a head with no output path to the
+            # logits still consumes them); other sites: the logits.
+            g = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, self.adapter.vocab_size, (1, min(8, self.adapter.n_ctx or 8)), generator=g)
+            reads = [Site(site.layer, "z")] if site.kind in ("q", "k", "v", "pattern") else []
+
+            def noise(x):
+                return x + (1 + x.abs()) * torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+
+            clean = self.run(Run(tokens, reads=reads), verify=False)
+            moved = self.run(Run(tokens, reads=reads, writes=[Write(site, noise)]), verify=False)
+            same = all(torch.equal(clean.acts[k], moved.acts[k]) for k in clean.acts) if reads else \
+                torch.equal(clean.logits, moved.logits)
+            if same:
+                raise InterventionError(f"a write to {site} did not take effect: the model's forward does not consume "
+                                        f"{self.adapter.point(site, self.inner)} as the site's value; fix the adapter "
+                                        "with interventions.register_adapter")
+        done.add(key)
+
+    def _trace(self, tokens, run: Run, reads: list[Site], writes: dict[Site, list[Write]]) -> Result:
+        from nnsight.intervention.interleaver import OutOfOrderError
+
+        a, inner = self.adapter, self.inner
+        lm = self._wrapper()
+        device = self.device()
+        tokens = tokens.to(device)
+        kwargs = {"use_cache": False}
+        if run.attention_mask is not None:
+            kwargs["attention_mask"] = run.attention_mask.to(device).long()
+            kwargs["position_ids"] = position_ids(run.attention_mask, tokens)
+        wanted = set(reads) | set(writes)
+        by_layer: dict[int | None, list[Site]] = {}
+        for site in wanted:
+            by_layer.setdefault(site.layer, []).append(site)
+        order = {k: i for i, k in enumerate(LAYER_KINDS)}
+        saved: dict[str, torch.Tensor] = {}
+        read_set = set(reads)
+
+        def visit(sites: list[Site]) -> None:
+            cache: dict[tuple[str, str], torch.Tensor] = {}  # one access per module point (fused q/k/v)
+            for site in sorted(sites, key=lambda s: order.get(s.kind, len(order))):
+                point = a.point(site, inner)
+                if point not in cache:
+                    env = module_at(lm, point[0])
+                    raw = env.input if point[1] == "input" else env.output
+                    cache[point] = raw if torch.is_tensor(raw) else raw[0]
+                view = a.view(cache[point], site.kind)
+                for w in writes.get(site, ()):
+                    idx = w.index(site.kind)
+                    if w.value is None:
+                        view[idx] = 0
+                        continue
+                    value = w.value
+                    if callable(value) and not torch.is_tensor(value):
+                        current = view[idx].clone()
+                        value = value(current)
+                        if not torch.is_tensor(value) or value.shape != current.shape:
+                            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+                            raise ValueError(f"a function written to {site} returned {got}; it must return a "
+                                             f"tensor of the activation's shape {tuple(current.shape)}")
+                    view[idx] = value.to(device=view.device, dtype=view.dtype)
+                if site in read_set:
+                    saved[str(site)] = view.clone().save()
+
+        try:
+            with lm.trace(tokens, **kwargs):
+                for layer in range(a.n_layers):
+                    block = a.module(lm, layer, "layer")
+                    if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
+                        p = run.prefix.to(self.device(a.path(run.start, "layer")))
+                        block.skip((p, None) if a.spec.block_output == "tuple" else p)
+                        continue
+                    sites = by_layer.get(layer, [])
+                    if layer in run.attn_outputs:
+                        visit([s for s in sites if s.kind == "resid_pre"])
+                        out = run.attn_outputs[layer].to(self.device(a.path(layer, "attn")))
+                        a.module(lm, layer, "attn").skip((out, None))
+                        visit([s for s in sites if s.kind != "resid_pre"])
+                    else:
+                        visit(sites)
+                visit(by_layer.get(None, []))
+                logits = module_at(lm, a.unembed_path(inner)).output.save()
+        except OutOfOrderError as e:
+            raise InterventionError(f"an intervention's target did not run ({e}). Pattern sites need "
+                                    "`with interventions.observable(model):`; module paths come from "
+                                    "interventions.engine.adapters (fix with register_adapter)") from None
+        return Result(logits, saved)
+
+
+def execute(model, run: Run) -> Result:
+    """Execute one ``Run`` on ``model`` (an HF causal LM of a supported architecture, or its nnsight
+    wrapper). Returns ``Result(logits (batch, pos, vocab), acts {site name: tensor})``."""
+    return Engine(model).run(run)
+
+
+def wrap(model, tokenizer=None):
+    """The escape hatch to raw nnsight: a bare ``nnsight.NNsight`` over ``model`` (token-id inputs), or
+    with a ``tokenizer`` an ``nnsight.TransformersModel`` (string prompts, several invokes per trace).
+
+    Module paths of every site come from ``get_adapter(model).point(site)``.
+
+    Example:
+        >>> import torch
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20)).eval()
+        >>> lm = wrap(model)
+        >>> with lm.trace(torch.zeros(1, 4, dtype=torch.long)):
+        ...     z = lm.transformer.h[0].attn.c_proj.input.save()
+        >>> z.shape
+        torch.Size([1, 4, 16])
+    """
+    import nnsight
+
+    if isinstance(model, nnsight.NNsight):
+        return model
+    if tokenizer is None:
+        return nnsight.NNsight(model)
+    return nnsight.TransformersModel(model, tokenizer=tokenizer)
+
+
+def kv_map(model) -> list[int]:
+    """Query head -> key/value head of every query head (identity without grouped-query attention)."""
+    a = get_adapter(unwrap(model))
+    return [kv_head_of(h, a.n_heads, a.n_kv_heads) for h in range(a.n_heads)]

@@ -1,34 +1,46 @@
 """Head ablations as small objects, applied together in one trace.
 
-* ``ZeroAblation(heads)``: the head's output (its slice of the o_proj input) set to 0.
+* ``ZeroAblation(heads)``: the head's output (its slice of the ``z`` site) set to 0.
 * ``MeanAblation(heads, reference, per_position=True)``: replaced by its mean over a reference set of
   sequences, separately for each position (default: a head's typical output depends on how much
   context it has), or pooled over all positions (``per_position=False``).
 * ``ResampleAblation(heads, reference, seed)``: replaced by its output on another sequence, one
   reference row drawn (seeded) for each row of the batch.
+* ``FunctionAblation(heads, fn)``: replaced by ``fn(z, head)``, a function of the activation it
+  replaces (batch, pos, d_head): e.g. scaling, noise, projecting out a direction.
 * ``PatternPreserving(ablation)``: the paper's main kind. First a clean run records every attention
   pattern; then the ablation runs with every pattern forced to its clean value, so only the
   downstream *value* paths change (no head can re-route attention in response).
+
+On a left-padded batch (``attention_mask``) mean and resample ablation index their reference by each
+token's *unpadded* position, so a padded run equals the unpadded runs at every real token (tested).
+References themselves are unpadded sequences.
+
+Subclass ``Ablation`` and override ``value`` for your own kind; sweeps accept it too.
 
 Example:
     >>> import torch
     >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
     >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=20)).eval()
     >>> tokens = torch.randint(0, 20, (2, 8))
-    >>> logits = run_with_ablations(model, tokens, [ZeroAblation("L1H0")])
-    >>> logits.shape
+    >>> run_with_ablations(model, tokens, [ZeroAblation("L1H0")]).shape
+    torch.Size([2, 8, 20])
+    >>> halved = FunctionAblation("L0H1", lambda z, head: 0.5 * z)
+    >>> run_with_ablations(model, tokens, halved).shape
     torch.Size([2, 8, 20])
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from ..engine.adapters import get_adapter, observable
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
-from ..engine.tracing import LayerEdits, check_tokens, head_outputs, run_edited, unwrap
+from ..engine.sites import Site
+from ..engine.tracing import Engine, Run, Write, check_tokens, position_ids, unwrap
 
 
 class Ablation:
@@ -44,19 +56,47 @@ class Ablation:
         a = get_adapter(unwrap(model))
         check_heads(self.heads, a.n_layers, a.n_heads)
 
-    def value(self, head: Head, tokens: torch.Tensor, row_offset: int = 0) -> torch.Tensor | None:
-        """Replacement (batch, pos, d_head) for ``head`` on ``tokens``; None means zero.
+    def value(self, head: Head, tokens: torch.Tensor, row_offset: int = 0, positions: torch.Tensor | None = None):
+        """Replacement for ``head`` on ``tokens`` (batch, pos): a (batch, pos, d_head) tensor, ``None``
+        for zero, or a function of the head's current output (batch, pos, d_head) returning one.
 
         ``row_offset``: index of ``tokens``' first row in the whole batch, when a batch is run in chunks
-        (so a per-row choice, as in resampling, does not depend on how the batch was split)."""
+        (so a per-row choice, as in resampling, does not depend on how the batch was split).
+        ``positions``: (batch, pos) unpadded position of every token (padded batches); None: 0..pos-1."""
         return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(map(str, self.heads))})"
 
 
+def ablation_value(abl: Ablation, head: Head, tokens: torch.Tensor, row_offset: int = 0,
+                   positions: torch.Tensor | None = None):
+    """``abl.value`` called with the arguments its signature takes (subclasses written for
+    ``value(head, tokens)`` keep working)."""
+    params = inspect.signature(abl.value).parameters
+    kwargs = {}
+    if "row_offset" in params:
+        kwargs["row_offset"] = row_offset
+    if "positions" in params:
+        kwargs["positions"] = positions
+    return abl.value(head, tokens, **kwargs)
+
+
 class ZeroAblation(Ablation):
     """Set the heads' outputs to zero."""
+
+
+class FunctionAblation(Ablation):
+    """Replace each head's output z (batch, pos, d_head) by ``fn(z, head)`` (same shape)."""
+
+    def __init__(self, heads, fn: Callable[[torch.Tensor, Head], torch.Tensor]):
+        super().__init__(heads)
+        if not callable(fn):
+            raise ValueError("fn must be a function (z (batch, pos, d_head), head) -> replacement of z's shape")
+        self.fn = fn
+
+    def value(self, head, tokens, row_offset=0, positions=None):
+        return lambda z: self.fn(z, head)
 
 
 class _ReferenceAblation(Ablation):
@@ -85,9 +125,13 @@ class _ReferenceAblation(Ablation):
         if self._key == key and self._acts:
             return
         layers = sorted({h.layer for h in self.heads})
-        outs = head_outputs(model, self.reference, layers)  # {layer: (n, pos, head, d_head)}
-        self._acts = {h: outs[h.layer][:, :, h.head] for h in self.heads}  # (n, pos, d_head)
+        acts = Engine(model).run(Run(self.reference, reads=[Site(layer, "z") for layer in layers])).acts
+        self._acts = {h: acts[f"L{h.layer}.z"][:, :, h.head] for h in self.heads}  # (n, pos_ref, d_head)
         self._key = key
+
+    @staticmethod
+    def _positions(tokens, positions, device):
+        return (position_ids(None, tokens) if positions is None else positions).to(device)
 
 
 class MeanAblation(_ReferenceAblation):
@@ -104,11 +148,11 @@ class MeanAblation(_ReferenceAblation):
                              f"{tokens.shape[1]}: per-position means need a reference at least as long "
                              "(or pass per_position=False)")
 
-    def value(self, head, tokens, row_offset=0):
+    def value(self, head, tokens, row_offset=0, positions=None):
         acts = self._acts[head]  # (n, pos_ref, d_head)
         b, p = tokens.shape
         if self.per_position:
-            return acts[:, :p].mean(0)[None].expand(b, p, -1)
+            return acts.mean(0)[self._positions(tokens, positions, acts.device)]  # (batch, pos, d_head)
         return acts.mean((0, 1))[None, None].expand(b, p, -1)
 
 
@@ -131,9 +175,11 @@ class ResampleAblation(_ReferenceAblation):
         g = torch.Generator().manual_seed(self.seed)
         return torch.randint(0, self.reference.shape[0], (offset + batch,), generator=g)[offset:]
 
-    def value(self, head, tokens, row_offset=0):
-        b, p = tokens.shape
-        return self._acts[head][self.rows(b, row_offset).to(self._acts[head].device), :p]
+    def value(self, head, tokens, row_offset=0, positions=None):
+        acts = self._acts[head]  # (n, pos_ref, d_head)
+        b = tokens.shape[0]
+        rows = self.rows(b, row_offset).to(acts.device)
+        return acts[rows[:, None], self._positions(tokens, positions, acts.device)]  # (batch, pos, d_head)
 
 
 class PatternPreserving(Ablation):
@@ -141,28 +187,38 @@ class PatternPreserving(Ablation):
 
     def __init__(self, inner: Ablation):
         if isinstance(inner, PatternPreserving) or not isinstance(inner, Ablation):
-            raise ValueError("PatternPreserving wraps one ZeroAblation, MeanAblation or ResampleAblation")
+            raise ValueError("PatternPreserving wraps one ZeroAblation, MeanAblation, ResampleAblation, "
+                             "FunctionAblation or Ablation subclass")
         self.inner = inner
         self.heads = inner.heads
 
     def prepare(self, model, tokens):
         self.inner.prepare(model, tokens)
 
-    def value(self, head, tokens, row_offset=0):
-        return self.inner.value(head, tokens, row_offset)
+    def value(self, head, tokens, row_offset=0, positions=None):
+        return ablation_value(self.inner, head, tokens, row_offset, positions)
 
     def __repr__(self) -> str:
         return f"PatternPreserving({self.inner!r})"
 
 
-def _edits(ablations: Sequence[Ablation], tokens: torch.Tensor, row_offset: int = 0) -> dict[int, LayerEdits]:
-    edits: dict[int, LayerEdits] = {}
-    for abl in ablations:
-        for h in abl.heads:
-            # only pass row_offset when set, so subclasses with value(head, tokens) keep working
-            v = abl.value(h, tokens, row_offset) if row_offset else abl.value(h, tokens)
-            edits.setdefault(h.layer, LayerEdits()).heads[h.head] = v
-    return edits
+def as_ablations(ablations) -> list[Ablation]:
+    """One ablation or a sequence of them, validated."""
+    if isinstance(ablations, Ablation):
+        return [ablations]
+    out = list(ablations)
+    for abl in out:
+        if not isinstance(abl, Ablation):
+            raise ValueError(f"{abl!r} is not an ablation: pass ZeroAblation, MeanAblation, ResampleAblation, "
+                             "FunctionAblation or PatternPreserving objects")
+    return out
+
+
+def head_writes(ablations: Sequence[Ablation], tokens: torch.Tensor, row_offset: int = 0,
+                positions: torch.Tensor | None = None, rows: slice | None = None) -> list[Write]:
+    """The ``z`` writes of ``ablations`` on ``tokens`` (optionally into batch ``rows`` of a larger run)."""
+    return [Write(Site(h.layer, "z"), ablation_value(abl, h, tokens, row_offset, positions), rows=rows, head=h.head)
+            for abl in ablations for h in abl.heads]
 
 
 @torch.no_grad()
@@ -171,21 +227,20 @@ def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequen
     """Logits (batch, pos, vocab) of ``model`` on ``tokens`` with all ``ablations`` applied at once.
 
     If any ablation is ``PatternPreserving``, all patterns are frozen to the clean run's.
-    ``row_offset``: index of ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``)."""
-    if isinstance(ablations, Ablation):
-        ablations = [ablations]
-    ablations = list(ablations)
-    check_tokens(tokens, get_adapter(unwrap(model)))  # before any (reference) work
+    ``attention_mask`` (batch, pos; 1 = real token) for left-padded batches. ``row_offset``: index of
+    ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``)."""
+    ablations = as_ablations(ablations)
+    engine = Engine(model)
+    check_tokens(tokens, engine.adapter)  # before any (reference) work
     for abl in ablations:
-        if not isinstance(abl, Ablation):
-            raise ValueError(f"{abl!r} is not an ablation: pass ZeroAblation, MeanAblation, ResampleAblation "
-                             "or PatternPreserving objects")
         abl.prepare(model, tokens)
-    edits = _edits(ablations, tokens, row_offset)
+    positions = None if attention_mask is None else position_ids(attention_mask, tokens)
+    writes = head_writes(ablations, tokens, row_offset, positions)
     if not any(isinstance(a, PatternPreserving) for a in ablations):
-        return run_edited(model, tokens, edits, attention_mask=attention_mask)
-    with observable(unwrap(model)):
-        _, patterns = run_edited(model, tokens, {}, save_patterns=True, attention_mask=attention_mask)
-        for layer, p in enumerate(patterns):
-            edits.setdefault(layer, LayerEdits()).pattern = p
-        return run_edited(model, tokens, edits, attention_mask=attention_mask)
+        return engine.run(Run(tokens, writes=writes, attention_mask=attention_mask)).logits
+    n_layers = engine.adapter.n_layers
+    with observable(engine.inner):
+        sites = [Site(layer, "pattern") for layer in range(n_layers)]
+        clean = engine.run(Run(tokens, reads=sites, attention_mask=attention_mask)).acts
+        frozen = [Write(s, clean[str(s)]) for s in sites]
+        return engine.run(Run(tokens, writes=frozen + writes, attention_mask=attention_mask)).logits

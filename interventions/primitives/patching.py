@@ -1,51 +1,62 @@
-"""Activation patching: copy one activation from a source run into a target run, measure a metric.
+"""Activation patching and path patching: copy activations from a source run into a target run,
+measure a metric on the target run.
 
 ``direction="clean_to_corrupted"`` (default) runs the *corrupted* tokens and patches in activations
 recorded on the *clean* tokens (denoising: which activations restore clean behaviour?);
 ``"corrupted_to_clean"`` runs the clean tokens and patches in corrupted activations (noising: which
 activations does clean behaviour need?).
 
-Three kinds of site:
-  * ``patch_heads``: one head's output (its slice of the attention output projection's input), at all
-    positions (``by="head"``) or at one position (``by="head_pos"``).
+Sites (names and shapes in ``interventions.engine.sites``):
+  * ``patch_heads``: one head's ``z`` (default), ``q``, ``k`` or ``v`` at all positions
+    (``by="head"``) or at one position (``by="head_pos"``). ``k``/``v`` are per key/value head under
+    grouped-query attention.
   * ``patch_residual``: the residual stream entering a layer, at one position.
   * ``patch_patterns``: one head's attention pattern (inside ``observable``; set up here).
+  * ``path_patch``: the effect of a sender head on a receiver head's q, k or v input *only*, every
+    other path frozen (Wang et al. 2022; Goldowsky-Dill et al. 2023).
 
-A metric is any function of logits (batch, pos, vocab) -> (batch,) or a scalar tensor; results are
-its mean over the batch. Patches are batched: the target tokens are repeated k times along the batch
-and patch j is written only into rows [j * batch, (j + 1) * batch), so one forward pass measures k
-patches (TransformerLens' ``get_act_patch_*`` run one pass per index). Each block of rows holds one
-patch only, so the patches do not interact.
+A metric is a function ``metric(logits, tokens) -> (batch,)`` (or a scalar tensor). The patching
+functions call it with the logits *and the tokens of the run being measured* (the target run), so a
+loss cannot be computed against the wrong tokens. Results are its mean over the batch. Patches are
+batched: the target tokens are repeated k times along the batch and patch j is written only into rows
+[j * batch, (j + 1) * batch), so one forward pass measures k patches (TransformerLens'
+``get_act_patch_*`` run one pass per index). Each block of rows holds one patch only.
 
 Example:
     >>> import torch
     >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
     >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, vocab_size=20)).eval()
     >>> clean, corrupted = torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 6))
-    >>> metric = logit_diff(clean[:, -1], corrupted[:, -1])
-    >>> patch_heads(model, clean, corrupted, metric).shape
+    >>> patch_heads(model, clean, corrupted, mean_loss_metric).shape
     torch.Size([2, 4])
-    >>> patch_residual(model, clean, corrupted, metric).shape
+    >>> patch_residual(model, clean, corrupted, logit_diff(clean[:, -1], corrupted[:, -1])).shape
     torch.Size([2, 6])
+    >>> path_patch(model, clean, corrupted, mean_loss_metric, senders=["L0H0", "L0H1"], receivers=["L1H2"],
+    ...            receiver_input="k").shape
+    torch.Size([2, 1])
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
-from ..engine.adapters import get_adapter, observable
-from .cache import Write, _run_sites
+from ..engine.adapters import observable
+from ..engine.heads import Head, HeadLike, check_heads, parse_heads
+from ..engine.sites import Site, kv_head_of
+from ..engine.tracing import Engine, Run, Write, check_positive, check_tokens
 from .loss import loss_from_logits
-from ..engine.tracing import check_tokens, unwrap
 
-Metric = Callable[[torch.Tensor], torch.Tensor]
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Direction = Literal["clean_to_corrupted", "corrupted_to_clean"]
 PatchBy = Literal["head", "head_pos"]
+HeadSite = Literal["z", "q", "k", "v"]
 DIRECTIONS = ("clean_to_corrupted", "corrupted_to_clean")
 PATCH_BY = ("head", "head_pos")
+HEAD_SITES = ("z", "q", "k", "v")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -53,19 +64,20 @@ PATCH_BY = ("head", "head_pos")
 def logit_diff(correct_ids, wrong_ids, pos: int = -1) -> Metric:
     """Metric: logit of the correct token minus logit of the wrong token at position ``pos``.
 
-    ``correct_ids``/``wrong_ids``: an int, or (batch,) ids (one per sequence). Returns a function of
-    logits (batch, pos, vocab) -> (batch,). A difference of logits, not of probabilities, because it is
-    linear in the final residual stream (up to the final LayerNorm) and unaffected by other tokens.
+    ``correct_ids``/``wrong_ids``: an int, or (batch,) ids (one per sequence). Returns
+    ``metric(logits, tokens) -> (batch,)`` (the tokens are not needed). A difference of logits, not of
+    probabilities, because it is linear in the final residual stream (up to the final LayerNorm) and
+    unaffected by other tokens.
 
     Example:
         >>> m = logit_diff(torch.tensor([1, 2]), torch.tensor([0, 0]))
-        >>> m(torch.eye(3)[None].expand(2, 3, 3)).tolist()  # position -1 is one-hot at id 2
+        >>> m(torch.eye(3)[None].expand(2, 3, 3), None).tolist()  # position -1 is one-hot at id 2
         [0.0, 1.0]
     """
     correct = torch.as_tensor(correct_ids).long().reshape(-1)
     wrong = torch.as_tensor(wrong_ids).long().reshape(-1)
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
+    def metric(logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         last = logits[:, pos].float()  # (batch, vocab)
         b = last.shape[0]
         c, w = correct.to(last.device), wrong.to(last.device)
@@ -80,27 +92,27 @@ def logit_diff(correct_ids, wrong_ids, pos: int = -1) -> Metric:
     return metric
 
 
-def mean_loss_metric(tokens: torch.Tensor) -> Metric:
-    """Metric: mean next-token loss (nats) over positions of each sequence, on ``tokens`` (batch, pos).
+def mean_loss_metric(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Metric: mean next-token loss (nats) over the positions of each sequence: (batch,).
 
-    Returns a function of logits (batch, pos, vocab) -> (batch,). Pass the tokens of the run the
-    logits come from (the target run): loss is only defined against the tokens being predicted."""
-    if not torch.is_tensor(tokens) or tokens.dim() != 2:
-        raise ValueError("mean_loss_metric needs the (batch, pos) token ids of the run being measured")
+    The patching functions pass the tokens of the run being measured, so pass the function itself:
+    ``patch_heads(model, clean, corrupted, mean_loss_metric)``.
 
-    def metric(logits: torch.Tensor) -> torch.Tensor:
-        if logits.shape[:2] != tokens.shape:
-            raise ValueError(f"logits of shape {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}: "
-                             "build mean_loss_metric from the target run's tokens")
-        return loss_from_logits(logits, tokens).mean(-1)
-
-    return metric
+    Example:
+        >>> mean_loss_metric(torch.zeros(2, 4, 10), torch.zeros(2, 4, dtype=torch.long)).tolist()  # uniform: log 10
+        [2.3025851249694824, 2.3025851249694824]
+    """
+    if not torch.is_tensor(tokens) or logits.shape[:2] != tokens.shape:
+        raise ValueError("mean_loss_metric(logits, tokens) needs the (batch, pos) tokens of the run the logits "
+                         "come from; pass the function itself to the patching functions")
+    return loss_from_logits(logits, tokens).mean(-1)
 
 
 # ----------------------------------------------------------------------------- validation
 
 def _check_pair(model, clean, corrupted, direction):
-    adapter = get_adapter(unwrap(model))
+    engine = Engine(model)
+    adapter = engine.adapter
     check_tokens(clean, adapter, "clean")
     check_tokens(corrupted, adapter, "corrupted")
     if clean.shape != corrupted.shape:
@@ -111,18 +123,26 @@ def _check_pair(model, clean, corrupted, direction):
         raise ValueError(f"direction={direction!r} is unknown: use 'clean_to_corrupted' (run corrupted, patch "
                          "in clean activations) or 'corrupted_to_clean'")
     source, target = (clean, corrupted) if direction == "clean_to_corrupted" else (corrupted, clean)
-    return adapter, source, target
+    return engine, source, target
 
 
-def _check_per_pass(n: int, name: str) -> int:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{name}={n!r} must be a positive integer (patches measured per forward pass)")
-    return n
+def check_metric(metric) -> Metric:
+    """A metric must be a function of (logits, tokens)."""
+    if not callable(metric):
+        raise ValueError(f"metric must be a function (logits, tokens) -> (batch,), got {type(metric).__name__}")
+    try:
+        inspect.signature(metric).bind(None, None)
+    except TypeError:
+        raise ValueError("metric must take (logits, tokens): the patching functions pass the tokens of the "
+                         "run being measured; e.g. def metric(logits, tokens): ...") from None
+    except ValueError:  # no signature (builtins): trust it
+        pass
+    return metric
 
 
-def _reduce(metric: Metric, logits: torch.Tensor, batch: int) -> torch.Tensor:
-    """Mean over the batch of ``metric(logits)``, validating its shape."""
-    value = metric(logits)
+def _reduce(metric: Metric, logits: torch.Tensor, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    """Mean over the batch of ``metric(logits, tokens)``, validating its shape."""
+    value = metric(logits, tokens)
     if not torch.is_tensor(value) or value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
         raise ValueError(f"the metric returned {shape}: it must map logits (batch, pos, vocab) to a "
@@ -132,16 +152,11 @@ def _reduce(metric: Metric, logits: torch.Tensor, batch: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- driver
 
-# A patch: the (layer, kind) site and, per patch, the index *after* the batch index and the value
-# (source activation at that index, batch first).
-Patch = tuple[tuple[int, str], tuple, torch.Tensor]
-
-
-def _measure(model, target: torch.Tensor, patches: Sequence[Patch], metric: Metric, per_pass: int,
+def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write], metric: Metric, per_pass: int,
              progress: bool = False) -> torch.Tensor:
-    """Metric (mean over batch) of ``target`` with each patch applied alone: a (len(patches),) tensor.
-
-    Up to ``per_pass`` patches share one forward pass on ``target`` repeated along the batch."""
+    """Metric (mean over batch) of ``target`` with each patch (a ``Write`` without rows) applied alone:
+    a (len(patches),) tensor. Up to ``per_pass`` patches share one forward pass on ``target``
+    repeated along the batch."""
     b = target.shape[0]
     out = torch.empty(len(patches))
     starts = range(0, len(patches), per_pass)
@@ -151,12 +166,11 @@ def _measure(model, target: torch.Tensor, patches: Sequence[Patch], metric: Metr
         starts = tqdm(starts, desc="patching", unit="pass")
     for start in starts:
         group = patches[start:start + per_pass]
-        writes: dict[tuple[int, str], list[Write]] = {}
-        for j, (key, index, value) in enumerate(group):
-            writes.setdefault(key, []).append(((slice(j * b, (j + 1) * b),) + index, value))
-        logits, _ = _run_sites(model, target.repeat(len(group), 1), writes=writes)  # (k*batch, pos, vocab)
+        writes = [Write(w.site, w.value, rows=slice(j * b, (j + 1) * b), head=w.head, pos=w.pos)
+                  for j, w in enumerate(group)]
+        logits = engine.run(Run(target.repeat(len(group), 1), writes=writes)).logits  # (k*batch, pos, vocab)
         for j in range(len(group)):
-            out[start + j] = _reduce(metric, logits[j * b:(j + 1) * b], b)
+            out[start + j] = _reduce(metric, logits[j * b:(j + 1) * b], target, b)
     return out
 
 
@@ -165,39 +179,43 @@ def _measure(model, target: torch.Tensor, patches: Sequence[Patch], metric: Metr
 @torch.no_grad()
 def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                 by: PatchBy = "head", direction: Direction = "clean_to_corrupted",
-                heads_per_pass: int = 8, progress: bool = False) -> torch.Tensor:
-    """Metric with one head's output patched from the source run into the target run.
+                heads_per_pass: int = 8, progress: bool = False, site: HeadSite = "z") -> torch.Tensor:
+    """Metric with one head's activation patched from the source run into the target run.
 
     Args:
         model: HF causal LM of a supported architecture.
         clean, corrupted: (batch, pos) token ids of the same shape.
-        metric: logits (batch, pos, vocab) -> (batch,) or scalar.
+        metric: ``metric(logits, tokens) -> (batch,)`` or scalar; called with the target run's tokens.
         by: "head" (patch the head at every position) or "head_pos" (at one position).
         direction: see the module docstring.
         heads_per_pass: patches measured per forward pass (memory grows with it).
         progress: show a tqdm bar over forward passes.
+        site: "z" (the head's output, default), "q", "k" or "v" (k/v: per key/value head).
 
     Returns:
         (n_layers, n_heads) for by="head", (n_layers, n_heads, pos) for by="head_pos": the metric
-        (mean over the batch) with that one patch applied.
+        (mean over the batch) with that one patch applied; n_heads is n_kv_heads for k and v.
     """
-    adapter, source, target = _check_pair(model, clean, corrupted, direction)
+    engine, source, target = _check_pair(model, clean, corrupted, direction)
+    metric = check_metric(metric)
     if by not in PATCH_BY:
         raise ValueError(f"by={by!r} is unknown: use 'head' (one head at all positions) or 'head_pos' "
                          "(one head at one position)")
-    _check_per_pass(heads_per_pass, "heads_per_pass")
-    n_layers, n_heads, pos = adapter.n_layers, adapter.n_heads, source.shape[1]
-    _, src = _run_sites(model, source, reads=[(layer, "head_out") for layer in range(n_layers)])
-    patches: list[Patch] = []
+    if site not in HEAD_SITES:
+        raise ValueError(f"site={site!r} is unknown: use one of {', '.join(HEAD_SITES)}")
+    check_positive(heads_per_pass, "heads_per_pass")
+    a = engine.adapter
+    n_layers, n_heads, pos = a.n_layers, a.n_site_heads(site), source.shape[1]
+    src = engine.run(Run(source, reads=[Site(layer, site) for layer in range(n_layers)])).acts
+    patches: list[Write] = []
     for layer in range(n_layers):
-        z = src[(layer, "head_out")]  # (batch, pos, head*d_head)
+        x = src[f"L{layer}.{site}"]  # (batch, pos, head, d_head)
         for head in range(n_heads):
-            sl = adapter.head_slice(head)
             if by == "head":
-                patches.append(((layer, "head_out"), (slice(None), sl), z[:, :, sl]))
+                patches.append(Write(Site(layer, site), x[:, :, head], head=head))
             else:
-                patches.extend(((layer, "head_out"), (p, sl), z[:, p, sl]) for p in range(pos))
-    out = _measure(model, target, patches, metric, heads_per_pass, progress)
+                patches.extend(Write(Site(layer, site), x[:, p, head], head=head, pos=p) for p in range(pos))
+    out = _measure(engine, target, patches, metric, heads_per_pass, progress)
     return out.view(n_layers, n_heads) if by == "head" else out.view(n_layers, n_heads, pos)
 
 
@@ -205,16 +223,16 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
 def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                    direction: Direction = "clean_to_corrupted", patches_per_pass: int = 8,
                    progress: bool = False) -> torch.Tensor:
-    """Metric with the residual stream entering one layer, at one position, patched from the source.
-
-    The site is the decoder block's first input (resid_pre). Returns (n_layers, pos)."""
-    adapter, source, target = _check_pair(model, clean, corrupted, direction)
-    _check_per_pass(patches_per_pass, "patches_per_pass")
-    n_layers, pos = adapter.n_layers, source.shape[1]
-    _, src = _run_sites(model, source, reads=[(layer, "resid_pre") for layer in range(n_layers)])
-    patches = [((layer, "resid_pre"), (p,), src[(layer, "resid_pre")][:, p])
+    """Metric with the residual stream entering one layer (``resid_pre``), at one position, patched from
+    the source. Returns (n_layers, pos)."""
+    engine, source, target = _check_pair(model, clean, corrupted, direction)
+    metric = check_metric(metric)
+    check_positive(patches_per_pass, "patches_per_pass")
+    n_layers, pos = engine.adapter.n_layers, source.shape[1]
+    src = engine.run(Run(source, reads=[Site(layer, "resid_pre") for layer in range(n_layers)])).acts
+    patches = [Write(Site(layer, "resid_pre"), src[f"L{layer}.resid_pre"][:, p], pos=p)
                for layer in range(n_layers) for p in range(pos)]
-    return _measure(model, target, patches, metric, patches_per_pass, progress).view(n_layers, pos)
+    return _measure(engine, target, patches, metric, patches_per_pass, progress).view(n_layers, pos)
 
 
 @torch.no_grad()
@@ -225,11 +243,76 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
 
     Runs the model on its eager attention path (``observable``) for both runs; the model is restored
     afterwards. Returns (n_layers, n_heads)."""
-    adapter, source, target = _check_pair(model, clean, corrupted, direction)
-    _check_per_pass(heads_per_pass, "heads_per_pass")
-    n_layers, n_heads = adapter.n_layers, adapter.n_heads
-    with observable(unwrap(model)):
-        _, src = _run_sites(model, source, reads=[(layer, "pattern") for layer in range(n_layers)])
-        patches = [((layer, "pattern"), (head,), src[(layer, "pattern")][:, head])  # (batch, q_pos, k_pos)
+    engine, source, target = _check_pair(model, clean, corrupted, direction)
+    metric = check_metric(metric)
+    check_positive(heads_per_pass, "heads_per_pass")
+    n_layers, n_heads = engine.adapter.n_layers, engine.adapter.n_heads
+    with observable(engine.inner):
+        src = engine.run(Run(source, reads=[Site(layer, "pattern") for layer in range(n_layers)])).acts
+        patches = [Write(Site(layer, "pattern"), src[f"L{layer}.pattern"][:, head], head=head)  # (batch, q, k)
                    for layer in range(n_layers) for head in range(n_heads)]
-        return _measure(model, target, patches, metric, heads_per_pass, progress).view(n_layers, n_heads)
+        return _measure(engine, target, patches, metric, heads_per_pass, progress).view(n_layers, n_heads)
+
+
+@torch.no_grad()
+def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
+               senders: HeadLike | Sequence[HeadLike], receivers: HeadLike | Sequence[HeadLike],
+               receiver_input: Literal["q", "k", "v"] = "k", direction: Direction = "clean_to_corrupted",
+               patches_per_pass: int = 8) -> torch.Tensor:
+    """Path patching: the metric when only the path sender -> receiver's ``receiver_input`` carries
+    the source run's sender output (Wang et al. 2022; Goldowsky-Dill et al. 2023).
+
+    For each sender s and receiver r (r in a later layer than s), on the target tokens:
+      1. run with s's output ``z`` set to its source-run value and the output of *every other head*
+         frozen to its target-run value; record r's ``receiver_input`` (q, k or v), which now differs
+         from the target run only through s's direct path (and MLPs in between, which are recomputed);
+      2. run again, free, with only r's ``receiver_input`` replaced by the recorded value; measure.
+    Under grouped-query attention k and v belong to a key/value head shared by a group of query heads:
+    patching r's k or v patches that key/value head (``kv_head_of``), so every head of the group reads it.
+
+    Args:
+        senders, receivers: heads ("L0H1", Head(0, 1) or (0, 1); one or a list).
+        receiver_input: "q", "k" or "v": which input of the receiver the path ends in.
+        patches_per_pass: (sender or sender x receiver) patches per forward pass.
+
+    Returns:
+        (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched.
+    """
+    engine, source, target = _check_pair(model, clean, corrupted, direction)
+    metric = check_metric(metric)
+    check_positive(patches_per_pass, "patches_per_pass")
+    if receiver_input not in ("q", "k", "v"):
+        raise ValueError(f"receiver_input={receiver_input!r} is unknown: use 'q', 'k' or 'v'")
+    a = engine.adapter
+    senders, receivers = parse_heads(senders), parse_heads(receivers)
+    check_heads(senders + receivers, a.n_layers, a.n_heads)
+    for s in senders:
+        for r in receivers:
+            if r.layer <= s.layer:
+                raise ValueError(f"receiver {r} is not after sender {s}: a receiver must sit in a later layer "
+                                 "than every sender (its input is computed before the sender's layer runs)")
+    kind = receiver_input
+    r_heads = [(r.layer, kv_head_of(r.head, a.n_heads, a.n_kv_heads) if kind in ("k", "v") else r.head)
+               for r in receivers]
+    r_layers = sorted({layer for layer, _ in r_heads})
+    top = max(r_layers)
+    z_sites = [Site(layer, "z") for layer in range(top)]
+    src = engine.run(Run(source, reads=[Site(s.layer, "z") for s in senders])).acts
+    tgt = engine.run(Run(target, reads=z_sites)).acts
+    b = target.shape[0]
+    # 1. one block of rows per sender: every head below the top receiver layer frozen, the sender patched
+    recorded: dict[Head, dict[str, torch.Tensor]] = {}
+    for start in range(0, len(senders), patches_per_pass):
+        group = senders[start:start + patches_per_pass]
+        k = len(group)
+        writes = [Write(site, tgt[str(site)].repeat(k, 1, 1, 1)) for site in z_sites]
+        writes += [Write(Site(s.layer, "z"), src[f"L{s.layer}.z"][:, :, s.head], rows=slice(j * b, (j + 1) * b),
+                         head=s.head) for j, s in enumerate(group)]
+        acts = engine.run(Run(target.repeat(k, 1), writes=writes,
+                              reads=[Site(layer, kind) for layer in r_layers])).acts
+        for j, s in enumerate(group):
+            recorded[s] = {name: x[j * b:(j + 1) * b] for name, x in acts.items()}
+    # 2. one block of rows per (sender, receiver): only the receiver's input patched
+    patches = [Write(Site(layer, kind), recorded[s][f"L{layer}.{kind}"][:, :, head], head=head)
+               for s in senders for layer, head in r_heads]
+    return _measure(engine, target, patches, metric, patches_per_pass).view(len(senders), len(receivers))

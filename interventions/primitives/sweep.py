@@ -1,27 +1,32 @@
 """Ablate every head (or a chosen set) one at a time and record the per-token loss change.
 
 ``ablation_sweep`` measures several heads per forward pass: the tokens are repeated k times along
-the batch and head j is ablated only in rows [j * batch, (j + 1) * batch) (``LayerEdits.rows``), so
-a sweep over all heads costs about n_heads_swept / k passes of k * batch rows instead of
-n_heads_swept Python-level passes. Each block of rows holds one ablation, so the result equals
-ablating each head on its own (the tests check it against ``per_token_loss`` head by head).
+the batch and head j is ablated only in rows [j * batch, (j + 1) * batch), so a sweep over all heads
+costs about n_heads_swept / k passes of k * batch rows instead of n_heads_swept Python-level passes.
+Each block of rows holds one ablation, so the result equals ablating each head on its own (the tests
+check it against ``per_token_loss`` head by head). Every pass starts at its heads' layer: blocks below
+are the clean run's (their output is reused), and where the architecture allows it, so is the
+ablated layer's attention (its output is the output projection of the edited clean ``z``).
 
-Kinds:
-  * ``"zero"``: the head's output set to 0 (``ZeroAblation``).
-  * ``"mean"``: replaced by its per-position mean over ``reference`` (``MeanAblation``; the tokens
-    themselves when no reference is given).
-  * ``"pattern"``: zero-ablation with every attention pattern frozen to the clean run's
-    (``PatternPreserving(ZeroAblation)``), the paper's main ablation. Clean and ablated runs both use
-    the eager attention path, so a head with no effect gives a delta of exactly 0.
+What to sweep (``kind``):
+  * ``"zero"``: ``ZeroAblation``; ``"mean"``: ``MeanAblation`` over ``reference`` (the tokens
+    themselves when no reference is given); ``"resample"``: ``ResampleAblation`` over ``reference``;
+    ``"pattern"``: ``PatternPreserving(ZeroAblation)``, the paper's main ablation.
+  * any ``Ablation`` object covering the swept heads (heads default to its heads), e.g.
+    ``PatternPreserving(MeanAblation(heads, reference))`` or your own subclass;
+  * or a factory ``heads -> Ablation`` (called once with all swept heads).
+  A ``PatternPreserving`` ablation freezes every pattern at the clean run's in both runs, so a head
+  with no effect gives a delta of exactly 0.
 
 Example:
     >>> import torch
-    >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+    >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, MeanAblation, PatternPreserving
     >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=20)).eval()
     >>> tokens = torch.randint(0, 20, (3, 8))
     >>> clean, delta = ablation_sweep(model, tokens, kind="zero")
     >>> clean.shape, delta.shape
     (torch.Size([3, 7]), torch.Size([4, 3, 7]))
+    >>> _, delta = ablation_sweep(model, tokens, kind=lambda heads: PatternPreserving(MeanAblation(heads, tokens)))
     >>> sweep_table(delta, all_heads(2, 2)).columns.tolist()
     ['layer', 'head', 'name', 'token_index', 'delta_loss', 'sem', 'n']
 """
@@ -29,31 +34,58 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
 
-from .ablation import MeanAblation, ZeroAblation
-from ..engine.adapters import get_adapter, observable
+from ..engine.adapters import observable
 from ..engine.heads import Head, HeadLike, all_heads, check_heads, parse_heads
+from ..engine.sites import Site
+from ..engine.tracing import Engine, Run, Write, check_mask, check_positive, check_tokens, pad_to_nan, position_ids
+from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value)
 from .loss import loss_from_logits
-from ..engine.tracing import (InterventionError, LayerEdits, _device, _unembed, check_mask, check_tokens, mask_kwargs,
-                      pad_to_nan, unwrap, wrap)
 
-SweepKind = Literal["zero", "mean", "pattern"]
-SWEEP_KINDS = ("zero", "mean", "pattern")
+SweepKind = Literal["zero", "mean", "resample", "pattern"]
+SWEEP_KINDS = ("zero", "mean", "resample", "pattern")
 # Skip the ablated layer's attention where it is safe (see ``_sweep_chunk``); tests turn it off to check
 # the general path (edits at the per-head site inside the trace) against the same oracle.
 _ATTN_SHORTCUT = True
-
 
 # tokens per forward pass that the default heads_per_pass aims at, by device (see ablation_sweep)
 PASS_TOKENS = {"cpu": 4096, "cuda": 262144}
 
 
+def _make_ablation(kind, heads: tuple[Head, ...], tokens, reference) -> Ablation:
+    if isinstance(kind, Ablation):
+        missing = [str(h) for h in heads if h not in kind.heads]
+        if missing:
+            raise ValueError(f"the ablation {kind!r} does not cover the swept heads {', '.join(missing)}: "
+                             "sweep its heads (heads=None) or pass a factory heads -> Ablation")
+        if reference is not None:
+            raise ValueError("reference is only used by kind='mean' or 'resample': give it to your ablation")
+        return kind
+    if callable(kind) and not isinstance(kind, str):
+        if reference is not None:
+            raise ValueError("reference is only used by kind='mean' or 'resample': give it to your factory")
+        abl = kind(heads)
+        if not isinstance(abl, Ablation):
+            raise ValueError(f"the ablation factory returned {type(abl).__name__}, not an Ablation: it must map "
+                             "heads to e.g. PatternPreserving(MeanAblation(heads, reference))")
+        return _make_ablation(abl, heads, tokens, None)
+    if kind not in SWEEP_KINDS:
+        raise ValueError(f"kind={kind!r} is unknown: use 'zero', 'mean', 'resample', 'pattern' (pattern-preserving "
+                         "zero ablation), an Ablation, or a factory heads -> Ablation")
+    if reference is not None and kind not in ("mean", "resample"):
+        raise ValueError(f"reference is only used by kind='mean' or 'resample', not kind={kind!r}: drop it")
+    ref = tokens if reference is None else reference
+    return {"zero": lambda: ZeroAblation(heads), "mean": lambda: MeanAblation(heads, ref),
+            "resample": lambda: ResampleAblation(heads, ref),
+            "pattern": lambda: PatternPreserving(ZeroAblation(heads))}[kind]()
+
+
 @torch.no_grad()
-def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
+def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Callable = "zero",
                    heads: HeadLike | Iterable[HeadLike] | None = None, heads_per_pass: int | None = None,
                    reference: torch.Tensor | None = None, batch_size: int | None = None,
                    progress: bool = False, attention_mask: torch.Tensor | None = None
@@ -63,14 +95,14 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
     Args:
         model: HF causal LM of a supported architecture.
         tokens: (batch, pos) token ids.
-        kind: "zero", "mean" or "pattern" (see the module docstring).
-        heads: heads to sweep, in the order of the result (default: all, layer-major, as ``all_heads``).
+        kind: a shortcut string, an ``Ablation`` or a factory heads -> ``Ablation`` (module docstring).
+        heads: heads to sweep, in the order of the result (default: the ablation's heads, else all,
+            layer-major, as ``all_heads``).
         heads_per_pass: heads ablated per forward pass (the pass has heads_per_pass * batch rows).
             Default: as many as keep a pass near ``PASS_TOKENS`` tokens (at least 1); measured in
             benchmarks/bench_sweep.py: on CPU, once a batch holds a few thousand tokens, bigger passes
-            only cost (32 x 256 tokens: 1 head per pass 0.51x of plain forwards vs 0.65x for 8); on a
-            GPU small passes are launch-bound, so many heads share a pass.
-        reference: (n, pos_ref) tokens for kind="mean" (default: ``tokens``); pos_ref >= pos.
+            only cost; on a GPU small passes are launch-bound, so many heads share a pass.
+        reference: (n, pos_ref) tokens for kind="mean"/"resample" (default: ``tokens``); pos_ref >= pos.
         batch_size: split ``tokens`` into chunks of this many rows (same result, less memory).
         progress: show a tqdm bar over forward passes.
         attention_mask: (batch, pos), 1 = real token, for left-padded batches: every real token runs at
@@ -81,51 +113,44 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind = "zero",
         clean_loss (batch, pos - 1) and delta (n_heads_swept, batch, pos - 1): per-token loss (nats)
         with that head ablated minus the clean loss. Entry t is the loss of predicting token t + 1.
     """
-    inner = unwrap(model)
-    adapter = get_adapter(inner)
+    engine = Engine(model)
+    adapter = engine.adapter
     check_tokens(tokens, adapter)
     check_mask(attention_mask, tokens)
-    if kind not in SWEEP_KINDS:
-        raise ValueError(f"kind={kind!r} is unknown: use 'zero', 'mean' or 'pattern' (pattern-preserving "
-                         "zero ablation)")
+    if isinstance(kind, str) and kind not in SWEEP_KINDS:
+        _make_ablation(kind, (), tokens, reference)  # raises naming the choices
     if heads_per_pass is None:
-        budget = PASS_TOKENS["cuda" if _device(inner).type == "cuda" else "cpu"]
+        budget = PASS_TOKENS["cuda" if engine.device().type == "cuda" else "cpu"]
         heads_per_pass = max(1, budget // (tokens.shape[0] * tokens.shape[1]))
-    if not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass < 1:
-        raise ValueError(f"heads_per_pass={heads_per_pass!r} must be a positive integer")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size={batch_size!r} must be None or a positive integer")
-    if reference is not None and kind != "mean":
-        raise ValueError(f"reference is only used by kind='mean', not kind={kind!r}: drop it or use kind='mean'")
-    heads = all_heads(adapter.n_layers, adapter.n_heads) if heads is None else parse_heads(heads)
+    check_positive(heads_per_pass, "heads_per_pass")
+    check_positive(batch_size, "batch_size", allow_none=True)
+    if heads is None:
+        heads = kind.heads if isinstance(kind, Ablation) else all_heads(adapter.n_layers, adapter.n_heads)
+    heads = parse_heads(heads)
     check_heads(heads, adapter.n_layers, adapter.n_heads)
     if len(set(heads)) != len(heads):
         dup = sorted({str(h) for h in heads if heads.count(h) > 1})
         raise ValueError(f"heads listed more than once: {', '.join(dup)}; pass each head once")
+    ablation = _make_ablation(kind, heads, tokens, reference)
+    ablation.prepare(engine.inner, tokens)  # validates; computes reference activations once for all chunks
+    frozen = isinstance(ablation, PatternPreserving)
 
-    if kind == "mean":
-        ablation = MeanAblation(heads, tokens if reference is None else reference)
-    else:
-        ablation = ZeroAblation(heads)
-    ablation.prepare(inner, tokens)  # validates; computes reference means once for all chunks
-
-    b_total, pos = tokens.shape
+    b_total = tokens.shape[0]
     chunk = b_total if batch_size is None else batch_size
     groups = _layer_groups(heads, heads_per_pass)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(groups) * -(-b_total // chunk), desc=f"{kind} ablation sweep", unit="pass")
+        bar = tqdm(total=len(groups) * -(-b_total // chunk), desc="ablation sweep", unit="pass")
     clean_parts, delta_parts = [], []
-    # Pattern kind: eager attention with observable pattern sites, entered once for all chunks.
-    ctx = observable(inner) if kind == "pattern" else contextlib.nullcontext()
+    ctx = observable(engine.inner) if frozen else contextlib.nullcontext()  # entered once for all chunks
     try:
         with ctx:
             for start in range(0, b_total, chunk):
                 toks = tokens[start:start + chunk]
                 mask = None if attention_mask is None else attention_mask[start:start + chunk]
-                clean, delta = _sweep_chunk(inner, toks, kind, ablation, groups, len(heads), bar, mask)
+                clean, delta = _sweep_chunk(engine, toks, ablation, frozen, groups, len(heads), bar, mask, start)
                 clean_parts.append(pad_to_nan(clean, mask))
                 delta_parts.append(pad_to_nan(delta, mask))
     finally:
@@ -144,120 +169,53 @@ def _layer_groups(heads: Sequence[Head], heads_per_pass: int) -> list[list[tuple
             for i in range(0, len(hs), heads_per_pass)]
 
 
-def _first(output):
-    """The tensor a block or attention module passes on: the output, or its first element."""
-    return output if torch.is_tensor(output) else output[0]
-
-
-def _with_first(output, first: torch.Tensor):
-    """``first`` in the output structure of a module whose clean output was ``output``: a tensor (HF
-    decoder layers in transformers 5), or a tuple whose first element is what the module passes on
-    (our ``Block``: (x, pattern); attention modules: (out, pattern or None)). The other elements become
-    None: nothing downstream reads a skipped module's pattern."""
-    if torch.is_tensor(output):
-        return first
-    if isinstance(output, tuple) and output and torch.is_tensor(output[0]):
-        return (first,) + (None,) * (len(output) - 1)
-    raise InterventionError(f"cannot reuse a module output of type {type(output).__name__}: skipped modules "
-                            "must return a tensor or a tuple starting with one")
-
-
-def _sweep_pass(model, adapter, tokens, kind, edits: dict[int, LayerEdits], start: int = 0, prefix=None,
-                attn_out=None, save_layers: Sequence[int] = (), save_patterns: bool = False, mask=None):
-    """One forward of ``tokens`` with head edits, starting at layer ``start``.
-
-    Blocks below ``start`` are skipped (``envoy.skip``) and replaced by ``prefix``, the clean output of
-    block ``start - 1`` repeated along the batch (only the last skipped block's output is read
-    downstream, so one replacement serves them all). With ``attn_out`` the attention module of layer
-    ``start`` is skipped too and replaced by it (the head edits were then applied by the caller).
-
-    Returns logits (batch, pos, vocab); for each layer in ``save_layers`` a dict with the clean outputs
-    of its block, attention module and output projection and the per-head site (the projection's input);
-    and, if asked, the patterns (list per layer)."""
-    lm = wrap(model, lean=True)
-    patterns, saved, checks = [], {}, []
-    tokens = tokens.to(_device(model))
-    with lm.trace(tokens, **mask_kwargs(mask, tokens)):
-        for layer in range(adapter.n_layers):
-            block = adapter.module(lm, layer, "layer")
-            if layer < start:
-                block.skip(prefix)
-                continue
-            if layer == start and attn_out is not None:
-                adapter.module(lm, layer, "attn").skip(attn_out)
-            else:
-                edit = edits.get(layer)
-                if kind == "pattern":
-                    site = adapter.module(lm, layer, "pattern")
-                    if edit is not None and edit.pattern is not None:
-                        site.output = edit.pattern
-                    if save_patterns:
-                        patterns.append(site.output.save())
-                if edit is not None and edit.heads:
-                    z = adapter.module(lm, layer, "o_proj").input  # (batch, pos, head*d_head)
-                    for head, value in edit.heads.items():
-                        sl, rows = adapter.head_slice(head), edit.rows.get(head, slice(None))
-                        z[rows, :, sl] = 0 if value is None else value
-                        checks.append((layer, head, value, z[rows, :, sl].clone().save()))
-                if layer in save_layers:
-                    o_proj = adapter.module(lm, layer, "o_proj")
-                    saved[layer] = {"z": o_proj.input.save(), "o_proj": o_proj.output.save(),
-                                    "attn": adapter.module(lm, layer, "attn").output.save()}
-            if layer in save_layers or layer + 1 in save_layers:
-                saved.setdefault(layer, {})["block"] = block.output.save()
-        logits = _unembed(lm, adapter).output.save()
-    for layer, head, value, seen in checks:
-        expected = torch.zeros_like(seen) if value is None else value.to(seen.dtype).expand_as(seen)
-        if not torch.equal(seen, expected):
-            raise InterventionError(f"the edit of L{layer}H{head} did not take effect (the model's forward "
-                                    "does not use the per-head site as expected); check the adapter")
-    return logits, saved, patterns
-
-
-def _sweep_chunk(model, tokens, kind, ablation, groups: Sequence[Sequence[tuple[int, Head]]], n_swept: int, bar,
-                 mask=None):
+def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
+                 groups: Sequence[Sequence[tuple[int, Head]]], n_swept: int, bar, mask, row_offset: int):
     """(batch, pos - 1) clean loss and (n_heads, batch, pos - 1) deltas for one chunk of tokens.
 
-    One clean pass records the logits (clean loss), the patterns (kind "pattern"), and for each
-    group's layer l the output of block l - 1 and the clean attention of layer l. A group's pass then
-    starts at layer l: blocks below are skipped (their output is the clean one, repeated), and so is
-    layer l's attention: in every kind the heads of layer l not ablated compute exactly what they did
-    on the clean run (same input, and in kind "pattern" the same pattern), so its output is the output
-    projection applied to the clean per-head site with the ablated heads' slices replaced. That
-    shortcut is used only where the clean run showed the attention module's output *is* its output
-    projection's output (true of every supported architecture in eval mode)."""
-    adapter = get_adapter(model)
+    One clean run records the logits (clean loss), the patterns (pattern-preserving), and for each
+    group's layer l the residual entering it and the clean ``z``. A group's run then starts at layer l
+    (blocks below are skipped and the clean residual passed on), and, where the adapter says the
+    attention output is its output projection's (``ArchSpec.attn_is_o_proj``) and the heads of layer l
+    not ablated compute what they did on the clean run (same input; same pattern when frozen), layer
+    l's attention is skipped too: its output is the output projection applied to the clean ``z`` with
+    the ablated heads' slices replaced."""
+    a = engine.adapter
     b = tokens.shape[0]
+    positions = None if mask is None else position_ids(mask, tokens)
     layers = sorted({h.layer for g in groups for _, h in g})
-    logits, saved, patterns = _sweep_pass(model, adapter, tokens, kind, {}, save_layers=layers,
-                                          save_patterns=kind == "pattern", mask=mask)
-    clean = loss_from_logits(logits, tokens).cpu()  # (batch, pos - 1)
-    del logits
-    o_projs = {layer: adapter.module(model, layer, "o_proj") for layer in layers}
-    shortcut = {layer: _ATTN_SHORTCUT and torch.equal(_first(saved[layer]["attn"]), saved[layer]["o_proj"]) for layer in layers}
+    reads = [Site(layer, "z") for layer in layers] + [Site(layer, "resid_pre") for layer in layers if layer > 0]
+    if frozen:
+        reads += [Site(layer, "pattern") for layer in range(a.n_layers)]
+    out = engine.run(Run(tokens, reads=reads, attention_mask=mask))
+    clean = loss_from_logits(out.logits, tokens).cpu()  # (batch, pos - 1)
+    acts = out.acts
+    del out
+    shortcut = _ATTN_SHORTCUT and a.spec.attn_is_o_proj
     delta = torch.empty(n_swept, *clean.shape, dtype=clean.dtype)
     for group in groups:
         k, layer = len(group), group[0][1].layer
         rows = [slice(j * b, (j + 1) * b) for j in range(k)]
-        values = [ablation.value(h, tokens) for _, h in group]  # None (zero) or (batch, pos, d_head) each
-        edits, attn_out = {}, None
-        if shortcut[layer]:  # apply the edits to the clean per-head site here; skip the attention
-            z = saved[layer]["z"].repeat(k, 1, 1)  # (k * batch, pos, head*d_head)
+        values = [ablation_value(ablation, h, tokens, row_offset, positions) for _, h in group]
+        writes, attn_outputs = [], {}
+        if shortcut:  # apply the edits to the clean z here; skip the layer's attention
+            z = acts[f"L{layer}.z"].repeat(k, 1, 1, 1)  # (k * batch, pos, head, d_head)
             for r, (_, h), value in zip(rows, group, values):
-                z[r, :, adapter.head_slice(h.head)] = 0 if value is None else value
-            attn_out = _with_first(saved[layer]["attn"], o_projs[layer](z))
+                if callable(value) and not torch.is_tensor(value):
+                    value = value(z[r, :, h.head].clone())
+                z[r, :, h.head] = 0 if value is None else value.to(z.dtype)
+            o_proj = a.module(engine.inner, layer, "o_proj")
+            attn_outputs[layer] = o_proj(z.flatten(2))  # (k * batch, pos, d_model)
         else:
-            edits[layer] = LayerEdits(heads={h.head: v for (_, h), v in zip(group, values)},
-                                      rows={h.head: r for (_, h), r in zip(group, rows)})
-        if kind == "pattern":  # freeze every pattern at or above the layer, in every block of rows
-            for above in range(layer, adapter.n_layers):
-                edits.setdefault(above, LayerEdits()).pattern = patterns[above].repeat(k, 1, 1, 1)
-        prefix = _with_first(saved[layer - 1]["block"], _first(saved[layer - 1]["block"]).repeat(k, 1, 1)) \
-            if layer > 0 else None
+            writes += [Write(Site(layer, "z"), value, rows=r, head=h.head) for r, (_, h), value in zip(rows, group, values)]
+        if frozen:  # every pattern at or above the layer frozen, in every block of rows
+            writes += [Write(Site(above, "pattern"), acts[f"L{above}.pattern"].repeat(k, 1, 1, 1))
+                       for above in range(layer + (1 if shortcut else 0), a.n_layers)]
+        prefix = acts[f"L{layer}.resid_pre"].repeat(k, 1, 1) if layer > 0 else None
         rep = tokens.repeat(k, 1)  # (k * batch, pos)
-        out, _, _ = _sweep_pass(model, adapter, rep, kind, edits, start=layer, prefix=prefix, attn_out=attn_out,
-                                mask=None if mask is None else mask.repeat(k, 1))
-        loss = loss_from_logits(out, rep).cpu().view(k, b, -1)  # (k, batch, pos - 1)
+        logits = engine.run(Run(rep, writes=writes, attention_mask=None if mask is None else mask.repeat(k, 1),
+                                start=layer, prefix=prefix, attn_outputs=attn_outputs)).logits
+        loss = loss_from_logits(logits, rep).cpu().view(k, b, -1)  # (k, batch, pos - 1)
         for j, (i, _) in enumerate(group):
             delta[i] = loss[j] - clean
         if bar is not None:

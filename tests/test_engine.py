@@ -1,0 +1,271 @@
+"""The one trace engine: every site read and written on every architecture, checked against plain
+torch hooks at module paths written out here (independently of ``interventions.engine.adapters``);
+per-head q/k/v patching under grouped-query attention; bad input; no references kept to models."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+from interventions import InterventionError, observable, patch_heads, run_with_cache
+from interventions.engine.sites import LAYER_KINDS, Site, kv_head_of, parse_site
+from interventions.engine.tracing import Run, Write, execute
+
+from .test_ablation import ARCH_NAMES, VOCAB, build
+
+POS = 7
+# Module paths per architecture, written out independently of the adapters.
+PATHS = {
+    "attn_only": dict(block="transformer.h.{}", attn="transformer.h.{}.attn", o="transformer.h.{}.attn.c_proj",
+                      qkv=("transformer.h.{}.attn.q_proj", "transformer.h.{}.attn.k_proj",
+                           "transformer.h.{}.attn.v_proj"), mlp=None, head="lm_head"),
+    "gpt2": dict(block="transformer.h.{}", attn="transformer.h.{}.attn", o="transformer.h.{}.attn.c_proj",
+                 qkv="transformer.h.{}.attn.c_attn", mlp="transformer.h.{}.mlp", head="lm_head"),
+    "gpt_neox": dict(block="gpt_neox.layers.{}", attn="gpt_neox.layers.{}.attention",
+                     o="gpt_neox.layers.{}.attention.dense", qkv="gpt_neox.layers.{}.attention.query_key_value",
+                     mlp="gpt_neox.layers.{}.mlp", head="lm_head"),
+}
+for _arch in ("llama", "qwen2", "mistral"):
+    PATHS[_arch] = dict(block="model.layers.{}", attn="model.layers.{}.self_attn", o="model.layers.{}.self_attn.o_proj",
+                        qkv=tuple(f"model.layers.{{}}.self_attn.{p}_proj" for p in "qkv"),
+                        mlp="model.layers.{}.mlp", head="lm_head")
+N_HEADS, D_HEAD, N_KV = 4, 8, {"llama": 2, "qwen2": 2, "mistral": 2}
+
+
+def _module(model, path):
+    return model.get_submodule(path)
+
+
+def _qkv(arch, model, layer, raw_outputs, kind):
+    """(batch, pos, heads, d_head) of q, k or v from the raw projection output(s), by hand."""
+    n_kv = N_KV.get(arch, N_HEADS)
+    i = "qkv".index(kind)
+    if arch == "gpt2":
+        x = raw_outputs[0][..., i * 32:(i + 1) * 32]
+        return x.reshape(*x.shape[:2], N_HEADS, D_HEAD)
+    if arch == "gpt_neox":
+        x = raw_outputs[0]
+        return x.reshape(*x.shape[:2], N_HEADS, 3, D_HEAD)[:, :, :, i]
+    x = raw_outputs[i]
+    return x.reshape(*x.shape[:2], N_HEADS if kind == "q" else n_kv, D_HEAD)
+
+
+@torch.no_grad()
+def _hooked(arch, model, tokens, layer=1, edit=None):
+    """Plain-torch forward recording every site of ``layer``; ``edit(kind, tensor) -> tensor`` may
+    replace the q/k/v projection output (raw layout)."""
+    p = {k: (v.format(layer) if isinstance(v, str) else v) for k, v in PATHS[arch].items()}
+    rec, handles = {}, []
+
+    def pre(name):
+        def hook(mod, args, kwargs):
+            rec[name] = (args[0] if args else kwargs["hidden_states"]).clone()
+        return hook
+
+    def post(name):
+        def hook(mod, args, out):
+            x = out if torch.is_tensor(out) else out[0]
+            if edit is not None and name.startswith("raw"):
+                x = edit(name, x)
+                rec[name] = x.clone()
+                return x if torch.is_tensor(out) else (x, *out[1:])
+            rec[name] = x.clone()
+        return hook
+
+    handles.append(_module(model, p["block"]).register_forward_pre_hook(pre("resid_pre"), with_kwargs=True))
+    handles.append(_module(model, p["block"]).register_forward_hook(post("resid_post")))
+    handles.append(_module(model, p["o"]).register_forward_pre_hook(pre("z"), with_kwargs=True))
+    handles.append(_module(model, p["o"]).register_forward_hook(post("attn_out")))
+    handles.append(_module(model, PATHS[arch]["head"]).register_forward_pre_hook(pre("final"), with_kwargs=True))
+    if p["mlp"]:
+        handles.append(_module(model, p["mlp"]).register_forward_hook(post("mlp_out")))
+    qkv = p["qkv"] if isinstance(p["qkv"], tuple) else (p["qkv"],)
+    for i, path in enumerate(qkv):
+        handles.append(_module(model, path.format(layer)).register_forward_hook(post(f"raw{i}")))
+    try:
+        logits = model(tokens).logits
+    finally:
+        for h in handles:
+            h.remove()
+    raws = [rec[f"raw{i}"] for i in range(len(qkv))]
+    out = {kind: _qkv(arch, model, layer, raws, kind) for kind in "qkv"}
+    out.update({k: rec[k] for k in ("resid_pre", "resid_post", "attn_out", "final") + (("mlp_out",) if p["mlp"] else ())})
+    out["z"] = rec["z"].reshape(*rec["z"].shape[:2], N_HEADS, D_HEAD)
+    return logits, out
+
+
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+def test_every_site_matches_plain_hooks(arch):
+    """run_with_cache returns, for every site of the vocabulary, exactly what plain torch hooks at the
+    hand-written module paths see, in the documented shape (k/v with n_kv_heads under GQA), and the
+    same logits as the model."""
+    model = build(arch)
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    want_logits, want = _hooked(arch, model, tokens)
+    kinds = [k for k in LAYER_KINDS if k != "pattern" and (k != "mlp_out" or arch != "attn_only")]
+    logits, cache = run_with_cache(model, tokens, [f"L1.{k}" for k in kinds] + ["final"])
+    torch.testing.assert_close(logits, want_logits, atol=0, rtol=0)
+    for kind in kinds + ["final"]:
+        name = "final" if kind == "final" else f"L1.{kind}"
+        torch.testing.assert_close(cache[name], want[kind], atol=0, rtol=0, msg=f"{arch} {name}")
+    n_kv = N_KV.get(arch, N_HEADS)
+    assert cache["L1.k"].shape == (2, POS, n_kv, D_HEAD) and cache["L1.q"].shape == (2, POS, N_HEADS, D_HEAD)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "attn_only"])
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+def test_per_head_qkv_patching_matches_plain_hooks(arch, kind):
+    """patch_heads(site=q/k/v) equals replacing that (kv) head's slice of the projection output with
+    the source run's in a plain forward hook; under GQA k/v are indexed by kv head."""
+    model = build(arch)
+    g = torch.Generator().manual_seed(1)
+    clean, corrupted = torch.randint(0, VOCAB, (2, POS), generator=g), torch.randint(0, VOCAB, (2, POS), generator=g)
+
+    def metric(logits, tokens):
+        return logits[:, -1].log_softmax(-1)[torch.arange(len(tokens)), clean[:, -1]]
+
+    got = patch_heads(model, clean, corrupted, metric, site=kind, heads_per_pass=3)
+    n = N_KV.get(arch, N_HEADS) if kind in "kv" else N_HEADS
+    assert got.shape == (2, n)
+    raw_index = {"gpt2": 0, "gpt_neox": 0}.get(arch, "qkv".index(kind))
+    for layer in range(2):
+        _, src = _hooked(arch, model, clean, layer)
+        for head in range(n):
+            def edit(name, x):
+                if name != f"raw{raw_index}":
+                    return x
+                x = x.clone()
+                view = _qkv(arch, model, layer, [x] * 3, kind)  # a view of x in every layout
+                view[:, :, head] = src[kind][:, :, head]
+                return x
+            logits, _ = _hooked(arch, model, corrupted, layer, edit)
+            torch.testing.assert_close(got[layer, head], metric(logits, corrupted).mean(), atol=1e-5, rtol=0)
+    base = metric(model(corrupted).logits, corrupted).mean()
+    assert (got - base).abs().max() > 1e-4  # the patches matter
+
+
+def test_kv_head_map():
+    """Query head h of a 4-head, 2-kv-head model reads kv head h // 2 (HF's repeat_kv)."""
+    assert [kv_head_of(h, 4, 2) for h in range(4)] == [0, 0, 1, 1]
+    assert [kv_head_of(h, 4, 4) for h in range(4)] == [0, 1, 2, 3]
+
+
+def test_patterns_and_writes_through_engine():
+    """A pattern write inside observable takes effect, and a function write sees the current value."""
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(2))
+    with observable(model):
+        uniform = torch.tril(torch.ones(POS, POS)) / torch.arange(1, POS + 1)[:, None]
+        out = execute(model, Run(tokens, reads=["L0.pattern"], writes=[Write("L0.pattern", uniform, head=1)]))
+        torch.testing.assert_close(out.acts["L0.pattern"][:, 1], uniform.expand(2, POS, POS))
+    seen = []
+    execute(model, Run(tokens, writes=[Write("L1.v", lambda v: seen.append(v.shape) or v, head=1)]))
+    assert seen == [torch.Size([2, POS, D_HEAD])]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_sites_and_writes_raise_naming_the_fix():
+    """Unknown sites, a site the architecture lacks, a kv head out of range, wrong value shapes and a
+    custom ablation returning the wrong shape raise ValueError naming the fix; nothing is modified."""
+    from interventions import FunctionAblation, run_with_ablations
+
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    with pytest.raises(ValueError, match="L<layer>.<kind>"):
+        parse_site("L0.hook_z")
+    with pytest.raises(ValueError, match="layers 0-1"):
+        execute(model, Run(tokens, reads=["L2.z"]))
+    with pytest.raises(ValueError, match="kv heads 0-1.*grouped-query"):
+        execute(model, Run(tokens, writes=[Write("L0.k", None, head=3)]))
+    with pytest.raises(ValueError, match="does not fit"):
+        execute(model, Run(tokens, writes=[Write("L0.z", torch.zeros(2, POS, 5), head=0)]))
+    with pytest.raises(ValueError, match="no MLP"):
+        execute(build("attn_only"), Run(tokens, reads=["L0.mlp_out"]))
+    with pytest.raises(ValueError, match="must return a tensor of the activation's shape"):
+        run_with_ablations(model, tokens, FunctionAblation("L0H0", lambda z, head: z[:, :1]))
+    with pytest.raises(InterventionError, match="observable"):
+        execute(model, Run(tokens, reads=["L0.pattern"]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- reliability
+
+def test_no_reference_kept_to_the_model():
+    """After ablations, sweeps, patching, caching and scores, dropping the model frees it (weakref)."""
+    from interventions import ZeroAblation, ablation_sweep, head_scores, per_token_loss
+    from interventions import PatternPreserving
+
+    model = build("attn_only")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    per_token_loss(model, tokens, PatternPreserving(ZeroAblation("L1H0")))
+    ablation_sweep(model, tokens, kind="pattern")
+    patch_heads(model, tokens, tokens.flip(0), lambda logits, t: logits[:, -1, 0])
+    run_with_cache(model, tokens, ["L0.z"])
+    head_scores(model, n_examples=2, seq_len=8, prefix_tokens=6)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_memory_bounded_over_many_traces():
+    """1,000 traces that write and read leave the process's live Python objects and resident memory
+    bounded (tolerance: 2,000 objects, 64 MiB)."""
+    import resource
+
+    model = build("attn_only")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    run = Run(tokens, reads=["L1.z"], writes=[Write("L0.z", None, head=1)])
+    for _ in range(50):
+        execute(model, run)
+    gc.collect()
+    objects, rss = len(gc.get_objects()), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(1000):
+        execute(model, run)
+    gc.collect()
+    assert len(gc.get_objects()) - objects < 2000
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 64 * 1024  # KiB
+
+
+def test_training_mode_with_dropout_runs_in_eval_mode_with_a_warning():
+    """A GPT-2 left in training mode (dropout 0.1) gives the eval-mode logits, with a warning, and is
+    put back in training mode."""
+    from interventions import ZeroAblation, run_with_ablations
+
+    model = build("gpt2")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    want = run_with_ablations(model, tokens, ZeroAblation("L0H0"))
+    model.train()
+    with pytest.warns(UserWarning, match="eval mode"):
+        got = run_with_ablations(model, tokens, ZeroAblation("L0H0"))
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_register_adapter_advice_works():
+    """The ArchSpec the unsupported-architecture error suggests (no pattern path) supports zero and
+    pattern-preserving ablation on a Llama model registered under a new name."""
+    from interventions import ArchSpec, PatternPreserving, ZeroAblation, register_adapter, run_with_ablations
+    from interventions.engine.adapters import ARCHS
+
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    want = run_with_ablations(model, tokens, PatternPreserving(ZeroAblation("L0H1")))
+    model.config.model_type = "my_llama"
+    register_adapter("my_llama", ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj"))
+    try:
+        got = run_with_ablations(model, tokens, PatternPreserving(ZeroAblation("L0H1")))
+        run_with_ablations(model, tokens, ZeroAblation("L0H1"))
+    finally:
+        ARCHS.pop("my_llama")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_site_names_round_trip():
+    """Every kind parses from its name and prints back to it."""
+    for kind in LAYER_KINDS:
+        assert str(parse_site(f"L3.{kind}")) == f"L3.{kind}" and parse_site(Site(3, kind)) == Site(3, kind)
+    assert str(parse_site("final")) == "final"
