@@ -24,9 +24,9 @@ import torch
 from interventions import Head, PatternPreserving, ZeroAblation, per_token_loss
 from interventions.engine.adapters import get_adapter
 from interventions.analysis.metrics import icl_from_losses, icl_indices
-from interventions.zoo.train import TrainConfig, list_checkpoints, load_model
+from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model, load_train_config
 
-from .common import Results
+from .common import Results, fingerprint, owns_results, run_fingerprint
 from .phase_change import eval_windows
 
 KINDS = ("zero", "mean", "pattern")
@@ -48,25 +48,30 @@ def induction_heads(head_scores: pd.DataFrame, model: str, threshold: float = IN
     return chosen
 
 
+@owns_results()
 def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root: Path,
                   windows_table: pd.DataFrame | None = None, n_windows: int = 64, n_random: int = 10,
                   n_attribution_ckpts: int = 10, device: str = "cpu", progress: bool = True) -> Results:
     from interventions.primitives.sweep import ablation_sweep
 
     res = Results(results_root, f"ablations_{name}")
-    cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+    cfg = load_train_config(run)
     windows = eval_windows(cfg, n_windows)
     reference = eval_windows(TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 100}), n_windows)
     early, late = icl_indices(windows.shape[1])
     ckpts = list_checkpoints(run)
+    if not ckpts:
+        raise RunFolderError(f"{run} has no complete checkpoint: train it first, or resume it with `train --resume`")
     model = load_model(ckpts[-1], device)
     a = get_adapter(model)
     ind = induction_heads(head_scores, name)
     res.write_provenance({"run": str(run), "model": name, "n_windows": n_windows, "n_random": n_random,
                           "induction_heads": [str(h) for h in ind], "threshold": INDUCTION_THRESHOLD},
                          seed=cfg.seed)
+    key = {"run": run_fingerprint(run), "n_windows": n_windows, "n_random": n_random,
+           "induction_heads": [str(h) for h in ind]}  # tables are recomputed when any of these change
 
-    if not res.has("per_head"):
+    if not res.has_all(["per_head", "per_head_by_index"], key):
         rows, by_index = [], []
         for kind in KINDS:
             clean, delta = ablation_sweep(model, windows, kind=kind, reference=reference if kind == "mean" else None,
@@ -84,10 +89,10 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root:
                 d = delta[i].mean(0).numpy()
                 by_index.append(pd.DataFrame({"model": name, "kind": kind, "head_name": str(head),
                                               "token_index": np.arange(1, len(d) + 1), "delta_loss": d}))
-        res.write("per_head_by_index", pd.concat(by_index))
-        res.write("per_head", pd.DataFrame(rows))
+        res.write("per_head_by_index", pd.concat(by_index), inputs=key)
+        res.write("per_head", pd.DataFrame(rows), inputs=key)
 
-    if not res.has("sets"):
+    if not res.has_all(["sets", "sets_by_index"], key):
         all_heads = [Head(layer, h) for layer in range(a.n_layers) for h in range(a.n_heads)]
         others = [h for h in all_heads if h not in ind]
         g = np.random.default_rng(cfg.seed)
@@ -112,12 +117,15 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame, results_root:
                                           "token_index": np.arange(1, losses.shape[1] + 1),
                                           "loss": losses.mean(0).numpy(),
                                           "sem": (losses.std(0) / math.sqrt(n)).numpy()}))
-        res.write("sets_by_index", pd.concat(by_index))
-        res.write("sets", pd.DataFrame(rows))
+        res.write("sets_by_index", pd.concat(by_index), inputs=key)
+        res.write("sets", pd.DataFrame(rows), inputs=key)
 
-    if not res.has("attribution") and windows_table is not None and len(ckpts) >= 3:
+    akey = {**key, "n_attribution_ckpts": n_attribution_ckpts,
+            "windows": None if windows_table is None else fingerprint(windows_table[windows_table.model == name]
+                                                                     .to_dict("records"))}
+    if not res.has("attribution", akey) and windows_table is not None and len(ckpts) >= 3:
         res.write("attribution", _attribution(ckpts, cfg, name, windows, windows_table, n_attribution_ckpts,
-                                              device, progress))
+                                              device, progress), inputs=akey)
     return res
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import ResultError, Results
+from .common import Results
 
 COLUMN_WIDTH = 3.4  # inches: a paper column
 
@@ -40,10 +40,9 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 
 
 def _read(root: Path, exp: str, table: str) -> pd.DataFrame | None:
-    try:
-        return Results(root, exp).read(table)
-    except ResultError:
-        return None
+    """A table, or None if it was never written; a damaged one raises ResultError (never a silently
+    missing figure)."""
+    return Results(root, exp).read_optional(table)
 
 
 def fig_icl_over_training(root: Path, out: Path):
@@ -278,7 +277,17 @@ ALL = [fig_training_curves, fig_icl_over_training, fig_loss_curves, fig_head_sco
 
 def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
     """Every figure whose result tables exist. Returns the written paths."""
+    import inspect
+
+    root = Path(results_root)
+    ck = _read(root, "phase_change", "checkpoints")
+    models = sorted(set(ck.model) if ck is not None else set()
+                    | {p.name.split("_", 1)[1] for p in root.glob("*_*") if p.name.startswith(("ablations_", "circuit_"))})
     paths = []
-    for fn in ALL:
-        paths += fn(Path(results_root), Path(out))
+    for fn in ALL:  # per-model figures for every model present
+        if "model" in inspect.signature(fn).parameters:
+            for model in models:
+                paths += fn(root, Path(out), model=model)
+        else:
+            paths += fn(root, Path(out))
     return paths

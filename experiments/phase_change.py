@@ -21,9 +21,9 @@ import torch
 
 from interventions.primitives.loss import loss_by_position, per_token_loss
 from interventions.analysis.metrics import icl_from_losses, icl_indices
-from interventions.zoo.train import TrainConfig, build_source, list_checkpoints, load_model
+from interventions.zoo.train import RunFolderError, TrainConfig, build_source, list_checkpoints, load_model, load_train_config
 
-from .common import Results
+from .common import Results, owns_results, run_fingerprint
 
 N_PCA_WINDOWS = 16
 MIN_RISE = 0.1  # induction-score rise (attention share) below which no phase-change window is reported  # windows whose per-token losses enter the PCA (x every position)
@@ -69,6 +69,7 @@ def evaluate_checkpoint(model, windows: torch.Tensor, batch_size: int = 32, seed
     return row, by_index, head_score_rows(model, windows, seed), losses[:N_PCA_WINDOWS].flatten().numpy()
 
 
+@owns_results()
 def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int = 128, device: str = "cpu",
                      progress: bool = True) -> Results:
     """Evaluate every checkpoint of every run (skipping models already done) and detect windows."""
@@ -78,9 +79,11 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     res.write_provenance({"runs": {k: str(v) for k, v in runs.items()}, "n_windows": n_windows})
     for name, run in runs.items():
         table = f"checkpoints_{name}"
-        if res.has(table):
+        key = {"run": run_fingerprint(run), "n_windows": n_windows}  # recomputed when the run changes
+        if res.has_all([table, f"loss_by_index_{name}", f"head_scores_{name}"], key) and res.has_array(
+                f"per_token_losses_{name}", key):
             continue
-        cfg = TrainConfig.from_dict(__import__("json").loads((run / "train_config.json").read_text()))
+        cfg = load_train_config(run)
         windows = eval_windows(cfg, n_windows)
         rows, by_idx, heads, vectors = [], [], [], []
         ckpts = list_checkpoints(run)
@@ -93,10 +96,13 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
             by_idx.append(bi.assign(model=name, step=step, tokens=tokens))
             heads.append(hs.assign(model=name, step=step, tokens=tokens))
             vectors.append(vec)
-        res.write(f"loss_by_index_{name}", pd.concat(by_idx))
-        res.write(f"head_scores_{name}", pd.concat(heads))
-        np.save(res.dir / f"per_token_losses_{name}.npy", np.stack(vectors))
-        res.write(table, pd.DataFrame(rows))  # written last: marks the model done
+        if not ckpts:
+            raise RunFolderError(f"{run} has no complete checkpoint (none with a verified manifest): train it "
+                                 "first, or resume it with `train --resume`")
+        res.write(f"loss_by_index_{name}", pd.concat(by_idx), inputs=key)
+        res.write(f"head_scores_{name}", pd.concat(heads), inputs=key)
+        res.write_array(f"per_token_losses_{name}", np.stack(vectors), inputs=key)
+        res.write(table, pd.DataFrame(rows), inputs=key)  # written last: marks the model done
     ck = pd.concat([res.read(f"checkpoints_{n}") for n in runs])
     hs = pd.concat([res.read(f"head_scores_{n}") for n in runs])
     res.write("checkpoints", ck)
@@ -104,7 +110,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     res.write("loss_by_index", pd.concat([res.read(f"loss_by_index_{n}") for n in runs]))
     res.write("windows", detect_windows(ck, hs))
     res.write("training", training_table(runs))
-    res.write("pca", pca_trajectories({n: np.load(res.dir / f"per_token_losses_{n}.npy") for n in runs}, ck))
+    res.write("pca", pca_trajectories({n: res.read_array(f"per_token_losses_{n}") for n in runs}, ck))
     return res
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import Results, check_writable
+from .common import Results, check_writable, owns_results
 
 
+@owns_results("out")
 def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: str | None = None,
               progress: bool = True, figures_dir: Path | None = None) -> Path:
     from .ablations import run_ablations
@@ -61,11 +62,10 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
 
 def _accumulate_timings(out: Path, timings: dict) -> dict:
     """Add this invocation's times to those of earlier (interrupted or resumed) invocations."""
-    path = out / "report" / "timings.json"
-    runs = json.loads(path.read_text()) if path.is_file() else []
-    legacy = out / "report" / "headline.json"
-    if not runs and legacy.is_file():  # a run made before timings were kept separately
-        runs.append(json.loads(legacy.read_text()).get("timings", {}))
+    runs = Results(out, "report").read_json("timings", default=[])
+    legacy = Results(out, "report").read_json("headline")
+    if not runs and legacy:  # a run made before timings were kept separately
+        runs.append(legacy.get("timings", {}))
     runs.append(timings)
     Results(out, "report").write_json("timings", runs)
     return {k: sum(r.get(k, 0.0) for r in runs) for k in timings} | {"invocations": len(runs)}
@@ -91,13 +91,11 @@ def headline(out: Path) -> dict:
         h["icl_final_2l"] = float(c2.icl_score.iloc[-1])
         h["bump_tokens"] = [float(w.bump_start_tokens), float(w.bump_end_tokens)] if w.bump else None
         h["final_max_induction_2l"] = float(w.final_max_induction)
-        try:
-            sets = Results(out, "ablations_attn-2l").read("sets")
+        sets = Results(out, "ablations_attn-2l").read_optional("sets")  # damaged: ResultError, never skipped
+        if sets is not None:
             g = sets.groupby("group").icl_share_removed.mean()
             h["share_removed"] = {k: float(v) for k, v in g.items()}
             h["induction_heads"] = sets[sets.group == "induction heads"].heads.iloc[0]
-        except Exception:  # ablations not run
-            pass
     for name in ("attn-1l", "smear-1l", "attn-2l", "smear-2l"):
         sub = ck[ck.model == name]
         if len(sub):
