@@ -155,6 +155,32 @@ class PatternPreserving(Ablation):
         return f"PatternPreserving({self.inner!r})"
 
 
+def check_ablations(ablations: Ablation | Sequence[Ablation]) -> list[Ablation]:
+    """The ablations as a list, after checking that each is an ``Ablation`` and that no head is ablated
+    twice (within one ablation or across several): a duplicate or conflicting pair would otherwise
+    resolve silently, the last one winning.
+
+    >>> check_ablations([ZeroAblation("L1H0"), ZeroAblation("L1H0")])
+    Traceback (most recent call last):
+    ...
+    ValueError: head L1H0 is ablated more than once (ZeroAblation(L1H0) and ZeroAblation(L1H0)): ablate each head once
+    """
+    if isinstance(ablations, Ablation):
+        ablations = [ablations]
+    ablations = list(ablations)
+    owner: dict[Head, Ablation] = {}
+    for abl in ablations:
+        if not isinstance(abl, Ablation):
+            raise ValueError(f"{abl!r} is not an ablation: pass ZeroAblation, MeanAblation, ResampleAblation "
+                             "or PatternPreserving objects")
+        for h in abl.heads:
+            if h in owner:
+                raise ValueError(f"head {h} is ablated more than once ({owner[h]!r} and {abl!r}): ablate each "
+                                 "head once")
+            owner[h] = abl
+    return ablations
+
+
 def _edits(ablations: Sequence[Ablation], tokens: torch.Tensor, row_offset: int = 0) -> dict[int, LayerEdits]:
     edits: dict[int, LayerEdits] = {}
     for abl in ablations:
@@ -172,14 +198,9 @@ def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequen
 
     If any ablation is ``PatternPreserving``, all patterns are frozen to the clean run's.
     ``row_offset``: index of ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``)."""
-    if isinstance(ablations, Ablation):
-        ablations = [ablations]
-    ablations = list(ablations)
+    ablations = check_ablations(ablations)  # duplicates and non-ablations raise before any work
     check_tokens(tokens, get_adapter(unwrap(model)))  # before any (reference) work
     for abl in ablations:
-        if not isinstance(abl, Ablation):
-            raise ValueError(f"{abl!r} is not an ablation: pass ZeroAblation, MeanAblation, ResampleAblation "
-                             "or PatternPreserving objects")
         abl.prepare(model, tokens)
     edits = _edits(ablations, tokens, row_offset)
     if not any(isinstance(a, PatternPreserving) for a in ablations):
