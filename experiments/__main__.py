@@ -78,8 +78,16 @@ def train_config_from_args(args):
         if value is not None:
             overrides[name] = value
     cfg = _merge(cfg, overrides)
-    tc = TrainConfig.from_dict(cfg)  # ConfigError / CorpusError: exit 2
-    tc.validate()
+    from interventions.zoo.corpus import CorpusError
+    from interventions.zoo.train import ConfigError
+
+    tc = TrainConfig.from_dict(cfg)  # ConfigError: exit 2
+    try:
+        tc.validate()
+    except CorpusError:
+        raise
+    except ValueError as e:  # validate() only validates: every ValueError it raises is bad input
+        raise ConfigError(str(e)) from None
     return tc
 
 

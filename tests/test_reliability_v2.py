@@ -43,7 +43,9 @@ time.sleep(float(sys.argv[2]))
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): ("dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest())
+    """Relative path -> sha256 (or 'dir', or 'special' for a FIFO: never opened) of everything under root."""
+    return {str(p.relative_to(root)): ("dir" if p.is_dir() else "special" if not p.is_file()
+                                       else hashlib.sha256(p.read_bytes()).hexdigest())
             for p in sorted(root.rglob("*"))}
 
 

@@ -303,6 +303,13 @@ def check_config(cfg) -> None:
             _check_range(f"model.{key}", v, (0, False, None, False))  # every numeric model option is a size/scale
     check_device(cfg.device)
     check_corpus_path(cfg.corpus)
+    if cfg.corpus.startswith("synthetic:") and cfg.corpus not in ("synthetic:repeat", "synthetic:markov"):
+        raise ConfigError(f"unknown synthetic corpus {cfg.corpus.split(':', 1)[1]!r}: use synthetic:repeat or "
+                          "synthetic:markov")
+    try:
+        AttnOnlyConfig(**cfg.model)
+    except ValueError as e:  # the model's own checks (divisibility, positional kind, ...)
+        raise ConfigError(f"model: {e}") from None
 
 
 def checkpoint_steps(total_steps: int, n: int) -> list[int]:
