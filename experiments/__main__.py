@@ -222,12 +222,6 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _device(text: str) -> str:
-    if not DEVICE_RE.match(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a known device: use cpu, cuda, cuda:N or mps")
-    return text
-
-
 def _add_wait(sp) -> None:
     sp.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
                     help="if another process is using the output folder, wait up to this long (default: fail at once)")
@@ -246,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="run folder (created; must be new, or --resume)")
     sp.add_argument("--tokens", type=int, help="total training tokens")
     sp.add_argument("--seed", type=int)
-    sp.add_argument("--device", type=_device, help="cpu (default), cuda, cuda:N or mps")
+    sp.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
     sp.add_argument("--corpus", help="stdlib, a path, a .jsonl, hf:<name>, synthetic:repeat|markov")
     sp.add_argument("--batch-size", dest="batch_size", type=int)
     sp.add_argument("--lr", type=float)
@@ -262,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="results/default", help="results folder")
     sp.add_argument("--scale", default="cpu", choices=["tiny", "cpu", "gpu"],
                     help="tiny: seconds (smoke test); cpu: the default (~30 min on 2 cores); gpu: larger")
-    sp.add_argument("--device", default=None, type=_device, help="cpu or cuda (default: cuda for --scale gpu)")
+    sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
     sp.add_argument("--quiet", action="store_true")
     _add_wait(sp)
     sp.set_defaults(func=cmd_reproduce)
@@ -271,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("runs", nargs="+", help="run folders")
     sp.add_argument("--out", default="results/custom")
     sp.add_argument("--windows", type=_positive_int, default=512, help="validation windows per checkpoint")
-    sp.add_argument("--device", default="cpu", type=_device)
+    sp.add_argument("--device", default="cpu")
     sp.add_argument("--quiet", action="store_true")
     _add_wait(sp)
     sp.set_defaults(func=cmd_phase_change)
@@ -281,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=helptext + "; needs `phase-change` results in --out")
         sp.add_argument("run", help="a run folder")
         sp.add_argument("--out", default="results/custom")
-        sp.add_argument("--device", default="cpu", type=_device)
+        sp.add_argument("--device", default="cpu")
         _add_wait(sp)
         if name == "ablations":
             sp.add_argument("--windows", type=_positive_int, default=256)
@@ -296,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("survey", help="induction mosaic over models (hub names, model folders, runs)")
     sp.add_argument("models", nargs="+")
     sp.add_argument("--out", default="results/survey")
-    sp.add_argument("--device", default="cpu", type=_device)
+    sp.add_argument("--device", default="cpu")
     sp.add_argument("--allow-pickle", action="store_true",
                     help="allow hub models that only ship pickle weights (.bin); unpickling can run code")
     _add_wait(sp)
@@ -310,6 +304,9 @@ def _precheck(args) -> None:
         value = getattr(args, option, None)
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise UsageError(f"--{option} {value} is a file, not a folder: pass a folder")
+    device = getattr(args, "device", None)
+    if device is not None and not DEVICE_RE.match(device):
+        raise UsageError(f"--device={device!r} is not a known device: use cpu, cuda, cuda:N or mps")
     if args.command == "train":
         from .presets import PRESETS
 
