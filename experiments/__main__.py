@@ -371,11 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         _precheck(args)
     except UsageError as e:
         parser.exit(2, f"error: {e}\n")
-    if getattr(args, "wait", None):
-        from .common import set_lock_wait
-
-        set_lock_wait(args.wait)
     try:
+        if getattr(args, "wait", None):
+            from .common import set_lock_wait
+
+            set_lock_wait(args.wait)
         return args.func(args)
     except KeyboardInterrupt:
         advice = _RESUME_ADVICE.get(args.command, "rerun the same command: finished tables are kept")
@@ -385,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         if known is None:
             raise
         parser.exit(known[0], known[1].replace("\n", " ") + "\n")
+    finally:
+        if getattr(args, "wait", None):
+            from .common import set_lock_wait
+
+            set_lock_wait(0.0)  # main() may be called again in this process (tests)
 
 
 if __name__ == "__main__":

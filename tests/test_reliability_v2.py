@@ -46,7 +46,7 @@ def snapshot(root: Path) -> dict[str, str]:
     """Relative path -> sha256 (or 'dir', or 'special' for a FIFO: never opened) of everything under root."""
     return {str(p.relative_to(root)): ("dir" if p.is_dir() else "special" if not p.is_file()
                                        else hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*"))}
+            for p in sorted(root.rglob("*")) if p.name != ".lock"}  # the lock file: created by owning the folder
 
 
 def tiny_cfg(**over) -> T.TrainConfig:
