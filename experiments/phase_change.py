@@ -76,7 +76,8 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     from tqdm.auto import tqdm
 
     res = Results(results_root, "phase_change")
-    res.write_provenance({"runs": {k: str(v) for k, v in runs.items()}, "n_windows": n_windows})
+    # settings shared by every table; each run's tables are keyed on the run's content (so runs can be added)
+    res.write_provenance({"n_windows": n_windows}, runs={k: str(v) for k, v in runs.items()})
     for name, run in runs.items():
         table = f"checkpoints_{name}"
         key = {"run": run_fingerprint(run), "n_windows": n_windows}  # recomputed when the run changes

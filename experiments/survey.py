@@ -61,7 +61,8 @@ def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_
     from interventions.analysis import scores
 
     res = Results(results_root, "survey")
-    res.write_provenance({"models": models, "seq_len": seq_len, "n_examples": n_examples})
+    # settings shared by every table; each model's table is keyed on its content hash (models can be added)
+    res.write_provenance({"seq_len": seq_len, "n_examples": n_examples}, models=models)
     for label, spec in models.items():
         table = _table(label)
         local = Path(spec).exists()
