@@ -10,15 +10,24 @@ Commands:
   figures      make every figure from result tables
   survey       the induction mosaic for a list of models
 
-Exit codes: 0 success, 2 bad input (usage, options, corpus, output folder), 1 a run that failed.
+Exit codes: 0 success; 2 bad input (usage, options, corpus, a damaged or stale result, an output
+folder in use by another process); 1 a run that failed for a known reason (diverged training, disk
+full, read-only folder, out of memory: one line, no traceback); a bug raises with a traceback.
+Usage errors are found before the heavy imports (torch, transformers) and leave no folders.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
+import re
+import stat
 import sys
 from pathlib import Path
+
+DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")  # as interventions.zoo.train.check_device
 
 
 class UsageError(Exception):
@@ -26,11 +35,12 @@ class UsageError(Exception):
 
 
 def _parse_set(items: list[str]) -> dict:
-    """``--set model.d_model=128 --set lr=3e-4`` -> nested dict (values parsed as JSON when possible)."""
+    """``--set model.d_model=128 --set lr=3e-4`` -> nested dict (values parsed as JSON when possible;
+    ``TrainConfig.from_dict`` then checks every key and parses each value to its declared type)."""
     out: dict = {}
     for item in items:
         key, eq, raw = item.partition("=")
-        if not eq or not key:
+        if not eq or not key or any(not part for part in key.split(".")):
             raise UsageError(f"--set {item!r} is not KEY=VALUE (e.g. --set model.d_model=128)")
         try:
             value = json.loads(raw)
@@ -40,6 +50,8 @@ def _parse_set(items: list[str]) -> dict:
         *parents, last = key.split(".")
         for p in parents:
             d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise UsageError(f"--set {item!r}: {p} is a single value, not a group of options")
         d[last] = value
     return out
 
@@ -66,11 +78,16 @@ def train_config_from_args(args):
         if value is not None:
             overrides[name] = value
     cfg = _merge(cfg, overrides)
+    from interventions.zoo.corpus import CorpusError
+    from interventions.zoo.train import ConfigError
+
+    tc = TrainConfig.from_dict(cfg)  # ConfigError: exit 2
     try:
-        tc = TrainConfig.from_dict(cfg)
         tc.validate()
-    except (TypeError, ValueError) as e:
-        raise UsageError(str(e)) from None
+    except CorpusError:
+        raise
+    except ValueError as e:  # validate() only validates: every ValueError it raises is bad input
+        raise ConfigError(str(e)) from None
     return tc
 
 
@@ -90,7 +107,7 @@ def cmd_train(args) -> int:
 
     cfg = train_config_from_args(args)
     out = Path(args.out)
-    final = train(cfg, out, resume=args.resume, progress=not args.quiet)
+    final = train(cfg, out, resume=args.resume, progress=not args.quiet, wait=args.wait)
     last = read_metrics(out)[-1]
     print(json.dumps({"checkpoint": str(final), **last}))
     return 0
@@ -99,6 +116,8 @@ def cmd_train(args) -> int:
 def cmd_reproduce(args) -> int:
     from .reproduce import reproduce
 
+    if args.device is not None:
+        _check_device(args.device)
     reproduce(out=Path(args.out), scale=args.scale, device=args.device, progress=not args.quiet)
     return 0
 
@@ -115,10 +134,10 @@ def cmd_figures(args) -> int:
 
 def cmd_survey(args) -> int:
     from .figures import fig_mosaic
-    from .survey import run_survey
+    from .survey import model_labels, run_survey
 
-    models = {Path(m).name if Path(m).exists() else m: m for m in args.models}
-    run_survey(models, Path(args.out), device=args.device)
+    _check_device(args.device)
+    run_survey(model_labels(args.models), Path(args.out), device=args.device, allow_pickle=args.allow_pickle)
     fig_mosaic(Path(args.out), Path(args.out) / "figures")
     print(f"induction scores in {Path(args.out) / 'survey'}; mosaic in {Path(args.out) / 'figures'}")
     return 0
@@ -135,9 +154,16 @@ def _runs(paths: list[str]) -> dict:
     return runs
 
 
+def _check_device(device: str) -> None:
+    from interventions.zoo.train import check_device
+
+    check_device(device, option="--device")
+
+
 def cmd_phase_change(args) -> int:
     from .phase_change import run_phase_change
 
+    _check_device(args.device)
     res = run_phase_change(_runs(args.runs), Path(args.out), n_windows=args.windows, device=args.device,
                            progress=not args.quiet)
     print(res.read("windows").to_string(index=False))
@@ -148,6 +174,7 @@ def _run_with_phase_change(args):
     """(run name, run folder, phase_change Results) for the single-run commands."""
     from .common import Results
 
+    _check_device(args.device)
     name, run = next(iter(_runs([args.run]).items()))
     pc = Results(Path(args.out), "phase_change")
     if not pc.has("head_scores"):
@@ -175,6 +202,31 @@ def cmd_circuit(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds >= 0")
+    return value
+
+
+def _add_wait(sp) -> None:
+    sp.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
+                    help="if another process is using the output folder, wait up to this long (default: fail at once)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,14 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="run folder (created; must be new, or --resume)")
     sp.add_argument("--tokens", type=int, help="total training tokens")
     sp.add_argument("--seed", type=int)
-    sp.add_argument("--device", help="cpu (default) or cuda")
+    sp.add_argument("--device", help="cpu (default), cuda, cuda:N or mps")
     sp.add_argument("--corpus", help="stdlib, a path, a .jsonl, hf:<name>, synthetic:repeat|markov")
     sp.add_argument("--batch-size", dest="batch_size", type=int)
     sp.add_argument("--lr", type=float)
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override any option, e.g. --set model.n_layers=3 (repeatable)")
-    sp.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    sp.add_argument("--resume", action="store_true",
+                    help="continue from the last complete checkpoint (only --lr may differ from the saved run)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_wait(sp)
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser("reproduce", help="the default reproduction on the embedded corpus")
@@ -204,14 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiny: seconds (smoke test); cpu: the default (~30 min on 2 cores); gpu: larger")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
     sp.add_argument("--quiet", action="store_true")
+    _add_wait(sp)
     sp.set_defaults(func=cmd_reproduce)
 
     sp = sub.add_parser("phase-change", help="evaluate every checkpoint of runs (Argument 1, per-token-loss PCA)")
     sp.add_argument("runs", nargs="+", help="run folders")
     sp.add_argument("--out", default="results/custom")
-    sp.add_argument("--windows", type=int, default=512, help="validation windows per checkpoint")
+    sp.add_argument("--windows", type=_positive_int, default=512, help="validation windows per checkpoint")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--quiet", action="store_true")
+    _add_wait(sp)
     sp.set_defaults(func=cmd_phase_change)
 
     for name, fn, helptext in (("ablations", cmd_ablations, "per-head and head-set ablations (Argument 3)"),
@@ -220,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("run", help="a run folder")
         sp.add_argument("--out", default="results/custom")
         sp.add_argument("--device", default="cpu")
+        _add_wait(sp)
         if name == "ablations":
-            sp.add_argument("--windows", type=int, default=256)
+            sp.add_argument("--windows", type=_positive_int, default=256)
             sp.add_argument("--quiet", action="store_true")
         sp.set_defaults(func=fn)
 
@@ -234,24 +291,105 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("models", nargs="+")
     sp.add_argument("--out", default="results/survey")
     sp.add_argument("--device", default="cpu")
+    sp.add_argument("--allow-pickle", action="store_true",
+                    help="allow hub models that only ship pickle weights (.bin); unpickling can run code")
+    _add_wait(sp)
     sp.set_defaults(func=cmd_survey)
     return p
+
+
+def _precheck(args) -> None:
+    """Usage errors that need no heavy import (torch, transformers): found in milliseconds, nothing written."""
+    for option in ("out", "results"):
+        value = getattr(args, option, None)
+        if value is not None and Path(value).exists() and not Path(value).is_dir():
+            raise UsageError(f"--{option} {value} is a file, not a folder: pass a folder")
+    device = getattr(args, "device", None)
+    if device is not None and not DEVICE_RE.match(device):
+        raise UsageError(f"--device={device!r} is not a known device: use cpu, cuda, cuda:N or mps")
+    if args.command == "train":
+        from .presets import PRESETS
+
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+        _parse_set(args.set or [])
+        for name in ("tokens", "batch_size"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: {name}={getattr(args, name)} "
+                                 "must be a positive integer")
+        if args.corpus is not None and not args.corpus.startswith(("synthetic:", "hf:")) and args.corpus != "stdlib":
+            try:
+                mode = os.stat(args.corpus).st_mode if args.corpus else None
+            except OSError:
+                mode = None
+            if mode is None:
+                raise UsageError(f"--corpus {args.corpus!r} does not exist: pass 'stdlib', a text file, a folder, "
+                                 "a .jsonl file, 'hf:<dataset name>' or 'synthetic:repeat'")
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise UsageError(f"--corpus {args.corpus!r} is not a regular file or folder (a named pipe or "
+                                 "device?): pass a text file, a folder or a .jsonl file")
+    for run in list(getattr(args, "runs", None) or []) + ([args.run] if getattr(args, "run", None) else []):
+        if not (Path(run) / "train_config.json").is_file():
+            raise UsageError(f"{run} is not a training run folder (no train_config.json): pass folders made by "
+                             "`python -m experiments train`")
+
+
+_RESUME_ADVICE = {"train": "rerun the same command with --resume to continue",
+                  "reproduce": "rerun the same command: reproduce resumes where it stopped"}
+_ENV_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+               errno.EDQUOT: "the disk quota is exceeded", errno.EACCES: "permission denied",
+               errno.EIO: "an input/output error"}
+
+
+def _known_failure(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for bad input and environment failures; None for a bug (traceback)."""
+    from interventions.zoo.corpus import CorpusError
+    from interventions.zoo.ownership import FolderBusyError
+    from interventions.zoo.train import ConfigError, RunFolderError, TrainingDiverged
+
+    from .common import InputError, ResultError
+
+    if isinstance(e, (UsageError, CorpusError, RunFolderError, ConfigError, ResultError, FolderBusyError,
+                      InputError)):
+        return 2, f"error: {e}"
+    if isinstance(e, TrainingDiverged):
+        return 1, f"training stopped: {e}"
+    if isinstance(e, OSError) and e.errno in _ENV_ERRNOS:
+        where = f" ({e.filename})" if e.filename else ""
+        return 1, (f"error: {_ENV_ERRNOS[e.errno]}{where}: free space or choose a writable --out, then rerun the "
+                   "same command (finished work is kept)")
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return 1, ("error: out of memory: use a smaller batch or model, or a machine with more memory, then rerun "
+                   "the same command (finished work is kept)")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from interventions.zoo.corpus import CorpusError
-    from interventions.zoo.train import RunFolderError, TrainingDiverged
-
     try:
-        return args.func(args)
-    except (UsageError, CorpusError, RunFolderError, ValueError) as e:
+        _precheck(args)
+    except UsageError as e:
         parser.exit(2, f"error: {e}\n")
-    except TrainingDiverged as e:
-        parser.exit(1, f"training stopped: {e}\n")
+    try:
+        if getattr(args, "wait", None):
+            from .common import set_lock_wait
+
+            set_lock_wait(args.wait)
+        return args.func(args)
     except KeyboardInterrupt:
-        parser.exit(130, "interrupted: rerun the same command with --resume to continue\n")
+        advice = _RESUME_ADVICE.get(args.command, "rerun the same command: finished tables are kept")
+        parser.exit(130, f"interrupted: {advice}\n")
+    except Exception as e:
+        known = _known_failure(e)
+        if known is None:
+            raise
+        parser.exit(known[0], known[1].replace("\n", " ") + "\n")
+    finally:
+        if getattr(args, "wait", None):
+            from .common import set_lock_wait
+
+            set_lock_wait(0.0)  # main() may be called again in this process (tests)
 
 
 if __name__ == "__main__":

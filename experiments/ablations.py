@@ -36,9 +36,9 @@ from interventions import PatternPreserving, ZeroAblation, per_token_loss
 from interventions.engine.heads import Head
 from interventions.analysis.metrics import icl_band, icl_indices
 from interventions.engine.adapters import get_adapter
-from interventions.zoo.train import TrainConfig, list_checkpoints, load_model
+from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model
 
-from .common import Results
+from .common import Results, fingerprint, owns_results, run_fingerprint
 from .phase_change import eval_windows, induction_heads_of, run_config, step_tokens, window_losses
 
 KINDS = ("zero", "mean", "pattern")
@@ -73,6 +73,7 @@ def _sem(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
 
 
+@owns_results()
 def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, results_root: Path,
                   windows_table: pd.DataFrame | None = None, n_windows: int = 1024, n_random: int = 6,
                   n_attribution_inside: int = 5, device: str = "cpu", progress: bool = True) -> Results:
@@ -83,6 +84,8 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
     windows = eval_windows(cfg, n_windows)
     reference = eval_windows(TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 100}), min(n_windows, 256))
     ckpts = list_checkpoints(run)
+    if not ckpts:
+        raise RunFolderError(f"{run} has no complete checkpoint: train it first, or resume it with `train --resume`")
     model = load_model(ckpts[-1], device)
     a = get_adapter(model)
     ind = induction_heads_of(model, windows, cfg.seed)
@@ -92,8 +95,10 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
     res.write_provenance({"run": str(run), "model": name, "n_windows": n_windows, "n_random": n_random,
                           "induction_heads": [str(h) for h in ind], "rule": rule}, seed=cfg.seed)
     all_heads = [Head(layer, h) for layer in range(a.n_layers) for h in range(a.n_heads)]
+    key = {"run": run_fingerprint(run), "n_windows": n_windows, "n_random": n_random,
+           "induction_heads": [str(h) for h in ind]}  # tables are recomputed when any of these change
 
-    if not res.has("per_head"):
+    if not res.has_all(["per_head", "per_head_by_index"], key):
         rows, by_index = [], []
         for kind in KINDS:
             clean, delta = ablation_sweep(model, windows[:n_windows // 2], kind=kind,
@@ -113,10 +118,10 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                 d = delta[i].mean(0).numpy()
                 by_index.append(pd.DataFrame({"model": name, "kind": kind, "head_name": str(head),
                                               "token_index": np.arange(1, len(d) + 1), "delta_loss": d}))
-        res.write("per_head_by_index", pd.concat(by_index))
-        res.write("per_head", pd.DataFrame(rows))
+        res.write("per_head_by_index", pd.concat(by_index), inputs=key)
+        res.write("per_head", pd.DataFrame(rows), inputs=key)
 
-    if not res.has("sets"):
+    if not res.has_all(["sets", "sets_by_index"], key):
         others = [h for h in all_heads if h not in ind]
         g = np.random.default_rng(cfg.seed)
         sets: dict[str, list] = {"clean": [], "induction heads": ind, "all other heads": others}
@@ -143,12 +148,15 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                                           "token_index": np.arange(1, losses.shape[1] + 1),
                                           "loss": losses.mean(0).numpy(),
                                           "sem": (losses.std(0) / math.sqrt(n)).numpy()}))
-        res.write("sets_by_index", pd.concat(by_index))
-        res.write("sets", pd.DataFrame(rows))
+        res.write("sets_by_index", pd.concat(by_index), inputs=key)
+        res.write("sets", pd.DataFrame(rows), inputs=key)
 
-    if not res.has("attribution") and windows_table is not None and len(ckpts) >= 3:
+    akey = {**key, "n_attribution_inside": n_attribution_inside,
+            "windows": None if windows_table is None else fingerprint(windows_table[windows_table.model == name]
+                                                                     .to_dict("records"))}
+    if not res.has("attribution", akey) and windows_table is not None and len(ckpts) >= 3:
         res.write("attribution", _attribution(ckpts, cfg, name, windows[:128], windows_table, n_attribution_inside,
-                                              device, progress))
+                                              device, progress), inputs=akey)
     return res
 
 

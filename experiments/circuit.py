@@ -23,9 +23,9 @@ import torch
 
 from interventions.engine.adapters import get_adapter
 from interventions.primitives.loss import loss_from_logits
-from interventions.zoo.train import TrainConfig, list_checkpoints, load_model
+from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model, load_train_config
 
-from .common import Results
+from .common import Results, owns_results, run_fingerprint
 
 
 def repeated_prompts(vocab_size: int, length: int, n: int, seed: int, low: int = 0):
@@ -79,14 +79,18 @@ def k_composition(model, clean: torch.Tensor, prev_head: tuple[int, int], ind_la
     return out
 
 
+@owns_results()
 def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: Path, n_prompts: int = 16,
                 device: str = "cpu") -> Results:
     from interventions.primitives.patching import patch_heads
 
     res = Results(results_root, f"circuit_{name}")
-    if res.has("k_composition"):
+    key = {"run": run_fingerprint(run), "n_prompts": n_prompts}  # recomputed when the run changes
+    if res.has_all(["patch_heads", "patch_head_pos", "k_composition"], key):
         return res
-    cfg = TrainConfig.from_dict(json.loads((run / "train_config.json").read_text()))
+    cfg = load_train_config(run)
+    if not list_checkpoints(run):
+        raise RunFolderError(f"{run} has no complete checkpoint: train it first, or resume it with `train --resume`")
     model = load_model(list_checkpoints(run)[-1], device)
     a = get_adapter(model)
     length = min(50, (cfg.n_ctx - 1) // 2)
@@ -104,11 +108,12 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
     rows = [{"layer": layer, "head": h, "head_name": f"L{layer}H{h}", "loss": by_head[layer, h].item(),
              "restored": (base_corr - by_head[layer, h].item()) / gap if gap else float("nan")}
             for layer in range(a.n_layers) for h in range(a.n_heads)]
-    res.write("patch_heads", pd.DataFrame(rows).assign(model=name, clean_loss=base_clean, corrupted_loss=base_corr))
+    res.write("patch_heads", pd.DataFrame(rows).assign(model=name, clean_loss=base_clean, corrupted_loss=base_corr),
+              inputs=key)
     rows = [{"layer": layer, "head": h, "head_name": f"L{layer}H{h}", "position": p, "loss": by_pos[layer, h, p].item(),
              "restored": (base_corr - by_pos[layer, h, p].item()) / gap if gap else float("nan")}
             for layer in range(a.n_layers) for h in range(a.n_heads) for p in range(by_pos.shape[-1])]
-    res.write("patch_head_pos", pd.DataFrame(rows).assign(model=name))
+    res.write("patch_head_pos", pd.DataFrame(rows).assign(model=name), inputs=key)
     if a.n_layers >= 2:
         hs = head_scores[(head_scores.model == name)]
         final = hs[hs.step == hs.step.max()]
@@ -117,8 +122,8 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
         kc = k_composition(model, clean, (int(prev["layer"]), int(prev["head"])), int(ind["layer"]), length)
         res.write("k_composition", pd.DataFrame([{"model": name, "previous_token_head": f"L{int(prev['layer'])}H{int(prev['head'])}",
                                                    "induction_layer": int(ind.layer), "restored": k, "loss": v}
-                                                  for k, v in kc.items()]))
+                                                  for k, v in kc.items()]), inputs=key)
     else:
         res.write("k_composition", pd.DataFrame(columns=["model", "previous_token_head", "induction_layer",
-                                                         "restored", "loss"]))
+                                                         "restored", "loss"]), inputs=key)
     return res

@@ -1,79 +1,257 @@
 """Shared plumbing for experiments: result folders, atomic tidy tables, provenance, resumable units.
 
-Every table is a CSV written atomically (temp file + rename) and recorded with its sha256 in the
-experiment's ``manifest.json``; reading a table verifies it, so a truncated or edited file is caught
-with a message naming what to delete. A unit of work (one model, one checkpoint) is skipped on re-run
-when its table is already recorded.
+Every table (CSV), array (``.npy``) and JSON file is written atomically (temp file + rename) and
+recorded with its sha256 in the experiment's ``manifest.json``; every read verifies it, so a
+truncated or edited file is an error naming the file (and deleting it, as the error says, makes the
+next run recompute it). Results that cannot go stale:
+
+* ``res.write(table, df, inputs=...)`` records a fingerprint of the inputs a table was computed from
+  (settings, and ``run_fingerprint`` / ``model_fingerprint`` of the checkpoint it came from);
+  ``res.has(table, inputs=...)`` is True only for the same inputs, so a unit of work is skipped on a
+  re-run only when nothing it depends on changed, and recomputed otherwise.
+* ``res.write_provenance(settings)`` refuses (``ResultError``) a folder whose tables were made with
+  other settings, so provenance is never rewritten over tables it did not produce.
+* A results root is owned by one process at a time (``owns_results``; OS lock, see
+  ``interventions.zoo.ownership``); ``Results`` creates nothing until it writes.
+
+Example:
+    >>> import tempfile, pandas as pd
+    >>> with tempfile.TemporaryDirectory() as root:
+    ...     res = Results(root, "exp")
+    ...     key = {"n_windows": 16, "run": "3f2a"}
+    ...     _ = res.write("scores", pd.DataFrame({"x": [1]}), inputs=key)
+    ...     res.has("scores", inputs=key), res.has("scores", inputs={**key, "n_windows": 64})
+    (True, False)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from interventions.zoo.ownership import owned
 from interventions.zoo.provenance import provenance
 from interventions.zoo.train import atomic_write_text
 
+SETTINGS_KEY = "__settings__"  # manifest entry: fingerprint and copy of the settings of the tables
+_lock_wait = 0.0  # seconds to wait for a results folder another process owns (CLI --wait)
+
 
 class ResultError(RuntimeError):
-    """A result file is missing, truncated or modified."""
+    """A result file is missing, truncated, modified, or was made from other inputs."""
+
+
+class InputError(ValueError):
+    """Bad input found by an experiment (a run, a model, an option): the CLI exits with code 2."""
+
+
+def set_lock_wait(seconds: float) -> None:
+    """How long writers wait for a results folder owned by another process (default 0: fail at once)."""
+    global _lock_wait
+    _lock_wait = float(seconds)
+
+
+def owns_results(arg: str = "results_root"):
+    """Decorator: hold the exclusive lock of the results root passed as argument ``arg`` for the call."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with owned(bound.arguments[arg], _lock_wait, what="results folder"):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
+
+
+def fingerprint(inputs) -> str:
+    """A short stable hash of a JSON-able description of inputs (settings, file hashes)."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_fingerprint(run: str | Path) -> str:
+    """Content hash of a training run: its config and every verified checkpoint's manifest (which holds
+    the sha256 of each checkpoint file), so retraining, resuming further or editing changes it."""
+    from interventions.zoo.train import list_checkpoints
+
+    run = Path(run)
+    parts = [(run / "train_config.json").read_bytes()]
+    parts += [c.name.encode() + (c / "manifest.json").read_bytes() for c in list_checkpoints(run)]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def model_fingerprint(spec: str, model=None) -> str:
+    """Content hash of what ``survey`` loads from ``spec``: a run (its checkpoints), a model folder
+    (its config and weights files) or a hub name (name and the resolved commit)."""
+    p = Path(spec)
+    if (p / "checkpoints").is_dir():
+        return run_fingerprint(p)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p.iterdir()):
+            if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
+                h.update(f.name.encode() + _sha256_file(f).encode())
+        return h.hexdigest()[:20]
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return fingerprint({"hub": spec, "commit": commit})
 
 
 class Results:
-    """One experiment's folder of tidy tables: ``Results(root, "phase_change")``."""
+    """One experiment's folder of tidy tables: ``Results(root, "phase_change")``.
+
+    Reading creates nothing; writing creates the folder and holds the root's lock while it writes."""
 
     def __init__(self, root: str | Path, name: str):
-        self.dir = Path(root) / name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root)
+        self.dir = self.root / name
         self.manifest_path = self.dir / "manifest.json"
 
+    # -- manifest
     def _manifest(self) -> dict:
         if not self.manifest_path.is_file():
             return {}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError:
+            m = json.loads(self.manifest_path.read_text())
+            if not isinstance(m, dict):
+                raise ValueError
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
             raise ResultError(f"{self.manifest_path} is corrupted: delete the folder {self.dir} and re-run "
                               "the experiment") from None
+        return m
 
-    def has(self, table: str) -> bool:
-        return table in self._manifest() and (self.dir / f"{table}.csv").is_file()
+    @staticmethod
+    def _entry(m: dict, key: str) -> dict | None:
+        e = m.get(key)
+        return {"sha256": e, "inputs": None} if isinstance(e, str) else e  # str: older manifests
 
-    def write(self, table: str, df: pd.DataFrame) -> Path:
-        path = self.dir / f"{table}.csv"
-        atomic_write_text(path, df.to_csv(index=False))
+    def _record(self, key: str, path: Path, inputs) -> None:
         manifest = self._manifest()
-        manifest[table] = hashlib.sha256(path.read_bytes()).hexdigest()
+        manifest[key] = {"sha256": _sha256_file(path), "inputs": None if inputs is None else fingerprint(inputs)}
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+
+    def _write_bytes(self, key: str, path: Path, data: bytes, inputs) -> Path:
+        with owned(self.root, _lock_wait, what="results folder"):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            self._record(key, path, inputs)
         return path
 
-    def read(self, table: str) -> pd.DataFrame:
-        path = self.dir / f"{table}.csv"
-        manifest = self._manifest()
-        if table not in manifest or not path.is_file():
-            raise ResultError(f"result table {path} is missing: run the experiment that writes it first")
-        if hashlib.sha256(path.read_bytes()).hexdigest() != manifest[table]:
-            raise ResultError(f"result table {path} does not match its recorded checksum (truncated or edited): "
+    def _verified(self, key: str, path: Path, inputs=None) -> Path:
+        e = self._entry(self._manifest(), key)
+        if e is None or not path.is_file():
+            raise ResultError(f"result {path} is missing: run the experiment that writes it first")
+        if _sha256_file(path) != e["sha256"]:
+            raise ResultError(f"result {path} does not match its recorded checksum (truncated or edited): "
                               f"delete {path} and re-run the experiment to recompute it")
-        return pd.read_csv(path)
+        if inputs is not None and e.get("inputs") != fingerprint(inputs):
+            raise ResultError(f"result {path} was computed from other inputs than asked for (stale): "
+                              f"delete {path} and re-run the experiment to recompute it")
+        return path
 
+    def _has(self, key: str, path: Path, inputs=None) -> bool:
+        e = self._entry(self._manifest(), key)
+        return (e is not None and path.is_file()
+                and (inputs is None or e.get("inputs") == fingerprint(inputs)))
+
+    # -- tables
+    def has(self, table: str, inputs=None) -> bool:
+        """Recorded and present (and, if ``inputs`` is given, computed from the same inputs).
+        Use to skip finished units; ``read`` verifies the checksum."""
+        return self._has(table, self.dir / f"{table}.csv", inputs)
+
+    def has_all(self, tables, inputs=None) -> bool:
+        """``has`` for every table of a unit of work (so deleting any one of them recomputes the unit)."""
+        return all(self.has(t, inputs) for t in tables)
+
+    def write(self, table: str, df: pd.DataFrame, inputs=None) -> Path:
+        return self._write_bytes(table, self.dir / f"{table}.csv", df.to_csv(index=False).encode(), inputs)
+
+    def read(self, table: str, inputs=None) -> pd.DataFrame:
+        return pd.read_csv(self._verified(table, self.dir / f"{table}.csv", inputs))
+
+    def read_optional(self, table: str) -> pd.DataFrame | None:
+        """The table, or None if it was never written; a damaged table still raises ``ResultError``."""
+        return self.read(table) if self.has(table) else None
+
+    # -- arrays and JSON
+    def write_array(self, name: str, array: np.ndarray, inputs=None) -> Path:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(array), allow_pickle=False)
+        return self._write_bytes(f"{name}.npy", self.dir / f"{name}.npy", buf.getvalue(), inputs)
+
+    def has_array(self, name: str, inputs=None) -> bool:
+        return self._has(f"{name}.npy", self.dir / f"{name}.npy", inputs)
+
+    def read_array(self, name: str) -> np.ndarray:
+        path = self._verified(f"{name}.npy", self.dir / f"{name}.npy")
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise ResultError(f"result {path} is not a readable .npy array ({e}): delete {path} and re-run "
+                              "the experiment to recompute it") from None
+
+    def write_json(self, name: str, obj) -> Path:
+        data = json.dumps(obj, indent=1, default=float).encode()
+        return self._write_bytes(f"{name}.json", self.dir / f"{name}.json", data, None)
+
+    def read_json(self, name: str, default=None):
+        """A JSON file written by ``write_json`` (``default`` if never written), checksum verified."""
+        if not self._has(f"{name}.json", self.dir / f"{name}.json"):
+            return default
+        return json.loads(self._verified(f"{name}.json", self.dir / f"{name}.json").read_text())
+
+    # -- provenance
     def write_provenance(self, config: dict, seed: int | None = None, **extra) -> None:
-        atomic_write_text(self.dir / "provenance.json",
-                          json.dumps(provenance(config=config, seed=seed, **extra), indent=1, default=str))
-
-    def write_json(self, name: str, obj) -> None:
-        atomic_write_text(self.dir / f"{name}.json", json.dumps(obj, indent=1, default=float))
+        """Record the settings of this folder's tables and write ``provenance.json``. Refuses
+        (ResultError) if the folder already holds tables made with other settings."""
+        with owned(self.root, _lock_wait, what="results folder"):
+            manifest = self._manifest()
+            old = self._entry(manifest, SETTINGS_KEY)
+            tables = [k for k in manifest if k != SETTINGS_KEY]
+            if old is not None and old.get("inputs") != fingerprint(config) and tables:
+                before = old.get("settings") or {}
+                diff = sorted(k for k in set(before) | set(config) if before.get(k) != config.get(k)) or "settings"
+                raise ResultError(f"{self.dir} holds results made with other settings (differing: {diff}); "
+                                  f"they are kept: pass another --out, or delete the folder {self.dir} to "
+                                  "recompute them with these settings")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            manifest[SETTINGS_KEY] = {"sha256": None, "inputs": fingerprint(config),
+                                      "settings": json.loads(json.dumps(config, default=str))}
+            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+            atomic_write_text(self.dir / "provenance.json",
+                              json.dumps(provenance(config=config, seed=seed, **extra), indent=1, default=str))
 
 
 def check_writable(path: str | Path) -> None:
     """Fail early (before any work) if results cannot be written under ``path``."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {path} is a file, not a folder: pass a folder")
     probe_dir = path
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
     if not os.access(probe_dir, os.W_OK):
-        raise ValueError(f"cannot write results under {path} ({probe_dir} is not writable): pass a writable --out")
+        raise InputError(f"cannot write results under {path} ({probe_dir} is not writable): pass a writable --out")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import ResultError, Results
+from .common import Results
 
 COLUMN_WIDTH = 3.4  # inches: a paper column
 
@@ -40,10 +40,9 @@ def _save(fig, out: Path, name: str) -> list[Path]:
 
 
 def _read(root: Path, exp: str, table: str) -> pd.DataFrame | None:
-    try:
-        return Results(root, exp).read(table)
-    except ResultError:
-        return None
+    """A table, or None if it was never written; a damaged one raises ResultError (never a silently
+    missing figure)."""
+    return Results(root, exp).read_optional(table)
 
 
 def _shade_window(ax, win, model="attn-2l", kind="icl", label=True):

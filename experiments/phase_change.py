@@ -28,7 +28,6 @@ Tables (``results/<run>/phase_change/``): ``checkpoints``, ``loss_by_index``, ``
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -38,9 +37,10 @@ import torch
 
 from interventions.analysis.metrics import icl_band, icl_from_losses, icl_indices
 from interventions.primitives.loss import loss_by_position, loss_from_logits
-from interventions.zoo.train import TrainConfig, build_source, list_checkpoints, load_model
+from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, list_checkpoints, load_model,
+                                     load_train_config)
 
-from .common import Results
+from .common import Results, owns_results, run_fingerprint
 
 N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows
 N_PRECISE = 2048  # windows for the before/after/plateau ICL points (s.e. ~0.02-0.03 nats)
@@ -53,7 +53,7 @@ FIT_FROM_TOKENS = 500_000
 
 
 def run_config(run: Path) -> TrainConfig:
-    return TrainConfig.from_dict(json.loads((Path(run) / "train_config.json").read_text()))
+    return load_train_config(Path(run))
 
 
 def step_tokens(ckpt: Path, cfg: TrainConfig) -> tuple[int, int]:
@@ -209,6 +209,7 @@ def _pool_map(fn, jobs: list, workers: int, progress: bool, desc: str, total: in
     return results
 
 
+@owns_results()
 def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int = 256, device: str = "cpu",
                      progress: bool = True, workers: int | None = None, n_precise: int = N_PRECISE,
                      n_pca_pairs: int = N_PCA_PAIRS) -> Results:
@@ -218,15 +219,20 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
 
     workers = workers or default_workers(device)
     res = Results(results_root, "phase_change")
-    res.write_provenance({"runs": {k: str(v) for k, v in runs.items()}, "n_windows": n_windows,
-                          "n_precise": n_precise, "n_pca_pairs": n_pca_pairs})
-    todo = [name for name in runs if not res.has(f"checkpoints_{name}")]
+    # settings shared by every table; each run's tables are keyed on the run's content (so runs can be added)
+    settings = {"n_windows": n_windows, "n_precise": n_precise, "n_pca_pairs": n_pca_pairs}
+    res.write_provenance(settings, runs={k: str(v) for k, v in runs.items()})
+    keys = {name: {"run": run_fingerprint(run), **settings} for name, run in runs.items()}
+    per_run = ("checkpoints_{}", "loss_by_index_{}", "head_scores_{}", "pca_steps_{}")
+    todo = [name for name in runs if not (res.has_all([t.format(name) for t in per_run], keys[name])
+                                          and res.has_array(f"per_token_losses_{name}", keys[name]))]
     jobs, owners = [], []
     threads = 1 if workers > 1 else 0
     for name in todo:
         ckpts = [str(c) for c in list_checkpoints(runs[name])]
         if not ckpts:
-            raise ValueError(f"run {runs[name]} has no complete checkpoint: train it first")
+            raise RunFolderError(f"{runs[name]} has no complete checkpoint (none with a verified manifest): train it "
+                                 "first, or resume it with `train --resume`")
         cfg = run_config(runs[name])
         steps = [step_tokens(Path(c), cfg) for c in ckpts]
         pca_steps = {steps[i][0] for i in pca_checkpoints([t for _, t in steps])}
@@ -242,15 +248,20 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
             rows = [r for owner, chunk in zip(owners, results) if owner == name for r in chunk]
             rows.sort(key=lambda r: r["step"])
             meta = dict(model=name)
+            key = keys[name]
             res.write(f"loss_by_index_{name}", pd.concat([r["by_index"].assign(model=name, step=r["step"],
-                                                                                tokens=r["tokens"]) for r in rows]))
+                                                                                tokens=r["tokens"]) for r in rows]),
+                      inputs=key)
             res.write(f"head_scores_{name}", pd.concat([r["heads"].assign(model=name, step=r["step"],
-                                                                           tokens=r["tokens"]) for r in rows]))
-            np.save(res.dir / f"per_token_losses_{name}.npy", np.stack([r["pca"] for r in rows if r["pca"] is not None]))
-            res.write(f"pca_steps_{name}", pd.DataFrame({"step": [r["step"] for r in rows if r["pca"] is not None]}))
+                                                                           tokens=r["tokens"]) for r in rows]),
+                      inputs=key)
+            res.write_array(f"per_token_losses_{name}", np.stack([r["pca"] for r in rows if r["pca"] is not None]),
+                            inputs=key)
+            res.write(f"pca_steps_{name}", pd.DataFrame({"step": [r["step"] for r in rows if r["pca"] is not None]}),
+                      inputs=key)
             table = pd.DataFrame([{**meta, **{k: v for k, v in r.items() if k not in ("by_index", "heads", "pca")}}
                                   for r in rows])
-            res.write(f"checkpoints_{name}", table)  # written last: marks the model done
+            res.write(f"checkpoints_{name}", table, inputs=key)  # written last: marks the model done
     ck = pd.concat([res.read(f"checkpoints_{n}") for n in runs])
     hs = pd.concat([res.read(f"head_scores_{n}") for n in runs])
     res.write("checkpoints", ck)
@@ -258,18 +269,19 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     res.write("loss_by_index", pd.concat([res.read(f"loss_by_index_{n}") for n in runs]))
     res.write("training", training_table(runs))
     win = detect_windows(ck, hs)
-    if not res.has("icl_precise"):
-        res.write("icl_precise", precise_icl(runs, win, n_precise, device))
+    all_key = {n: keys[n]["run"] for n in runs}  # the tables over all runs are keyed on every run
+    if not res.has("icl_precise", all_key):
+        res.write("icl_precise", precise_icl(runs, win, n_precise, device), inputs=all_key)
     win = add_plateau(win, res.read("icl_precise"))
     res.write("windows", win)
-    vectors = {n: np.load(res.dir / f"per_token_losses_{n}.npy", allow_pickle=False) for n in runs}
+    vectors = {n: res.read_array(f"per_token_losses_{n}") for n in runs}
     pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(res.read(f"pca_steps_{n}").step)] for n in runs])
     pca = pca_trajectories(vectors, pca_ck)
     res.write("pca", pca)
     ref = win[win.model == "attn-2l"] if "attn-2l" in set(win.model) else win.iloc[:0]
     res.write("pca_turn", pca_turns(pca, ref))
-    if not res.has("transient"):
-        res.write("transient", transient_table(runs, ck, device))
+    if not res.has("transient", all_key):
+        res.write("transient", transient_table(runs, ck, device), inputs=all_key)
     return res
 
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .common import Results, check_writable
+from .common import Results, check_writable, owns_results
 
 ZOO_MODELS = ("attn-1l", "attn-2l", "smear-1l", "smear-2l")
 
 
+@owns_results("out")
 def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: str | None = None,
               progress: bool = True, figures_dir: Path | None = None, workers: int | None = None) -> Path:
     from .ablations import run_ablations
@@ -67,8 +67,7 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
 
 def _accumulate_timings(out: Path, timings: dict) -> dict:
     """Add this invocation's times to those of earlier (interrupted or resumed) invocations."""
-    path = out / "report" / "timings.json"
-    runs = json.loads(path.read_text()) if path.is_file() else []
+    runs = Results(out, "report").read_json("timings", default=[])
     runs.append(timings)
     Results(out, "report").write_json("timings", runs)
     return {k: sum(r.get(k, 0.0) for r in runs) for k in timings} | {"invocations": len(runs)}
@@ -88,7 +87,7 @@ def headline(out: Path, timings: dict | None = None) -> dict:
     from interventions.zoo.provenance import provenance
 
     pc = Results(out, "phase_change")
-    ck, win, prec = pc.read("checkpoints"), pc.read("windows"), pc.read("icl_precise")
+    ck, win, prec = pc.read("checkpoints"), pc.read("windows"), pc.read("icl_precise")  # checksums verified
     turn = pc.read("pca_turn")
     prov = provenance(config={}, timings=timings or {})
     m = prov["machine"]
@@ -128,9 +127,10 @@ def headline(out: Path, timings: dict | None = None) -> dict:
     h |= {name: models[name] for name in ZOO_MODELS if name in models}  # flat keys for the main four
     h["pca_turn_deg"] = {r.model: _f(r.turn_deg) for r in turn.itertuples()}
     sets = per = None
-    if (out / "ablations_attn-2l").is_dir():  # ablations are run for attn-2l whenever it is in the zoo
-        abl = Results(out, "ablations_attn-2l")
-        sets, per = abl.read("sets"), abl.read("per_head")
+    abl = Results(out, "ablations_attn-2l")
+    sets = abl.read_optional("sets")  # never written: None; damaged: ResultError, never skipped
+    if sets is not None:
+        per = abl.read("per_head")
     if sets is not None:
         pat = per[per.kind == "pattern"]
         ind = sets[sets.group == "induction heads"]
@@ -285,9 +285,12 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path) -> Pat
         lines += [""]
     lines += [f"Figures in `{figures_dir}`; tables under `{out}` (each with provenance.json); numbers in "
               "`headline.json`."]
+    from interventions.zoo.train import atomic_write_text
+
     path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(path, text)
     figures_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, figures_dir / "REPORT.md")
-    (figures_dir / "headline.json").write_text(json.dumps(h, indent=1, default=_f) + "\n")
+    atomic_write_text(figures_dir / "REPORT.md", text)
+    atomic_write_text(figures_dir / "headline.json", json.dumps(h, indent=1, default=_f) + "\n")
     return path

@@ -203,14 +203,28 @@ class PatternPreserving(Ablation):
 
 
 def as_ablations(ablations) -> list[Ablation]:
-    """One ablation or a sequence of them, validated."""
+    """One ablation or a sequence of them, validated: each must be an ``Ablation``, and no head may be
+    ablated twice (within one ablation or across several): a duplicate or conflicting pair would
+    otherwise resolve silently, the last one winning.
+
+    >>> as_ablations([ZeroAblation("L1H0"), ZeroAblation("L1H0")])
+    Traceback (most recent call last):
+    ...
+    ValueError: head L1H0 is ablated more than once (ZeroAblation(L1H0) and ZeroAblation(L1H0)): ablate each head once
+    """
     if isinstance(ablations, Ablation):
-        return [ablations]
+        ablations = [ablations]
     out = list(ablations)
+    owner: dict = {}
     for abl in out:
         if not isinstance(abl, Ablation):
             raise ValueError(f"{abl!r} is not an ablation: pass ZeroAblation, MeanAblation, ResampleAblation, "
                              "FunctionAblation or PatternPreserving objects")
+        for h in abl.heads:
+            if h in owner:
+                raise ValueError(f"head {h} is ablated more than once ({owner[h]!r} and {abl!r}): ablate each "
+                                 "head once")
+            owner[h] = abl
     return out
 
 

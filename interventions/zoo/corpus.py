@@ -88,6 +88,9 @@ def load_documents(source: str, max_files: int | None = None) -> list[Document]:
     if not path.exists():
         raise CorpusError(f"corpus {source!r} does not exist: pass 'stdlib', a text file, a folder, "
                           "a .jsonl file, or 'hf:<dataset name>'")
+    if not (path.is_dir() or path.is_file()):  # a FIFO would block forever, a device never ends
+        raise CorpusError(f"corpus {source!r} is not a regular file or folder (a named pipe or device?): "
+                          "pass a text file, a folder or a .jsonl file")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
         if max_files is not None:
@@ -102,16 +105,26 @@ def load_documents(source: str, max_files: int | None = None) -> list[Document]:
             warnings.warn(f"skipped {len(skipped)} binary file(s) in {path}: {skipped[:5]}", stacklevel=2)
     elif path.suffix == ".jsonl":
         docs = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
+        with path.open("rb") as f:
+            for i, raw in enumerate(f):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(f"{path} line {i + 1} is not valid UTF-8 ({e.reason} at byte {e.start}): "
+                                      "fix or remove that line") from None
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                    docs.append((f"{path.name}:{i}", str(record["text"])))
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                except json.JSONDecodeError as e:
                     raise CorpusError(f"{path} line {i + 1} is not a JSON object with a 'text' field "
                                       f"({e}); fix or remove that line") from None
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise CorpusError(f"{path} line {i + 1} is not a JSON object with a string 'text' field "
+                                      f"(got {type(text).__name__ if isinstance(record, dict) and 'text' in record else 'no text'}); "
+                                      "fix or remove that line")
+                docs.append((f"{path.name}:{i}", text))
     else:
         docs = [(path.name, _read_text_file(path))]
     docs = [(n, t) for n, t in docs if t.strip()]

@@ -17,13 +17,22 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
+import re
 import shutil
+import stat
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +54,10 @@ class RunFolderError(ValueError):
     """The output folder holds a different run, or a checkpoint that cannot be trusted."""
 
 
+class ConfigError(ValueError):
+    """A training option that is unknown, of the wrong type or out of range (see ``parse_config``)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run. Unknown keys are rejected by ``from_dict``."""
@@ -60,7 +73,7 @@ class TrainConfig:
     # "constant" after warm-up: every prefix of a run is comparable at equal tokens with any other run
     # of the same lr and warm-up (the paper's small models changed phase right after warm-up);
     # "cosine" decays to min_lr_ratio * lr over this run's own token budget.
-    schedule: str = "constant"
+    schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
@@ -78,14 +91,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown training option(s) {sorted(unknown)}; known: {sorted(names)}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
+        """Build from a (JSON, ``--set``) dict: unknown keys at any depth, wrong types and text that
+        does not parse as the declared type raise ``ConfigError`` (see ``parse_config``)."""
+        return cls(**parse_config(cls, d))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -101,6 +109,7 @@ class TrainConfig:
         return max(1, self.tokens // (self.batch_size * self.n_ctx))
 
     def validate(self) -> None:
+        check_config(self)  # types (from the annotations), ranges, device, corpus path
         for name in ("tokens", "batch_size", "n_checkpoints", "n_eval_windows"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -133,6 +142,195 @@ class TrainConfig:
         if "vocab_size" in self.model and not self.corpus.startswith("synthetic:"):
             raise ValueError("model.vocab_size is set by the tokenizer for text corpora: set vocab_size instead")
         AttnOnlyConfig(**self.model)  # raises on bad model options
+
+
+# ----------------------------------------------------------------------------- config validation
+# Derived from the dataclass annotations (and AttnOnlyConfig's signature for ``model.``), so a new
+# field is type-checked without touching this code; add a range to ``CONFIG_RANGES`` if it has one.
+
+# name -> (low, low inclusive, high, high inclusive); None = unbounded
+CONFIG_RANGES: dict[str, tuple] = {
+    "tokens": (0, False, None, False), "batch_size": (0, False, None, False),
+    "vocab_size": (0, False, None, False), "n_checkpoints": (0, False, None, False),
+    "n_eval_windows": (0, False, None, False), "lr": (0, False, None, False),
+    "warmup_tokens": (0, True, None, False), "min_lr_ratio": (0, False, 1, True),
+    "weight_decay": (0, True, None, False), "grad_clip": (0, False, None, False),
+    "seed": (0, True, 2**63 - 1, True), "val_fraction": (0, False, 1, False),
+    "max_files": (0, False, None, False), "betas": (0, True, 1, False),
+}
+_BOOL_TEXT = {"true": True, "True": True, "1": True, "false": False, "False": False, "0": False}
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+
+
+def _coerce(where: str, tp, value):
+    """``value`` as type ``tp`` (an annotation), or ConfigError naming ``where``. Text is accepted only
+    for booleans (true/false/True/False/1/0); numbers never come from strings."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(where, a, value)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}={value!r} is not one of {', '.join(map(repr, args))}"
+                              + (f": {_suggest(value, map(str, args))}" if isinstance(value, str) else ""))
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value in _BOOL_TEXT:
+            return _BOOL_TEXT[value]
+        raise ConfigError(f"{where}={value!r} must be a boolean (true/false/True/False/1/0)")
+    if tp is int:
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} must be a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
+            raise ConfigError(f"{where}={value!r} must be a list of {len(args)} values")
+        items = args if args and args[-1] is not Ellipsis else [args[0] if args else typing.Any] * len(value)
+        return tuple(_coerce(f"{where}[{i}]", a, v) for i, (a, v) in enumerate(zip(items, value)))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a group of options (a dict)")
+        return value
+    return value
+
+
+def _model_fields() -> dict:
+    """AttnOnlyConfig's options and their annotations (from its ``__init__`` signature)."""
+    hints = typing.get_type_hints(AttnOnlyConfig.__init__)
+    return {n: hints.get(n, typing.Any) for n, p in inspect.signature(AttnOnlyConfig.__init__).parameters.items()
+            if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def parse_config(cls, d: dict) -> dict:
+    """Keyword arguments for ``cls`` from a dict: unknown keys (at any depth, ``model.`` included)
+    are refused with the closest valid name, values parsed to their annotated types."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a training config must be a JSON object, not {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in d.items():
+        if key not in names:
+            raise ConfigError(f"unknown training option {key!r}: {_suggest(key, names)}")
+        out[key] = _coerce(key, hints[key], value)
+    if "model" in out:
+        fields = _model_fields()
+        model = {}
+        for key, value in out["model"].items():
+            if key not in fields:
+                raise ConfigError(f"unknown model option 'model.{key}': "
+                                  + _suggest(key, fields).replace("'", "'model.", 1))
+            model[key] = _coerce(f"model.{key}", fields[key], value)
+        out["model"] = model
+    return out
+
+
+def _check_range(where: str, value, bounds: tuple) -> None:
+    lo, lo_incl, hi, hi_incl = bounds
+    if (lo is not None and (value < lo or (value == lo and not lo_incl))) or (
+            hi is not None and (value > hi or (value == hi and not hi_incl))):
+        lo_s = "" if lo is None else f"{'>=' if lo_incl else '>'} {lo:g}"
+        hi_s = "" if hi is None else f"{'<=' if hi_incl else '<'} {hi:g}"
+        rule = "positive (> 0)" if (lo, lo_incl, hi) == (0, False, None) else ' and '.join(s for s in (lo_s, hi_s) if s)
+        raise ConfigError(f"{where}={value!r} is out of range: it must be {rule}")
+
+
+def check_device(device: str, option: str = "device") -> None:
+    """A known device (cpu, cuda, cuda:N, mps) that this machine has; else ConfigError naming the fix."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ConfigError(f"{option}={device!r} is not a known device: use cpu, cuda, cuda:N or mps")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option}={device!r} was asked for but no CUDA GPU is available: use --device cpu")
+        n = torch.cuda.device_count()
+        if ":" in device and int(device.split(":")[1]) >= n:
+            raise ConfigError(f"{option}={device!r}: this machine has {n} CUDA device(s) (cuda:0-cuda:{n - 1})")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"{option}='mps' was asked for but MPS is not available: use --device cpu")
+
+
+def check_corpus_path(corpus: str) -> None:
+    """A corpus that names a path must be an existing regular file or folder (not a FIFO or device)."""
+    if corpus in ("stdlib",) or corpus.startswith(("synthetic:", "hf:")):
+        return
+    if not corpus.strip():
+        raise ConfigError("corpus='' is empty: pass 'stdlib', a text file, a folder, a .jsonl file, "
+                          "'hf:<dataset name>' or 'synthetic:repeat'")
+    from .corpus import CorpusError
+
+    try:
+        mode = os.stat(corpus).st_mode
+    except FileNotFoundError:
+        raise CorpusError(f"corpus {corpus!r} does not exist: pass 'stdlib', a text file, a folder, "
+                          "a .jsonl file, 'hf:<dataset name>' or 'synthetic:repeat'") from None
+    except OSError as e:
+        raise CorpusError(f"corpus {corpus!r} cannot be read ({e.strerror})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a device" if (
+            stat.S_ISCHR(mode) or stat.S_ISBLK(mode)) else "a socket or special file"
+        raise CorpusError(f"corpus {corpus!r} is {kind}, not a regular file or folder: pass a text file, "
+                          "a folder or a .jsonl file")
+
+
+def check_config(cfg) -> None:
+    """Types (also of a config built directly), ranges, device and corpus path of ``cfg``."""
+    hints = typing.get_type_hints(type(cfg))
+    fields = _model_fields()
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _coerce(f.name, hints[f.name], value) != value or (
+                isinstance(value, str) and hints[f.name] is not str and typing.get_origin(hints[f.name]) is not typing.Literal
+                and str not in typing.get_args(hints[f.name])):
+            raise ConfigError(f"{f.name}={value!r} must be of type {hints[f.name]}")
+        if f.name in CONFIG_RANGES and value is not None:
+            for i, v in enumerate(value if isinstance(value, tuple) else (value,)):
+                _check_range(f.name if not isinstance(value, tuple) else f"{f.name}[{i}]", v, CONFIG_RANGES[f.name])
+    for key, value in cfg.model.items():
+        if key not in fields:
+            raise ConfigError(f"unknown model option 'model.{key}': {_suggest(key, fields)}")
+        v = _coerce(f"model.{key}", fields[key], value)
+        if v != value or isinstance(value, str) and fields[key] is not str and str not in typing.get_args(fields[key]):
+            raise ConfigError(f"model.{key}={value!r} must be of type {fields[key]}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            _check_range(f"model.{key}", v, (0, False, None, False))  # every numeric model option is a size/scale
+    check_device(cfg.device)
+    check_corpus_path(cfg.corpus)
+    if cfg.corpus.startswith("synthetic:") and cfg.corpus not in ("synthetic:repeat", "synthetic:markov"):
+        raise ConfigError(f"unknown synthetic corpus {cfg.corpus.split(':', 1)[1]!r}: use synthetic:repeat or "
+                          "synthetic:markov")
+    try:
+        AttnOnlyConfig(**cfg.model)
+    except ValueError as e:  # the model's own checks (divisibility, positional kind, ...)
+        raise ConfigError(f"model: {e}") from None
 
 
 def checkpoint_steps(total_steps: int, n: int, every: int | None = None,
@@ -399,16 +597,20 @@ def repeated_random_tokens(vocab_size: int, n_ctx: int, n: int = 16, seed: int =
 def _startup_leftover(path: Path) -> bool:
     """A file ``train`` writes before ``train_config.json`` (which marks a started run): a folder holding
     only these was killed at start-up and is reused rather than refused."""
-    return path.name in ("provenance.json", "tokenizer", ".write-test") or (
+    return path.name in ("provenance.json", "tokenizer", ".write-test", ".lock") or (
         path.name.startswith(".") and ".tmp" in path.name)
 
 
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     cfg_path = run_dir / "train_config.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"--out {run_dir} is a file, not a folder: choose a new or empty --out folder")
     if cfg_path.is_file():
-        saved = json.loads(cfg_path.read_text())
+        saved = read_train_config_dict(run_dir)
         if saved != cfg.to_dict():
             diff = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
+            if resume and diff == ["lr"]:
+                return  # a lower learning rate on resume is allowed (recorded in lr_changes.jsonl)
             raise RunFolderError(f"{run_dir} holds a different run (options differ: {diff}): choose another "
                                  "--out folder, or delete this one")
         if not resume and latest_checkpoint(run_dir) is not None:
@@ -420,11 +622,24 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after_steps: int | None = None, progress_position: int | None = None) -> Path:
+          stop_after_steps: int | None = None, wait: float = 0.0, progress_position: int | None = None) -> Path:
     """Train (or resume) a run in ``run_dir``. Returns the final checkpoint folder.
 
+    The run folder is owned by this call (an OS lock, see ``ownership``): a second process on the same
+    folder gets ``FolderBusyError`` naming this one's pid, or waits up to ``wait`` seconds.
+    On resume only ``lr`` may differ from the saved config (to continue after divergence).
     ``stop_after_steps`` ends the process-local loop early (tests of interruption);
     ``progress_position`` is the progress bar's line (parallel runs)."""
+    from .ownership import owned
+
+    with contextlib.ExitStack() as held:
+        return _train(cfg, run_dir, resume, progress, stop_after_steps,
+                      own=lambda: held.enter_context(owned(run_dir, wait, what="run folder")),
+                      progress_position=progress_position)
+
+
+def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, stop_after_steps: int | None,
+           own, progress_position: int | None = None) -> Path:
     cfg.validate()
     run_dir = Path(run_dir)
     _check_run_dir(run_dir, cfg, resume)
@@ -449,6 +664,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         probe.unlink()
     except OSError as e:
         raise RunFolderError(f"cannot write to {run_dir} ({e}): choose a writable --out folder") from None
+    own()  # from here on no other process writes this folder
+    _check_run_dir(run_dir, cfg, resume)  # again: another process may have started it meanwhile
+    _record_lr_change(run_dir, cfg)
     if not (run_dir / "train_config.json").is_file():
         from .provenance import provenance
 
@@ -459,7 +677,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
 
     start = 0
-    ckpt = latest_checkpoint(run_dir) if resume else None
+    ckpt = resume_point(run_dir, cfg) if resume else _refuse_unverified(run_dir)
     if ckpt is not None:
         from safetensors.torch import load_file as load_st
 
@@ -498,8 +716,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         if not torch.isfinite(loss):
             if bar is not None:
                 bar.close()
-            raise TrainingDiverged(f"loss became {loss.item()} at step {step}; the last good checkpoint is "
-                                   f"{last_ckpt}. Lower --lr or raise warm-up, then --resume")
+            raise TrainingDiverged(f"loss became {loss.item()} at step {step}; " + _diverged_advice(last_ckpt))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -513,6 +730,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
             metrics = {"step": done, "tokens": done * tokens_per_step, "train_loss": float(np.mean(recent)),
                        "lr": lr, **quick_eval(model, windows, induction)}
             recent = []
+            _guard_checkpoint(model, metrics, last_ckpt, bar)  # never keep a checkpoint that diverged
             # Log first: a kill between the two leaves a line past the last checkpoint, which --resume
             # truncates; the other order would leave a checkpoint whose metrics line is lost for good.
             _log(run_dir, metrics)
@@ -531,20 +749,154 @@ def _log(run_dir: Path, metrics: dict) -> None:
         os.fsync(f.fileno())
 
 
+def _metrics_lines(path: Path) -> tuple[list[dict], str | None]:
+    """(valid metric records, note about a dropped torn last line or None) of a metrics.jsonl.
+
+    A last line without its newline that does not parse was torn by a kill mid-write and is dropped
+    (its step is recomputed by the resume); any other damaged line raises ``RunFolderError`` naming it."""
+    if not path.is_file():
+        return [], None
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    out, note = [], None
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            ok = isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if ok:
+            out.append(rec)
+        elif i == len(lines) - 1:  # no newline after it: the write was cut short
+            note = f"{path} line {i + 1} was torn (cut short mid-write) and is dropped"
+        else:
+            raise RunFolderError(
+                f"{path} line {i + 1} is damaged (not a JSON metrics line: {line[:40]!r}); nothing was changed. "
+                "Delete that line, then run the same command with --resume: training continues from the last "
+                "checkpoint whose metrics lines are all present and recomputes the lines after it")
+    return out, note
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep metric lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
     if not path.is_file():
         return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, KeyError):
-            break  # a torn last line from a kill
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep, _ = _metrics_lines(path)
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in keep if m["step"] <= step))
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The metric records of a run (``RunFolderError`` naming the file and line if one is damaged)."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing: run `python -m experiments train ... --resume` on "
+                             f"{run_dir} to recompute it")
+    records, note = _metrics_lines(path)
+    if note:
+        raise RunFolderError(f"{note.replace(' and is dropped', '')}: run `python -m experiments train ... "
+                             f"--resume` on {run_dir} to recompute it")
+    return records
+
+
+# ----------------------------------------------------------------------------- resume and recovery
+
+def read_train_config_dict(run_dir: str | Path) -> dict:
+    """The saved ``train_config.json`` of a run as a dict (``RunFolderError`` naming it if garbled)."""
+    path = Path(run_dir) / "train_config.json"
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunFolderError(f"{run_dir} is not a training run folder (no train_config.json): pass a folder "
+                             "made by `python -m experiments train`") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunFolderError(f"{path} is garbled ({e}): restore it, or train into a new --out folder") from None
+    if not isinstance(d, dict):
+        raise RunFolderError(f"{path} is garbled (not a JSON object): restore it, or train into a new --out folder")
+    return d
+
+
+def load_train_config(run_dir: str | Path) -> TrainConfig:
+    """The validated ``TrainConfig`` of a run folder (errors name the file)."""
+    try:
+        return TrainConfig.from_dict(read_train_config_dict(run_dir))
+    except ConfigError as e:
+        raise RunFolderError(f"{Path(run_dir) / 'train_config.json'}: {e}") from None
+
+
+def _refuse_unverified(run_dir: Path) -> None:
+    """Refuse (never delete or overwrite) checkpoint folders whose manifest is missing or does not match."""
+    root = run_dir / "checkpoints"
+    bad = [p.name for p in sorted(root.glob("step-*")) if not verify_checkpoint(p)] if root.is_dir() else []
+    if bad:
+        good = latest_checkpoint(run_dir)
+        raise RunFolderError(
+            f"{len(bad)} checkpoint(s) in {root} have no verifiable manifest (missing, or files that do not "
+            f"match it): {', '.join(bad)}. They are neither used nor replaced. Move them out of {root} (or delete "
+            f"them), then run the same command again to continue from "
+            f"{good.name if good else 'the start'}")
+    return None
+
+
+def resume_point(run_dir: Path, cfg: TrainConfig | None = None) -> Path | None:
+    """The checkpoint a resume continues from: the newest verified one such that step 0 and every
+    checkpoint up to it have their metrics line (so no line is ever lost). Refuses unverifiable
+    checkpoints and damaged metrics lines (see ``_refuse_unverified``, ``_metrics_lines``)."""
+    _refuse_unverified(run_dir)
+    ckpts = list_checkpoints(run_dir)
+    records, note = _metrics_lines(run_dir / "metrics.jsonl")
+    logged = {m["step"] for m in records}
+    chosen = None
+    for c in ckpts:
+        step = int(c.name.split("-")[1])
+        if 0 not in logged or step not in logged:
+            break
+        chosen = c
+    if ckpts and chosen != ckpts[-1]:
+        have = [int(c.name.split("-")[1]) for c in ckpts]
+        missing = [s for s in [0, *have] if s not in logged]
+        print(f"note: {note + '; ' if note else ''}{run_dir / 'metrics.jsonl'} has no line for step(s) "
+              f"{missing[:8]}: resuming from {chosen.name if chosen else 'the start'} to recompute them "
+              "(the checkpoints and lines after it are rewritten)", file=sys.stderr)
+    elif note:
+        print(f"note: {note}", file=sys.stderr)
+    return chosen
+
+
+def _record_lr_change(run_dir: Path, cfg: TrainConfig) -> None:
+    """On a resume with a new ``lr`` (the one option allowed to change): append the change to
+    ``lr_changes.jsonl`` and save the new config."""
+    if not (run_dir / "train_config.json").is_file():
+        return
+    saved = read_train_config_dict(run_dir)
+    if saved.get("lr") == cfg.lr:
+        return
+    last = latest_checkpoint(run_dir)
+    change = {"from_step": int(last.name.split("-")[1]) if last else 0, "lr_before": saved.get("lr"), "lr": cfg.lr}
+    with (run_dir / "lr_changes.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(change) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
+
+
+def _diverged_advice(last_ckpt: Path | None) -> str:
+    if last_ckpt is None:
+        return ("no checkpoint was kept. Rerun the same command with --resume --lr <lower> to start again "
+                "with a lower learning rate (lr is the one option that may change on --resume)")
+    return (f"the last good checkpoint (finite weights and validation loss) is {last_ckpt}. Rerun the same "
+            "command with --resume --lr <lower> to continue from it with a lower learning rate (lr is the one "
+            "option that may change on --resume)")
+
+
+def _guard_checkpoint(model, metrics: dict, last_ckpt: Path | None, bar) -> None:
+    """Raise TrainingDiverged (before anything is written) if the weights or validation loss are not finite."""
+    what = [k for k in ("val_loss", "train_loss") if not math.isfinite(metrics[k])]
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        what.append("weights")
+    if what:
+        if bar is not None:
+            bar.close()
+        raise TrainingDiverged(f"at step {metrics['step']} the {' and '.join(what)} are not finite; "
+                               + _diverged_advice(last_ckpt))

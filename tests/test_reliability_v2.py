@@ -1,0 +1,670 @@
+"""Reliability v2 (issue 14): ownership of run and results folders, damaged logs and checkpoints,
+typed configs validated before anything is written, results that cannot go stale, advice that works,
+exit codes, safetensors-only hub loading, duplicate ablations.
+
+Each test states the scenario and the invariant; where an error message suggests a fix, the test
+follows it and checks that it works. Tiny runs (19 steps of 1024 tokens, one thread).
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from experiments.__main__ import main as cli_main
+from experiments.common import InputError, ResultError, Results, model_fingerprint
+from experiments.presets import get_preset
+from interventions.zoo import train as T
+from interventions.zoo.ownership import FolderBusyError
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENS = 20_000  # tiny preset: 19 steps of 1024 tokens
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+# A stand-in for another process holding a folder: the same flock, pid written, then sleep.
+HOLDER = r'''
+import fcntl, os, sys, time
+f = open(os.path.join(sys.argv[1], ".lock"), "a+")
+fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+f.seek(0); f.truncate(); f.write(f"{os.getpid()}\n"); f.flush()
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+'''
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 (or 'dir', or 'special' for a FIFO: never opened) of everything under root."""
+    return {str(p.relative_to(root)): ("dir" if p.is_dir() else "special" if not p.is_file()
+                                       else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.name != ".lock"}  # the lock file: created by owning the folder
+
+
+def tiny_cfg(**over) -> T.TrainConfig:
+    d = get_preset("tiny")
+    d.update(tokens=TOKENS)
+    d.update(over)
+    return T.TrainConfig.from_dict(d)
+
+
+def train_argv(out: Path, *extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--out", str(out), "--tokens", str(TOKENS), "--quiet", *extra]
+
+
+def cli(argv, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of an in-process CLI call."""
+    try:
+        code = cli_main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def hold(folder: Path, seconds: float) -> subprocess.Popen:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    T.train(tiny_cfg(), run, progress=False)
+    return run
+
+
+def final_bytes(run: Path) -> bytes:
+    return (max((run / "checkpoints").glob("step-*")) / "model.safetensors").read_bytes()
+
+
+@pytest.fixture
+def finished(tmp_path, reference) -> Path:
+    """A copy of the finished reference run (the lock file left out)."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run, ignore=shutil.ignore_patterns(".lock"))
+    return run
+
+
+# ----------------------------------------------------------------------------- 1. ownership
+
+def test_second_process_on_a_run_folder_is_refused_naming_the_holder(tmp_path, capsys):
+    """While another process owns the run folder, `train` exits 2 naming that process's pid and the
+    --wait option, and changes nothing; following the advice (--wait) trains once the holder ends."""
+    out = tmp_path / "run"
+    holder = hold(out, 2.0)
+    try:
+        before = snapshot(tmp_path)
+        code, err = cli(train_argv(out), capsys)
+        assert code == 2, err
+        assert f"process {holder.pid}" in err and "--wait" in err, err
+        assert snapshot(tmp_path) == before
+        code, err = cli(train_argv(out, "--wait", "60"), capsys)  # the advice: wait for the holder
+        assert code == 0, err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert T.latest_checkpoint(out).name == "step-00000019"
+
+
+def test_train_holds_the_run_lock_while_it_runs(tmp_path, monkeypatch):
+    """During training (at a checkpoint write) another process cannot take the run folder's lock."""
+    probe = ("import fcntl, sys; f = open(sys.argv[1], 'a+')\n"
+             "try:\n    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB); print('free')\n"
+             "except BlockingIOError:\n    print('locked')")
+    seen = []
+    real = T.save_checkpoint
+
+    def save(run_dir, *a, **k):
+        if not seen:
+            seen.append(subprocess.run([sys.executable, "-c", probe, str(Path(run_dir) / ".lock")],
+                                       capture_output=True, text=True).stdout.strip())
+        return real(run_dir, *a, **k)
+
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    T.train(tiny_cfg(tokens=4096), tmp_path / "run", progress=False)
+    assert seen == ["locked"]
+
+
+def test_results_folder_is_owned(tmp_path):
+    """While another process owns a results folder, `reproduce` and any table write raise
+    FolderBusyError naming its pid and nothing is written; after it ends, writing works."""
+    from experiments.reproduce import reproduce
+
+    root = tmp_path / "results"
+    holder = hold(root, 30)
+    try:
+        with pytest.raises(FolderBusyError, match=f"process {holder.pid}"):
+            reproduce(out=root, scale="tiny", progress=False)
+        with pytest.raises(FolderBusyError, match=f"process {holder.pid}"):
+            Results(root, "exp").write("t", pd.DataFrame({"x": [1]}))
+        assert sorted(p.name for p in root.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    Results(root, "exp").write("t", pd.DataFrame({"x": [1]}))
+    assert Results(root, "exp").read("t").x.tolist() == [1]
+
+
+# ----------------------------------------------------------------------------- 2. damaged logs and checkpoints
+
+def test_garbage_line_in_metrics_stops_resume_then_advice_works(finished, reference, capsys):
+    """A garbage line in the middle of metrics.jsonl: --resume exits 2 naming the line and changes
+    nothing; deleting that line (the advice) and resuming restores every line, bit-identical."""
+    path = finished / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines.insert(3, "}}garbage{{\n")
+    path.write_text("".join(lines))
+    before = snapshot(finished)
+    code, err = cli(train_argv(finished, "--resume"), capsys)
+    assert code == 2 and "line 4" in err and "Delete that line" in err, err
+    assert snapshot(finished) == before
+    del lines[3]
+    path.write_text("".join(lines))
+    code, err = cli(train_argv(finished, "--resume"), capsys)
+    assert code == 0, err
+    assert T.read_metrics(finished) == T.read_metrics(reference)
+
+
+@pytest.mark.parametrize("damage", ["torn last line", "line deleted", "metrics.jsonl deleted"])
+def test_lost_metrics_lines_are_recomputed_on_resume(finished, reference, capsys, damage):
+    """A torn last line, a missing line or a deleted metrics.jsonl on a finished run: --resume says
+    what it recomputes and ends with every line, equal to the uninterrupted run's."""
+    path = finished / "metrics.jsonl"
+    text = path.read_text()
+    if damage == "torn last line":
+        path.write_text(text[:-20])
+    elif damage == "line deleted":
+        lines = text.splitlines(keepends=True)
+        path.write_text("".join(lines[:4] + lines[5:]))
+    else:
+        path.unlink()
+    code, err = cli(train_argv(finished, "--resume"), capsys)
+    assert code == 0, err
+    assert "recompute" in err, err
+    assert T.read_metrics(finished) == T.read_metrics(reference)
+    assert final_bytes(finished) == final_bytes(reference)
+
+
+def test_reading_damaged_metrics_names_the_file(finished):
+    """read_metrics on a torn or missing metrics.jsonl raises RunFolderError naming it."""
+    path = finished / "metrics.jsonl"
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(T.RunFolderError, match="metrics.jsonl line"):
+        T.read_metrics(finished)
+    path.unlink()
+    with pytest.raises(T.RunFolderError, match="metrics.jsonl is missing"):
+        T.read_metrics(finished)
+
+
+@pytest.mark.parametrize("damage", ["manifests deleted", "a flipped byte"])
+def test_unverifiable_checkpoints_are_never_replaced(finished, reference, capsys, damage):
+    """Checkpoints without a verifiable manifest: --resume exits 2 naming them and deletes or
+    replaces nothing; moving them away (the advice) and resuming ends bit-identical."""
+    ckpts = sorted((finished / "checkpoints").glob("step-*"))
+    if damage == "manifests deleted":
+        bad = ckpts
+        for c in bad:
+            (c / "manifest.json").unlink()
+    else:
+        bad = ckpts[-2:-1]
+        data = bytearray((bad[0] / "model.safetensors").read_bytes())
+        data[-5] ^= 0xFF
+        (bad[0] / "model.safetensors").write_bytes(bytes(data))
+    before = snapshot(finished)
+    code, err = cli(train_argv(finished, "--resume"), capsys)
+    assert code == 2 and "no verifiable manifest" in err and bad[-1].name in err, err
+    assert snapshot(finished) == before
+    aside = finished.parent / "aside"
+    aside.mkdir()
+    for c in bad:
+        c.rename(aside / c.name)
+    code, err = cli(train_argv(finished, "--resume"), capsys)
+    assert code == 0, err
+    assert final_bytes(finished) == final_bytes(reference)
+    assert T.read_metrics(finished) == T.read_metrics(reference)
+
+
+# ----------------------------------------------------------------------------- 3. typed, validated configs
+
+def _fifo(d: Path) -> Path:
+    os.mkfifo(d / "f.txt")
+    return d / "f.txt"
+
+
+def _write(path: Path, data) -> Path:
+    (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
+    return path
+
+
+# name -> (extra argv (with {tmp}), setup(tmp) or None, message fragment)
+CONFIG_CASES = {
+    "typo in a model key": (["--set", "model.nlayers=5"], None, "did you mean 'model.n_layers'"),
+    "typo in a top-level key": (["--set", "weight_decy=0.1"], None, "did you mean 'weight_decay'"),
+    "bool that is not a bool": (["--set", "model.smear_keys=maybe"], None, "model.smear_keys='maybe'"),
+    "string for a number": (["--set", "lr=fast"], None, "lr='fast' must be a number"),
+    "grad_clip -1": (["--set", "grad_clip=-1"], None, "grad_clip=-1"),
+    "grad_clip 0": (["--set", "grad_clip=0"], None, "grad_clip=0"),
+    "d_head 0": (["--set", "model.d_head=0"], None, "model.d_head=0"),
+    "weight_decay -5": (["--set", "weight_decay=-5"], None, "weight_decay=-5"),
+    "min_lr_ratio 50": (["--set", "min_lr_ratio=50"], None, "min_lr_ratio=50"),
+    "min_lr_ratio 0": (["--set", "min_lr_ratio=0"], None, "min_lr_ratio=0"),
+    "seed 1.5": (["--set", "seed=1.5"], None, "seed=1.5 must be an integer"),
+    "seed -1": (["--seed", "-1"], None, "seed=-1"),
+    "batch_size true": (["--set", "batch_size=true"], None, "batch_size=True must be an integer"),
+    "betas of one value": (["--set", "betas=[0.9]"], None, "betas"),
+    "option nested under a value": (["--set", "lr.x=1"], None, "lr={'x': 1} must be a number"),
+    "empty corpus path": (["--corpus", ""], None, "--corpus ''"),
+    "FIFO as corpus": (["--corpus", "{tmp}/f.txt"], _fifo, "named pipe"),
+    "/dev/zero as corpus": (["--corpus", "/dev/zero"], None, "not a regular file"),
+    "JSONL text null": (["--corpus", "{tmp}/c.jsonl"],
+                        lambda d: _write(d / "c.jsonl", '{"text": "ok"}\n{"text": null}\n'), "line 2"),
+    "JSONL invalid UTF-8": (["--corpus", "{tmp}/c.jsonl"],
+                            lambda d: _write(d / "c.jsonl", b'{"text": "ok"}\n{"text": "\xff\xfe"}\n'),
+                            "line 2 is not valid UTF-8"),
+    "device tpu": (["--device", "tpu"], None, "'tpu' is not a known device"),
+    "device CUDA": (["--device", "CUDA"], None, "'CUDA' is not a known device"),
+    "device bogus via --set": (["--set", "device=bogus"], None, "device='bogus' is not a known device"),
+    "--out is a file": ([], lambda d: _write(d / "out", "x"), "is a file"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config_exits_2_and_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    """Each bad option exits 2 with one line naming it (unknown keys with the closest valid name),
+    without hanging, and writes nothing."""
+    extra, setup, message = CONFIG_CASES[case]
+    monkeypatch.setenv("INTERVENTIONS_CACHE", str(tmp_path / "cache"))
+    if setup is not None:
+        setup(tmp_path)
+    argv = train_argv(tmp_path / "out", *[a.format(tmp=tmp_path) for a in extra])
+    if "jsonl" in case.lower():
+        argv = [a if a != "tiny" else "attn-1l" for a in argv]  # a text corpus: the byte-level preset
+    before = snapshot(tmp_path)
+    signal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(TimeoutError("hung")))
+    signal.alarm(60)
+    try:
+        code, err = cli(argv, capsys)
+    finally:
+        signal.alarm(0)
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_text_values_parse_to_declared_types():
+    """`--set` text becomes the declared type: booleans from true/false/True/False/1/0, integral
+    numbers for ints; the parsed model option is really used."""
+    from experiments.__main__ import _parse_set
+
+    for text, value in (("False", False), ("false", False), ("0", False), ("True", True), ("1", True)):
+        cfg = tiny_cfg(model={**get_preset("tiny")["model"], **_parse_set([f"model.smear_keys={text}"])["model"]})
+        assert cfg.model["smear_keys"] is value
+    assert tiny_cfg(**_parse_set(["tokens=1e4"])).tokens == 10_000
+    from interventions import AttnOnlyForCausalLM
+
+    cfg = tiny_cfg(model={**get_preset("tiny")["model"], "smear_keys": "False"})
+    model = AttnOnlyForCausalLM(T.AttnOnlyConfig(**cfg.model))
+    assert all(m.smear is None for m in model.modules() if hasattr(m, "smear"))  # a vanilla model
+
+
+def test_new_fields_are_validated_from_their_annotations():
+    """A field added to TrainConfig is parsed and checked from its annotation with no other change:
+    a Literal refuses other values (suggesting the closest), an int refuses a string."""
+    import dataclasses
+    from typing import Literal
+
+    @dataclasses.dataclass(frozen=True)
+    class Extended(T.TrainConfig):
+        schedule: Literal["constant", "cosine"] = "constant"
+        keep_every: int = 10
+
+    with pytest.raises(T.ConfigError, match="did you mean 'cosine'"):
+        Extended.from_dict({"schedule": "cosin"})
+    with pytest.raises(T.ConfigError, match="keep_every='ten' must be an integer"):
+        Extended.from_dict({"keep_every": "ten"})
+    with pytest.raises(T.ConfigError, match="keep_every='ten'"):
+        Extended(keep_every="ten").validate()  # built directly, not from a dict: still checked
+    assert Extended.from_dict({"schedule": "cosine"}).schedule == "cosine"
+
+
+def test_corpus_checked_before_train_config_is_written(tmp_path, capsys, monkeypatch):
+    """A bad JSONL line is refused before train_config.json exists, so the corrected command is not
+    refused as 'a different run'."""
+    monkeypatch.setenv("INTERVENTIONS_CACHE", str(tmp_path / "cache"))
+    corpus = _write(tmp_path / "c.jsonl", "".join(json.dumps({"text": f"doc {i} " * 40}) + "\n" for i in range(30))
+                    + '{"text": 5}\n')
+    argv = ["train", "--preset", "attn-1l", "--out", tmp_path / "out", "--corpus", corpus, "--tokens", "2048",
+            "--set", "model.d_model=16", "--set", "model.n_ctx=32", "--set", "batch_size=2", "--set",
+            "n_eval_windows=2", "--set", "n_checkpoints=2", "--set", "warmup_tokens=64", "--quiet"]
+    code, err = cli(argv, capsys)
+    assert code == 2 and "line 31" in err, err
+    assert not (tmp_path / "out").exists()
+    corpus.write_text(corpus.read_text().replace('{"text": 5}\n', ""))
+    code, err = cli(argv, capsys)
+    assert code == 0, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+@pytest.mark.parametrize("command", ["phase-change", "ablations", "circuit", "survey"])
+def test_cuda_without_gpu_exits_2(command, reference, tmp_path, capsys):
+    """`--device cuda` on a machine without CUDA: exit 2 naming --device, no folder written."""
+    code, err = cli([command, reference, "--out", tmp_path / "res", "--device", "cuda"], capsys)
+    assert code == 2 and "--device='cuda'" in err and "no CUDA" in err, err
+    assert not (tmp_path / "res").exists()
+
+
+# ----------------------------------------------------------------------------- 4. results that cannot go stale
+
+def test_reading_results_creates_nothing(tmp_path):
+    """has/read_optional/read_json on a folder that does not exist create no folder."""
+    res = Results(tmp_path / "nowhere", "exp")
+    assert not res.has("t") and res.read_optional("t") is None and res.read_json("x") is None
+    assert not res.has_array("a")
+    with pytest.raises(ResultError, match="missing"):
+        res.read("t")
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_tables_are_keyed_on_their_inputs(tmp_path):
+    """A table recorded for some inputs counts as done only for those inputs; read with other inputs
+    is a stale-result error."""
+    res = Results(tmp_path, "exp")
+    res.write("t", pd.DataFrame({"x": [1]}), inputs={"run": "a", "n_windows": 64})
+    assert res.has("t", {"run": "a", "n_windows": 64}) and not res.has("t", {"run": "b", "n_windows": 64})
+    with pytest.raises(ResultError, match="other inputs"):
+        res.read("t", inputs={"run": "a", "n_windows": 16})
+
+
+def test_other_settings_are_refused_and_provenance_kept(tmp_path):
+    """write_provenance with other settings over existing tables raises naming what differs and
+    leaves provenance.json as it was; deleting the folder (the advice) lets the new settings run."""
+    res = Results(tmp_path, "ablations_m")
+    res.write_provenance({"n_windows": 64})
+    res.write("sets", pd.DataFrame({"x": [1]}))
+    before = snapshot(tmp_path)
+    with pytest.raises(ResultError, match=r"other settings \(differing: \['n_windows'\]\)") as e:
+        res.write_provenance({"n_windows": 16})
+    assert snapshot(tmp_path) == before
+    assert f"delete the folder {res.dir}" in str(e.value)
+    shutil.rmtree(res.dir)
+    res.write_provenance({"n_windows": 16})
+    assert json.loads((res.dir / "provenance.json").read_text())["config"] == {"n_windows": 16}
+
+
+def test_arrays_are_checksummed(tmp_path):
+    """An edited or garbled .npy raises ResultError naming the file; deleting it makes it missing
+    (so the experiment recomputes it)."""
+    res = Results(tmp_path, "phase_change")
+    path = res.write_array("per_token_losses_m", np.arange(12.0).reshape(3, 4), inputs={"run": "a"})
+    np.testing.assert_array_equal(res.read_array("per_token_losses_m"), np.arange(12.0).reshape(3, 4))
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ResultError, match=f"{path}.*delete"):
+        res.read_array("per_token_losses_m")
+    path.unlink()
+    assert not res.has_array("per_token_losses_m", {"run": "a"})
+
+
+def _phase_change_tables(root: Path) -> None:
+    pc = Results(root, "phase_change")
+    pc.write("checkpoints", pd.DataFrame({"model": ["attn-2l"] * 3, "step": [1, 2, 3], "tokens": [10, 100, 1000],
+                                          "val_loss": [3.0, 2.0, 1.0], "icl_score": [0.0, -0.2, -0.4],
+                                          "icl_sem": [0.01] * 3}))
+    pc.write("windows", pd.DataFrame({"model": ["attn-2l"], "window_start_tokens": [10.0],
+                                      "window_end_tokens": [1000.0], "bump": [False], "bump_start_tokens": [np.nan],
+                                      "bump_end_tokens": [np.nan], "final_max_induction": [0.5]}))
+    Results(root, "ablations_attn-2l").write("sets", pd.DataFrame(
+        {"group": ["induction heads", "random"], "icl_share_removed": [0.9, 0.1], "heads": ["L1H0", "L0H1"]}))
+
+
+def test_figures_and_report_refuse_an_edited_table(tmp_path, capsys):
+    """An edited table is an error naming it for `figures` (exit 2, one line) and for the report's
+    headline, never a silently missing figure or report line."""
+    from experiments.reproduce import headline
+
+    _phase_change_tables(tmp_path)
+    assert "share_removed" in headline(tmp_path)
+    sets = tmp_path / "ablations_attn-2l" / "sets.csv"
+    sets.write_text(sets.read_text().replace("0.9", "0.8"))
+    with pytest.raises(ResultError, match=str(sets)):
+        headline(tmp_path)
+    ck = tmp_path / "phase_change" / "checkpoints.csv"
+    ck.write_text(ck.read_text().replace("3.0", "3.5"))
+    code, err = cli(["figures", "--results", tmp_path, "--out", tmp_path / "figs"], capsys)
+    assert code == 2 and str(ck) in err and "Traceback" not in err, err
+
+
+def test_survey_caches_by_content_not_by_name(tmp_path):
+    """Two model folders with one basename are two labels; a re-saved (different) model under the
+    same path is scored again, not served from the cache."""
+    from experiments.survey import model_labels, run_survey
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+
+    def save(folder, seed):
+        torch.manual_seed(seed)
+        AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, n_ctx=32, vocab_size=20)
+                            ).save_pretrained(folder)
+
+    save(tmp_path / "a" / "step-00000005", 0)
+    save(tmp_path / "b" / "step-00000005", 1)
+    labels = model_labels([str(tmp_path / "a" / "step-00000005"), str(tmp_path / "b" / "step-00000005")])
+    assert len(labels) == 2
+    one = {"m": str(tmp_path / "a" / "step-00000005")}
+    first = run_survey(one, tmp_path / "res").read("induction_scores")
+    fp = model_fingerprint(one["m"])
+    save(tmp_path / "a" / "step-00000005", 2)  # re-saved, different weights
+    assert model_fingerprint(one["m"]) != fp
+    second = run_survey(one, tmp_path / "res").read("induction_scores")
+    assert not np.allclose(first.score, second.score)
+
+
+def test_phase_change_recomputes_for_a_changed_run_and_deleting_a_table_works(finished, tmp_path):
+    """phase_change tables are keyed on the run's content: after the run changes (trained further)
+    they are recomputed; a damaged per-model table's advice (delete it, re-run) recomputes it; other
+    settings (--windows) into the same folder are refused with provenance kept."""
+    from experiments.phase_change import run_phase_change
+
+    runs = {"m": finished}
+    res = run_phase_change(runs, tmp_path / "res", n_windows=4, progress=False)
+    n_before = len(res.read("checkpoints"))
+    path = res.dir / "head_scores_m.csv"
+    path.write_text(path.read_text().replace("0.", "1.", 1))
+    with pytest.raises(ResultError, match="delete") as e:
+        run_phase_change(runs, tmp_path / "res", n_windows=4, progress=False)
+    assert str(path) in str(e.value)
+    path.unlink()  # the advice
+    run_phase_change(runs, tmp_path / "res", n_windows=4, progress=False)
+    assert len(res.read("head_scores_m")) > 0
+    prov = (res.dir / "provenance.json").read_bytes()
+    with pytest.raises(ResultError, match="other settings"):
+        run_phase_change(runs, tmp_path / "res", n_windows=8, progress=False)
+    assert (res.dir / "provenance.json").read_bytes() == prov
+    shutil.rmtree(finished / "checkpoints" / "step-00000019")  # the run changed: fewer checkpoints
+    res = run_phase_change(runs, tmp_path / "res", n_windows=4, progress=False)
+    assert len(res.read("checkpoints")) == n_before - 1
+
+
+# ----------------------------------------------------------------------------- 5. advice that works
+
+def test_nan_guard_keeps_only_finite_checkpoints_and_lr_resume_works(tmp_path, capsys):
+    """lr=1e30: training stops; every kept checkpoint has finite weights and a finite validation
+    loss; the advice (--resume --lr <lower>) works and is recorded in the run."""
+    out = tmp_path / "run"
+    code, err = cli(train_argv(out, "--lr", "1e30"), capsys)
+    assert code == 1 and "--resume --lr" in err and "Traceback" not in err, err
+    for ckpt in T.list_checkpoints(out):
+        model = T.load_model(ckpt)
+        assert all(torch.isfinite(p).all() for p in model.parameters()), ckpt
+    assert all(np.isfinite(m["val_loss"]) for m in T.read_metrics(out))
+    code, err = cli(train_argv(out, "--resume", "--lr", "1e-2"), capsys)
+    assert code == 0, err
+    assert json.loads((out / "train_config.json").read_text())["lr"] == 1e-2
+    change = json.loads((out / "lr_changes.jsonl").read_text().splitlines()[-1])
+    assert change["lr_before"] == 1e30 and change["lr"] == 1e-2
+    assert T.latest_checkpoint(out).name == "step-00000019"
+    code, err = cli(train_argv(out, "--resume", "--lr", "1e-2", "--seed", "1"), capsys)
+    assert code == 2 and "different run" in err and "seed" in err, err  # only lr may change
+
+
+def test_ctrl_c_in_reproduce_advice_works(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `reproduce` exits 130 advising to rerun the same command (which resumes; it takes
+    no --resume option)."""
+    import experiments.reproduce as R
+
+    def interrupted(**kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(R, "reproduce", interrupted)
+    code, err = cli(["reproduce", "--scale", "tiny", "--out", tmp_path / "r"], capsys)
+    assert code == 130 and "rerun the same command" in err and "--resume" not in err, err
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:  # the advice must not be an option reproduce refuses
+        cli_main(["reproduce", "--scale", "tiny", "--out", str(tmp_path / "r"), "--resume"])
+    assert e.value.code == 2
+
+
+# ----------------------------------------------------------------------------- 6. exit codes
+
+@pytest.mark.parametrize("failure, code, message", [
+    (OSError(28, "No space left on device", "/x/metrics.jsonl"), 1, "disk is full"),
+    (OSError(30, "Read-only file system", "/x"), 1, "read-only"),
+    (MemoryError(), 1, "out of memory"),
+])
+def test_environment_failures_give_one_line(failure, code, message, tmp_path, capsys, monkeypatch):
+    """Disk full, read-only, out of memory: one line, no traceback, a non-2 exit code."""
+    import interventions.zoo.train as TT
+
+    def fail(*a, **k):
+        raise failure
+
+    monkeypatch.setattr(TT, "train", fail)
+    got, err = cli(train_argv(tmp_path / "out"), capsys)
+    assert got == code and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bug_raises_with_a_traceback_not_exit_2(tmp_path, monkeypatch, reference):
+    """An experiment that fails with a plain ValueError (a bug) is not mapped to exit code 2."""
+    import experiments.phase_change as P
+
+    def buggy(*a, **k):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(P, "run_phase_change", buggy)
+    with pytest.raises(ValueError, match="a bug"):
+        cli_main(["phase-change", str(reference), "--out", str(tmp_path / "r"), "--quiet"])
+
+
+PRE_IMPORT = r'''
+import sys
+from experiments.__main__ import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    print(e.code, "torch" in sys.modules)
+'''
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--preset", "tiny", "--out", "{tmp}/file"], "is a file"),
+    (["train", "--preset", "nope", "--out", "{tmp}/x"], "unknown preset"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--corpus", "{tmp}/missing"], "does not exist"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--device", "tpu"], "not a known device"),
+    (["phase-change", "{tmp}/norun", "--out", "{tmp}/x"], "not a training run folder"),
+    (["phase-change", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "0"], "positive integer"),
+    (["ablations", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "-3"], "positive integer"),
+    (["figures", "--results", "{tmp}/file"], "is a file"),
+])
+def test_usage_errors_come_before_heavy_imports(argv, message, tmp_path):
+    """Usage errors exit 2 with one line, before torch is imported, leaving no folder."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "norun").mkdir()
+    before = snapshot(tmp_path)
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", PRE_IMPORT, *[a.format(tmp=tmp_path) for a in argv]],
+                         capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert res.stdout.split() == ["2", "False"], (res.stdout, res.stderr)
+    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert snapshot(tmp_path) == before
+    assert time.monotonic() - t0 < 60
+
+
+def test_run_without_checkpoints_names_the_run(tmp_path, capsys):
+    """phase-change on a run with no complete checkpoint: exit 2 naming the run, not a pandas error."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps(tiny_cfg().to_dict()))
+    code, err = cli(["phase-change", run, "--out", tmp_path / "res", "--windows", "4", "--quiet"], capsys)
+    assert code == 2 and str(run) in err and "no complete checkpoint" in err, err
+
+
+def test_garbled_train_config_names_the_file(tmp_path, capsys):
+    """A garbled train_config.json: `train --resume` and `phase-change` exit 2 naming the file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("{garbled")
+    code, err = cli(train_argv(run, "--resume"), capsys)
+    assert code == 2 and str(run / "train_config.json") in err, err
+    code, err = cli(["phase-change", run, "--out", tmp_path / "res", "--quiet"], capsys)
+    assert code == 2 and str(run / "train_config.json") in err, err
+
+
+# ----------------------------------------------------------------------------- 7. safetensors
+
+def test_hub_models_load_only_safetensors_unless_opted_in(monkeypatch):
+    """Hub models are asked for with use_safetensors=True; a pickle-only model is refused naming the
+    opt-in (--allow-pickle), and the opt-in loads it."""
+    import transformers
+
+    from experiments.survey import load_any
+
+    calls = []
+
+    class Dummy(torch.nn.Module):
+        def to(self, device):
+            return self
+
+    def fake(spec, **kw):
+        calls.append(kw)
+        if kw.get("use_safetensors"):
+            raise OSError(f"{spec} does not appear to have a file named model.safetensors")
+        return Dummy()
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake)
+    with pytest.raises(InputError, match="--allow-pickle"):
+        load_any("org/pickle-only")
+    assert calls[-1]["use_safetensors"] is True
+    assert isinstance(load_any("org/pickle-only", allow_pickle=True), Dummy)
+    assert calls[-1]["use_safetensors"] is False
+
+
+# ----------------------------------------------------------------------------- 8. duplicate ablations
+
+def test_duplicate_or_conflicting_ablations_on_one_head_raise(tiny_model):
+    """Two ablations of one head (same or different kinds, or a head listed twice) raise ValueError
+    naming the head before any work."""
+    import interventions as iv
+
+    tokens = torch.randint(0, 50, (2, 8))
+    for abl in ([iv.ZeroAblation("L1H0"), iv.MeanAblation("L1H0", tokens)],
+                [iv.ZeroAblation("L1H0"), iv.ZeroAblation(["L0H1", "L1H0"])],
+                [iv.ZeroAblation(["L1H0", "L1H0"])],
+                [iv.PatternPreserving(iv.ZeroAblation("L1H0")), iv.ResampleAblation("L1H0", tokens)]):
+        with pytest.raises(ValueError, match="head L1H0 is ablated more than once"):
+            iv.run_with_ablations(tiny_model, tokens, abl)
