@@ -275,7 +275,7 @@ def test_bad_inputs(tiny_model, pair):
 # ----------------------------------------------------------------------------- cache
 
 def test_cache_matches_hooks(model, pair):
-    """Cached head_out / resid_pre / keys equal the inputs of c_proj / the block and the key part of
+    """Cached z / resid_pre / k equal the inputs of c_proj / the block and the key part of
     the key projection's output as recorded by plain hooks; the pattern equals output_attentions."""
     clean, _ = pair
     is_gpt2 = model.config.model_type == "gpt2"

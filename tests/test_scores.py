@@ -323,3 +323,26 @@ def test_bad_inputs_raise(circuit):
     assert copying_score(llama.eval()).score.between(-1, 1).all()  # every architecture has a copying score
     with pytest.raises(ValueError, match="head_scores"):
         classify_induction_heads(pd.DataFrame({"layer": [0], "head": [0], "induction": [0.9]}))
+
+
+def test_probes_inferred_from_a_run_folder(tmp_path):
+    """A model loaded from a run's checkpoint folder finds the tokenizer saved beside it: BOS is the
+    separator (256), probes are printable bytes only (no control or non-ASCII bytes, no BOS), and
+    without a tokenizer every id but BOS is a candidate."""
+    from transformers import AutoModelForCausalLM
+
+    from interventions.analysis.scores import _bos, find_tokenizer, inferred_pool
+    from interventions.zoo.tokenizer import byte_tokenizer
+
+    torch.manual_seed(0)
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, n_ctx=64, vocab_size=257)).eval()
+    assert find_tokenizer(model) is None and _bos(model, None) == 0
+    bare = inferred_pool(model, bos_id=0)
+    assert 0 not in bare.tolist() and bare.numel() > 150
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000010"
+    model.save_pretrained(ckpt)
+    byte_tokenizer().save_pretrained(tmp_path / "run" / "tokenizer")
+    loaded = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    assert _bos(loaded, None) == 256
+    pool = inferred_pool(loaded, bos_id=256).tolist()
+    assert pool and all(33 <= t <= 126 for t in pool) and len(pool) >= 50

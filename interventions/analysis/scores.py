@@ -421,11 +421,18 @@ def copying_score(model, n_samples: int = 200, seed: int = 0, bos_id: int | None
          projection, bias left out) through the final norm with its scale frozen at the run's value
          (as direct logit attribution does: a norm's rescaling is not the head's) and the unembedding:
          d = W_U norm_frozen(o_h), over the probe vocabulary;
-      3. share(t) = relu(d - mean d)[t] / sum relu(d - mean d)  (0 if nothing increases).
-    raw = mean share; score = clip(4 * raw - 1, -1, 1): the paper's raw ratio runs 0..0.5 and is
-    rescaled to [-1, 1] (0.25 -> 0). A head that writes t's own unembedding direction scores 1; one
-    that suppresses t scores -1. Shares are over the probe tokens (``inferred_pool`` by default),
-    because logits of tokens the model never trained on say nothing about copying.
+      3. the probes' rows d_t (mean over the probe vocabulary subtracted) form the head's OV circuit
+         as a square matrix over the probe tokens; score = sum of its eigenvalues / sum of their
+         absolute values (Elhage et al. 2021, the copying measure Olsson et al. use): 1 for a head that
+         maps every token to itself, -1 for one that suppresses it, near 0 for an unrelated map; a
+         head that writes nothing scores -1 (it copies nothing).
+    ``raw``: the share relu(d_t - mean)[t] / sum relu(d_t - mean), averaged over probes. It is kept for
+    reference but not used to classify: over a vocabulary of many tokens it is diluted by every token
+    the head raises a little (the trained attn-2l's induction head maps most printable bytes to
+    themselves as the top logit yet has a share under 0.25), while the eigenvalue score is not.
+
+    Probe tokens: ``inferred_pool`` by default, because logits of tokens the model never trained on
+    say nothing about copying.
 
     Returns a DataFrame: layer, head, score, raw."""
     engine = Engine(model)
@@ -456,6 +463,7 @@ def copying_score(model, n_samples: int = 200, seed: int = 0, bos_id: int | None
     norm = frozen_final_norm(engine.inner, a, resid)
     unembed = module_at(engine.inner, a.unembed_path(engine.inner))
     scores = torch.zeros(a.n_layers, a.n_heads, dtype=torch.float64)
+    raws = torch.zeros_like(scores)
     for layer in range(a.n_layers):
         z = acts[f"L{layer}.z"]  # (b, p, head, d_head)
         o_proj = a.module(engine.inner, layer, "o_proj")
@@ -465,12 +473,18 @@ def copying_score(model, n_samples: int = 200, seed: int = 0, bos_id: int | None
             only[:, :, head] = z[:, :, head]
             o = o_proj(only.flatten(2)) - bias  # the head's direct write (b, p, d_model)
             d = (unembed(norm(o)) - unembed(torch.zeros_like(o)))[..., pool].double()  # (b, p, n_pool)
-            d = (d - d.mean(-1, keepdim=True)).relu()
-            total = d.sum(-1)
-            mine = d.gather(-1, own.clamp(min=0)[..., None]).squeeze(-1)
+            d = d - d.mean(-1, keepdim=True)
+            rel = d.relu()
+            total = rel.sum(-1)
+            mine = rel.gather(-1, own.clamp(min=0)[..., None]).squeeze(-1)
             share = torch.where(total > 0, mine / total.clamp_min(1e-300), torch.zeros_like(total))  # (b, p)
-            scores[layer, head] = share[valid].mean()
-    return _frame((4 * scores - 1).clamp(-1, 1), raw=scores)
+            raws[layer, head] = share[valid].mean()
+            circuit = d[valid][:, col[toks]]  # (n, n): probe token attended -> logit change of each probe token
+            circuit = circuit - circuit.mean(-1, keepdim=True)
+            ev = torch.linalg.eigvals(circuit)
+            mass = ev.abs().sum()
+            scores[layer, head] = ev.real.sum() / mass if mass > 1e-12 * max(1.0, circuit.abs().max()) else -1.0
+    return _frame(scores.clamp(-1, 1), raw=raws)
 
 
 # ----------------------------------------------------------------------------- all scores
@@ -506,9 +520,8 @@ def classify_induction_heads(df, prefix_threshold: float = PREFIX_THRESHOLD,
       * prefix 0.4: uniform attention scores about 1 / n_tokens (0.04 for the paper's 25 tokens), so
         0.4 is ten times chance, and it is the common practical threshold for the induction score
         (ARENA). Use ``prefix_column="induction"`` to classify on the induction score instead.
-      * copying 0.0 (rescaled): raw share 0.25, i.e. a quarter of the head's total logit increase goes
-        to the attended token itself, half the paper's maximum of about 0.5. A head with unrelated
-        OV output gives a share near 2 / vocab (score near -1).
+      * copying 0.0: the OV circuit's eigenvalues are positive on balance (an unrelated map scores
+        near 0, a copying head near 1; the trained attn-2l's induction head scores about 0.97).
 
     Returns a copy of the table with a boolean ``is_induction`` column.
 
