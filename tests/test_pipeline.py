@@ -74,7 +74,7 @@ def test_single_experiment_commands(tiny_run, capsys):
     run = str(out / "runs" / "attn-2l")
     assert main(["phase-change", run, "--out", str(out / "single"), "--windows", "8", "--quiet"]) == 0
     # the settings of the tables already in `out` (reproduce --scale tiny): other settings are refused
-    assert main(["ablations", run, "--out", str(out), "--windows", "16", "--quiet"]) == 0
+    assert main(["ablations", run, "--out", str(out), "--windows", "64", "--quiet"]) == 0
     assert main(["circuit", run, "--out", str(out)]) == 0
     assert "k_proj" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
