@@ -236,44 +236,55 @@ def fig_attribution(root: Path, out: Path, model: str = "attn-2l"):
     return _save(fig, out, f"attribution_over_training_{model}")
 
 
+def _smooth_log(z: np.ndarray, x: np.ndarray, sigma: float = 0.05) -> np.ndarray:
+    """Gaussian smoothing of the columns of z (index bin x tokens) over x = log10 tokens, width ``sigma``
+    decades: dense checkpoints are closer together than one checkpoint's noise is small."""
+    w = np.exp(-0.5 * ((x[:, None] - x[None, :]) / sigma) ** 2)
+    w /= w.sum(0, keepdims=True)
+    return z @ w
+
+
 def fig_loss_heatmap(root: Path, out: Path):
     """Loss by token index over training (the paper's heatmap) and its derivative against log tokens."""
     import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm  # noqa: F401  (kept for users switching the colour scale)
+    from matplotlib.ticker import NullFormatter
 
     style()
     lbi, win = _read(root, "phase_change", "loss_by_index"), _read(root, "phase_change", "windows")
     if lbi is None or lbi.empty:
         return []
     models = list(lbi.model.unique())
-    fig, axes = plt.subplots(len(models), 2, figsize=(2 * COLUMN_WIDTH, 1.7 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 2, figsize=(2 * COLUMN_WIDTH, 1.8 * len(models)), squeeze=False,
+                             constrained_layout=True)
     for row, model in zip(axes, models):
-        d = lbi[(lbi.model == model) & (lbi.tokens > 0)]
+        d = lbi[(lbi.model == model) & (lbi.tokens >= 1e5)]
         edges = np.unique(np.round(np.logspace(0, np.log10(d.token_index.max() + 1), 30)).astype(int))
         d = d.assign(bin=pd.cut(d.token_index, edges, right=False, labels=edges[:-1]))
         m = d.groupby(["bin", "tokens"], observed=True).loss.mean().unstack("tokens")  # (index bin, tokens)
         tok = m.columns.to_numpy(dtype=float)
-        deriv = np.gradient(m.to_numpy(), np.log10(tok), axis=1)
+        x = np.log10(tok)
+        deriv = np.gradient(_smooth_log(m.to_numpy(), x), x, axis=1)
         y = m.index.to_numpy(dtype=float)
-        for ax, z, label, cmap in ((row[0], m.to_numpy(), "loss (nats)", "viridis"),
-                                   (row[1], deriv, "d loss / d log10 tokens", "RdBu_r")):
-            kw = {}
-            if cmap == "RdBu_r":
-                v = np.nanpercentile(np.abs(deriv), 98)
-                kw = dict(vmin=-v, vmax=v)
+        late = tok >= min(1e6, tok[len(tok) // 2])  # colour range from after warm-up: the fall from uniform saturates
+        v = np.nanpercentile(np.abs(deriv[:, late]), 98)
+        for ax, z, label, cmap, kw in ((row[0], m.to_numpy(), "loss (nats)", "viridis", {}),
+                                       (row[1], deriv, "d loss / d log10 tokens\n(nats per decade)", "RdBu_r",
+                                        dict(vmin=-v, vmax=v))):
             im = ax.pcolormesh(tok, y, z, cmap=cmap, shading="nearest", **kw)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            fig.colorbar(im, ax=ax, label=label)
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.grid(False)
+            fig.colorbar(im, ax=ax, label=label, shrink=0.9)
             if win is not None:
                 for r in win[win.model == model].itertuples():
                     for t in (r.icl_window_start_tokens, r.icl_window_end_tokens):
                         if np.isfinite(t):
                             ax.axvline(t, color="w" if cmap == "viridis" else "k", lw=0.8, ls="--")
             ax.set_xlabel("training tokens")
-            ax.set_ylabel(f"{model}\ntoken index")
+        row[0].set_ylabel(f"{model}\ntoken index")
     axes[0][0].set_title("loss by token index (dashed: ICL window)")
-    axes[0][1].set_title("its derivative over training")
+    axes[0][1].set_title("its derivative over training (smoothed 0.05 decades)")
     return _save(fig, out, "loss_by_index_over_training")
 
 
@@ -354,6 +365,7 @@ def fig_mosaic(root: Path, out: Path):
             h = len(m) * scale
             ax = fig.add_axes([0.06 + ci * (2.4 / width), y - h - 0.9 * scale, 1.9 / width, h])
             im = ax.imshow(m.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+            ax.grid(False)
             ax.set_yticks(range(len(m)), [f"L{i}" for i in m.index], fontsize=6)
             ax.set_xticks(range(m.shape[1]) if m.shape[1] <= 16 else [], [str(c) for c in m.columns]
                           if m.shape[1] <= 16 else [], fontsize=5)
