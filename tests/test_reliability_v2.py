@@ -423,15 +423,36 @@ def test_arrays_are_checksummed(tmp_path):
 
 
 def _phase_change_tables(root: Path) -> None:
+    """The tables ``reproduce.headline`` reads, made by the real window and plateau code on a small
+    synthetic training curve."""
+    from experiments.phase_change import add_plateau, detect_windows
+
+    tokens = np.geomspace(1e5, 2e7, 12).astype(int)
+    icl = -0.4 / (1 + np.exp(-(np.log10(tokens) - 6.8) / 0.05))
+    ck = pd.DataFrame({"model": "attn-2l", "step": range(1, 13), "tokens": tokens, "val_loss": np.linspace(3, 1, 12),
+                       "icl_score": icl, "icl_sem": 0.01})
+    hs = pd.DataFrame({"model": "attn-2l", "step": range(1, 13), "tokens": tokens, "layer": 1, "head": 0,
+                       "score": "induction", "value": -icl})
+    precise = pd.DataFrame({"model": "attn-2l", "point": ["final", "at_80pct", "final_minus_at_80pct"],
+                            "step": [12, 11, -1], "tokens": [int(tokens[-1]), int(tokens[-2]), -1],
+                            "icl_score": [-0.4, -0.4, 0.0], "icl_sem": [0.02, 0.02, 0.01], "n": 64})
     pc = Results(root, "phase_change")
-    pc.write("checkpoints", pd.DataFrame({"model": ["attn-2l"] * 3, "step": [1, 2, 3], "tokens": [10, 100, 1000],
-                                          "val_loss": [3.0, 2.0, 1.0], "icl_score": [0.0, -0.2, -0.4],
-                                          "icl_sem": [0.01] * 3}))
-    pc.write("windows", pd.DataFrame({"model": ["attn-2l"], "window_start_tokens": [10.0],
-                                      "window_end_tokens": [1000.0], "bump": [False], "bump_start_tokens": [np.nan],
-                                      "bump_end_tokens": [np.nan], "final_max_induction": [0.5]}))
-    Results(root, "ablations_attn-2l").write("sets", pd.DataFrame(
-        {"group": ["induction heads", "random"], "icl_share_removed": [0.9, 0.1], "heads": ["L1H0", "L0H1"]}))
+    pc.write("checkpoints", ck)
+    pc.write("head_scores", hs)
+    pc.write("icl_precise", precise)
+    pc.write("windows", add_plateau(detect_windows(ck, hs), precise))
+    pc.write("pca_turn", pd.DataFrame({"model": ["attn-2l"], "window_start_tokens": [5e6], "window_end_tokens": [8e6],
+                                       "turn_deg": [40.0]}))
+    pc.write("transient", pd.DataFrame(columns=["model", "step", "tokens", "layer", "band", "entropy"]))
+    abl = Results(root, "ablations_attn-2l")
+    abl.write("sets", pd.DataFrame({"group": ["clean", "induction heads", "random (non-induction)", "all other heads"],
+                                    "set": ["clean", "induction heads", "random 0", "all other heads"],
+                                    "heads": ["", "L1H0", "L0H1", "L0H0 L0H1"],
+                                    "icl_score": [-0.4, 0.0, -0.45, 0.1], "icl_sem": 0.02,
+                                    "icl_change": [0.0, 0.4, -0.05, 0.5], "icl_change_sem": 0.01,
+                                    "icl_share_removed": [0.0, 0.9, 0.1, 1.2], "icl_share_removed_sem": 0.05}))
+    abl.write("per_head", pd.DataFrame({"kind": "pattern", "layer": [0, 0, 1], "head": [0, 1, 0],
+                                        "is_induction": [False, False, True], "icl_share": [-0.1, 0.05, 0.9]}))
 
 
 def test_figures_and_report_refuse_an_edited_table(tmp_path, capsys):
@@ -440,7 +461,7 @@ def test_figures_and_report_refuse_an_edited_table(tmp_path, capsys):
     from experiments.reproduce import headline
 
     _phase_change_tables(tmp_path)
-    assert "share_removed" in headline(tmp_path)
+    assert headline(tmp_path)["ablation"]["icl_share_removed"] == pytest.approx(0.9)
     sets = tmp_path / "ablations_attn-2l" / "sets.csv"
     sets.write_text(sets.read_text().replace("0.9", "0.8"))
     with pytest.raises(ResultError, match=str(sets)):
