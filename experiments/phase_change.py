@@ -220,6 +220,8 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     workers = workers or default_workers(device)
     res = Results(results_root, "phase_change")
     # settings shared by every table; each run's tables are keyed on the run's content (so runs can be added)
+    for run in runs.values():  # every run's config parses (a garbled one is named) before any work
+        run_config(run)
     settings = {"n_windows": n_windows, "n_precise": n_precise, "n_pca_pairs": n_pca_pairs}
     res.write_provenance(settings, runs={k: str(v) for k, v in runs.items()})
     keys = {name: {"run": run_fingerprint(run), **settings} for name, run in runs.items()}
