@@ -36,7 +36,7 @@ def _step(m, opt, x, bf16: bool, fwd=None):
     import torch.nn.functional as F
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = (fwd or m)(x).logits
+        logits = (fwd if fwd is not None else m)(x).logits
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, 257).float(), x[:, 1:].reshape(-1))
     opt.zero_grad(set_to_none=True)
     loss.backward()
