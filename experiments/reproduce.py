@@ -39,6 +39,9 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
     t0 = time.time()
     timings = {}
+    from interventions.zoo.provenance import provenance
+
+    git_at_start = provenance(config={})["git"]  # before the run rewrites figures/ (tracked files)
     runs = train_zoo(scale, out / "runs", device=device, progress=progress, workers=workers)
     timings["train_s"] = time.time() - t0
     n_windows = {"tiny": 32, "cpu": 256, "gpu": 512}[scale]
@@ -60,7 +63,7 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     timings["total_s"] = time.time() - t0
     timings = _accumulate_timings(out, timings)
     paths = make_figures(out, figures_dir)
-    report = write_report(out, scale, timings, figures_dir)
+    report = write_report(out, scale, timings, figures_dir, git=git_at_start)
     print(report.read_text())
     print(f"figures: {len(paths)} files in {figures_dir}")
     return report
@@ -83,8 +86,9 @@ def _f(x) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def headline(out: Path, timings: dict | None = None) -> dict:
-    """The report's numbers, from the result tables (``figures/headline.json``)."""
+def headline(out: Path, timings: dict | None = None, git: dict | None = None) -> dict:
+    """The report's numbers, from the result tables (``figures/headline.json``). ``git``: the commit
+    and dirty flag taken when the run started (default: now)."""
     from interventions.zoo.provenance import provenance
 
     pc = Results(out, "phase_change")
@@ -93,7 +97,7 @@ def headline(out: Path, timings: dict | None = None) -> dict:
     prov = provenance(config={}, timings=timings or {})
     m = prov["machine"]
     h: dict = {"machine": f"{m['platform']}, {m['threads']} threads, GPU: {m['cuda'] or 'none'}",
-               "git_commit": prov["git"]["commit"], "git_dirty": prov["git"]["dirty"]}
+               "git_commit": (git or prov["git"])["commit"], "git_dirty": (git or prov["git"])["dirty"]}
     if timings:
         h |= {"wall_clock_min": timings["total_s"] / 60, "train_min": timings["train_s"] / 60,
               "invocations": timings.get("invocations", 1)}
@@ -206,8 +210,8 @@ def _pm(v, s, unit=" nats") -> str:
     return "n/a" if v is None else f"{v:+.3f} ± {s:.3f}{unit}" if s is not None else f"{v:+.3f}{unit}"
 
 
-def write_report(out: Path, scale: str, timings: dict, figures_dir: Path) -> Path:
-    h = headline(out, timings)
+def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: dict | None = None) -> Path:
+    h = headline(out, timings, git)
     Results(out, "report").write_json("headline", h)
     lines = [f"# Reproduction report ({scale} scale)", "",
              f"Machine: {h['machine']}. Commit {h['git_commit']} (dirty: {h['git_dirty']}). Wall-clock: "
