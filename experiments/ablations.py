@@ -158,7 +158,7 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                                                                      .to_dict("records"))}
     if not res.has("attribution", akey) and windows_table is not None and len(ckpts) >= 3:
         res.write("attribution", _attribution(ckpts, cfg, name, windows[:128], windows_table, n_attribution_inside,
-                                              device, progress), inputs=akey)
+                                              device, progress, res, akey), inputs=akey)
     return res
 
 
@@ -178,8 +178,11 @@ def attribution_checkpoints(ckpts: list[Path], cfg: TrainConfig, start: float, e
     return [ckpts[i] for i in sorted(pick)]
 
 
-def _attribution(ckpts, cfg, name, windows, windows_table, n_inside, device, progress) -> pd.DataFrame:
-    """Before-and-after attribution of each head at checkpoints through the ICL window."""
+def _attribution(ckpts, cfg, name, windows, windows_table, n_inside, device, progress, res=None,
+                 key=None) -> pd.DataFrame:
+    """Before-and-after attribution of each head at checkpoints through the ICL window. With ``res``,
+    each checkpoint's rows are kept as a table of their own (keyed on ``key``), so an interrupted
+    attribution resumes at the next checkpoint."""
     from tqdm.auto import tqdm
 
     from interventions.primitives.sweep import ablation_sweep
@@ -198,15 +201,20 @@ def _attribution(ckpts, cfg, name, windows, windows_table, n_inside, device, pro
     rows = []
     for ckpt in tqdm(attribution_checkpoints(ckpts, cfg, start, end, n_inside), desc=f"attribution {name}",
                      disable=not progress):
+        step, tokens = step_tokens(ckpt, cfg)
+        part = f"attribution_step_{step:08d}"
+        if res is not None and res.has(part, key):
+            rows += res.read(part).to_dict("records")
+            continue
         model = load_model(ckpt, device)
         a = get_adapter(model)
-        step, tokens = step_tokens(ckpt, cfg)
         _, delta = ablation_sweep(model, windows, kind="pattern")
-        for j in range(a.n_layers * a.n_heads):
-            layer, head = divmod(j, a.n_heads)
-            rows.append({"model": name, "step": step, "tokens": tokens, "layer": layer,
-                         "head": head, "head_name": f"L{layer}H{head}",
-                         "attribution": -(delta[j] * phase).sum().item() / norm2,
-                         "in_window": bool(start <= tokens <= end),
-                         "before_step": step_tokens(before[0], cfg)[0], "after_step": step_tokens(after[0], cfg)[0]})
+        new = [{"model": name, "step": step, "tokens": tokens, "layer": layer, "head": head,
+                "head_name": f"L{layer}H{head}", "attribution": -(delta[j] * phase).sum().item() / norm2,
+                "in_window": bool(start <= tokens <= end),
+                "before_step": step_tokens(before[0], cfg)[0], "after_step": step_tokens(after[0], cfg)[0]}
+               for j, (layer, head) in enumerate(divmod(j, a.n_heads) for j in range(a.n_layers * a.n_heads))]
+        if res is not None:
+            res.write(part, pd.DataFrame(new), inputs=key)
+        rows += new
     return pd.DataFrame(rows)

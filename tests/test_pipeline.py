@@ -82,6 +82,28 @@ def test_single_experiment_commands(tiny_run, capsys):
     assert e.value.code == 2
 
 
+def test_attribution_resumes_per_checkpoint(tiny_run, monkeypatch):
+    """Each attribution checkpoint is kept as its own keyed table: with the assembled table lost (an
+    interruption), a re-run reuses them (no sweep runs again) and rebuilds the same table."""
+    import interventions.primitives.sweep as S
+    from experiments.ablations import run_ablations
+
+    out, _ = tiny_run
+    folder = out / "ablations_attn-2l"
+    assert list(folder.glob("attribution_step_*.csv"))
+    before = Results(out, "ablations_attn-2l").read("attribution")
+    (folder / "attribution.csv").unlink()
+
+    def no_sweep(*a, **k):
+        raise AssertionError("a finished attribution checkpoint was recomputed")
+
+    monkeypatch.setattr(S, "ablation_sweep", no_sweep)
+    run_ablations(out / "runs" / "attn-2l", "attn-2l", None, out,
+                  windows_table=Results(out, "phase_change").read("windows"), n_windows=64, progress=False)
+    after = Results(out, "ablations_attn-2l").read("attribution")
+    assert after.equals(before)
+
+
 def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
     """A re-run skips finished work and leaves tables unchanged; a truncated table is detected with a
     message naming the file to delete."""

@@ -131,3 +131,16 @@ def test_cli_train_and_resume(tmp_path):
     assert final["tokens"] > 0 and "val_loss" in final
     res = _cli("train", "--preset", "tiny", "--out", str(tmp_path / "r"), "--quiet", "--tokens", "5000", "--resume")
     assert res.returncode == 0 and json.loads(res.stdout.strip().splitlines()[-1])["step"] == final["step"]
+
+
+def test_load_model_accepts_a_run_folder(tmp_path):
+    """A run folder loads its newest verified checkpoint (the same weights as loading that checkpoint);
+    a run with none is refused naming the run."""
+    cfg = tiny_cfg()
+    T.train(cfg, tmp_path / "r", progress=False)
+    newest = T.latest_checkpoint(tmp_path / "r")
+    a, b = T.load_model(tmp_path / "r"), T.load_model(newest)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(T.RunFolderError, match="no complete checkpoint"):
+        T.load_model(tmp_path / "empty")

@@ -468,8 +468,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
-    """Load a checkpoint folder (safetensors only; the manifest is verified when present)."""
+    """Load a checkpoint folder, or a run folder's newest verified checkpoint (safetensors only; the
+    manifest is verified when present)."""
     path = Path(path)
+    if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():  # a run folder
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise RunFolderError(f"run {path} has no complete checkpoint (none with a verified manifest): train it "
+                                 "first, or resume it with `train --resume`")
+        path = ckpt
     if not (path / "config.json").is_file():
         raise RunFolderError(f"{path} is not a model folder (no config.json): pass a checkpoint folder "
                              "such as runs/attn-2l/checkpoints/step-00001000 or runs/attn-2l/final")
