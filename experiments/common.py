@@ -39,7 +39,7 @@ import pandas as pd
 
 from interventions.zoo.ownership import owned
 from interventions.zoo.provenance import provenance
-from interventions.zoo.train import atomic_write_text
+from interventions.zoo.train import atomic_write_text, sha256_file
 
 SETTINGS_KEY = "__settings__"  # manifest entry: fingerprint and copy of the settings of the tables
 _lock_wait = 0.0  # seconds to wait for a results folder another process owns (CLI --wait)
@@ -79,14 +79,6 @@ def fingerprint(inputs) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_fingerprint(run: str | Path) -> str:
     """Content hash of a training run: its config and every verified checkpoint's manifest (which holds
     the sha256 of each checkpoint file), so retraining, resuming further or editing changes it."""
@@ -108,7 +100,7 @@ def model_fingerprint(spec: str, model=None) -> str:
         h = hashlib.sha256()
         for f in sorted(p.iterdir()):
             if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
-                h.update(f.name.encode() + _sha256_file(f).encode())
+                h.update(f.name.encode() + sha256_file(f).encode())
         return h.hexdigest()[:20]
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
     return fingerprint({"hub": spec, "commit": commit})
@@ -144,7 +136,7 @@ class Results:
 
     def _record(self, key: str, path: Path, inputs) -> None:
         manifest = self._manifest()
-        manifest[key] = {"sha256": _sha256_file(path), "inputs": None if inputs is None else fingerprint(inputs)}
+        manifest[key] = {"sha256": sha256_file(path), "inputs": None if inputs is None else fingerprint(inputs)}
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def _write_bytes(self, key: str, path: Path, data: bytes, inputs) -> Path:
@@ -163,7 +155,7 @@ class Results:
         e = self._entry(self._manifest(), key)
         if e is None or not path.is_file():
             raise ResultError(f"result {path} is missing: run the experiment that writes it first")
-        if _sha256_file(path) != e["sha256"]:
+        if sha256_file(path) != e["sha256"]:
             raise ResultError(f"result {path} does not match its recorded checksum (truncated or edited): "
                               f"delete {path} and re-run the experiment to recompute it")
         if inputs is not None and e.get("inputs") != fingerprint(inputs):

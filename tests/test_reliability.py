@@ -90,12 +90,12 @@ def arm(mode, n):
             return real_save(*a, **k)
         T.save_file = save_file
     elif mode == "sha256":           # while the manifest's checksums are being computed
-        real_sha = T._sha256
+        real_sha = T.sha256_file
         def _sha256(p):
             if hit():
                 die()
             return real_sha(p)
-        T._sha256 = _sha256
+        T.sha256_file = _sha256
     elif mode in ("rename_before", "rename_after", "config_before"):
         real_replace = os.replace
         marker = "train_config" if mode == "config_before" else ".tmp-step-"

@@ -372,7 +372,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -426,7 +426,7 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, tokens: int) -> Path:
     tensors, scalars = _optimizer_tensors(opt)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tokens": tokens, **scalars}))
-    files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
     for p in tmp.iterdir():
         with p.open("rb") as f:
@@ -447,7 +447,7 @@ def verify_checkpoint(path: Path) -> bool:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError):
         return False
-    return all((path / name).is_file() and _sha256(path / name) == digest for name, digest in files.items())
+    return all((path / name).is_file() and sha256_file(path / name) == digest for name, digest in files.items())
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
