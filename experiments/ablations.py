@@ -34,7 +34,7 @@ import torch
 
 from interventions import PatternPreserving, ZeroAblation, per_token_loss
 from interventions.engine.heads import Head
-from interventions.analysis.metrics import icl_band, icl_indices
+from interventions.analysis.metrics import icl_band, icl_band_losses, icl_indices
 from interventions.engine.adapters import get_adapter
 from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model
 
@@ -48,14 +48,8 @@ N_BOOT = 1000
 def per_window_icl(losses: torch.Tensor) -> np.ndarray:
     """(n,) each window's banded ICL score (late band minus early band), nats."""
     pos = losses.shape[1] + 1
-    early, late = icl_indices(pos)
-    band = icl_band(pos)
-
-    def band_mean(k):
-        lo, hi = max(2, k - band), min(pos, k + band)
-        return losses[:, lo - 2:hi - 1].double().mean(1)
-
-    return (band_mean(late) - band_mean(early)).numpy()
+    early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
+    return (late - early).numpy()
 
 
 def share_removed(clean: np.ndarray, ablated: np.ndarray, seed: int = 0) -> tuple[float, float]:

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interventions.analysis.metrics import icl_band, icl_from_losses, icl_indices
+from interventions.analysis.metrics import icl_band, icl_band_losses, icl_from_losses, icl_indices
 from interventions.primitives.loss import loss_by_position, loss_from_logits
 from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, list_checkpoints, load_model,
                                      load_train_config)
@@ -61,15 +61,16 @@ def step_tokens(ckpt: Path, cfg: TrainConfig) -> tuple[int, int]:
     return step, step * cfg.batch_size * cfg.n_ctx
 
 
-def eval_windows(cfg: TrainConfig, n: int) -> torch.Tensor:
-    """The run's validation windows: the first ``cfg.n_eval_windows`` are those the trainer logs on."""
-    source, _, _ = build_source(cfg)
+def eval_windows(cfg: TrainConfig, n: int, source=None) -> torch.Tensor:
+    """The run's validation windows: the first ``cfg.n_eval_windows`` are those the trainer logs on.
+    ``source``: the run's token source when already built (``build_source(cfg)[0]``)."""
+    source = build_source(cfg)[0] if source is None else source
     return source.eval_windows(n, cfg.n_ctx, seed=cfg.seed)
 
 
-def pca_pairs(cfg: TrainConfig, n: int = N_PCA_PAIRS) -> tuple[torch.Tensor, torch.Tensor]:
+def pca_pairs(cfg: TrainConfig, n: int = N_PCA_PAIRS, source=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(windows (n, n_ctx), targets (n,)): one token index in [1, n_ctx) per separate window."""
-    source, _, _ = build_source(cfg)
+    source = build_source(cfg)[0] if source is None else source
     windows = source.eval_windows(n, cfg.n_ctx, seed=cfg.seed + 1)
     g = np.random.default_rng([cfg.seed, 7])
     return windows, torch.from_numpy(g.integers(1, cfg.n_ctx, size=n))
@@ -171,9 +172,10 @@ def _eval_chunk(job) -> list[dict]:
     run, ckpts, n_windows, n_pairs, device, threads, pca_steps = job
     torch.set_num_threads(threads)
     cfg = run_config(Path(run))
-    windows = eval_windows(cfg, n_windows)
+    source = build_source(cfg)[0]
+    windows = eval_windows(cfg, n_windows, source)
     with_pca = n_pairs > 0
-    pw, pt = pca_pairs(cfg, n_pairs) if with_pca else (None, None)
+    pw, pt = pca_pairs(cfg, n_pairs, source) if with_pca else (None, None)
     out = []
     for ckpt in ckpts:
         ckpt = Path(ckpt)
@@ -229,7 +231,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     todo = [name for name in runs if not (res.has_all([t.format(name) for t in per_run], keys[name])
                                           and res.has_array(f"per_token_losses_{name}", keys[name]))]
     jobs, owners = [], []
-    threads = 1 if workers > 1 else 0
+    threads = 1 if workers > 1 else torch.get_num_threads()
     for name in todo:
         ckpts = [str(c) for c in list_checkpoints(runs[name])]
         if not ckpts:
@@ -240,7 +242,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
         pca_steps = {steps[i][0] for i in pca_checkpoints([t for _, t in steps])}
         n_chunks = max(1, min(len(ckpts), 2 * workers))
         for chunk in np.array_split(np.array(ckpts), n_chunks):
-            jobs.append((str(runs[name]), list(chunk), n_windows, n_pca_pairs, device, threads or torch.get_num_threads(),
+            jobs.append((str(runs[name]), list(chunk), n_windows, n_pca_pairs, device, threads,
                          pca_steps))
             owners.append(name)
     if jobs:
@@ -460,12 +462,9 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
         for point, ckpt in points.items():
             losses = window_losses(load_model(ckpt, device), wins.to(device)).cpu()
             pos = losses.shape[1] + 1
-            early, late = icl_indices(pos)
-            band = icl_band(pos)
-            r = icl_from_losses(losses, early, late, band)
-            lo, hi = max(2, late - band), min(pos, late + band)
-            elo, ehi = max(2, early - band), min(pos, early + band)
-            per_window[point] = (losses[:, lo - 2:hi - 1].mean(1) - losses[:, elo - 2:ehi - 1].mean(1)).double()
+            r = icl_from_losses(losses, *icl_indices(pos), icl_band(pos))
+            early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
+            per_window[point] = late - early  # (n,): paired differences between points use these
             rows.append({"model": name, "point": point, "step": step_tokens(ckpt, cfg)[0],
                          "tokens": step_tokens(ckpt, cfg)[1], "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n})
         for a, b in (("after", "before"), ("final", "at_80pct")):
@@ -566,29 +565,31 @@ def attention_entropy(model, windows: torch.Tensor) -> pd.DataFrame:
     return pd.concat(rows)
 
 
+def attention_by_band(model, windows: torch.Tensor) -> pd.DataFrame:
+    """Per layer, at early (query position < early + 5) and late (>= late - 5) positions of the ICL
+    score: mean attention entropy, uniform attention's entropy there, and attention on the previous token."""
+    early, late = icl_indices(windows.shape[1])
+    ent = attention_entropy(model, windows)
+    ent = ent.assign(band=np.where(ent.position < early + 5, "early", np.where(ent.position >= late - 5, "late", "mid")))
+    return (ent[ent.band != "mid"].groupby(["layer", "band"])
+            .agg(entropy=("entropy", "mean"), uniform_entropy=("uniform_entropy", "mean"),
+                 prev_token_attention=("prev_token_attention", "mean")).reset_index())
+
+
 def transient_table(runs: dict[str, Path], checkpoints: pd.DataFrame, device: str, n: int = 64) -> pd.DataFrame:
-    """At each model's checkpoints between 0.3M and 5M tokens: mean attention entropy by position
-    band, and the loss of early vs late tokens, to explain the early positive ICL score."""
-    rows = []
+    """At each model's checkpoints between 0.3M and 5M tokens: ``attention_by_band`` and the ICL score,
+    to explain the early positive ICL score."""
+    frames = []
     for name, run in runs.items():
         cfg = run_config(run)
         wins = eval_windows(cfg, n)
         ck = checkpoints[(checkpoints.model == name)]
-        pos = cfg.n_ctx
-        early, late = icl_indices(pos)
         for c in list_checkpoints(run):
             step, tokens = step_tokens(c, cfg)
             if not 0.3e6 <= tokens <= 5e6:
                 continue
-            model = load_model(c, device)
-            ent = attention_entropy(model, wins.to(device))
-            ent = ent.assign(band=np.where(ent.position < early + 5, "early", np.where(ent.position >= late - 5, "late", "mid")))
-            g = ent[ent.band != "mid"].groupby(["layer", "band"]).agg(entropy=("entropy", "mean"),
-                                                                   uniform=("uniform_entropy", "mean"),
-                                                                   prev=("prev_token_attention", "mean")).reset_index()
             icl = ck[ck.step == step]
-            for r in g.itertuples():
-                rows.append({"model": name, "step": step, "tokens": tokens, "layer": r.layer, "band": r.band,
-                             "entropy": r.entropy, "uniform_entropy": r.uniform, "prev_token_attention": r.prev,
-                             "icl_score": float(icl.icl_score.iloc[0]) if len(icl) else math.nan})
-    return pd.DataFrame(rows)
+            frames.append(attention_by_band(load_model(c, device), wins.to(device)).assign(
+                model=name, step=step, tokens=tokens, icl_score=float(icl.icl_score.iloc[0]) if len(icl) else math.nan))
+    return (pd.concat(frames, ignore_index=True) if frames
+            else pd.DataFrame(columns=["model", "step", "tokens", "layer", "band", "entropy"]))

@@ -14,3 +14,13 @@ def tiny_model():
     torch.manual_seed(0)
     cfg = AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=32, vocab_size=50)
     return AttnOnlyForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Train with one thread (as the CLI subprocesses and the zoo's workers do), so byte comparisons
+    between in-process and subprocess runs are like for like."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

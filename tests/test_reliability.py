@@ -38,13 +38,7 @@ def tiny_cfg(**over) -> T.TrainConfig:
     return T.TrainConfig.from_dict(d)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Train with one thread here, as the subprocesses do (so byte comparisons are like for like)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def final_bytes(run: Path) -> bytes:

@@ -95,19 +95,9 @@ def check_icl_indices(pos: int, early: int | None = None, late: int | None = Non
     return early, late
 
 
-def icl_from_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) -> dict:
-    """The ICL score from a (n, pos - 1) per-token-loss array (entry k - 2 is the k-th token's loss).
-
-    ``band`` > 0 averages each window's losses over tokens ``k - band .. k + band`` (clipped to the
-    window) around ``early`` and ``late`` first (see the module docstring); 0 is the paper's definition.
-
-    Returns a dict: ``icl_score`` = mean(loss[late]) - mean(loss[early]) in nats (negative when later
-    tokens are predicted better, i.e. the model uses its context), ``sem`` its paired standard error
-    (std over windows of the per-window difference, ddof=1, / sqrt(n); NaN for n = 1: one window gives
-    no spread), ``n``, ``early``, ``late``, ``loss_early``, ``loss_late``.
-
-    Paired because both losses come from the same windows: the per-window difference cancels how hard
-    a window is overall, so its spread is the honest uncertainty of the difference."""
+def icl_band_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each window's loss at the early and the late token, each averaged over ``band`` tokens either side
+    (clipped to the window): ((n,), (n,)) float64. ``late - early`` is each window's ICL score."""
     losses = torch.as_tensor(losses).double()
     pos = losses.shape[1] + 1
     early, late = check_icl_indices(pos, early, late)
@@ -121,7 +111,24 @@ def icl_from_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) 
         lo, hi = max(2, k - band), min(pos, k + band)
         return losses[:, lo - 2:hi - 1].mean(1)
 
-    e, l_ = band_mean(early), band_mean(late)  # (n,)
+    return band_mean(early), band_mean(late)
+
+
+def icl_from_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) -> dict:
+    """The ICL score from a (n, pos - 1) per-token-loss array (entry k - 2 is the k-th token's loss).
+
+    ``band`` > 0 averages each window's losses over tokens ``k - band .. k + band`` (clipped to the
+    window) around ``early`` and ``late`` first (see the module docstring); 0 is the paper's definition.
+
+    Returns a dict: ``icl_score`` = mean(loss[late]) - mean(loss[early]) in nats (negative when later
+    tokens are predicted better, i.e. the model uses its context), ``sem`` its paired standard error
+    (std over windows of the per-window difference, ddof=1, / sqrt(n); NaN for n = 1: one window gives
+    no spread), ``n``, ``early``, ``late``, ``loss_early``, ``loss_late``.
+
+    Paired because both losses come from the same windows: the per-window difference cancels how hard
+    a window is overall, so its spread is the honest uncertainty of the difference."""
+    early, late = check_icl_indices(torch.as_tensor(losses).shape[1] + 1, early, late)
+    e, l_ = icl_band_losses(losses, early, late, band)  # (n,)
     diff = l_ - e
     n = int(diff.shape[0])
     sem = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
