@@ -167,3 +167,21 @@ def test_sweep_accepts_any_ablation(which, tiny_model, tiny_gpt2):
         torch.testing.assert_close(delta, want, atol=1e-5, rtol=0, msg=name)
     _, delta = ablation_sweep(model, tokens, kind=ResampleAblation(heads[:3], reference, seed=1))
     assert delta.shape == (3, 3, 9)
+
+
+def test_loss_from_logits_chunks_rows_bit_identically(monkeypatch):
+    """Chunking the float copy of the logits by rows (large vocabularies) changes nothing: the loss equals
+    torch's cross-entropy, and the chunked result equals the one-chunk result bit for bit."""
+    import torch.nn.functional as F
+
+    from interventions.primitives import loss as L
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 11, generator=g, dtype=torch.bfloat16)
+    tokens = torch.randint(0, 11, (5, 7), generator=g)
+    whole = L.loss_from_logits(logits, tokens)
+    monkeypatch.setattr(L, "LOSS_CHUNK_ELEMENTS", 2 * 7 * 11)  # 2 rows per chunk: 3 chunks
+    chunked = L.loss_from_logits(logits, tokens)
+    ref = F.cross_entropy(logits[:, :-1].float().reshape(-1, 11), tokens[:, 1:].reshape(-1), reduction="none")
+    assert torch.equal(whole, chunked)
+    torch.testing.assert_close(chunked.reshape(-1), ref)

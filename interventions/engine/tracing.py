@@ -226,6 +226,11 @@ class Engine:
                 return p.device
         return next(self.inner.parameters()).device
 
+    def dtype_size(self) -> int:
+        """Bytes per element of the model's floating-point parameters (its activations and logits)."""
+        p = next((p for p in self.inner.parameters() if p.is_floating_point()), None)
+        return 4 if p is None else p.element_size()
+
     # ------------------------------------------------------------------ validation
     def _check_site(self, site: Site, batch: int, pos: int) -> tuple[int, ...]:
         """The site's full shape; raises if it does not exist on this model."""

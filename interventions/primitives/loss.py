@@ -22,10 +22,18 @@ from ..engine.adapters import get_adapter
 from ..engine.tracing import check_mask, check_tokens, pad_to_nan, unwrap
 
 
+LOSS_CHUNK_ELEMENTS = 2 ** 28  # float32 elements of logits converted at once (1 GiB)
+
+
 def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """(batch, pos, vocab) logits and (batch, pos) tokens -> (batch, pos - 1) next-token loss in nats."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return -logp.gather(-1, tokens[:, 1:, None].to(logits.device)).squeeze(-1)
+    # row chunks keep the float32 copy near 1 GiB on large vocabularies (log_softmax is row-wise: the
+    # result is the same bit for bit)
+    rows = max(1, LOSS_CHUNK_ELEMENTS // max(1, logits.shape[1] * logits.shape[2]))
+    target = tokens[:, 1:, None].to(logits.device)
+    parts = [-logits[i:i + rows, :-1].float().log_softmax(-1).gather(-1, target[i:i + rows]).squeeze(-1)
+             for i in range(0, logits.shape[0], rows)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()

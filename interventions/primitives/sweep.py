@@ -54,6 +54,8 @@ _ATTN_SHORTCUT = True
 
 # tokens per forward pass that the default heads_per_pass aims at, by device (see ablation_sweep)
 PASS_TOKENS = {"cpu": 4096, "cuda": 262144}
+# ... and at most this many bytes of logits per pass (a 128k vocabulary in bf16: 16k tokens)
+LOGITS_BYTES = 2 ** 32
 
 
 def _make_ablation(kind, heads: tuple[Head, ...], tokens, reference) -> Ablation:
@@ -99,7 +101,8 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
         heads: heads to sweep, in the order of the result (default: the ablation's heads, else all,
             layer-major, as ``all_heads``).
         heads_per_pass: heads ablated per forward pass (the pass has heads_per_pass * batch rows).
-            Default: as many as keep a pass near ``PASS_TOKENS`` tokens (at least 1); measured in
+            Default: as many as keep a pass near ``PASS_TOKENS`` tokens and its logits within
+            ``LOGITS_BYTES`` (at least 1); measured in
             benchmarks/bench_sweep.py: on CPU, once a batch holds a few thousand tokens, bigger passes
             only cost; on a GPU small passes are launch-bound, so many heads share a pass.
         reference: (n, pos_ref) tokens for kind="mean"/"resample" (default: ``tokens``); pos_ref >= pos.
@@ -121,6 +124,7 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
         _make_ablation(kind, (), tokens, reference)  # raises naming the choices
     if heads_per_pass is None:
         budget = PASS_TOKENS["cuda" if engine.device().type == "cuda" else "cpu"]
+        budget = min(budget, LOGITS_BYTES // (adapter.vocab_size * engine.dtype_size()))  # a pass's logits
         heads_per_pass = max(1, budget // (tokens.shape[0] * tokens.shape[1]))
     check_positive(heads_per_pass, "heads_per_pass")
     check_positive(batch_size, "batch_size", allow_none=True)
