@@ -445,8 +445,9 @@ def _at_or_after(ckpts: list[Path], cfg: TrainConfig, tokens: float) -> Path:
 def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: str) -> pd.DataFrame:
     """ICL on ``n`` windows at: the checkpoint at/before the ICL window's start ("before"), at/after its
     end ("after"), at 80% of the run ("at_80pct") and the last ("final"). Paired differences between
-    points on the same windows ("*_minus_*" rows) have their own, smaller s.e."""
-    rows = []
+    points on the same windows ("*_minus_*" rows) have their own, smaller s.e. Also attn-1l at attn-2l's
+    "before" tokens and the paired difference there (``_one_layer_at_before``)."""
+    rows, before = [], {}
     for name, run in runs.items():
         cfg = run_config(run)
         ckpts = list_checkpoints(run)
@@ -472,7 +473,35 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
                 d = per_window[a] - per_window[b]
                 rows.append({"model": name, "point": f"{a}_minus_{b}", "step": -1, "tokens": -1,
                              "icl_score": float(d.mean()), "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n})
+        before[name] = per_window.get("before"), points.get("before"), cfg
+    rows += _one_layer_at_before(runs, before, n, device)
     return pd.DataFrame(rows)
+
+
+def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: str) -> list[dict]:
+    """The 1-layer control (attn-1l) at the tokens of attn-2l's "before" point, on the same windows, and
+    the paired difference attn-2l minus attn-1l there: how much of the ICL score before the window a
+    model that cannot form induction heads also has (point ``attn1l_at_before``)."""
+    two = next((k for k in before if k == "attn-2l" or k.startswith("attn-2l-")), None)
+    one = "attn-1l" if two == "attn-2l" else (two.replace("attn-2l", "attn-1l") if two else None)
+    if two is None or one not in runs or before[two][0] is None:
+        return []
+    per2, ckpt2, cfg2 = before[two]
+    cfg = run_config(runs[one])
+    ckpt = _at_or_before(list_checkpoints(runs[one]), cfg, step_tokens(ckpt2, cfg2)[1])
+    wins = eval_windows(cfg, n)
+    if not torch.equal(wins, eval_windows(cfg2, n)):
+        return []  # different corpora or seeds: no paired comparison
+    losses = window_losses(load_model(ckpt, device), wins.to(device)).cpu()
+    pos = losses.shape[1] + 1
+    r = icl_from_losses(losses, *icl_indices(pos), icl_band(pos))
+    early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
+    d = per2 - (late - early)
+    tokens = step_tokens(ckpt, cfg)[1]
+    return [{"model": one, "point": "attn1l_at_before", "step": step_tokens(ckpt, cfg)[0], "tokens": tokens,
+             "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n},
+            {"model": two, "point": "before_minus_attn1l", "step": -1, "tokens": -1, "icl_score": float(d.mean()),
+             "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n}]
 
 
 def add_plateau(win: pd.DataFrame, precise: pd.DataFrame) -> pd.DataFrame:

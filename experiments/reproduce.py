@@ -122,7 +122,8 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
              "icl_plateaued": bool(r.plateaued)}
         p = prec[prec.model == r.model].set_index("point")
         for point, key in (("before", "icl_before"), ("after", "icl_after"), ("final", "icl_final"),
-                           ("after_minus_before", "icl_drop")):
+                           ("after_minus_before", "icl_drop"), ("attn1l_at_before", "icl_at_attn2l_before"),
+                           ("before_minus_attn1l", "icl_before_minus_attn1l")):
             if point in p.index:
                 d[key], d[f"{key}_sem"] = _f(p.loc[point, "icl_score"]), _f(p.loc[point, "icl_sem"])
                 if p.loc[point, "tokens"] >= 0:
@@ -233,6 +234,13 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
             lines += [f"  - ICL before the window {_pm(d['icl_before'], d['icl_before_sem'])} (at {_tok(d['icl_before_tokens'])}), "
                       f"after {_pm(d['icl_after'], d['icl_after_sem'])} (at {_tok(d['icl_after_tokens'])}); change across it "
                       f"{_pm(d['icl_drop'], d['icl_drop_sem'])} (paired, 2,048 windows)."]
+            one = h["models"].get(name.replace("attn-2l", "attn-1l"), {})
+            if "icl_before_minus_attn1l" in d and "icl_at_attn2l_before" in one:
+                lines += [f"  - The 1-layer control at the same tokens ({_tok(one['icl_at_attn2l_before_tokens'])}), same "
+                          f"windows: ICL {_pm(one['icl_at_attn2l_before'], one['icl_at_attn2l_before_sem'])}; "
+                          f"{name} minus it {_pm(d['icl_before_minus_attn1l'], d['icl_before_minus_attn1l_sem'])} "
+                          "(paired): the part of the ICL score before the window that a model without induction "
+                          "heads does not have."]
         if d.get("icl_plateau_change_last_20pct") is not None:
             lines += [f"  - Plateau: the last 20% of the run moves the ICL score by "
                       f"{_pm(d['icl_plateau_change_last_20pct'], d['icl_plateau_change_sem'])} "
