@@ -2,7 +2,8 @@
 
 For each model (the attn-2l preset's attention-only model; a 4-layer GPT-2-architecture model), on
 the same random weights and the same N x pos random tokens, it times:
-  * ``sweep``: ``interventions.ablation_sweep(kind="zero")`` (several heads per pass, prefix sharing);
+  * ``sweep``: ``interventions.ablation_sweep(kind="zero")`` (several heads per pass, prefix sharing; on
+    a GPU, a sweep that fits one pass runs as one pass);
   * ``plain``: n_heads_total + 1 plain HF forward passes (one per head, one clean) each computing the
     per-token loss: what the sweep costs at least if done one head at a time with zero overhead;
   * ``tl``: TransformerLens the usual way: one clean forward, then one ``run_with_hooks`` forward per

@@ -99,6 +99,41 @@ def test_sweep_bad_inputs(tiny_model):
 
 
 @pytest.mark.parametrize("which", ["attn_only", "gpt2"])
+@pytest.mark.parametrize("kind", ["zero", "mean", "pattern"])
+def test_sweep_in_one_pass_equals_unbatched(which, kind, tiny_model, tiny_gpt2, monkeypatch):
+    """The one-pass sweep (a launch-bound GPU's path, enabled here on the CPU: clean rows and one block of
+    rows per head in a single forward) equals per-head ablation to 1e-5, on a padded batch too; it is
+    taken (one engine run per chunk) except for pattern-preserving ablation, which needs the clean
+    patterns first."""
+    import interventions.primitives.sweep as S
+    from interventions.engine.tracing import Engine
+
+    monkeypatch.setattr(S, "ONE_PASS_DEVICES", ("cpu",))
+    runs = []
+    real_run = Engine.run
+    monkeypatch.setattr(Engine, "run", lambda self, run, verify=True: runs.append(run) or real_run(self, run, verify))
+    model = tiny_model if which == "attn_only" else tiny_gpt2
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 50, (3, 10), generator=g)
+    reference = torch.randint(0, 50, (5, 12), generator=g) if kind == "mean" else None
+    clean, delta = ablation_sweep(model, tokens, kind=kind, reference=reference, batch_size=2)
+    big = [r for r in runs if r.tokens.shape == (r.tokens.shape[0], 10) and r.tokens.shape[0] > 2]  # the passes
+    ref_clean, ref_delta = _oracle(model, tokens, kind, all_heads(2, 4), reference)
+    torch.testing.assert_close(clean, ref_clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(delta, ref_delta, atol=1e-5, rtol=0)
+    if kind == "pattern":
+        assert all(r.tokens.shape[0] <= 8 * 2 for r in big)  # grouped passes, not one of 9 blocks
+    else:
+        assert [r.tokens.shape[0] for r in big] == [9 * 2, 9 * 1]  # one pass per chunk (2 + 1 rows)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, :3] = 0  # left padding: real tokens at their unpadded positions
+    if kind != "mean":
+        c_pad, d_pad = ablation_sweep(model, tokens, kind=kind, attention_mask=mask)
+        c_ref, d_ref = ablation_sweep(model, tokens[:1, 3:], kind=kind)
+        torch.testing.assert_close(d_pad[:, :1, 3:], d_ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["attn_only", "gpt2"])
 @pytest.mark.parametrize("kind", ["zero", "pattern"])
 def test_sweep_without_attention_shortcut_equals_unbatched(which, kind, tiny_model, tiny_gpt2, monkeypatch):
     """With the ablated layer's attention recomputed (edits applied at the per-head site inside the trace,

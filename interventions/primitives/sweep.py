@@ -54,6 +54,9 @@ _ATTN_SHORTCUT = True
 
 # tokens per forward pass that the default heads_per_pass aims at, by device (see ablation_sweep)
 PASS_TOKENS = {"cpu": 4096, "cuda": 262144}
+# devices on which a sweep that fits in one pass of PASS_TOKENS (clean rows + one block per head, no
+# prefix sharing) runs as that one pass: launch-bound GPUs; on a CPU prefix sharing saves compute
+ONE_PASS_DEVICES = ("cuda",)
 # ... and at most this many bytes of logits per pass (a 128k vocabulary in bf16: 16k tokens)
 LOGITS_BYTES = 2 ** 32
 
@@ -122,6 +125,7 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
     check_mask(attention_mask, tokens)
     if isinstance(kind, str) and kind not in SWEEP_KINDS:
         _make_ablation(kind, (), tokens, reference)  # raises naming the choices
+    auto = heads_per_pass is None
     if heads_per_pass is None:
         budget = PASS_TOKENS["cuda" if engine.device().type == "cuda" else "cpu"]
         budget = min(budget, LOGITS_BYTES // (adapter.vocab_size * engine.dtype_size()))  # a pass's logits
@@ -142,6 +146,11 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
     b_total = tokens.shape[0]
     chunk = b_total if batch_size is None else batch_size
     groups = _layer_groups(heads, heads_per_pass)
+    # launch-bound sizes (a small model on a GPU): the clean run and every ablation in one pass
+    one_pass = (auto and not frozen and engine.device().type in ONE_PASS_DEVICES
+                and (len(heads) + 1) * chunk * tokens.shape[1] <= budget)
+    if one_pass:
+        groups = [[(i, h) for i, h in enumerate(heads)]]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -154,7 +163,12 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
             for start in range(0, b_total, chunk):
                 toks = tokens[start:start + chunk]
                 mask = None if attention_mask is None else attention_mask[start:start + chunk]
-                clean, delta = _sweep_chunk(engine, toks, ablation, frozen, groups, len(heads), bar, mask, start)
+                if one_pass:
+                    clean, delta = _sweep_one_pass(engine, toks, ablation, heads, mask, start)
+                    if bar is not None:
+                        bar.update(1)
+                else:
+                    clean, delta = _sweep_chunk(engine, toks, ablation, frozen, groups, len(heads), bar, mask, start)
                 clean_parts.append(pad_to_nan(clean, mask))
                 delta_parts.append(pad_to_nan(delta, mask))
     finally:
@@ -171,6 +185,20 @@ def _layer_groups(heads: Sequence[Head], heads_per_pass: int) -> list[list[tuple
         by_layer.setdefault(h.layer, []).append((i, h))
     return [hs[i:i + heads_per_pass] for layer in sorted(by_layer) for hs in [by_layer[layer]]
             for i in range(0, len(hs), heads_per_pass)]
+
+
+def _sweep_one_pass(engine: Engine, tokens, ablation: Ablation, heads: Sequence[Head], mask, row_offset: int):
+    """(batch, pos - 1) clean loss and (n_heads, batch, pos - 1) deltas from one pass of (n_heads + 1) *
+    batch rows: rows [0, batch) run clean, rows [(j + 1) * batch, (j + 2) * batch) with head j ablated
+    (at its ``z``). No prefix sharing: on a launch-bound device one larger pass costs less than several."""
+    b, k = tokens.shape[0], len(heads)
+    positions = None if mask is None else position_ids(mask, tokens)
+    writes = [Write(Site(h.layer, "z"), ablation_value(ablation, h, tokens, row_offset, positions),
+                    rows=slice((j + 1) * b, (j + 2) * b), head=h.head) for j, h in enumerate(heads)]
+    rep = tokens.repeat(k + 1, 1)  # ((k + 1) * batch, pos)
+    logits = engine.run(Run(rep, writes=writes, attention_mask=None if mask is None else mask.repeat(k + 1, 1))).logits
+    loss = loss_from_logits(logits, rep).cpu().view(k + 1, b, -1)  # (k + 1, batch, pos - 1)
+    return loss[0], loss[1:] - loss[0]
 
 
 def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
