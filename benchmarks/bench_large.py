@@ -10,8 +10,8 @@ weights (std 0.02), bf16. Tokens: ``--batch`` x ``--pos`` random ids. Variants:
   * ``tl``: TransformerLens on the same weights, one clean forward + one ``run_with_hooks`` per head
     (``hook_z`` zeroed); timed on ``--tl-heads`` heads and extrapolated to all; its deltas are checked
     against the sweep's on those heads (bf16: the two implementations round differently).
-Also peak GPU memory of one sweep vs one plain forward, tokens/s, and ``path_patch`` of 8 sender heads
-of layer 4 to 8 receiver heads of layer 5 (keys) against the plain forwards it replaces.
+Also peak GPU memory of one sweep vs one plain forward, tokens/s, and ``path_patch`` of every sender head
+of layer 4 to every receiver head of layer 5 (keys) against the plain forwards it replaces.
 
     python benchmarks/bench_large.py --device cuda --out benchmarks/results/gpu/large.json
 """
@@ -79,6 +79,7 @@ def main(argv=None):
     p.add_argument("--pos", type=int, default=512)
     p.add_argument("--heads-per-pass", type=int, default=None, help="default: the sweep's own choice")
     p.add_argument("--tl-heads", type=int, default=16, help="heads timed (and checked) in TransformerLens")
+    p.add_argument("--path-heads", type=int, default=None, help="sender and receiver heads (default: all)")
     args = p.parse_args(argv)
     reps = args.reps or 5
     from interventions import ablation_sweep, path_patch
@@ -186,14 +187,15 @@ def main(argv=None):
             if dev == "cuda":
                 torch.cuda.empty_cache()
 
-        ls, step = a.n_layers // 4, max(1, a.n_heads // 8)  # layers 4 -> 5 of 16
-        senders = [f"L{ls}H{h}" for h in range(0, a.n_heads, step)][:8]
-        receivers = [f"L{ls + 1}H{h}" for h in range(0, a.n_heads, step)][:8]
+        ls = a.n_layers // 4  # layers 4 -> 5 of 16
+        k = min(args.path_heads or a.n_heads, a.n_heads)
+        senders = [f"L{ls}H{h}" for h in range(k)]
+        receivers = [f"L{ls + 1}H{h}" for h in range(k)]
         corrupted = torch.randint(0, cfg.vocab_size, x.shape, generator=g).to(dev)
 
         def metric(logits, toks):
             return logits[:, -1].float().log_softmax(-1).gather(-1, toks[:, -1:].to(logits.device)).squeeze(-1)
-        path_patch(model, x, corrupted, metric, senders, receivers, "k")  # warm-up
+        path_patch(model, x, corrupted, metric, senders[:2], receivers[:2], "k")  # warm-up
         sync(dev)
         t = time.perf_counter()
         path_patch(model, x, corrupted, metric, senders, receivers, "k")
