@@ -76,6 +76,7 @@ def _curve(run: Path) -> list[dict]:
     return T.read_metrics(run)
 
 
+@pytest.mark.slow  # torchrun launches: ~50 s for the module on a 2-core CPU
 def test_ddp_loss_curve_matches_one_process(ddp_run, one_process_run):
     """Same global batch and seed: every metrics line (train loss over the last 10 steps, validation
     loss, ICL score, repeated-token losses) of the 2-process run equals one process's, within
@@ -97,6 +98,7 @@ def test_ddp_loss_curve_matches_one_process(ddp_run, one_process_run):
     assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.1  # the curve moved: it is a training run
 
 
+@pytest.mark.slow
 def test_ddp_is_the_average_of_half_batch_gradients(ddp_run, one_thread):
     """Bit for bit, the 2-process weights after 300 steps are those of an independent computation in
     plain torch: each step, the gradient of the mean loss on rows 0-7 and on rows 8-15 of the
@@ -137,6 +139,7 @@ def _files(run: Path) -> list[str]:
     return sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
 
+@pytest.mark.slow
 def test_rank0_alone_wrote_a_complete_run(ddp_run, one_process_run):
     """The DDP run folder holds exactly the files of the one-process run (no temporary leftovers, no
     second writer's files), one metrics line per checkpoint (a second writer would duplicate them),
@@ -153,6 +156,7 @@ def test_rank0_alone_wrote_a_complete_run(ddp_run, one_process_run):
     assert len(summaries) == 1 and json.loads(summaries[0])["step"] == STEPS
 
 
+@pytest.mark.slow
 def test_ddp_resume_after_kill_matches_uninterrupted(ddp_run, tmp_path):
     """SIGTERM to torchrun after the step-20 checkpoint (workers die mid-run, as on preemption), then
     the same command with --resume under torchrun: the metrics and the final weights are identical
@@ -197,23 +201,36 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path, monkeypatch, caps
 def test_world_from_env_and_bad_setups(monkeypatch):
     """torchrun's variables are read and checked; rows partition the global batch; a device that
     cannot be split per process is refused naming the fix."""
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    assert World.from_env() == World(0, 1, 0)
+    assert World.from_env() == World(0, 1, 0, 1)
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DistributedError, match="inconsistent torchrun environment"):
         World.from_env()
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert World.from_env() == World(1, 2, 1)
+    assert World.from_env() == World(1, 2, 1, 2)
     rows = [World(r, 4).rows(16) for r in range(4)]
     assert [i for s in rows for i in range(16)[s]] == list(range(16))
     with pytest.raises(DistributedError, match="pass --device cuda"):
         World(1, 2, 1).device("cuda:1")
     with pytest.raises(DistributedError, match="use --device cpu"):
         World(1, 2, 1).device("mps")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DistributedError, match="has 1 CUDA device.* use --nproc_per_node 1 or fewer"):
+        World(0, 2, 0, 2).device("cuda")  # rank 0 too: no rank waits for one that stopped
+    assert World(0, 2, 0, 1).device("cuda") == "cuda:0"  # 2 machines of 1 GPU
     assert World(0, 1).device("cuda:1") == "cuda:1" and World(1, 2).device("cpu") == "cpu"
     with pytest.raises(DistributedError, match="--nproc_per_node 1, or --set batch_size=2 "):
         World(0, 2).check_batch(1)
     World(2, 3).check_batch(3)
+
+
+def test_readme_shows_the_tested_commands():
+    """The README's torchrun commands are the ones these tests run (docs match what is tested)."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Data-parallel training (torchrun)")[1].split("\n## ")[0]
+    tested = " ".join(_torchrun(Path("runs/tiny-ddp"))[1:])
+    assert f".venv/bin/python {tested}\n" in section
+    assert f".venv/bin/python {tested} --resume\n" in section

@@ -1,8 +1,8 @@
 """The processes of one training run: one (plain ``python``) or N under ``torchrun`` (DDP).
 
-``torchrun --nproc_per_node N`` starts N copies of the trainer with ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK`` in their environment; ``World.from_env`` reads them (no variables: one process, and
-every method here is a plain call). The trainer's contract under DDP:
+``torchrun --nproc_per_node N`` starts N copies of the trainer with ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` in their environment; ``World.from_env`` reads them (none:
+one process, and every method here is a plain call). The trainer's contract under DDP:
 
 * each rank computes the whole global batch of a step (a pure function of seed and step) and keeps
   its ``batch_size / N`` rows (``World.rows``), so the data order is the one-process order;
@@ -49,17 +49,20 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # processes on this machine (torchrun's --nproc_per_node)
 
     @classmethod
     def from_env(cls) -> "World":
-        """From torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (absent: one process)."""
+        """From torchrun's ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (absent: one process)."""
         rank, size, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+        local_size = _env_int("LOCAL_WORLD_SIZE")
         if size is None and rank is None:
             return cls()
         if size is None or rank is None or not 0 <= rank < size:
             raise DistributedError(f"inconsistent torchrun environment (RANK={rank}, WORLD_SIZE={size}): launch "
                                    "with `torchrun --nproc_per_node N ...`, or unset both for one process")
-        return cls(rank=rank, size=size, local_rank=rank if local is None else local)
+        local = rank if local is None else local
+        return cls(rank=rank, size=size, local_rank=local, local_size=max(local + 1, local_size or size))
 
     @property
     def distributed(self) -> bool:
@@ -99,9 +102,11 @@ class World:
             import torch
 
             n = torch.cuda.device_count()
-            if self.local_rank >= n:
-                raise DistributedError(f"this machine has {n} CUDA device(s) but torchrun started a process "
-                                       f"with LOCAL_RANK={self.local_rank}: use --nproc_per_node {n} or fewer")
+            if n == 0:
+                raise DistributedError("device='cuda' was asked for but no CUDA GPU is available: use --device cpu")
+            if self.local_size > n:  # every rank sees it, so every rank stops (none waits for the others)
+                raise DistributedError(f"torchrun started {self.local_size} processes on this machine but it has "
+                                       f"{n} CUDA device(s) (one per process): use --nproc_per_node {n} or fewer")
             return f"cuda:{self.local_rank}"
         if device != "cpu":
             raise DistributedError(f"device={device!r} is not supported under torchrun: use --device cpu "
