@@ -306,6 +306,9 @@ def _precheck(args) -> None:
         value = getattr(args, option, None)
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise UsageError(f"--{option} {value} is a file, not a folder: pass a folder")
+    if args.command != "train" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise UsageError(f"`{args.command}` does not run under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): only "
+                         f"`train` is data-parallel; run `python -m experiments {args.command} ...` as one process")
     device = getattr(args, "device", None)
     if device is not None and not DEVICE_RE.match(device):
         raise UsageError(f"--device={device!r} is not a known device: use cpu, cuda, cuda:N or mps")

@@ -198,6 +198,16 @@ def test_batch_not_divisible_by_processes_is_refused(tmp_path, monkeypatch, caps
     assert not (tmp_path / "run").exists()
 
 
+def test_other_commands_refuse_torchrun(tmp_path, monkeypatch, capsys):
+    """Only `train` is data-parallel: another command started by torchrun exits 2 naming the fix."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_:
+        main(["figures", "--results", str(tmp_path), "--out", str(tmp_path / "figs")])
+    assert exit_.value.code == 2 and "only `train` is data-parallel" in capsys.readouterr().err
+    assert not (tmp_path / "figs").exists()
+
+
 def test_world_from_env_and_bad_setups(monkeypatch):
     """torchrun's variables are read and checked; rows partition the global batch; a device that
     cannot be split per process is refused naming the fix."""

@@ -8,6 +8,8 @@
   checkpoint is written under a temporary name and renamed, and loaded only if its manifest checks.
 * ``metrics.jsonl``: one JSON line per checkpoint: step, tokens, train loss, validation loss,
   learning rate, ICL score, and the loss on the second copy of repeated random tokens.
+* Under ``torchrun --nproc_per_node N``: DDP over N processes, each on its rows of the one-process
+  batch; rank 0 alone writes the run folder (see ``train`` and ``distributed``).
 
 Example:
     >>> cfg = TrainConfig(model=dict(n_layers=1, n_heads=2, d_model=32, n_ctx=32),
@@ -707,8 +709,7 @@ def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, 
                             lr=cfg.lr, betas=cfg.betas, fused=device.startswith("cuda") or None)
 
     # Rank 0 takes the folder and picks the checkpoint; every rank loads that same checkpoint.
-    ckpt = world.on_rank0(lambda: _prepare_run_dir(run_dir, cfg, resume, tok, fingerprint, own,
-                                                        world.size))
+    ckpt = world.on_rank0(lambda: _prepare_run_dir(run_dir, cfg, resume, tok, fingerprint, own, world.size))
     start = 0
     if ckpt is not None:
         from safetensors.torch import load_file as load_st
@@ -719,8 +720,8 @@ def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, 
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        step_model = DistributedDataParallel(model, device_ids=[torch.device(device)] if device.startswith("cuda")
-                                             else None)
+        cuda = device.startswith("cuda")
+        step_model = DistributedDataParallel(model, device_ids=[torch.device(device)] if cuda else None)
 
     total = cfg.total_steps
     schedule = checkpoint_schedule(cfg)
