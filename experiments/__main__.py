@@ -103,13 +103,15 @@ def cmd_presets(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from interventions.zoo.distributed import World
     from interventions.zoo.train import read_metrics, train
 
     cfg = train_config_from_args(args)
     out = Path(args.out)
     final = train(cfg, out, resume=args.resume, progress=not args.quiet, wait=args.wait)
-    last = read_metrics(out)[-1]
-    print(json.dumps({"checkpoint": str(final), **last}))
+    if World.from_env().is_main:  # under torchrun: one summary line, from the rank that wrote the run
+        last = read_metrics(out)[-1]
+        print(json.dumps({"checkpoint": str(final), **last}))
     return 0
 
 
@@ -304,6 +306,9 @@ def _precheck(args) -> None:
         value = getattr(args, option, None)
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise UsageError(f"--{option} {value} is a file, not a folder: pass a folder")
+    if args.command != "train" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        raise UsageError(f"`{args.command}` does not run under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): only "
+                         f"`train` is data-parallel; run `python -m experiments {args.command} ...` as one process")
     device = getattr(args, "device", None)
     if device is not None and not DEVICE_RE.match(device):
         raise UsageError(f"--device={device!r} is not a known device: use cpu, cuda, cuda:N or mps")
@@ -344,13 +349,14 @@ _ENV_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system i
 def _known_failure(e: BaseException) -> tuple[int, str] | None:
     """(exit code, one line) for bad input and environment failures; None for a bug (traceback)."""
     from interventions.zoo.corpus import CorpusError
+    from interventions.zoo.distributed import DistributedError
     from interventions.zoo.ownership import FolderBusyError
     from interventions.zoo.train import ConfigError, RunFolderError, TrainingDiverged
 
     from .common import InputError, ResultError
 
     if isinstance(e, (UsageError, CorpusError, RunFolderError, ConfigError, ResultError, FolderBusyError,
-                      InputError)):
+                      InputError, DistributedError)):
         return 2, f"error: {e}"
     if isinstance(e, TrainingDiverged):
         return 1, f"training stopped: {e}"

@@ -8,6 +8,8 @@
   checkpoint is written under a temporary name and renamed, and loaded only if its manifest checks.
 * ``metrics.jsonl``: one JSON line per checkpoint: step, tokens, train loss, validation loss,
   learning rate, ICL score, and the loss on the second copy of repeated random tokens.
+* Under ``torchrun --nproc_per_node N``: DDP over N processes, each on its rows of the one-process
+  batch; rank 0 alone writes the run folder (see ``train`` and ``distributed``).
 
 Example:
     >>> cfg = TrainConfig(model=dict(n_layers=1, n_heads=2, d_model=32, n_ctx=32),
@@ -636,34 +638,29 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     folder gets ``FolderBusyError`` naming this one's pid, or waits up to ``wait`` seconds.
     On resume only ``lr`` may differ from the saved config (to continue after divergence).
     ``stop_after_steps`` ends the process-local loop early (tests of interruption);
-    ``progress_position`` is the progress bar's line (parallel runs)."""
+    ``progress_position`` is the progress bar's line (parallel runs).
+
+    Under ``torchrun --nproc_per_node N`` (DDP; see ``distributed``) every process runs this call: each
+    trains on its ``batch_size / N`` rows of the one-process global batch, gradients are averaged, and
+    rank 0 alone takes the lock, writes the folder and evaluates checkpoints; the others wait for it."""
+    from .distributed import World
     from .ownership import owned
 
-    with contextlib.ExitStack() as held:
+    cfg.validate()
+    world = World.from_env()
+    world.check_batch(cfg.batch_size)  # before any work: nothing is written
+    device = world.device(cfg.device)
+    with world.joined(device), contextlib.ExitStack() as held:
         return _train(cfg, run_dir, resume, progress, stop_after_steps,
                       own=lambda: held.enter_context(owned(run_dir, wait, what="run folder")),
-                      progress_position=progress_position)
+                      progress_position=progress_position, world=world, device=device)
 
 
-def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, stop_after_steps: int | None,
-           own, progress_position: int | None = None) -> Path:
-    cfg.validate()
-    run_dir = Path(run_dir)
-    _check_run_dir(run_dir, cfg, resume)
-    source, tok, fingerprint = build_source(cfg, progress=progress)
-    model_kwargs = dict(cfg.model)
-    if tok is not None:
-        model_kwargs["vocab_size"] = len(tok)
-    mcfg = AttnOnlyConfig(**model_kwargs)
-    torch.manual_seed(cfg.seed)
-    model = AttnOnlyForCausalLM(mcfg).to(cfg.device)
-    model.train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=cfg.betas, fused=cfg.device.startswith("cuda") or None)
-
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerprint: dict, own,
+                     processes: int = 1) -> Path | None:
+    """Take the run folder (lock, config, provenance, tokenizer) and return the checkpoint to continue
+    from (None: from the start); metrics after it are dropped. Rank 0 only; ``processes`` (the DDP
+    world size) is recorded in the provenance of a new run."""
     try:  # mkdir too: a parent that is a regular file or read-only raises OSError here
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -678,19 +675,53 @@ def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, 
         from .provenance import provenance
 
         atomic_write_text(run_dir / "provenance.json", json.dumps(
-            provenance(config=cfg.to_dict(), seed=cfg.seed, corpus=fingerprint), indent=1))
+            provenance(config=cfg.to_dict(), seed=cfg.seed, corpus=fingerprint, processes=processes), indent=1))
         if tok is not None:
             tok.save_pretrained(run_dir / "tokenizer")
         atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
-
-    start = 0
     ckpt = resume_point(run_dir, cfg) if resume else _refuse_unverified(run_dir)
+    start = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+    _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
+    return ckpt
+
+
+def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, stop_after_steps: int | None,
+           own, progress_position: int | None = None, world=None, device: str | None = None) -> Path:
+    from .distributed import World
+
+    world = world or World()
+    device = device or cfg.device
+    run_dir = Path(run_dir)
+    world.on_rank0(lambda: _check_run_dir(run_dir, cfg, resume))
+    # rank 0 first: a text corpus is tokenised into a shared cache by one process, read by the others
+    source, tok, fingerprint = world.rank0_first(lambda: build_source(cfg, progress=progress and world.is_main))
+    model_kwargs = dict(cfg.model)
+    if tok is not None:
+        model_kwargs["vocab_size"] = len(tok)
+    mcfg = AttnOnlyConfig(**model_kwargs)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = AttnOnlyForCausalLM(mcfg).to(device)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=cfg.betas, fused=device.startswith("cuda") or None)
+
+    # Rank 0 takes the folder and picks the checkpoint; every rank loads that same checkpoint.
+    ckpt = world.on_rank0(lambda: _prepare_run_dir(run_dir, cfg, resume, tok, fingerprint, own, world.size))
+    start = 0
     if ckpt is not None:
         from safetensors.torch import load_file as load_st
 
         model.load_state_dict(load_st(str(ckpt / "model.safetensors")))
         start = _load_optimizer(opt, ckpt)
-    _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
+    step_model = model  # what the training step calls: the model itself, or its DDP wrapper
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = device.startswith("cuda")
+        step_model = DistributedDataParallel(model, device_ids=[torch.device(device)] if cuda else None)
 
     total = cfg.total_steps
     schedule = checkpoint_schedule(cfg)
@@ -698,13 +729,14 @@ def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, 
     # Random tokens for the induction check: printable-ish byte ids for text tokenizers.
     low, high = (0, mcfg.vocab_size) if tok is None else (32, min(mcfg.vocab_size, 127))
     induction = repeated_random_tokens(high, cfg.n_ctx, seed=cfg.seed, low=low)
-    if start == 0:
-        _log(run_dir, {"step": 0, "tokens": 0, "train_loss": None, "lr": 0.0,
-                       **quick_eval(model, windows, induction)})
+    if start == 0:  # evaluation and writes: rank 0 (on the unwrapped model: no collective inside)
+        world.on_rank0(lambda: _log(run_dir, {"step": 0, "tokens": 0, "train_loss": None, "lr": 0.0,
+                                              **quick_eval(model, windows, induction)}))
 
     tokens_per_step = cfg.batch_size * cfg.n_ctx
+    rows = world.rows(cfg.batch_size)
     bar = None
-    if progress:
+    if progress and world.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total * tokens_per_step, initial=start * tokens_per_step, unit="tok",
@@ -717,36 +749,49 @@ def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, 
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
             group["lr"] = lr
-        x = source.train_batch(step, cfg.batch_size, cfg.n_ctx, cfg.seed).to(cfg.device)
-        logits = model(x).logits
+        # the one-process global batch of this step; this rank keeps its rows (all of them for one process)
+        x = source.train_batch(step, cfg.batch_size, cfg.n_ctx, cfg.seed)[rows].to(device)
+        logits = step_model(x).logits
+        # Mean over this rank's tokens; every rank holds as many, so DDP's average of the ranks'
+        # gradients is the gradient of the mean over the global batch (the one-process loss).
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-        if not torch.isfinite(loss):
+        global_loss = world.mean(loss)  # every rank sees the same value: all stop together on NaN
+        if not torch.isfinite(global_loss):
             if bar is not None:
                 bar.close()
-            raise TrainingDiverged(f"loss became {loss.item()} at step {step}; " + _diverged_advice(last_ckpt))
+            raise TrainingDiverged(f"loss became {global_loss.item()} at step {step}; "
+                                   + _diverged_advice(last_ckpt))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP: gradients averaged over ranks here
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        recent.append(loss.item())
+        recent.append(global_loss.item())
         done = step + 1
         if bar is not None:
             bar.update(tokens_per_step)
         if done in schedule:
-            metrics = {"step": done, "tokens": done * tokens_per_step, "train_loss": float(np.mean(recent)),
-                       "lr": lr, **quick_eval(model, windows, induction)}
+            last_ckpt = world.on_rank0(lambda: _checkpoint(run_dir, model, opt, done, tokens_per_step, recent, lr,
+                                                           windows, induction, last_ckpt, bar))
             recent = []
-            _guard_checkpoint(model, metrics, last_ckpt, bar)  # never keep a checkpoint that diverged
-            # Log first: a kill between the two leaves a line past the last checkpoint, which --resume
-            # truncates; the other order would leave a checkpoint whose metrics line is lost for good.
-            _log(run_dir, metrics)
-            last_ckpt = save_checkpoint(run_dir, done, model, opt, done * tokens_per_step)
-            if bar is not None:
-                bar.set_postfix(val=f"{metrics['val_loss']:.3f}", icl=f"{metrics['icl_score']:+.3f}")
     if bar is not None:
         bar.close()
     return last_ckpt if last_ckpt is not None else run_dir
+
+
+def _checkpoint(run_dir: Path, model, opt, done: int, tokens_per_step: int, recent: list[float], lr: float,
+                windows, induction, last_ckpt: Path | None, bar) -> Path:
+    """Evaluate, log and save checkpoint ``done`` (rank 0 only); returns its folder."""
+    metrics = {"step": done, "tokens": done * tokens_per_step, "train_loss": float(np.mean(recent)),
+               "lr": lr, **quick_eval(model, windows, induction)}
+    _guard_checkpoint(model, metrics, last_ckpt, bar)  # never keep a checkpoint that diverged
+    # Log first: a kill between the two leaves a line past the last checkpoint, which --resume
+    # truncates; the other order would leave a checkpoint whose metrics line is lost for good.
+    _log(run_dir, metrics)
+    ckpt = save_checkpoint(run_dir, done, model, opt, done * tokens_per_step)
+    if bar is not None:
+        bar.set_postfix(val=f"{metrics['val_loss']:.3f}", icl=f"{metrics['icl_score']:+.3f}")
+    return ckpt
 
 
 def _log(run_dir: Path, metrics: dict) -> None:
