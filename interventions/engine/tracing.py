@@ -320,6 +320,8 @@ class Engine:
             if not isinstance(w, Write):
                 raise ValueError(f"writes must be Write objects, got {type(w).__name__}")
             writes.setdefault(parse_site(w.site, a.n_layers), []).append(w)
+        if self.remote:
+            self._check_remotable(reads, writes)
         if not isinstance(run.start, int) or not 0 <= run.start < a.n_layers:
             raise ValueError(f"start={run.start!r} must be a layer 0-{a.n_layers - 1}")
         if (run.start > 0) != (run.prefix is not None):
@@ -341,8 +343,6 @@ class Engine:
             if tuple(value.shape) != (batch, pos, a.d_model):
                 raise ValueError(f"attn_outputs[{layer}] has shape {tuple(value.shape)}; expected {(batch, pos, a.d_model)}")
         returns = check_returns(run.returns, batch, pos)
-        if self.remote:
-            self._check_remotable(reads, writes)
         with _eval_mode(inner):
             if verify and not self.remote:  # remotely: see interventions.engine.remote
                 for site in writes:
