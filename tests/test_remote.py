@@ -237,6 +237,30 @@ def test_caching(pair, server):
     close(only["L1.z"], cache_activations(model, tokens, ["L1.z"])["L1.z"])
 
 
+def test_engine_skips_and_reductions(pair, server):
+    """The engine's skipped blocks and attention modules (start / prefix / attn_outputs, placed on the
+    server's device inside the trace) and its reductions (loss, Gather, none) give the local results
+    through remote="local"."""
+    from interventions.engine.tracing import Gather
+
+    model, lm = pair
+    tokens = toks()
+    acts = iv.run_with_cache(model, tokens, ["L1.resid_pre", "L1.attn_out"])[1]
+    runs = [Run(tokens, reads=["L1.z", "L1.resid_post"], start=1, prefix=acts["L1.resid_pre"], returns="loss"),
+            Run(tokens, reads=["L1.mlp_out"], attn_outputs={1: 0.5 * acts["L1.attn_out"]}),
+            Run(tokens, writes=[Write("L0.v", None, head=1, pos=2)], returns=Gather(-1, torch.tensor([[3, 4]] * 3))),
+            Run(tokens, reads=["L0.k"], writes=[Write("L0.k", torch.ones(3, 8, 8), head=0)], returns="none")]
+    for run in runs:
+        got, want = execute(lm, run, remote="local"), execute(model, run)
+        for field in ("logits", "loss", "gathered"):
+            assert (getattr(got, field) is None) == (getattr(want, field) is None)
+            if getattr(want, field) is not None:
+                close(getattr(got, field), getattr(want, field))
+        assert got.acts.keys() == want.acts.keys()
+        for name in want.acts:
+            close(got.acts[name], want.acts[name])
+
+
 def test_remote_true_takes_the_same_path(monkeypatch, server):
     """remote=True, with a hub id and an API key (set after nnsight was imported), goes through the
     wrapper's remote backend: here it is swapped for the strict simulation (no network), and gives the

@@ -96,7 +96,8 @@ def check_remote(model, remote) -> Remote:
         kind = ("a bare nnsight.NNsight wrapper, which has no remote=" if isinstance(model, nnsight.NNsight)
                 else f"a {type(model).__name__}")
         raise NotRemotable(f"remote={remote!r} needs the model as nnsight.LanguageModel('<hub id>') (or "
-                           f"nnsight.TransformersModel), e.g. nnsight.LanguageModel('openai-community/gpt2'); got {kind}."
+                           "nnsight.TransformersModel), e.g. nnsight.LanguageModel('openai-community/gpt2'); "
+                           f"got {kind}."
                            " To try the remote path on a model built here, wrap it: "
                            "nnsight.LanguageModel(model, tokenizer=tokenizer), and pass remote='local'")
     if remote == "local":

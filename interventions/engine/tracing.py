@@ -497,7 +497,8 @@ class Engine:
                                 current = view[idx].clone()
                                 value = value(current)
                                 if not isinstance(value, torch.Tensor) or value.shape != current.shape:
-                                    got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                                    got = (tuple(value.shape) if isinstance(value, torch.Tensor)
+                                           else type(value).__name__)
                                     raise ValueError(f"a function written to {label} returned {got}; it must return "
                                                      f"a tensor of the activation's shape {tuple(current.shape)}")
                             view[idx] = value.to(device=view.device, dtype=view.dtype)

@@ -91,8 +91,8 @@ def check_remotable(ablations: Sequence[Ablation], remote: Remote) -> None:
         return
     for abl in ablations:
         if isinstance(abl, PatternPreserving):
-            raise NotRemotable(f"{abl!r} cannot run remotely: freezing patterns needs observable(), which adds a module "
-                               "to every attention layer and switches the attention implementation, and a server's "
+            raise NotRemotable(f"{abl!r} cannot run remotely: freezing patterns needs observable(), which adds a "
+                               "module to every attention layer and switches the attention implementation, and a server's "
                                "model is shared and cannot be edited; run the inner ablation remotely without "
                                "PatternPreserving, or run it locally")
         if isinstance(abl, FunctionAblation):
@@ -160,7 +160,8 @@ class _ReferenceAblation(Ablation):
         if self._key == key and self._acts:
             return
         layers = sorted({h.layer for h in self.heads})
-        acts = Engine(model, remote).run(Run(self.reference, reads=[Site(layer, "z") for layer in layers], returns="none")).acts
+        run = Run(self.reference, reads=[Site(layer, "z") for layer in layers], returns="none")
+        acts = Engine(model, remote).run(run).acts
         self._acts = {h: acts[f"L{h.layer}.z"][:, :, h.head] for h in self.heads}  # (n, pos_ref, d_head)
         self._key = key
 
