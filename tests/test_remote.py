@@ -4,13 +4,16 @@ Every remote-capable primitive gives the same numbers through ``remote="local"``
 GPT-2 and a small Llama with grouped-query attention built from configs; what cannot run remotely is
 refused before anything is sent. No test makes a network call (sockets are blocked).
 
-nnsight's ``LocalSimulationBackend`` is lenient in two ways that a server is not, so these tests run a
+nnsight's ``LocalSimulationBackend`` is lenient in ways that a server is not, so these tests run a
 stricter version of it (``strict_call``): (1) it hides uninstalled modules while deserialising, but an
 installed package (site-packages, or an editable install's import hook, as in CI) is found again, so a
-trace body that needs ``interventions`` would pass it and fail on NDIF; here importing the package
-while deserialising fails; (2) it executes the caller's original objects, so a container made before
-the trace and filled inside comes back filled; here the deserialised copy runs, as on a server, and
-only saved values come back (through ``torch.save``, as a server's result does).
+trace body that needs ``interventions`` would pass it and fail on NDIF; here the request may only
+reference the modules NDIF lets a request unpickle, and importing this package fails; (2) it executes
+the caller's original objects, so a container made before the trace and filled inside comes back
+filled; here the deserialised copy runs, as on a server, and only saved values come back (through
+``torch.save``, as a server's result does); (3) it runs the body with every builtin; here only the
+builtins NDIF's sandbox whitelists. The whitelists are NDIF's (ndif-team/ndif,
+``src/ndif/services/ray/nn/security/whitelist.yaml``, module roots and builtins as read there).
 """
 
 import importlib.abc
@@ -35,6 +38,43 @@ VOCAB = 50
 
 
 # ----------------------------------------------------------------------------- a server, simulated strictly
+
+# Roots of the modules NDIF lets a request unpickle (its deserialization modules and its import whitelist).
+SERVER_MODULES = {
+    "pickle", "cloudpickle", "copyreg", "nnsight", "transformers", "transformers_modules", "PIL", "re",
+    "dataclasses", "builtins", "torch", "collections", "time", "numpy", "sympy", "nnterp", "math", "einops",
+    "urllib3", "typing", "_operator", "operator", "pandas", "enum", "__future__", "diffusers", "tqdm", "heapq",
+    "json", "warnings", "functools", "_functools", "jinja2", "encodings", "peft", "pydantic", "argparse",
+    "datasets", "tokenizers", "huggingface_hub", "httpcore", "fsspec", "scipy", "regex", "concurrent", "io",
+    "_frozen_importlib_external", "_frozen_importlib"}
+# The builtins NDIF's sandbox leaves to a request's code (its whitelist, minus the exceptions: all kept).
+SERVER_BUILTINS = {
+    "abs", "aiter", "all", "anext", "any", "ascii", "bool", "bytearray", "bytes", "callable", "chr", "classmethod",
+    "complex", "delattr", "dict", "dir", "divmod", "enumerate", "filter", "float", "format", "frozenset",
+    "getattr", "hasattr", "hash", "hex", "id", "int", "isinstance", "issubclass", "iter", "len", "list", "map",
+    "max", "min", "next", "object", "oct", "ord", "pow", "print", "property", "range", "repr", "reversed", "round",
+    "set", "setattr", "slice", "sorted", "staticmethod", "str", "sum", "super", "tuple", "type", "vars", "zip",
+    "memoryview", "globals", "eval", "compile", "exec", "open", "None", "True", "False", "Ellipsis",
+    "NotImplemented", "__import__", "__build_class__", "__name__", "__doc__"}
+
+
+def _server_unpickler():
+    from nnsight.intervention.serialization import CustomCloudUnpickler
+
+    def allowed(module: str) -> str:
+        if module.split(".")[0] not in SERVER_MODULES:
+            raise ModuleNotFoundError(f"the server does not let a request load {module!r}")
+        return module
+
+    class ServerUnpickler(CustomCloudUnpickler):
+        def find_class(self, module, name):
+            found = super().find_class(allowed(module), name)
+            if (module, name) == ("cloudpickle.cloudpickle", "subimport"):
+                return lambda mod: found(allowed(mod))
+            return found
+
+    return ServerUnpickler
+
 
 class _NotOnServer(importlib.abc.MetaPathFinder):
     """Import hook: modules of these packages are not installed on the server."""
@@ -65,7 +105,7 @@ def strict_call(backend, tracer, sent: list) -> None:
     blocker = _NotOnServer({"interventions", "tests"})
     sys.meta_path.insert(0, blocker)
     try:
-        restored = RequestModel.deserialize(blob, persistent, compress=False)
+        restored = RequestModel.deserialize(blob, persistent, compress=False, unpickler=_server_unpickler())
     finally:
         sys.meta_path.remove(blocker)
         backend._restore(hidden)
@@ -74,6 +114,11 @@ def strict_call(backend, tracer, sent: list) -> None:
         else:
             linecache.cache.pop(filename, None)
     frame = restored.info.frame  # the shipped names only
+    import builtins
+
+    # the body runs in a scope made from these names: its builtins are the ones it finds here
+    frame.f_locals["__builtins__"] = {k: v for k, v in vars(builtins).items()
+                                      if k in SERVER_BUILTINS or (isinstance(v, type) and issubclass(v, BaseException))}
     before = dict(frame.f_locals)
     restored.execute(restored.info.code)
     result = {k: v for k, v in frame.f_locals.items() if k not in before or before[k] is not v}
@@ -289,8 +334,10 @@ def test_remote_true_takes_the_same_path(monkeypatch, server):
 
 def test_strict_server_catches_what_nnsight_simulation_misses(server):
     """The strict simulation fails a trace body that needs this package (not installed on a server)
-    and returns nothing through a list made before the trace: the two mistakes the engine's body is
-    written to avoid."""
+    or a builtin the server withholds, and returns nothing through a list made before the trace (a
+    list made and saved inside comes back): the mistakes the engine's body is written to avoid."""
+    import nnsight
+
     _, lm = build("gpt2")
     tokens = toks()
     with pytest.raises(ModuleNotFoundError, match="interventions"):
@@ -300,6 +347,13 @@ def test_strict_server_catches_what_nnsight_simulation_misses(server):
     with lm.trace(tokens, remote="local"):
         outside.append(lm.lm_head.output)
     assert outside == []
+    with pytest.raises(NameError, match="locals"):
+        with lm.trace(tokens, remote="local"):
+            names = locals()  # not a builtin NDIF's sandbox leaves
+    with lm.trace(tokens, remote="local"):
+        kept = nnsight.save([])
+        kept.append(lm.lm_head.output.shape[-1])
+    assert kept == [VOCAB]
 
 
 def test_compact_ships_each_tensor_once():

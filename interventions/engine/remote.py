@@ -8,7 +8,8 @@ modules that are not installed hidden), then runs here on the wrapper's own weig
 offline check of the remote path; it needs neither an API key nor a hub id.
 
 The server does not have this package. So the engine sends plain data (module paths, index tuples,
-view shapes, tensors) and a trace body that uses only torch and nnsight, and every container that
+view shapes, tensors) and a trace body that uses only torch, ``nnsight.save`` and builtins on NDIF's
+sandbox whitelist (``isinstance``, ``getattr``, ``int``, ``tuple``, ``type``), and every container that
 collects results is created inside the trace (a server returns saved values only; a list made before
 the trace would be filled on the server's copy and come back empty).
 

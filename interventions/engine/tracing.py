@@ -460,6 +460,8 @@ class Engine:
         if run.attention_mask is not None:
             kwargs["attention_mask"] = run.attention_mask.to(tokens.device).long()
             kwargs["position_ids"] = position_ids(run.attention_mask, tokens)
+        if self.remote:  # a chunk of a batch is a view: send it, not the whole batch
+            tokens, kwargs = compact((tokens, kwargs))
         nnsight = self._nnsight
         result = None  # stays None when the run returns "none"
         # The body below is what a server runs: it reads only lm, tokens, plan, unembed, returns, torch and
@@ -545,7 +547,7 @@ def check_returns(returns, batch: int, pos: int):
 
 
 def compact(obj, _memo: dict | None = None):
-    """``obj`` (nested tuples, lists and tensors) with every tensor that views a larger storage copied
+    """``obj`` (nested tuples, lists, dicts and tensors) with every tensor that views a larger storage copied
     to a compact one, each object once (so a tensor used twice is still one object and pickles once).
     Pickling a view ships its whole storage: k head slices of one activation would ship it k times."""
     memo = {} if _memo is None else _memo
@@ -558,6 +560,8 @@ def compact(obj, _memo: dict | None = None):
         return tuple(compact(x, memo) for x in obj)
     if isinstance(obj, list):
         return [compact(x, memo) for x in obj]
+    if isinstance(obj, dict):
+        return {k: compact(v, memo) for k, v in obj.items()}
     return obj
 
 
