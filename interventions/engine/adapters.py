@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -75,6 +76,10 @@ ARCHS: dict[str, ArchSpec] = {
     "mistral": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
                         final_norm="model.norm"),
 }
+
+# The built-in architectures as shipped (``register_adapter`` may add or replace entries of ``ARCHS``):
+# their adapters are proven against the forward by the tests on every supported architecture.
+BUILTIN_ARCHS = MappingProxyType(dict(ARCHS))
 
 _REGISTER_HINT = ("interventions.register_adapter(model_type, ArchSpec(layers='model.layers', attn='self_attn', "
                   "o_proj='o_proj', k_proj='k_proj'))  # paths of your model's modules; pattern sites are "
@@ -156,22 +161,28 @@ class Adapter:
     def n_site_heads(self, kind: str) -> int:
         return self.n_kv_heads if kind in KV_KINDS else self.n_heads
 
-    def view(self, raw: torch.Tensor, kind: str) -> torch.Tensor:
-        """``raw`` (the tensor at the site's point) as a view in the site's documented shape: writes to
-        the view change ``raw`` in place."""
-        b, p = raw.shape[0], raw.shape[1]
+    def view_spec(self, kind: str) -> tuple:
+        """How the site's view is cut from the tensor at its point, as plain data
+        ``(lo, hi, split, pick)``: ``raw[..., lo:hi]`` (``lo`` None: all of it), viewed as
+        ``(batch, pos, *split)`` (``split`` None: as it is), then ``[:, :, :, pick]`` (None: no pick).
+        Plain data so that a trace body run on a server (``remote=True``) needs no code of this package."""
         if kind in ("q", "k", "v"):
             n, d = self.n_site_heads(kind), self.d_head
             which = "qkv".index(kind)
             if self.spec.fused_qkv == "gpt2":  # [q | k | v] along the last dim (no GQA in GPT-2)
                 width = self.n_heads * d
-                return raw[..., which * width:(which + 1) * width].view(b, p, n, d)
+                return which * width, (which + 1) * width, (n, d), None
             if self.spec.fused_qkv == "neox":  # per head [q_h | k_h | v_h]
-                return raw.view(b, p, self.n_heads, 3, d)[:, :, :, which]
-            return raw.view(b, p, n, d)
+                return None, None, (self.n_heads, 3, d), which
+            return None, None, (n, d), None
         if kind == "z":
-            return raw.view(b, p, self.n_heads, self.d_head)
-        return raw
+            return None, None, (self.n_heads, self.d_head), None
+        return None, None, None, None
+
+    def view(self, raw: torch.Tensor, kind: str) -> torch.Tensor:
+        """``raw`` (the tensor at the site's point) as a view in the site's documented shape: writes to
+        the view change ``raw`` in place."""
+        return cut_view(raw, self.view_spec(kind))
 
     def unembed_path(self, root=None) -> str:
         """Path of the unembedding module: the spec's, else wherever ``get_output_embeddings`` lives
@@ -198,6 +209,15 @@ class Adapter:
     def head_slice(self, head: int) -> slice:
         """Columns of head ``head`` in the raw per-head output (the o_proj input)."""
         return slice(head * self.d_head, (head + 1) * self.d_head)
+
+
+def cut_view(raw: torch.Tensor, spec: tuple) -> torch.Tensor:
+    """The view ``Adapter.view_spec`` describes (the trace body repeats these lines inline)."""
+    lo, hi, split, pick = spec
+    view = raw if lo is None else raw[..., lo:hi]
+    if split is not None:
+        view = view.view(raw.shape[0], raw.shape[1], *split)
+    return view if pick is None else view[:, :, :, pick]
 
 
 _ADAPTERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -16,7 +16,13 @@ It owns, for every primitive alike:
 * a take-effect check: the first write to a (layer, kind) of a model is probed once by writing NaN
   there on a 2-token input and requiring NaN in the logits (or, where an attention kernel masks NaN
   scores, a changed logit under a random perturbation), which proves the forward *consumes* the site
-  (not just that the tensor was written).
+  (not just that the tensor was written),
+* what comes back (``Run.returns``): the logits, or only the per-token loss or chosen logits, reduced
+  where the model runs,
+* remote execution (``Engine(model, remote=True)`` or ``"local"``, see ``interventions.engine.remote``):
+  the run is turned into plain data (module paths, index tuples, view shapes, tensors) before the
+  trace opens, and the trace body uses only torch and nnsight, so it runs on a server that does not
+  have this package; what cannot run there is refused before anything is sent.
 
 The engine keeps no reference to a model after a call: wrappers live as long as one ``Engine``.
 
@@ -37,11 +43,13 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter, has_pattern_site, module_at
+from .remote import NotRemotable, Remote, check_remote, warn_unproven
 from .sites import HEAD_KINDS, KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
 
 
@@ -79,6 +87,15 @@ class Write:
         return rows, pos, head  # (batch, pos, head, d_head)
 
 
+@dataclass(frozen=True)
+class Gather:
+    """Return only ``logits[row, pos, ids[row]]``: ``ids`` (batch, n) or (n,) token ids; the result is a
+    (batch, n) float tensor (e.g. a correct and a wrong answer's logits for a logit difference)."""
+
+    pos: int
+    ids: torch.Tensor
+
+
 @dataclass
 class Run:
     """One forward pass described as data (see the module docstring)."""
@@ -90,12 +107,18 @@ class Run:
     start: int = 0  # blocks below are skipped ...
     prefix: torch.Tensor | None = None  # ... and the residual entering block ``start`` is this (batch, pos, d_model)
     attn_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> attention output (batch, pos, d_model)
+    # What comes back from the logits: all of them, the per-token loss (batch, pos - 1) in nats (entry t:
+    # predicting token t + 1; float32), ``Gather``, or nothing ("none": only the reads). Reduced where the
+    # model runs: remotely only that much travels back (logits are batch x pos x vocab floats).
+    returns: Literal["logits", "loss", "none"] | Gather = "logits"
 
 
 @dataclass
 class Result:
-    logits: torch.Tensor  # (batch, pos, vocab)
+    logits: torch.Tensor | None  # (batch, pos, vocab) when the run returns "logits", else None
     acts: dict[str, torch.Tensor]  # site name -> activation in the site's shape (after that site's writes)
+    loss: torch.Tensor | None = None  # (batch, pos - 1) when the run returns "loss"
+    gathered: torch.Tensor | None = None  # (batch, n) when the run returns a Gather
 
 
 # ----------------------------------------------------------------------------- input validation
@@ -193,11 +216,17 @@ def _eval_mode(inner: nn.Module):
 
 
 class Engine:
-    """Executes runs on one model; build one per primitive call (it holds the model until dropped)."""
+    """Executes runs on one model; build one per primitive call (it holds the model until dropped).
 
-    def __init__(self, model):
+    ``remote``: False (here), True (on NDIF; ``model`` an ``nnsight.LanguageModel`` made from a hub id,
+    an API key configured) or ``"local"`` (nnsight's offline simulation of the remote path); validated
+    here, before any work (``interventions.engine.remote``)."""
+
+    def __init__(self, model, remote: Remote = False):
         import nnsight
 
+        self.remote = check_remote(model, remote)
+        self.model = model  # the wrapper a remote run traces through (it names the server's model)
         self.inner = unwrap(model)
         self.adapter = get_adapter(self.inner)
         self._nnsight = nnsight
@@ -296,6 +325,8 @@ class Engine:
             if not isinstance(w, Write):
                 raise ValueError(f"writes must be Write objects, got {type(w).__name__}")
             writes.setdefault(parse_site(w.site, a.n_layers), []).append(w)
+        if self.remote:
+            self._check_remotable(reads, writes)
         if not isinstance(run.start, int) or not 0 <= run.start < a.n_layers:
             raise ValueError(f"start={run.start!r} must be a layer 0-{a.n_layers - 1}")
         if (run.start > 0) != (run.prefix is not None):
@@ -316,11 +347,28 @@ class Engine:
             a.check_layer(layer)
             if tuple(value.shape) != (batch, pos, a.d_model):
                 raise ValueError(f"attn_outputs[{layer}] has shape {tuple(value.shape)}; expected {(batch, pos, a.d_model)}")
+        returns = check_returns(run.returns, batch, pos)
         with _eval_mode(inner):
-            if verify:
+            if verify and not self.remote:  # remotely: see interventions.engine.remote
                 for site in writes:
                     self._verify(site)
-            return self._trace(tokens, run, reads, writes)
+            return self._trace(tokens, run, reads, writes, returns)
+
+    def _check_remotable(self, reads: list[Site], writes: dict[Site, list[Write]]) -> None:
+        """Refuse, before anything is sent, what cannot run on a server (``interventions.engine.remote``)."""
+        for site in list(reads) + list(writes):
+            if site.kind == "pattern":
+                raise NotRemotable(f"site {site} cannot run remotely: attention patterns need observable(), which "
+                                   "adds a module to every attention layer and switches the attention implementation; "
+                                   "a server's model is shared and cannot be edited. Read z, q, k or v instead, or run "
+                                   "locally")
+        for site, ws in writes.items():
+            for w in ws:
+                if callable(w.value) and not torch.is_tensor(w.value):
+                    raise NotRemotable(f"write to {site}: a function as the written value cannot run remotely (it "
+                                       "would run on the server, which has neither this package nor your code): "
+                                       "compute the replacement here and write a tensor")
+        warn_unproven(self.adapter)
 
     def _verify(self, site: Site) -> None:
         """Prove once per model and (layer, kind) that the forward consumes a write there: NaN written
@@ -352,80 +400,181 @@ class Engine:
                                         "with interventions.register_adapter")
         done.add(key)
 
-    def _trace(self, tokens, run: Run, reads: list[Site], writes: dict[Site, list[Write]]) -> Result:
+    def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]]) -> list[tuple]:
+        """The run as plain data, in execution order: ``("skip", path, value, as_tuple, device)`` (a
+        module not run, its output given; device None: the module's own, read in the trace) and
+        ``("point", path, io, entries)`` with entries ``(view_spec, [(index, value)], read name, label)``
+        (sites at one module point, e.g. fused q/k/v, share one access). Paths are tuples of attribute
+        names and list indices."""
+        a, inner = self.adapter, self.inner
+        remote = bool(self.remote)
+
+        def split(path: str) -> tuple:
+            return tuple(int(p) if p.isdigit() else p for p in path.split("."))
+
+        def here(path: str):  # the device a tensor fed to this module goes to (remote: the server's)
+            return None if remote else self.device(path)
+
+        read_set = set(reads)
+        by_layer: dict[int | None, list[Site]] = {}
+        for site in set(reads) | set(writes):
+            by_layer.setdefault(site.layer, []).append(site)
+        order = {k: i for i, k in enumerate(LAYER_KINDS)}
+        plan: list[tuple] = []
+
+        def visit(sites: list[Site]) -> None:
+            for site in sorted(sites, key=lambda s: order.get(s.kind, len(order))):
+                path, io = a.point(site, inner)
+                entry = (a.view_spec(site.kind), [(w.index(site.kind), w.value) for w in writes.get(site, ())],
+                         str(site) if site in read_set else None, str(site))
+                if plan and plan[-1][0] == "point" and plan[-1][1] == split(path) and plan[-1][2] == io:
+                    plan[-1][3].append(entry)
+                else:
+                    plan.append(("point", split(path), io, [entry]))
+
+        tuple_out = a.spec.block_output == "tuple"
+        for layer in range(a.n_layers):
+            path = a.path(layer, "layer")
+            if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
+                plan.append(("skip", split(path), run.prefix, tuple_out, here(a.path(run.start, "layer"))))
+                continue
+            sites = by_layer.get(layer, [])
+            if layer in run.attn_outputs:
+                visit([s for s in sites if s.kind == "resid_pre"])
+                attn = a.path(layer, "attn")
+                plan.append(("skip", split(attn), run.attn_outputs[layer], True, here(attn)))
+                visit([s for s in sites if s.kind != "resid_pre"])
+            else:
+                visit(sites)
+        visit(by_layer.get(None, []))
+        return plan
+
+    def _trace(self, tokens, run: Run, reads: list[Site], writes: dict[Site, list[Write]], returns) -> Result:
         from nnsight.intervention.interleaver import OutOfOrderError
 
         a, inner = self.adapter, self.inner
-        lm = self._wrapper()
-        device = self.device()
-        tokens = tokens.to(device)
+        plan = self._plan(run, reads, writes)
+        unembed = tuple(int(p) if p.isdigit() else p for p in a.unembed_path(inner).split("."))
+        if self.remote:  # tensors stay here (the server places them); the wrapper names the server's model
+            lm, trace_kwargs = self.model, {"remote": self.remote}
+            plan, returns = compact((plan, returns))
+        else:
+            lm, trace_kwargs = self._wrapper(), {}
+            tokens = tokens.to(self.device())
         kwargs = {"use_cache": False}
         if run.attention_mask is not None:
-            kwargs["attention_mask"] = run.attention_mask.to(device).long()
+            kwargs["attention_mask"] = run.attention_mask.to(tokens.device).long()
             kwargs["position_ids"] = position_ids(run.attention_mask, tokens)
-        wanted = set(reads) | set(writes)
-        by_layer: dict[int | None, list[Site]] = {}
-        for site in wanted:
-            by_layer.setdefault(site.layer, []).append(site)
-        order = {k: i for i, k in enumerate(LAYER_KINDS)}
-        saved: dict[str, torch.Tensor] = {}
-        read_set = set(reads)
-
-        def visit(sites: list[Site]) -> None:
-            cache: dict[tuple[str, str], torch.Tensor] = {}  # one access per module point (fused q/k/v)
-            for site in sorted(sites, key=lambda s: order.get(s.kind, len(order))):
-                point = a.point(site, inner)
-                if point not in cache:
-                    env = module_at(lm, point[0])
-                    raw = env.input if point[1] == "input" else env.output
-                    cache[point] = raw if torch.is_tensor(raw) else raw[0]
-                view = a.view(cache[point], site.kind)
-                for w in writes.get(site, ()):
-                    idx = w.index(site.kind)
-                    if w.value is None:
-                        view[idx] = 0
-                        continue
-                    value = w.value
-                    if callable(value) and not torch.is_tensor(value):
-                        current = view[idx].clone()
-                        value = value(current)
-                        if not torch.is_tensor(value) or value.shape != current.shape:
-                            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
-                            raise ValueError(f"a function written to {site} returned {got}; it must return a "
-                                             f"tensor of the activation's shape {tuple(current.shape)}")
-                    view[idx] = value.to(device=view.device, dtype=view.dtype)
-                if site in read_set:
-                    saved[str(site)] = view.clone().save()
-
+        if self.remote:  # a chunk of a batch is a view: send it, not the whole batch
+            tokens, kwargs = compact((tokens, kwargs))
+        nnsight = self._nnsight
+        result = None  # stays None when the run returns "none"
+        # The body below is what a server runs: it reads only lm, tokens, plan, unembed, returns, torch and
+        # nnsight (no code of this package: the server does not have it), and its results live in
+        # containers made inside the trace (only saved values come back from a server).
         try:
-            with lm.trace(tokens, **kwargs):
-                for layer in range(a.n_layers):
-                    block = a.module(lm, layer, "layer")
-                    if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
-                        p = run.prefix.to(self.device(a.path(run.start, "layer")))
-                        block.skip((p, None) if a.spec.block_output == "tuple" else p)
+            with lm.trace(tokens, **trace_kwargs, **kwargs):
+                acts = nnsight.save({})
+                for step in plan:
+                    env = lm
+                    for part in step[1]:
+                        env = env[part] if isinstance(part, int) else getattr(env, part)
+                    if step[0] == "skip":
+                        value, as_tuple, device = step[2], step[3], step[4]
+                        if device is None:
+                            x = env.input
+                            device = x.device
+                        value = value.to(device)
+                        env.skip((value, None) if as_tuple else value)
                         continue
-                    sites = by_layer.get(layer, [])
-                    if layer in run.attn_outputs:
-                        visit([s for s in sites if s.kind == "resid_pre"])
-                        out = run.attn_outputs[layer].to(self.device(a.path(layer, "attn")))
-                        a.module(lm, layer, "attn").skip((out, None))
-                        visit([s for s in sites if s.kind != "resid_pre"])
+                    raw = env.input if step[2] == "input" else env.output
+                    if not isinstance(raw, torch.Tensor):
+                        raw = raw[0]
+                    for (lo, hi, shape, pick), site_writes, name, label in step[3]:
+                        view = raw if lo is None else raw[..., lo:hi]
+                        if shape is not None:
+                            view = view.view(raw.shape[0], raw.shape[1], *shape)
+                        if pick is not None:
+                            view = view[:, :, :, pick]
+                        for idx, value in site_writes:
+                            if value is None:
+                                view[idx] = 0
+                                continue
+                            if not isinstance(value, torch.Tensor):  # a function of the activation (local runs)
+                                current = view[idx].clone()
+                                value = value(current)
+                                if not isinstance(value, torch.Tensor) or value.shape != current.shape:
+                                    got = (tuple(value.shape) if isinstance(value, torch.Tensor)
+                                           else type(value).__name__)
+                                    raise ValueError(f"a function written to {label} returned {got}; it must return "
+                                                     f"a tensor of the activation's shape {tuple(current.shape)}")
+                            view[idx] = value.to(device=view.device, dtype=view.dtype)
+                        if name is not None:
+                            acts[name] = view.clone()
+                if returns != "none":
+                    env = lm
+                    for part in unembed:
+                        env = env[part] if isinstance(part, int) else getattr(env, part)
+                    out = env.output
+                    if returns == "logits":
+                        result = out.save()
+                    elif returns == "loss":  # as interventions.primitives.loss.loss_from_logits
+                        logp = out[:, :-1].float().log_softmax(-1)
+                        result = (-logp.gather(-1, tokens[:, 1:, None].to(out.device)).squeeze(-1)).save()
                     else:
-                        visit(sites)
-                visit(by_layer.get(None, []))
-                logits = module_at(lm, a.unembed_path(inner)).output.save()
+                        pos, ids = returns
+                        result = out[:, pos].float().gather(-1, ids.to(out.device)).save()
         except OutOfOrderError as e:
             raise InterventionError(f"an intervention's target did not run ({e}). Pattern sites need "
                                     "`with interventions.observable(model):`; module paths come from "
                                     "interventions.engine.adapters (fix with register_adapter)") from None
-        return Result(logits, saved)
+        if returns in ("logits", "none"):
+            return Result(result, acts)
+        if returns == "loss":
+            return Result(None, acts, loss=result)
+        return Result(None, acts, gathered=result)
 
 
-def execute(model, run: Run) -> Result:
+def check_returns(returns, batch: int, pos: int):
+    """``Run.returns`` validated, as the trace body takes it: "logits", "loss", "none" or (pos, ids (batch, n))."""
+    if isinstance(returns, str) and returns in ("logits", "loss", "none"):
+        return returns
+    if not isinstance(returns, Gather):
+        raise ValueError(f"returns={returns!r} is unknown: use 'logits', 'loss', 'none' or Gather(pos, ids)")
+    if not isinstance(returns.pos, int) or not -pos <= returns.pos < pos:
+        raise ValueError(f"Gather pos={returns.pos!r} out of range for {pos} positions")
+    ids = torch.as_tensor(returns.ids).long()
+    if ids.dim() == 1:
+        ids = ids[None].expand(batch, -1)
+    if ids.dim() != 2 or ids.shape[0] != batch:
+        raise ValueError(f"Gather ids must have shape (n,) or (batch={batch}, n), got {tuple(ids.shape)}")
+    return returns.pos, ids
+
+
+def compact(obj, _memo: dict | None = None):
+    """``obj`` (nested tuples, lists, dicts and tensors) with every tensor that views a larger storage copied
+    to a compact one, each object once (so a tensor used twice is still one object and pickles once).
+    Pickling a view ships its whole storage: k head slices of one activation would ship it k times."""
+    memo = {} if _memo is None else _memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            big = obj.untyped_storage().nbytes() > obj.numel() * obj.element_size()
+            memo[id(obj)] = (obj, obj.clone() if big else obj)  # keep obj alive: ids stay unique
+        return memo[id(obj)][1]
+    if isinstance(obj, tuple):
+        return tuple(compact(x, memo) for x in obj)
+    if isinstance(obj, list):
+        return [compact(x, memo) for x in obj]
+    if isinstance(obj, dict):
+        return {k: compact(v, memo) for k, v in obj.items()}
+    return obj
+
+
+def execute(model, run: Run, remote: Remote = False) -> Result:
     """Execute one ``Run`` on ``model`` (an HF causal LM of a supported architecture, or its nnsight
-    wrapper). Returns ``Result(logits (batch, pos, vocab), acts {site name: tensor})``."""
-    return Engine(model).run(run)
+    wrapper; ``remote``: see ``Engine``). Returns ``Result(logits (batch, pos, vocab), acts {site name:
+    tensor})`` (``loss`` / ``gathered`` instead of the logits when the run returns them)."""
+    return Engine(model, remote).run(run)
 
 
 def wrap(model, tokenizer=None):

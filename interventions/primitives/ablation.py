@@ -16,6 +16,11 @@ On a left-padded batch (``attention_mask``) mean and resample ablation index the
 token's *unpadded* position, so a padded run equals the unpadded runs at every real token (tested).
 References themselves are unpadded sequences.
 
+Remotely (``remote=True`` on NDIF, or ``"local"``, see ``interventions.engine.remote``) zero, mean and
+resample ablations run (a mean or resample reference is one more remote run, its activations come back
+and the replacements are computed here); ``PatternPreserving`` and ``FunctionAblation`` are refused
+before anything is sent.
+
 Subclass ``Ablation`` and override ``value`` for your own kind; sweeps accept it too.
 
 Example:
@@ -40,7 +45,8 @@ import torch
 from ..engine.adapters import get_adapter, observable
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site
-from ..engine.tracing import Engine, Run, Write, check_tokens, position_ids, unwrap
+from ..engine.remote import NotRemotable, Remote
+from ..engine.tracing import Engine, Result, Run, Write, check_tokens, position_ids, unwrap
 
 
 class Ablation:
@@ -51,8 +57,9 @@ class Ablation:
     def __init__(self, heads: HeadLike | Iterable[HeadLike]):
         self.heads = parse_heads(heads)
 
-    def prepare(self, model, tokens: torch.Tensor) -> None:
-        """Compute anything that depends on the model (reference activations); validate."""
+    def prepare(self, model, tokens: torch.Tensor, remote: Remote = False) -> None:
+        """Compute anything that depends on the model (reference activations), on NDIF when ``remote``;
+        validate."""
         a = get_adapter(unwrap(model))
         check_heads(self.heads, a.n_layers, a.n_heads)
 
@@ -67,6 +74,33 @@ class Ablation:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(map(str, self.heads))})"
+
+
+def prepare_ablation(abl: Ablation, model, tokens: torch.Tensor, remote: Remote = False) -> None:
+    """``abl.prepare``, passing ``remote`` where its signature takes it (subclasses written for
+    ``prepare(model, tokens)`` keep working; they compute here)."""
+    if remote and "remote" in inspect.signature(abl.prepare).parameters:
+        abl.prepare(model, tokens, remote=remote)
+    else:
+        abl.prepare(model, tokens)
+
+
+def check_remotable(ablations: Sequence[Ablation], remote: Remote) -> None:
+    """Refuse, before anything is sent, ablations that cannot run remotely (``interventions.engine.remote``)."""
+    if not remote:
+        return
+    for abl in ablations:
+        if isinstance(abl, PatternPreserving):
+            raise NotRemotable(f"{abl!r} cannot run remotely: freezing patterns needs observable(), which adds a "
+                               "module to every attention layer and switches the attention implementation, and a server's "
+                               "model is shared and cannot be edited; run the inner ablation remotely without "
+                               "PatternPreserving, or run it locally")
+        if isinstance(abl, FunctionAblation):
+            raise NotRemotable(f"{abl!r} cannot run remotely: its function would run inside the trace on the server, "
+                               "where this package is not installed (the function is handed a Head of it) and your "
+                               "code arrives only as far as nnsight can ship it by source, which cannot be checked "
+                               "before sending; compute the replacement here and return a tensor from a custom "
+                               "Ablation's value(), or use Zero/Mean/ResampleAblation")
 
 
 def ablation_value(abl: Ablation, head: Head, tokens: torch.Tensor, row_offset: int = 0,
@@ -117,17 +151,22 @@ class _ReferenceAblation(Ablation):
         return (id(inner), tuple((p.data_ptr(), p._version) for p in inner.parameters()),
                 reference.data_ptr(), reference._version, tuple(reference.shape))
 
-    def prepare(self, model, tokens):
+    def prepare(self, model, tokens, remote: Remote = False):
         super().prepare(model, tokens)
         a = get_adapter(unwrap(model))
         check_tokens(self.reference, a, name="reference")
-        key = self._state_key(model, self.reference)
+        self.check_length(tokens)
+        key = (self._state_key(model, self.reference), remote or False)
         if self._key == key and self._acts:
             return
         layers = sorted({h.layer for h in self.heads})
-        acts = Engine(model).run(Run(self.reference, reads=[Site(layer, "z") for layer in layers])).acts
+        run = Run(self.reference, reads=[Site(layer, "z") for layer in layers], returns="none")
+        acts = Engine(model, remote).run(run).acts
         self._acts = {h: acts[f"L{h.layer}.z"][:, :, h.head] for h in self.heads}  # (n, pos_ref, d_head)
         self._key = key
+
+    def check_length(self, tokens: torch.Tensor) -> None:
+        """Raise if the reference is too short for ``tokens`` (before any reference run)."""
 
     @staticmethod
     def _positions(tokens, positions, device):
@@ -141,8 +180,7 @@ class MeanAblation(_ReferenceAblation):
         super().__init__(heads, reference)
         self.per_position = per_position
 
-    def prepare(self, model, tokens):
-        super().prepare(model, tokens)
+    def check_length(self, tokens):
         if self.per_position and self.reference.shape[1] < tokens.shape[1]:
             raise ValueError(f"reference has {self.reference.shape[1]} positions but the tokens have "
                              f"{tokens.shape[1]}: per-position means need a reference at least as long "
@@ -163,8 +201,7 @@ class ResampleAblation(_ReferenceAblation):
         super().__init__(heads, reference)
         self.seed = seed
 
-    def prepare(self, model, tokens):
-        super().prepare(model, tokens)
+    def check_length(self, tokens):
         if self.reference.shape[1] < tokens.shape[1]:
             raise ValueError(f"reference has {self.reference.shape[1]} positions, fewer than the tokens' "
                              f"{tokens.shape[1]}: pass reference sequences at least as long")
@@ -192,8 +229,8 @@ class PatternPreserving(Ablation):
         self.inner = inner
         self.heads = inner.heads
 
-    def prepare(self, model, tokens):
-        self.inner.prepare(model, tokens)
+    def prepare(self, model, tokens, remote: Remote = False):
+        prepare_ablation(self.inner, model, tokens, remote)
 
     def value(self, head, tokens, row_offset=0, positions=None):
         return ablation_value(self.inner, head, tokens, row_offset, positions)
@@ -237,24 +274,38 @@ def head_writes(ablations: Sequence[Ablation], tokens: torch.Tensor, row_offset:
 
 @torch.no_grad()
 def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Ablation] = (),
-                       attention_mask: torch.Tensor | None = None, row_offset: int = 0) -> torch.Tensor:
+                       attention_mask: torch.Tensor | None = None, row_offset: int = 0,
+                       remote: Remote = False) -> torch.Tensor:
     """Logits (batch, pos, vocab) of ``model`` on ``tokens`` with all ``ablations`` applied at once.
 
     If any ablation is ``PatternPreserving``, all patterns are frozen to the clean run's.
     ``attention_mask`` (batch, pos; 1 = real token) for left-padded batches. ``row_offset``: index of
-    ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``)."""
+    ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``). ``remote``: True runs
+    on NDIF (``model`` an ``nnsight.LanguageModel`` made from a hub id), ``"local"`` nnsight's offline
+    simulation of that (``interventions.engine.remote``); the whole logits come back, so for losses
+    prefer ``per_token_loss``, which reduces them on the server."""
+    return ablation_run(model, tokens, ablations, attention_mask, row_offset, remote).logits
+
+
+@torch.no_grad()
+def ablation_run(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Ablation] = (),
+                 attention_mask: torch.Tensor | None = None, row_offset: int = 0, remote: Remote = False,
+                 returns="logits") -> Result:
+    """``run_with_ablations`` returning the engine's ``Result`` of a run that returns ``returns``
+    ("logits", "loss" or a ``Gather``; see ``interventions.engine.tracing.Run``)."""
     ablations = as_ablations(ablations)
-    engine = Engine(model)
+    engine = Engine(model, remote)
     check_tokens(tokens, engine.adapter)  # before any (reference) work
+    check_remotable(ablations, engine.remote)
     for abl in ablations:
-        abl.prepare(model, tokens)
+        prepare_ablation(abl, model, tokens, engine.remote)
     positions = None if attention_mask is None else position_ids(attention_mask, tokens)
     writes = head_writes(ablations, tokens, row_offset, positions)
     if not any(isinstance(a, PatternPreserving) for a in ablations):
-        return engine.run(Run(tokens, writes=writes, attention_mask=attention_mask)).logits
+        return engine.run(Run(tokens, writes=writes, attention_mask=attention_mask, returns=returns))
     n_layers = engine.adapter.n_layers
     with observable(engine.inner):
         sites = [Site(layer, "pattern") for layer in range(n_layers)]
-        clean = engine.run(Run(tokens, reads=sites, attention_mask=attention_mask)).acts
+        clean = engine.run(Run(tokens, reads=sites, attention_mask=attention_mask, returns="none")).acts
         frozen = [Write(s, clean[str(s)]) for s in sites]
-        return engine.run(Run(tokens, writes=frozen + writes, attention_mask=attention_mask)).logits
+        return engine.run(Run(tokens, writes=frozen + writes, attention_mask=attention_mask, returns=returns))

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.remote import Remote
 from ..engine.sites import VALID_FORMS, Site, parse_site
 from ..engine.tracing import Run, execute
 
 
 @torch.no_grad()
-def run_with_cache(model, tokens: torch.Tensor, sites, attention_mask: torch.Tensor | None = None):
+def run_with_cache(model, tokens: torch.Tensor, sites, attention_mask: torch.Tensor | None = None,
+                   remote: Remote = False):
     """Logits and the activations of ``sites`` from one forward pass: ``(logits, {site: tensor})``.
 
     Sites are names such as ``"L0.z"``, ``"L1.resid_pre"``, ``"L0.k"``, ``"final"`` (shapes in
-    ``interventions.engine.sites``); only the sites asked for are kept.
+    ``interventions.engine.sites``); only the sites asked for are kept. ``remote``: True runs on NDIF
+    (``model`` an ``nnsight.LanguageModel`` made from a hub id), ``"local"`` nnsight's offline
+    simulation of that (``interventions.engine.remote``); pattern sites cannot run remotely.
 
     Example:
         >>> import torch
@@ -36,20 +40,25 @@ def run_with_cache(model, tokens: torch.Tensor, sites, attention_mask: torch.Ten
         >>> logits.shape, cache["L0.z"].shape, cache["L1.resid_post"].shape
         (torch.Size([2, 6, 20]), torch.Size([2, 6, 4, 8]), torch.Size([2, 6, 32]))
     """
+    return _cache(model, tokens, sites, attention_mask, remote, "logits")
+
+
+def _cache(model, tokens, sites, attention_mask, remote, returns):
     if isinstance(sites, (str, Site)):
         sites = [sites]
     sites = list(sites)
     if not sites:
         raise ValueError(f"no sites given: pass names such as {VALID_FORMS}")
-    out = execute(model, Run(tokens, reads=sites, attention_mask=attention_mask))
+    out = execute(model, Run(tokens, reads=sites, attention_mask=attention_mask, returns=returns), remote)
     return out.logits, {(s.strip() if isinstance(s, str) else str(parse_site(s))): out.acts[str(parse_site(s))]
                         for s in sites}
 
 
 @torch.no_grad()
-def cache_activations(model, tokens: torch.Tensor, sites, attention_mask: torch.Tensor | None = None
-                      ) -> dict[str, torch.Tensor]:
-    """``run_with_cache`` without the logits: {site: tensor} for the sites asked.
+def cache_activations(model, tokens: torch.Tensor, sites, attention_mask: torch.Tensor | None = None,
+                      remote: Remote = False) -> dict[str, torch.Tensor]:
+    """``run_with_cache`` without the logits (they are not kept, nor sent back from a server): {site:
+    tensor} for the sites asked.
 
     ``"L0.pattern"`` needs ``with interventions.observable(model):`` (SDPA computes no pattern)."""
-    return run_with_cache(model, tokens, sites, attention_mask)[1]
+    return _cache(model, tokens, sites, attention_mask, remote, "none")[1]

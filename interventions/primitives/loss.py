@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .ablation import Ablation, run_with_ablations
+from .ablation import Ablation, ablation_run, as_ablations, check_remotable
 from ..engine.adapters import get_adapter
+from ..engine.remote import Remote, check_remote
 from ..engine.tracing import check_mask, check_tokens, pad_to_nan, unwrap
 
 
@@ -38,23 +39,30 @@ def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ablation] | None = None,
-                   batch_size: int | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   batch_size: int | None = None, attention_mask: torch.Tensor | None = None,
+                   remote: Remote = False) -> torch.Tensor:
     """Loss (batch, pos - 1) in nats of ``model`` on ``tokens``, under ``ablation`` (one or a list).
 
     ``batch_size`` splits large inputs into chunks (same result). ``attention_mask`` (batch, pos; 1 =
     real token) runs a left-padded batch with each real token at its unpadded position; entries whose
-    context or target is padding are NaN."""
+    context or target is padding are NaN. ``remote``: True runs on NDIF (``model`` an
+    ``nnsight.LanguageModel`` made from a hub id; one job per chunk, plus one per mean or resample
+    reference), ``"local"`` nnsight's offline simulation of that (``interventions.engine.remote``);
+    the loss is computed where the model runs, so only (batch, pos - 1) floats come back."""
+    remote = check_remote(model, remote)
     check_tokens(tokens, get_adapter(unwrap(model)))
     check_mask(attention_mask, tokens)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch)")
-    ablations = [] if ablation is None else ([ablation] if isinstance(ablation, Ablation) else list(ablation))
+    ablations = [] if ablation is None else as_ablations(ablation)
+    check_remotable(ablations, remote)
     step = tokens.shape[0] if batch_size is None else batch_size
     parts = []
     for i in range(0, tokens.shape[0], step):
         mask = None if attention_mask is None else attention_mask[i:i + step]
-        logits = run_with_ablations(model, tokens[i:i + step], ablations, attention_mask=mask, row_offset=i)
-        parts.append(pad_to_nan(loss_from_logits(logits, tokens[i:i + step]).cpu(), mask))
+        loss = ablation_run(model, tokens[i:i + step], ablations, attention_mask=mask, row_offset=i, remote=remote,
+                            returns="loss").loss
+        parts.append(pad_to_nan(loss.cpu(), mask))
     return torch.cat(parts)
 
 

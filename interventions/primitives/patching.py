@@ -22,6 +22,14 @@ batched: the target tokens are repeated k times along the batch and patch j is w
 [j * batch, (j + 1) * batch), so one forward pass measures k patches (TransformerLens'
 ``get_act_patch_*`` run one pass per index). Each block of rows holds one patch only.
 
+The two built-in metrics are reduced where the model runs: ``mean_loss_metric`` from the per-token
+loss, ``logit_diff`` from the two logits it compares. That matters remotely: ``patch_heads``,
+``patch_residual`` and ``path_patch`` take ``remote=True`` (NDIF, ``model`` an ``nnsight.LanguageModel``
+made from a hub id) or ``"local"`` (nnsight's offline simulation; see ``interventions.engine.remote``),
+one job per forward pass, and with a built-in metric only (batch,) numbers per patch come back; any
+other metric is called here on the whole logits (batch x pos x vocab floats per patch travel back).
+``patch_patterns`` cannot run remotely (it edits the model).
+
 Example:
     >>> import torch
     >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
@@ -47,7 +55,8 @@ import torch
 from ..engine.adapters import observable
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site, kv_head_of
-from ..engine.tracing import Engine, Run, Write, check_positive, check_tokens
+from ..engine.remote import NotRemotable, Remote
+from ..engine.tracing import Engine, Gather, Run, Write, check_positive, check_tokens
 from .loss import loss_from_logits
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -61,7 +70,31 @@ HEAD_SITES = ("z", "q", "k", "v")
 
 # ----------------------------------------------------------------------------- metrics
 
-def logit_diff(correct_ids, wrong_ids, pos: int = -1) -> Metric:
+class LogitDiff:
+    """The metric ``logit_diff`` returns: ``metric(logits, tokens) -> (batch,)``, logit of the correct
+    token minus logit of the wrong token at position ``pos``. The patching functions reduce it where
+    the model runs (only those two logits per row come back)."""
+
+    def __init__(self, correct_ids, wrong_ids, pos: int = -1):
+        self.correct = torch.as_tensor(correct_ids).long().reshape(-1)
+        self.wrong = torch.as_tensor(wrong_ids).long().reshape(-1)
+        self.pos = pos
+
+    def ids(self, batch: int) -> torch.Tensor:
+        """(batch, 2) ids: each row's correct and wrong token."""
+        for name, ids in (("correct_ids", self.correct), ("wrong_ids", self.wrong)):
+            if ids.numel() not in (1, batch):
+                raise ValueError(f"{name} has {ids.numel()} ids but the batch has {batch} rows: pass one id "
+                                 "or one per sequence")
+        return torch.stack([self.correct.expand(batch), self.wrong.expand(batch)], dim=1)
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        last = logits[:, self.pos].float()  # (batch, vocab)
+        pair = last.gather(-1, self.ids(last.shape[0]).to(last.device))  # (batch, 2)
+        return pair[:, 0] - pair[:, 1]
+
+
+def logit_diff(correct_ids, wrong_ids, pos: int = -1) -> LogitDiff:
     """Metric: logit of the correct token minus logit of the wrong token at position ``pos``.
 
     ``correct_ids``/``wrong_ids``: an int, or (batch,) ids (one per sequence). Returns
@@ -74,22 +107,7 @@ def logit_diff(correct_ids, wrong_ids, pos: int = -1) -> Metric:
         >>> m(torch.eye(3)[None].expand(2, 3, 3), None).tolist()  # position -1 is one-hot at id 2
         [0.0, 1.0]
     """
-    correct = torch.as_tensor(correct_ids).long().reshape(-1)
-    wrong = torch.as_tensor(wrong_ids).long().reshape(-1)
-
-    def metric(logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        last = logits[:, pos].float()  # (batch, vocab)
-        b = last.shape[0]
-        c, w = correct.to(last.device), wrong.to(last.device)
-        for name, ids in (("correct_ids", c), ("wrong_ids", w)):
-            if ids.numel() not in (1, b):
-                raise ValueError(f"{name} has {ids.numel()} ids but the batch has {b} rows: pass one id "
-                                 "or one per sequence")
-        c, w = c.expand(b), w.expand(b)
-        rows = torch.arange(b, device=last.device)
-        return last[rows, c] - last[rows, w]
-
-    return metric
+    return LogitDiff(correct_ids, wrong_ids, pos)
 
 
 def mean_loss_metric(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -110,8 +128,8 @@ def mean_loss_metric(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_pair(model, clean, corrupted, direction):
-    engine = Engine(model)
+def _check_pair(model, clean, corrupted, direction, remote: Remote = False):
+    engine = Engine(model, remote)
     adapter = engine.adapter
     check_tokens(clean, adapter, "clean")
     check_tokens(corrupted, adapter, "corrupted")
@@ -156,7 +174,7 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write], met
              progress: bool = False) -> torch.Tensor:
     """Metric (mean over batch) of ``target`` with each patch (a ``Write`` without rows) applied alone:
     a (len(patches),) tensor. Up to ``per_pass`` patches share one forward pass on ``target``
-    repeated along the batch."""
+    repeated along the batch. The built-in metrics are reduced in the trace (module docstring)."""
     b = target.shape[0]
     out = torch.empty(len(patches))
     starts = range(0, len(patches), per_pass)
@@ -164,13 +182,27 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write], met
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="patching", unit="pass")
+    if isinstance(metric, LogitDiff):
+        metric.ids(b)  # validates the ids against the batch before any run
     for start in starts:
         group = patches[start:start + per_pass]
+        k = len(group)
         writes = [Write(w.site, w.value, rows=slice(j * b, (j + 1) * b), head=w.head, pos=w.pos)
                   for j, w in enumerate(group)]
-        logits = engine.run(Run(target.repeat(len(group), 1), writes=writes)).logits  # (k*batch, pos, vocab)
-        for j in range(len(group)):
-            out[start + j] = _reduce(metric, logits[j * b:(j + 1) * b], target, b)
+        rep = target.repeat(k, 1)  # (k * batch, pos)
+        if metric is mean_loss_metric:
+            loss = engine.run(Run(rep, writes=writes, returns="loss")).loss  # (k * batch, pos - 1)
+            per_row = loss.mean(-1)  # (k * batch,)
+        elif isinstance(metric, LogitDiff):
+            pair = engine.run(Run(rep, writes=writes, returns=Gather(metric.pos, metric.ids(b).repeat(k, 1)))).gathered
+            per_row = pair[:, 0] - pair[:, 1]  # (k * batch,)
+        else:  # your metric, on the logits of each block of rows
+            logits = engine.run(Run(rep, writes=writes)).logits  # (k * batch, pos, vocab)
+            for j in range(k):
+                out[start + j] = _reduce(metric, logits[j * b:(j + 1) * b], target, b)
+            continue
+        for j in range(k):
+            out[start + j] = per_row[j * b:(j + 1) * b].float().mean().cpu()
     return out
 
 
@@ -179,7 +211,8 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write], met
 @torch.no_grad()
 def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                 by: PatchBy = "head", direction: Direction = "clean_to_corrupted",
-                heads_per_pass: int = 8, progress: bool = False, site: HeadSite = "z") -> torch.Tensor:
+                heads_per_pass: int = 8, progress: bool = False, site: HeadSite = "z",
+                remote: Remote = False) -> torch.Tensor:
     """Metric with one head's activation patched from the source run into the target run.
 
     Args:
@@ -191,12 +224,13 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
         heads_per_pass: patches measured per forward pass (memory grows with it).
         progress: show a tqdm bar over forward passes.
         site: "z" (the head's output, default), "q", "k" or "v" (k/v: per key/value head).
+        remote: True runs on NDIF, "local" nnsight's offline simulation of that (module docstring).
 
     Returns:
         (n_layers, n_heads) for by="head", (n_layers, n_heads, pos) for by="head_pos": the metric
         (mean over the batch) with that one patch applied; n_heads is n_kv_heads for k and v.
     """
-    engine, source, target = _check_pair(model, clean, corrupted, direction)
+    engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
     metric = check_metric(metric)
     if by not in PATCH_BY:
         raise ValueError(f"by={by!r} is unknown: use 'head' (one head at all positions) or 'head_pos' "
@@ -206,7 +240,7 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
     check_positive(heads_per_pass, "heads_per_pass")
     a = engine.adapter
     n_layers, n_heads, pos = a.n_layers, a.n_site_heads(site), source.shape[1]
-    src = engine.run(Run(source, reads=[Site(layer, site) for layer in range(n_layers)])).acts
+    src = engine.run(Run(source, reads=[Site(layer, site) for layer in range(n_layers)], returns="none")).acts
     patches: list[Write] = []
     for layer in range(n_layers):
         x = src[f"L{layer}.{site}"]  # (batch, pos, head, d_head)
@@ -222,14 +256,14 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
 @torch.no_grad()
 def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                    direction: Direction = "clean_to_corrupted", patches_per_pass: int = 8,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, remote: Remote = False) -> torch.Tensor:
     """Metric with the residual stream entering one layer (``resid_pre``), at one position, patched from
-    the source. Returns (n_layers, pos)."""
-    engine, source, target = _check_pair(model, clean, corrupted, direction)
+    the source. Returns (n_layers, pos). ``remote``: as ``patch_heads``."""
+    engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
     metric = check_metric(metric)
     check_positive(patches_per_pass, "patches_per_pass")
     n_layers, pos = engine.adapter.n_layers, source.shape[1]
-    src = engine.run(Run(source, reads=[Site(layer, "resid_pre") for layer in range(n_layers)])).acts
+    src = engine.run(Run(source, reads=[Site(layer, "resid_pre") for layer in range(n_layers)], returns="none")).acts
     patches = [Write(Site(layer, "resid_pre"), src[f"L{layer}.resid_pre"][:, p], pos=p)
                for layer in range(n_layers) for p in range(pos)]
     return _measure(engine, target, patches, metric, patches_per_pass, progress).view(n_layers, pos)
@@ -238,17 +272,22 @@ def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
 @torch.no_grad()
 def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                    direction: Direction = "clean_to_corrupted", heads_per_pass: int = 8,
-                   progress: bool = False) -> torch.Tensor:
+                   progress: bool = False, remote: Remote = False) -> torch.Tensor:
     """Metric with one head's attention pattern (all query positions) patched from the source run.
 
     Runs the model on its eager attention path (``observable``) for both runs; the model is restored
-    afterwards. Returns (n_layers, n_heads)."""
+    afterwards. Returns (n_layers, n_heads). Cannot run remotely (``remote`` raises ``NotRemotable``):
+    ``observable`` edits the model, and a server's model is shared."""
+    if remote:
+        raise NotRemotable("patch_patterns cannot run remotely: patterns need observable(), which adds a module to "
+                           "every attention layer and switches the attention implementation, and a server's model is "
+                           "shared and cannot be edited; patch z, q, k or v with patch_heads(..., remote=...) instead")
     engine, source, target = _check_pair(model, clean, corrupted, direction)
     metric = check_metric(metric)
     check_positive(heads_per_pass, "heads_per_pass")
     n_layers, n_heads = engine.adapter.n_layers, engine.adapter.n_heads
     with observable(engine.inner):
-        src = engine.run(Run(source, reads=[Site(layer, "pattern") for layer in range(n_layers)])).acts
+        src = engine.run(Run(source, reads=[Site(layer, "pattern") for layer in range(n_layers)], returns="none")).acts
         patches = [Write(Site(layer, "pattern"), src[f"L{layer}.pattern"][:, head], head=head)  # (batch, q, k)
                    for layer in range(n_layers) for head in range(n_heads)]
         return _measure(engine, target, patches, metric, heads_per_pass, progress).view(n_layers, n_heads)
@@ -258,7 +297,7 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
 def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                senders: HeadLike | Sequence[HeadLike], receivers: HeadLike | Sequence[HeadLike],
                receiver_input: Literal["q", "k", "v"] = "k", direction: Direction = "clean_to_corrupted",
-               patches_per_pass: int = 8) -> torch.Tensor:
+               patches_per_pass: int = 8, remote: Remote = False) -> torch.Tensor:
     """Path patching: the metric when only the path sender -> receiver's ``receiver_input`` carries
     the source run's sender output (Wang et al. 2022; Goldowsky-Dill et al. 2023).
 
@@ -274,11 +313,13 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
         senders, receivers: heads ("L0H1", Head(0, 1) or (0, 1); one or a list).
         receiver_input: "q", "k" or "v": which input of the receiver the path ends in.
         patches_per_pass: (sender or sender x receiver) patches per forward pass.
+        remote: True runs on NDIF, "local" nnsight's offline simulation of that (module docstring): 2 +
+            ceil(senders / patches_per_pass) + ceil(senders x receivers / patches_per_pass) jobs.
 
     Returns:
         (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched.
     """
-    engine, source, target = _check_pair(model, clean, corrupted, direction)
+    engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
     metric = check_metric(metric)
     check_positive(patches_per_pass, "patches_per_pass")
     if receiver_input not in ("q", "k", "v"):
@@ -297,19 +338,20 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
     r_layers = sorted({layer for layer, _ in r_heads})
     top = max(r_layers)
     z_sites = [Site(layer, "z") for layer in range(top)]
-    src = engine.run(Run(source, reads=[Site(s.layer, "z") for s in senders])).acts
-    tgt = engine.run(Run(target, reads=z_sites)).acts
+    src = engine.run(Run(source, reads=[Site(s.layer, "z") for s in senders], returns="none")).acts
+    tgt = engine.run(Run(target, reads=z_sites, returns="none")).acts
     b = target.shape[0]
     # 1. one block of rows per sender: every head below the top receiver layer frozen, the sender patched
     recorded: dict[Head, dict[str, torch.Tensor]] = {}
     for start in range(0, len(senders), patches_per_pass):
         group = senders[start:start + patches_per_pass]
         k = len(group)
-        writes = [Write(site, tgt[str(site)].repeat(k, 1, 1, 1)) for site in z_sites]
+        # the same tensor in every block of rows: one object, sent once (not k copies) on a remote run
+        writes = [Write(site, tgt[str(site)], rows=slice(j * b, (j + 1) * b)) for site in z_sites for j in range(k)]
         writes += [Write(Site(s.layer, "z"), src[f"L{s.layer}.z"][:, :, s.head], rows=slice(j * b, (j + 1) * b),
                          head=s.head) for j, s in enumerate(group)]
         acts = engine.run(Run(target.repeat(k, 1), writes=writes,
-                              reads=[Site(layer, kind) for layer in r_layers])).acts
+                              reads=[Site(layer, kind) for layer in r_layers], returns="none")).acts
         for j, s in enumerate(group):
             recorded[s] = {name: x[j * b:(j + 1) * b] for name, x in acts.items()}
     # 2. one block of rows per (sender, receiver): only the receiver's input patched

@@ -18,6 +18,13 @@ What to sweep (``kind``):
   A ``PatternPreserving`` ablation freezes every pattern at the clean run's in both runs, so a head
   with no effect gives a delta of exactly 0.
 
+Remotely (``remote=True`` on NDIF, ``"local"`` for nnsight's offline simulation; see
+``interventions.engine.remote``) zero, mean and resample sweeps run, one job per pass plus one clean run
+per chunk (and one per mean or resample reference); every pass runs from layer 0 on the server (sending
+the clean residual for k blocks of rows would cost more than recomputing the layers below), and only
+per-token losses come back. ``"pattern"`` and ``PatternPreserving`` / ``FunctionAblation`` objects are
+refused before anything is sent.
+
 Example:
     >>> import torch
     >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, MeanAblation, PatternPreserving
@@ -42,9 +49,10 @@ import torch
 from ..engine.adapters import observable
 from ..engine.heads import Head, HeadLike, all_heads, check_heads, parse_heads
 from ..engine.sites import Site
+from ..engine.remote import Remote
 from ..engine.tracing import Engine, Run, Write, check_mask, check_positive, check_tokens, pad_to_nan, position_ids
-from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value)
-from .loss import loss_from_logits
+from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value,
+                       check_remotable, prepare_ablation)
 
 SweepKind = Literal["zero", "mean", "resample", "pattern"]
 SWEEP_KINDS = ("zero", "mean", "resample", "pattern")
@@ -52,8 +60,10 @@ SWEEP_KINDS = ("zero", "mean", "resample", "pattern")
 # the general path (edits at the per-head site inside the trace) against the same oracle.
 _ATTN_SHORTCUT = True
 
-# tokens per forward pass that the default heads_per_pass aims at, by device (see ablation_sweep)
-PASS_TOKENS = {"cpu": 4096, "cuda": 262144}
+# tokens per forward pass that the default heads_per_pass aims at, by device (see ablation_sweep);
+# remote: a pass is one job on a shared server, whose memory must hold its tokens x vocab float32
+# log-probabilities (4 GiB at 8,192 tokens and a 128k vocabulary)
+PASS_TOKENS = {"cpu": 4096, "cuda": 262144, "remote": 8192}
 # devices on which a sweep that fits in one pass of PASS_TOKENS (clean rows + one block per head, no
 # prefix sharing) runs as that one pass: launch-bound GPUs; on a CPU prefix sharing saves compute
 ONE_PASS_DEVICES = ("cuda",)
@@ -93,7 +103,7 @@ def _make_ablation(kind, heads: tuple[Head, ...], tokens, reference) -> Ablation
 def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Callable = "zero",
                    heads: HeadLike | Iterable[HeadLike] | None = None, heads_per_pass: int | None = None,
                    reference: torch.Tensor | None = None, batch_size: int | None = None,
-                   progress: bool = False, attention_mask: torch.Tensor | None = None
+                   progress: bool = False, attention_mask: torch.Tensor | None = None, remote: Remote = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss change from ablating each head on its own.
 
@@ -114,12 +124,14 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
         attention_mask: (batch, pos), 1 = real token, for left-padded batches: every real token runs at
             its unpadded position, so results match unpadded runs there; entries whose context or
             target is padding are NaN.
+        remote: True runs on NDIF (``model`` an ``nnsight.LanguageModel`` made from a hub id), "local"
+            nnsight's offline simulation of that (module docstring).
 
     Returns:
         clean_loss (batch, pos - 1) and delta (n_heads_swept, batch, pos - 1): per-token loss (nats)
         with that head ablated minus the clean loss. Entry t is the loss of predicting token t + 1.
     """
-    engine = Engine(model)
+    engine = Engine(model, remote)
     adapter = engine.adapter
     check_tokens(tokens, adapter)
     check_mask(attention_mask, tokens)
@@ -127,7 +139,7 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
         _make_ablation(kind, (), tokens, reference)  # raises naming the choices
     auto = heads_per_pass is None
     if heads_per_pass is None:
-        budget = PASS_TOKENS["cuda" if engine.device().type == "cuda" else "cpu"]
+        budget = PASS_TOKENS["remote" if engine.remote else "cuda" if engine.device().type == "cuda" else "cpu"]
         budget = min(budget, LOGITS_BYTES // (adapter.vocab_size * engine.dtype_size()))  # a pass's logits
         heads_per_pass = max(1, budget // (tokens.shape[0] * tokens.shape[1]))
     check_positive(heads_per_pass, "heads_per_pass")
@@ -140,14 +152,15 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
         dup = sorted({str(h) for h in heads if heads.count(h) > 1})
         raise ValueError(f"heads listed more than once: {', '.join(dup)}; pass each head once")
     ablation = _make_ablation(kind, heads, tokens, reference)
-    ablation.prepare(engine.inner, tokens)  # validates; computes reference activations once for all chunks
+    check_remotable([ablation], engine.remote)
+    prepare_ablation(ablation, model, tokens, engine.remote)  # validates; reference activations once for all chunks
     frozen = isinstance(ablation, PatternPreserving)
 
     b_total = tokens.shape[0]
     chunk = b_total if batch_size is None else batch_size
     groups = _layer_groups(heads, heads_per_pass)
     # launch-bound sizes (a small model on a GPU): the clean run and every ablation in one pass
-    one_pass = (auto and not frozen and engine.device().type in ONE_PASS_DEVICES
+    one_pass = (auto and not frozen and not engine.remote and engine.device().type in ONE_PASS_DEVICES
                 and (len(heads) + 1) * chunk * tokens.shape[1] <= budget)
     if one_pass:
         groups = [[(i, h) for i, h in enumerate(heads)]]
@@ -211,19 +224,23 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
     attention output is its output projection's (``ArchSpec.attn_is_o_proj``) and the heads of layer l
     not ablated compute what they did on the clean run (same input; same pattern when frozen), layer
     l's attention is skipped too: its output is the output projection applied to the clean ``z`` with
-    the ablated heads' slices replaced."""
+    the ablated heads' slices replaced. Remotely every pass runs from layer 0 with the edits written in
+    the trace (see the module docstring)."""
     a = engine.adapter
     b = tokens.shape[0]
     positions = None if mask is None else position_ids(mask, tokens)
     layers = sorted({h.layer for g in groups for _, h in g})
-    reads = [Site(layer, "z") for layer in layers] + [Site(layer, "resid_pre") for layer in layers if layer > 0]
+    local = not engine.remote
+    shortcut = local and _ATTN_SHORTCUT and a.spec.attn_is_o_proj
+    reads = [Site(layer, "z") for layer in layers] if shortcut else []
+    if local:
+        reads += [Site(layer, "resid_pre") for layer in layers if layer > 0]
     if frozen:
         reads += [Site(layer, "pattern") for layer in range(a.n_layers)]
-    out = engine.run(Run(tokens, reads=reads, attention_mask=mask))
-    clean = loss_from_logits(out.logits, tokens).cpu()  # (batch, pos - 1)
+    out = engine.run(Run(tokens, reads=reads, attention_mask=mask, returns="loss"))
+    clean = out.loss.cpu()  # (batch, pos - 1)
     acts = out.acts
     del out
-    shortcut = _ATTN_SHORTCUT and a.spec.attn_is_o_proj
     delta = torch.empty(n_swept, *clean.shape, dtype=clean.dtype)
     for group in groups:
         k, layer = len(group), group[0][1].layer
@@ -243,11 +260,12 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
         if frozen:  # every pattern at or above the layer frozen, in every block of rows
             writes += [Write(Site(above, "pattern"), acts[f"L{above}.pattern"].repeat(k, 1, 1, 1))
                        for above in range(layer + (1 if shortcut else 0), a.n_layers)]
-        prefix = acts[f"L{layer}.resid_pre"].repeat(k, 1, 1) if layer > 0 else None
+        start = layer if local else 0
+        prefix = acts[f"L{layer}.resid_pre"].repeat(k, 1, 1) if start > 0 else None
         rep = tokens.repeat(k, 1)  # (k * batch, pos)
-        logits = engine.run(Run(rep, writes=writes, attention_mask=None if mask is None else mask.repeat(k, 1),
-                                start=layer, prefix=prefix, attn_outputs=attn_outputs)).logits
-        loss = loss_from_logits(logits, rep).cpu().view(k, b, -1)  # (k, batch, pos - 1)
+        loss = engine.run(Run(rep, writes=writes, attention_mask=None if mask is None else mask.repeat(k, 1),
+                              start=start, prefix=prefix, attn_outputs=attn_outputs, returns="loss")).loss
+        loss = loss.cpu().view(k, b, -1)  # (k, batch, pos - 1)
         for j, (i, _) in enumerate(group):
             delta[i] = loss[j] - clean
         if bar is not None:
