@@ -11,7 +11,9 @@ It owns, for every primitive alike:
 * attention mask and position ids of padded batches (each real token at its unpadded position),
 * ``use_cache=False``, and eval mode (a model left in training mode with active dropout runs in eval
   mode, with a warning, and is put back),
-* placement of each written tensor on its site's device and dtype (multi-device models),
+* placement of each written tensor on its site's device and dtype, of ``prefix`` / ``attn_outputs`` on
+  their module's device, and the refusal of layers left on the meta device (multi-device models:
+  ``interventions.engine.devices``),
 * error translation by exception type (nnsight's ``OutOfOrderError``: a target that never ran),
 * a take-effect check: the first write to a (layer, kind) of a model is probed once by writing NaN
   there on a 2-token input and requiring NaN in the logits (or, where an attention kernel masks NaN
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, get_adapter, has_pattern_site, module_at
+from .devices import check_placement, module_device, output_device
 from .sites import HEAD_KINDS, KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
 
 
@@ -94,6 +97,9 @@ class Run:
 
 @dataclass
 class Result:
+    """Logits and read activations; from ``Engine.run`` each on the device that computed it (the
+    unembedding's, the site's), from ``execute`` all on the model's first parameter's device."""
+
     logits: torch.Tensor  # (batch, pos, vocab)
     acts: dict[str, torch.Tensor]  # site name -> activation in the site's shape (after that site's writes)
 
@@ -200,6 +206,7 @@ class Engine:
 
         self.inner = unwrap(model)
         self.adapter = get_adapter(self.inner)
+        check_placement(self.inner)  # a layer on the meta device: refused before any work
         self._nnsight = nnsight
         self._lm, self._lm_key = None, None
 
@@ -218,13 +225,10 @@ class Engine:
         return self._lm
 
     def device(self, path: str | None = None) -> torch.device:
-        """Device of the module at ``path`` (its first parameter), else of the model's first parameter:
-        a tensor fed to a module goes to that module's device (multi-device models)."""
-        if path is not None:
-            p = next(module_at(self.inner, path).parameters(), None)
-            if p is not None:
-                return p.device
-        return next(self.inner.parameters()).device
+        """Device of the module at ``path`` (its first parameter), else of the model's first parameter
+        (where the tokens go and results are gathered): a tensor fed to a module goes to that module's
+        device (multi-device models; ``interventions.engine.devices``)."""
+        return module_device(self.inner, path)
 
     # ------------------------------------------------------------------ validation
     def _check_site(self, site: Site, batch: int, pos: int) -> tuple[int, ...]:
@@ -419,8 +423,15 @@ class Engine:
 
 def execute(model, run: Run) -> Result:
     """Execute one ``Run`` on ``model`` (an HF causal LM of a supported architecture, or its nnsight
-    wrapper). Returns ``Result(logits (batch, pos, vocab), acts {site name: tensor})``."""
-    return Engine(model).run(run)
+    wrapper). Returns ``Result(logits (batch, pos, vocab), acts {site name: tensor})``, every tensor on
+    ``output_device(model)`` (the model's first parameter's device; ``Engine.run`` leaves each on the
+    device that computed it)."""
+    return gathered(Engine(model).run(run), output_device(unwrap(model)))
+
+
+def gathered(result: Result, device: torch.device) -> Result:
+    """``result`` with its logits and activations on ``device`` (no copy where they already are)."""
+    return Result(result.logits.to(device), {k: v.to(device) for k, v in result.acts.items()})
 
 
 def wrap(model, tokenizer=None):

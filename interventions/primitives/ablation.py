@@ -242,7 +242,8 @@ def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequen
 
     If any ablation is ``PatternPreserving``, all patterns are frozen to the clean run's.
     ``attention_mask`` (batch, pos; 1 = real token) for left-padded batches. ``row_offset``: index of
-    ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``)."""
+    ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``). On a model split
+    across devices the logits come back on its first parameter's device."""
     ablations = as_ablations(ablations)
     engine = Engine(model)
     check_tokens(tokens, engine.adapter)  # before any (reference) work
@@ -250,11 +251,12 @@ def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequen
         abl.prepare(model, tokens)
     positions = None if attention_mask is None else position_ids(attention_mask, tokens)
     writes = head_writes(ablations, tokens, row_offset, positions)
+    device = engine.device()  # results on the model's first parameter's device (multi-device models)
     if not any(isinstance(a, PatternPreserving) for a in ablations):
-        return engine.run(Run(tokens, writes=writes, attention_mask=attention_mask)).logits
+        return engine.run(Run(tokens, writes=writes, attention_mask=attention_mask)).logits.to(device)
     n_layers = engine.adapter.n_layers
     with observable(engine.inner):
         sites = [Site(layer, "pattern") for layer in range(n_layers)]
         clean = engine.run(Run(tokens, reads=sites, attention_mask=attention_mask)).acts
         frozen = [Write(s, clean[str(s)]) for s in sites]
-        return engine.run(Run(tokens, writes=frozen + writes, attention_mask=attention_mask)).logits
+        return engine.run(Run(tokens, writes=frozen + writes, attention_mask=attention_mask)).logits.to(device)

@@ -199,12 +199,14 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
         values = [ablation_value(ablation, h, tokens, row_offset, positions) for _, h in group]
         writes, attn_outputs = [], {}
         if shortcut:  # apply the edits to the clean z here; skip the layer's attention
-            z = acts[f"L{layer}.z"].repeat(k, 1, 1, 1)  # (k * batch, pos, head, d_head)
+            o_proj = a.module(engine.inner, layer, "o_proj")
+            # on the projection's device (a model split inside a layer reads z before accelerate moves it)
+            z = acts[f"L{layer}.z"].to(engine.device(a.path(layer, "o_proj")))
+            z = z.repeat(k, 1, 1, 1)  # (k * batch, pos, head, d_head)
             for r, (_, h), value in zip(rows, group, values):
                 if callable(value) and not torch.is_tensor(value):
                     value = value(z[r, :, h.head].clone())
-                z[r, :, h.head] = 0 if value is None else value.to(z.dtype)
-            o_proj = a.module(engine.inner, layer, "o_proj")
+                z[r, :, h.head] = 0 if value is None else value.to(z.device, z.dtype)
             attn_outputs[layer] = o_proj(z.flatten(2))  # (k * batch, pos, d_model)
         else:
             writes += [Write(Site(layer, "z"), value, rows=r, head=h.head) for r, (_, h), value in zip(rows, group, values)]
