@@ -132,10 +132,11 @@ def load_any(spec: str, device: str = "cpu", allow_pickle: bool = False, revisio
 
 def load_remote(spec: str, commit: str):
     """A hub model for remote execution: nnsight's wrapper by hub id, its weights left on the server
-    (only the config is fetched here)."""
+    (only the config and tokenizer are fetched here). Not run here (no network): the remote tests
+    replace it; the remote-execution work owns the contract of what the primitives take."""
     import nnsight
 
-    return nnsight.TransformersModel(hub_name(spec)[0], revision=commit)
+    return nnsight.TransformersModel(hub_name(spec)[0], task="text-generation", revision=commit)
 
 
 def remote_supported(score_fn) -> bool:

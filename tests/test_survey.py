@@ -235,15 +235,25 @@ def test_remote_passes_through_to_the_scores_when_supported(tmp_path, monkeypatc
         S.run_survey({"here": str(tmp_path / "hub-weights")}, tmp_path / "res2", remote=True, **KW)
 
 
-def test_cli_survey_writes_tables_and_mosaic(dozen, tmp_path, capsys):
-    """`python -m experiments survey MODEL... --out DIR` (as the README shows): exit 0, the combined
-    table and the mosaic (PNG and PDF)."""
-    models = [dozen["gpt2-1l"], dozen["llama-2l"], dozen["neox-3l"], dozen["attn_only-2l"]]
-    assert cli_main(["survey", *models, "--out", str(tmp_path / "survey"), "--quiet"]) == 0
-    assert set(Results(tmp_path / "survey", "survey").read("induction_scores").model) == {
-        "gpt2-1l", "llama-2l", "neox-3l", "attn_only-2l"}
+def test_readme_survey_command_writes_tables_and_mosaic(tmp_path, monkeypatch, capsys):
+    """The README's offline survey command, run as written (its model paths filled with tiny models
+    of three architectures): exit 0, the combined table with every model, and the mosaic (PNG, PDF)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln for ln in re.findall(r"^python -m experiments survey .*$", readme, re.M) if "# online" not in ln]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])[3:]
+    specs = [a for a in argv[1:] if not a.startswith("--") and argv[argv.index(a) - 1] != "--out"]
+    monkeypatch.chdir(tmp_path)
+    for spec, arch in zip(specs, ("attn_only", "gpt2", "llama")):
+        save_model(Path(spec), arch, 2)
+    assert cli_main(argv + ["--quiet"]) == 0
+    out = Path(argv[argv.index("--out") + 1])
+    assert set(Results(out, "survey").read("induction_scores").model) == {Path(s).name for s in specs}
     for ext in ("png", "pdf"):
-        assert (tmp_path / "survey" / "figures" / f"induction_mosaic.{ext}").stat().st_size > 0
+        assert (out / "figures" / f"induction_mosaic.{ext}").stat().st_size > 0
 
 
 def test_mosaic_of_40_models_is_legible():
