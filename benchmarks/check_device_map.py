@@ -104,12 +104,12 @@ def checks(tokens: torch.Tensor, corrupted: torch.Tensor, single):
     def loss(abl, toks=tokens, m=None):
         return lambda model: iv.per_token_loss(model, toks, abl, attention_mask=m)
 
-    def sweep(kind, shortcut=True, m=None):
+    def sweep(kind, shortcut=True, m=None, per_pass=3):
         def run(model):
             old, sweep_mod._ATTN_SHORTCUT = sweep_mod._ATTN_SHORTCUT, shortcut
             try:
-                clean, delta = iv.ablation_sweep(model, padded if m is not None else tokens, kind, heads_per_pass=3,
-                                                 attention_mask=m)
+                clean, delta = iv.ablation_sweep(model, padded if m is not None else tokens, kind,
+                                                 heads_per_pass=per_pass, attention_mask=m)
             finally:
                 sweep_mod._ATTN_SHORTCUT = old
             return {"clean": clean, "delta": delta}
@@ -147,6 +147,8 @@ def checks(tokens: torch.Tensor, corrupted: torch.Tensor, single):
         "loss_padded_mean": (loss(iv.MeanAblation("L1H1", corrupted), padded, mask), "cpu"),
         "sweep_zero": (sweep("zero"), "cpu"),
         "sweep_zero_no_shortcut": (sweep("zero", shortcut=False), "cpu"),
+        # the default pass size: on a GPU-first model a small sweep may run as one pass of every head
+        "sweep_zero_default_pass": (sweep("zero", per_pass=None), "cpu"),
         "sweep_mean": (sweep("mean"), "cpu"),
         "sweep_resample": (sweep("resample"), "cpu"),
         "sweep_pattern": (sweep("pattern"), "cpu"),
