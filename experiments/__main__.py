@@ -139,7 +139,8 @@ def cmd_survey(args) -> int:
     from .survey import model_labels, run_survey
 
     _check_device(args.device)
-    run_survey(model_labels(args.models), Path(args.out), device=args.device, allow_pickle=args.allow_pickle)
+    run_survey(model_labels(args.models), Path(args.out), device=args.device, allow_pickle=args.allow_pickle,
+               remote=args.remote, progress=not args.quiet)
     fig_mosaic(Path(args.out), Path(args.out) / "figures")
     print(f"induction scores in {Path(args.out) / 'survey'}; mosaic in {Path(args.out) / 'figures'}")
     return 0
@@ -289,12 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="figures")
     sp.set_defaults(func=cmd_figures)
 
-    sp = sub.add_parser("survey", help="induction mosaic over models (hub names, model folders, runs)")
-    sp.add_argument("models", nargs="+")
+    sp = sub.add_parser("survey", help="induction mosaic over models (hub names, model folders, runs), one model "
+                        "at a time, resumable")
+    sp.add_argument("models", nargs="+", help="hub names (NAME or NAME@REVISION), model folders or run folders")
     sp.add_argument("--out", default="results/survey")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--allow-pickle", action="store_true",
                     help="allow hub models that only ship pickle weights (.bin); unpickling can run code")
+    sp.add_argument("--remote", action="store_true",
+                    help="score hub models on a remote nnsight server (NDIF) instead of loading them here")
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_wait(sp)
     sp.set_defaults(func=cmd_survey)
     return p

@@ -329,51 +329,68 @@ def fig_patching(root: Path, out: Path, model: str = "attn-2l"):
     return _save(fig, out, f"patching_{model}")
 
 
-def fig_mosaic(root: Path, out: Path):
-    """Induction score of every head of every surveyed model: each model its own block of rows (one
-    per layer, labelled), blocks packed into columns, so 4 or 40 models stay legible."""
-    import matplotlib.pyplot as plt
+def mosaic_grid(n: int) -> tuple[int, int]:
+    """(rows, columns) of the mosaic's grid for ``n`` models: about 3:2 landscape (40 -> 5 x 8)."""
+    cols = max(1, min(n, round(float(np.sqrt(n * 1.5)))))
+    return -(-n // cols), cols
 
-    style()
+
+def _ticks(n: int, most: int = 6) -> list[int]:
+    """Indices 0..n-1 to label: multiples of a round step (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, ...), at
+    most ``most``, plus the last index when it is not close to the last multiple."""
+    rounds = (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, 40, 50, 64, 100, 128, 200, 256, 500)
+    step = next((s for s in rounds if -(-n // s) <= most), -(-n // most))
+    ticks = list(range(0, n, step))
+    if n - 1 - ticks[-1] > step / 2:
+        ticks.append(n - 1)
+    return ticks
+
+
+def _fit_label(label: str, width: int = 26) -> str:
+    """A model label that fits a panel: whole if short enough, else without its organisation
+    ("EleutherAI/pythia-70m" -> "pythia-70m"), else cut from its informative end ("...-70m-deduped")."""
+    if len(label) > width and "/" in label:
+        label = label.rsplit("/", 1)[1]
+    return label if len(label) <= width else "\u2026" + label[-(width - 1):]
+
+
+def fig_mosaic(root: Path, out: Path):
+    """The induction mosaic of the survey table (``mosaic_figure``), saved as PNG and PDF."""
     sv = _read(root, "survey", "induction_scores")
     if sv is None or sv.empty:
         return []
+    return _save(mosaic_figure(sv), out, "induction_mosaic")
+
+
+def mosaic_figure(sv: pd.DataFrame):
+    """Induction score of every head of every model in ``sv`` (columns model, layer, head, score): one
+    heatmap per model (layers down, heads across) in a grid of equal panels, in survey order, so 4 or
+    40 models stay legible (a panel keeps its size: a larger survey makes a larger figure, never
+    smaller panels)."""
+    import matplotlib.pyplot as plt
+
+    style()
     models = list(sv.model.unique())
-    mats = {m: sv[sv.model == m].pivot(index="layer", columns="head", values="score") for m in models}
-    n_cols = max(1, min(4, int(np.ceil(np.sqrt(len(models) / 2)))))
-    total = sum(len(m) + 1.2 for m in mats.values())  # rows incl. a title row per model
-    per_col = total / n_cols
-    columns, cur, acc = [[]], 0.0, 0.0
-    for name in models:
-        h = len(mats[name]) + 1.2
-        if acc + h > per_col * 1.05 and columns[-1]:
-            columns.append([])
-            acc = 0.0
-        columns[-1].append(name)
-        acc += h
-    rows_max = max(sum(len(mats[n]) + 1.2 for n in col) for col in columns)
-    row_in = 0.22  # inches per layer row
-    width = 2.4 * len(columns) + 0.8
-    fig = plt.figure(figsize=(width, max(1.6, rows_max * row_in + 0.6)))
-    top = 1 - 0.3 / (rows_max * row_in + 0.6)
-    scale = (top - 0.02) / rows_max
+    rows, cols = mosaic_grid(len(models))
+    panel_w, panel_h = 1.7, 1.35  # inches per model, axes and their labels
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * panel_w + 0.9, rows * panel_h + 0.5), squeeze=False,
+                             layout="constrained")
     im = None
-    for ci, col in enumerate(columns):
-        y = top
-        for name in col:
-            m = mats[name]
-            h = len(m) * scale
-            ax = fig.add_axes([0.06 + ci * (2.4 / width), y - h - 0.9 * scale, 1.9 / width, h])
-            im = ax.imshow(m.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
-            ax.grid(False)
-            ax.set_yticks(range(len(m)), [f"L{i}" for i in m.index], fontsize=6)
-            ax.set_xticks(range(m.shape[1]) if m.shape[1] <= 16 else [], [str(c) for c in m.columns]
-                          if m.shape[1] <= 16 else [], fontsize=5)
-            ax.set_title(name, fontsize=7, loc="left", pad=2)
-            y -= h + 1.2 * scale
-    cax = fig.add_axes([1 - 0.25 / width, 0.1, 0.08 / width, 0.8])
-    fig.colorbar(im, cax=cax, label="induction score")
-    return _save(fig, out, "induction_mosaic")
+    for ax, name in zip(axes.flat, models):
+        m = sv[sv.model == name].pivot(index="layer", columns="head", values="score").sort_index()
+        im = ax.imshow(m.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        ax.grid(False)
+        ys, xs = _ticks(m.shape[0]), _ticks(m.shape[1])
+        ax.set_yticks(ys, [str(m.index[i]) for i in ys], fontsize=6)
+        ax.set_xticks(xs, [str(m.columns[i]) for i in xs], fontsize=6)
+        ax.tick_params(length=2, pad=1)
+        ax.set_title(_fit_label(name), fontsize=7, loc="left", pad=2)
+    for ax in axes.flat[len(models):]:
+        ax.axis("off")
+    fig.supxlabel("head", fontsize=8)
+    fig.supylabel("layer", fontsize=8)
+    fig.colorbar(im, ax=axes, label="induction score", shrink=min(1.0, 4.0 / (rows * panel_h + 0.5)))
+    return fig
 
 
 ALL = [fig_icl_over_training, fig_loss_curves, fig_pca, fig_smear, fig_loss_heatmap, fig_mosaic]

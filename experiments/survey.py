@@ -1,12 +1,29 @@
 """The induction mosaic: induction score of every head for a list of models (one heatmap each).
 
-Models are hub names (for users online, e.g. ``gpt2``, ``EleutherAI/pythia-70m``), local model
-folders, or runs of our zoo (their final checkpoint). Table ``survey/induction_scores``: one row per
-model x layer x head.
+Models are hub names (for users online, e.g. ``gpt2``, ``EleutherAI/pythia-70m``, pinned to a
+revision with ``name@revision``), local model folders, or runs of our zoo (their final checkpoint).
+Table ``survey/induction_scores``: one row per model x layer x head.
+
+A survey scales to many models:
+
+* one model at a time: each is loaded, scored and released (no reference kept; the garbage
+  collector and the CUDA cache are emptied) before the next is loaded;
+* every model's table is written atomically the moment it is scored, keyed on the model's
+  identity: the hub name and the commit its revision resolves to (read from the hub's ``config.json``,
+  no weights downloaded), or the content hash of a local folder's config and weights. An interrupted
+  survey rerun with the same command skips every finished model without loading it, and a model
+  whose weights changed is scored again;
+* every model is checked (exists, resolves on the hub, has a supported architecture) before any is
+  loaded;
+* ``remote=True`` scores hub models on a remote nnsight server where the primitives support it.
 """
 
 from __future__ import annotations
 
+import gc
+import inspect
+import json
+import weakref
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +37,70 @@ def model_labels(specs: list[str]) -> dict[str, str]:
     return {(n if names.count(n) == 1 else s): s for n, s in zip(names, specs)}
 
 
-def load_any(spec: str, device: str = "cpu", allow_pickle: bool = False):
-    """A model from a run folder, a checkpoint/model folder, or a hub name (needs the network).
+def hub_name(spec: str) -> tuple[str, str | None]:
+    """``"org/name@revision"`` -> ``("org/name", "revision")``; no ``@``: revision None (the default branch)."""
+    name, at, revision = spec.partition("@")
+    if at and (not name or not revision):
+        raise InputError(f"model {spec!r}: write a pinned hub model as NAME@REVISION (e.g. gpt2@main)")
+    return name, revision or None
+
+
+def hub_config(spec: str) -> tuple[str, dict]:
+    """(commit, config dict) of hub model ``spec`` (``name`` or ``name@revision``): only its
+    ``config.json`` is fetched (from the local cache when offline and cached)."""
+    from huggingface_hub import hf_hub_download
+    from transformers.utils.hub import extract_commit_hash
+
+    name, revision = hub_name(spec)
+    try:
+        path = hf_hub_download(name, "config.json", revision=revision)
+    except Exception as e:  # offline, unknown repo or revision, gated, ...
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"could not resolve {spec!r} on the hub ({type(e).__name__}: {first}); check the name and "
+                         "revision, or offline pass a local folder") from None
+    commit = extract_commit_hash(path, None) or Path(path).parent.name
+    return commit, json.loads(Path(path).read_text())
+
+
+def _local_config(spec: str) -> dict:
+    from interventions.zoo.train import latest_checkpoint
+
+    p = Path(spec)
+    if (p / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise InputError(f"run {spec} has no complete checkpoint: train it first")
+        p = ckpt
+    if not (p / "config.json").is_file():
+        raise InputError(f"{spec} is neither a run folder nor a model folder (no config.json)")
+    try:
+        return json.loads((p / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{p / 'config.json'} is not valid JSON: re-save the model") from None
+
+
+def model_identity(spec: str) -> dict:
+    """What a model's scores are keyed on, found without loading its weights: ``{"model": content hash}``
+    for a local folder or run, ``{"hub": name, "commit": sha}`` for a hub model. Checks the
+    architecture is supported. Raises ``InputError`` naming the fix."""
+    from interventions.engine.adapters import ARCHS
+
+    local = Path(spec).exists()
+    if local:
+        config, key = _local_config(spec), {"model": model_fingerprint(spec)}
+    else:
+        commit, config = hub_config(spec)
+        key = {"hub": hub_name(spec)[0], "commit": commit}
+    model_type = config.get("model_type")
+    if model_type not in ARCHS:
+        raise InputError(f"model {spec!r} has architecture {model_type!r}, which the toolkit does not support: "
+                         f"supported are {', '.join(sorted(ARCHS))} (others: interventions.register_adapter)")
+    return key
+
+
+def load_any(spec: str, device: str = "cpu", allow_pickle: bool = False, revision: str | None = None):
+    """A model from a run folder, a checkpoint/model folder, or a hub name (needs the network or the
+    local cache; ``revision``: a commit, branch or tag, else ``name@revision`` or the default branch).
 
     Hub weights load only from safetensors unless ``allow_pickle`` (unpickling can run code)."""
     from interventions.zoo.train import latest_checkpoint, load_model
@@ -38,8 +117,9 @@ def load_any(spec: str, device: str = "cpu", allow_pickle: bool = False):
         raise InputError(f"{spec} is neither a run folder nor a model folder (no config.json)")
     from transformers import AutoModelForCausalLM
 
+    name, pinned = hub_name(spec)
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, attn_implementation="eager",
+        return AutoModelForCausalLM.from_pretrained(name, revision=revision or pinned, attn_implementation="eager",
                                                     use_safetensors=not allow_pickle).to(device).eval()
     except OSError as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -50,35 +130,101 @@ def load_any(spec: str, device: str = "cpu", allow_pickle: bool = False):
         raise InputError(f"could not load {spec!r} from the hub ({first}); offline, pass a local folder") from None
 
 
+def load_remote(spec: str, commit: str):
+    """A hub model for remote execution: nnsight's wrapper by hub id, its weights left on the server
+    (only the config and tokenizer are fetched here). Not run here (no network): the remote tests
+    replace it; the remote-execution work owns the contract of what the primitives take."""
+    import nnsight
+
+    return nnsight.TransformersModel(hub_name(spec)[0], task="text-generation", revision=commit)
+
+
+def remote_supported(score_fn) -> bool:
+    """Whether ``score_fn`` (a head-score function) takes ``remote=`` (remote execution through nnsight)."""
+    return "remote" in inspect.signature(score_fn).parameters
+
+
 def _table(label: str) -> str:
     """Table name of one model's scores (a hub name like ``EleutherAI/pythia-70m`` made file-safe)."""
     return "induction_" + "".join(c if c.isalnum() else "_" for c in label)
 
 
-@owns_results()
+def release(model_holder: list) -> None:
+    """Drop the last reference to a model (``model_holder`` is emptied) and return its memory."""
+    import torch
+
+    alive = weakref.ref(model_holder[0])
+    model_holder.clear()
+    if alive() is not None:  # held by reference cycles only: collect them (a full collection costs ~0.5 s)
+        gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_examples: int = 10,
-               device: str = "cpu", allow_pickle: bool = False) -> Results:
+               device: str = "cpu", allow_pickle: bool = False, remote: bool = False,
+               progress: bool = False) -> Results:
+    """Induction scores of every head of every model in ``models`` (label -> spec), one model at a
+    time, resumable (module docstring). Every model is checked first (``InputError`` naming it, and
+    nothing written). Returns the ``Results`` holding ``induction_scores``."""
+    from interventions.analysis import scores
+
+    if remote:
+        # TODO(issue 13 item 1): the primitives' remote= lands with remote execution; until then a
+        # remote survey is refused here, before any work.
+        if not remote_supported(scores.induction_score):
+            raise InputError("--remote needs remote execution in the primitives (head scores with remote=), which "
+                             "this version lacks: run the survey without --remote")
+        local = [s for s in models.values() if Path(s).exists()]
+        if local:
+            raise InputError(f"--remote scores hub models only; {local[0]} is a local folder: drop it or run "
+                             "without --remote")
+    settings = {"seq_len": seq_len, "n_examples": n_examples}
+    keys = {label: {**model_identity(spec), **settings} for label, spec in models.items()}
+    return _survey(models, keys, results_root, settings, device, allow_pickle, remote, progress)
+
+
+@owns_results()
+def _survey(models: dict[str, str], keys: dict[str, dict], results_root: Path, settings: dict, device: str,
+            allow_pickle: bool, remote: bool, progress: bool) -> Results:
     from interventions.analysis import scores
 
     res = Results(results_root, "survey")
-    # settings shared by every table; each model's table is keyed on its content hash (models can be added)
-    res.write_provenance({"seq_len": seq_len, "n_examples": n_examples}, models=models)
-    for label, spec in models.items():
-        table = _table(label)
-        local = Path(spec).exists()
-        key = {"model": model_fingerprint(spec) if local else None, "seq_len": seq_len, "n_examples": n_examples}
-        if local and res.has(table, key):  # cached by content hash: a re-saved model is re-scored
-            continue
-        model = load_any(spec, device, allow_pickle)
-        key["model"] = key["model"] or model_fingerprint(spec, model)
-        if res.has(table, key):
-            continue
-        from .phase_change import probe_kwargs
+    # settings shared by every table; each model's table is keyed on its identity (models can be added)
+    res.write_provenance(settings, models=models)
+    todo = [label for label in models if not res.has(_table(label), keys[label])]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-        kw = probe_kwargs(model)
-        kw.pop("prefix_tokens")
-        kw["seq_len"] = min(seq_len, kw["seq_len"])
-        df = scores.induction_score(model, n_examples=n_examples, **kw)
-        res.write(table, df.assign(model=label), inputs=key)
+        bar = tqdm(total=len(models), initial=len(models) - len(todo), desc="survey", unit="model")
+    try:
+        for label in todo:
+            if bar is not None:
+                bar.set_postfix_str(label)
+            spec, key = models[label], keys[label]
+            holder = [load_remote(spec, key["commit"]) if remote else
+                      load_any(spec, device, allow_pickle, revision=key.get("commit"))]
+            try:
+                df = _score(holder[0], scores, settings["seq_len"], settings["n_examples"], remote)
+            finally:
+                release(holder)  # the model is gone before the next one loads
+            res.write(_table(label), df.assign(model=label), inputs=key)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     res.write("induction_scores", pd.concat([res.read(_table(label)) for label in models]))
     return res
+
+
+def _score(model, scores, seq_len: int, n_examples: int, remote: bool):
+    from .phase_change import probe_kwargs
+
+    kw = probe_kwargs(model)
+    kw.pop("prefix_tokens")
+    kw["seq_len"] = min(seq_len, kw["seq_len"])
+    if remote:
+        kw["remote"] = True
+    return scores.induction_score(model, n_examples=n_examples, **kw)

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from ..engine.adapters import get_adapter, module_at, observable
+from ..engine.devices import module_device
 from ..engine.sites import Site
 from ..engine.tracing import Engine, Run, Write, unwrap
 
@@ -393,15 +394,16 @@ def frozen_final_norm(inner, adapter, resid: torch.Tensor):
         raise ValueError(f"the {adapter.model_type} adapter names no final norm: register it with "
                          "ArchSpec(final_norm=<path of the norm before the unembedding>)")
     norm = module_at(inner, path)
+    resid = resid.to(module_device(inner, path))  # everything on the norm's device (multi-device models)
     w = getattr(norm, "weight", None)
-    w = torch.ones(resid.shape[-1]) if w is None else w.detach()
+    w = torch.ones(resid.shape[-1], device=resid.device) if w is None else w.detach()
     eps = float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-5)
     if isinstance(norm, torch.nn.LayerNorm):
         scale = (resid.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-        return lambda x: w * (x - x.mean(-1, keepdim=True)) / scale
+        return lambda x: w * (x.to(w.device) - x.to(w.device).mean(-1, keepdim=True)) / scale
     if "rms" in type(norm).__name__.lower():
         scale = (resid.float().pow(2).mean(-1, keepdim=True) + eps).sqrt().to(resid.dtype)
-        return lambda x: w * x / scale
+        return lambda x: w * x.to(w.device) / scale
     raise ValueError(f"final norm {type(norm).__name__} at {path!r} is neither a LayerNorm nor an RMSNorm: "
                      "the copying score cannot freeze its scale")
 
@@ -461,29 +463,35 @@ def copying_score(model, n_samples: int = 200, seed: int = 0, bos_id: int | None
     own = col[rows]  # (b, p): each token's column among the probe logits
     resid = acts[f"L{last}.resid_post"]  # (b, p, d_model): the final norm's input
     norm = frozen_final_norm(engine.inner, a, resid)
-    unembed = module_at(engine.inner, a.unembed_path(engine.inner))
+    u_path = a.unembed_path(engine.inner)
+    unembed = module_at(engine.inner, u_path)
+    # the logit arithmetic on the unembedding's device; each module called on its own (multi-device models)
+    u_dev = engine.device(u_path)
+    pool_u, own, valid, probe_cols = pool.to(u_dev), own.to(u_dev), valid.to(u_dev), col[toks].to(u_dev)
     scores = torch.zeros(a.n_layers, a.n_heads, dtype=torch.float64)
     raws = torch.zeros_like(scores)
     for layer in range(a.n_layers):
-        z = acts[f"L{layer}.z"]  # (b, p, head, d_head)
+        z = acts[f"L{layer}.z"].to(engine.device(a.path(layer, "o_proj")))  # (b, p, head, d_head)
         o_proj = a.module(engine.inner, layer, "o_proj")
         bias = o_proj(torch.zeros_like(z).flatten(2))  # (b, p, d_model): the output bias alone
         for head in range(a.n_heads):
             only = torch.zeros_like(z)
             only[:, :, head] = z[:, :, head]
             o = o_proj(only.flatten(2)) - bias  # the head's direct write (b, p, d_model)
-            d = (unembed(norm(o)) - unembed(torch.zeros_like(o)))[..., pool].double()  # (b, p, n_pool)
+            written = norm(o).to(u_dev)
+            d = (unembed(written) - unembed(torch.zeros_like(written)))[..., pool_u].double()  # (b, p, n_pool)
             d = d - d.mean(-1, keepdim=True)
             rel = d.relu()
             total = rel.sum(-1)
             mine = rel.gather(-1, own.clamp(min=0)[..., None]).squeeze(-1)
             share = torch.where(total > 0, mine / total.clamp_min(1e-300), torch.zeros_like(total))  # (b, p)
-            raws[layer, head] = share[valid].mean()
-            circuit = d[valid][:, col[toks]]  # (n, n): probe token attended -> logit change of each probe token
+            raws[layer, head] = float(share[valid].mean())
+            circuit = d[valid][:, probe_cols]  # (n, n): probe token attended -> logit change of each probe token
             circuit = circuit - circuit.mean(-1, keepdim=True)
             ev = torch.linalg.eigvals(circuit)
-            mass = ev.abs().sum()
-            scores[layer, head] = ev.real.sum() / mass if mass > 1e-12 * max(1.0, circuit.abs().max()) else -1.0
+            mass = float(ev.abs().sum())
+            scores[layer, head] = (float(ev.real.sum()) / mass if mass > 1e-12 * max(1.0, float(circuit.abs().max()))
+                                   else -1.0)
     return _frame(scores.clamp(-1, 1), raw=raws)
 
 

@@ -11,7 +11,9 @@ It owns, for every primitive alike:
 * attention mask and position ids of padded batches (each real token at its unpadded position),
 * ``use_cache=False``, and eval mode (a model left in training mode with active dropout runs in eval
   mode, with a warning, and is put back),
-* placement of each written tensor on its site's device and dtype (multi-device models),
+* placement of each written tensor on its site's device and dtype, of ``prefix`` / ``attn_outputs`` on
+  their module's device, and the refusal of layers left on the meta device (multi-device models:
+  ``interventions.engine.devices``),
 * error translation by exception type (nnsight's ``OutOfOrderError``: a target that never ran),
 * a take-effect check: the first write to a (layer, kind) of a model is probed once by writing NaN
   there on a 2-token input and requiring NaN in the logits (or, where an attention kernel masks NaN
@@ -50,6 +52,7 @@ from torch import nn
 
 from .adapters import Adapter, get_adapter, has_pattern_site, module_at
 from .remote import NotRemotable, Remote, check_remote, warn_unproven
+from .devices import check_placement, module_device, output_device
 from .sites import HEAD_KINDS, KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
 
 
@@ -115,6 +118,10 @@ class Run:
 
 @dataclass
 class Result:
+    """Logits (or the reduction the run returns) and read activations; from ``Engine.run`` each on the
+    device that computed it (the unembedding's, the site's), from ``execute`` all on the model's first
+    parameter's device."""
+
     logits: torch.Tensor | None  # (batch, pos, vocab) when the run returns "logits", else None
     acts: dict[str, torch.Tensor]  # site name -> activation in the site's shape (after that site's writes)
     loss: torch.Tensor | None = None  # (batch, pos - 1) when the run returns "loss"
@@ -229,6 +236,8 @@ class Engine:
         self.model = model  # the wrapper a remote run traces through (it names the server's model)
         self.inner = unwrap(model)
         self.adapter = get_adapter(self.inner)
+        if self.remote is not True:  # a server's model is not here (its weights are on the meta device)
+            check_placement(self.inner)  # a layer on the meta device: refused before any work
         self._nnsight = nnsight
         self._lm, self._lm_key = None, None
 
@@ -247,13 +256,10 @@ class Engine:
         return self._lm
 
     def device(self, path: str | None = None) -> torch.device:
-        """Device of the module at ``path`` (its first parameter), else of the model's first parameter:
-        a tensor fed to a module goes to that module's device (multi-device models)."""
-        if path is not None:
-            p = next(module_at(self.inner, path).parameters(), None)
-            if p is not None:
-                return p.device
-        return next(self.inner.parameters()).device
+        """Device of the module at ``path`` (its first parameter), else of the model's first parameter
+        (where the tokens go and results are gathered): a tensor fed to a module goes to that module's
+        device (multi-device models; ``interventions.engine.devices``)."""
+        return module_device(self.inner, path)
 
     def dtype_size(self) -> int:
         """Bytes per element of the model's floating-point parameters (its activations and logits)."""
@@ -573,8 +579,20 @@ def compact(obj, _memo: dict | None = None):
 def execute(model, run: Run, remote: Remote = False) -> Result:
     """Execute one ``Run`` on ``model`` (an HF causal LM of a supported architecture, or its nnsight
     wrapper; ``remote``: see ``Engine``). Returns ``Result(logits (batch, pos, vocab), acts {site name:
-    tensor})`` (``loss`` / ``gathered`` instead of the logits when the run returns them)."""
-    return Engine(model, remote).run(run)
+    tensor})`` (``loss`` / ``gathered`` instead of the logits when the run returns them), every tensor
+    of a local run on ``output_device(model)`` (the model's first parameter's device; ``Engine.run``
+    leaves each on the device that computed it)."""
+    result = Engine(model, remote).run(run)
+    return result if remote else gathered(result, output_device(unwrap(model)))
+
+
+def gathered(result: Result, device: torch.device) -> Result:
+    """``result`` with its tensors on ``device`` (no copy where they already are)."""
+    def to(x):
+        return None if x is None else x.to(device)
+
+    return Result(to(result.logits), {k: v.to(device) for k, v in result.acts.items()}, to(result.loss),
+                  to(result.gathered))
 
 
 def wrap(model, tokenizer=None):

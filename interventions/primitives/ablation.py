@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from ..engine.adapters import get_adapter, observable
+from ..engine.devices import output_device
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site
 from ..engine.remote import NotRemotable, Remote
@@ -283,8 +284,10 @@ def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequen
     ``tokens``' first row in a larger batch run in chunks (see ``Ablation.value``). ``remote``: True runs
     on NDIF (``model`` an ``nnsight.LanguageModel`` made from a hub id), ``"local"`` nnsight's offline
     simulation of that (``interventions.engine.remote``); the whole logits come back, so for losses
-    prefer ``per_token_loss``, which reduces them on the server."""
-    return ablation_run(model, tokens, ablations, attention_mask, row_offset, remote).logits
+    prefer ``per_token_loss``, which reduces them on the server. On a model split across devices the
+    logits come back on its first parameter's device."""
+    logits = ablation_run(model, tokens, ablations, attention_mask, row_offset, remote).logits
+    return logits if remote else logits.to(output_device(unwrap(model)))
 
 
 @torch.no_grad()

@@ -209,8 +209,8 @@ def _sweep_one_pass(engine: Engine, tokens, ablation: Ablation, heads: Sequence[
     writes = [Write(Site(h.layer, "z"), ablation_value(ablation, h, tokens, row_offset, positions),
                     rows=slice((j + 1) * b, (j + 2) * b), head=h.head) for j, h in enumerate(heads)]
     rep = tokens.repeat(k + 1, 1)  # ((k + 1) * batch, pos)
-    logits = engine.run(Run(rep, writes=writes, attention_mask=None if mask is None else mask.repeat(k + 1, 1))).logits
-    loss = loss_from_logits(logits, rep).cpu().view(k + 1, b, -1)  # (k + 1, batch, pos - 1)
+    loss = engine.run(Run(rep, writes=writes, attention_mask=None if mask is None else mask.repeat(k + 1, 1),
+                          returns="loss")).loss.cpu().view(k + 1, b, -1)  # (k + 1, batch, pos - 1)
     return loss[0], loss[1:] - loss[0]
 
 
@@ -248,12 +248,14 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
         values = [ablation_value(ablation, h, tokens, row_offset, positions) for _, h in group]
         writes, attn_outputs = [], {}
         if shortcut:  # apply the edits to the clean z here; skip the layer's attention
-            z = acts[f"L{layer}.z"].repeat(k, 1, 1, 1)  # (k * batch, pos, head, d_head)
+            o_proj = a.module(engine.inner, layer, "o_proj")
+            # on the projection's device (a model split inside a layer reads z before accelerate moves it)
+            z = acts[f"L{layer}.z"].to(engine.device(a.path(layer, "o_proj")))
+            z = z.repeat(k, 1, 1, 1)  # (k * batch, pos, head, d_head)
             for r, (_, h), value in zip(rows, group, values):
                 if callable(value) and not torch.is_tensor(value):
                     value = value(z[r, :, h.head].clone())
-                z[r, :, h.head] = 0 if value is None else value.to(z.dtype)
-            o_proj = a.module(engine.inner, layer, "o_proj")
+                z[r, :, h.head] = 0 if value is None else value.to(z.device, z.dtype)
             attn_outputs[layer] = o_proj(z.flatten(2))  # (k * batch, pos, d_model)
         else:
             writes += [Write(Site(layer, "z"), value, rows=r, head=h.head) for r, (_, h), value in zip(rows, group, values)]

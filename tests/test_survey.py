@@ -1,0 +1,301 @@
+"""The survey scales: one model at a time (each released before the next loads), resumable after an
+interruption (per-model tables keyed on the model's identity), every model checked before any work,
+remote execution passed through or refused, and a mosaic that stays legible with 40 models.
+
+Models: a dozen tiny ones built from configs of four architectures (GPT-2, GPT-NeoX, Llama with
+grouped-query attention, our attn_only), saved to temporary folders."""
+
+import json
+import weakref
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from experiments import survey as S
+from experiments.__main__ import main as cli_main
+from experiments.common import InputError, Results
+
+KW = {"seq_len": 6, "n_examples": 2}
+REAL_LOAD = S.load_any  # tiny probes: the survey's plumbing is under test, not the scores
+
+
+def _config(arch: str, n_layers: int):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    from interventions import AttnOnlyConfig
+
+    common = {"vocab_size": 40, "bos_token_id": 0, "eos_token_id": 0}
+    if arch == "gpt2":
+        return GPT2Config(n_layer=n_layers, n_head=2, n_embd=16, n_positions=32, **common)
+    if arch == "neox":
+        return GPTNeoXConfig(num_hidden_layers=n_layers, num_attention_heads=2, hidden_size=16, intermediate_size=32,
+                             max_position_embeddings=32, **common)
+    if arch == "llama":
+        return LlamaConfig(num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2, hidden_size=16,
+                           intermediate_size=32, max_position_embeddings=32, **common)
+    return AttnOnlyConfig(n_layers=n_layers, n_heads=2, d_model=16, n_ctx=32, vocab_size=40)
+
+
+def save_model(folder: Path, arch: str, n_layers: int, seed: int = 0) -> str:
+    from transformers import AutoModelForCausalLM
+
+    import interventions  # noqa: F401  (registers attn_only with the Auto classes)
+
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(_config(arch, n_layers)).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def dozen(tmp_path_factory):
+    """label -> folder of 12 tiny models: 4 architectures x 1-3 layers."""
+    root = tmp_path_factory.mktemp("models")
+    return {f"{arch}-{n}l": save_model(root / f"{arch}-{n}l", arch, n)
+            for arch in ("gpt2", "neox", "llama", "attn_only") for n in (1, 2, 3)}
+
+
+class Loads:
+    """Wraps ``load_any``: counts loads and proves each model was released before the next loaded."""
+
+    def __init__(self, monkeypatch, fail_at: int | None = None):
+        self.refs, self.labels, self.fail_at = [], [], fail_at
+        real = REAL_LOAD
+
+        def load(spec, *args, **kwargs):
+            alive = [i for i, r in enumerate(self.refs) if r() is not None]
+            assert not alive, f"models {alive} still alive when the next one loads"
+            if self.fail_at is not None and len(self.refs) == self.fail_at:
+                raise KeyboardInterrupt  # as Ctrl-C in the middle of a survey
+            model = real(spec, *args, **kwargs)
+            self.refs.append(weakref.ref(model))
+            self.labels.append(Path(spec).name)
+            return model
+
+        monkeypatch.setattr(S, "load_any", load)
+
+
+def test_a_dozen_architectures_one_at_a_time_each_released(dozen, tmp_path, monkeypatch):
+    """Every model of four architectures is scored (one row per layer x head, equal to scoring that
+    model directly); each is released (its weakref dead) before the next one loads and after the last."""
+    from experiments.phase_change import probe_kwargs
+    from interventions.analysis import scores
+    from interventions.engine.adapters import get_adapter
+    from interventions.zoo.train import load_model
+
+    loads = Loads(monkeypatch)
+    table = S.run_survey(dozen, tmp_path / "res", **KW).read("induction_scores")
+    assert len(loads.refs) == 12 and all(r() is None for r in loads.refs)
+    assert list(table.model.unique()) == list(dozen)
+    for label, folder in dozen.items():
+        model = load_model(folder)
+        a = get_adapter(model)
+        rows = table[table.model == label]
+        assert len(rows) == a.n_layers * a.n_heads, label
+    model = load_model(dozen["llama-2l"])
+    kw = probe_kwargs(model)
+    kw.pop("prefix_tokens")
+    kw["seq_len"] = min(KW["seq_len"], kw["seq_len"])
+    direct = scores.induction_score(model, n_examples=KW["n_examples"], **kw)
+    got = table[table.model == "llama-2l"].sort_values(["layer", "head"])
+    assert torch.allclose(torch.tensor(got.score.to_numpy()), torch.tensor(direct.score.to_numpy()), atol=1e-6)
+
+
+def test_an_interrupted_survey_resumes_without_reloading_finished_models(dozen, tmp_path, monkeypatch):
+    """Ctrl-C during the 8th model leaves 7 finished tables; the same call again loads only the 5 left
+    and gives the uninterrupted survey's table; a third call loads nothing; a model re-saved with other
+    weights under the same path is the only one scored again."""
+    root = tmp_path / "res"
+    loads = Loads(monkeypatch, fail_at=7)
+    with pytest.raises(KeyboardInterrupt):
+        S.run_survey(dozen, root, **KW)
+    res = Results(root, "survey")
+    assert sum(res.has(S._table(label)) for label in dozen) == 7 and not res.has("induction_scores")
+    loads = Loads(monkeypatch)
+    resumed = S.run_survey(dozen, root, **KW).read("induction_scores")
+    assert loads.labels == list(dozen)[7:]
+    whole = S.run_survey(dozen, tmp_path / "whole", **KW).read("induction_scores")
+    pd.testing.assert_frame_equal(resumed, whole)
+    loads = Loads(monkeypatch)
+    S.run_survey(dozen, root, **KW)
+    assert loads.labels == []
+    moved = tmp_path / "gpt2-2l"
+    models = {**dozen, "gpt2-2l": save_model(moved, "gpt2", 2, seed=0)}
+    S.run_survey(models, root, **KW)  # a new folder: scored once
+    save_model(moved, "gpt2", 2, seed=1)
+    loads = Loads(monkeypatch)
+    S.run_survey(models, root, **KW)
+    assert loads.labels == ["gpt2-2l"]
+
+
+def _fake_hub(tmp_path, monkeypatch, commits: dict):
+    """``hf_hub_download`` answering from ``commits`` (revision -> commit) with a tiny GPT-2's config,
+    and ``from_pretrained`` of a hub name building that model: the hub path without the network."""
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    folder = save_model(tmp_path / "hub-weights", "gpt2", 2)
+    asked = []
+
+    def download(repo_id, filename, revision=None, **kw):
+        if repo_id != "org/tiny" or revision not in commits:
+            raise OSError(f"{repo_id}@{revision} not found")
+        snap = tmp_path / "hub" / "snapshots" / commits[revision]
+        snap.mkdir(parents=True, exist_ok=True)
+        (snap / filename).write_text((Path(folder) / "config.json").read_text())
+        return str(snap / filename)
+
+    real = AutoModelForCausalLM.from_pretrained
+
+    def from_pretrained(name, *args, revision=None, **kw):
+        if name == "org/tiny":
+            asked.append(revision)
+            return real(folder)
+        return real(name, *args, revision=revision, **kw)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    return asked
+
+
+def test_hub_models_are_keyed_on_the_resolved_commit(tmp_path, monkeypatch):
+    """A hub model's table is keyed on its name and the commit its revision resolves to (found from
+    config.json alone): a rerun loads nothing; when the branch moves to a new commit it is scored again,
+    and the weights asked for are the pinned commit's."""
+    commits = {None: "a" * 40, "v1": "b" * 40}
+    asked = _fake_hub(tmp_path, monkeypatch, commits)
+    S.run_survey({"tiny": "org/tiny", "tiny@v1": "org/tiny@v1"}, tmp_path / "res", **KW)
+    assert asked == ["a" * 40, "b" * 40]
+    S.run_survey({"tiny": "org/tiny", "tiny@v1": "org/tiny@v1"}, tmp_path / "res", **KW)
+    assert len(asked) == 2
+    commits[None] = "c" * 40  # the default branch moved
+    S.run_survey({"tiny": "org/tiny", "tiny@v1": "org/tiny@v1"}, tmp_path / "res", **KW)
+    assert asked[2:] == ["c" * 40]
+
+
+def test_every_model_is_checked_before_any_is_loaded(dozen, tmp_path, monkeypatch, capsys):
+    """An unsupported architecture, a hub name that does not resolve (offline), a malformed pin or a
+    folder without a config among the models: exit 2 naming the model, nothing loaded, nothing written."""
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps(BertConfig(vocab_size=40).to_dict()))
+    (tmp_path / "empty").mkdir()
+    loads = Loads(monkeypatch)
+    for bad, says in ((str(bert), "architecture 'bert'"), ("nobody/no-such-model", "could not resolve"),
+                      ("gpt2@", "NAME@REVISION"), (str(tmp_path / "empty"), "no config.json")):
+        try:
+            code = cli_main(["survey", *dozen.values(), bad, "--out", str(tmp_path / "res"), "--quiet"])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and says in err and "Traceback" not in err, err
+    assert loads.labels == [] and not (tmp_path / "res").exists()
+
+
+def test_remote_is_refused_before_work_without_primitive_support(dozen, tmp_path, capsys):
+    """``--remote`` while the head scores take no ``remote=``: exit 2 naming why, nothing written."""
+    from interventions.analysis import scores
+
+    assert not S.remote_supported(scores.induction_score)  # TODO(issue 13 item 1): flips with remote execution
+    try:
+        code = cli_main(["survey", dozen["gpt2-1l"], "--remote", "--out", str(tmp_path / "res"), "--quiet"])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "--remote needs remote execution" in err, err
+    assert not (tmp_path / "res").exists()
+
+
+def test_remote_passes_through_to_the_scores_when_supported(tmp_path, monkeypatch):
+    """With head scores that take ``remote=``, a remote survey builds the hub model by name at its
+    resolved commit (no local weights) and passes ``remote=True`` to every score call; local folders
+    are refused."""
+    from interventions.analysis import scores
+    from interventions.zoo.train import load_model
+
+    commits = {None: "d" * 40}
+    _fake_hub(tmp_path, monkeypatch, commits)
+    calls, built = [], []
+    real = scores.induction_score
+
+    def induction_score(model, *args, remote=False, **kw):
+        calls.append(remote)
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(scores, "induction_score", induction_score)
+    monkeypatch.setattr(S, "load_remote", lambda spec, commit: built.append((spec, commit)) or
+                        load_model(tmp_path / "hub-weights"))
+    monkeypatch.setattr(S, "load_any", lambda *a, **k: pytest.fail("a remote survey loaded weights locally"))
+    S.run_survey({"tiny": "org/tiny"}, tmp_path / "res", remote=True, **KW)
+    assert calls == [True] and built == [("org/tiny", "d" * 40)]
+    with pytest.raises(InputError, match="--remote scores hub models only"):
+        S.run_survey({"here": str(tmp_path / "hub-weights")}, tmp_path / "res2", remote=True, **KW)
+
+
+def test_readme_survey_command_writes_tables_and_mosaic(tmp_path, monkeypatch, capsys):
+    """The README's offline survey command, run as written (its model paths filled with tiny models
+    of three architectures): exit 0, the combined table with every model, and the mosaic (PNG, PDF)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = [ln for ln in re.findall(r"^python -m experiments survey .*$", readme, re.M) if "# online" not in ln]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])[3:]
+    specs = [a for a in argv[1:] if not a.startswith("--") and argv[argv.index(a) - 1] != "--out"]
+    monkeypatch.chdir(tmp_path)
+    for spec, arch in zip(specs, ("attn_only", "gpt2", "llama")):
+        save_model(Path(spec), arch, 2)
+    assert cli_main(argv + ["--quiet"]) == 0
+    out = Path(argv[argv.index("--out") + 1])
+    assert set(Results(out, "survey").read("induction_scores").model) == {Path(s).name for s in specs}
+    for ext in ("png", "pdf"):
+        assert (out / "figures" / f"induction_mosaic.{ext}").stat().st_size > 0
+
+
+def test_mosaic_of_40_models_is_legible():
+    """40 models of 1-80 layers and 4-64 heads: one panel per model titled with its label (or its end),
+    every panel at least 1.1 x 0.7 inches, the figure within 16 x 9 inches, and no two text labels
+    (titles, tick labels) and no title and another panel overlap."""
+    import matplotlib.pyplot as plt
+
+    from experiments.figures import _fit_label, mosaic_figure
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1 + (7 * i) % 80, (4, 8, 12, 16, 32, 64)[i % 6]) for i in range(40)]
+    labels = [("EleutherAI/pythia-%dm-deduped-v0", "gpt2-%d", "meta-llama/Llama-3.2-%dB-Instruct",
+               "runs/attn-%dl")[i % 4] % i for i in range(40)]
+    sv = pd.concat([pd.DataFrame({"model": label, "layer": torch.arange(n_l).repeat_interleave(n_h).numpy(),
+                                  "head": torch.arange(n_h).repeat(n_l).numpy(),
+                                  "score": torch.rand(n_l * n_h, generator=g).numpy()})
+                    for label, (n_l, n_h) in zip(labels, shapes)])
+    fig = mosaic_figure(sv)
+    try:
+        fig.canvas.draw()
+        r = fig.canvas.get_renderer()
+        w, h = fig.get_size_inches()
+        assert w <= 16 and h <= 9, (w, h)
+        panels = [ax for ax in fig.axes if ax.get_title(loc="left")]
+        assert [ax.get_title(loc="left") for ax in panels] == [_fit_label(label) for label in labels]
+        dpi = fig.dpi
+        texts = []
+        for i, ax in enumerate(panels):
+            box = ax.get_window_extent(r)
+            assert box.width / dpi >= 1.1 and box.height / dpi >= 0.7, (labels[i], box.width / dpi, box.height / dpi)
+            title = ax.title if ax.title.get_text() else ax._left_title
+            texts.append((i, "title", title.get_window_extent(r)))
+            texts += [(i, "tick", t.get_window_extent(r)) for t in ax.get_xticklabels() + ax.get_yticklabels()
+                      if t.get_text()]
+        for n, (i, kind, a) in enumerate(texts):
+            for j, other_kind, b in texts[n + 1:]:
+                if i != j:
+                    assert not a.overlaps(b), (labels[i], kind, labels[j], other_kind)
+            if kind == "title":
+                for j, ax in enumerate(panels):
+                    if j != i:
+                        assert not a.overlaps(ax.get_window_extent(r)), (labels[i], "title over panel", labels[j])
+    finally:
+        plt.close(fig)
