@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh           # needs nnsight and transformer-lens importable, or wheels in .whl/
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu LARGE_ARGS=--small: a dry run of this script on a CPU
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ -d .whl ]; then  # the GPU box has no nnsight / transformer-lens: install the carried wheels
@@ -18,9 +19,9 @@ step() {  # step SECONDS NAME COMMAND...: one bounded step; a failure is logged 
 }
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch, transformers, nnsight; print('torch', torch.__version__, 'transformers', transformers.__version__, 'nnsight', nnsight.__version__, torch.cuda.get_device_name())"
-  step 120 device_map python3 benchmarks/check_device_map.py --device cuda --out "$OUT/device_map.json"
-  step 150 sweep_small python3 benchmarks/bench_sweep.py --device cuda --no-memory --out "$OUT/sweep_small.json"
-  step 60 path_small python3 benchmarks/bench_path.py --device cuda --out "$OUT/path_small.json"
-  step 240 large python3 benchmarks/bench_large.py --device cuda --out "$OUT/large.json"
+  python3 -c "import torch, transformers, nnsight; print('torch', torch.__version__, 'transformers', transformers.__version__, 'nnsight', nnsight.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
+  step 120 device_map python3 benchmarks/check_device_map.py --out "$OUT/device_map.json"
+  step 150 sweep_small python3 benchmarks/bench_sweep.py --device "$DEVICE" --no-memory --out "$OUT/sweep_small.json"
+  step 60 path_small python3 benchmarks/bench_path.py --device "$DEVICE" --out "$OUT/path_small.json"
+  step 240 large python3 benchmarks/bench_large.py --device "$DEVICE" ${LARGE_ARGS:-} --out "$OUT/large.json"
 } 2>&1 | tee "$OUT/log.txt"
