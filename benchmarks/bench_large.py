@@ -64,7 +64,7 @@ def to_tl(model, device: str, dtype):
         n_heads=c.num_attention_heads, d_mlp=c.intermediate_size, d_vocab=c.vocab_size,
         n_ctx=c.max_position_embeddings, act_fn="silu", normalization_type="RMS", eps=c.rms_norm_eps,
         positional_embedding_type="rotary", rotary_dim=c.hidden_size // c.num_attention_heads,
-        rotary_base=int(c.rope_theta) if hasattr(c, "rope_theta") else 10000, final_rms=True, gated_mlp=True,
+        rotary_base=int((getattr(c, "rope_parameters", None) or {}).get("rope_theta", getattr(c, "rope_theta", 10000))), final_rms=True, gated_mlp=True,
         n_key_value_heads=c.num_key_value_heads, original_architecture="LlamaForCausalLM", dtype=dtype,
         device=device, default_prepend_bos=False, init_weights=False)
     tl = HookedTransformer(cfg)
