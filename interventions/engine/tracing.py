@@ -18,7 +18,8 @@ It owns, for every primitive alike:
   scores, a changed logit under a random perturbation), which proves the forward *consumes* the site
   (not just that the tensor was written).
 
-The engine keeps no reference to a model after a call: wrappers live as long as one ``Engine``.
+The engine keeps no reference to a model after a call: each model's nnsight wrapper is built once and
+cached with weak references only (the model is freed by reference counting when its user drops it).
 
 Example:
     >>> import torch
@@ -153,6 +154,28 @@ def pad_to_nan(losses: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
     return losses.masked_fill(~(m[:, :-1] & m[:, 1:]), float("nan"))
 
 
+def indexed_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    """The shape of ``torch.empty(shape)[index]`` for an index of ints, slices and None-free parts,
+    computed without a tensor (IndexError as torch raises it). Other indices: via a meta tensor.
+
+    >>> indexed_shape((2, 5, 4, 8), (slice(0, 1), 3, slice(None)))
+    (1, 4, 8)
+    """
+    out = []
+    for i, part in enumerate(index):
+        n = shape[i]
+        if type(part) is int:
+            if not -n <= part < n:
+                raise IndexError(f"index {part} is out of bounds for dimension {i} with size {n}")
+        elif type(part) is slice:
+            if part.step is not None and part.step <= 0:
+                return tuple(torch.empty(shape, device="meta")[index].shape)  # torch's own error
+            out.append(len(range(*part.indices(n))))
+        else:
+            return tuple(torch.empty(shape, device="meta")[index].shape)
+    return tuple(out) + tuple(shape[len(index):])
+
+
 def check_positive(value, name: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -192,30 +215,81 @@ def _eval_mode(inner: nn.Module):
             m.training = mode
 
 
+# model -> _Tree: the bare nnsight wrapper of each model, built once (an envoy tree costs ~0.3 ms, a
+# third of a small forward) and reused while the model's module structure is unchanged. Its envoys hold
+# the modules by weak proxy, so the cache keeps no model alive (weak keys, no reference in the value).
+_TREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _Tree:
+    """A bare ``nnsight.NNsight`` over a model whose envoys reference their modules weakly, and the
+    module structure it mirrors: (module, its children by name) for every envoy, held by weakref."""
+
+    def __init__(self, inner: nn.Module):
+        import nnsight
+
+        self.lm = nnsight.NNsight(inner)
+        self.sites: set[tuple] = set()  # (spec, site) whose module was found on this structure
+        self.points: dict[tuple, tuple[str, str]] = {}  # (adapter, site) -> module path, input/output
+        self.envoys: dict[str, object] = {}  # module path -> envoy
+        self.structure = []
+        stack = [self.lm]
+        while stack:
+            env = stack.pop()
+            module = env.__dict__["_module"]
+            children = tuple((name, weakref.ref(child)) for name, child in module._modules.items() if child is not None)
+            self.structure.append((weakref.ref(module), len(module._modules), children))
+            env.__dict__["_module"] = weakref.proxy(module)  # nnsight only calls and reads through it
+            stack.extend(env._children)
+
+    def point(self, adapter: Adapter, site: Site, inner: nn.Module) -> tuple[str, str]:
+        key = (adapter, site)
+        point = self.points.get(key)
+        if point is None:
+            point = self.points[key] = adapter.point(site, inner)
+        return point
+
+    def envoy(self, path: str):
+        env = self.envoys.get(path)
+        if env is None:
+            env = self.envoys[path] = module_at(self.lm, path)
+        return env
+
+    def current(self) -> bool:
+        """Whether the model still has exactly the modules the tree was built over (``observable`` adds
+        pattern modules; a user may replace a submodule), and no trace of this tree is running."""
+        if self.lm.interleaver.interleaving:
+            return False
+        for ref, n, children in self.structure:
+            module = ref()
+            if module is None or len(module._modules) != n:
+                return False
+            for name, child in children:
+                if module._modules.get(name) is not child():
+                    return False
+        return True
+
+
 class Engine:
     """Executes runs on one model; build one per primitive call (it holds the model until dropped)."""
 
     def __init__(self, model):
-        import nnsight
-
         self.inner = unwrap(model)
         self.adapter = get_adapter(self.inner)
-        self._nnsight = nnsight
-        self._lm, self._lm_key = None, None
+        self._first = None  # the model's first parameter (moving a model keeps its parameter objects)
+        self._current = None  # the model's _Tree, once checked in this run
 
-    def _wrapper(self):
-        """A bare ``nnsight.NNsight`` over the model, rebuilt when ``observable`` added or removed pattern
-        modules (an envoy tree is built once and would point at modules that no longer run)."""
-        a = self.adapter
-        key = [has_pattern_site(self.inner)]
-        for layer in range(a.n_layers):
-            try:
-                key.append(a.module(self.inner, layer, "pattern"))
-            except (AttributeError, IndexError):
-                key.append(None)
-        if self._lm is None or len(key) != len(self._lm_key) or any(x is not y for x, y in zip(key, self._lm_key)):
-            self._lm, self._lm_key = self._nnsight.NNsight(self.inner), key
-        return self._lm
+    def _tree(self) -> _Tree:
+        """The model's cached ``_Tree``, rebuilt when its modules changed (an envoy tree is built once and
+        would point at modules that no longer run). Checked once per run."""
+        tree = self._current
+        if tree is None:
+            tree = _TREES.get(self.inner)
+            if tree is None or not tree.current():
+                tree = _Tree(self.inner)
+                _TREES[self.inner] = tree
+            self._current = tree
+        return tree
 
     def device(self, path: str | None = None) -> torch.device:
         """Device of the module at ``path`` (its first parameter), else of the model's first parameter:
@@ -224,7 +298,9 @@ class Engine:
             p = next(module_at(self.inner, path).parameters(), None)
             if p is not None:
                 return p.device
-        return next(self.inner.parameters()).device
+        if self._first is None:
+            self._first = next(self.inner.parameters())
+        return self._first.device
 
     # ------------------------------------------------------------------ validation
     def _check_site(self, site: Site, batch: int, pos: int) -> tuple[int, ...]:
@@ -234,6 +310,18 @@ class Engine:
             raise InterventionError(f"site {site}: attention patterns are not observable on this model's "
                                     "attention path (SDPA/flash computes no pattern): run inside "
                                     "`with interventions.observable(model):`")
+        tree = self._tree()
+        if (a.spec, site) not in tree.sites:
+            self._check_module(site)
+            tree.sites.add((a.spec, site))
+        if site.kind in RESID_KINDS:
+            return batch, pos, a.d_model
+        if site.kind == "pattern":
+            return batch, a.n_heads, pos, pos
+        return batch, pos, a.n_site_heads(site.kind), a.d_head
+
+    def _check_module(self, site: Site) -> None:
+        a = self.adapter
         path, _ = a.point(site, self.inner)
         try:
             module_at(self.inner, path)
@@ -243,11 +331,6 @@ class Engine:
                                  "(attention-only); use attn_out or resid_post") from None
             raise InterventionError(f"site {site}: this {a.model_type} model has no module at {path!r}: fix the "
                                     "adapter with interventions.register_adapter") from None
-        if site.kind in RESID_KINDS:
-            return batch, pos, a.d_model
-        if site.kind == "pattern":
-            return batch, a.n_heads, pos, pos
-        return batch, pos, a.n_site_heads(site.kind), a.d_head
 
     def _check_write(self, w: Write, site: Site, full: tuple[int, ...]) -> tuple[int, ...]:
         a = self.adapter
@@ -262,7 +345,7 @@ class Engine:
                 raise ValueError(f"write to {site}: {what} {w.head!r} out of range: layer {site.layer} has "
                                  f"{what}s 0-{n - 1}{extra}")
         try:
-            shape = tuple(torch.empty(full, device="meta")[w.index(site.kind)].shape)
+            shape = indexed_shape(full, w.index(site.kind))
         except IndexError as e:
             raise ValueError(f"write to {site}: rows/pos {w.rows}/{w.pos} do not index a site of shape {full}: {e}") from None
         if torch.is_tensor(w.value):
@@ -282,6 +365,7 @@ class Engine:
     @torch.no_grad()
     def run(self, run: Run, verify: bool = True) -> Result:
         a, inner = self.adapter, self.inner
+        self._current = None  # the module structure is checked once per run
         tokens = check_tokens(run.tokens, a)
         check_mask(run.attention_mask, tokens)
         batch, pos = tokens.shape
@@ -351,7 +435,8 @@ class Engine:
         from nnsight.intervention.interleaver import OutOfOrderError
 
         a, inner = self.adapter, self.inner
-        lm = self._wrapper()
+        tree = self._tree()
+        lm = tree.lm
         device = self.device()
         tokens = tokens.to(device)
         kwargs = {"use_cache": False}
@@ -369,9 +454,9 @@ class Engine:
         def visit(sites: list[Site]) -> None:
             cache: dict[tuple[str, str], torch.Tensor] = {}  # one access per module point (fused q/k/v)
             for site in sorted(sites, key=lambda s: order.get(s.kind, len(order))):
-                point = a.point(site, inner)
+                point = tree.point(a, site, inner)
                 if point not in cache:
-                    env = module_at(lm, point[0])
+                    env = tree.envoy(point[0])
                     raw = env.input if point[1] == "input" else env.output
                     cache[point] = raw if torch.is_tensor(raw) else raw[0]
                 view = a.view(cache[point], site.kind)
@@ -395,21 +480,20 @@ class Engine:
         try:
             with lm.trace(tokens, **kwargs):
                 for layer in range(a.n_layers):
-                    block = a.module(lm, layer, "layer")
                     if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
                         p = run.prefix.to(self.device(a.path(run.start, "layer")))
-                        block.skip((p, None) if a.spec.block_output == "tuple" else p)
+                        tree.envoy(a.path(layer, "layer")).skip((p, None) if a.spec.block_output == "tuple" else p)
                         continue
                     sites = by_layer.get(layer, [])
                     if layer in run.attn_outputs:
                         visit([s for s in sites if s.kind == "resid_pre"])
                         out = run.attn_outputs[layer].to(self.device(a.path(layer, "attn")))
-                        a.module(lm, layer, "attn").skip((out, None))
+                        tree.envoy(a.path(layer, "attn")).skip((out, None))
                         visit([s for s in sites if s.kind != "resid_pre"])
                     else:
                         visit(sites)
                 visit(by_layer.get(None, []))
-                logits = module_at(lm, a.unembed_path(inner)).output.save()
+                logits = tree.envoy(tree.point(a, Site(None, "final"), inner)[0]).output.save()
         except OutOfOrderError as e:
             raise InterventionError(f"an intervention's target did not run ({e}). Pattern sites need "
                                     "`with interventions.observable(model):`; module paths come from "
