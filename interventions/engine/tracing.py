@@ -106,8 +106,18 @@ def unwrap(model):
     return getattr(model, "_module", model)
 
 
+# The last tensor of token ids found valid, as (tensor (weakly), its version, vocab_size, n_ctx): a primitive
+# checks its tokens before preparing its runs and each run checks them again (two reductions each time).
+_last_valid: tuple | None = None
+
+
 def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor:
     """Validate a (batch, pos) tensor of token ids; returns it (never modified)."""
+    global _last_valid
+    last = _last_valid
+    if (last is not None and last[0]() is tokens and last[1] == tokens._version and last[2] == adapter.vocab_size
+            and last[3] == adapter.n_ctx):  # the same tensor, unchanged since (in-place edits bump _version)
+        return tokens
     if not torch.is_tensor(tokens):
         raise ValueError(f"{name} must be a torch.LongTensor of shape (batch, pos), got {type(tokens).__name__}")
     if tokens.dim() == 1:
@@ -121,10 +131,11 @@ def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor
     if adapter.n_ctx is not None and tokens.shape[1] > adapter.n_ctx:
         raise ValueError(f"{name} has {tokens.shape[1]} positions, more than the model's context of "
                          f"{adapter.n_ctx}: truncate to {adapter.n_ctx}")
-    lo, hi = int(tokens.min()), int(tokens.max())
+    lo, hi = (int(v) for v in torch.aminmax(tokens))
     if lo < 0 or hi >= adapter.vocab_size:
         raise ValueError(f"{name} holds ids outside the vocabulary [0, {adapter.vocab_size}) (min {lo}, max {hi}): "
                          "tokenise with this model's tokenizer")
+    _last_valid = (weakref.ref(tokens), tokens._version, adapter.vocab_size, adapter.n_ctx)
     return tokens
 
 
@@ -215,6 +226,8 @@ def _eval_mode(inner: nn.Module):
             m.training = mode
 
 
+FINAL = Site(None, "final")
+
 # model -> _Tree: the bare nnsight wrapper of each model, built once (an envoy tree costs ~0.3 ms, a
 # third of a small forward) and reused while the model's module structure is unchanged. Its envoys hold
 # the modules by weak proxy, so the cache keeps no model alive (weak keys, no reference in the value).
@@ -222,73 +235,71 @@ _TREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class _Tree:
-    """A bare ``nnsight.NNsight`` over a model whose envoys reference their modules weakly, and the
-    module structure it mirrors: (module, its children by name) for every envoy, held by weakref."""
+    """A bare ``nnsight.NNsight`` over a model whose envoys reference their modules weakly (nnsight only
+    calls and reads a module through its envoy), with every module path's envoy and module (weakly)."""
 
     def __init__(self, inner: nn.Module):
         import nnsight
 
         self.lm = nnsight.NNsight(inner)
-        self.sites: set[tuple] = set()  # (spec, site) whose module was found on this structure
-        self.points: dict[tuple, tuple[str, str]] = {}  # (adapter, site) -> module path, input/output
-        self.envoys: dict[str, object] = {}  # module path -> envoy
-        self.structure = []
-        stack = [self.lm]
+        self.paths: dict[str, tuple[object, weakref.ref, tuple[str, ...]]] = {}  # path -> (envoy, module, parts)
+        self.adapter: Adapter | None = None  # the adapter the two caches below were made with
+        self.points: dict[Site, tuple[str, str]] = {}  # site -> (module path, input/output)
+        self.sites: set[Site] = set()  # sites whose module was found on this model
+        stack = [("", self.lm)]
         while stack:
-            env = stack.pop()
-            module = env.__dict__["_module"]
-            children = tuple((name, weakref.ref(child)) for name, child in module._modules.items() if child is not None)
-            self.structure.append((weakref.ref(module), len(module._modules), children))
-            env.__dict__["_module"] = weakref.proxy(module)  # nnsight only calls and reads through it
-            stack.extend(env._children)
+            path, env = stack.pop()
+            self.paths[path] = (env, weakref.ref(env.__dict__["_module"]), tuple(path.split(".")) if path else ())
+            stack.extend((f"{path}.{name}" if path else name, child) for name, child in env._child_map.items())
+        for env, ref, _ in self.paths.values():
+            if not isinstance(env.__dict__["_module"], weakref.ProxyTypes):
+                env.__dict__["_module"] = weakref.proxy(ref())
 
     def point(self, adapter: Adapter, site: Site, inner: nn.Module) -> tuple[str, str]:
-        key = (adapter, site)
-        point = self.points.get(key)
+        if adapter is not self.adapter:  # the registry or the config changed: forget what the old one said
+            self.adapter, self.points, self.sites = adapter, {}, set()
+        point = self.points.get(site)
         if point is None:
-            point = self.points[key] = adapter.point(site, inner)
+            point = self.points[site] = adapter.point(site, inner)
         return point
 
     def envoy(self, path: str):
-        env = self.envoys.get(path)
-        if env is None:
-            env = self.envoys[path] = module_at(self.lm, path)
-        return env
+        return self.paths[path][0]
 
-    def current(self) -> bool:
-        """Whether the model still has exactly the modules the tree was built over (``observable`` adds
-        pattern modules; a user may replace a submodule), and no trace of this tree is running."""
+    def holds(self, inner: nn.Module, paths) -> bool:
+        """Whether each module path is, on the model now, the module this tree wraps there (a user may
+        replace a submodule; ``observable`` adds pattern modules), and no trace of this tree is running.
+        Modules no run touches are not compared: a tree's stale envoy there is never used."""
         if self.lm.interleaver.interleaving:
             return False
-        for ref, n, children in self.structure:
-            module = ref()
-            if module is None or len(module._modules) != n:
+        for path in paths:
+            entry = self.paths.get(path)
+            if entry is None:
                 return False
-            for name, child in children:
-                if module._modules.get(name) is not child():
+            module = inner
+            for part in entry[2]:  # the module at the path now (plain dict look-ups: nn.Module.__getattr__ is slow)
+                module = module._modules.get(part)
+                if module is None:
                     return False
+            if module is not entry[1]():
+                return False
         return True
 
 
 class Engine:
-    """Executes runs on one model; build one per primitive call (it holds the model until dropped)."""
+    """Executes runs on one model; build one per primitive call."""
 
     def __init__(self, model):
         self.inner = unwrap(model)
         self.adapter = get_adapter(self.inner)
         self._first = None  # the model's first parameter (moving a model keeps its parameter objects)
-        self._current = None  # the model's _Tree, once checked in this run
 
-    def _tree(self) -> _Tree:
-        """The model's cached ``_Tree``, rebuilt when its modules changed (an envoy tree is built once and
-        would point at modules that no longer run). Checked once per run."""
-        tree = self._current
-        if tree is None:
-            tree = _TREES.get(self.inner)
-            if tree is None or not tree.current():
-                tree = _Tree(self.inner)
-                _TREES[self.inner] = tree
-            self._current = tree
+    def _tree(self, run: Run, sites) -> _Tree:
+        """The model's cached ``_Tree``, rebuilt unless it wraps the modules a run touches as they are now."""
+        tree = _TREES.get(self.inner)
+        if tree is None or not tree.holds(self.inner, self._touched(tree, run, sites)):
+            tree = _Tree(self.inner)
+            _TREES[self.inner] = tree
         return tree
 
     def device(self, path: str | None = None) -> torch.device:
@@ -303,17 +314,17 @@ class Engine:
         return self._first.device
 
     # ------------------------------------------------------------------ validation
-    def _check_site(self, site: Site, batch: int, pos: int) -> tuple[int, ...]:
+    def _check_site(self, site: Site, batch: int, pos: int, tree: _Tree) -> tuple[int, ...]:
         """The site's full shape; raises if it does not exist on this model."""
         a = self.adapter
         if site.kind == "pattern" and not has_pattern_site(self.inner):
             raise InterventionError(f"site {site}: attention patterns are not observable on this model's "
                                     "attention path (SDPA/flash computes no pattern): run inside "
                                     "`with interventions.observable(model):`")
-        tree = self._tree()
-        if (a.spec, site) not in tree.sites:
+        if tree.adapter is not a or site not in tree.sites:
             self._check_module(site)
-            tree.sites.add((a.spec, site))
+            tree.point(a, site, self.inner)
+            tree.sites.add(site)
         if site.kind in RESID_KINDS:
             return batch, pos, a.d_model
         if site.kind == "pattern":
@@ -362,10 +373,11 @@ class Engine:
         return shape
 
     # ------------------------------------------------------------------ running
-    @torch.no_grad()
     def run(self, run: Run, verify: bool = True) -> Result:
+        if torch.is_grad_enabled():  # (a no_grad decorator costs a few microseconds per call even when off)
+            with torch.no_grad():
+                return self.run(run, verify)
         a, inner = self.adapter, self.inner
-        self._current = None  # the module structure is checked once per run
         tokens = check_tokens(run.tokens, a)
         check_mask(run.attention_mask, tokens)
         batch, pos = tokens.shape
@@ -383,8 +395,12 @@ class Engine:
         if run.prefix is not None and tuple(run.prefix.shape) != (batch, pos, a.d_model):
             raise ValueError(f"prefix has shape {tuple(run.prefix.shape)}; expected {(batch, pos, a.d_model)}")
         inside_attn = {"q", "k", "v", "pattern", "z", "attn_out"}
-        for site in set(reads) | set(writes):
-            shape = self._check_site(site, batch, pos)
+        wanted = set(reads) | set(writes)
+        for layer in run.attn_outputs:
+            a.check_layer(layer)
+        tree = self._tree(run, wanted)
+        for site in wanted:
+            shape = self._check_site(site, batch, pos, tree)
             if site.layer is not None and site.layer < run.start:
                 raise ValueError(f"site {site} lies below the run's start layer {run.start}: it is not computed")
             if site.layer in run.attn_outputs and site.kind in inside_attn:
@@ -392,22 +408,35 @@ class Engine:
             for w in writes.get(site, ()):
                 self._check_write(w, site, shape)
         for layer, value in run.attn_outputs.items():
-            a.check_layer(layer)
             if tuple(value.shape) != (batch, pos, a.d_model):
                 raise ValueError(f"attn_outputs[{layer}] has shape {tuple(value.shape)}; expected {(batch, pos, a.d_model)}")
-        with _eval_mode(inner):
+        with _eval_mode(inner) if _dropout_active(inner) else contextlib.nullcontext():
             if verify:
                 for site in writes:
                     self._verify(site)
-            return self._trace(tokens, run, reads, writes)
+            return self._trace(tree, tokens, run, reads, writes)
+
+    def _touched(self, tree: _Tree, run: Run, sites) -> list[str]:
+        """Module paths a run reads, writes or skips, and the unembedding's (whose output it saves)."""
+        a, inner = self.adapter, self.inner
+        paths = [tree.point(a, FINAL, inner)[0]]
+        for site in sites:
+            try:
+                paths.append(tree.point(a, site, inner)[0])
+            except (AttributeError, IndexError, ValueError):
+                pass  # not on this model: _check_site says so
+        if run.start or run.attn_outputs:
+            paths += [a.path(layer, "layer") for layer in range(run.start)]
+            paths += [a.path(layer, "attn") for layer in run.attn_outputs]
+        return paths
 
     def _verify(self, site: Site) -> None:
         """Prove once per model and (layer, kind) that the forward consumes a write there: NaN written
         at the site on a 2-token input must reach the logits, or (attention kernels treat NaN scores as
         masked) a random perturbation of the site must change them."""
         key = (id(self.adapter.spec), site.layer, site.kind)
-        done = _VERIFIED.setdefault(self.inner, set())
-        if key in done:
+        done = _VERIFIED.get(self.inner)
+        if done is not None and key in done:
             return
         probe = torch.arange(2)[None] % self.adapter.vocab_size
         nan = self.run(Run(probe, writes=[Write(site, lambda x: torch.full_like(x, float("nan")))]), verify=False)
@@ -429,13 +458,12 @@ class Engine:
                 raise InterventionError(f"a write to {site} did not take effect: the model's forward does not consume "
                                         f"{self.adapter.point(site, self.inner)} as the site's value; fix the adapter "
                                         "with interventions.register_adapter")
-        done.add(key)
+        _VERIFIED.setdefault(self.inner, set()).add(key)
 
-    def _trace(self, tokens, run: Run, reads: list[Site], writes: dict[Site, list[Write]]) -> Result:
+    def _trace(self, tree: _Tree, tokens, run: Run, reads: list[Site], writes: dict[Site, list[Write]]) -> Result:
         from nnsight.intervention.interleaver import OutOfOrderError
 
         a, inner = self.adapter, self.inner
-        tree = self._tree()
         lm = tree.lm
         device = self.device()
         tokens = tokens.to(device)
@@ -493,7 +521,7 @@ class Engine:
                     else:
                         visit(sites)
                 visit(by_layer.get(None, []))
-                logits = tree.envoy(tree.point(a, Site(None, "final"), inner)[0]).output.save()
+                logits = tree.envoy(tree.point(a, FINAL, inner)[0]).output.save()
         except OutOfOrderError as e:
             raise InterventionError(f"an intervention's target did not run ({e}). Pattern sites need "
                                     "`with interventions.observable(model):`; module paths come from "
