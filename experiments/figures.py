@@ -352,17 +352,20 @@ def fig_path_patching(root: Path, out: Path, model: str = "attn-2l"):
         im = ax.imshow(m.to_numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
         for i in range(len(senders)):
             for j in range(len(receivers)):
-                ax.text(j, i, f"{m.iat[i, j]:.2f}\n±{se.iat[i, j]:.2f}", ha="center", va="center", fontsize=5)
+                ax.text(j, i, f"{m.iat[i, j]:.2f}\n±{se.iat[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                        color="w" if abs(m.iat[i, j]) > 0.6 * vmax else "k")
         key = d[d.sender_is_previous_token & d.receiver_is_induction]
         for r in key.itertuples():
             ax.add_patch(Rectangle((receivers.index(r.receiver) - 0.5, senders.index(r.sender) - 0.5), 1, 1,
                                    fill=False, lw=1.5, ec="k"))
         ax.set_xticks(range(len(receivers)), receivers, rotation=90)
         ax.set_yticks(range(len(senders)), senders)
-        ax.set_title(f"into the receiver's {names[kind]}")
+        ax.set_title(names[kind])
         ax.set_xlabel("receiver head")
         ax.grid(False)
     axes[0].set_ylabel("sender head (output resampled)")
+    fig.suptitle("path from sender into the receiver's ... (outlined: previous-token head -> induction head)",
+                 fontsize=8, y=1.02)
     fig.colorbar(im, ax=list(axes), label="second-copy loss increase (nats)", shrink=0.9)
     return _save(fig, out, f"path_patching_{model}")
 
