@@ -505,23 +505,29 @@ class Engine:
                 if site in read_set:
                     saved[str(site)] = view.clone().save()
 
+        def body():
+            for layer in range(a.n_layers):
+                if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
+                    p = run.prefix.to(self.device(a.path(run.start, "layer")))
+                    tree.envoy(a.path(layer, "layer")).skip((p, None) if a.spec.block_output == "tuple" else p)
+                    continue
+                sites = by_layer.get(layer, ())
+                if layer in run.attn_outputs:
+                    visit([s for s in sites if s.kind == "resid_pre"])
+                    out = run.attn_outputs[layer].to(self.device(a.path(layer, "attn")))
+                    tree.envoy(a.path(layer, "attn")).skip((out, None))
+                    visit([s for s in sites if s.kind != "resid_pre"])
+                elif sites:
+                    visit(sites)
+            if None in by_layer:
+                visit(by_layer[None])
+            return tree.envoy(tree.point(a, FINAL, inner)[0]).output.save()
+
         try:
+            # nnsight compiles the block's source and runs it with its variables in a scope object: one
+            # call keeps that to a few look-ups (the loop above runs as ordinary Python)
             with lm.trace(tokens, **kwargs):
-                for layer in range(a.n_layers):
-                    if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
-                        p = run.prefix.to(self.device(a.path(run.start, "layer")))
-                        tree.envoy(a.path(layer, "layer")).skip((p, None) if a.spec.block_output == "tuple" else p)
-                        continue
-                    sites = by_layer.get(layer, [])
-                    if layer in run.attn_outputs:
-                        visit([s for s in sites if s.kind == "resid_pre"])
-                        out = run.attn_outputs[layer].to(self.device(a.path(layer, "attn")))
-                        tree.envoy(a.path(layer, "attn")).skip((out, None))
-                        visit([s for s in sites if s.kind != "resid_pre"])
-                    else:
-                        visit(sites)
-                visit(by_layer.get(None, []))
-                logits = tree.envoy(tree.point(a, FINAL, inner)[0]).output.save()
+                logits = body()
         except OutOfOrderError as e:
             raise InterventionError(f"an intervention's target did not run ({e}). Pattern sites need "
                                     "`with interventions.observable(model):`; module paths come from "
