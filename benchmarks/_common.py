@@ -92,6 +92,14 @@ def base_parser(description: str):
     return p
 
 
+def trace_parser(doc: str):
+    """``base_parser`` plus the --batch / --pos of one trace's input (8 x 256 by default)."""
+    p = base_parser(doc.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--pos", type=int, default=256)
+    return p
+
+
 def attn2l(device: str):
     """The attn-2l preset's model (d_model 128, 4 heads, ctx 256, vocab 257), random weights."""
     from experiments.presets import get_preset

@@ -13,16 +13,13 @@ Reported: path / plain, and path / (22 plain forwards).
 
 from __future__ import annotations
 
-from _common import attn2l, base_parser, finish, interleaved, machine, med
+from _common import attn2l, finish, interleaved, machine, med, trace_parser
 
 import torch
 
 
 def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--pos", type=int, default=256)
-    args = p.parse_args(argv)
+    args = trace_parser(__doc__).parse_args(argv)
     reps = args.reps or 5
     from interventions import path_patch
     from interventions.engine.adapters import get_adapter

@@ -13,16 +13,13 @@ Target: toolkit / plain <= 1.10.
 
 from __future__ import annotations
 
-from _common import attn2l, base_parser, finish, interleaved, machine, med, optional
+from _common import attn2l, finish, interleaved, machine, med, optional, trace_parser
 
 import torch
 
 
 def main(argv=None):
-    p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--pos", type=int, default=256)
-    args = p.parse_args(argv)
+    args = trace_parser(__doc__).parse_args(argv)
     reps = args.reps or (100 if args.device == "cpu" else 200)
     model = attn2l(args.device)
     x = torch.randint(0, 257, (args.batch, args.pos), generator=torch.Generator().manual_seed(0)).to(args.device)

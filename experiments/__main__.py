@@ -6,7 +6,7 @@ Commands:
   reproduce    the main job: the default reproduction on the embedded corpus
   phase-change evaluate every checkpoint of runs: ICL, loss by index, head scores, windows, PCA
   ablations    per-head and head-set ablations of a run (needs phase-change results)
-  circuit      activation-patching circuit and K-composition of a run
+  circuit      activation patching and path patching (K-composition) of a run
   figures      make every figure from result tables
   survey       the induction mosaic for a list of models
 
@@ -201,7 +201,7 @@ def cmd_circuit(args) -> int:
 
     name, run, pc = _run_with_phase_change(args)
     res = run_circuit(run, name, pc.read("head_scores"), Path(args.out), device=args.device)
-    print(res.read("k_composition").to_string(index=False))
+    print(res.read("path_patch").to_string(index=False))
     return 0
 
 
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_phase_change)
 
     for name, fn, helptext in (("ablations", cmd_ablations, "per-head and head-set ablations (Argument 3)"),
-                               ("circuit", cmd_circuit, "patching circuit and K-composition")):
+                               ("circuit", cmd_circuit, "activation patching and path patching (K-composition)")):
         sp = sub.add_parser(name, help=helptext + "; needs `phase-change` results in --out")
         sp.add_argument("run", help="a run folder")
         sp.add_argument("--out", default="results/custom")

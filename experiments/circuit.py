@@ -1,82 +1,141 @@
 """Circuit by patching: locate the previous-token head -> induction head circuit.
 
-Prompts: random tokens of length L repeated twice (clean); the corrupted prompt replaces the first
-copy with other random tokens, so nothing earlier in context predicts the second copy. Metric: mean
-loss (nats) on the second copy. Each head's output is patched from the clean run into the corrupted
-run (by head, and by head x position), and the fraction of the clean-vs-corrupted loss gap it
-restores is recorded.
+Prompts (the library's probe sequences, ``interventions.analysis.scores.probe_sequences``, with the
+experiments' probe settings ``probe_kwargs``): BOS + L distinct random tokens repeated twice (clean).
+Metric: mean loss (nats) on the second copy, from its second token on (the first has nothing to
+induct from).
 
-K-composition evidence: on the clean prompt, the previous-token head (the layer-0 head with the
-highest previous-token score) is zero-ablated, while the induction head's (layer-1) queries, or its
-keys, or its values are restored to their clean values. If the induction head reads the previous-token
-head through its keys, restoring only the keys recovers most of the loss, and restoring queries or values
-recovers little.
+1. **Activation patching** (tables ``patch_heads``, ``patch_head_pos``). The *unrepeated* prompt
+   replaces the first copy with other random tokens, so nothing earlier predicts the second copy.
+   Each head's output is patched from the clean run into the unrepeated run (by head, and by head x
+   position); ``restored`` is the fraction of the unrepeated-vs-clean loss gap it closes.
+
+2. **Path patching** (table ``path_patch``; Wang et al. 2022, Goldowsky-Dill et al. 2023): the
+   effect of each sender head (the layers below the induction head's) on each receiver head (the
+   induction head's layer) through the receiver's queries, keys or values *only*, every other path
+   frozen. The paper's claim is K-composition: the induction head's keys read the previous-token
+   head; Q and V are the controls.
+
+   The corruption, and why. Path patching *into the unrepeated prompt* (patch clean -> unrepeated)
+   restores almost nothing even for the K path: the restored keys point the induction head at the
+   right first-copy positions, but the values there carry the unrepeated prompt's tokens, so it
+   copies the wrong ones. A corruption for this question must keep the tokens (values, and the token
+   the induction head copies, intact) and change only what the sender sends. So the run measured is
+   the *clean* prompt, and the sender's output on the path is a **resample**: its output on another
+   prompt of the same distribution (another BOS + L distinct random tokens repeated twice, drawn
+   with another seed), i.e. ``path_patch(..., direction="corrupted_to_clean")`` with that prompt as
+   the corrupted one. This is a resample ablation of one path (Goldowsky-Dill et al.'s causal
+   scrubbing; Wang et al. patch from a reference distribution the same way). Each of q, k, v receives
+   the sender's resampled output at *every* position (not only at the first copy), so the three
+   controls get equally corrupted inputs; a head that reads its sender through one input only is
+   damaged through that input only.
+
+   ``effect`` = second-copy loss with that one path resampled minus the clean loss (nats; positive:
+   the path carries what induction needs), mean over prompts with its standard error over prompts
+   (one path patch per prompt); ``share`` = effect / (unrepeated loss - clean loss), the fraction of
+   the induction benefit the path carries.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from interventions.analysis.scores import classify_induction_heads, probe_sequences
 from interventions.engine.adapters import get_adapter
+from interventions.engine.heads import Head
 from interventions.primitives.loss import loss_from_logits
-from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model, load_train_config
+from interventions.zoo.train import RunFolderError, list_checkpoints, load_model, load_train_config
 
 from .common import Results, owns_results, run_fingerprint
+from .phase_change import probe_kwargs
+
+RECEIVER_INPUTS = ("q", "k", "v")
+PATH_COLUMNS = ["model", "sender", "receiver", "receiver_input", "effect", "se", "share", "n_prompts",
+                "clean_loss", "unrepeated_loss", "sender_is_previous_token", "receiver_is_induction"]
+METHOD = "path patching, resampled sender (v2)"  # part of the tables' inputs: older tables are recomputed
 
 
-def repeated_prompts(vocab_size: int, length: int, n: int, seed: int, low: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    seg = torch.randint(low, vocab_size, (n, length), generator=g)
-    other = torch.randint(low, vocab_size, (n, length), generator=g)
-    return torch.cat([seg, seg], 1), torch.cat([other, seg], 1)
+def circuit_prompts(model, n_prompts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(clean, unrepeated, resampled, L): three (n_prompts, 1 + 2L) prompts, each BOS + L distinct random
+    probe tokens twice; ``unrepeated`` is ``clean`` with its first copy replaced by ``resampled``'s."""
+    kw = probe_kwargs(model)
+    length = kw.pop("seq_len")
+    kw.pop("prefix_tokens")
+    clean = probe_sequences(model, length, n_prompts, seed, **kw)
+    resampled = probe_sequences(model, length, n_prompts, seed + 1, **kw)
+    unrepeated = torch.cat([clean[:, :1], resampled[:, 1:length + 1], clean[:, length + 1:]], dim=1)
+    return clean, unrepeated, resampled, length
 
 
 def second_copy_loss(length: int):
+    """Metric: mean loss (nats) of each prompt's second copy from its second token on: (batch,).
+    Prompts are BOS + L tokens twice; token 1 + L + j is predicted at position L + j."""
     def metric(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return loss_from_logits(logits, tokens)[:, length:].mean(-1)  # (batch,)
+        return loss_from_logits(logits, tokens)[:, length + 1:].mean(-1)  # (batch,)
     return metric
 
 
 @torch.no_grad()
-def k_composition(model, clean: torch.Tensor, prev_head: tuple[int, int], ind_layer: int, length: int) -> dict:
-    """Second-copy loss with the previous-token head ablated, restoring the later layer's q, k or v.
+def path_patch_table(model, clean: torch.Tensor, resampled: torch.Tensor, length: int, senders: list[Head],
+                     receivers: list[Head]) -> pd.DataFrame:
+    """Effect of each sender -> receiver q/k/v path (module docstring): one row per (sender, receiver,
+    receiver_input) with columns sender, receiver, receiver_input, effect, se (nats), n_prompts.
 
-    Plain torch hooks (a pre-hook zeroes the head's slice of the o_proj input; forward hooks put back
-    the clean projection outputs), so this check shares no code with the nnsight primitives."""
-    a = get_adapter(model)
-    if a.model_type != "attn_only":
-        raise ValueError("K-composition needs separate q/k/v projections (our attention-only model)")
-    layer0, head0 = prev_head
-    sl = a.head_slice(head0)
-    attn = a.module(model, ind_layer, "attn")
-    projs = {n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")}
-    cached: dict = {}
-    handles = [m.register_forward_hook(lambda mod, i, o, n=n: cached.__setitem__(n, o.clone()))
-               for n, m in projs.items()]
-    clean_loss = loss_from_logits(model(clean).logits, clean)[:, length:].mean().item()
-    for h in handles:
-        h.remove()
+    Example:
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=20)).eval()
+        >>> t = torch.randint(1, 20, (2, 9))
+        >>> df = path_patch_table(model, t, t.flip(0), 4, [Head(0, 0)], [Head(1, 0), Head(1, 1)])
+        >>> len(df), list(df.columns[:4])
+        (6, ['sender', 'receiver', 'receiver_input', 'effect'])
+    """
+    from interventions.primitives.patching import path_patch
 
-    def zero_head(mod, args):
-        z = args[0].clone()
-        z[:, :, sl] = 0
-        return (z,)
+    metric = second_copy_loss(length)
+    base = metric(model(clean).logits, clean)  # (n,)
+    rows = []
+    for kind in RECEIVER_INPUTS:
+        # one path patch per prompt, so the effect has a standard error over prompts
+        per = torch.stack([path_patch(model, clean[i:i + 1], resampled[i:i + 1], metric, senders, receivers,
+                                      receiver_input=kind, direction="corrupted_to_clean")
+                           for i in range(clean.shape[0])])  # (n, senders, receivers)
+        eff = (per - base[:, None, None]).double()
+        n = eff.shape[0]
+        se = eff.std(0, unbiased=True) / math.sqrt(n) if n > 1 else torch.full(eff.shape[1:], float("nan"))
+        for i, s in enumerate(senders):
+            for j, r in enumerate(receivers):
+                rows.append({"sender": str(s), "receiver": str(r), "receiver_input": kind,
+                             "effect": eff[:, i, j].mean().item(), "se": se[i, j].item(), "n_prompts": n})
+    return pd.DataFrame(rows)
 
-    out = {"clean": clean_loss}
-    for restore in ("none", "q_proj", "k_proj", "v_proj"):
-        handles = [a.module(model, layer0, "o_proj").register_forward_pre_hook(zero_head)]
-        if restore != "none":
-            handles.append(projs[restore].register_forward_hook(lambda mod, i, o, n=restore: cached[n]))
-        try:
-            out[restore] = loss_from_logits(model(clean).logits, clean)[:, length:].mean().item()
-        finally:
-            for h in handles:
-                h.remove()
-    return out
+
+def _final_scores(head_scores: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The final checkpoint's head scores of ``name``, wide (one row per head), classified by the
+    library's one induction-head rule."""
+    hs = head_scores[head_scores.model == name]
+    final = hs[hs.step == hs.step.max()]
+    wide = final.pivot_table(index=["layer", "head"], columns="score", values="value").reset_index()
+    return classify_induction_heads(wide)
+
+
+def _circuit_heads(scores: pd.DataFrame, n_layers: int, n_heads: int) -> tuple[list[Head], list[Head], Head, Head]:
+    """Senders (every head below the receivers' layer), receivers (every head of the layer of the
+    strongest induction head: by the rule, else by induction score above layer 0), the previous-token
+    head (highest previous-token score among the senders) and the induction head."""
+    above = scores[scores.layer > 0]
+    pool = above[above.is_induction] if above.is_induction.any() else above
+    top = pool.sort_values("induction").iloc[-1]
+    induction = Head(int(top["layer"]), int(top["head"]))
+    senders = [Head(layer, h) for layer in range(induction.layer) for h in range(n_heads)]
+    receivers = [Head(induction.layer, h) for h in range(n_heads)]
+    below = scores[scores.layer < induction.layer]
+    column = "previous_token" if "previous_token" in below.columns else "prefix_matching"
+    prev = below.sort_values(column).iloc[-1]
+    return senders, receivers, Head(int(prev["layer"]), int(prev["head"])), induction
 
 
 @owns_results()
@@ -85,25 +144,24 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
     from interventions.primitives.patching import patch_heads
 
     res = Results(results_root, f"circuit_{name}")
-    key = {"run": run_fingerprint(run), "n_prompts": n_prompts}  # recomputed when the run changes
-    if res.has_all(["patch_heads", "patch_head_pos", "k_composition"], key):
+    key = {"run": run_fingerprint(run), "n_prompts": n_prompts, "method": METHOD}  # recomputed when these change
+    if res.has_all(["patch_heads", "patch_head_pos", "path_patch"], key):
         return res
     cfg = load_train_config(run)
     if not list_checkpoints(run):
         raise RunFolderError(f"{run} has no complete checkpoint: train it first, or resume it with `train --resume`")
     model = load_model(list_checkpoints(run)[-1], device)
     a = get_adapter(model)
-    length = min(50, (cfg.n_ctx - 1) // 2)
-    text = not cfg.corpus.startswith("synthetic:")
-    clean, corrupted = repeated_prompts(min(a.vocab_size, 127) if text else a.vocab_size, length, n_prompts,
-                                        cfg.seed, low=32 if text else 0)
-    metric_c = second_copy_loss(length)
+    clean, unrepeated, resampled, length = circuit_prompts(model, n_prompts, cfg.seed)
+    clean, unrepeated, resampled = clean.to(device), unrepeated.to(device), resampled.to(device)
+    metric = second_copy_loss(length)
     res.write_provenance({"run": str(run), "n_prompts": n_prompts, "length": length}, seed=cfg.seed)
 
-    base_clean = metric_c(model(clean).logits, clean).mean().item()
-    base_corr = metric_c(model(corrupted).logits, corrupted).mean().item()  # same second copy in both prompts
-    by_head = patch_heads(model, clean, corrupted, metric_c, by="head")  # (layer, head)
-    by_pos = patch_heads(model, clean, corrupted, metric_c, by="head_pos")  # (layer, head, pos)
+    with torch.no_grad():
+        base_clean = metric(model(clean).logits, clean).mean().item()
+        base_corr = metric(model(unrepeated).logits, unrepeated).mean().item()  # same second copy in both
+    by_head = patch_heads(model, clean, unrepeated, metric, by="head")  # (layer, head)
+    by_pos = patch_heads(model, clean, unrepeated, metric, by="head_pos")  # (layer, head, pos)
     gap = base_corr - base_clean
     rows = [{"layer": layer, "head": h, "head_name": f"L{layer}H{h}", "loss": by_head[layer, h].item(),
              "restored": (base_corr - by_head[layer, h].item()) / gap if gap else float("nan")}
@@ -115,15 +173,14 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
             for layer in range(a.n_layers) for h in range(a.n_heads) for p in range(by_pos.shape[-1])]
     res.write("patch_head_pos", pd.DataFrame(rows).assign(model=name), inputs=key)
     if a.n_layers >= 2:
-        hs = head_scores[(head_scores.model == name)]
-        final = hs[hs.step == hs.step.max()]
-        prev = final[(final.score == "previous_token") & (final.layer == 0)].sort_values("value").iloc[-1]
-        ind = final[(final.score == "induction") & (final.layer > 0)].sort_values("value").iloc[-1]
-        kc = k_composition(model, clean, (int(prev["layer"]), int(prev["head"])), int(ind["layer"]), length)
-        res.write("k_composition", pd.DataFrame([{"model": name, "previous_token_head": f"L{int(prev['layer'])}H{int(prev['head'])}",
-                                                   "induction_layer": int(ind.layer), "restored": k, "loss": v}
-                                                  for k, v in kc.items()]), inputs=key)
+        scores = _final_scores(head_scores, name)
+        senders, receivers, prev, induction = _circuit_heads(scores, a.n_layers, a.n_heads)
+        df = path_patch_table(model, clean, resampled, length, senders, receivers)
+        df = df.assign(model=name, clean_loss=base_clean, unrepeated_loss=base_corr,
+                       share=df.effect / gap if gap else float("nan"),
+                       sender_is_previous_token=df.sender == str(prev),
+                       receiver_is_induction=df.receiver == str(induction))
+        res.write("path_patch", df[PATH_COLUMNS], inputs=key)
     else:
-        res.write("k_composition", pd.DataFrame(columns=["model", "previous_token_head", "induction_layer",
-                                                         "restored", "loss"]), inputs=key)
+        res.write("path_patch", pd.DataFrame(columns=PATH_COLUMNS), inputs=key)
     return res

@@ -335,6 +335,47 @@ def mosaic_grid(n: int) -> tuple[int, int]:
     return -(-n // cols), cols
 
 
+def fig_path_patching(root: Path, out: Path, model: str = "attn-2l"):
+    """Path patching: second-copy loss increase when one sender's output reaching one receiver's
+    queries, keys or values is resampled (table ``path_patch``), one heatmap per receiver input; the
+    previous-token head -> induction head cell is outlined."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    style()
+    pp = _read(root, f"circuit_{model}", "path_patch")
+    if pp is None or pp.empty:
+        return []
+    senders, receivers = list(dict.fromkeys(pp.sender)), list(dict.fromkeys(pp.receiver))
+    vmax = max(float(pp.effect.abs().max()), 1e-9)
+    fig, axes = plt.subplots(1, 3, figsize=(2 * COLUMN_WIDTH, 0.9 + 0.32 * len(senders)), sharey=True)
+    names = {"q": "queries (Q)", "k": "keys (K)", "v": "values (V)"}
+    im = None
+    for ax, kind in zip(axes, ("q", "k", "v")):
+        d = pp[pp.receiver_input == kind]
+        m = d.pivot(index="sender", columns="receiver", values="effect").loc[senders, receivers]
+        se = d.pivot(index="sender", columns="receiver", values="se").loc[senders, receivers]
+        im = ax.imshow(m.to_numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+        for i in range(len(senders)):
+            for j in range(len(receivers)):
+                ax.text(j, i, f"{m.iat[i, j]:.2f}\n±{se.iat[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                        color="w" if abs(m.iat[i, j]) > 0.6 * vmax else "k")
+        key = d[d.sender_is_previous_token & d.receiver_is_induction]
+        for r in key.itertuples():
+            ax.add_patch(Rectangle((receivers.index(r.receiver) - 0.5, senders.index(r.sender) - 0.5), 1, 1,
+                                   fill=False, lw=1.5, ec="k"))
+        ax.set_xticks(range(len(receivers)), receivers, rotation=90)
+        ax.set_yticks(range(len(senders)), senders)
+        ax.set_title(names[kind])
+        ax.set_xlabel("receiver head")
+        ax.grid(False)
+    axes[0].set_ylabel("sender head (output resampled)")
+    fig.suptitle("path from sender into the receiver's ... (outlined: previous-token head -> induction head)",
+                 fontsize=8, y=1.02)
+    fig.colorbar(im, ax=list(axes), label="second-copy loss increase (nats)", shrink=0.9)
+    return _save(fig, out, f"path_patching_{model}")
+
+
 def _ticks(n: int, most: int = 6) -> list[int]:
     """Indices 0..n-1 to label: multiples of a round step (1, 2, 4, 5, 8, 10, 16, 20, 25, 32, ...), at
     most ``most``, plus the last index when it is not close to the last multiple."""
@@ -396,7 +437,7 @@ def mosaic_figure(sv: pd.DataFrame):
 ALL = [fig_icl_over_training, fig_loss_curves, fig_pca, fig_smear, fig_loss_heatmap, fig_mosaic]
 PER_MODEL = [fig_training_curves, fig_head_scores]  # every model in the phase-change tables
 PER_ABLATED = [fig_ablation_by_index, fig_ablation_heatmap, fig_attribution]  # every model with ablation tables
-PER_CIRCUIT = [fig_patching]
+PER_CIRCUIT = [fig_patching, fig_path_patching]
 
 
 def _models_with(root: Path, prefix: str) -> list[str]:

@@ -160,11 +160,32 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
             "all_other_heads_icl_change_nats": _f(allo.icl_change.iloc[0]) if len(allo) else None,
             "all_other_heads_icl_change_sem": _f(allo.icl_change_sem.iloc[0]) if len(allo) else None,
         }
+    pp = Results(out, "circuit_attn-2l").read_optional("path_patch")
+    if pp is not None and len(pp):
+        h["path_patching"] = path_patching_summary(pp)
     h["smear_vs_vanilla"] = smear_vs_vanilla(ck, pc.read("head_scores"))
     tr = pc.read("transient")
     if len(tr):
         h["transient"] = transient_summary(tr)
     return h
+
+
+def path_patching_summary(pp: pd.DataFrame) -> dict:
+    """The previous-token head -> induction head path through each receiver input (effect, s.e., share
+    of the induction benefit), and the largest |effect| of any other sender -> receiver pair."""
+    key = pp[pp.sender_is_previous_token.astype(bool) & pp.receiver_is_induction.astype(bool)]
+    if key.empty:
+        return {}
+    r0 = key.iloc[0]
+    out = {"model": str(r0.model), "sender": str(r0.sender), "receiver": str(r0.receiver),
+           "n_prompts": int(r0.n_prompts), "clean_loss": _f(r0.clean_loss), "unrepeated_loss": _f(r0.unrepeated_loss),
+           "method": "clean run; the sender's output on the path resampled from another repeated random-token prompt"}
+    for kind in ("q", "k", "v"):
+        r = key[key.receiver_input == kind].iloc[0]
+        others = pp[(pp.receiver_input == kind) & ~((pp.sender == r.sender) & (pp.receiver == r.receiver))]
+        out[kind] = {"effect": _f(r.effect), "se": _f(r.se), "share": _f(r.share),
+                     "other_pairs_max_abs_effect": _f(others.effect.abs().max()) if len(others) else None}
+    return out
 
 
 def smear_vs_vanilla(ck: pd.DataFrame, hs: pd.DataFrame) -> dict:
@@ -274,6 +295,21 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                   f"- All other heads together: ICL changes by "
                   f"{_pm(a['all_other_heads_icl_change_nats'], a['all_other_heads_icl_change_sem'])} (nats only: ablating "
                   "most of the model breaks it).", ""]
+    p = h.get("path_patching") or {}
+    if p:
+        lines += ["## Previous-token head -> induction head: path patching", "",
+                  f"Final {p['model']}, {p['n_prompts']} prompts of BOS + random tokens repeated twice; metric: "
+                  f"second-copy loss (clean {p['clean_loss']:.3f} nats; {p['unrepeated_loss']:.3f} with the first "
+                  f"copy replaced). On the clean prompt, the output of {p['sender']} (previous-token head) on its "
+                  f"path into one input of {p['receiver']} (induction head) is resampled from another prompt "
+                  "(every other path frozen); effect = loss increase, s.e. over prompts; share = effect / "
+                  "(unrepeated - clean loss).", ""]
+        for kind, what in (("k", "keys (K-composition)"), ("q", "queries (control)"), ("v", "values (control)")):
+            d = p[kind]
+            lines += [f"- into its {what}: {_pm(d['effect'], d['se'])}, share "
+                      f"{100 * (d['share'] if d['share'] is not None else float('nan')):.0f}% (largest |effect| of "
+                      f"any other pair: {d['other_pairs_max_abs_effect'] or 0:.3f} nats)."]
+        lines += [""]
     sv = h.get("smear_vs_vanilla", {})
     if sv:
         lines += ["## Smeared keys (Argument 2), one schedule, equal tokens", ""]

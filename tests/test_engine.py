@@ -211,6 +211,63 @@ def test_no_reference_kept_to_the_model():
     assert ref() is None
 
 
+def test_model_freed_by_reference_counting():
+    """The engine caches each model's nnsight wrapper, holding its modules by weak reference only: with
+    the garbage collector off, dropping the last reference frees the model at once (GPU memory too)."""
+    from interventions import ZeroAblation, run_with_ablations
+
+    model = build("gpt2")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    run_with_ablations(model, tokens, ZeroAblation("L1H0"))
+    patch_heads(model, tokens, tokens.flip(0), lambda logits, t: logits[:, -1, 0])
+    run_with_cache(model, tokens, ["L0.z", "L1.k"])
+    ref = weakref.ref(model)
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
+
+
+def test_replaced_module_is_traced_not_the_cached_one():
+    """A run after replacing a submodule the engine already traced (the output projection) writes into
+    and reads from the new module: zero-ablating a head equals weight surgery on the new weights, and
+    the z read is the new module's input."""
+    from interventions import ZeroAblation, run_with_ablations
+
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    run_with_ablations(model, tokens, ZeroAblation("L1H0"))
+    old = model.model.layers[1].self_attn.o_proj
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(torch.randn(new.weight.shape, generator=torch.Generator().manual_seed(5)))
+    model.model.layers[1].self_attn.o_proj = new
+    got = run_with_ablations(model, tokens, ZeroAblation("L1H0"))
+    z = run_with_cache(model, tokens, ["L1.z"])[1]["L1.z"]  # (batch, pos, head, d_head)
+    seen = {}
+    h = new.register_forward_pre_hook(lambda m, args: seen.__setitem__("z", args[0].clone()))
+    with torch.no_grad():
+        new.weight[:, :D_HEAD].zero_()
+        want = model(tokens).logits
+    h.remove()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.flatten(2), seen["z"], atol=1e-6, rtol=0)
+
+
+def test_tokens_edited_in_place_are_checked_again():
+    """Token validation is skipped for a tensor already found valid only while it is unchanged: an
+    in-place edit that puts an id outside the vocabulary is refused on the next run."""
+    model = build("attn_only")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    execute(model, Run(tokens))
+    tokens[0, 0] = VOCAB
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        execute(model, Run(tokens))
+
+
 def test_memory_bounded_over_many_traces():
     """1,000 traces that write and read leave the process's live Python objects and resident memory
     bounded (tolerance: 2,000 objects, 64 MiB)."""

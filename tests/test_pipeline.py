@@ -76,10 +76,25 @@ def test_single_experiment_commands(tiny_run, capsys):
     # the settings of the tables already in `out` (reproduce --scale tiny): other settings are refused
     assert main(["ablations", run, "--out", str(out), "--windows", "64", "--quiet"]) == 0
     assert main(["circuit", run, "--out", str(out)]) == 0
-    assert "k_proj" in capsys.readouterr().out
+    assert "receiver_input" in capsys.readouterr().out  # the path-patching table
     with pytest.raises(SystemExit) as e:
         main(["circuit", str(out), "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_circuit_path_patching_shows_k_composition(tiny_run):
+    """On the trained tiny attn-2l, resampling the previous-token head's output on its path into the
+    induction head's keys raises the second-copy loss more than on its paths into the queries or the
+    values (each by more than 2 standard errors of the difference); the report states it."""
+    out, report = tiny_run
+    pp = Results(out, "circuit_attn-2l").read("path_patch")
+    key = pp[pp.sender_is_previous_token & pp.receiver_is_induction].set_index("receiver_input")
+    assert len(key) == 3
+    for control in ("q", "v"):
+        diff = key.effect["k"] - key.effect[control]
+        assert diff > 2 * (key.se["k"] ** 2 + key.se[control] ** 2) ** 0.5, (control, key)
+    assert key.effect["k"] > 0.5
+    assert "path patching" in report.read_text()
 
 
 def test_attribution_resumes_per_checkpoint(tiny_run, monkeypatch):

@@ -320,21 +320,31 @@ def prefix_matching_score(model, n_tokens: int = 25, n_repeats: int = 4, n_examp
     ``vocab_range``, ``token_counts``); ``bos_id`` defaults to the config's BOS/EOS id, else 0.
 
     Returns a DataFrame: layer, head, score."""
-    bos = _bos(model, bos_id)
-    pool = _pool(model, n_tokens, token_pool, exclude_top, vocab_range, token_counts, bos)
-    tokens = repeated_random_tokens(pool, n_tokens, n_repeats, n_examples, bos, seed)
-    _check_length(model, tokens.shape[1], f"prefix matching ({n_tokens} tokens x {n_repeats} repeats + BOS)")
+    tokens = probe_sequences(model, n_tokens, n_examples, seed, n_repeats, bos_id, exclude_top, vocab_range,
+                             token_pool, token_counts)
     target = induction_targets(tokens)
     target[:, : 1 + n_tokens] = 0  # score queries of repeats 2.. only
     return _frame(attention_score(model, tokens, target, n_tokens * (n_repeats - 1), batch_size))
 
 
-def _twice_repeated(model, seq_len, n_examples, seed, bos_id, exclude_top, vocab_range, token_pool,
-                    token_counts, what):
+def probe_sequences(model, seq_len: int, n_examples: int, seed: int = 0, n_repeats: int = 2,
+                    bos_id: int | None = None, exclude_top: float = EXCLUDE_FRACTION,
+                    vocab_range: tuple[int, int] | None = None, token_pool=None, token_counts=None) -> torch.Tensor:
+    """The scores' probe sequences for ``model``: (n_examples, 1 + seq_len * n_repeats), BOS then
+    ``seq_len`` distinct random probe tokens repeated ``n_repeats`` times (``repeated_random_tokens``),
+    with BOS and the probe tokens inferred from the model unless given (module docstring).
+
+    Example:
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=60)).eval()
+        >>> t = probe_sequences(model, 5, 2, bos_id=0, vocab_range=(1, 60))
+        >>> t.shape, bool((t[:, 1:6] == t[:, 6:]).all())
+        (torch.Size([2, 11]), True)
+    """
     bos = _bos(model, bos_id)
     pool = _pool(model, seq_len, token_pool, exclude_top, vocab_range, token_counts, bos)
-    tokens = repeated_random_tokens(pool, seq_len, 2, n_examples, bos, seed)
-    _check_length(model, tokens.shape[1], f"{what} (2 x seq_len={seq_len} + BOS)")
+    tokens = repeated_random_tokens(pool, seq_len, n_repeats, n_examples, bos, seed)
+    _check_length(model, tokens.shape[1], f"the probe sequences ({n_repeats} x seq_len={seq_len} + BOS)")
     return tokens
 
 
@@ -350,8 +360,8 @@ def induction_score(model, seq_len: int = 50, n_examples: int = 10, seed: int = 
 
     ``transformer_lens.head_detector.detect_head(..., "induction_head")`` on the same sequence gives
     L / (2L + 1) times this (it divides by all 2L + 1 query rows)."""
-    tokens = _twice_repeated(model, seq_len, n_examples, seed, bos_id, exclude_top, vocab_range, token_pool,
-                             token_counts, "the induction score")
+    tokens = probe_sequences(model, seq_len, n_examples, seed, 2, bos_id, exclude_top, vocab_range, token_pool,
+                             token_counts)
     target = _diagonal_target(tokens.shape[1], 1 - seq_len, range(seq_len + 1, 2 * seq_len + 1))
     return _frame(attention_score(model, tokens, target, seq_len, batch_size))
 
@@ -363,8 +373,8 @@ def duplicate_token_score(model, seq_len: int = 50, n_examples: int = 10, seed: 
     """Duplicate-token score: on the induction score's sequences, mean attention from each token of
     the second copy to the same token in the first copy (pattern[q, q - L], q = L+1..2L).
     Returns layer, head, score."""
-    tokens = _twice_repeated(model, seq_len, n_examples, seed, bos_id, exclude_top, vocab_range, token_pool,
-                             token_counts, "the duplicate-token score")
+    tokens = probe_sequences(model, seq_len, n_examples, seed, 2, bos_id, exclude_top, vocab_range, token_pool,
+                             token_counts)
     target = _diagonal_target(tokens.shape[1], -seq_len, range(seq_len + 1, 2 * seq_len + 1))
     return _frame(attention_score(model, tokens, target, seq_len, batch_size))
 

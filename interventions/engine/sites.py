@@ -63,6 +63,20 @@ class Site(NamedTuple):
 
 def parse_site(site: str | Site | tuple, n_layers: int | None = None) -> Site:
     """``"L1.z"`` or ``Site(1, "z")`` or ``(1, "z")`` -> ``Site``; ValueError naming the valid forms."""
+    if type(site) is not str:
+        return _parse_site(site, n_layers)
+    parsed = _PARSED.get((site, n_layers))
+    if parsed is None:
+        parsed = _parse_site(site, n_layers)
+        if len(_PARSED) < 4096:
+            _PARSED[site, n_layers] = parsed
+    return parsed
+
+
+_PARSED: dict = {}  # (site string, n_layers) -> Site: runs name the same few sites over and over
+
+
+def _parse_site(site, n_layers):
     if isinstance(site, tuple) and len(site) == 2:
         layer, kind = site
     elif isinstance(site, str) and site.strip() == "final":

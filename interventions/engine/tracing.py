@@ -26,7 +26,8 @@ It owns, for every primitive alike:
   trace opens, and the trace body uses only torch and nnsight, so it runs on a server that does not
   have this package; what cannot run there is refused before anything is sent.
 
-The engine keeps no reference to a model after a call: wrappers live as long as one ``Engine``.
+The engine keeps no reference to a model after a call: each model's nnsight wrapper is built once and
+cached with weak references only (the model is freed by reference counting when its user drops it).
 
 Example:
     >>> import torch
@@ -135,8 +136,18 @@ def unwrap(model):
     return getattr(model, "_module", model)
 
 
+# The last tensor of token ids found valid, as (tensor (weakly), its version, vocab_size, n_ctx): a primitive
+# checks its tokens before preparing its runs and each run checks them again (two reductions each time).
+_last_valid: tuple | None = None
+
+
 def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor:
     """Validate a (batch, pos) tensor of token ids; returns it (never modified)."""
+    global _last_valid
+    last = _last_valid
+    if (last is not None and last[0]() is tokens and last[1] == tokens._version and last[2] == adapter.vocab_size
+            and last[3] == adapter.n_ctx):  # the same tensor, unchanged since (in-place edits bump _version)
+        return tokens
     if not torch.is_tensor(tokens):
         raise ValueError(f"{name} must be a torch.LongTensor of shape (batch, pos), got {type(tokens).__name__}")
     if tokens.dim() == 1:
@@ -150,10 +161,11 @@ def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor
     if adapter.n_ctx is not None and tokens.shape[1] > adapter.n_ctx:
         raise ValueError(f"{name} has {tokens.shape[1]} positions, more than the model's context of "
                          f"{adapter.n_ctx}: truncate to {adapter.n_ctx}")
-    lo, hi = int(tokens.min()), int(tokens.max())
+    lo, hi = (int(v) for v in torch.aminmax(tokens))
     if lo < 0 or hi >= adapter.vocab_size:
         raise ValueError(f"{name} holds ids outside the vocabulary [0, {adapter.vocab_size}) (min {lo}, max {hi}): "
                          "tokenise with this model's tokenizer")
+    _last_valid = (weakref.ref(tokens), tokens._version, adapter.vocab_size, adapter.n_ctx)
     return tokens
 
 
@@ -181,6 +193,28 @@ def pad_to_nan(losses: torch.Tensor, attention_mask: torch.Tensor | None) -> tor
         return losses
     m = attention_mask.to(losses.device).bool()
     return losses.masked_fill(~(m[:, :-1] & m[:, 1:]), float("nan"))
+
+
+def indexed_shape(shape: tuple[int, ...], index: tuple) -> tuple[int, ...]:
+    """The shape of ``torch.empty(shape)[index]`` for an index of ints, slices and None-free parts,
+    computed without a tensor (IndexError as torch raises it). Other indices: via a meta tensor.
+
+    >>> indexed_shape((2, 5, 4, 8), (slice(0, 1), 3, slice(None)))
+    (1, 4, 8)
+    """
+    out = []
+    for i, part in enumerate(index):
+        n = shape[i]
+        if type(part) is int:
+            if not -n <= part < n:
+                raise IndexError(f"index {part} is out of bounds for dimension {i} with size {n}")
+        elif type(part) is slice:
+            if part.step is not None and part.step <= 0:
+                return tuple(torch.empty(shape, device="meta")[index].shape)  # torch's own error
+            out.append(len(range(*part.indices(n))))
+        else:
+            return tuple(torch.empty(shape, device="meta")[index].shape)
+    return tuple(out) + tuple(shape[len(index):])
 
 
 def check_positive(value, name: str, allow_none: bool = False) -> None:
@@ -222,6 +256,66 @@ def _eval_mode(inner: nn.Module):
             m.training = mode
 
 
+FINAL = Site(None, "final")
+
+# model -> _Tree: the bare nnsight wrapper of each model, built once (an envoy tree costs ~0.3 ms, a
+# third of a small forward) and reused while the model's module structure is unchanged. Its envoys hold
+# the modules by weak proxy, so the cache keeps no model alive (weak keys, no reference in the value).
+_TREES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class _Tree:
+    """A bare ``nnsight.NNsight`` over a model whose envoys reference their modules weakly (nnsight only
+    calls and reads a module through its envoy), with every module path's envoy and module (weakly)."""
+
+    def __init__(self, inner: nn.Module):
+        import nnsight
+
+        self.lm = nnsight.NNsight(inner)
+        self.paths: dict[str, tuple[object, weakref.ref, tuple[str, ...]]] = {}  # path -> (envoy, module, parts)
+        self.adapter: Adapter | None = None  # the adapter the two caches below were made with
+        self.points: dict[Site, tuple[str, str]] = {}  # site -> (module path, input/output)
+        self.sites: set[Site] = set()  # sites whose module was found on this model
+        stack = [("", self.lm)]
+        while stack:
+            path, env = stack.pop()
+            self.paths[path] = (env, weakref.ref(env.__dict__["_module"]), tuple(path.split(".")) if path else ())
+            stack.extend((f"{path}.{name}" if path else name, child) for name, child in env._child_map.items())
+        for env, ref, _ in self.paths.values():
+            if not isinstance(env.__dict__["_module"], weakref.ProxyTypes):
+                env.__dict__["_module"] = weakref.proxy(ref())
+
+    def point(self, adapter: Adapter, site: Site, inner: nn.Module) -> tuple[str, str]:
+        if adapter is not self.adapter:  # the registry or the config changed: forget what the old one said
+            self.adapter, self.points, self.sites = adapter, {}, set()
+        point = self.points.get(site)
+        if point is None:
+            point = self.points[site] = adapter.point(site, inner)
+        return point
+
+    def envoy(self, path: str):
+        return self.paths[path][0]
+
+    def holds(self, inner: nn.Module, paths) -> bool:
+        """Whether each module path is, on the model now, the module this tree wraps there (a user may
+        replace a submodule; ``observable`` adds pattern modules), and no trace of this tree is running.
+        Modules no run touches are not compared: a tree's stale envoy there is never used."""
+        if self.lm.interleaver.interleaving:
+            return False
+        for path in paths:
+            entry = self.paths.get(path)
+            if entry is None:
+                return False
+            module = inner
+            for part in entry[2]:  # the module at the path now (plain dict look-ups: nn.Module.__getattr__ is slow)
+                module = module._modules.get(part)
+                if module is None:
+                    return False
+            if module is not entry[1]():
+                return False
+        return True
+
+
 class Engine:
     """Executes runs on one model; build one per primitive call (it holds the model until dropped).
 
@@ -230,30 +324,34 @@ class Engine:
     here, before any work (``interventions.engine.remote``)."""
 
     def __init__(self, model, remote: Remote = False):
-        import nnsight
-
         self.remote = check_remote(model, remote)
         self.model = model  # the wrapper a remote run traces through (it names the server's model)
         self.inner = unwrap(model)
         self.adapter = get_adapter(self.inner)
         if self.remote is not True:  # a server's model is not here (its weights are on the meta device)
             check_placement(self.inner)  # a layer on the meta device: refused before any work
-        self._nnsight = nnsight
-        self._lm, self._lm_key = None, None
 
-    def _wrapper(self):
-        """A bare ``nnsight.NNsight`` over the model, rebuilt when ``observable`` added or removed pattern
-        modules (an envoy tree is built once and would point at modules that no longer run)."""
-        a = self.adapter
-        key = [has_pattern_site(self.inner)]
-        for layer in range(a.n_layers):
+    def _tree(self, run: Run, sites) -> _Tree:
+        """The model's cached ``_Tree``, rebuilt unless it wraps the modules a run touches as they are now."""
+        tree = _TREES.get(self.inner)
+        if tree is None or not tree.holds(self.inner, self._touched(tree, run, sites)):
+            tree = _Tree(self.inner)
+            _TREES[self.inner] = tree
+        return tree
+
+    def _touched(self, tree: _Tree, run: Run, sites) -> list[str]:
+        """Module paths a run reads, writes or skips, and the unembedding's (whose output it saves)."""
+        a, inner = self.adapter, self.inner
+        paths = [tree.point(a, FINAL, inner)[0]]
+        for site in sites:
             try:
-                key.append(a.module(self.inner, layer, "pattern"))
-            except (AttributeError, IndexError):
-                key.append(None)
-        if self._lm is None or len(key) != len(self._lm_key) or any(x is not y for x, y in zip(key, self._lm_key)):
-            self._lm, self._lm_key = self._nnsight.NNsight(self.inner), key
-        return self._lm
+                paths.append(tree.point(a, site, inner)[0])
+            except (AttributeError, IndexError, ValueError):
+                pass  # not on this model: _check_site says so
+        if run.start or run.attn_outputs:
+            paths += [a.path(layer, "layer") for layer in range(run.start)]
+            paths += [a.path(layer, "attn") for layer in run.attn_outputs]
+        return paths
 
     def device(self, path: str | None = None) -> torch.device:
         """Device of the module at ``path`` (its first parameter), else of the model's first parameter
@@ -267,13 +365,27 @@ class Engine:
         return 4 if p is None else p.element_size()
 
     # ------------------------------------------------------------------ validation
-    def _check_site(self, site: Site, batch: int, pos: int) -> tuple[int, ...]:
+    def _check_site(self, site: Site, batch: int, pos: int, tree: _Tree | None) -> tuple[int, ...]:
         """The site's full shape; raises if it does not exist on this model."""
         a = self.adapter
         if site.kind == "pattern" and not has_pattern_site(self.inner):
             raise InterventionError(f"site {site}: attention patterns are not observable on this model's "
                                     "attention path (SDPA/flash computes no pattern): run inside "
                                     "`with interventions.observable(model):`")
+        if tree is None:  # a remote run: nothing cached
+            self._check_module(site)
+        elif tree.adapter is not a or site not in tree.sites:
+            self._check_module(site)
+            tree.point(a, site, self.inner)
+            tree.sites.add(site)
+        if site.kind in RESID_KINDS:
+            return batch, pos, a.d_model
+        if site.kind == "pattern":
+            return batch, a.n_heads, pos, pos
+        return batch, pos, a.n_site_heads(site.kind), a.d_head
+
+    def _check_module(self, site: Site) -> None:
+        a = self.adapter
         path, _ = a.point(site, self.inner)
         try:
             module_at(self.inner, path)
@@ -283,11 +395,6 @@ class Engine:
                                  "(attention-only); use attn_out or resid_post") from None
             raise InterventionError(f"site {site}: this {a.model_type} model has no module at {path!r}: fix the "
                                     "adapter with interventions.register_adapter") from None
-        if site.kind in RESID_KINDS:
-            return batch, pos, a.d_model
-        if site.kind == "pattern":
-            return batch, a.n_heads, pos, pos
-        return batch, pos, a.n_site_heads(site.kind), a.d_head
 
     def _check_write(self, w: Write, site: Site, full: tuple[int, ...]) -> tuple[int, ...]:
         a = self.adapter
@@ -302,7 +409,7 @@ class Engine:
                 raise ValueError(f"write to {site}: {what} {w.head!r} out of range: layer {site.layer} has "
                                  f"{what}s 0-{n - 1}{extra}")
         try:
-            shape = tuple(torch.empty(full, device="meta")[w.index(site.kind)].shape)
+            shape = indexed_shape(full, w.index(site.kind))
         except IndexError as e:
             raise ValueError(f"write to {site}: rows/pos {w.rows}/{w.pos} do not index a site of shape {full}: {e}") from None
         if torch.is_tensor(w.value):
@@ -319,8 +426,10 @@ class Engine:
         return shape
 
     # ------------------------------------------------------------------ running
-    @torch.no_grad()
     def run(self, run: Run, verify: bool = True) -> Result:
+        if torch.is_grad_enabled():  # (a no_grad decorator costs a few microseconds per call even when off)
+            with torch.no_grad():
+                return self.run(run, verify)
         a, inner = self.adapter, self.inner
         tokens = check_tokens(run.tokens, a)
         check_mask(run.attention_mask, tokens)
@@ -341,8 +450,12 @@ class Engine:
         if run.prefix is not None and tuple(run.prefix.shape) != (batch, pos, a.d_model):
             raise ValueError(f"prefix has shape {tuple(run.prefix.shape)}; expected {(batch, pos, a.d_model)}")
         inside_attn = {"q", "k", "v", "pattern", "z", "attn_out"}
-        for site in set(reads) | set(writes):
-            shape = self._check_site(site, batch, pos)
+        wanted = set(reads) | set(writes)
+        for layer in run.attn_outputs:
+            a.check_layer(layer)
+        tree = None if self.remote else self._tree(run, wanted)
+        for site in wanted:
+            shape = self._check_site(site, batch, pos, tree)
             if site.layer is not None and site.layer < run.start:
                 raise ValueError(f"site {site} lies below the run's start layer {run.start}: it is not computed")
             if site.layer in run.attn_outputs and site.kind in inside_attn:
@@ -350,15 +463,14 @@ class Engine:
             for w in writes.get(site, ()):
                 self._check_write(w, site, shape)
         for layer, value in run.attn_outputs.items():
-            a.check_layer(layer)
             if tuple(value.shape) != (batch, pos, a.d_model):
                 raise ValueError(f"attn_outputs[{layer}] has shape {tuple(value.shape)}; expected {(batch, pos, a.d_model)}")
         returns = check_returns(run.returns, batch, pos)
-        with _eval_mode(inner):
+        with _eval_mode(inner) if _dropout_active(inner) else contextlib.nullcontext():
             if verify and not self.remote:  # remotely: see interventions.engine.remote
                 for site in writes:
                     self._verify(site)
-            return self._trace(tokens, run, reads, writes, returns)
+            return self._trace(tree, tokens, run, reads, writes, returns)
 
     def _check_remotable(self, reads: list[Site], writes: dict[Site, list[Write]]) -> None:
         """Refuse, before anything is sent, what cannot run on a server (``interventions.engine.remote``)."""
@@ -381,8 +493,8 @@ class Engine:
         at the site on a 2-token input must reach the logits, or (attention kernels treat NaN scores as
         masked) a random perturbation of the site must change them."""
         key = (id(self.adapter.spec), site.layer, site.kind)
-        done = _VERIFIED.setdefault(self.inner, set())
-        if key in done:
+        done = _VERIFIED.get(self.inner)
+        if done is not None and key in done:
             return
         probe = torch.arange(2)[None] % self.adapter.vocab_size
         nan = self.run(Run(probe, writes=[Write(site, lambda x: torch.full_like(x, float("nan")))]), verify=False)
@@ -404,7 +516,7 @@ class Engine:
                 raise InterventionError(f"a write to {site} did not take effect: the model's forward does not consume "
                                         f"{self.adapter.point(site, self.inner)} as the site's value; fix the adapter "
                                         "with interventions.register_adapter")
-        done.add(key)
+        _VERIFIED.setdefault(self.inner, set()).add(key)
 
     def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]]) -> list[tuple]:
         """The run as plain data, in execution order: ``("skip", path, value, as_tuple, device)`` (a
@@ -455,7 +567,8 @@ class Engine:
         visit(by_layer.get(None, []))
         return plan
 
-    def _trace(self, tokens, run: Run, reads: list[Site], writes: dict[Site, list[Write]], returns) -> Result:
+    def _trace(self, tree: _Tree | None, tokens, run: Run, reads: list[Site], writes: dict[Site, list[Write]],
+               returns) -> Result:
         from nnsight.intervention.interleaver import OutOfOrderError
 
         a, inner = self.adapter, self.inner
@@ -465,7 +578,7 @@ class Engine:
             lm, trace_kwargs = self.model, {"remote": self.remote}
             plan, returns = compact((plan, returns))
         else:
-            lm, trace_kwargs = self._wrapper(), {}
+            lm, trace_kwargs = tree.lm, {}
             tokens = tokens.to(self.device())
         kwargs = {"use_cache": False}
         if run.attention_mask is not None:
@@ -473,7 +586,7 @@ class Engine:
             kwargs["position_ids"] = position_ids(run.attention_mask, tokens)
         if self.remote:  # a chunk of a batch is a view: send it, not the whole batch
             tokens, kwargs = compact((tokens, kwargs))
-        nnsight = self._nnsight
+        import nnsight
         result = None  # stays None when the run returns "none"
         # The body below is what a server runs: it reads only lm, tokens, plan, unembed, returns, torch and
         # nnsight (no code of this package: the server does not have it), and its results live in

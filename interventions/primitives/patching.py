@@ -171,10 +171,13 @@ def _reduce(metric: Metric, logits: torch.Tensor, tokens: torch.Tensor, batch: i
 # ----------------------------------------------------------------------------- driver
 
 def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write], metric: Metric, per_pass: int,
-             progress: bool = False) -> torch.Tensor:
+             progress: bool = False, from_layer: int = 0, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Metric (mean over batch) of ``target`` with each patch (a ``Write`` without rows) applied alone:
     a (len(patches),) tensor. Up to ``per_pass`` patches share one forward pass on ``target``
-    repeated along the batch. The built-in metrics are reduced in the trace (module docstring)."""
+    repeated along the batch. The built-in metrics are reduced in the trace (module docstring).
+    ``from_layer``/``prefix``: every patch lies in that layer or above, and ``prefix`` (batch, pos,
+    d_model) is the target run's residual entering it: the blocks below are skipped (they compute what
+    the target run computed)."""
     b = target.shape[0]
     out = torch.empty(len(patches))
     starts = range(0, len(patches), per_pass)
@@ -190,14 +193,16 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write], met
         writes = [Write(w.site, w.value, rows=slice(j * b, (j + 1) * b), head=w.head, pos=w.pos)
                   for j, w in enumerate(group)]
         rep = target.repeat(k, 1)  # (k * batch, pos)
+        skip = dict(start=from_layer, prefix=None if prefix is None else prefix.repeat(k, 1, 1))
         if metric is mean_loss_metric:
-            loss = engine.run(Run(rep, writes=writes, returns="loss")).loss  # (k * batch, pos - 1)
+            loss = engine.run(Run(rep, writes=writes, returns="loss", **skip)).loss  # (k * batch, pos - 1)
             per_row = loss.mean(-1)  # (k * batch,)
         elif isinstance(metric, LogitDiff):
-            pair = engine.run(Run(rep, writes=writes, returns=Gather(metric.pos, metric.ids(b).repeat(k, 1)))).gathered
+            pair = engine.run(Run(rep, writes=writes, returns=Gather(metric.pos, metric.ids(b).repeat(k, 1)),
+                                  **skip)).gathered
             per_row = pair[:, 0] - pair[:, 1]  # (k * batch,)
         else:  # your metric, on the logits of each block of rows
-            logits = engine.run(Run(rep, writes=writes)).logits  # (k * batch, pos, vocab)
+            logits = engine.run(Run(rep, writes=writes, **skip)).logits  # (k * batch, pos, vocab)
             for j in range(k):
                 out[start + j] = _reduce(metric, logits[j * b:(j + 1) * b], target, b)
             continue
@@ -305,7 +310,8 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
       1. run with s's output ``z`` set to its source-run value and the output of *every other head*
          frozen to its target-run value; record r's ``receiver_input`` (q, k or v), which now differs
          from the target run only through s's direct path (and MLPs in between, which are recomputed);
-      2. run again, free, with only r's ``receiver_input`` replaced by the recorded value; measure.
+      2. run again, free, with only r's ``receiver_input`` replaced by the recorded value; measure (the
+         blocks below the receivers' layer are the target run's: they are skipped, their output reused).
     Under grouped-query attention k and v belong to a key/value head shared by a group of query heads:
     patching r's k or v patches that key/value head (``kv_head_of``), so every head of the group reads it.
 
@@ -339,7 +345,11 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
     top = max(r_layers)
     z_sites = [Site(layer, "z") for layer in range(top)]
     src = engine.run(Run(source, reads=[Site(s.layer, "z") for s in senders], returns="none")).acts
-    tgt = engine.run(Run(target, reads=z_sites, returns="none")).acts
+    # step 2 patches nothing below the first receiver layer: those blocks are the target run's (locally
+    # skipped; remotely recomputed, as sending their output for every block of rows would cost more)
+    first = 0 if engine.remote else min(r_layers)
+    tgt = engine.run(Run(target, reads=z_sites + ([Site(first, "resid_pre")] if first > 0 else []),
+                         returns="none")).acts
     b = target.shape[0]
     # 1. one block of rows per sender: every head below the top receiver layer frozen, the sender patched
     recorded: dict[Head, dict[str, torch.Tensor]] = {}
@@ -357,4 +367,5 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
     # 2. one block of rows per (sender, receiver): only the receiver's input patched
     patches = [Write(Site(layer, kind), recorded[s][f"L{layer}.{kind}"][:, :, head], head=head)
                for s in senders for layer, head in r_heads]
-    return _measure(engine, target, patches, metric, patches_per_pass).view(len(senders), len(receivers))
+    return _measure(engine, target, patches, metric, patches_per_pass, from_layer=first,
+                    prefix=tgt[f"L{first}.resid_pre"] if first > 0 else None).view(len(senders), len(receivers))

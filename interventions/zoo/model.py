@@ -65,6 +65,9 @@ class AttnOnlyConfig(PretrainedConfig):
     """
 
     model_type = "attn_only"
+    # Names HF utilities look for, read from (and written to) ours, as GPT2Config does.
+    attribute_map = {"num_hidden_layers": "n_layers", "num_attention_heads": "n_heads", "hidden_size": "d_model",
+                     "max_position_embeddings": "n_ctx"}
 
     def __init__(
         self,
@@ -105,22 +108,6 @@ class AttnOnlyConfig(PretrainedConfig):
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(vocab_size=vocab_size, **kwargs)
 
-    # Names HF utilities look for.
-    @property
-    def num_hidden_layers(self) -> int:
-        return self.n_layers
-
-    @property
-    def num_attention_heads(self) -> int:
-        return self.n_heads
-
-    @property
-    def hidden_size(self) -> int:
-        return self.d_model
-
-    @property
-    def max_position_embeddings(self) -> int:
-        return self.n_ctx
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
