@@ -170,11 +170,13 @@ def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_
     from interventions.analysis import scores
 
     if remote:
-        # TODO(issue 13 item 1): the primitives' remote= lands with remote execution; until then a
-        # remote survey is refused here, before any work.
+        # Head scores read attention patterns, which need observable() (it edits the model); a server's
+        # model is shared and cannot be edited, so induction_score takes no remote= and a remote survey is
+        # refused here, before any work (the pass-through below is kept for when it can).
         if not remote_supported(scores.induction_score):
-            raise InputError("--remote needs remote execution in the primitives (head scores with remote=), which "
-                             "this version lacks: run the survey without --remote")
+            raise InputError("--remote cannot run: the induction score reads attention patterns, which need "
+                             "observable() and so an edited model, and a server's model is shared; run the "
+                             "survey locally (without --remote)")
         local = [s for s in models.values() if Path(s).exists()]
         if local:
             raise InputError(f"--remote scores hub models only; {local[0]} is a local folder: drop it or run "

@@ -205,7 +205,7 @@ def test_remote_is_refused_before_work_without_primitive_support(dozen, tmp_path
     except SystemExit as e:
         code = e.code
     err = capsys.readouterr().err
-    assert code == 2 and "--remote needs remote execution" in err, err
+    assert code == 2 and "--remote cannot run" in err and "attention patterns" in err, err
     assert not (tmp_path / "res").exists()
 
 
