@@ -224,20 +224,31 @@ def _bos(model, bos_id: int | None) -> int:
 
 
 def repeated_random_tokens(pool: torch.Tensor, n_tokens: int, n_repeats: int, n_examples: int,
-                           bos_id: int, seed: int = 0) -> torch.Tensor:
-    """(n_examples, 1 + n_tokens * n_repeats): BOS, then ``n_tokens`` distinct ids drawn (seeded) from
-    ``pool``, repeated ``n_repeats`` times. Same seed, same tokens."""
+                           bos_id: int | None, seed: int = 0, distinct: bool = True) -> torch.Tensor:
+    """(n_examples, 1 + n_tokens * n_repeats): BOS, then ``n_tokens`` ids drawn (seeded) from ``pool``,
+    repeated ``n_repeats`` times. Same seed, same tokens. The library's one generator of such probes.
+
+    ``distinct``: ids differ within a row (head scores: a repeated id would make a second match);
+    False draws with replacement (the trainer's repeated-token loss). ``bos_id=None``: no BOS column.
+
+    >>> repeated_random_tokens(torch.arange(10, 20), 3, 2, 1, bos_id=0, seed=0).shape
+    torch.Size([1, 7])
+    """
     for name, v, lo in (("n_tokens", n_tokens, 1), ("n_repeats", n_repeats, 2), ("n_examples", n_examples, 1)):
         if not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}={v!r} must be an integer >= {lo}")
-    if pool.numel() < n_tokens:
+    if distinct and pool.numel() < n_tokens:
         raise ValueError(f"cannot draw {n_tokens} distinct tokens from a pool of {pool.numel()}: "
                          "use fewer tokens or a larger pool")
     g = torch.Generator().manual_seed(seed)
-    rows = [pool[torch.randperm(pool.numel(), generator=g)[:n_tokens]] for _ in range(n_examples)]
-    seg = torch.stack(rows)  # (n_examples, n_tokens)
-    bos = torch.full((n_examples, 1), bos_id, dtype=torch.long)
-    return torch.cat([bos, seg.repeat(1, n_repeats)], dim=1)
+    if distinct:
+        seg = torch.stack([pool[torch.randperm(pool.numel(), generator=g)[:n_tokens]] for _ in range(n_examples)])
+    else:
+        seg = pool[torch.randint(0, pool.numel(), (n_examples, n_tokens), generator=g)]  # (n_examples, n_tokens)
+    seg = seg.repeat(1, n_repeats)
+    if bos_id is None:
+        return seg
+    return torch.cat([torch.full((n_examples, 1), bos_id, dtype=torch.long), seg], dim=1)
 
 
 def _check_length(model, length: int, what: str) -> None:

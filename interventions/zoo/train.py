@@ -593,14 +593,6 @@ def quick_eval(model, windows: torch.Tensor, induction_tokens: torch.Tensor, bat
             "repeat_loss_second": ind[:, half:].mean().item()}
 
 
-def repeated_random_tokens(vocab_size: int, n_ctx: int, n: int = 16, seed: int = 0, low: int = 0) -> torch.Tensor:
-    """n sequences: random tokens (ids in [low, vocab_size)) of length n_ctx//2, repeated twice."""
-    g = torch.Generator().manual_seed(seed)
-    half = n_ctx // 2
-    seg = torch.randint(low, vocab_size, (n, half), generator=g)
-    return torch.cat([seg, seg], dim=1)
-
-
 # ----------------------------------------------------------------------------- training loop
 
 def _startup_leftover(path: Path) -> bool:
@@ -728,7 +720,11 @@ def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, 
     windows = source.eval_windows(cfg.n_eval_windows, cfg.n_ctx, seed=cfg.seed)
     # Random tokens for the induction check: printable-ish byte ids for text tokenizers.
     low, high = (0, mcfg.vocab_size) if tok is None else (32, min(mcfg.vocab_size, 127))
-    induction = repeated_random_tokens(high, cfg.n_ctx, seed=cfg.seed, low=low)
+    from ..analysis.scores import repeated_random_tokens
+
+    # n_ctx // 2 random ids (with replacement) from [low, high), twice; no BOS
+    induction = repeated_random_tokens(torch.arange(low, high), cfg.n_ctx // 2, 2, 16, None, seed=cfg.seed,
+                                       distinct=False)
     if start == 0:  # evaluation and writes: rank 0 (on the unwrapped model: no collective inside)
         world.on_rank0(lambda: _log(run_dir, {"step": 0, "tokens": 0, "train_loss": None, "lr": 0.0,
                                               **quick_eval(model, windows, induction)}))
