@@ -461,11 +461,7 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
         wins = eval_windows(cfg, n)
         per_window = {}
         for point, ckpt in points.items():
-            losses = window_losses(load_model(ckpt, device), wins.to(device)).cpu()
-            pos = losses.shape[1] + 1
-            r = icl_from_losses(losses, *icl_indices(pos), icl_band(pos))
-            early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
-            per_window[point] = late - early  # (n,): paired differences between points use these
+            r, per_window[point] = _point_icl(ckpt, wins, device)  # per window: paired differences use these
             rows.append({"model": name, "point": point, "step": step_tokens(ckpt, cfg)[0],
                          "tokens": step_tokens(ckpt, cfg)[1], "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n})
         for a, b in (("after", "before"), ("final", "at_80pct")):
@@ -476,6 +472,15 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
         before[name] = per_window.get("before"), points.get("before"), cfg
     rows += _one_layer_at_before(runs, before, n, device)
     return pd.DataFrame(rows)
+
+
+def _point_icl(ckpt: Path, wins: torch.Tensor, device: str) -> tuple[dict, torch.Tensor]:
+    """ICL score (``icl_from_losses``: score, s.e.) of a checkpoint on ``wins``, and the (n,) per-window
+    scores (late band minus early band) that paired differences between points are taken of."""
+    losses = window_losses(load_model(ckpt, device), wins.to(device)).cpu()
+    pos = losses.shape[1] + 1
+    early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
+    return icl_from_losses(losses, *icl_indices(pos), icl_band(pos)), late - early
 
 
 def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: str) -> list[dict]:
@@ -492,11 +497,8 @@ def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: st
     wins = eval_windows(cfg, n)
     if not torch.equal(wins, eval_windows(cfg2, n)):
         return []  # different corpora or seeds: no paired comparison
-    losses = window_losses(load_model(ckpt, device), wins.to(device)).cpu()
-    pos = losses.shape[1] + 1
-    r = icl_from_losses(losses, *icl_indices(pos), icl_band(pos))
-    early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
-    d = per2 - (late - early)
+    r, per1 = _point_icl(ckpt, wins, device)
+    d = per2 - per1
     tokens = step_tokens(ckpt, cfg)[1]
     return [{"model": one, "point": "attn1l_at_before", "step": step_tokens(ckpt, cfg)[0], "tokens": tokens,
              "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n},

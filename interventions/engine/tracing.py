@@ -54,7 +54,7 @@ from torch import nn
 from .adapters import Adapter, get_adapter, has_pattern_site, module_at
 from .remote import NotRemotable, Remote, check_remote, warn_unproven
 from .devices import check_placement, module_device, output_device
-from .sites import HEAD_KINDS, KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
+from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
 
 
 class InterventionError(RuntimeError):
