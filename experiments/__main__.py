@@ -120,7 +120,8 @@ def cmd_reproduce(args) -> int:
 
     if args.device is not None:
         _check_device(args.device)
-    reproduce(out=Path(args.out), scale=args.scale, device=args.device, progress=not args.quiet)
+    reproduce(out=Path(args.out), scale=args.scale, device=args.device, progress=not args.quiet,
+              seeds=args.seeds, workers=args.workers, figures_dir=Path(args.figures) if args.figures else None)
     return 0
 
 
@@ -258,8 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("reproduce", help="the default reproduction on the embedded corpus")
     sp.add_argument("--out", default="results/default", help="results folder")
     sp.add_argument("--scale", default="cpu", choices=["tiny", "cpu", "gpu"],
-                    help="tiny: seconds (smoke test); cpu: the default (~30 min on 2 cores); gpu: larger")
+                    help="tiny: seconds (smoke test); cpu: the default (~14 min on 2 cores); gpu: the whole "
+                         "family, 3 seeds each, on CUDA")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
+    sp.add_argument("--seeds", type=_positive_int, default=None,
+                    help="seeds per model, 0..N-1 (default: the scale's: 1, or 3 for gpu); with more than one, "
+                         "runs are named MODEL-sK and the report adds the spread across seeds")
+    sp.add_argument("--workers", type=_positive_int, default=None,
+                    help="parallel training/evaluation processes (default: one per core, at most 4; 8 on a GPU)")
+    sp.add_argument("--figures", default=None, metavar="DIR",
+                    help="where figures, REPORT.md and headline.json go (default: figures/ at cpu scale, "
+                         "else OUT/figures)")
     sp.add_argument("--quiet", action="store_true")
     _add_wait(sp)
     sp.set_defaults(func=cmd_reproduce)

@@ -29,6 +29,7 @@ Tables (``results/<run>/phase_change/``): ``checkpoints``, ``loss_by_index``, ``
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +89,15 @@ def pair_losses(model, windows: torch.Tensor, targets: torch.Tensor, batch_size:
 
     Windows are cut after their target (causal attention: later tokens cannot change it) and run
     in batches of similar length, so the cost is ~half of full windows."""
+    targets = targets.cpu()
     order = torch.argsort(targets)
     out = torch.empty(len(targets))
     for idx in order.split(batch_size):
         t = targets[idx]
-        x = windows[idx, : int(t.max()) + 1]
-        lp = torch.log_softmax(model(x).logits.float(), -1)  # (b, L, vocab)
-        out[idx] = -lp[torch.arange(len(idx)), t - 1, x[torch.arange(len(idx)), t]]
+        x = windows[idx.to(windows.device), : int(t.max()) + 1]
+        lp = torch.log_softmax(model(x).logits.float(), -1).cpu()  # (b, L, vocab)
+        rows = torch.arange(len(idx))
+        out[idx] = -lp[rows, t - 1, x.cpu()[rows, t]]
     return out.numpy()
 
 
@@ -282,8 +285,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(res.read(f"pca_steps_{n}").step)] for n in runs])
     pca = pca_trajectories(vectors, pca_ck)
     res.write("pca", pca)
-    ref = win[win.model == "attn-2l"] if "attn-2l" in set(win.model) else win.iloc[:0]
-    res.write("pca_turn", pca_turns(pca, ref))
+    res.write("pca_turn", pca_turns(pca, win))
     if not res.has("transient", all_key):
         res.write("transient", transient_table(runs, ck, device), inputs=all_key)
     return res
@@ -486,24 +488,26 @@ def _point_icl(ckpt: Path, wins: torch.Tensor, device: str) -> tuple[dict, torch
 def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: str) -> list[dict]:
     """The 1-layer control (attn-1l) at the tokens of attn-2l's "before" point, on the same windows, and
     the paired difference attn-2l minus attn-1l there: how much of the ICL score before the window a
-    model that cannot form induction heads also has (point ``attn1l_at_before``)."""
-    two = next((k for k in before if k == "attn-2l" or k.startswith("attn-2l-")), None)
-    one = "attn-1l" if two == "attn-2l" else (two.replace("attn-2l", "attn-1l") if two else None)
-    if two is None or one not in runs or before[two][0] is None:
-        return []
-    per2, ckpt2, cfg2 = before[two]
-    cfg = run_config(runs[one])
-    ckpt = _at_or_before(list_checkpoints(runs[one]), cfg, step_tokens(ckpt2, cfg2)[1])
-    wins = eval_windows(cfg, n)
-    if not torch.equal(wins, eval_windows(cfg2, n)):
-        return []  # different corpora or seeds: no paired comparison
-    r, per1 = _point_icl(ckpt, wins, device)
-    d = per2 - per1
-    tokens = step_tokens(ckpt, cfg)[1]
-    return [{"model": one, "point": "attn1l_at_before", "step": step_tokens(ckpt, cfg)[0], "tokens": tokens,
-             "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n},
-            {"model": two, "point": "before_minus_attn1l", "step": -1, "tokens": -1, "icl_score": float(d.mean()),
-             "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n}]
+    model that cannot form induction heads also has (point ``attn1l_at_before``). Each seed's attn-2l
+    (``attn-2l-s<k>``) is paired with the same seed's attn-1l."""
+    rows = []
+    for two in (k for k in before if k == "attn-2l" or k.startswith("attn-2l-")):
+        one = two.replace("attn-2l", "attn-1l")
+        if one not in runs or before[two][0] is None:
+            continue
+        per2, ckpt2, cfg2 = before[two]
+        cfg = run_config(runs[one])
+        ckpt = _at_or_before(list_checkpoints(runs[one]), cfg, step_tokens(ckpt2, cfg2)[1])
+        wins = eval_windows(cfg, n)
+        if not torch.equal(wins, eval_windows(cfg2, n)):
+            continue  # different corpora or seeds: no paired comparison
+        r, per1 = _point_icl(ckpt, wins, device)
+        d = per2 - per1
+        rows += [{"model": one, "point": "attn1l_at_before", "step": step_tokens(ckpt, cfg)[0],
+                  "tokens": step_tokens(ckpt, cfg)[1], "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n},
+                 {"model": two, "point": "before_minus_attn1l", "step": -1, "tokens": -1, "icl_score": float(d.mean()),
+                  "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n}]
+    return rows
 
 
 def add_plateau(win: pd.DataFrame, precise: pd.DataFrame) -> pd.DataFrame:
@@ -562,18 +566,21 @@ def turn_angle(d: pd.DataFrame, start: float, end: float) -> float:
     return float(np.degrees(np.arccos(np.clip(u @ v / (nu * nv), -1, 1))))
 
 
-def pca_turns(pca: pd.DataFrame, ref: pd.DataFrame) -> pd.DataFrame:
-    """Every model's turn angle at attn-2l's ICL window (the same token counts for every model)."""
+def pca_turns(pca: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
+    """Every model's turn angle at attn-2l's ICL window (the same token counts for every model). With
+    several seeds, each model's reference is the same seed's attn-2l (``<model>-s<k>`` -> ``attn-2l-s<k>``)."""
     rows = []
-    if ref.empty or not np.isfinite(ref.icl_window_start_tokens.iloc[0]):
-        return pd.DataFrame(columns=["model", "window_start_tokens", "window_end_tokens", "turn_deg"])
-    s, e = float(ref.icl_window_start_tokens.iloc[0]), float(ref.icl_window_end_tokens.iloc[0])
     for model, d in pca.groupby("model", sort=False):
+        seed = re.search(r"-s\d+$", model)
+        ref = windows[windows.model == "attn-2l" + (seed.group(0) if seed else "")]
+        if ref.empty or not np.isfinite(ref.icl_window_start_tokens.iloc[0]):
+            continue
+        s, e = float(ref.icl_window_start_tokens.iloc[0]), float(ref.icl_window_end_tokens.iloc[0])
         d = d[d.tokens > 0].sort_values("tokens")
         ok = d.tokens.max() >= e
         rows.append({"model": model, "window_start_tokens": s, "window_end_tokens": e,
                      "turn_deg": turn_angle(d, s, e) if ok else math.nan})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["model", "window_start_tokens", "window_end_tokens", "turn_deg"])
 
 
 # ----------------------------------------------------------------------------- the early transient
@@ -586,6 +593,7 @@ def attention_entropy(model, windows: torch.Tensor) -> pd.DataFrame:
     out = model(windows, output_attentions=True)
     rows = []
     for layer, pat in enumerate(out.attentions):  # (batch, head, q, k)
+        pat = pat.float().cpu()
         ent = -(pat.clamp_min(1e-12).log() * pat).sum(-1).mean(0)  # (head, q)
         prev = torch.diagonal(pat, offset=-1, dim1=-2, dim2=-1).mean(0)  # (head, q - 1): weight on token q - 1
         prev = torch.cat([torch.full((prev.shape[0], 1), float("nan")), prev], 1)

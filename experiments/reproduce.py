@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -29,16 +30,18 @@ ABLATION_WINDOWS = {"tiny": 64, "cpu": 2048, "gpu": 2048}
 
 @owns_results("out")
 def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: str | None = None,
-              progress: bool = True, figures_dir: Path | None = None, workers: int | None = None) -> Path:
+              progress: bool = True, figures_dir: Path | None = None, workers: int | None = None,
+              seeds: int | None = None) -> Path:
     from .ablations import run_ablations
     from .circuit import run_circuit
     from .figures import make_figures
     from .phase_change import run_phase_change
     from .survey import run_survey
-    from .zoo import SCALES, train_zoo
+    from .zoo import SCALES, scale_seeds, train_zoo
 
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+    scale_seeds(scale, seeds)  # validated before any work
     device = device or ("cuda" if scale == "gpu" else "cpu")
     check_writable(out)
     out = Path(out)
@@ -48,7 +51,7 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     from interventions.zoo.provenance import provenance
 
     git_at_start = provenance(config={})["git"]  # before the run rewrites figures/ (tracked files)
-    runs = train_zoo(scale, out / "runs", device=device, progress=progress, workers=workers)
+    runs = train_zoo(scale, out / "runs", device=device, progress=progress, workers=workers, seeds=seeds)
     timings["train_s"] = time.time() - t0
     n_windows = {"tiny": 32, "cpu": 256, "gpu": 512}[scale]
     n_precise = {"tiny": 64, "cpu": 2048, "gpu": 4096}[scale]
@@ -56,13 +59,12 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
                           n_precise=n_precise, n_pca_pairs={"tiny": 256, "cpu": 2048, "gpu": 4096}[scale])
     timings["phase_change_s"] = time.time() - t0 - timings["train_s"]
     windows = pc.read("windows")
-    ablate = ("attn-2l", "attn-2l-s0") if scale == "cpu" else ("attn-2l", "smear-1l", "attn-2l-s0", "smear-1l-s0")
-    for name in runs:  # on the CPU only attn-2l: the headline's model (keeps the main job within 15 min)
-        if name in ablate:
+    for name in runs:  # on the CPU only attn-2l (every seed): the headline's model (the main job within 15 min)
+        if _family(name) == "attn-2l" or (scale != "cpu" and name in ("smear-1l", "smear-1l-s0")):
             run_ablations(runs[name], name, None, out, windows_table=windows,
                           n_windows=ABLATION_WINDOWS[scale], device=device, progress=progress)
     timings["ablations_s"] = time.time() - t0 - timings["train_s"] - timings["phase_change_s"]
-    main_2l = "attn-2l" if "attn-2l" in runs else next((n for n in runs if n.startswith("attn-2l")), None)
+    main_2l = _main_2l(runs)
     if main_2l:
         run_circuit(runs[main_2l], main_2l, pc.read("head_scores"), out, device=device)
     run_survey({name: str(run) for name, run in runs.items()}, out, device=device)
@@ -73,6 +75,17 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     print(report.read_text())
     print(f"figures: {len(paths)} files in {figures_dir}")
     return report
+
+
+def _family(name: str) -> str:
+    """The model of a run name: ``attn-2l-s1`` -> ``attn-2l`` (runs of one seed have no suffix)."""
+    return re.sub(r"-s\d+$", "", name)
+
+
+def _main_2l(names) -> str | None:
+    """The attn-2l run the single-run headlines (ablation, circuit) use: ``attn-2l``, else seed 0's."""
+    names = list(names)
+    return "attn-2l" if "attn-2l" in names else next((n for n in sorted(names) if _family(n) == "attn-2l"), None)
 
 
 def _accumulate_timings(out: Path, timings: dict) -> dict:
@@ -107,6 +120,9 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     if timings:
         h |= {"wall_clock_min": timings["total_s"] / 60, "train_min": timings["train_s"] / 60,
               "invocations": timings.get("invocations", 1)}
+    settings = json.loads((Path(out) / "phase_change" / "provenance.json").read_text())["config"]
+    h["evaluation"] = {"windows_per_checkpoint": settings["n_windows"], "windows_precise": settings["n_precise"],
+                       "pca_pairs": settings["n_pca_pairs"]}
     h["icl_definition"] = ("mean loss of tokens late-b..late+b minus early-b..early+b per window, averaged over "
                            "windows (early, late = 25, 250 of 256; b = 5); s.e. = std of the per-window "
                            "difference / sqrt(windows)")
@@ -138,42 +154,91 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     h["models"] = models
     h |= {name: models[name] for name in ZOO_MODELS if name in models}  # flat keys for the main four
     h["pca_turn_deg"] = {r.model: _f(r.turn_deg) for r in turn.itertuples()}
-    sets = per = None
-    abl = Results(out, "ablations_attn-2l")
-    sets = abl.read_optional("sets")  # never written: None; damaged: ResultError, never skipped
-    if sets is not None:
-        per = abl.read("per_head")
-    if sets is not None:
-        pat = per[per.kind == "pattern"]
-        ind = sets[sets.group == "induction heads"]
-        others = pat[~pat.is_induction]
-        rnd = sets[sets.group == "random (non-induction)"]
-        allo = sets[sets.group == "all other heads"]
-        h["ablation"] = {
-            "kind": "pattern-preserving zero ablation, final attn-2l checkpoint",
-            "induction_heads": ind.heads.iloc[0].split() if len(ind) and isinstance(ind.heads.iloc[0], str) else [],
-            "icl_clean": _f(sets[sets.group == "clean"].icl_score.iloc[0]),
-            "icl_clean_sem": _f(sets[sets.group == "clean"].icl_sem.iloc[0]),
-            "icl_share_removed": _f(ind.icl_share_removed.iloc[0]) if len(ind) else None,
-            "icl_share_removed_sem": _f(ind.icl_share_removed_sem.iloc[0]) if len(ind) else None,
-            "icl_change_nats": _f(ind.icl_change.iloc[0]) if len(ind) else None,
-            "other_heads_single_share_min": _f(others.icl_share.min()),
-            "other_heads_single_share_max": _f(others.icl_share.max()),
-            "other_heads_single_larger_icl": int((others.icl_share < 0).sum()), "other_heads_n": int(len(others)),
-            "random_control_share": _f(rnd.icl_share_removed.mean()) if len(rnd) else None,
-            "random_control_share_sem": _f(rnd.icl_share_removed.std(ddof=1) / math.sqrt(len(rnd))) if len(rnd) > 1 else None,
-            "random_control_draws": int(len(rnd)),
-            "all_other_heads_icl_change_nats": _f(allo.icl_change.iloc[0]) if len(allo) else None,
-            "all_other_heads_icl_change_sem": _f(allo.icl_change_sem.iloc[0]) if len(allo) else None,
-        }
-    pp = Results(out, "circuit_attn-2l").read_optional("path_patch")
+    main_2l = _main_2l(models)
+    if main_2l and (summary := ablation_summary(out, main_2l)) is not None:
+        h["ablation"] = summary | {"model": main_2l}
+    by_seed = {n: ablation_summary(out, n) for n in models if _family(n) == "attn-2l" and n != "attn-2l"}
+    by_seed = {n: v for n, v in by_seed.items() if v is not None}
+    if len(by_seed) > 1:
+        h["ablation_by_seed"] = by_seed
+    pp = Results(out, f"circuit_{main_2l}").read_optional("path_patch") if main_2l else None
     if pp is not None and len(pp):
         h["path_patching"] = path_patching_summary(pp)
     h["smear_vs_vanilla"] = smear_vs_vanilla(ck, pc.read("head_scores"))
     tr = pc.read("transient")
     if len(tr):
         h["transient"] = transient_summary(tr)
+    spread = seed_spread(models, h["pca_turn_deg"], h.get("ablation_by_seed", {}))
+    if spread:
+        h["seed_spread"] = spread
     return h
+
+
+def seed_spread(models: dict, pca_turn: dict | None = None, ablation: dict | None = None) -> dict:
+    """Across the seeds of each model (runs ``<model>-s<k>``, at least two): every numeric headline number
+    as mean, s.d. (n - 1), min, max and n over the seeds that have it, and, for true/false numbers, how
+    many seeds are true. ``pca_turn``: degrees per run; ``ablation``: the attn-2l ablation summaries by run.
+
+        >>> seed_spread({"m-s0": {"x": 1.0, "ok": True}, "m-s1": {"x": 3.0, "ok": False}})["m"]["x"]
+        {'mean': 2.0, 'sd': 1.4142135623730951, 'min': 1.0, 'max': 3.0, 'n': 2}
+    """
+    per_run = {name: dict(d) for name, d in models.items()}
+    for name, deg in (pca_turn or {}).items():
+        per_run.setdefault(name, {})["pca_turn_deg"] = deg
+    for name, a in (ablation or {}).items():
+        per_run.setdefault(name, {}).update({f"ablation_{k}": v for k, v in a.items()})
+    families: dict[str, list[dict]] = {}
+    for name, d in per_run.items():
+        if re.search(r"-s\d+$", name):
+            families.setdefault(_family(name), []).append(d)
+    out = {}
+    for family, runs in families.items():
+        if len(runs) < 2:
+            continue
+        row = {"seeds": len(runs)}
+        for key in sorted({k for d in runs for k in d}):
+            vals = [d.get(key) for d in runs]
+            if all(isinstance(v, bool) for v in vals if v is not None) and any(isinstance(v, bool) for v in vals):
+                row[key] = {"true": sum(bool(v) for v in vals), "n": sum(v is not None for v in vals)}
+                continue
+            nums = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(float(v))]
+            if nums:
+                row[key] = {"mean": float(np.mean(nums)), "sd": float(np.std(nums, ddof=1)) if len(nums) > 1 else None,
+                            "min": min(nums), "max": max(nums), "n": len(nums)}
+        out[family] = row
+    return out
+
+
+def ablation_summary(out: Path, name: str) -> dict | None:
+    """The ablation headline of run ``name`` (its ``ablations_<name>`` tables), or None when not run."""
+    abl = Results(out, f"ablations_{name}")
+    sets = abl.read_optional("sets")  # never written: None; damaged: ResultError, never skipped
+    if sets is None:
+        return None
+    per = abl.read("per_head")
+    pat = per[per.kind == "pattern"]
+    ind = sets[sets.group == "induction heads"]
+    others = pat[~pat.is_induction]
+    rnd = sets[sets.group == "random (non-induction)"]
+    allo = sets[sets.group == "all other heads"]
+    return {
+        "kind": "pattern-preserving zero ablation, final attn-2l checkpoint",
+        "induction_heads": ind.heads.iloc[0].split() if len(ind) and isinstance(ind.heads.iloc[0], str) else [],
+        "icl_clean": _f(sets[sets.group == "clean"].icl_score.iloc[0]),
+        "icl_clean_sem": _f(sets[sets.group == "clean"].icl_sem.iloc[0]),
+        "icl_share_removed": _f(ind.icl_share_removed.iloc[0]) if len(ind) else None,
+        "icl_share_removed_sem": _f(ind.icl_share_removed_sem.iloc[0]) if len(ind) else None,
+        "icl_change_nats": _f(ind.icl_change.iloc[0]) if len(ind) else None,
+        "other_heads_single_share_min": _f(others.icl_share.min()),
+        "other_heads_single_share_max": _f(others.icl_share.max()),
+        "other_heads_single_larger_icl": int((others.icl_share < 0).sum()), "other_heads_n": int(len(others)),
+        "random_control_share": _f(rnd.icl_share_removed.mean()) if len(rnd) else None,
+        "random_control_share_sem": _f(rnd.icl_share_removed.std(ddof=1) / math.sqrt(len(rnd))) if len(rnd) > 1 else None,
+        "random_control_draws": int(len(rnd)),
+        "all_other_heads_icl_change_nats": _f(allo.icl_change.iloc[0]) if len(allo) else None,
+        "all_other_heads_icl_change_sem": _f(allo.icl_change_sem.iloc[0]) if len(allo) else None,
+    }
 
 
 def path_patching_summary(pp: pd.DataFrame) -> dict:
@@ -230,6 +295,42 @@ def transient_summary(tr: pd.DataFrame) -> dict:
     return out
 
 
+SPREAD_KEYS = (  # (key, label, format): the report's seed-spread table; every key is in headline.json
+    ("icl_window_start_tokens", "ICL window start", "tok"), ("icl_window_end_tokens", "ICL window end", "tok"),
+    ("icl_window_width_ratio", "ICL window width (x)", ".2f"), ("checkpoints_in_window", "checkpoints in it", ".1f"),
+    ("icl_window_ends_inside", "window ends inside the run", "count"),
+    ("induction_window_start_tokens", "induction window start", "tok"),
+    ("final_induction_score", "final induction score", ".2f"), ("icl_before", "ICL before (nats)", "+.3f"),
+    ("icl_after", "ICL after (nats)", "+.3f"), ("icl_drop", "ICL change across (nats)", "+.3f"),
+    ("icl_final", "final ICL (nats)", "+.3f"), ("icl_plateaued", "ICL plateaued", "count"),
+    ("pca_turn_deg", "PCA turn (deg)", ".0f"), ("bump", "bump detector fires", "count"),
+    ("ablation_icl_share_removed", "induction heads remove (share)", ".0%"),
+    ("ablation_random_control_share", "random control removes (share)", ".0%"))
+
+
+def spread_lines(spread: dict) -> list[str]:
+    """The report's table of the seed spread: mean ± s.d. (min to max) per model, n seeds."""
+    def cell(v, fmt):
+        if v is None:
+            return ""
+        if fmt == "count":
+            return f"{v['true']} of {v['n']}"
+        f = _tok if fmt == "tok" else (lambda x: format(x, fmt))
+        sd = "" if v["sd"] is None else f" ± {f(v['sd']).lstrip('+')}"
+        return f"{f(v['mean'])}{sd} ({f(v['min'])} to {f(v['max'])}, n={v['n']})"
+
+    fams = list(spread)
+    lines = ["## Spread across seeds", "",
+             "Seeds per model: " + ", ".join(f"{f} {spread[f]['seeds']}" for f in fams) + "; mean ± s.d. over seeds (min to max, n = seeds where the number exists). The s.d. is the "
+             "seed-to-seed spread, not a standard error of one run.", "",
+             "| | " + " | ".join(fams) + " |", "|---" * (len(fams) + 1) + "|"]
+    for key, label, fmt in SPREAD_KEYS:
+        cells = [cell(spread[f].get(key), fmt) for f in fams]
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _tok(x) -> str:
     return f"{x / 1e6:.1f}M" if x is not None and np.isfinite(x) else "n/a"
 
@@ -256,11 +357,11 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         iw = (f"induction window {_tok(d['induction_window_start_tokens'])} - {_tok(d['induction_window_end_tokens'])}"
               if d["induction_window_start_tokens"] else "no induction window (best induction score never rises by 0.1)")
         lines += [f"- **{name}** ({_tok(d['run_tokens'])} tokens): {w}; {iw}; final best induction score "
-                  f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} (256 windows)."]
+                  f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} ({h['evaluation']['windows_per_checkpoint']:,} windows)."]
         if "icl_before" in d:
             lines += [f"  - ICL before the window {_pm(d['icl_before'], d['icl_before_sem'])} (at {_tok(d['icl_before_tokens'])}), "
                       f"after {_pm(d['icl_after'], d['icl_after_sem'])} (at {_tok(d['icl_after_tokens'])}); change across it "
-                      f"{_pm(d['icl_drop'], d['icl_drop_sem'])} (paired, 2,048 windows)."]
+                      f"{_pm(d['icl_drop'], d['icl_drop_sem'])} (paired, {h['evaluation']['windows_precise']:,} windows)."]
             one = h["models"].get(name.replace("attn-2l", "attn-1l"), {})
             if "icl_before_minus_attn1l" in d and "icl_at_attn2l_before" in one:
                 lines += [f"  - The 1-layer control at the same tokens ({_tok(one['icl_at_attn2l_before_tokens'])}), same "
@@ -278,7 +379,8 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
               "so a bump means something only where it coincides with the window; compare attn-1l's line.", ""]
     if h.get("pca_turn_deg"):
         lines += ["## Per-token-loss PCA", "",
-                  "2,048 (example, token) pairs, one token from each of 2,048 separate windows; PCs fit on every "
+                  f"{h['evaluation']['pca_pairs']:,} (example, token) pairs, one token from each of as many separate "
+                  "windows; PCs fit on every "
                   "model's checkpoints after 1M tokens (warm-up), all checkpoints projected. Turn = angle between "
                   "the trajectory's direction over [start/2.5, start] and over [start, end] of attn-2l's ICL "
                   "window, in the PC1-PC2 plane (0 = straight on): "
@@ -287,7 +389,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
     if "ablation" in h:
         a = h["ablation"]
         lines += ["## Which heads carry the ICL (Argument 3)", "",
-                  f"Pattern-preserving zero ablation on the final attn-2l, {ABLATION_WINDOWS[scale]:,} windows; clean ICL "
+                  f"Pattern-preserving zero ablation on the final {a.get('model', 'attn-2l')}, {ABLATION_WINDOWS[scale]:,} windows; clean ICL "
                   f"{_pm(a['icl_clean'], a['icl_clean_sem'])}. Share = (ICL_ablated - ICL_clean) / -ICL_clean, "
                   "bootstrap s.e. over windows.", "",
                   f"- Induction heads by `classify_induction_heads` ({', '.join(a['induction_heads']) or 'none'}): "
@@ -338,6 +440,8 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                       f"layer-0 attention on the previous token, early {t.get('layer0_prev_token_attention_early', float('nan')):.2f} "
                       f"vs late {t.get('layer0_prev_token_attention_late', float('nan')):.2f}."]
         lines += [""]
+    if h.get("seed_spread"):
+        lines += spread_lines(h["seed_spread"])
     lines += [f"Figures in `{figures_dir}`; tables under `{out}` (each with provenance.json); numbers in "
               "`headline.json`."]
     from interventions.zoo.train import atomic_write_text

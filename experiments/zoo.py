@@ -6,11 +6,16 @@ prefix of a longer run is comparable with a shorter run at equal tokens):
   * ``cpu``: the default reproduction on the embedded corpus (Python stdlib, bytes) on a 2-core CPU:
     attn-2l until its ICL score has plateaued, the attn-1l control at least as long, and the smeared
     models long enough to compare with the vanilla ones at equal tokens (see ``SCALES``).
-  * ``gpu``: the whole family (adds attn-3l, mlp-1l, mlp-2l) at 4x the tokens, 3 seeds each, on CUDA.
+  * ``gpu``: the whole family (adds attn-3l, mlp-1l, mlp-2l), every model as long as attn-2l at the
+    cpu scale, 3 seeds each, on CUDA: the seed spread of every headline number.
+
+``seeds`` (``reproduce --seeds N``) overrides a scale's seeds with 0..N-1; with more than one seed
+each run folder is named ``<model>-s<seed>``.
 
 Models train in parallel worker processes (one per core by default, each with one torch thread: on
 the 2-core CPU two single-threaded runs give ~1.2-1.3x the tokens/s of one run on both cores, and a
-fixed thread count keeps results bit-identical on any machine).
+fixed thread count keeps results bit-identical on any machine; on a GPU up to 8 processes share the
+card: small models are launch-bound, so parallel runs fill it).
 """
 
 from __future__ import annotations
@@ -27,24 +32,33 @@ from .presets import get_preset
 SCALES: dict[str, dict[str, int]] = {
     "tiny": {"attn-1l": 1_500_000, "attn-2l": 1_500_000, "smear-1l": 600_000, "smear-2l": 600_000},
     "cpu": {"attn-1l": 20_000_000, "attn-2l": 20_000_000, "smear-1l": 6_000_000, "smear-2l": 6_000_000},
-    "gpu": {"attn-1l": 80_000_000, "attn-2l": 80_000_000, "attn-3l": 80_000_000, "mlp-1l": 80_000_000,
-            "mlp-2l": 80_000_000, "smear-1l": 80_000_000, "smear-2l": 80_000_000},
+    "gpu": {name: 20_000_000 for name in ("attn-1l", "attn-2l", "attn-3l", "mlp-1l", "mlp-2l", "smear-1l", "smear-2l")},
 }
 SEEDS = {"tiny": (0,), "cpu": (0,), "gpu": (0, 1, 2)}
 # models whose transition we do not need to resolve finely: no dense checkpoints (cheaper evaluation)
 SPARSE = ("attn-1l", "smear-1l", "smear-2l")
 
 
-def run_name(model: str, seed: int, scale: str) -> str:
-    """Folder name of one run: the model name, plus ``-s<seed>`` where a scale trains several seeds."""
-    return model if len(SEEDS[scale]) == 1 else f"{model}-s{seed}"
+def scale_seeds(scale: str, seeds: int | None = None) -> tuple[int, ...]:
+    """The seeds a scale trains: its own (``SEEDS``), or 0..seeds-1."""
+    if seeds is None:
+        return SEEDS[scale]
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds={seeds!r} must be a positive integer (the number of seeds per model)")
+    return tuple(range(seeds))
 
 
-def zoo_configs(scale: str, device: str = "cpu") -> dict[str, TrainConfig]:
+def run_name(model: str, seed: int, seeds: tuple[int, ...]) -> str:
+    """Folder name of one run: the model name, plus ``-s<seed>`` where several seeds are trained."""
+    return model if len(seeds) == 1 else f"{model}-s{seed}"
+
+
+def zoo_configs(scale: str, device: str = "cpu", seeds: int | None = None) -> dict[str, TrainConfig]:
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
     out = {}
-    for seed in SEEDS[scale]:
+    all_seeds = scale_seeds(scale, seeds)
+    for seed in all_seeds:
         for name, tokens in SCALES[scale].items():
             if scale == "tiny":
                 cfg = get_preset("tiny")
@@ -59,7 +73,7 @@ def zoo_configs(scale: str, device: str = "cpu") -> dict[str, TrainConfig]:
                     cfg["dense_checkpoints"] = None
                     cfg["checkpoint_every_tokens"] = 500_000 if name.startswith("smear") else 1_000_000
             cfg.update(tokens=tokens, device=device, seed=seed)
-            out[run_name(name, seed, scale)] = TrainConfig.from_dict(cfg)
+            out[run_name(name, seed, all_seeds)] = TrainConfig.from_dict(cfg)
     return out
 
 
@@ -80,17 +94,17 @@ def _train_one(job) -> tuple[str, str]:
 
 
 def default_workers(device: str) -> int:
-    """One worker per CPU core (at most 2 on a GPU: the card is shared)."""
-    return 1 if device.startswith("cuda") else max(1, min(4, os.cpu_count() or 1))
+    """One worker per CPU core, at most 4 (on a GPU at most 8 processes share the card)."""
+    return max(1, min(8 if device.startswith("cuda") else 4, os.cpu_count() or 1))
 
 
 def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: bool = True,
-              only: list[str] | None = None, workers: int | None = None) -> dict[str, Path]:
+              only: list[str] | None = None, workers: int | None = None, seeds: int | None = None) -> dict[str, Path]:
     """Train (or resume, or skip when finished) every model of a scale. Returns run folders.
 
     ``workers`` > 1 trains models in parallel processes (spawned), one torch thread each."""
     runs_dir = Path(runs_dir)
-    cfgs = {n: c for n, c in zoo_configs(scale, device).items() if only is None or n in only}
+    cfgs = {n: c for n, c in zoo_configs(scale, device, seeds).items() if only is None or n in only}
     out = {name: runs_dir / name for name in cfgs}
     todo = sorted((n for n in cfgs if not _finished(out[n], cfgs[n])), key=lambda n: -_cost(cfgs[n]))
     workers = min(len(todo), workers or default_workers(device))

@@ -131,3 +131,35 @@ def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts 
     with pytest.raises(ResultError, match="delete"):
         Results(out, "ablations_attn-2l").read("sets")
 
+
+
+def test_several_seeds_report_their_spread(tmp_path, monkeypatch):
+    """``seeds=2``: runs named MODEL-sK, each seed's attn-2l ablated and paired with its own attn-1l (the
+    1-layer control and the PCA reference), and the headline's spread equals the per-run numbers'
+    mean and s.d. (two models only, to stay fast)."""
+    import statistics
+
+    from experiments import zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {k: v for k, v in zoo.SCALES["tiny"].items() if k in ("attn-1l", "attn-2l")})
+    out = tmp_path / "seeds"
+    report = reproduce(out=out, scale="tiny", progress=False, figures_dir=out / "figures", seeds=2)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["attn-1l-s0", "attn-1l-s1", "attn-2l-s0", "attn-2l-s1"]
+    head = json.loads((out / "figures" / "headline.json").read_text())
+    spread = head["seed_spread"]
+    for key in ("final_induction_score", "final_icl", "icl_before"):
+        vals = [head["models"][f"attn-2l-s{k}"][key] for k in (0, 1)]
+        assert spread["attn-2l"][key]["mean"] == pytest.approx(statistics.mean(vals))
+        assert spread["attn-2l"][key]["sd"] == pytest.approx(statistics.stdev(vals))
+        assert spread["attn-2l"][key]["n"] == 2
+    assert set(head["ablation_by_seed"]) == {"attn-2l-s0", "attn-2l-s1"}
+    assert head["ablation"]["model"] == "attn-2l-s0"
+    shares = [head["ablation_by_seed"][f"attn-2l-s{k}"]["icl_share_removed"] for k in (0, 1)]
+    assert spread["attn-2l"]["ablation_icl_share_removed"]["mean"] == pytest.approx(statistics.mean(shares))
+    pc = Results(out, "phase_change")
+    prec = pc.read("icl_precise")
+    assert set(prec[prec.point == "before_minus_attn1l"].model) == {"attn-2l-s0", "attn-2l-s1"}
+    win = pc.read("windows").set_index("model")
+    for row in pc.read("pca_turn").itertuples():  # each run's reference is its own seed's attn-2l window
+        assert row.window_start_tokens == win.loc["attn-2l-s" + row.model[-1], "icl_window_start_tokens"]
+    assert "Spread across seeds" in report.read_text()

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The gpu-scale reproduction as one bounded call on a lent GPU machine (GPU time is scarce).
+#   MODE=smoke: the whole pipeline at tiny scale with 2 seeds on the device (every code path on CUDA),
+#               and training throughput of the attn-2l preset, 1 process against 8 sharing the card.
+#   MODE=full:  `reproduce --scale gpu` (7 models x 3 seeds), then its tables, report and figures.
+# Results go to $OUT (the device tool's folder) or results/gpu_session as two archives: tables.tgz
+# (CSV/JSON/Markdown, no checkpoints or arrays) and figures.tgz.
+#   DEVICE=cpu MODE=smoke bash experiments/gpu_reproduce.sh    # a dry run of this script on a CPU
+set -u
+OUT=${OUT:-results/gpu_session}
+MODE=${MODE:-smoke}
+DEVICE=${DEVICE:-cuda}
+BUDGET=${BUDGET:-480}  # seconds for the full reproduction; what finished by then is kept (it resumes)
+WORK=${WORK:-/tmp/gpu_reproduce}
+PY=${PY:-python3}
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ] && [ "$DEVICE" != cpu ]; then  # the GPU machine has no nnsight: install the carried wheels
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+pack() {  # pack NAME DIR: the tables (no checkpoints, arrays or tokenizer caches) and figures of DIR
+  (cd "$2" 2>/dev/null && tar czf "$OUT/$1_tables.tgz" --exclude='runs/*/checkpoints' --exclude='*.npy' \
+     --exclude='runs/*/tokenizer' --exclude='loss_by_index*' --exclude=figures . 2>/dev/null)
+  (cd "$2" 2>/dev/null && tar czf "$OUT/$1_loss_by_index.tgz" phase_change/loss_by_index.csv 2>/dev/null)
+  [ -d "$2/figures" ] && (cd "$2/figures" && tar czf "$OUT/$1_figures.tgz" .)
+  ls -la "$OUT"
+}
+{
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
+  "$PY" -c "import torch, transformers, nnsight, pandas, seaborn, scipy; print('torch', torch.__version__, 'transformers', transformers.__version__, 'nnsight', nnsight.__version__)"
+  if [ "$MODE" = smoke ]; then
+    echo "=== tiny, 2 seeds ($(date +%T))"
+    timeout 300 "$PY" -m experiments reproduce --scale tiny --seeds 2 --device "$DEVICE" --out "$WORK/tiny" --quiet \
+      > "$WORK/tiny.log" 2>&1; echo "=== tiny exit $? ($(date +%T))"; tail -n 60 "$WORK/tiny.log"
+    pack tiny "$WORK/tiny"
+    TOK=${TOK:-2000000}
+    for n in 1 8; do
+      echo "=== throughput: $n process(es) x $TOK tokens of attn-2l ($(date +%T))"
+      start=$(date +%s.%N)
+      for i in $(seq "$n"); do
+        timeout 200 "$PY" -m experiments train --preset attn-2l --tokens "$TOK" --device "$DEVICE" --seed "$i" \
+          --out "$WORK/thr$n-$i" --quiet > "$WORK/thr$n-$i.log" 2>&1 &
+      done
+      wait
+      end=$(date +%s.%N)
+      "$PY" -c "import sys; n, t, s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[4]) - float(sys.argv[3]); print(f'{n} process(es): {s:.1f} s wall, {n * t / s / 1e6:.2f}M tokens/s together')" "$n" "$TOK" "$start" "$end"
+      tail -n 3 "$WORK/thr$n-1.log"
+    done
+  else
+    echo "=== reproduce --scale gpu ($(date +%T))"
+    timeout "$BUDGET" "$PY" -m experiments reproduce --scale gpu --device "$DEVICE" --out "$WORK/gpu" \
+      --figures "$WORK/gpu/figures" > "$WORK/gpu.log" 2>&1
+    echo "=== reproduce exit $? ($(date +%T))"
+    tail -c 6000 "$WORK/gpu.log"; cp "$WORK/gpu.log" "$OUT/reproduce.log"
+    pack gpu "$WORK/gpu"
+  fi
+} 2>&1 | tee "$OUT/log.txt"
