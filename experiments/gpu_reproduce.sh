@@ -3,6 +3,7 @@
 #   MODE=smoke: the whole pipeline at tiny scale with 2 seeds on the device (every code path on CUDA),
 #               and training throughput of the attn-2l preset, 1 process against 8 sharing the card.
 #   MODE=full:  `reproduce --scale gpu` (7 models x 3 seeds), then its tables, report and figures.
+#   MODE=both:  the tiny run first (stops there if it fails), then the full one.
 # Results go to $OUT (the device tool's folder) or results/gpu_session as two archives: tables.tgz
 # (CSV/JSON/Markdown, no checkpoints or arrays) and figures.tgz.
 #   DEVICE=cpu MODE=smoke bash experiments/gpu_reproduce.sh    # a dry run of this script on a CPU
@@ -30,10 +31,14 @@ pack() {  # pack NAME DIR: the tables (no checkpoints, arrays or tokenizer cache
 {
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv
   "$PY" -c "import torch, transformers, nnsight, pandas, seaborn, scipy; print('torch', torch.__version__, 'transformers', transformers.__version__, 'nnsight', nnsight.__version__)"
-  if [ "$MODE" = smoke ]; then
+  if [ "$MODE" != full ]; then
     echo "=== tiny, 2 seeds ($(date +%T))"
-    timeout 300 "$PY" -m experiments reproduce --scale tiny --seeds 2 --device "$DEVICE" --out "$WORK/tiny" --quiet \
-      > "$WORK/tiny.log" 2>&1; echo "=== tiny exit $? ($(date +%T))"; tail -n 60 "$WORK/tiny.log"
+    timeout "${TINY_BUDGET:-300}" "$PY" -m experiments reproduce --scale tiny --seeds 2 --device "$DEVICE" \
+      --out "$WORK/tiny" --quiet > "$WORK/tiny.log" 2>&1
+    rc=$?; echo "=== tiny exit $rc ($(date +%T))"; tail -n 40 "$WORK/tiny.log"
+    [ "$MODE" = both ] && [ $rc -ne 0 ] && { cp "$WORK/tiny.log" "$OUT/"; exit 1; }
+  fi
+  if [ "$MODE" = smoke ]; then
     pack tiny "$WORK/tiny"
     TOK=${TOK:-2000000}
     for n in 1 8; do

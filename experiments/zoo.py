@@ -36,7 +36,7 @@ SCALES: dict[str, dict[str, int]] = {
 }
 SEEDS = {"tiny": (0,), "cpu": (0,), "gpu": (0, 1, 2)}
 # models whose transition we do not need to resolve finely: no dense checkpoints (cheaper evaluation)
-SPARSE = ("attn-1l", "smear-1l", "smear-2l")
+SPARSE = ("attn-1l", "mlp-1l", "smear-1l", "smear-2l")
 
 
 def scale_seeds(scale: str, seeds: int | None = None) -> tuple[int, ...]:
@@ -69,7 +69,7 @@ def zoo_configs(scale: str, device: str = "cpu", seeds: int | None = None) -> di
                 cfg["dense_checkpoints"] = None
             else:
                 cfg = get_preset(name)
-                if scale == "cpu" and name in SPARSE:
+                if name in SPARSE:
                     cfg["dense_checkpoints"] = None
                     cfg["checkpoint_every_tokens"] = 500_000 if name.startswith("smear") else 1_000_000
             cfg.update(tokens=tokens, device=device, seed=seed)
