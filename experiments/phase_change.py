@@ -79,8 +79,11 @@ def pca_pairs(cfg: TrainConfig, n: int = N_PCA_PAIRS, source=None) -> tuple[torc
 
 @torch.no_grad()
 def window_losses(model, windows: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(n, pos-1) per-token losses by plain forwards (clean runs need no tracing)."""
-    return torch.cat([loss_from_logits(model(x).logits, x) for x in windows.split(batch_size)])
+    """(n, pos-1) per-token losses by plain forwards (clean runs need no tracing), on the CPU; each batch
+    of ``windows`` (on any device) runs on the model's."""
+    device = next(model.parameters()).device
+    return torch.cat([loss_from_logits(model(x).logits, x).cpu()
+                      for x in (b.to(device) for b in windows.split(batch_size))])
 
 
 @torch.no_grad()

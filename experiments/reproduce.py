@@ -53,10 +53,10 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     git_at_start = provenance(config={})["git"]  # before the run rewrites figures/ (tracked files)
     runs = train_zoo(scale, out / "runs", device=device, progress=progress, workers=workers, seeds=seeds)
     timings["train_s"] = time.time() - t0
-    n_windows = {"tiny": 32, "cpu": 256, "gpu": 512}[scale]
-    n_precise = {"tiny": 64, "cpu": 2048, "gpu": 4096}[scale]
+    n_windows = {"tiny": 32, "cpu": 256, "gpu": 256}[scale]
+    n_precise = {"tiny": 64, "cpu": 2048, "gpu": 2048}[scale]
     pc = run_phase_change(runs, out, n_windows=n_windows, device=device, progress=progress, workers=workers,
-                          n_precise=n_precise, n_pca_pairs={"tiny": 256, "cpu": 2048, "gpu": 4096}[scale])
+                          n_precise=n_precise, n_pca_pairs={"tiny": 256, "cpu": 2048, "gpu": 2048}[scale])
     timings["phase_change_s"] = time.time() - t0 - timings["train_s"]
     windows = pc.read("windows")
     for name in runs:  # on the CPU only attn-2l (every seed): the headline's model (the main job within 15 min)
