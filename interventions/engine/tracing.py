@@ -522,13 +522,9 @@ class Engine:
         """The run as plain data, in execution order: ``("skip", path, value, as_tuple, device)`` (a
         module not run, its output given; device None: the module's own, read in the trace) and
         ``("point", path, io, entries)`` with entries ``(view_spec, [(index, value)], read name, label)``
-        (sites at one module point, e.g. fused q/k/v, share one access). Paths are tuples of attribute
-        names and list indices."""
+        (sites at one module point, e.g. fused q/k/v, share one access). Paths are dotted module paths."""
         a, inner = self.adapter, self.inner
         remote = bool(self.remote)
-
-        def split(path: str) -> tuple:
-            return tuple(int(p) if p.isdigit() else p for p in path.split("."))
 
         def here(path: str):  # the device a tensor fed to this module goes to (remote: the server's)
             return None if remote else self.device(path)
@@ -545,22 +541,22 @@ class Engine:
                 path, io = a.point(site, inner)
                 entry = (a.view_spec(site.kind), [(w.index(site.kind), w.value) for w in writes.get(site, ())],
                          str(site) if site in read_set else None, str(site))
-                if plan and plan[-1][0] == "point" and plan[-1][1] == split(path) and plan[-1][2] == io:
+                if plan and plan[-1][0] == "point" and plan[-1][1] == path and plan[-1][2] == io:
                     plan[-1][3].append(entry)
                 else:
-                    plan.append(("point", split(path), io, [entry]))
+                    plan.append(("point", path, io, [entry]))
 
         tuple_out = a.spec.block_output == "tuple"
         for layer in range(a.n_layers):
             path = a.path(layer, "layer")
             if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
-                plan.append(("skip", split(path), run.prefix, tuple_out, here(a.path(run.start, "layer"))))
+                plan.append(("skip", path, run.prefix, tuple_out, here(a.path(run.start, "layer"))))
                 continue
             sites = by_layer.get(layer, [])
             if layer in run.attn_outputs:
                 visit([s for s in sites if s.kind == "resid_pre"])
                 attn = a.path(layer, "attn")
-                plan.append(("skip", split(attn), run.attn_outputs[layer], True, here(attn)))
+                plan.append(("skip", attn, run.attn_outputs[layer], True, here(attn)))
                 visit([s for s in sites if s.kind != "resid_pre"])
             else:
                 visit(sites)
@@ -573,12 +569,17 @@ class Engine:
 
         a, inner = self.adapter, self.inner
         plan = self._plan(run, reads, writes)
-        unembed = tuple(int(p) if p.isdigit() else p for p in a.unembed_path(inner).split("."))
-        if self.remote:  # tensors stay here (the server places them); the wrapper names the server's model
+        unembed = a.unembed_path(inner)
+        by_path = bool(self.remote)  # modules named by path (the body finds them), else given as envoys
+        if by_path:  # tensors stay here (the server places them); the wrapper names the server's model
             lm, trace_kwargs = self.model, {"remote": self.remote}
+            plan = [(step[0], _parts(step[1]), *step[2:]) for step in plan]
+            unembed = _parts(unembed)
             plan, returns = compact((plan, returns))
-        else:
+        else:  # each module's envoy, looked up here (the body's own look-ups cost ~1 us per path part)
             lm, trace_kwargs = tree.lm, {}
+            plan = [(step[0], tree.envoy(step[1]), *step[2:]) for step in plan]
+            unembed = tree.envoy(unembed)
             tokens = tokens.to(self.device())
         kwargs = {"use_cache": False}
         if run.attention_mask is not None:
@@ -588,16 +589,18 @@ class Engine:
             tokens, kwargs = compact((tokens, kwargs))
         import nnsight
         result = None  # stays None when the run returns "none"
-        # The body below is what a server runs: it reads only lm, tokens, plan, unembed, returns, torch and
-        # nnsight (no code of this package: the server does not have it), and its results live in
+        # The body below is what a server runs: it reads only by_path, lm, tokens, plan, unembed, returns, torch
+        # and nnsight (no code of this package: the server does not have it), and its results live in
         # containers made inside the trace (only saved values come back from a server).
         try:
             with lm.trace(tokens, **trace_kwargs, **kwargs):
                 acts = nnsight.save({})
                 for step in plan:
-                    env = lm
-                    for part in step[1]:
-                        env = env[part] if isinstance(part, int) else getattr(env, part)
+                    env = step[1]
+                    if by_path:
+                        env = lm
+                        for part in step[1]:
+                            env = env[part] if isinstance(part, int) else getattr(env, part)
                     if step[0] == "skip":
                         value, as_tuple, device = step[2], step[3], step[4]
                         if device is None:
@@ -631,9 +634,11 @@ class Engine:
                         if name is not None:
                             acts[name] = view.clone()
                 if returns != "none":
-                    env = lm
-                    for part in unembed:
-                        env = env[part] if isinstance(part, int) else getattr(env, part)
+                    env = unembed
+                    if by_path:
+                        env = lm
+                        for part in unembed:
+                            env = env[part] if isinstance(part, int) else getattr(env, part)
                     out = env.output
                     if returns == "logits":
                         result = out.save()
@@ -652,6 +657,11 @@ class Engine:
         if returns == "loss":
             return Result(None, acts, loss=result)
         return Result(None, acts, gathered=result)
+
+
+def _parts(path: str) -> tuple:
+    """A dotted module path as the trace body walks it: attribute names and list indices."""
+    return tuple(int(p) if p.isdigit() else p for p in path.split("."))
 
 
 def check_returns(returns, batch: int, pos: int):
