@@ -28,20 +28,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapters import unwrap
+
 FIX = ("load every layer onto a device: a device_map over devices with room for the whole model (e.g. "
        "device_map='auto' with max_memory covering it, no 'disk' entries), or, to run some layers on the "
        "CPU, accelerate.dispatch_model(model, device_map, main_device='cpu') so CPU layers run on the CPU "
        "instead of being offloaded")
 
 
-def _root(model) -> nn.Module:
-    return getattr(model, "_module", model)
-
-
 def check_placement(model) -> None:
     """Raise ``ValueError`` if any parameter of ``model`` is on the ``meta`` device (offloaded by a
     device map, or never loaded), naming the modules and the fix."""
-    inner = _root(model)
+    inner = unwrap(model)
     if not _any_meta(inner):  # the common case, checked on every call: plain dict walks (~10x faster)
         return
     where = sorted({name.rsplit(".", 1)[0] if "." in name else name
@@ -83,7 +81,7 @@ def _first_param(module: nn.Module) -> torch.Tensor | None:
 def module_device(model, path: str | None = None) -> torch.device:
     """Device of the module at dotted ``path`` (its first parameter, else its nearest ancestor's with
     one), or ``output_device(model)`` for ``path=None``."""
-    inner = _root(model)
+    inner = unwrap(model)
     parts = [] if path is None else path.split(".")
     while parts:
         module = inner
@@ -98,5 +96,5 @@ def module_device(model, path: str | None = None) -> torch.device:
 
 def output_device(model) -> torch.device:
     """The one device results come back on: the model's first parameter's (its input embedding's)."""
-    p = _first_param(_root(model))
+    p = _first_param(unwrap(model))
     return torch.device("cpu") if p is None else p.device

@@ -51,7 +51,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .adapters import Adapter, get_adapter, has_pattern_site, module_at
+from .adapters import Adapter, get_adapter, has_pattern_site, module_at, unwrap
 from .remote import NotRemotable, Remote, check_remote, warn_unproven
 from .devices import check_placement, module_device, output_device
 from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
@@ -130,11 +130,6 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- input validation
-
-def unwrap(model):
-    """The torch module under an nnsight wrapper (or the model itself)."""
-    return getattr(model, "_module", model)
-
 
 # The last tensor of token ids found valid, as (tensor (weakly), its version, vocab_size, n_ctx): a primitive
 # checks its tokens before preparing its runs and each run checks them again (two reductions each time).
@@ -518,13 +513,18 @@ class Engine:
                                         "with interventions.register_adapter")
         _VERIFIED.setdefault(self.inner, set()).add(key)
 
-    def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]]) -> list[tuple]:
+    def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]],
+              tree: _Tree | None = None) -> list[tuple]:
         """The run as plain data, in execution order: ``("skip", path, value, as_tuple, device)`` (a
         module not run, its output given; device None: the module's own, read in the trace) and
         ``("point", path, io, entries)`` with entries ``(view_spec, [(index, value)], read name, label)``
-        (sites at one module point, e.g. fused q/k/v, share one access). Paths are dotted module paths."""
+        (sites at one module point, e.g. fused q/k/v, share one access). Paths are dotted module paths
+        (with a ``tree``, its cached module points)."""
         a, inner = self.adapter, self.inner
         remote = bool(self.remote)
+
+        def point(site: Site) -> tuple[str, str]:
+            return a.point(site, inner) if tree is None else tree.point(a, site, inner)
 
         def here(path: str):  # the device a tensor fed to this module goes to (remote: the server's)
             return None if remote else self.device(path)
@@ -538,7 +538,7 @@ class Engine:
 
         def visit(sites: list[Site]) -> None:
             for site in sorted(sites, key=lambda s: order.get(s.kind, len(order))):
-                path, io = a.point(site, inner)
+                path, io = point(site)
                 entry = (a.view_spec(site.kind), [(w.index(site.kind), w.value) for w in writes.get(site, ())],
                          str(site) if site in read_set else None, str(site))
                 if plan and plan[-1][0] == "point" and plan[-1][1] == path and plan[-1][2] == io:
@@ -548,9 +548,8 @@ class Engine:
 
         tuple_out = a.spec.block_output == "tuple"
         for layer in range(a.n_layers):
-            path = a.path(layer, "layer")
             if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
-                plan.append(("skip", path, run.prefix, tuple_out, here(a.path(run.start, "layer"))))
+                plan.append(("skip", a.path(layer, "layer"), run.prefix, tuple_out, here(a.path(run.start, "layer"))))
                 continue
             sites = by_layer.get(layer, [])
             if layer in run.attn_outputs:
@@ -568,8 +567,8 @@ class Engine:
         from nnsight.intervention.interleaver import OutOfOrderError
 
         a, inner = self.adapter, self.inner
-        plan = self._plan(run, reads, writes)
-        unembed = a.unembed_path(inner)
+        plan = self._plan(run, reads, writes, tree)
+        unembed = a.unembed_path(inner) if tree is None else tree.point(a, FINAL, inner)[0]  # (FINAL: at the unembedding)
         by_path = bool(self.remote)  # modules named by path (the body finds them), else given as envoys
         if by_path:  # tensors stay here (the server places them); the wrapper names the server's model
             lm, trace_kwargs = self.model, {"remote": self.remote}
