@@ -6,7 +6,7 @@ Variants, interleaved, on the attn-2l preset's model (random weights):
     trace, and the check that the edit took effect);
   * ``nnsight``: a bare nnsight trace doing the same edit (slice of the o_proj input set to 0, logits
     saved): nnsight's own overhead without the toolkit's checks.
-Target: toolkit / plain <= 1.10.
+Target: toolkit / plain <= 1.05.
 
     python benchmarks/bench_trace.py --device cpu --out results/bench/trace.json
 """

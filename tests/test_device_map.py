@@ -90,3 +90,32 @@ def test_a_layer_on_the_meta_device_is_refused_before_any_work(tmp_path):
                 run()
     assert not calls
 
+
+
+def test_meta_parameters_are_seen_on_every_call():
+    """The meta-device check reads every parameter on every call: a weight replaced by a meta tensor, a
+    module with meta weights added, or the whole model moved to meta after a first call is refused on
+    the next call (before any forward), and the model runs again once fixed."""
+    from torch import nn
+
+    import interventions as iv
+
+    torch.manual_seed(0)
+    model = iv.AttnOnlyForCausalLM(iv.AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=20)).eval()
+    tokens = torch.randint(0, 20, (2, 5))
+    want = iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H0"))
+    attn = model.transformer.h[1].attn
+    weight = attn.c_proj.weight
+    attn.c_proj.weight = nn.Parameter(torch.empty_like(weight, device="meta"))
+    with pytest.raises(ValueError, match=r"meta device \(transformer\.h\.1\.attn\.c_proj\)"):
+        iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H0"))
+    attn.c_proj.weight = weight
+    torch.testing.assert_close(iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H0")), want, atol=0, rtol=0)
+    attn.extra = nn.Linear(2, 2, device="meta")  # a module added since
+    with pytest.raises(ValueError, match=r"meta device \(transformer\.h\.1\.attn\.extra\)"):
+        iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H0"))
+    del attn.extra
+    torch.testing.assert_close(iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H0")), want, atol=0, rtol=0)
+    model.to("meta")
+    with pytest.raises(ValueError, match="meta device"):
+        iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H0"))

@@ -326,3 +326,45 @@ def test_site_names_round_trip():
     for kind in LAYER_KINDS:
         assert str(parse_site(f"L3.{kind}")) == f"L3.{kind}" and parse_site(Site(3, kind)) == Site(3, kind)
     assert str(parse_site("final")) == "final"
+
+
+def test_dropout_seen_again_on_each_call():
+    """Training mode is read on every call: eval, then train() (warns, eval-mode logits), eval() again
+    (silent), then train() again (warns again); the modes are put back each time."""
+    import warnings
+
+    from interventions import ZeroAblation, run_with_ablations
+
+    model = build("gpt2").eval()
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    want = run_with_ablations(model, tokens, ZeroAblation("L0H0"))
+    for _ in range(2):
+        model.train()
+        with pytest.warns(UserWarning, match="eval mode"):
+            got = run_with_ablations(model, tokens, ZeroAblation("L0H0"))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert all(m.training for m in model.modules())
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            torch.testing.assert_close(run_with_ablations(model, tokens, ZeroAblation("L0H0")), want, atol=0, rtol=0)
+
+
+def test_unwrap_finds_a_wrapped_module():
+    """``unwrap`` returns a torch module as it is, and the module under a ``_module`` attribute or submodule."""
+    from torch import nn
+
+    from interventions.engine.tracing import unwrap
+
+    model = build("gpt2")
+
+    class Holder:
+        def __init__(self, m):
+            self._module = m
+
+    class Wrapper(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self._module = m
+
+    assert unwrap(model) is model and unwrap(Holder(model)) is model and unwrap(Wrapper(model)) is model

@@ -99,6 +99,13 @@ def register_adapter(model_type: str, spec: ArchSpec) -> None:
     ARCHS[model_type] = spec
 
 
+def unwrap(model):
+    """The torch module under an nnsight wrapper (or the model itself)."""
+    if isinstance(model, nn.Module) and "_module" not in model.__dict__ and "_module" not in model._modules:
+        return model  # a plain torch module, without the raise of Module.__getattr__ for a missing name (~1 us)
+    return getattr(model, "_module", model)
+
+
 def module_at(root, path: str):
     """The module (or nnsight envoy, when ``root`` is one) at dotted ``path``."""
     for part in path.split("."):
@@ -189,7 +196,7 @@ class Adapter:
         (module names differ across transformers versions, e.g. NeoX ``embed_out`` -> ``lm_head``)."""
         if root is None:
             return self.spec.unembed
-        inner = getattr(root, "_module", root)
+        inner = unwrap(root)
         try:
             module_at(inner, self.spec.unembed)
             return self.spec.unembed
@@ -229,7 +236,7 @@ def get_adapter(model) -> Adapter:
     Cached per model and config object (HF config attribute reads are slow enough to show in the
     per-trace overhead); re-read when the config or the registry changes. Holds no reference to the
     model (weak keys; the value references only the config)."""
-    inner = getattr(model, "_module", model)
+    inner = unwrap(model)
     config = getattr(inner, "config", None)
     try:
         cached = _ADAPTERS.get(inner)
@@ -307,7 +314,7 @@ def _register_attention() -> None:
 
 
 def has_pattern_site(model) -> bool:
-    inner = getattr(model, "_module", model)
+    inner = unwrap(model)
     a = get_adapter(inner)
     try:
         a.module(inner, 0, "pattern")
@@ -329,7 +336,7 @@ def observable(model):
         >>> with observable(model):  # doctest: +SKIP
         ...     out = model(tokens, output_attentions=True)
     """
-    inner = getattr(model, "_module", model)
+    inner = unwrap(model)
     a = get_adapter(inner)
     added = []
     impl = "eager" if a.model_type == "attn_only" else "interventions_eager"

@@ -28,20 +28,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .adapters import unwrap
+
 FIX = ("load every layer onto a device: a device_map over devices with room for the whole model (e.g. "
        "device_map='auto' with max_memory covering it, no 'disk' entries), or, to run some layers on the "
        "CPU, accelerate.dispatch_model(model, device_map, main_device='cpu') so CPU layers run on the CPU "
        "instead of being offloaded")
 
 
-def _root(model) -> nn.Module:
-    return getattr(model, "_module", model)
-
-
 def check_placement(model) -> None:
     """Raise ``ValueError`` if any parameter of ``model`` is on the ``meta`` device (offloaded by a
     device map, or never loaded), naming the modules and the fix."""
-    inner = _root(model)
+    inner = unwrap(model)
     if not _any_meta(inner):  # the common case, checked on every call: plain dict walks (~10x faster)
         return
     where = sorted({name.rsplit(".", 1)[0] if "." in name else name
@@ -54,26 +52,42 @@ def check_placement(model) -> None:
 
 
 def _any_meta(module: nn.Module) -> bool:
+    """Whether any parameter under ``module`` is on the meta device: a walk of the module dicts, every
+    call (no cache: a parameter replaced or moved since the last call is seen; ~4x faster than
+    ``named_parameters``)."""
     stack = [module]
-    while stack:
-        m = stack.pop()
+    for m in stack:  # the list grows while it is walked
+        if m is None:  # a child slot registered as None
+            continue
         for p in m._parameters.values():
-            if p is not None and p.device.type == "meta":
+            if p is not None and p.is_meta:
                 return True
-        stack.extend(c for c in m._modules.values() if c is not None)
+        stack += m._modules.values()
     return False
+
+
+def _first_param(module: nn.Module) -> torch.Tensor | None:
+    """``next(module.parameters(), None)`` (the same pre-order walk) without its generator chain."""
+    for p in module._parameters.values():
+        if p is not None:
+            return p
+    for child in module._modules.values():
+        p = None if child is None else _first_param(child)
+        if p is not None:
+            return p
+    return None
 
 
 def module_device(model, path: str | None = None) -> torch.device:
     """Device of the module at dotted ``path`` (its first parameter, else its nearest ancestor's with
     one), or ``output_device(model)`` for ``path=None``."""
-    inner = _root(model)
+    inner = unwrap(model)
     parts = [] if path is None else path.split(".")
     while parts:
         module = inner
         for part in parts:
             module = module[int(part)] if part.isdigit() else getattr(module, part)
-        p = next(module.parameters(), None)
+        p = _first_param(module)
         if p is not None:
             return p.device
         parts = parts[:-1]
@@ -82,5 +96,5 @@ def module_device(model, path: str | None = None) -> torch.device:
 
 def output_device(model) -> torch.device:
     """The one device results come back on: the model's first parameter's (its input embedding's)."""
-    p = next(_root(model).parameters(), None)
+    p = _first_param(unwrap(model))
     return torch.device("cpu") if p is None else p.device

@@ -51,7 +51,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .adapters import Adapter, get_adapter, has_pattern_site, module_at
+from .adapters import Adapter, get_adapter, has_pattern_site, module_at, unwrap
 from .remote import NotRemotable, Remote, check_remote, warn_unproven
 from .devices import check_placement, module_device, output_device
 from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
@@ -130,11 +130,6 @@ class Result:
 
 
 # ----------------------------------------------------------------------------- input validation
-
-def unwrap(model):
-    """The torch module under an nnsight wrapper (or the model itself)."""
-    return getattr(model, "_module", model)
-
 
 # The last tensor of token ids found valid, as (tensor (weakly), its version, vocab_size, n_ctx): a primitive
 # checks its tokens before preparing its runs and each run checks them again (two reductions each time).
@@ -518,17 +513,18 @@ class Engine:
                                         "with interventions.register_adapter")
         _VERIFIED.setdefault(self.inner, set()).add(key)
 
-    def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]]) -> list[tuple]:
+    def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]],
+              tree: _Tree | None = None) -> list[tuple]:
         """The run as plain data, in execution order: ``("skip", path, value, as_tuple, device)`` (a
         module not run, its output given; device None: the module's own, read in the trace) and
         ``("point", path, io, entries)`` with entries ``(view_spec, [(index, value)], read name, label)``
-        (sites at one module point, e.g. fused q/k/v, share one access). Paths are tuples of attribute
-        names and list indices."""
+        (sites at one module point, e.g. fused q/k/v, share one access). Paths are dotted module paths
+        (with a ``tree``, its cached module points)."""
         a, inner = self.adapter, self.inner
         remote = bool(self.remote)
 
-        def split(path: str) -> tuple:
-            return tuple(int(p) if p.isdigit() else p for p in path.split("."))
+        def point(site: Site) -> tuple[str, str]:
+            return a.point(site, inner) if tree is None else tree.point(a, site, inner)
 
         def here(path: str):  # the device a tensor fed to this module goes to (remote: the server's)
             return None if remote else self.device(path)
@@ -542,25 +538,24 @@ class Engine:
 
         def visit(sites: list[Site]) -> None:
             for site in sorted(sites, key=lambda s: order.get(s.kind, len(order))):
-                path, io = a.point(site, inner)
+                path, io = point(site)
                 entry = (a.view_spec(site.kind), [(w.index(site.kind), w.value) for w in writes.get(site, ())],
                          str(site) if site in read_set else None, str(site))
-                if plan and plan[-1][0] == "point" and plan[-1][1] == split(path) and plan[-1][2] == io:
+                if plan and plan[-1][0] == "point" and plan[-1][1] == path and plan[-1][2] == io:
                     plan[-1][3].append(entry)
                 else:
-                    plan.append(("point", split(path), io, [entry]))
+                    plan.append(("point", path, io, [entry]))
 
         tuple_out = a.spec.block_output == "tuple"
         for layer in range(a.n_layers):
-            path = a.path(layer, "layer")
             if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
-                plan.append(("skip", split(path), run.prefix, tuple_out, here(a.path(run.start, "layer"))))
+                plan.append(("skip", a.path(layer, "layer"), run.prefix, tuple_out, here(a.path(run.start, "layer"))))
                 continue
             sites = by_layer.get(layer, [])
             if layer in run.attn_outputs:
                 visit([s for s in sites if s.kind == "resid_pre"])
                 attn = a.path(layer, "attn")
-                plan.append(("skip", split(attn), run.attn_outputs[layer], True, here(attn)))
+                plan.append(("skip", attn, run.attn_outputs[layer], True, here(attn)))
                 visit([s for s in sites if s.kind != "resid_pre"])
             else:
                 visit(sites)
@@ -572,13 +567,18 @@ class Engine:
         from nnsight.intervention.interleaver import OutOfOrderError
 
         a, inner = self.adapter, self.inner
-        plan = self._plan(run, reads, writes)
-        unembed = tuple(int(p) if p.isdigit() else p for p in a.unembed_path(inner).split("."))
-        if self.remote:  # tensors stay here (the server places them); the wrapper names the server's model
+        plan = self._plan(run, reads, writes, tree)
+        unembed = a.unembed_path(inner) if tree is None else tree.point(a, FINAL, inner)[0]  # (FINAL: at the unembedding)
+        by_path = bool(self.remote)  # modules named by path (the body finds them), else given as envoys
+        if by_path:  # tensors stay here (the server places them); the wrapper names the server's model
             lm, trace_kwargs = self.model, {"remote": self.remote}
+            plan = [(step[0], _parts(step[1]), *step[2:]) for step in plan]
+            unembed = _parts(unembed)
             plan, returns = compact((plan, returns))
-        else:
+        else:  # each module's envoy, looked up here (the body's own look-ups cost ~1 us per path part)
             lm, trace_kwargs = tree.lm, {}
+            plan = [(step[0], tree.envoy(step[1]), *step[2:]) for step in plan]
+            unembed = tree.envoy(unembed)
             tokens = tokens.to(self.device())
         kwargs = {"use_cache": False}
         if run.attention_mask is not None:
@@ -588,16 +588,18 @@ class Engine:
             tokens, kwargs = compact((tokens, kwargs))
         import nnsight
         result = None  # stays None when the run returns "none"
-        # The body below is what a server runs: it reads only lm, tokens, plan, unembed, returns, torch and
-        # nnsight (no code of this package: the server does not have it), and its results live in
+        # The body below is what a server runs: it reads only by_path, lm, tokens, plan, unembed, returns, torch
+        # and nnsight (no code of this package: the server does not have it), and its results live in
         # containers made inside the trace (only saved values come back from a server).
         try:
             with lm.trace(tokens, **trace_kwargs, **kwargs):
                 acts = nnsight.save({})
                 for step in plan:
-                    env = lm
-                    for part in step[1]:
-                        env = env[part] if isinstance(part, int) else getattr(env, part)
+                    env = step[1]
+                    if by_path:
+                        env = lm
+                        for part in step[1]:
+                            env = env[part] if isinstance(part, int) else getattr(env, part)
                     if step[0] == "skip":
                         value, as_tuple, device = step[2], step[3], step[4]
                         if device is None:
@@ -631,9 +633,11 @@ class Engine:
                         if name is not None:
                             acts[name] = view.clone()
                 if returns != "none":
-                    env = lm
-                    for part in unembed:
-                        env = env[part] if isinstance(part, int) else getattr(env, part)
+                    env = unembed
+                    if by_path:
+                        env = lm
+                        for part in unembed:
+                            env = env[part] if isinstance(part, int) else getattr(env, part)
                     out = env.output
                     if returns == "logits":
                         result = out.save()
@@ -652,6 +656,11 @@ class Engine:
         if returns == "loss":
             return Result(None, acts, loss=result)
         return Result(None, acts, gathered=result)
+
+
+def _parts(path: str) -> tuple:
+    """A dotted module path as the trace body walks it: attribute names and list indices."""
+    return tuple(int(p) if p.isdigit() else p for p in path.split("."))
 
 
 def check_returns(returns, batch: int, pos: int):
