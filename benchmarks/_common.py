@@ -101,7 +101,7 @@ def trace_parser(doc: str):
 
 
 def attn2l(device: str):
-    """The attn-2l preset's model (d_model 128, 4 heads, ctx 256, vocab 257), random weights."""
+    """The attn-2l preset's model (d_model 96, 4 heads, ctx 256, vocab 257), random weights."""
     from experiments.presets import get_preset
     from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
 

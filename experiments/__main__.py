@@ -121,7 +121,8 @@ def cmd_reproduce(args) -> int:
     if args.device is not None:
         _check_device(args.device)
     reproduce(out=Path(args.out), scale=args.scale, device=args.device, progress=not args.quiet,
-              seeds=args.seeds, workers=args.workers, figures_dir=Path(args.figures) if args.figures else None)
+              seeds=args.seeds, workers=args.workers, figures_dir=Path(args.figures) if args.figures else None,
+              corpus=args.corpus)
     return 0
 
 
@@ -267,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs are named MODEL-sK and the report adds the spread across seeds")
     sp.add_argument("--workers", type=_positive_int, default=None,
                     help="parallel training/evaluation processes (default: one per core, at most 4; 8 on a GPU)")
+    sp.add_argument("--corpus", default=None,
+                    help="replace the presets' corpus (default: stdlib, this interpreter's; for another "
+                         "machine to train on identical data: python -m experiments.pack_corpus)")
     sp.add_argument("--figures", default=None, metavar="DIR",
                     help="where figures, REPORT.md and headline.json go (default: figures/ at cpu scale, "
                          "else OUT/figures)")

@@ -28,6 +28,11 @@ def style():
     return sns
 
 
+def save_figure(fig, out: Path, name: str) -> list[Path]:
+    """Save ``fig`` as ``out/name.png`` and ``.pdf`` and close it."""
+    return _save(fig, out, name)
+
+
 def _save(fig, out: Path, name: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]

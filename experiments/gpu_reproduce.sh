@@ -4,6 +4,8 @@
 #               and training throughput of the attn-2l preset, 1 process against 8 sharing the card.
 #   MODE=full:  `reproduce --scale gpu` (7 models x 3 seeds), then its tables, report and figures.
 #   MODE=both:  the tiny run first (stops there if it fails), then the full one.
+# The GPU machine's Python ships a different stdlib (a different corpus): carry this machine's as
+# .corpus/stdlib.tgz (python -m experiments.pack_corpus .corpus/stdlib.tgz; name .corpus in carry).
 # Results go to $OUT (the device tool's folder) or results/gpu_session as two archives: tables.tgz
 # (CSV/JSON/Markdown, no checkpoints or arrays) and figures.tgz.
 #   DEVICE=cpu MODE=smoke bash experiments/gpu_reproduce.sh    # a dry run of this script on a CPU
@@ -17,6 +19,10 @@ PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
 OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+CORPUS_ARGS=()
+if [ -f .corpus/stdlib.tgz ]; then  # this machine's stdlib corpus (python -m experiments.pack_corpus .corpus/stdlib.tgz)
+  mkdir -p "$WORK/corpus" && tar xzf .corpus/stdlib.tgz -C "$WORK/corpus" && CORPUS_ARGS=(--corpus "$WORK/corpus/stdlib")
+fi
 if [ -d .whl ] && [ "$DEVICE" != cpu ]; then  # the GPU machine has no nnsight: install the carried wheels
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -55,7 +61,7 @@ pack() {  # pack NAME DIR: the tables (no checkpoints, arrays or tokenizer cache
     done
   else
     echo "=== reproduce --scale gpu ($(date +%T))"
-    timeout "$BUDGET" "$PY" -m experiments reproduce --scale gpu --device "$DEVICE" --out "$WORK/gpu" \
+    timeout "$BUDGET" "$PY" -m experiments reproduce --scale gpu --device "$DEVICE" --out "$WORK/gpu" "${CORPUS_ARGS[@]}" \
       --figures "$WORK/gpu/figures" > "$WORK/gpu.log" 2>&1
     echo "=== reproduce exit $? ($(date +%T))"
     tail -c 6000 "$WORK/gpu.log"; cp "$WORK/gpu.log" "$OUT/reproduce.log"

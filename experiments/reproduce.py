@@ -31,7 +31,7 @@ ABLATION_WINDOWS = {"tiny": 64, "cpu": 2048, "gpu": 2048}
 @owns_results("out")
 def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: str | None = None,
               progress: bool = True, figures_dir: Path | None = None, workers: int | None = None,
-              seeds: int | None = None) -> Path:
+              seeds: int | None = None, corpus: str | None = None) -> Path:
     from .ablations import run_ablations
     from .circuit import run_circuit
     from .figures import make_figures
@@ -51,7 +51,8 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     from interventions.zoo.provenance import provenance
 
     git_at_start = provenance(config={})["git"]  # before the run rewrites figures/ (tracked files)
-    runs = train_zoo(scale, out / "runs", device=device, progress=progress, workers=workers, seeds=seeds)
+    runs = train_zoo(scale, out / "runs", device=device, progress=progress, workers=workers, seeds=seeds,
+                     corpus=corpus)
     timings["train_s"] = time.time() - t0
     n_windows = {"tiny": 32, "cpu": 256, "gpu": 256}[scale]
     n_precise = {"tiny": 64, "cpu": 2048, "gpu": 2048}[scale]

@@ -53,7 +53,9 @@ def run_name(model: str, seed: int, seeds: tuple[int, ...]) -> str:
     return model if len(seeds) == 1 else f"{model}-s{seed}"
 
 
-def zoo_configs(scale: str, device: str = "cpu", seeds: int | None = None) -> dict[str, TrainConfig]:
+def zoo_configs(scale: str, device: str = "cpu", seeds: int | None = None,
+                corpus: str | None = None) -> dict[str, TrainConfig]:
+    """Every run's ``TrainConfig`` at ``scale`` (``corpus`` replaces the presets' corpus)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
     out = {}
@@ -73,6 +75,8 @@ def zoo_configs(scale: str, device: str = "cpu", seeds: int | None = None) -> di
                     cfg["dense_checkpoints"] = None
                     cfg["checkpoint_every_tokens"] = 500_000 if name.startswith("smear") else 1_000_000
             cfg.update(tokens=tokens, device=device, seed=seed)
+            if corpus is not None:
+                cfg["corpus"] = corpus
             out[run_name(name, seed, all_seeds)] = TrainConfig.from_dict(cfg)
     return out
 
@@ -99,12 +103,13 @@ def default_workers(device: str) -> int:
 
 
 def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: bool = True,
-              only: list[str] | None = None, workers: int | None = None, seeds: int | None = None) -> dict[str, Path]:
+              only: list[str] | None = None, workers: int | None = None, seeds: int | None = None,
+              corpus: str | None = None) -> dict[str, Path]:
     """Train (or resume, or skip when finished) every model of a scale. Returns run folders.
 
     ``workers`` > 1 trains models in parallel processes (spawned), one torch thread each."""
     runs_dir = Path(runs_dir)
-    cfgs = {n: c for n, c in zoo_configs(scale, device, seeds).items() if only is None or n in only}
+    cfgs = {n: c for n, c in zoo_configs(scale, device, seeds, corpus).items() if only is None or n in only}
     out = {name: runs_dir / name for name in cfgs}
     todo = sorted((n for n in cfgs if not _finished(out[n], cfgs[n])), key=lambda n: -_cost(cfgs[n]))
     workers = min(len(todo), workers or default_workers(device))

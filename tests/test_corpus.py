@@ -115,3 +115,16 @@ def test_byte_fast_path_equals_the_tokenizer():
     assert ids.tolist() == ref
     assert starts.tolist() == [0, len(tok(docs[0][1])["input_ids"]) + 1,
                                len(tok(docs[0][1])["input_ids"]) + len(tok(docs[1][1])["input_ids"]) + 2]
+
+
+def test_packed_stdlib_reads_back_as_the_same_documents(tmp_path):
+    """pack_corpus: the archive, unpacked, is a folder corpus with exactly the stdlib's documents."""
+    import tarfile
+
+    from experiments.pack_corpus import pack_corpus
+    from interventions.zoo.corpus import load_documents, stdlib_documents
+
+    path = pack_corpus(tmp_path / "c.tgz", max_files=40)
+    with tarfile.open(path) as tf:
+        tf.extractall(tmp_path / "x", filter="data")
+    assert load_documents(str(tmp_path / "x" / "stdlib")) == stdlib_documents(40)

@@ -1,0 +1,133 @@
+"""The phase change read from the trainer's own log, for runs that were trained but not evaluated.
+
+Every checkpoint the trainer logs (``metrics.jsonl``) the ICL score (the report's definition, on 256
+windows) and the loss on the first and second copy of repeated random tokens. From those alone this
+gives, per run, the ICL window and the window of the repeat gap (first-copy minus second-copy loss, the
+calibration's "gap"; it rises when induction heads form), both by ``rise_window``, and the first
+checkpoint where the gap reaches 0.3 and 1.0 nats (the README calibration's columns); then the spread
+across seeds (``seed_spread``) and one figure. No model is loaded: seconds for any number of runs.
+
+    python -m experiments.training_log RUN_FOLDER... --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+GAP_THRESHOLDS = (0.3, 1.0)  # nats: the calibration table's "gap >= 0.3" and "gap >= 1.0"
+MIN_GAP_RISE = 0.3  # nats: a smaller fitted rise of the repeat gap is not called a window
+
+
+def training_curves(runs: dict[str, Path]) -> pd.DataFrame:
+    """Tidy: one row per logged checkpoint of each run (run, model, seed, step, tokens, val_loss,
+    icl_score, repeat_gap)."""
+    from interventions.zoo.train import read_metrics
+
+    frames = []
+    for name, run in runs.items():
+        df = pd.DataFrame(read_metrics(run))
+        seed = re.search(r"-s(\d+)$", name)
+        cfg = json.loads((Path(run) / "train_config.json").read_text())
+        frames.append(pd.DataFrame({
+            "run": name, "model": re.sub(r"-s\d+$", "", name), "seed": int(seed.group(1)) if seed else cfg["seed"],
+            "step": df.step, "tokens": df.tokens, "val_loss": df.val_loss, "icl_score": df.icl_score,
+            "repeat_gap": df.repeat_loss_first - df.repeat_loss_second}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def first_reaching(tokens: np.ndarray, y: np.ndarray, level: float) -> float:
+    """Tokens at the first checkpoint where ``y`` >= ``level`` (NaN if never).
+
+    >>> first_reaching(np.array([1, 2, 3]), np.array([0.1, 0.5, 0.2]), 0.3)
+    2.0
+    """
+    hit = np.flatnonzero(y >= level)
+    return float(tokens[hit[0]]) if len(hit) else math.nan
+
+
+def training_windows(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per run: ICL window and repeat-gap window (10%-90% of the fitted rise, ``rise_window``), the first
+    checkpoint with gap >= 0.3 and >= 1.0 nats, and the final ICL score and gap."""
+    from .phase_change import FIT_FROM_TOKENS, MIN_ICL_DROP, rise_window
+
+    rows = []
+    for run, d in curves.groupby("run", sort=False):
+        d = d[d.tokens > 0].sort_values("tokens")
+        t = d.tokens.to_numpy()
+        icl = rise_window(t, -d.icl_score.to_numpy(), MIN_ICL_DROP, FIT_FROM_TOKENS)
+        gap = rise_window(t, d.repeat_gap.to_numpy(), MIN_GAP_RISE, FIT_FROM_TOKENS)
+        rows.append({"run": run, "model": d.model.iloc[0], "seed": int(d.seed.iloc[0]), "run_tokens": int(t[-1]),
+                     **{f"icl_window_{k}": icl[k] for k in ("start_tokens", "end_tokens", "rise", "ends_inside")},
+                     **{f"gap_window_{k}": gap[k] for k in ("start_tokens", "end_tokens", "rise", "ends_inside")},
+                     **{f"gap_{level}_tokens": first_reaching(t, d.repeat_gap.to_numpy(), level)
+                        for level in GAP_THRESHOLDS},
+                     "final_icl": float(d.icl_score.iloc[-1]), "final_gap": float(d.repeat_gap.iloc[-1])})
+    return pd.DataFrame(rows)
+
+
+def spread(windows: pd.DataFrame) -> dict:
+    """``seed_spread`` of every number of ``training_windows`` per model (runs named ``<model>-s<k>``)."""
+    from .reproduce import seed_spread
+
+    per_run = {r["run"]: {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                          for k, v in r.items() if k not in ("run", "model", "seed")}
+               for r in windows.to_dict("records")}
+    return seed_spread(per_run)
+
+
+def figure(curves: pd.DataFrame, out: Path) -> list[Path]:
+    """ICL score and repeat gap against tokens, one column per model, one line per seed."""
+    from .figures import save_figure, style
+
+    sns = style()
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(curves.model))
+    fig, axes = plt.subplots(2, len(models), figsize=(1.25 * len(models) + 0.6, 3.2), sharex=True, sharey="row",
+                             squeeze=False)
+    colors = sns.color_palette("colorblind", curves.seed.nunique())
+    seeds = sorted(curves.seed.unique())
+    for j, model in enumerate(models):
+        for seed, d in curves[(curves.model == model) & (curves.tokens > 0)].groupby("seed"):
+            c = colors[seeds.index(seed)]
+            axes[0, j].plot(d.tokens, d.icl_score, color=c, lw=0.8, label=f"seed {seed}")
+            axes[1, j].plot(d.tokens, d.repeat_gap, color=c, lw=0.8)
+        axes[0, j].set_title(model)
+        axes[1, j].set_xscale("log")
+        axes[1, j].set_xlabel("tokens")
+    axes[0, 0].set_ylabel("ICL score (nats)")
+    axes[1, 0].set_ylabel("repeat gap (nats)")
+    axes[0, -1].legend(frameon=False)
+    return save_figure(fig, out, "training_log")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="run folders (named <model> or <model>-s<seed>)")
+    p.add_argument("--out", required=True, help="folder for training_curves.csv, training_windows.csv, "
+                                                "seed_spread.json and the figure")
+    args = p.parse_args(argv)
+    runs = {Path(r).name: Path(r) for r in args.runs}
+    curves = training_curves(runs)
+    windows = training_windows(curves)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from interventions.zoo.train import atomic_write_text
+
+    atomic_write_text(out / "training_curves.csv", curves.to_csv(index=False))
+    atomic_write_text(out / "training_windows.csv", windows.to_csv(index=False))
+    atomic_write_text(out / "seed_spread.json", json.dumps(spread(windows), indent=1) + "\n")
+    figure(curves, out)
+    print(windows.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""The phase change read from the trainer's log: windows and thresholds of planted curves."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments.training_log import main, spread, training_curves, training_windows
+
+
+def _planted_run(folder, seed, center, width=0.08, gap_rise=1.2, icl_rise=0.4):
+    """A run folder whose log holds logistic rises (in log10 tokens) of the repeat gap and of -ICL."""
+    folder.mkdir(parents=True)
+    (folder / "train_config.json").write_text(json.dumps({"seed": seed}))
+    tokens = np.unique(np.geomspace(1e5, 3e7, 120).astype(int))
+    s = 1 / (1 + np.exp(-(np.log10(tokens) - center) / width))
+    with open(folder / "metrics.jsonl", "w") as f:
+        for i, (t, si) in enumerate(zip(tokens, s)):
+            f.write(json.dumps({"step": i, "tokens": int(t), "train_loss": 3.0, "lr": 2e-3, "val_loss": 3.0,
+                                "icl_score": -icl_rise * si, "repeat_loss_first": 5.0,
+                                "repeat_loss_second": 5.0 - gap_rise * si}) + "\n")
+    return tokens
+
+
+def test_windows_and_thresholds_match_the_planted_rise(tmp_path):
+    centers = {0: 7.0, 1: 7.2}
+    runs = {f"attn-2l-s{k}": tmp_path / f"attn-2l-s{k}" for k in centers}
+    tokens = {k: _planted_run(runs[f"attn-2l-s{k}"], k, c) for k, c in centers.items()}
+    w = training_windows(training_curves(runs)).set_index("run")
+    for k, c in centers.items():
+        r = w.loc[f"attn-2l-s{k}"]
+        for col in ("icl_window", "gap_window"):  # 10% and 90% of the rise: c -+ width ln 9 (in log10 tokens)
+            assert math.log10(r[f"{col}_start_tokens"]) == pytest.approx(c - 0.08 * math.log(9), abs=1e-3)
+            assert math.log10(r[f"{col}_end_tokens"]) == pytest.approx(c + 0.08 * math.log(9), abs=1e-3)
+        # gap >= 0.3 first where 1.2 * sigmoid >= 0.3, i.e. log10 t >= c - width ln 3 (next checkpoint)
+        t = tokens[k]
+        assert r["gap_0.3_tokens"] == t[np.log10(t) >= c - 0.08 * math.log(3)][0]
+        assert r["gap_1.0_tokens"] == t[np.log10(t) >= c + 0.08 * math.log(5)][0]
+        assert r["final_icl"] == pytest.approx(-0.4 / (1 + math.exp(-(math.log10(t[-1]) - c) / 0.08)))
+    sp = spread(w.reset_index())["attn-2l"]
+    starts = [w.loc[f"attn-2l-s{k}", "gap_window_start_tokens"] for k in centers]
+    assert sp["gap_window_start_tokens"]["mean"] == pytest.approx(np.mean(starts))
+    # seed 1's 90% point (10^7.38) is followed by less than half the window's width (0.18 decades) of run
+    assert sp["gap_window_ends_inside"] == {"true": 1, "n": 2}
+
+
+def test_cli_writes_tables_spread_and_figure(tmp_path):
+    runs = [tmp_path / "runs" / f"smear-1l-s{k}" for k in (0, 1)]
+    for k, r in enumerate(runs):
+        _planted_run(r, k, 6.3 + 0.1 * k)
+    out = tmp_path / "out"
+    assert main([str(r) for r in runs] + ["--out", str(out)]) == 0
+    for name in ("training_curves.csv", "training_windows.csv", "seed_spread.json", "training_log.png",
+                 "training_log.pdf"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "seed_spread.json").read_text())["smear-1l"]["seeds"] == 2
