@@ -121,9 +121,12 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     if timings:
         h |= {"wall_clock_min": timings["total_s"] / 60, "train_min": timings["train_s"] / 60,
               "invocations": timings.get("invocations", 1)}
-    settings = json.loads((Path(out) / "phase_change" / "provenance.json").read_text())["config"]
-    h["evaluation"] = {"windows_per_checkpoint": settings["n_windows"], "windows_precise": settings["n_precise"],
-                       "pca_pairs": settings["n_pca_pairs"]}
+    prov_path = Path(out) / "phase_change" / "provenance.json"
+    settings = json.loads(prov_path.read_text())["config"] if prov_path.is_file() else {}
+    h["evaluation"] = {  # window counts as the tables hold them
+        "windows_per_checkpoint": int(ck.icl_n.max()) if "icl_n" in ck and len(ck) else settings.get("n_windows"),
+        "windows_precise": int(prec.n.max()) if "n" in prec and len(prec) else settings.get("n_precise"),
+        "pca_pairs": settings.get("n_pca_pairs")}
     h["icl_definition"] = ("mean loss of tokens late-b..late+b minus early-b..early+b per window, averaged over "
                            "windows (early, late = 25, 250 of 256; b = 5); s.e. = std of the per-window "
                            "difference / sqrt(windows)")
@@ -332,6 +335,10 @@ def spread_lines(spread: dict) -> list[str]:
     return lines + [""]
 
 
+def _count(n) -> str:
+    return "?" if n is None else f"{n:,}"
+
+
 def _tok(x) -> str:
     return f"{x / 1e6:.1f}M" if x is not None and np.isfinite(x) else "n/a"
 
@@ -358,11 +365,11 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         iw = (f"induction window {_tok(d['induction_window_start_tokens'])} - {_tok(d['induction_window_end_tokens'])}"
               if d["induction_window_start_tokens"] else "no induction window (best induction score never rises by 0.1)")
         lines += [f"- **{name}** ({_tok(d['run_tokens'])} tokens): {w}; {iw}; final best induction score "
-                  f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} ({h['evaluation']['windows_per_checkpoint']:,} windows)."]
+                  f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} ({_count(h['evaluation']['windows_per_checkpoint'])} windows)."]
         if "icl_before" in d:
             lines += [f"  - ICL before the window {_pm(d['icl_before'], d['icl_before_sem'])} (at {_tok(d['icl_before_tokens'])}), "
                       f"after {_pm(d['icl_after'], d['icl_after_sem'])} (at {_tok(d['icl_after_tokens'])}); change across it "
-                      f"{_pm(d['icl_drop'], d['icl_drop_sem'])} (paired, {h['evaluation']['windows_precise']:,} windows)."]
+                      f"{_pm(d['icl_drop'], d['icl_drop_sem'])} (paired, {_count(h['evaluation']['windows_precise'])} windows)."]
             one = h["models"].get(name.replace("attn-2l", "attn-1l"), {})
             if "icl_before_minus_attn1l" in d and "icl_at_attn2l_before" in one:
                 lines += [f"  - The 1-layer control at the same tokens ({_tok(one['icl_at_attn2l_before_tokens'])}), same "
@@ -380,7 +387,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
               "so a bump means something only where it coincides with the window; compare attn-1l's line.", ""]
     if h.get("pca_turn_deg"):
         lines += ["## Per-token-loss PCA", "",
-                  f"{h['evaluation']['pca_pairs']:,} (example, token) pairs, one token from each of as many separate "
+                  f"{_count(h['evaluation']['pca_pairs'])} (example, token) pairs, one token from each of as many separate "
                   "windows; PCs fit on every "
                   "model's checkpoints after 1M tokens (warm-up), all checkpoints projected. Turn = angle between "
                   "the trajectory's direction over [start/2.5, start] and over [start, end] of attn-2l's ICL "
