@@ -195,26 +195,43 @@ def _eval_chunk(job) -> list[dict]:
     return out
 
 
-def _pool_map(fn, jobs: list, workers: int, progress: bool, desc: str, total: int):
-    """Run ``fn`` over ``jobs`` (in spawned processes when workers > 1), with one progress bar."""
+def _pool_iter(fn, jobs: list, workers: int, progress: bool, desc: str, total: int):
+    """``fn`` over ``jobs`` (in spawned processes when workers > 1), each result yielded as soon as it and
+    every job before it are done, with one progress bar."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total, desc=desc, disable=not progress, unit="ckpt")
-    results = []
-    if workers <= 1:
-        for job in jobs:
-            r = fn(job)
-            bar.update(len(r))
-            results.append(r)
-    else:
-        import multiprocessing as mp
-
-        with mp.get_context("spawn").Pool(workers) as pool:
-            for r in pool.imap(fn, jobs):
+    try:
+        if workers <= 1:
+            for job in jobs:
+                r = fn(job)
                 bar.update(len(r))
-                results.append(r)
-    bar.close()
-    return results
+                yield r
+        else:
+            import multiprocessing as mp
+
+            with mp.get_context("spawn").Pool(workers) as pool:
+                for r in pool.imap(fn, jobs):
+                    bar.update(len(r))
+                    yield r
+    finally:
+        bar.close()
+
+
+def _write_evaluated(res: Results, name: str, rows: list[dict], key: dict) -> None:
+    """The per-checkpoint tables of one model (``checkpoints_<name>`` last: it marks the model done)."""
+    rows = sorted(rows, key=lambda r: r["step"])
+    res.write(f"loss_by_index_{name}", pd.concat([r["by_index"].assign(model=name, step=r["step"], tokens=r["tokens"])
+                                                  for r in rows]), inputs=key)
+    res.write(f"head_scores_{name}", pd.concat([r["heads"].assign(model=name, step=r["step"], tokens=r["tokens"])
+                                                for r in rows]), inputs=key)
+    res.write_array(f"per_token_losses_{name}", np.stack([r["pca"] for r in rows if r["pca"] is not None]),
+                    inputs=key)
+    res.write(f"pca_steps_{name}", pd.DataFrame({"step": [r["step"] for r in rows if r["pca"] is not None]}),
+              inputs=key)
+    table = pd.DataFrame([{"model": name, **{k: v for k, v in r.items() if k not in ("by_index", "heads", "pca")}}
+                          for r in rows])
+    res.write(f"checkpoints_{name}", table, inputs=key)
 
 
 @owns_results()
@@ -251,27 +268,16 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
             jobs.append((str(runs[name]), list(chunk), n_windows, n_pca_pairs, device, threads,
                          pca_steps))
             owners.append(name)
-    if jobs:
-        results = _pool_map(_eval_chunk, jobs, workers, progress, "evaluate checkpoints",
-                            sum(len(j[1]) for j in jobs))
-        for name in todo:
-            rows = [r for owner, chunk in zip(owners, results) if owner == name for r in chunk]
-            rows.sort(key=lambda r: r["step"])
-            meta = dict(model=name)
-            key = keys[name]
-            res.write(f"loss_by_index_{name}", pd.concat([r["by_index"].assign(model=name, step=r["step"],
-                                                                                tokens=r["tokens"]) for r in rows]),
-                      inputs=key)
-            res.write(f"head_scores_{name}", pd.concat([r["heads"].assign(model=name, step=r["step"],
-                                                                           tokens=r["tokens"]) for r in rows]),
-                      inputs=key)
-            res.write_array(f"per_token_losses_{name}", np.stack([r["pca"] for r in rows if r["pca"] is not None]),
-                            inputs=key)
-            res.write(f"pca_steps_{name}", pd.DataFrame({"step": [r["step"] for r in rows if r["pca"] is not None]}),
-                      inputs=key)
-            table = pd.DataFrame([{**meta, **{k: v for k, v in r.items() if k not in ("by_index", "heads", "pca")}}
-                                  for r in rows])
-            res.write(f"checkpoints_{name}", table, inputs=key)  # written last: marks the model done
+    # each model's tables are written as soon as its last chunk is in: an interrupted evaluation resumes
+    # at the first model not written
+    chunks: dict[str, list] = {name: [] for name in todo}
+    left = {name: owners.count(name) for name in todo}
+    for owner, chunk in zip(owners, _pool_iter(_eval_chunk, jobs, workers, progress, "evaluate checkpoints",
+                                               sum(len(j[1]) for j in jobs))):
+        chunks[owner].append(chunk)
+        left[owner] -= 1
+        if left[owner] == 0:
+            _write_evaluated(res, owner, [r for c in chunks.pop(owner) for r in c], keys[owner])
     ck = pd.concat([res.read(f"checkpoints_{n}") for n in runs])
     hs = pd.concat([res.read(f"head_scores_{n}") for n in runs])
     res.write("checkpoints", ck)

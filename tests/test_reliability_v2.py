@@ -684,3 +684,35 @@ def test_duplicate_or_conflicting_ablations_on_one_head_raise(tiny_model):
                 [iv.PatternPreserving(iv.ZeroAblation("L1H0")), iv.ResampleAblation("L1H0", tokens)]):
         with pytest.raises(ValueError, match="head L1H0 is ablated more than once"):
             iv.run_with_ablations(tiny_model, tokens, abl)
+
+
+def test_interrupted_evaluation_resumes_after_the_last_model_written(finished, tmp_path, monkeypatch):
+    """Each model's checkpoint tables are written as soon as its checkpoints are evaluated: a failure
+    in the second model keeps the first's, and the re-run evaluates only the second."""
+    import experiments.phase_change as P
+
+    other = tmp_path / "other"
+    shutil.copytree(finished, other)
+    runs = {"a": finished, "b": other}
+    real = P._eval_chunk
+    seen = []
+
+    def failing(job):
+        if job[0] == str(other):
+            raise RuntimeError("interrupted")
+        return real(job)
+
+    monkeypatch.setattr(P, "_eval_chunk", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        P.run_phase_change(runs, tmp_path / "res", n_windows=4, progress=False, workers=1)
+    res = Results(tmp_path / "res", "phase_change")
+    assert len(res.read("checkpoints_a")) > 0 and res.read_optional("checkpoints_b") is None
+
+    def counting(job):
+        seen.append(job[0])
+        return real(job)
+
+    monkeypatch.setattr(P, "_eval_chunk", counting)
+    P.run_phase_change(runs, tmp_path / "res", n_windows=4, progress=False, workers=1)
+    assert seen and set(seen) == {str(other)}
+    assert set(res.read("checkpoints").model) == {"a", "b"}
