@@ -20,7 +20,7 @@ BUDGET=${BUDGET:-540}  # seconds for the full reproduction; what finished by the
 WORK=${WORK:-results/gpu_work}  # inside the repo, ignored: a warm machine keeps it, so a second call resumes
 PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd); WORK=$(cd "$WORK" && pwd)
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 CORPUS_ARGS=()
 if [ -f .corpus/stdlib.tgz ]; then  # this machine's stdlib corpus (python -m experiments.pack_corpus .corpus/stdlib.tgz)
