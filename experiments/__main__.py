@@ -120,6 +120,13 @@ def cmd_reproduce(args) -> int:
 
     if args.device is not None:
         _check_device(args.device)
+    if args.corpus is not None:  # before the folder is made (the full check runs in reproduce)
+        if args.scale == "tiny":
+            raise UsageError("--corpus replaces the byte-level corpus of the cpu and gpu scales; the tiny scale "
+                             "trains on synthetic tokens: drop --corpus or use --scale cpu")
+        if args.corpus != "stdlib" and not args.corpus.startswith(("hf:", "synthetic:")) and not Path(args.corpus).exists():
+            raise UsageError(f"--corpus {args.corpus} does not exist: pass a text file, a folder, a .jsonl file, "
+                             "'stdlib' or 'hf:<dataset name>'")
     reproduce(out=Path(args.out), scale=args.scale, device=args.device, progress=not args.quiet,
               seeds=args.seeds, workers=args.workers, figures_dir=Path(args.figures) if args.figures else None,
               corpus=args.corpus)

@@ -41,7 +41,9 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
 
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
-    scale_seeds(scale, seeds)  # validated before any work
+    from .zoo import zoo_configs
+
+    zoo_configs(scale, device or ("cuda" if scale == "gpu" else "cpu"), seeds, corpus)  # validated before any work
     device = device or ("cuda" if scale == "gpu" else "cpu")
     check_writable(out)
     out = Path(out)

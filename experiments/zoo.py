@@ -58,6 +58,11 @@ def zoo_configs(scale: str, device: str = "cpu", seeds: int | None = None,
     """Every run's ``TrainConfig`` at ``scale`` (``corpus`` replaces the presets' corpus)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+    if corpus is not None and scale == "tiny":
+        from interventions.zoo.train import ConfigError
+
+        raise ConfigError("--corpus replaces the byte-level corpus of the cpu and gpu scales; the tiny scale trains "
+                          "on synthetic tokens of its own vocabulary: drop --corpus or use --scale cpu")
     out = {}
     all_seeds = scale_seeds(scale, seeds)
     for seed in all_seeds:

@@ -716,3 +716,14 @@ def test_interrupted_evaluation_resumes_after_the_last_model_written(finished, t
     P.run_phase_change(runs, tmp_path / "res", n_windows=4, progress=False, workers=1)
     assert seen and set(seen) == {str(other)}
     assert set(res.read("checkpoints").model) == {"a", "b"}
+
+
+def test_reproduce_refuses_a_bad_corpus_or_seeds_before_making_the_folder(tmp_path, capsys):
+    """--corpus on the tiny scale, a --corpus path that does not exist and --seeds 0: exit 2, one line
+    naming the fix, and no results folder."""
+    for argv, words in ((["--scale", "tiny", "--corpus", str(tmp_path)], "tiny scale"),
+                        (["--scale", "cpu", "--corpus", str(tmp_path / "missing")], "does not exist"),
+                        (["--scale", "tiny", "--seeds", "0"], "positive")):
+        code, err = cli(["reproduce", "--out", tmp_path / "r", *argv], capsys)
+        assert code == 2 and words in err, (argv, err)
+        assert not (tmp_path / "r").exists()
