@@ -14,7 +14,7 @@ OUT=${OUT:-results/gpu_session}
 MODE=${MODE:-smoke}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-540}  # seconds for the full reproduction; what finished by then is kept (it resumes)
-# The full job needs ~13-14 min on an H100 (21 models trained in 6.0 min, checkpoints evaluated at ~7.6/s),
+# The full job needs ~12-14 min on an H100 (21 models at 20M tokens trained in 6.0 min, ~7.6 checkpoints/s evaluated),
 # more than one 10-minute call: run MODE=full twice in a row (the machine stays warm for 30 s between
 # calls); the second resumes at the first model not trained or evaluated.
 WORK=${WORK:-results/gpu_work}  # inside the repo, ignored: a warm machine keeps it, so a second call resumes

@@ -6,8 +6,8 @@ prefix of a longer run is comparable with a shorter run at equal tokens):
   * ``cpu``: the default reproduction on the embedded corpus (Python stdlib, bytes) on a 2-core CPU:
     attn-2l until its ICL score has plateaued, the attn-1l control at least as long, and the smeared
     models long enough to compare with the vanilla ones at equal tokens (see ``SCALES``).
-  * ``gpu``: the whole family (adds attn-3l, mlp-1l, mlp-2l), every model as long as attn-2l at the
-    cpu scale, 3 seeds each, on CUDA: the seed spread of every headline number.
+  * ``gpu``: the whole family (adds attn-3l, mlp-1l, mlp-2l) with the cpu scale's token counts (the
+    smeared models 6M: theirs form by ~2M), 3 seeds each, on CUDA: the seed spread of every headline number.
 
 ``seeds`` (``reproduce --seeds N``) overrides a scale's seeds with 0..N-1; with more than one seed
 each run folder is named ``<model>-s<seed>``.
@@ -32,7 +32,8 @@ from .presets import get_preset
 SCALES: dict[str, dict[str, int]] = {
     "tiny": {"attn-1l": 1_500_000, "attn-2l": 1_500_000, "smear-1l": 600_000, "smear-2l": 600_000},
     "cpu": {"attn-1l": 20_000_000, "attn-2l": 20_000_000, "smear-1l": 6_000_000, "smear-2l": 6_000_000},
-    "gpu": {name: 20_000_000 for name in ("attn-1l", "attn-2l", "attn-3l", "mlp-1l", "mlp-2l", "smear-1l", "smear-2l")},
+    "gpu": {"attn-1l": 20_000_000, "attn-2l": 20_000_000, "attn-3l": 20_000_000, "mlp-1l": 20_000_000,
+            "mlp-2l": 20_000_000, "smear-1l": 6_000_000, "smear-2l": 6_000_000},
 }
 SEEDS = {"tiny": (0,), "cpu": (0,), "gpu": (0, 1, 2)}
 # models whose transition we do not need to resolve finely: no dense checkpoints (cheaper evaluation)
