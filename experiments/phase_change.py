@@ -29,7 +29,6 @@ Tables (``results/<run>/phase_change/``): ``checkpoints``, ``loss_by_index``, ``
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +41,7 @@ from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, 
                                      load_train_config)
 
 from .common import Results, owns_results, run_fingerprint
+from .zoo import split_run_name
 
 N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows
 N_PRECISE = 2048  # windows for the before/after/plateau ICL points (s.e. ~0.02-0.03 nats)
@@ -91,16 +91,17 @@ def pair_losses(model, windows: torch.Tensor, targets: torch.Tensor, batch_size:
     """Loss of token ``targets[i]`` of window i (predicted from the tokens before it), (n,).
 
     Windows are cut after their target (causal attention: later tokens cannot change it) and run
-    in batches of similar length, so the cost is ~half of full windows."""
-    targets = targets.cpu()
+    in batches of similar length, so the cost is ~half of full windows; each batch runs on the model's
+    device (``windows`` and ``targets`` on the CPU)."""
+    device = next(model.parameters()).device
     order = torch.argsort(targets)
     out = torch.empty(len(targets))
     for idx in order.split(batch_size):
         t = targets[idx]
-        x = windows[idx.to(windows.device), : int(t.max()) + 1]
-        lp = torch.log_softmax(model(x).logits.float(), -1).cpu()  # (b, L, vocab)
+        x = windows[idx, : int(t.max()) + 1]
+        lp = torch.log_softmax(model(x.to(device)).logits.float(), -1)  # (b, L, vocab)
         rows = torch.arange(len(idx))
-        out[idx] = -lp[rows, t - 1, x.cpu()[rows, t]]
+        out[idx] = -lp[rows, t - 1, x[rows, t]].cpu()  # (CPU index tensors are valid on any device)
     return out.numpy()
 
 
@@ -187,11 +188,11 @@ def _eval_chunk(job) -> list[dict]:
         ckpt = Path(ckpt)
         step, tokens = step_tokens(ckpt, cfg)
         model = load_model(ckpt, device)
-        losses = window_losses(model, windows.to(device)).cpu()
+        losses = window_losses(model, windows)
         out.append({"step": step, "tokens": tokens, "val_loss": losses.mean().item(), **icl_row(losses),
                     "by_index": loss_by_position(losses).drop(columns="n"),
                     "heads": head_score_rows(model, windows, cfg.seed),
-                    "pca": pair_losses(model, pw.to(device), pt.to(device)) if with_pca and step in pca_steps else None})
+                    "pca": pair_losses(model, pw, pt) if with_pca and step in pca_steps else None})
     return out
 
 
@@ -467,7 +468,7 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
         if np.isfinite(w.icl_window_start_tokens):
             points = {"before": _at_or_before(ckpts, cfg, w.icl_window_start_tokens),
                       "after": _at_or_after(ckpts, cfg, w.icl_window_end_tokens), **points}
-        if name != "attn-2l" and not name.startswith("attn-2l-"):
+        if split_run_name(name)[0] != "attn-2l":
             points = {"final": points["final"]}
         wins = eval_windows(cfg, n)
         per_window = {}
@@ -488,7 +489,7 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
 def _point_icl(ckpt: Path, wins: torch.Tensor, device: str) -> tuple[dict, torch.Tensor]:
     """ICL score (``icl_from_losses``: score, s.e.) of a checkpoint on ``wins``, and the (n,) per-window
     scores (late band minus early band) that paired differences between points are taken of."""
-    losses = window_losses(load_model(ckpt, device), wins.to(device)).cpu()
+    losses = window_losses(load_model(ckpt, device), wins)
     pos = losses.shape[1] + 1
     early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
     return icl_from_losses(losses, *icl_indices(pos), icl_band(pos)), late - early
@@ -500,7 +501,7 @@ def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: st
     model that cannot form induction heads also has (point ``attn1l_at_before``). Each seed's attn-2l
     (``attn-2l-s<k>``) is paired with the same seed's attn-1l."""
     rows = []
-    for two in (k for k in before if k == "attn-2l" or k.startswith("attn-2l-")):
+    for two in (k for k in before if split_run_name(k)[0] == "attn-2l"):
         one = two.replace("attn-2l", "attn-1l")
         if one not in runs or before[two][0] is None:
             continue
@@ -580,8 +581,8 @@ def pca_turns(pca: pd.DataFrame, windows: pd.DataFrame) -> pd.DataFrame:
     several seeds, each model's reference is the same seed's attn-2l (``<model>-s<k>`` -> ``attn-2l-s<k>``)."""
     rows = []
     for model, d in pca.groupby("model", sort=False):
-        seed = re.search(r"-s\d+$", model)
-        ref = windows[windows.model == "attn-2l" + (seed.group(0) if seed else "")]
+        seed = split_run_name(model)[1]
+        ref = windows[windows.model == ("attn-2l" if seed is None else f"attn-2l-s{seed}")]
         if ref.empty or not np.isfinite(ref.icl_window_start_tokens.iloc[0]):
             continue
         s, e = float(ref.icl_window_start_tokens.iloc[0]), float(ref.icl_window_end_tokens.iloc[0])

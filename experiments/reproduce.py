@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -37,14 +36,12 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     from .figures import make_figures
     from .phase_change import run_phase_change
     from .survey import run_survey
-    from .zoo import SCALES, scale_seeds, train_zoo
+    from .zoo import SCALES, train_zoo, zoo_configs
 
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
-    from .zoo import zoo_configs
-
-    zoo_configs(scale, device or ("cuda" if scale == "gpu" else "cpu"), seeds, corpus)  # validated before any work
     device = device or ("cuda" if scale == "gpu" else "cpu")
+    zoo_configs(scale, device, seeds, corpus)  # seeds and corpus validated before any work
     check_writable(out)
     out = Path(out)
     figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
@@ -82,7 +79,9 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
 
 def _family(name: str) -> str:
     """The model of a run name: ``attn-2l-s1`` -> ``attn-2l`` (runs of one seed have no suffix)."""
-    return re.sub(r"-s\d+$", "", name)
+    from .zoo import split_run_name
+
+    return split_run_name(name)[0]
 
 
 def _main_2l(names) -> str | None:
@@ -193,10 +192,13 @@ def seed_spread(models: dict, pca_turn: dict | None = None, ablation: dict | Non
         per_run.setdefault(name, {})["pca_turn_deg"] = deg
     for name, a in (ablation or {}).items():
         per_run.setdefault(name, {}).update({f"ablation_{k}": v for k, v in a.items()})
+    from .zoo import split_run_name
+
     families: dict[str, list[dict]] = {}
     for name, d in per_run.items():
-        if re.search(r"-s\d+$", name):
-            families.setdefault(_family(name), []).append(d)
+        model, seed = split_run_name(name)
+        if seed is not None:
+            families.setdefault(model, []).append(d)
     out = {}
     for family, runs in families.items():
         if len(runs) < 2:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +29,16 @@ def training_curves(runs: dict[str, Path]) -> pd.DataFrame:
     icl_score, repeat_gap)."""
     from interventions.zoo.train import read_metrics
 
+    from .zoo import split_run_name
+
     frames = []
     for name, run in runs.items():
         df = pd.DataFrame(read_metrics(run))
-        seed = re.search(r"-s(\d+)$", name)
-        cfg = json.loads((Path(run) / "train_config.json").read_text())
+        model, seed = split_run_name(name)
+        if seed is None:
+            seed = json.loads((Path(run) / "train_config.json").read_text())["seed"]
         frames.append(pd.DataFrame({
-            "run": name, "model": re.sub(r"-s\d+$", "", name), "seed": int(seed.group(1)) if seed else cfg["seed"],
+            "run": name, "model": model, "seed": seed,
             "step": df.step, "tokens": df.tokens, "val_loss": df.val_loss, "icl_score": df.icl_score,
             "repeat_gap": df.repeat_loss_first - df.repeat_loss_second}))
     return pd.concat(frames, ignore_index=True)
@@ -76,10 +78,8 @@ def spread(windows: pd.DataFrame) -> dict:
     """``seed_spread`` of every number of ``training_windows`` per model (runs named ``<model>-s<k>``)."""
     from .reproduce import seed_spread
 
-    per_run = {r["run"]: {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                          for k, v in r.items() if k not in ("run", "model", "seed")}
-               for r in windows.to_dict("records")}
-    return seed_spread(per_run)
+    return seed_spread({r["run"]: {k: v for k, v in r.items() if k not in ("run", "model", "seed")}
+                        for r in windows.to_dict("records")})
 
 
 def figure(curves: pd.DataFrame, out: Path) -> list[Path]:

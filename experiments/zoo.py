@@ -21,6 +21,7 @@ card: small models are launch-bound, so parallel runs fill it).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from interventions.zoo.train import TrainConfig, latest_checkpoint, read_metrics, train
@@ -52,6 +53,17 @@ def scale_seeds(scale: str, seeds: int | None = None) -> tuple[int, ...]:
 def run_name(model: str, seed: int, seeds: tuple[int, ...]) -> str:
     """Folder name of one run: the model name, plus ``-s<seed>`` where several seeds are trained."""
     return model if len(seeds) == 1 else f"{model}-s{seed}"
+
+
+def split_run_name(name: str) -> tuple[str, int | None]:
+    """(model, seed) of a run folder name, the inverse of ``run_name``: ``attn-2l-s1`` -> ("attn-2l", 1),
+    ``attn-2l`` -> ("attn-2l", None).
+
+        >>> split_run_name("smear-1l-s2"), split_run_name("smear-1l")
+        (('smear-1l', 2), ('smear-1l', None))
+    """
+    m = re.fullmatch(r"(.+)-s(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
 def zoo_configs(scale: str, device: str = "cpu", seeds: int | None = None,
