@@ -5,7 +5,9 @@ Variants, interleaved, on the attn-2l preset's model (random weights):
   * ``toolkit``: ``run_with_ablations(model, x, [ZeroAblation("L1H0")])`` (input checks, the nnsight
     trace, and the check that the edit took effect);
   * ``nnsight``: a bare nnsight trace doing the same edit (slice of the o_proj input set to 0, logits
-    saved): nnsight's own overhead without the toolkit's checks.
+    saved): nnsight's own overhead without the toolkit's checks;
+  * ``empty``: an nnsight trace with an empty body (nothing read, nothing written): the floor any
+    nnsight-based trace pays.
 Target: toolkit / plain <= 1.05.
 
     python benchmarks/bench_trace.py --device cpu --out results/bench/trace.json
@@ -38,16 +40,21 @@ def main(argv=None):
                 out = lm.lm_head.output.save()
             return out
 
+        def empty():
+            with lm.trace(x):
+                pass
+
         abl = [ZeroAblation("L1H0")]
         variants["toolkit"] = lambda: run_with_ablations(model, x, abl)
         variants["nnsight"] = bare
+        variants["empty"] = empty
         with torch.no_grad():  # the bare trace must equal the toolkit's
             result["max_abs_diff_bare_vs_toolkit"] = (bare() - variants["toolkit"]()).abs().max().item()
     with torch.no_grad():
         times = interleaved(variants, reps, args.device, warmup=2)
     s = {k: med(v) for k, v in times.items()}
     result.update(seconds=s, all_seconds=times)
-    for k in ("toolkit", "nnsight"):
+    for k in ("toolkit", "nnsight", "empty"):
         if k in s:
             # median of per-round ratios: each round times the variants back to back, so slow drift of a
             # shared machine cancels (the ratio of medians is kept as *_ratio_of_medians)
@@ -57,7 +64,7 @@ def main(argv=None):
             result[f"{k}_ratio_of_minimums"] = min(times[k]) / min(times["plain"])
             result[f"{k}_overhead_ms"] = (s[k] - s["plain"]) * 1e3
     print("[trace] " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in s.items()) + "; " +
-          ", ".join(f"{k} {result[k]:.3f}x" for k in ("toolkit_over_plain", "nnsight_over_plain",
+          ", ".join(f"{k} {result[k]:.3f}x" for k in ("toolkit_over_plain", "nnsight_over_plain", "empty_over_plain",
                                                       "toolkit_ratio_of_minimums", "nnsight_ratio_of_minimums")
                     if k in result),
           flush=True)
