@@ -98,6 +98,31 @@ def test_sweep_bad_inputs(tiny_model):
         ablation_sweep(tiny_model, tokens, batch_size=0)
 
 
+@pytest.mark.parametrize("shortcut", [True, False])
+@pytest.mark.parametrize("value", [
+    lambda z: z.mean(0),  # (pos, d_head): broadcastable, but not the activation's shape
+    lambda z: z[..., :3],  # wrong width
+    torch.zeros(1, 6, 3),  # a tensor of the wrong width
+])
+def test_sweep_rejects_wrong_shaped_values_like_per_token_loss(tiny_model, monkeypatch, shortcut, value):
+    """A custom ablation whose value (a function's result or a tensor) has the wrong shape raises the same
+    ValueError in a sweep as in per_token_loss, with or without the attention shortcut (it used to be
+    broadcast silently, or fail with a bare torch error, where the shortcut edits z itself)."""
+    from interventions.primitives import sweep
+    from interventions.primitives.ablation import Ablation
+
+    class Custom(Ablation):
+        def value(self, head, tokens, row_offset=0, positions=None):
+            return value
+
+    monkeypatch.setattr(sweep, "_ATTN_SHORTCUT", shortcut)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(6))
+    with pytest.raises(ValueError, match="activation's shape|does not fit"):
+        per_token_loss(tiny_model, tokens, Custom("L1H0"))
+    with pytest.raises(ValueError, match="activation's shape|does not fit"):
+        ablation_sweep(tiny_model, tokens, kind=Custom(["L1H0"]))
+
+
 @pytest.mark.parametrize("which", ["attn_only", "gpt2"])
 @pytest.mark.parametrize("kind", ["zero", "mean", "pattern"])
 def test_sweep_in_one_pass_equals_unbatched(which, kind, tiny_model, tiny_gpt2, monkeypatch):

@@ -258,9 +258,7 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
             z = acts[f"L{layer}.z"].to(engine.device(a.path(layer, "o_proj")))
             z = z.repeat(k, 1, 1, 1)  # (k * batch, pos, head, d_head)
             for r, (_, h), value in zip(rows, group, values):
-                if callable(value) and not torch.is_tensor(value):
-                    value = value(z[r, :, h.head].clone())
-                z[r, :, h.head] = 0 if value is None else value.to(z.device, z.dtype)
+                z[r, :, h.head] = _checked_value(value, z[r, :, h.head], f"L{layer}.z")
             attn_outputs[layer] = o_proj(z.flatten(2))  # (k * batch, pos, d_model)
         else:
             writes += [Write(Site(layer, "z"), value, rows=r, head=h.head) for r, (_, h), value in zip(rows, group, values)]
@@ -278,6 +276,33 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
         if bar is not None:
             bar.update(1)
     return clean, delta
+
+
+def _checked_value(value, current: torch.Tensor, label: str):
+    """The replacement the attention shortcut writes over ``current`` (batch, pos, d_head), validated as the
+    engine validates a ``Write`` (``Engine._check_write`` and the trace body): a function must return the
+    activation's shape, a tensor must broadcast to it; otherwise ValueError, never a silent broadcast."""
+    if value is None:
+        return 0
+    shape = tuple(current.shape)
+    if not torch.is_tensor(value):
+        if not callable(value):
+            raise ValueError(f"write to {label}: value must be a tensor, None (zero) or a function of the current "
+                             f"activation, got {type(value).__name__}")
+        value = value(current.clone())
+        if not torch.is_tensor(value) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"a function written to {label} returned {got}; it must return a tensor of the "
+                             f"activation's shape {shape}")
+    else:
+        try:
+            ok = torch.broadcast_shapes(tuple(value.shape), shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"write to {label}: a value of shape {tuple(value.shape)} does not fit the written part "
+                             f"{shape} of the site; see interventions.engine.sites")
+    return value.to(current.device, current.dtype)
 
 
 def sweep_table(delta: torch.Tensor, heads: HeadLike | Iterable[HeadLike]):
