@@ -57,6 +57,20 @@ def test_sweep_subset_order_and_default_reference(tiny_model):
     torch.testing.assert_close(delta, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_sweep_default_reference_refused_on_padded_tokens(tiny_model, kind):
+    """kind='mean'/'resample' without a reference uses the tokens as the (unpadded) reference: on a padded
+    batch that would average pad tokens run as real ones (the result changed with the pad ids), so it
+    raises naming the fix; an explicit unpadded reference works."""
+    tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="pass reference="):
+        ablation_sweep(tiny_model, tokens, kind=kind, attention_mask=mask)
+    ablation_sweep(tiny_model, tokens, kind=kind, attention_mask=torch.ones_like(mask))  # no padding: fine
+    ablation_sweep(tiny_model, tokens, kind=kind, attention_mask=mask, reference=tokens[[0, 2]])
+
+
 def test_sweep_heads_per_pass_invariant(tiny_model):
     """The result does not depend on how many heads share a forward pass."""
     tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(4))

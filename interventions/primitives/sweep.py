@@ -118,7 +118,8 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
             ``LOGITS_BYTES`` (at least 1); measured in
             benchmarks/bench_sweep.py: on CPU, once a batch holds a few thousand tokens, bigger passes
             only cost; on a GPU small passes are launch-bound, so many heads share a pass.
-        reference: (n, pos_ref) tokens for kind="mean"/"resample" (default: ``tokens``); pos_ref >= pos.
+        reference: (n, pos_ref) unpadded tokens for kind="mean"/"resample" (default: ``tokens``, refused
+            when ``attention_mask`` has padding); pos_ref >= pos.
         batch_size: split ``tokens`` into chunks of this many rows (same result, less memory). Default:
             as many rows as ``PASS_TOKENS`` tokens hold (at least 1), for the same reason: on a 2-core
             CPU a GPT-2-architecture forward (d_model 128) over 8,192 tokens took 1.2x the time of two
@@ -140,6 +141,11 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
     check_mask(attention_mask, tokens)
     if isinstance(kind, str) and kind not in SWEEP_KINDS:
         _make_ablation(kind, (), tokens, reference)  # raises naming the choices
+    if (kind in ("mean", "resample") and reference is None and attention_mask is not None
+            and not bool(attention_mask.all())):  # the default reference is the tokens, run unpadded
+        raise ValueError(f"kind={kind!r} without a reference uses the tokens themselves as the reference, which "
+                         "is run as unpadded sequences, but these tokens are padded (attention_mask has zeros): "
+                         "pass reference= unpadded sequences at least as long as the tokens")
     auto = heads_per_pass is None
     check_positive(heads_per_pass, "heads_per_pass", allow_none=True)
     check_positive(batch_size, "batch_size", allow_none=True)
