@@ -489,3 +489,18 @@ def test_unknown_architecture_raises(make):
         run_with_ablations(model, torch.zeros(1, 4, dtype=torch.long), ZeroAblation("L0H0"))
     with pytest.raises(ValueError, match="register_adapter"):
         get_adapter(model)
+
+
+@pytest.mark.parametrize("make", [lambda h, r: MeanAblation(h, r), lambda h, r: ResampleAblation(h, r, seed=1)])
+def test_reference_ablation_not_stale_after_data_edits(make):
+    """Weights or reference edited through ``.data`` (which bumps no version counter) are seen: a reused
+    mean/resample ablation equals a fresh one, as a plain hook on the edited model computes it."""
+    model = build("attn_only")
+    reference, tokens = _tokens(batch=4, pos=12, seed=2), _tokens(pos=10)
+    abl = make("L1H0", reference)
+    run_with_ablations(model, tokens, abl)
+    for p in model.parameters():
+        p.data.mul_(1.5)
+    assert torch.equal(run_with_ablations(model, tokens, abl), run_with_ablations(model, tokens, make("L1H0", reference)))
+    reference.data[:, 0] = (reference[:, 0] + 1) % VOCAB
+    assert torch.equal(run_with_ablations(model, tokens, abl), run_with_ablations(model, tokens, make("L1H0", reference)))

@@ -191,6 +191,23 @@ def test_bad_sites_and_writes_raise_naming_the_fix():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+
+@pytest.mark.parametrize("write", [
+    Write("L0.z", None, rows=slice(5, 8), head=0),  # rows past the batch of 2
+    Write("L0.z", None, pos=slice(POS, POS + 3), head=0),  # positions past the end
+    Write("L0.resid_pre", None, rows=slice(1, 1)),  # an empty slice
+    Write("L0.z", lambda z: z * 0, pos=slice(POS + 1, None), head=1),
+    Write("L0.z", None, head=True),  # a bool is not a head index
+])
+def test_write_selecting_nothing_raises(write):
+    """A write whose rows/pos select no element (a slice past the end is empty in Python, not an error)
+    or whose head is a bool raises ValueError instead of silently changing nothing."""
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    with pytest.raises(ValueError, match="selects nothing|head True"):
+        execute(model, Run(tokens, writes=[write]))
+
+
 # ----------------------------------------------------------------------------- reliability
 
 def test_no_reference_kept_to_the_model():

@@ -57,6 +57,20 @@ def test_sweep_subset_order_and_default_reference(tiny_model):
     torch.testing.assert_close(delta, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["mean", "resample"])
+def test_sweep_default_reference_refused_on_padded_tokens(tiny_model, kind):
+    """kind='mean'/'resample' without a reference uses the tokens as the (unpadded) reference: on a padded
+    batch that would average pad tokens run as real ones (the result changed with the pad ids), so it
+    raises naming the fix; an explicit unpadded reference works."""
+    tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="pass reference="):
+        ablation_sweep(tiny_model, tokens, kind=kind, attention_mask=mask)
+    ablation_sweep(tiny_model, tokens, kind=kind, attention_mask=torch.ones_like(mask))  # no padding: fine
+    ablation_sweep(tiny_model, tokens, kind=kind, attention_mask=mask, reference=tokens[[0, 2]])
+
+
 def test_sweep_heads_per_pass_invariant(tiny_model):
     """The result does not depend on how many heads share a forward pass."""
     tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(4))
@@ -96,6 +110,31 @@ def test_sweep_bad_inputs(tiny_model):
         ablation_sweep(tiny_model, tokens, heads_per_pass=0)
     with pytest.raises(ValueError, match="batch_size"):
         ablation_sweep(tiny_model, tokens, batch_size=0)
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+@pytest.mark.parametrize("value", [
+    lambda z: z.mean(0),  # (pos, d_head): broadcastable, but not the activation's shape
+    lambda z: z[..., :3],  # wrong width
+    torch.zeros(1, 6, 3),  # a tensor of the wrong width
+])
+def test_sweep_rejects_wrong_shaped_values_like_per_token_loss(tiny_model, monkeypatch, shortcut, value):
+    """A custom ablation whose value (a function's result or a tensor) has the wrong shape raises the same
+    ValueError in a sweep as in per_token_loss, with or without the attention shortcut (it used to be
+    broadcast silently, or fail with a bare torch error, where the shortcut edits z itself)."""
+    from interventions.primitives import sweep
+    from interventions.primitives.ablation import Ablation
+
+    class Custom(Ablation):
+        def value(self, head, tokens, row_offset=0, positions=None):
+            return value
+
+    monkeypatch.setattr(sweep, "_ATTN_SHORTCUT", shortcut)
+    tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(6))
+    with pytest.raises(ValueError, match="activation's shape|does not fit"):
+        per_token_loss(tiny_model, tokens, Custom("L1H0"))
+    with pytest.raises(ValueError, match="activation's shape|does not fit"):
+        ablation_sweep(tiny_model, tokens, kind=Custom(["L1H0"]))
 
 
 @pytest.mark.parametrize("which", ["attn_only", "gpt2"])

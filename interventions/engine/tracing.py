@@ -397,7 +397,7 @@ class Engine:
             if site.kind in RESID_KINDS:
                 raise ValueError(f"write to {site}: the site has no heads; drop head={w.head}")
             n = a.n_site_heads(site.kind)
-            if not isinstance(w.head, int) or not 0 <= w.head < n:
+            if not isinstance(w.head, int) or isinstance(w.head, bool) or not 0 <= w.head < n:
                 what = "kv head" if site.kind in KV_KINDS else "head"
                 extra = (f" (grouped-query attention: query head h reads kv head h // {a.n_heads // a.n_kv_heads})"
                          if site.kind in KV_KINDS and a.n_kv_heads != a.n_heads else "")
@@ -407,6 +407,9 @@ class Engine:
             shape = indexed_shape(full, w.index(site.kind))
         except IndexError as e:
             raise ValueError(f"write to {site}: rows/pos {w.rows}/{w.pos} do not index a site of shape {full}: {e}") from None
+        if 0 in shape:  # a slice past the end is empty, not an error: the write would silently change nothing
+            raise ValueError(f"write to {site}: rows/pos {w.rows}/{w.pos} selects nothing of a site of shape {full}: "
+                             "index rows within the batch and positions within the sequence")
         if torch.is_tensor(w.value):
             try:
                 ok = torch.broadcast_shapes(tuple(w.value.shape), shape) == shape

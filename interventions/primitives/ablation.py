@@ -157,30 +157,19 @@ class _ReferenceAblation(Ablation):
             raise ValueError("reference must be a (n_sequences, pos) LongTensor of token ids")
         self.reference = reference
         self._acts: dict[Head, torch.Tensor] = {}
-        self._key = None
-
-    @staticmethod
-    def _state_key(model, reference: torch.Tensor) -> tuple:
-        """Identifies the model *and its current weights* and the reference's contents: in-place updates
-        (``load_state_dict``, an optimiser step) bump a tensor's ``_version``, so cached reference
-        activations are recomputed instead of going stale."""
-        inner = unwrap(model)
-        return (id(inner), tuple((p.data_ptr(), p._version) for p in inner.parameters()),
-                reference.data_ptr(), reference._version, tuple(reference.shape))
 
     def prepare(self, model, tokens, remote: Remote = False):
+        """Run the reference and keep the heads' outputs, every call: a cache keyed on the model and the
+        reference would miss edits that bump no version counter (``p.data.copy_``, ``reference.data[...] =``)
+        and give stale replacements silently. A primitive prepares once per call (all chunks share it)."""
         super().prepare(model, tokens)
         a = get_adapter(unwrap(model))
         check_tokens(self.reference, a, name="reference")
         self.check_length(tokens)
-        key = (self._state_key(model, self.reference), remote or False)
-        if self._key == key and self._acts:
-            return
         layers = sorted({h.layer for h in self.heads})
         run = Run(self.reference, reads=[Site(layer, "z") for layer in layers], returns="none")
         acts = Engine(model, remote).run(run).acts
         self._acts = {h: acts[f"L{h.layer}.z"][:, :, h.head] for h in self.heads}  # (n, pos_ref, d_head)
-        self._key = key
 
     def check_length(self, tokens: torch.Tensor) -> None:
         """Raise if the reference is too short for ``tokens`` (before any reference run)."""
@@ -309,15 +298,17 @@ def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequen
 @torch.no_grad()
 def ablation_run(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Ablation] = (),
                  attention_mask: torch.Tensor | None = None, row_offset: int = 0, remote: Remote = False,
-                 returns="logits") -> Result:
+                 returns="logits", prepared: bool = False) -> Result:
     """``run_with_ablations`` returning the engine's ``Result`` of a run that returns ``returns``
-    ("logits", "loss" or a ``Gather``; see ``interventions.engine.tracing.Run``)."""
+    ("logits", "loss" or a ``Gather``; see ``interventions.engine.tracing.Run``). ``prepared``: the caller
+    already ran ``prepare_ablation`` on every ablation in this call (a chunked batch prepares once)."""
     ablations = as_ablations(ablations)
     engine = Engine(model, remote)
     check_tokens(tokens, engine.adapter)  # before any (reference) work
     check_remotable(ablations, engine.remote)
-    for abl in ablations:
-        prepare_ablation(abl, model, tokens, engine.remote)
+    if not prepared:
+        for abl in ablations:
+            prepare_ablation(abl, model, tokens, engine.remote)
     positions = None if attention_mask is None else position_ids(attention_mask, tokens)
     writes = head_writes(ablations, tokens, row_offset, positions)
     if not any(isinstance(a, PatternPreserving) for a in ablations):

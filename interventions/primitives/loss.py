@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .ablation import Ablation, ablation_run, as_ablations, check_remotable
+from .ablation import Ablation, ablation_run, as_ablations, check_remotable, prepare_ablation
 from ..engine.adapters import get_adapter
 from ..engine.remote import Remote, check_remote
 from ..engine.tracing import check_mask, check_tokens, pad_to_nan, unwrap
@@ -56,12 +56,14 @@ def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ab
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch)")
     ablations = [] if ablation is None else as_ablations(ablation)
     check_remotable(ablations, remote)
+    for abl in ablations:  # once for all chunks (reference runs), on the whole batch as ablation_sweep does
+        prepare_ablation(abl, model, tokens, remote)
     step = tokens.shape[0] if batch_size is None else batch_size
     parts = []
     for i in range(0, tokens.shape[0], step):
         mask = None if attention_mask is None else attention_mask[i:i + step]
         loss = ablation_run(model, tokens[i:i + step], ablations, attention_mask=mask, row_offset=i, remote=remote,
-                            returns="loss").loss
+                            returns="loss", prepared=True).loss
         parts.append(pad_to_nan(loss.cpu(), mask))
     return torch.cat(parts)
 

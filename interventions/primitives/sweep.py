@@ -118,7 +118,8 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
             ``LOGITS_BYTES`` (at least 1); measured in
             benchmarks/bench_sweep.py: on CPU, once a batch holds a few thousand tokens, bigger passes
             only cost; on a GPU small passes are launch-bound, so many heads share a pass.
-        reference: (n, pos_ref) tokens for kind="mean"/"resample" (default: ``tokens``); pos_ref >= pos.
+        reference: (n, pos_ref) unpadded tokens for kind="mean"/"resample" (default: ``tokens``, refused
+            when ``attention_mask`` has padding); pos_ref >= pos.
         batch_size: split ``tokens`` into chunks of this many rows (same result, less memory). Default:
             as many rows as ``PASS_TOKENS`` tokens hold (at least 1), for the same reason: on a 2-core
             CPU a GPT-2-architecture forward (d_model 128) over 8,192 tokens took 1.2x the time of two
@@ -140,6 +141,11 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
     check_mask(attention_mask, tokens)
     if isinstance(kind, str) and kind not in SWEEP_KINDS:
         _make_ablation(kind, (), tokens, reference)  # raises naming the choices
+    if (kind in ("mean", "resample") and reference is None and attention_mask is not None
+            and not bool(attention_mask.all())):  # the default reference is the tokens, run unpadded
+        raise ValueError(f"kind={kind!r} without a reference uses the tokens themselves as the reference, which "
+                         "is run as unpadded sequences, but these tokens are padded (attention_mask has zeros): "
+                         "pass reference= unpadded sequences at least as long as the tokens")
     auto = heads_per_pass is None
     check_positive(heads_per_pass, "heads_per_pass", allow_none=True)
     check_positive(batch_size, "batch_size", allow_none=True)
@@ -258,9 +264,7 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
             z = acts[f"L{layer}.z"].to(engine.device(a.path(layer, "o_proj")))
             z = z.repeat(k, 1, 1, 1)  # (k * batch, pos, head, d_head)
             for r, (_, h), value in zip(rows, group, values):
-                if callable(value) and not torch.is_tensor(value):
-                    value = value(z[r, :, h.head].clone())
-                z[r, :, h.head] = 0 if value is None else value.to(z.device, z.dtype)
+                z[r, :, h.head] = _checked_value(value, z[r, :, h.head], f"L{layer}.z")
             attn_outputs[layer] = o_proj(z.flatten(2))  # (k * batch, pos, d_model)
         else:
             writes += [Write(Site(layer, "z"), value, rows=r, head=h.head) for r, (_, h), value in zip(rows, group, values)]
@@ -278,6 +282,33 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
         if bar is not None:
             bar.update(1)
     return clean, delta
+
+
+def _checked_value(value, current: torch.Tensor, label: str):
+    """The replacement the attention shortcut writes over ``current`` (batch, pos, d_head), validated as the
+    engine validates a ``Write`` (``Engine._check_write`` and the trace body): a function must return the
+    activation's shape, a tensor must broadcast to it; otherwise ValueError, never a silent broadcast."""
+    if value is None:
+        return 0
+    shape = tuple(current.shape)
+    if not torch.is_tensor(value):
+        if not callable(value):
+            raise ValueError(f"write to {label}: value must be a tensor, None (zero) or a function of the current "
+                             f"activation, got {type(value).__name__}")
+        value = value(current.clone())
+        if not torch.is_tensor(value) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"a function written to {label} returned {got}; it must return a tensor of the "
+                             f"activation's shape {shape}")
+    else:
+        try:
+            ok = torch.broadcast_shapes(tuple(value.shape), shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"write to {label}: a value of shape {tuple(value.shape)} does not fit the written part "
+                             f"{shape} of the site; see interventions.engine.sites")
+    return value.to(current.device, current.dtype)
 
 
 def sweep_table(delta: torch.Tensor, heads: HeadLike | Iterable[HeadLike]):
