@@ -727,3 +727,20 @@ def test_reproduce_refuses_a_bad_corpus_or_seeds_before_making_the_folder(tmp_pa
         code, err = cli(["reproduce", "--out", tmp_path / "r", *argv], capsys)
         assert code == 2 and words in err, (argv, err)
         assert not (tmp_path / "r").exists()
+
+
+def test_reproduce_refuses_a_finished_run_trained_with_other_options(tmp_path, monkeypatch):
+    """A finished run in ``runs/`` whose saved config differs from the one asked for (here the corpus,
+    as ``reproduce --corpus B`` after ``--corpus A``: same step count, so it looks finished) is refused
+    with a ``RunFolderError`` naming the option, never reused as if it were the asked-for run."""
+    from experiments import zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": TOKENS})
+    runs = zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)
+    before = final_bytes(runs["attn-1l"])
+    assert zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1) == runs  # same options: skipped
+    real = zoo.get_preset
+    monkeypatch.setattr(zoo, "get_preset", lambda name: {**real(name), "corpus": "synthetic:markov"})
+    with pytest.raises(T.RunFolderError, match="corpus"):
+        zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)
+    assert final_bytes(runs["attn-1l"]) == before
