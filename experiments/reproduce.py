@@ -270,9 +270,14 @@ def path_patching_summary(pp: pd.DataFrame) -> dict:
 def smear_vs_vanilla(ck: pd.DataFrame, hs: pd.DataFrame) -> dict:
     """Each smeared model against its vanilla twin at the largest token count both were checkpointed
     at (one schedule: constant lr after the same warm-up, so a prefix of the longer run is comparable)."""
+    from .zoo import split_run_name
+
     ind = hs[hs.score == "induction"].groupby(["model", "tokens"]).value.max()
     out = {}
-    for a, b in (("attn-1l", "smear-1l"), ("attn-2l", "smear-2l")):
+    # each vanilla run with its smeared twin of the same seed (runs ``<model>-s<k>``: one pair per seed)
+    pairs = [(a, "smear-" + a[len("attn-"):]) for a in dict.fromkeys(ck.model)
+             if split_run_name(a)[0] in ("attn-1l", "attn-2l")]
+    for a, b in sorted(pairs, key=lambda p: (split_run_name(p[0])[1] or 0, p[0])):
         if a not in set(ck.model) or b not in set(ck.model):
             continue
         common = sorted(set(ck[ck.model == a].tokens) & set(ck[ck.model == b].tokens))
