@@ -363,6 +363,10 @@ def _precheck(args) -> None:
         if not (Path(run) / "train_config.json").is_file():
             raise UsageError(f"{run} is not a training run folder (no train_config.json): pass folders made by "
                              "`python -m experiments train`")
+    names = [Path(run).name for run in getattr(args, "runs", None) or []]
+    if len(set(names)) < len(names):  # tables are keyed by the folder's name: one would replace the other
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"two run folders are named {dup}: pass each run once, or give them different names")
 
 
 _RESUME_ADVICE = {"train": "rerun the same command with --resume to continue",

@@ -744,3 +744,14 @@ def test_reproduce_refuses_a_finished_run_trained_with_other_options(tmp_path, m
     with pytest.raises(T.RunFolderError, match="corpus"):
         zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)
     assert final_bytes(runs["attn-1l"]) == before
+
+
+def test_phase_change_refuses_two_runs_of_one_name(tmp_path, capsys, reference):
+    """`phase-change a/run b/run`: the tables are keyed by the run folder's name, so two folders of one name
+    exit 2 naming it before any work (no results folder), never evaluate one of them silently."""
+    runs = [tmp_path / d / "run" for d in ("a", "b")]
+    for r in runs:
+        shutil.copytree(reference, r, ignore=shutil.ignore_patterns(".lock"))
+    code, err = cli(["phase-change", *runs, "--out", tmp_path / "res", "--windows", "4", "--quiet"], capsys)
+    assert code == 2 and "run" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "res").exists()
