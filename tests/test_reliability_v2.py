@@ -755,3 +755,19 @@ def test_phase_change_refuses_two_runs_of_one_name(tmp_path, capsys, reference):
     code, err = cli(["phase-change", *runs, "--out", tmp_path / "res", "--windows", "4", "--quiet"], capsys)
     assert code == 2 and "run" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "res").exists()
+
+
+def test_ablations_and_circuit_refuse_phase_change_results_of_another_run_state(tmp_path, capsys, finished):
+    """`ablations` / `circuit` read the head scores and ICL window of `phase-change` in --out: made from
+    another state of the run (here: before its last checkpoint was removed), they are refused (exit 2,
+    naming phase-change) rather than used for the run's other final checkpoint; rerunning phase-change,
+    as advised, makes them run."""
+    res = tmp_path / "res"
+    assert cli(["phase-change", finished, "--out", res, "--windows", "4", "--quiet"], capsys)[0] == 0
+    shutil.rmtree(max((finished / "checkpoints").glob("step-*")))
+    for argv in (["circuit", finished, "--out", res], ["ablations", finished, "--out", res, "--windows", "8", "--quiet"]):
+        code, err = cli(argv, capsys)
+        assert code == 2 and "phase-change" in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (res / "circuit_run").exists() and not (res / "ablations_run").exists()
+    assert cli(["phase-change", finished, "--out", res, "--windows", "4", "--quiet"], capsys)[0] == 0
+    assert cli(["circuit", finished, "--out", res], capsys)[0] == 0
