@@ -27,23 +27,32 @@ ZOO_MODELS = ("attn-1l", "attn-2l", "smear-1l", "smear-2l")
 ABLATION_WINDOWS = {"tiny": 64, "cpu": 2048, "gpu": 2048}
 
 
-@owns_results("out")
 def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: str | None = None,
               progress: bool = True, figures_dir: Path | None = None, workers: int | None = None,
               seeds: int | None = None, corpus: str | None = None) -> Path:
+    """The main job (module docstring). Bad input (scale, seeds, corpus, device, an unwritable ``out``)
+    raises before anything is written, the results folder and its lock included."""
+    from .zoo import SCALES, zoo_configs
+
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+    device = device or ("cuda" if scale == "gpu" else "cpu")
+    for cfg in zoo_configs(scale, device, seeds, corpus).values():  # seeds, corpus (path), device
+        cfg.validate()
+    check_writable(out)
+    return _reproduce(Path(out), scale, device, progress, figures_dir, workers, seeds, corpus)
+
+
+@owns_results("out")
+def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: Path | None, workers: int | None,
+               seeds: int | None, corpus: str | None) -> Path:
     from .ablations import run_ablations
     from .circuit import run_circuit
     from .figures import make_figures
     from .phase_change import run_phase_change
     from .survey import run_survey
-    from .zoo import SCALES, train_zoo, zoo_configs
+    from .zoo import train_zoo
 
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
-    device = device or ("cuda" if scale == "gpu" else "cpu")
-    zoo_configs(scale, device, seeds, corpus)  # seeds and corpus validated before any work
-    check_writable(out)
-    out = Path(out)
     figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
     t0 = time.time()
     timings = {}

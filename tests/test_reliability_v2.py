@@ -771,3 +771,15 @@ def test_ablations_and_circuit_refuse_phase_change_results_of_another_run_state(
     assert not (res / "circuit_run").exists() and not (res / "ablations_run").exists()
     assert cli(["phase-change", finished, "--out", res, "--windows", "4", "--quiet"], capsys)[0] == 0
     assert cli(["circuit", finished, "--out", res], capsys)[0] == 0
+
+
+def test_reproduce_api_refuses_bad_input_before_making_the_folder(tmp_path):
+    """reproduce() called directly with --corpus on the tiny scale, a missing corpus, seeds=0 or an unknown
+    scale raises before the results folder (or its lock file) exists."""
+    from experiments.reproduce import reproduce
+
+    for kw in (dict(scale="tiny", corpus=str(tmp_path)), dict(scale="cpu", corpus=str(tmp_path / "missing")),
+               dict(scale="tiny", seeds=0), dict(scale="bogus")):
+        with pytest.raises(ValueError):
+            reproduce(out=tmp_path / "r", progress=False, **kw)
+        assert not (tmp_path / "r").exists(), kw
