@@ -137,9 +137,10 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
         "windows_per_checkpoint": int(ck.icl_n.max()) if "icl_n" in ck and len(ck) else settings.get("n_windows"),
         "windows_precise": int(prec.n.max()) if "n" in prec and len(prec) else settings.get("n_precise"),
         "pca_pairs": settings.get("n_pca_pairs")}
-    h["icl_definition"] = ("mean loss of tokens late-b..late+b minus early-b..early+b per window, averaged over "
-                           "windows (early, late = 25, 250 of 256; b = 5); s.e. = std of the per-window "
-                           "difference / sqrt(windows)")
+    lbi = pc.read("loss_by_index")
+    n_ctx = int(lbi.token_index.max()) + 1  # token indices 1..n_ctx-1 (the runs' context)
+    h["icl_definition"] = icl_definition(n_ctx)
+    h["icl_positions"] = icl_positions(n_ctx)
     models = {}
     for r in win.itertuples():
         d = {"run_tokens": int(r.run_tokens),
@@ -186,6 +187,28 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     if spread:
         h["seed_spread"] = spread
     return h
+
+
+def icl_positions(n_ctx: int) -> dict:
+    """The ICL score's early and late token and band half-width at context ``n_ctx`` (``icl_indices``,
+    ``icl_band``), and the query positions the transient's "early" / "late" attention bands cover."""
+    from interventions.analysis.metrics import icl_band, icl_indices
+
+    early, late = icl_indices(n_ctx)
+    return {"n_ctx": n_ctx, "early": early, "late": late, "band": icl_band(n_ctx),
+            "transient_early_below": early + 5, "transient_late_from": late - 5}
+
+
+def icl_definition(n_ctx: int) -> str:
+    """The report's sentence defining the ICL score, with the token numbers of context ``n_ctx``.
+
+        >>> icl_definition(256).split("(")[1].split(")")[0]
+        'early, late = 25, 250 of 256; b = 5'
+    """
+    p = icl_positions(n_ctx)
+    return ("mean loss of tokens late-b..late+b minus early-b..early+b per window, averaged over windows "
+            f"(early, late = {p['early']}, {p['late']} of {n_ctx}; b = {p['band']}); s.e. = std of the per-window "
+            "difference / sqrt(windows)")
 
 
 def seed_spread(models: dict, pca_turn: dict | None = None, ablation: dict | None = None) -> dict:
@@ -456,7 +479,8 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
     if "transient" in h:
         lines += ["## The early transient", "",
                   "At the checkpoint between 0.3M and 5M tokens where each model's ICL score is highest: mean "
-                  "attention entropy of late (>= 245) vs early (< 30) query positions, as a fraction of uniform "
+                  f"attention entropy of late (>= {h['icl_positions']['transient_late_from']}) vs early "
+                  f"(< {h['icl_positions']['transient_early_below']}) query positions, as a fraction of uniform "
                   "attention's entropy over the visible tokens:"]
         for m, t in h["transient"].items():
             lines += [f"- {m} at {_tok(t['tokens'])} (ICL {t['icl_score']:+.2f}): early "

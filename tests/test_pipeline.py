@@ -217,3 +217,15 @@ def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, monkeypatch):
     assert {"1l", "2l"} <= labels and not any(t.startswith("s") and t[1:].isdigit() for t in labels), labels
     means = {round(y, 6) for line in ax.get_lines() for y in line.get_ydata()}
     assert round(-(0 + 0.05 + 0.01), 6) in means  # attn-1l at 1000 tokens, mean of its two seeds only
+
+
+@pytest.mark.parametrize("n_ctx, early, late, band", [(64, 6, 62, 1), (256, 25, 250, 5), (512, 50, 500, 10)])
+def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, band):
+    """The report's ICL definition names the token numbers of the runs' own context (the paper's 50th and
+    500th of 512 scaled, band 10/512 of the context), not 256's at every scale; the transient's bands are
+    5 tokens inside them."""
+    from experiments.reproduce import icl_definition, icl_positions
+
+    assert f"(early, late = {early}, {late} of {n_ctx}; b = {band})" in icl_definition(n_ctx)
+    p = icl_positions(n_ctx)
+    assert (p["transient_early_below"], p["transient_late_from"]) == (early + 5, late - 5)
