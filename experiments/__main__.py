@@ -183,23 +183,27 @@ def cmd_phase_change(args) -> int:
 
 
 def _run_with_phase_change(args):
-    """(run name, run folder, phase_change Results) for the single-run commands."""
-    from .common import Results
+    """(run name, run folder, its head scores, its phase_change windows) for the single-run commands:
+    only results that `phase-change` made from this run in its present state (its content hash)."""
+    from .common import Results, run_fingerprint
 
     _check_device(args.device)
     name, run = next(iter(_runs([args.run]).items()))
     pc = Results(Path(args.out), "phase_change")
-    if not pc.has("head_scores"):
-        raise UsageError(f"no head scores under {args.out}/phase_change: run `phase-change` on this run first")
-    return name, run, pc
+    settings = pc.settings()
+    key = None if settings is None else {"run": run_fingerprint(run), **settings}
+    windows = pc.read("windows") if pc.has("windows") else None
+    if key is None or not pc.has(f"head_scores_{name}", key) or windows is None or name not in set(windows.model):
+        raise UsageError(f"no phase-change results of {run} as it is now under {args.out}/phase_change: run "
+                         f"`phase-change {run} --out {args.out}` first")
+    return name, run, pc.read(f"head_scores_{name}", key), windows
 
 
 def cmd_ablations(args) -> int:
     from .ablations import run_ablations
 
-    name, run, pc = _run_with_phase_change(args)
-    windows = pc.read("windows") if pc.has("windows") else None
-    res = run_ablations(run, name, pc.read("head_scores"), Path(args.out), windows_table=windows,
+    name, run, head_scores, windows = _run_with_phase_change(args)
+    res = run_ablations(run, name, head_scores, Path(args.out), windows_table=windows,
                         n_windows=args.windows, device=args.device, progress=not args.quiet)
     print(res.read("sets").to_string(index=False))
     return 0
@@ -208,8 +212,8 @@ def cmd_ablations(args) -> int:
 def cmd_circuit(args) -> int:
     from .circuit import run_circuit
 
-    name, run, pc = _run_with_phase_change(args)
-    res = run_circuit(run, name, pc.read("head_scores"), Path(args.out), device=args.device)
+    name, run, head_scores, _ = _run_with_phase_change(args)
+    res = run_circuit(run, name, head_scores, Path(args.out), device=args.device)
     print(res.read("path_patch").to_string(index=False))
     return 0
 
@@ -363,6 +367,10 @@ def _precheck(args) -> None:
         if not (Path(run) / "train_config.json").is_file():
             raise UsageError(f"{run} is not a training run folder (no train_config.json): pass folders made by "
                              "`python -m experiments train`")
+    names = [Path(run).name for run in getattr(args, "runs", None) or []]
+    if len(set(names)) < len(names):  # tables are keyed by the folder's name: one would replace the other
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"two run folders are named {dup}: pass each run once, or give them different names")
 
 
 _RESUME_ADVICE = {"train": "rerun the same command with --resume to continue",

@@ -216,6 +216,11 @@ class Results:
         return json.loads(self._verified(f"{name}.json", self.dir / f"{name}.json").read_text())
 
     # -- provenance
+    def settings(self) -> dict | None:
+        """The settings recorded by ``write_provenance`` (None if never written)."""
+        e = self._entry(self._manifest(), SETTINGS_KEY)
+        return None if e is None else e.get("settings")
+
     def write_provenance(self, config: dict, seed: int | None = None, **extra) -> None:
         """Record the settings of this folder's tables and write ``provenance.json``. Refuses
         (ResultError) if the folder already holds tables made with other settings."""

@@ -301,9 +301,12 @@ def fig_smear(root: Path, out: Path):
     if ck is None or hs is None:
         return []
     ind = (hs[hs.score == "induction"].groupby(["model", "tokens"]).value.max().rename("max_induction").reset_index())
+    from .zoo import split_run_name
+
     d = ck.merge(ind, on=["model", "tokens"])
-    d = d[d.tokens > 0].assign(layers=d.model.str[-2:], keys=np.where(d.model.str.startswith("smear"), "smeared", "vanilla"))
-    d = d[d.model.str.startswith(("attn-1l", "attn-2l", "smear-1l", "smear-2l"))]
+    family = d.model.map(lambda name: split_run_name(name)[0])  # attn-2l-s1 -> attn-2l (seeds averaged)
+    d = d.assign(layers=family.str[-2:], keys=np.where(family.str.startswith("smear"), "smeared", "vanilla"))
+    d = d[(d.tokens > 0) & family.isin(["attn-1l", "attn-2l", "smear-1l", "smear-2l"])]
     fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4))
     sns.lineplot(data=d, x="tokens", y="icl_score", hue="layers", style="keys", ax=axes[0])
     sns.lineplot(data=d, x="tokens", y="max_induction", hue="layers", style="keys", ax=axes[1])

@@ -52,14 +52,22 @@ pack() {  # pack NAME DIR: the tables (no checkpoints, arrays or tokenizer cache
     TOK=${TOK:-2000000}
     for n in 1 8; do
       echo "=== throughput: $n process(es) x $TOK tokens of attn-2l ($(date +%T))"
+      rm -rf "$WORK"/thr"$n"-*  # a second smoke call on a warm machine: fresh runs (train refuses a used --out)
       start=$(date +%s.%N)
+      pids=()
       for i in $(seq "$n"); do
         timeout 200 "$PY" -m experiments train --preset attn-2l --tokens "$TOK" --device "$DEVICE" --seed "$i" \
           --out "$WORK/thr$n-$i" --quiet > "$WORK/thr$n-$i.log" 2>&1 &
+        pids+=($!)
       done
-      wait
+      failed=0
+      for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
       end=$(date +%s.%N)
-      "$PY" -c "import sys; n, t, s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[4]) - float(sys.argv[3]); print(f'{n} process(es): {s:.1f} s wall, {n * t / s / 1e6:.2f}M tokens/s together')" "$n" "$TOK" "$start" "$end"
+      if [ "$failed" -eq 0 ]; then  # a run that failed or timed out did not train TOK tokens: no rate
+        "$PY" -c "import sys; n, t, s = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[4]) - float(sys.argv[3]); print(f'{n} process(es): {s:.1f} s wall, {n * t / s / 1e6:.2f}M tokens/s together')" "$n" "$TOK" "$start" "$end"
+      else
+        echo "$n process(es): $failed of $n runs failed or timed out: no throughput (see $WORK/thr$n-*.log)"
+      fi
       tail -n 3 "$WORK/thr$n-1.log"
     done
   else

@@ -27,23 +27,32 @@ ZOO_MODELS = ("attn-1l", "attn-2l", "smear-1l", "smear-2l")
 ABLATION_WINDOWS = {"tiny": 64, "cpu": 2048, "gpu": 2048}
 
 
-@owns_results("out")
 def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: str | None = None,
               progress: bool = True, figures_dir: Path | None = None, workers: int | None = None,
               seeds: int | None = None, corpus: str | None = None) -> Path:
+    """The main job (module docstring). Bad input (scale, seeds, corpus, device, an unwritable ``out``)
+    raises before anything is written, the results folder and its lock included."""
+    from .zoo import SCALES, zoo_configs
+
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
+    device = device or ("cuda" if scale == "gpu" else "cpu")
+    for cfg in zoo_configs(scale, device, seeds, corpus).values():  # seeds, corpus (path), device
+        cfg.validate()
+    check_writable(out)
+    return _reproduce(Path(out), scale, device, progress, figures_dir, workers, seeds, corpus)
+
+
+@owns_results("out")
+def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: Path | None, workers: int | None,
+               seeds: int | None, corpus: str | None) -> Path:
     from .ablations import run_ablations
     from .circuit import run_circuit
     from .figures import make_figures
     from .phase_change import run_phase_change
     from .survey import run_survey
-    from .zoo import SCALES, train_zoo, zoo_configs
+    from .zoo import train_zoo
 
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
-    device = device or ("cuda" if scale == "gpu" else "cpu")
-    zoo_configs(scale, device, seeds, corpus)  # seeds and corpus validated before any work
-    check_writable(out)
-    out = Path(out)
     figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
     t0 = time.time()
     timings = {}
@@ -128,9 +137,10 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
         "windows_per_checkpoint": int(ck.icl_n.max()) if "icl_n" in ck and len(ck) else settings.get("n_windows"),
         "windows_precise": int(prec.n.max()) if "n" in prec and len(prec) else settings.get("n_precise"),
         "pca_pairs": settings.get("n_pca_pairs")}
-    h["icl_definition"] = ("mean loss of tokens late-b..late+b minus early-b..early+b per window, averaged over "
-                           "windows (early, late = 25, 250 of 256; b = 5); s.e. = std of the per-window "
-                           "difference / sqrt(windows)")
+    lbi = pc.read("loss_by_index")
+    n_ctx = int(lbi.token_index.max()) + 1  # token indices 1..n_ctx-1 (the runs' context)
+    h["icl_definition"] = icl_definition(n_ctx)
+    h["icl_positions"] = icl_positions(n_ctx)
     models = {}
     for r in win.itertuples():
         d = {"run_tokens": int(r.run_tokens),
@@ -177,6 +187,28 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     if spread:
         h["seed_spread"] = spread
     return h
+
+
+def icl_positions(n_ctx: int) -> dict:
+    """The ICL score's early and late token and band half-width at context ``n_ctx`` (``icl_indices``,
+    ``icl_band``), and the query positions the transient's "early" / "late" attention bands cover."""
+    from interventions.analysis.metrics import icl_band, icl_indices
+
+    early, late = icl_indices(n_ctx)
+    return {"n_ctx": n_ctx, "early": early, "late": late, "band": icl_band(n_ctx),
+            "transient_early_below": early + 5, "transient_late_from": late - 5}
+
+
+def icl_definition(n_ctx: int) -> str:
+    """The report's sentence defining the ICL score, with the token numbers of context ``n_ctx``.
+
+        >>> icl_definition(256).split("(")[1].split(")")[0]
+        'early, late = 25, 250 of 256; b = 5'
+    """
+    p = icl_positions(n_ctx)
+    return ("mean loss of tokens late-b..late+b minus early-b..early+b per window, averaged over windows "
+            f"(early, late = {p['early']}, {p['late']} of {n_ctx}; b = {p['band']}); s.e. = std of the per-window "
+            "difference / sqrt(windows)")
 
 
 def seed_spread(models: dict, pca_turn: dict | None = None, ablation: dict | None = None) -> dict:
@@ -270,9 +302,14 @@ def path_patching_summary(pp: pd.DataFrame) -> dict:
 def smear_vs_vanilla(ck: pd.DataFrame, hs: pd.DataFrame) -> dict:
     """Each smeared model against its vanilla twin at the largest token count both were checkpointed
     at (one schedule: constant lr after the same warm-up, so a prefix of the longer run is comparable)."""
+    from .zoo import split_run_name
+
     ind = hs[hs.score == "induction"].groupby(["model", "tokens"]).value.max()
     out = {}
-    for a, b in (("attn-1l", "smear-1l"), ("attn-2l", "smear-2l")):
+    # each vanilla run with its smeared twin of the same seed (runs ``<model>-s<k>``: one pair per seed)
+    pairs = [(a, "smear-" + a[len("attn-"):]) for a in dict.fromkeys(ck.model)
+             if split_run_name(a)[0] in ("attn-1l", "attn-2l")]
+    for a, b in sorted(pairs, key=lambda p: (split_run_name(p[0])[1] or 0, p[0])):
         if a not in set(ck.model) or b not in set(ck.model):
             continue
         common = sorted(set(ck[ck.model == a].tokens) & set(ck[ck.model == b].tokens))
@@ -442,7 +479,8 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
     if "transient" in h:
         lines += ["## The early transient", "",
                   "At the checkpoint between 0.3M and 5M tokens where each model's ICL score is highest: mean "
-                  "attention entropy of late (>= 245) vs early (< 30) query positions, as a fraction of uniform "
+                  f"attention entropy of late (>= {h['icl_positions']['transient_late_from']}) vs early "
+                  f"(< {h['icl_positions']['transient_early_below']}) query positions, as a fraction of uniform "
                   "attention's entropy over the visible tokens:"]
         for m, t in h["transient"].items():
             lines += [f"- {m} at {_tok(t['tokens'])} (ICL {t['icl_score']:+.2f}): early "

@@ -75,11 +75,18 @@ def training_windows(curves: pd.DataFrame) -> pd.DataFrame:
 
 
 def spread(windows: pd.DataFrame) -> dict:
-    """``seed_spread`` of every number of ``training_windows`` per model (runs named ``<model>-s<k>``)."""
+    """``seed_spread`` of every number of ``training_windows`` per model, over every run: by its model and
+    seed columns (a run named ``<model>`` has its seed from its config), not by the run's name."""
     from .reproduce import seed_spread
 
-    return seed_spread({r["run"]: {k: v for k, v in r.items() if k not in ("run", "model", "seed")}
-                        for r in windows.to_dict("records")})
+    per_run = {}
+    for r in windows.to_dict("records"):
+        key = f"{r['model']}-s{int(r['seed'])}"
+        if key in per_run:
+            raise ValueError(f"two runs of {r['model']} with seed {int(r['seed'])} (one is {r['run']}): pass each "
+                             "seed once")
+        per_run[key] = {k: v for k, v in r.items() if k not in ("run", "model", "seed")}
+    return seed_spread(per_run)
 
 
 def figure(curves: pd.DataFrame, out: Path) -> list[Path]:
@@ -114,6 +121,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for training_curves.csv, training_windows.csv, "
                                                 "seed_spread.json and the figure")
     args = p.parse_args(argv)
+    names = [Path(r).name for r in args.runs]
+    if len(set(names)) < len(names):  # runs are told apart by folder name (tables, figure)
+        dup = next(n for n in names if names.count(n) > 1)
+        p.error(f"two run folders are named {dup}: pass each run once, or rename one (<model>-s<seed>)")
     runs = {Path(r).name: Path(r) for r in args.runs}
     curves = training_curves(runs)
     windows = training_windows(curves)

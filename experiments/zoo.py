@@ -129,6 +129,8 @@ def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: b
     runs_dir = Path(runs_dir)
     cfgs = {n: c for n, c in zoo_configs(scale, device, seeds, corpus).items() if only is None or n in only}
     out = {name: runs_dir / name for name in cfgs}
+    for name in cfgs:  # before any work: a run made with other options is never taken for the asked-for one
+        _check_same_run(out[name], cfgs[name])
     todo = sorted((n for n in cfgs if not _finished(out[n], cfgs[n])), key=lambda n: -_cost(cfgs[n]))
     workers = min(len(todo), workers or default_workers(device))
     if not todo:
@@ -149,6 +151,21 @@ def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: b
         for _ in pool.imap_unordered(_train_one, jobs):
             pass
     return out
+
+
+def _check_same_run(run: Path, cfg: TrainConfig) -> None:
+    """Refuse (``RunFolderError``) a run folder trained with other options than ``cfg`` (corpus, seed,
+    tokens, ...): ``_finished`` looks at the step count only, so it would reuse it as if it were this run.
+    ``device`` (results agree across devices) and ``lr`` (lowered on resume after divergence) may differ."""
+    from interventions.zoo.train import RunFolderError, read_train_config_dict
+
+    if not (run / "train_config.json").is_file():
+        return
+    saved, want = read_train_config_dict(run), cfg.to_dict()
+    diff = sorted(k for k in set(saved) | set(want) if k not in ("device", "lr") and saved.get(k) != want.get(k))
+    if diff:
+        raise RunFolderError(f"{run} holds a run trained with other options (differing: {diff}): pass another "
+                             f"--out, or delete {run} to train it with these options")
 
 
 def _finished(run: Path, cfg: TrainConfig) -> bool:

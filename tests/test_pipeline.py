@@ -163,3 +163,69 @@ def test_several_seeds_report_their_spread(tmp_path, monkeypatch):
     for row in pc.read("pca_turn").itertuples():  # each run's reference is its own seed's attn-2l window
         assert row.window_start_tokens == win.loc["attn-2l-s" + row.model[-1], "icl_window_start_tokens"]
     assert "Spread across seeds" in report.read_text()
+
+
+def _seeded_tables(seeds=(0, 1)):
+    """Checkpoints and head scores of attn-1l/2l and smear-1l/2l runs named MODEL-sK, with numbers that
+    tell every (model, seed, tokens) apart."""
+    import pandas as pd
+
+    ck, hs = [], []
+    for i, model in enumerate(("attn-1l", "attn-2l", "smear-1l", "smear-2l")):
+        for seed in seeds:
+            for tokens in (1000, 2000, 3000):
+                value = i + seed / 10 + tokens / 1e5
+                ck.append({"model": f"{model}-s{seed}", "step": tokens // 100, "tokens": tokens,
+                           "icl_score": -value, "icl_sem": 0.01, "val_loss": 3.0})
+                hs.append({"model": f"{model}-s{seed}", "step": tokens // 100, "tokens": tokens, "layer": 0,
+                           "head": 0, "score": "induction", "value": value})
+    return pd.DataFrame(ck), pd.DataFrame(hs)
+
+
+def test_smear_vs_vanilla_pairs_each_seed_with_its_twin():
+    """With several seeds (runs MODEL-sK) each smeared run is compared with the same seed's vanilla run at
+    the last common checkpoint (the headline's and report's "Smeared keys" section), not dropped."""
+    from experiments.reproduce import smear_vs_vanilla
+
+    ck, hs = _seeded_tables()
+    sv = smear_vs_vanilla(ck, hs)
+    assert set(sv) == {f"smear-{n}-s{k}_vs_attn-{n}-s{k}" for n in ("1l", "2l") for k in (0, 1)}
+    row = sv["smear-2l-s1_vs_attn-2l-s1"]
+    assert row["tokens"] == 3000
+    for run, i in (("smear-2l-s1", 3), ("attn-2l-s1", 1)):
+        assert row[run]["icl_score"] == pytest.approx(-(i + 0.1 + 0.03))
+        assert row[run]["induction_score"] == pytest.approx(i + 0.1 + 0.03)
+    one = smear_vs_vanilla(ck[ck.model.str.endswith("-s0")].assign(model=lambda d: d.model.str[:-3]),
+                           hs[hs.model.str.endswith("-s0")].assign(model=lambda d: d.model.str[:-3]))
+    assert set(one) == {"smear-1l_vs_attn-1l", "smear-2l_vs_attn-2l"}  # one seed: names without suffix
+
+
+def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, monkeypatch):
+    """The smeared-vs-vanilla figure's hue is the number of layers (1l, 2l) also for runs named MODEL-sK
+    (not the seed suffix, which would average 1- and 2-layer models into one line)."""
+    from experiments import figures
+
+    ck, hs = _seeded_tables()
+    res = Results(tmp_path, "phase_change")
+    res.write("checkpoints", ck)
+    res.write("head_scores", hs)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_smear(tmp_path, tmp_path / "figures")
+    ax = saved["smeared_vs_vanilla"].axes[0]
+    labels = {t.get_text() for t in ax.get_legend().get_texts()}
+    assert {"1l", "2l"} <= labels and not any(t.startswith("s") and t[1:].isdigit() for t in labels), labels
+    means = {round(y, 6) for line in ax.get_lines() for y in line.get_ydata()}
+    assert round(-(0 + 0.05 + 0.01), 6) in means  # attn-1l at 1000 tokens, mean of its two seeds only
+
+
+@pytest.mark.parametrize("n_ctx, early, late, band", [(64, 6, 62, 1), (256, 25, 250, 5), (512, 50, 500, 10)])
+def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, band):
+    """The report's ICL definition names the token numbers of the runs' own context (the paper's 50th and
+    500th of 512 scaled, band 10/512 of the context), not 256's at every scale; the transient's bands are
+    5 tokens inside them."""
+    from experiments.reproduce import icl_definition, icl_positions
+
+    assert f"(early, late = {early}, {late} of {n_ctx}; b = {band})" in icl_definition(n_ctx)
+    p = icl_positions(n_ctx)
+    assert (p["transient_early_below"], p["transient_late_from"]) == (early + 5, late - 5)

@@ -727,3 +727,59 @@ def test_reproduce_refuses_a_bad_corpus_or_seeds_before_making_the_folder(tmp_pa
         code, err = cli(["reproduce", "--out", tmp_path / "r", *argv], capsys)
         assert code == 2 and words in err, (argv, err)
         assert not (tmp_path / "r").exists()
+
+
+def test_reproduce_refuses_a_finished_run_trained_with_other_options(tmp_path, monkeypatch):
+    """A finished run in ``runs/`` whose saved config differs from the one asked for (here the corpus,
+    as ``reproduce --corpus B`` after ``--corpus A``: same step count, so it looks finished) is refused
+    with a ``RunFolderError`` naming the option, never reused as if it were the asked-for run."""
+    from experiments import zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": TOKENS})
+    runs = zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)
+    before = final_bytes(runs["attn-1l"])
+    assert zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1) == runs  # same options: skipped
+    real = zoo.get_preset
+    monkeypatch.setattr(zoo, "get_preset", lambda name: {**real(name), "corpus": "synthetic:markov"})
+    with pytest.raises(T.RunFolderError, match="corpus"):
+        zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)
+    assert final_bytes(runs["attn-1l"]) == before
+
+
+def test_phase_change_refuses_two_runs_of_one_name(tmp_path, capsys, reference):
+    """`phase-change a/run b/run`: the tables are keyed by the run folder's name, so two folders of one name
+    exit 2 naming it before any work (no results folder), never evaluate one of them silently."""
+    runs = [tmp_path / d / "run" for d in ("a", "b")]
+    for r in runs:
+        shutil.copytree(reference, r, ignore=shutil.ignore_patterns(".lock"))
+    code, err = cli(["phase-change", *runs, "--out", tmp_path / "res", "--windows", "4", "--quiet"], capsys)
+    assert code == 2 and "run" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "res").exists()
+
+
+def test_ablations_and_circuit_refuse_phase_change_results_of_another_run_state(tmp_path, capsys, finished):
+    """`ablations` / `circuit` read the head scores and ICL window of `phase-change` in --out: made from
+    another state of the run (here: before its last checkpoint was removed), they are refused (exit 2,
+    naming phase-change) rather than used for the run's other final checkpoint; rerunning phase-change,
+    as advised, makes them run."""
+    res = tmp_path / "res"
+    assert cli(["phase-change", finished, "--out", res, "--windows", "4", "--quiet"], capsys)[0] == 0
+    shutil.rmtree(max((finished / "checkpoints").glob("step-*")))
+    for argv in (["circuit", finished, "--out", res], ["ablations", finished, "--out", res, "--windows", "8", "--quiet"]):
+        code, err = cli(argv, capsys)
+        assert code == 2 and "phase-change" in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (res / "circuit_run").exists() and not (res / "ablations_run").exists()
+    assert cli(["phase-change", finished, "--out", res, "--windows", "4", "--quiet"], capsys)[0] == 0
+    assert cli(["circuit", finished, "--out", res], capsys)[0] == 0
+
+
+def test_reproduce_api_refuses_bad_input_before_making_the_folder(tmp_path):
+    """reproduce() called directly with --corpus on the tiny scale, a missing corpus, seeds=0 or an unknown
+    scale raises before the results folder (or its lock file) exists."""
+    from experiments.reproduce import reproduce
+
+    for kw in (dict(scale="tiny", corpus=str(tmp_path)), dict(scale="cpu", corpus=str(tmp_path / "missing")),
+               dict(scale="tiny", seeds=0), dict(scale="bogus")):
+        with pytest.raises(ValueError):
+            reproduce(out=tmp_path / "r", progress=False, **kw)
+        assert not (tmp_path / "r").exists(), kw

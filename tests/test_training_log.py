@@ -55,3 +55,28 @@ def test_cli_writes_tables_spread_and_figure(tmp_path):
                  "training_log.pdf"):
         assert (out / name).is_file(), name
     assert json.loads((out / "seed_spread.json").read_text())["smear-1l"]["seeds"] == 2
+
+
+def test_spread_counts_a_run_named_without_its_seed(tmp_path):
+    """The main job's run folder ``attn-2l`` (seed 0 from its config) with ``attn-2l-s1`` and ``-s2``: the
+    spread is over all three seeds, as the curves and the figure are, not over the two suffixed ones."""
+    runs = {"attn-2l": tmp_path / "attn-2l", "attn-2l-s1": tmp_path / "attn-2l-s1", "attn-2l-s2": tmp_path / "attn-2l-s2"}
+    for (name, folder), c in zip(runs.items(), (7.0, 7.1, 7.2)):
+        _planted_run(folder, int(name[-1]) if name.endswith(("s1", "s2")) else 0, c)
+    w = training_windows(training_curves(runs))
+    assert sorted(w.seed) == [0, 1, 2]
+    sp = spread(w)["attn-2l"]
+    assert sp["seeds"] == 3
+    assert sp["final_icl"]["mean"] == pytest.approx(w.final_icl.mean())
+
+
+def test_cli_refuses_two_runs_of_one_name(tmp_path):
+    """Two run folders with the same basename (and so one table row each, by name) are refused with exit
+    code 2 naming them, not silently reduced to one; nothing is written."""
+    runs = [tmp_path / d / "attn-2l" for d in ("a", "b")]
+    for k, r in enumerate(runs):
+        _planted_run(r, k, 7.0)
+    with pytest.raises(SystemExit) as e:
+        main([str(r) for r in runs] + ["--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert not (tmp_path / "out").exists()
