@@ -50,9 +50,29 @@ def _read(root: Path, exp: str, table: str) -> pd.DataFrame | None:
     return Results(root, exp).read_optional(table)
 
 
-def _shade_window(ax, win, model="attn-2l", kind="icl", label=True):
-    """Grey span: ``model``'s ``kind`` window (10%-90% of the rise) if it has one."""
+def _twin_attn2l(win: pd.DataFrame | None, model: str) -> str | None:
+    """The attn-2l run whose windows mark ``model``'s curves: of the same seed (runs ``<model>-s<k>``, as
+    the PCA reference is), else the unseeded ``attn-2l``, else the first attn-2l run; None if there is none.
+
+        >>> w = pd.DataFrame({"model": ["attn-2l-s0", "attn-2l-s1", "attn-1l-s1"]})
+        >>> _twin_attn2l(w, "attn-1l-s1"), _twin_attn2l(w, "smear-1l"), _twin_attn2l(None, "attn-2l")
+        ('attn-2l-s1', 'attn-2l-s0', None)
+    """
+    from .zoo import split_run_name
+
     if win is None:
+        return None
+    runs = [m for m in dict.fromkeys(win.model) if split_run_name(m)[0] == "attn-2l"]
+    seed = split_run_name(model)[1]
+    same = [m for m in runs if split_run_name(m)[1] == seed]
+    return same[0] if same else (runs[0] if runs else None)
+
+
+def _shade_window(ax, win, model=None, kind="icl", label=True):
+    """Grey span: ``model``'s ``kind`` window (10%-90% of the rise) if it has one (default: the first
+    attn-2l run, e.g. seed 0's where several seeds ran)."""
+    model = model or _twin_attn2l(win, "")
+    if win is None or model is None:
         return
     for r in win[win.model == model].itertuples():
         s, e = getattr(r, f"{kind}_window_start_tokens"), getattr(r, f"{kind}_window_end_tokens")
@@ -159,17 +179,19 @@ def fig_pca(root: Path, out: Path):
         return []
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
     win = _read(root, "phase_change", "windows")
-    ref = win[win.model == "attn-2l"] if win is not None else None
     for model, d in pca.groupby("model", sort=False):
         d = d[d.tokens > 0].sort_values("step")
         line, = ax.plot(d.pc1, d.pc2, marker="o", markersize=1.5, lw=0.8, label=model)
         ax.annotate("end", (d.pc1.iloc[-1], d.pc2.iloc[-1]), fontsize=6)
+        twin = _twin_attn2l(win, model)  # each run marked at its own seed's attn-2l window
+        ref = win[win.model == twin] if twin is not None else None
         if ref is not None and len(ref) and np.isfinite(ref.icl_window_start_tokens.iloc[0]):
             for t, mk in ((ref.icl_window_start_tokens.iloc[0], ">"), (ref.icl_window_end_tokens.iloc[0], "s")):
                 if d.tokens.max() >= t:
                     j = int(np.argmin(np.abs(np.log(d.tokens.to_numpy()) - np.log(t))))
                     ax.plot(d.pc1.iloc[j], d.pc2.iloc[j], mk, color=line.get_color(), markersize=5, mec="k", mew=0.5)
-    ax.set_title("triangle / square: attn-2l ICL window start / end", fontsize=7)
+    ax.set_title("triangle / square: attn-2l ICL window start / end"
+                 + (" (same seed)" if pca.model.str.contains(r"-s\d+$").any() else ""), fontsize=7)
     ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
     ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
     ax.legend(frameon=False)

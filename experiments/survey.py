@@ -21,6 +21,7 @@ A survey scales to many models:
 from __future__ import annotations
 
 import gc
+import hashlib
 import inspect
 import json
 import weakref
@@ -145,8 +146,16 @@ def remote_supported(score_fn) -> bool:
 
 
 def _table(label: str) -> str:
-    """Table name of one model's scores (a hub name like ``EleutherAI/pythia-70m`` made file-safe)."""
-    return "induction_" + "".join(c if c.isalnum() else "_" for c in label)
+    """Table name of one model's scores: the label made file-safe (a hub name like ``EleutherAI/pythia-70m``),
+    plus a hash of the label where that changed it, so two labels never share a table.
+
+        >>> _table("attn_2l"), _table("attn-2l"), _table("a/b") != _table("a_b")
+        ('induction_attn_2l', 'induction_attn_2l_d4925f7d', True)
+    """
+    safe = "".join(c if c.isalnum() else "_" for c in label)
+    if safe != label:
+        safe += "_" + hashlib.sha256(label.encode()).hexdigest()[:8]
+    return "induction_" + safe
 
 
 def release(model_holder: list) -> None:
