@@ -1,6 +1,7 @@
 """Trainer: checkpoints, bit-identical resume, run-folder safety, NaN guard, CLI errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -144,3 +145,42 @@ def test_load_model_accepts_a_run_folder(tmp_path):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(T.RunFolderError, match="no complete checkpoint"):
         T.load_model(tmp_path / "empty")
+
+
+def _text_corpus(folder, letters, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(exist_ok=True)
+    for i in range(6):
+        (folder / f"f{i}.txt").write_text("".join(rng.choice(letters) for _ in range(3000)))
+    return folder
+
+
+def _text_cfg(corpus, **over):
+    d = dict(corpus=str(corpus), vocab_size=257, batch_size=4, lr=1e-3, warmup_tokens=0, tokens=32 * 4 * 10,
+             n_checkpoints=3, n_eval_windows=4, model=dict(n_layers=1, n_heads=2, d_model=16, n_ctx=32))
+    d.update(over)
+    return T.TrainConfig.from_dict(d)
+
+
+def test_resume_on_a_changed_corpus_is_refused(tmp_path):
+    """A run whose corpus changed after it started (same path, other text) is refused on --resume, and on
+    a restart of a run killed before its first checkpoint, with nothing written: continuing would train
+    on other data than the checkpoints (and the saved provenance) say."""
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    cfg = _text_cfg(corpus)
+    T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=6)
+    _text_corpus(corpus, "xyz123 ", seed=1)
+    def state():  # every file but the lock (which records the pid of each process that takes it)
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.name != ".lock"}
+
+    before = state()
+    with pytest.raises(T.RunFolderError, match="corpus"):
+        T.train(cfg, tmp_path / "r", progress=False, resume=True)
+    assert state() == before
+    shutil.rmtree(tmp_path / "r" / "checkpoints")  # killed before its first checkpoint: a plain restart
+    with pytest.raises(T.RunFolderError, match="corpus"):
+        T.train(cfg, tmp_path / "r", progress=False)
+    _text_corpus(corpus, "abcdefgh ")  # the same text again: the run continues
+    T.train(cfg, tmp_path / "r", progress=False, resume=True)

@@ -662,6 +662,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
         raise RunFolderError(f"cannot write to {run_dir} ({e}): choose a writable --out folder") from None
     own()  # from here on no other process writes this folder
     _check_run_dir(run_dir, cfg, resume)  # again: another process may have started it meanwhile
+    _check_same_corpus(run_dir, fingerprint)
     _record_lr_change(run_dir, cfg)
     if not (run_dir / "train_config.json").is_file():
         from .provenance import provenance
@@ -675,6 +676,25 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
     start = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
     _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
     return ckpt
+
+
+def _check_same_corpus(run_dir: Path, fingerprint: dict) -> None:
+    """Refuse (RunFolderError, nothing written) to continue a started run whose corpus text changed since
+    it started: the same config on other data would silently train (and log) a different run. The
+    reference is the fingerprint recorded in its ``provenance.json`` (runs without one are not checked)."""
+    path = run_dir / "provenance.json"
+    if not (run_dir / "train_config.json").is_file() or not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get("corpus") or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise RunFolderError(f"{path} is garbled ({e}): restore it, or train into a new --out folder") from None
+    if saved.get("sha256") != fingerprint.get("sha256"):
+        raise RunFolderError(
+            f"the corpus {fingerprint.get('source')!r} has changed since {run_dir} started (content hash "
+            f"{str(saved.get('sha256'))[:12]}, {saved.get('n_documents')} documents then; "
+            f"{str(fingerprint.get('sha256'))[:12]}, {fingerprint.get('n_documents')} documents now): a run "
+            "continues only on the data it started with. Restore that corpus, or train into a new --out folder")
 
 
 def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, stop_after_steps: int | None,
