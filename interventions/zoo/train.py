@@ -143,6 +143,13 @@ class TrainConfig:
                              "tokenizers need at least 257 (256 bytes + separator)")
         if "vocab_size" in self.model and not self.corpus.startswith("synthetic:"):
             raise ValueError("model.vocab_size is set by the tokenizer for text corpora: set vocab_size instead")
+        # vocab_size only sizes the tokenizer trained on a text corpus; anywhere else it would be ignored
+        if self.vocab_size != TrainConfig.vocab_size and self.corpus.startswith("synthetic:"):
+            raise ValueError(f"vocab_size={self.vocab_size} is not used by synthetic corpora (their vocabulary is "
+                             "the model's): set model.vocab_size instead")
+        if self.vocab_size != TrainConfig.vocab_size and self.tokenizer is not None:
+            raise ValueError(f"vocab_size={self.vocab_size} is not used with tokenizer={self.tokenizer!r} (the "
+                             "model's vocabulary is that tokenizer's): drop vocab_size")
         AttnOnlyConfig(**self.model)  # raises on bad model options
 
 
