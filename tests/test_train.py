@@ -184,3 +184,46 @@ def test_resume_on_a_changed_corpus_is_refused(tmp_path):
         T.train(cfg, tmp_path / "r", progress=False)
     _text_corpus(corpus, "abcdefgh ")  # the same text again: the run continues
     T.train(cfg, tmp_path / "r", progress=False, resume=True)
+
+
+def test_corpus_cache_is_keyed_on_the_tokenizer_files(tmp_path):
+    """A tokenizer given as a local folder whose files change is a new cache entry: the second source is
+    the new tokenizer's encoding of the corpus, as encoding it directly gives."""
+    from interventions.zoo.tokenizer import byte_tokenizer, train_tokenizer
+
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    byte_tokenizer().save_pretrained(tmp_path / "tok")
+    cfg = _text_cfg(corpus, tokenizer=str(tmp_path / "tok"))
+    src, tok, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
+    assert len(tok) == 257
+    shutil.rmtree(tmp_path / "tok")
+    bpe = train_tokenizer([(corpus / "f0.txt").read_text()], vocab_size=300)
+    bpe.save_pretrained(tmp_path / "tok")
+    src2, tok2, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
+    assert len(tok2) == 300
+    from interventions.zoo import corpus as C
+
+    train_docs, _ = C.split_documents(C.load_documents(str(corpus)), cfg.val_fraction)
+    ids, _ = C.tokenize_stream(train_docs, bpe, bpe.eos_token_id)
+    assert src2.train.ids.tolist() == ids.tolist()
+
+
+def test_resume_with_a_changed_tokenizer_is_refused(tmp_path):
+    """A run whose tokenizer folder was rewritten after it started is refused on --resume (its checkpoints
+    were trained on the old token ids), with nothing written; the same tokenizer again continues."""
+    from interventions.zoo.tokenizer import train_tokenizer
+
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    first = train_tokenizer(["ab cd ef " * 200], vocab_size=300)  # same size, other merges: no shape error
+    first.save_pretrained(tmp_path / "tok")
+    cfg = _text_cfg(corpus, tokenizer=str(tmp_path / "tok"))
+    T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=6)
+    shutil.rmtree(tmp_path / "tok")
+    train_tokenizer(["gh ha bc " * 200], vocab_size=300).save_pretrained(tmp_path / "tok")
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    with pytest.raises(T.RunFolderError, match="tokenizer"):
+        T.train(cfg, tmp_path / "r", progress=False, resume=True)
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before
+    shutil.rmtree(tmp_path / "tok")
+    first.save_pretrained(tmp_path / "tok")
+    T.train(cfg, tmp_path / "r", progress=False, resume=True)

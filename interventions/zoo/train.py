@@ -526,6 +526,19 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> int:
 
 # ----------------------------------------------------------------------------- data
 
+def _tokenizer_key(name: str) -> str:
+    """The tokenizer's part of the corpus cache key: for a local file or folder its name and the hash of
+    every file in it (a tokenizer rewritten in place is a new key), else the hub name as given."""
+    path = Path(name)
+    if not path.exists():
+        return name
+    h = hashlib.sha256()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() if f != path else f.name.encode())
+        h.update(b"\0" + sha256_file(f).encode())
+    return f"{name}|{h.hexdigest()}"
+
+
 def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path | None = None,
                  progress: bool = False):
     """(token source, tokenizer or None, corpus fingerprint) for a config. The tokenised corpus is
@@ -548,7 +561,7 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
     docs = C.load_documents(cfg.corpus, max_files=cfg.max_files)
     fp = C.corpus_fingerprint(docs, cfg.corpus)
     train_docs, val_docs = C.split_documents(docs, cfg.val_fraction)
-    tok_key = cfg.tokenizer or f"bpe{cfg.vocab_size}"
+    tok_key = _tokenizer_key(cfg.tokenizer) if cfg.tokenizer else f"bpe{cfg.vocab_size}"
     key = hashlib.sha256(f"{fp['sha256']}|{tok_key}|{cfg.val_fraction}".encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("INTERVENTIONS_CACHE", Path.home() / ".cache" / "interventions")) / key
     tok_dir = cache / "tokenizer"
@@ -669,7 +682,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
         raise RunFolderError(f"cannot write to {run_dir} ({e}): choose a writable --out folder") from None
     own()  # from here on no other process writes this folder
     _check_run_dir(run_dir, cfg, resume)  # again: another process may have started it meanwhile
-    _check_same_corpus(run_dir, fingerprint)
+    _check_same_corpus(run_dir, fingerprint, tok)
     _record_lr_change(run_dir, cfg)
     if not (run_dir / "train_config.json").is_file():
         from .provenance import provenance
@@ -685,12 +698,22 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
     return ckpt
 
 
-def _check_same_corpus(run_dir: Path, fingerprint: dict) -> None:
-    """Refuse (RunFolderError, nothing written) to continue a started run whose corpus text changed since
-    it started: the same config on other data would silently train (and log) a different run. The
-    reference is the fingerprint recorded in its ``provenance.json`` (runs without one are not checked)."""
+def _check_same_corpus(run_dir: Path, fingerprint: dict, tok=None) -> None:
+    """Refuse (RunFolderError, nothing written) to continue a started run whose corpus text or tokenizer
+    changed since it started: the same config on other data would silently train (and log) a different
+    run. The references are the fingerprint in its ``provenance.json`` and its saved ``tokenizer/``
+    (a run without one is not checked for it)."""
+    if not (run_dir / "train_config.json").is_file():
+        return
+    if tok is not None and (run_dir / "tokenizer").is_dir():
+        from .tokenizer import load_tokenizer
+
+        if load_tokenizer(str(run_dir / "tokenizer")).backend_tokenizer.to_str() != tok.backend_tokenizer.to_str():
+            raise RunFolderError(f"the tokenizer has changed since {run_dir} started (it differs from "
+                                 f"{run_dir / 'tokenizer'}): a run continues only on the tokens it started with. "
+                                 "Restore that tokenizer, or train into a new --out folder")
     path = run_dir / "provenance.json"
-    if not (run_dir / "train_config.json").is_file() or not path.is_file():
+    if not path.is_file():
         return
     try:
         saved = json.loads(path.read_text(encoding="utf-8")).get("corpus") or {}
