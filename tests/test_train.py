@@ -227,3 +227,26 @@ def test_resume_with_a_changed_tokenizer_is_refused(tmp_path):
     shutil.rmtree(tmp_path / "tok")
     first.save_pretrained(tmp_path / "tok")
     T.train(cfg, tmp_path / "r", progress=False, resume=True)
+
+
+def test_lr_change_recorded_only_when_the_resume_goes_ahead(tmp_path):
+    """--resume with a new lr on a folder that is then refused (a damaged metrics line) writes nothing:
+    no lr_changes.jsonl, train_config.json untouched. When it goes ahead from an earlier checkpoint than the
+    newest (the newest lacks its metrics line), the change is recorded from the step it continues from."""
+    cfg = tiny_cfg()
+    T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=7)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    good = metrics.read_text()
+    lines = good.splitlines(keepends=True)
+    saved = (tmp_path / "r" / "train_config.json").read_text()
+    metrics.write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+    new = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 2})
+    with pytest.raises(T.RunFolderError, match="damaged"):
+        T.train(new, tmp_path / "r", progress=False, resume=True, stop_after_steps=0)
+    assert not (tmp_path / "r" / "lr_changes.jsonl").exists()
+    assert (tmp_path / "r" / "train_config.json").read_text() == saved
+    metrics.write_text("".join(lines[:-1]))  # the newest checkpoint's line lost: resume from the one before
+    steps = [json.loads(x)["step"] for x in lines]
+    T.train(new, tmp_path / "r", progress=False, resume=True, stop_after_steps=0)
+    change = json.loads((tmp_path / "r" / "lr_changes.jsonl").read_text())
+    assert change == {"from_step": steps[-2], "lr_before": cfg.lr, "lr": cfg.lr / 2}

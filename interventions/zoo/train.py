@@ -683,7 +683,6 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
     own()  # from here on no other process writes this folder
     _check_run_dir(run_dir, cfg, resume)  # again: another process may have started it meanwhile
     _check_same_corpus(run_dir, fingerprint, tok)
-    _record_lr_change(run_dir, cfg)
     if not (run_dir / "train_config.json").is_file():
         from .provenance import provenance
 
@@ -694,6 +693,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
         atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
     ckpt = resume_point(run_dir, cfg) if resume else _refuse_unverified(run_dir)
     start = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+    _record_lr_change(run_dir, cfg, start)  # after every refusal: a refused resume writes nothing
     _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
     return ckpt
 
@@ -962,16 +962,15 @@ def resume_point(run_dir: Path, cfg: TrainConfig | None = None) -> Path | None:
     return chosen
 
 
-def _record_lr_change(run_dir: Path, cfg: TrainConfig) -> None:
-    """On a resume with a new ``lr`` (the one option allowed to change): append the change to
-    ``lr_changes.jsonl`` and save the new config."""
+def _record_lr_change(run_dir: Path, cfg: TrainConfig, from_step: int) -> None:
+    """On a resume with a new ``lr`` (the one option allowed to change) continuing from step ``from_step``:
+    append the change to ``lr_changes.jsonl`` and save the new config."""
     if not (run_dir / "train_config.json").is_file():
         return
     saved = read_train_config_dict(run_dir)
     if saved.get("lr") == cfg.lr:
         return
-    last = latest_checkpoint(run_dir)
-    change = {"from_step": int(last.name.split("-")[1]) if last else 0, "lr_before": saved.get("lr"), "lr": cfg.lr}
+    change = {"from_step": from_step, "lr_before": saved.get("lr"), "lr": cfg.lr}
     with (run_dir / "lr_changes.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(change) + "\n")
         f.flush()
