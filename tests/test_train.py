@@ -1,6 +1,7 @@
 """Trainer: checkpoints, bit-identical resume, run-folder safety, NaN guard, CLI errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -144,3 +145,108 @@ def test_load_model_accepts_a_run_folder(tmp_path):
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(T.RunFolderError, match="no complete checkpoint"):
         T.load_model(tmp_path / "empty")
+
+
+def _text_corpus(folder, letters, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    folder.mkdir(exist_ok=True)
+    for i in range(6):
+        (folder / f"f{i}.txt").write_text("".join(rng.choice(letters) for _ in range(3000)))
+    return folder
+
+
+def _text_cfg(corpus, **over):
+    d = dict(corpus=str(corpus), vocab_size=257, batch_size=4, lr=1e-3, warmup_tokens=0, tokens=32 * 4 * 10,
+             n_checkpoints=3, n_eval_windows=4, model=dict(n_layers=1, n_heads=2, d_model=16, n_ctx=32))
+    d.update(over)
+    return T.TrainConfig.from_dict(d)
+
+
+def test_resume_on_a_changed_corpus_is_refused(tmp_path):
+    """A run whose corpus changed after it started (same path, other text) is refused on --resume, and on
+    a restart of a run killed before its first checkpoint, with nothing written: continuing would train
+    on other data than the checkpoints (and the saved provenance) say."""
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    cfg = _text_cfg(corpus)
+    T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=6)
+    _text_corpus(corpus, "xyz123 ", seed=1)
+    def state():  # every file but the lock (which records the pid of each process that takes it)
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "r").rglob("*") if p.name != ".lock"}
+
+    before = state()
+    with pytest.raises(T.RunFolderError, match="corpus"):
+        T.train(cfg, tmp_path / "r", progress=False, resume=True)
+    assert state() == before
+    shutil.rmtree(tmp_path / "r" / "checkpoints")  # killed before its first checkpoint: a plain restart
+    with pytest.raises(T.RunFolderError, match="corpus"):
+        T.train(cfg, tmp_path / "r", progress=False)
+    _text_corpus(corpus, "abcdefgh ")  # the same text again: the run continues
+    T.train(cfg, tmp_path / "r", progress=False, resume=True)
+
+
+def test_corpus_cache_is_keyed_on_the_tokenizer_files(tmp_path):
+    """A tokenizer given as a local folder whose files change is a new cache entry: the second source is
+    the new tokenizer's encoding of the corpus, as encoding it directly gives."""
+    from interventions.zoo.tokenizer import byte_tokenizer, train_tokenizer
+
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    byte_tokenizer().save_pretrained(tmp_path / "tok")
+    cfg = _text_cfg(corpus, tokenizer=str(tmp_path / "tok"))
+    src, tok, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
+    assert len(tok) == 257
+    shutil.rmtree(tmp_path / "tok")
+    bpe = train_tokenizer([(corpus / "f0.txt").read_text()], vocab_size=300)
+    bpe.save_pretrained(tmp_path / "tok")
+    src2, tok2, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
+    assert len(tok2) == 300
+    from interventions.zoo import corpus as C
+
+    train_docs, _ = C.split_documents(C.load_documents(str(corpus)), cfg.val_fraction)
+    ids, _ = C.tokenize_stream(train_docs, bpe, bpe.eos_token_id)
+    assert src2.train.ids.tolist() == ids.tolist()
+
+
+def test_resume_with_a_changed_tokenizer_is_refused(tmp_path):
+    """A run whose tokenizer folder was rewritten after it started is refused on --resume (its checkpoints
+    were trained on the old token ids), with nothing written; the same tokenizer again continues."""
+    from interventions.zoo.tokenizer import train_tokenizer
+
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    first = train_tokenizer(["ab cd ef " * 200], vocab_size=300)  # same size, other merges: no shape error
+    first.save_pretrained(tmp_path / "tok")
+    cfg = _text_cfg(corpus, tokenizer=str(tmp_path / "tok"))
+    T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=6)
+    shutil.rmtree(tmp_path / "tok")
+    train_tokenizer(["gh ha bc " * 200], vocab_size=300).save_pretrained(tmp_path / "tok")
+    before = sorted(p.name for p in (tmp_path / "r").rglob("*"))
+    with pytest.raises(T.RunFolderError, match="tokenizer"):
+        T.train(cfg, tmp_path / "r", progress=False, resume=True)
+    assert sorted(p.name for p in (tmp_path / "r").rglob("*")) == before
+    shutil.rmtree(tmp_path / "tok")
+    first.save_pretrained(tmp_path / "tok")
+    T.train(cfg, tmp_path / "r", progress=False, resume=True)
+
+
+def test_lr_change_recorded_only_when_the_resume_goes_ahead(tmp_path):
+    """--resume with a new lr on a folder that is then refused (a damaged metrics line) writes nothing:
+    no lr_changes.jsonl, train_config.json untouched. When it goes ahead from an earlier checkpoint than the
+    newest (the newest lacks its metrics line), the change is recorded from the step it continues from."""
+    cfg = tiny_cfg()
+    T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=7)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    good = metrics.read_text()
+    lines = good.splitlines(keepends=True)
+    saved = (tmp_path / "r" / "train_config.json").read_text()
+    metrics.write_text(lines[0] + "garbage\n" + "".join(lines[1:]))
+    new = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 2})
+    with pytest.raises(T.RunFolderError, match="damaged"):
+        T.train(new, tmp_path / "r", progress=False, resume=True, stop_after_steps=0)
+    assert not (tmp_path / "r" / "lr_changes.jsonl").exists()
+    assert (tmp_path / "r" / "train_config.json").read_text() == saved
+    metrics.write_text("".join(lines[:-1]))  # the newest checkpoint's line lost: resume from the one before
+    steps = [json.loads(x)["step"] for x in lines]
+    T.train(new, tmp_path / "r", progress=False, resume=True, stop_after_steps=0)
+    change = json.loads((tmp_path / "r" / "lr_changes.jsonl").read_text())
+    assert change == {"from_step": steps[-2], "lr_before": cfg.lr, "lr": cfg.lr / 2}

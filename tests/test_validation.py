@@ -160,6 +160,14 @@ def _tc(**over) -> T.TrainConfig:
     return T.TrainConfig.from_dict(d)
 
 
+def _text_and_tokenizer(d):
+    from interventions.zoo.tokenizer import byte_tokenizer
+
+    _write(d / "c.txt", "hello world\n" * 50)
+    byte_tokenizer().save_pretrained(d / "tok")
+    return d
+
+
 # name -> (setup(tmp) -> argument, call(argument, tmp), error type, message fragment)
 FILE_CASES = {
     "corpus: empty text file": (lambda d: _write(d / "empty.txt", "  \n"),
@@ -196,6 +204,13 @@ FILE_CASES = {
     "train: model.vocab_size with a text corpus": (
         lambda d: _write(d / "c.txt", "hello world\n" * 50),
         lambda a, d: T.train(_tc(corpus=str(a)), d / "run"), ValueError, "model.vocab_size"),
+    "train: vocab_size with a synthetic corpus (unused: model.vocab_size sets it)": (
+        lambda d: None, lambda a, d: T.train(_tc(vocab_size=64), d / "run"), ValueError, "model.vocab_size"),
+    "train: vocab_size with a given tokenizer (unused: the tokenizer sets it)": (
+        _text_and_tokenizer,
+        lambda a, d: T.train(_tc(corpus=str(a / "c.txt"), tokenizer=str(a / "tok"), vocab_size=1000,
+                                 model={"n_layers": 1, "n_heads": 2, "d_model": 16, "n_ctx": 32}), d / "run"),
+        ValueError, "tokenizer"),
     "train: bad model option": (lambda d: None, lambda a, d: T.train(_tc(model={"n_layers": 0}), d / "run"),
                                 ValueError, "n_layers"),
     "train: unknown synthetic corpus": (lambda d: None, lambda a, d: T.train(_tc(corpus="synthetic:zipf"),

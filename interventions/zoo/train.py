@@ -143,6 +143,13 @@ class TrainConfig:
                              "tokenizers need at least 257 (256 bytes + separator)")
         if "vocab_size" in self.model and not self.corpus.startswith("synthetic:"):
             raise ValueError("model.vocab_size is set by the tokenizer for text corpora: set vocab_size instead")
+        # vocab_size only sizes the tokenizer trained on a text corpus; anywhere else it would be ignored
+        if self.vocab_size != TrainConfig.vocab_size and self.corpus.startswith("synthetic:"):
+            raise ValueError(f"vocab_size={self.vocab_size} is not used by synthetic corpora (their vocabulary is "
+                             "the model's): set model.vocab_size instead")
+        if self.vocab_size != TrainConfig.vocab_size and self.tokenizer is not None:
+            raise ValueError(f"vocab_size={self.vocab_size} is not used with tokenizer={self.tokenizer!r} (the "
+                             "model's vocabulary is that tokenizer's): drop vocab_size")
         AttnOnlyConfig(**self.model)  # raises on bad model options
 
 
@@ -519,6 +526,19 @@ def _load_optimizer(opt: torch.optim.Optimizer, path: Path) -> int:
 
 # ----------------------------------------------------------------------------- data
 
+def _tokenizer_key(name: str) -> str:
+    """The tokenizer's part of the corpus cache key: for a local file or folder its name and the hash of
+    every file in it (a tokenizer rewritten in place is a new key), else the hub name as given."""
+    path = Path(name)
+    if not path.exists():
+        return name
+    h = hashlib.sha256()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() if f != path else f.name.encode())
+        h.update(b"\0" + sha256_file(f).encode())
+    return f"{name}|{h.hexdigest()}"
+
+
 def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path | None = None,
                  progress: bool = False):
     """(token source, tokenizer or None, corpus fingerprint) for a config. The tokenised corpus is
@@ -541,7 +561,7 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
     docs = C.load_documents(cfg.corpus, max_files=cfg.max_files)
     fp = C.corpus_fingerprint(docs, cfg.corpus)
     train_docs, val_docs = C.split_documents(docs, cfg.val_fraction)
-    tok_key = cfg.tokenizer or f"bpe{cfg.vocab_size}"
+    tok_key = _tokenizer_key(cfg.tokenizer) if cfg.tokenizer else f"bpe{cfg.vocab_size}"
     key = hashlib.sha256(f"{fp['sha256']}|{tok_key}|{cfg.val_fraction}".encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("INTERVENTIONS_CACHE", Path.home() / ".cache" / "interventions")) / key
     tok_dir = cache / "tokenizer"
@@ -662,7 +682,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
         raise RunFolderError(f"cannot write to {run_dir} ({e}): choose a writable --out folder") from None
     own()  # from here on no other process writes this folder
     _check_run_dir(run_dir, cfg, resume)  # again: another process may have started it meanwhile
-    _record_lr_change(run_dir, cfg)
+    _check_same_corpus(run_dir, fingerprint, tok)
     if not (run_dir / "train_config.json").is_file():
         from .provenance import provenance
 
@@ -673,8 +693,38 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
         atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
     ckpt = resume_point(run_dir, cfg) if resume else _refuse_unverified(run_dir)
     start = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
+    _record_lr_change(run_dir, cfg, start)  # after every refusal: a refused resume writes nothing
     _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
     return ckpt
+
+
+def _check_same_corpus(run_dir: Path, fingerprint: dict, tok=None) -> None:
+    """Refuse (RunFolderError, nothing written) to continue a started run whose corpus text or tokenizer
+    changed since it started: the same config on other data would silently train (and log) a different
+    run. The references are the fingerprint in its ``provenance.json`` and its saved ``tokenizer/``
+    (a run without one is not checked for it)."""
+    if not (run_dir / "train_config.json").is_file():
+        return
+    if tok is not None and (run_dir / "tokenizer").is_dir():
+        from .tokenizer import load_tokenizer
+
+        if load_tokenizer(str(run_dir / "tokenizer")).backend_tokenizer.to_str() != tok.backend_tokenizer.to_str():
+            raise RunFolderError(f"the tokenizer has changed since {run_dir} started (it differs from "
+                                 f"{run_dir / 'tokenizer'}): a run continues only on the tokens it started with. "
+                                 "Restore that tokenizer, or train into a new --out folder")
+    path = run_dir / "provenance.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get("corpus") or {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise RunFolderError(f"{path} is garbled ({e}): restore it, or train into a new --out folder") from None
+    if saved.get("sha256") != fingerprint.get("sha256"):
+        raise RunFolderError(
+            f"the corpus {fingerprint.get('source')!r} has changed since {run_dir} started (content hash "
+            f"{str(saved.get('sha256'))[:12]}, {saved.get('n_documents')} documents then; "
+            f"{str(fingerprint.get('sha256'))[:12]}, {fingerprint.get('n_documents')} documents now): a run "
+            "continues only on the data it started with. Restore that corpus, or train into a new --out folder")
 
 
 def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, stop_after_steps: int | None,
@@ -912,16 +962,15 @@ def resume_point(run_dir: Path, cfg: TrainConfig | None = None) -> Path | None:
     return chosen
 
 
-def _record_lr_change(run_dir: Path, cfg: TrainConfig) -> None:
-    """On a resume with a new ``lr`` (the one option allowed to change): append the change to
-    ``lr_changes.jsonl`` and save the new config."""
+def _record_lr_change(run_dir: Path, cfg: TrainConfig, from_step: int) -> None:
+    """On a resume with a new ``lr`` (the one option allowed to change) continuing from step ``from_step``:
+    append the change to ``lr_changes.jsonl`` and save the new config."""
     if not (run_dir / "train_config.json").is_file():
         return
     saved = read_train_config_dict(run_dir)
     if saved.get("lr") == cfg.lr:
         return
-    last = latest_checkpoint(run_dir)
-    change = {"from_step": int(last.name.split("-")[1]) if last else 0, "lr_before": saved.get("lr"), "lr": cfg.lr}
+    change = {"from_step": from_step, "lr_before": saved.get("lr"), "lr": cfg.lr}
     with (run_dir / "lr_changes.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(change) + "\n")
         f.flush()
