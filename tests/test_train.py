@@ -250,3 +250,26 @@ def test_lr_change_recorded_only_when_the_resume_goes_ahead(tmp_path):
     T.train(new, tmp_path / "r", progress=False, resume=True, stop_after_steps=0)
     change = json.loads((tmp_path / "r" / "lr_changes.jsonl").read_text())
     assert change == {"from_step": steps[-2], "lr_before": cfg.lr, "lr": cfg.lr / 2}
+
+
+def test_rewriting_a_checkpoint_killed_mid_delete_keeps_a_verified_one(tmp_path, monkeypatch):
+    """Rewriting an existing checkpoint (a resume from before it) and being killed while the old copy is
+    deleted leaves step-* whole: the old copy is moved aside before it is deleted."""
+    cfg = tiny_cfg()
+    T.train(cfg, tmp_path / "r", progress=False)
+    last = T.latest_checkpoint(tmp_path / "r")
+    step = int(last.name.split("-")[1])
+    model = T.load_model(last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the rewrite holds other weights
+
+    def killed_rmtree(path, *a, **k):  # deletes one file of the folder, then the process dies
+        next(p for p in sorted(path.iterdir()) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(tmp_path / "r", step, model, opt, 123)
+    assert T.verify_checkpoint(last) and T.latest_checkpoint(tmp_path / "r") == last
+    assert torch.equal(next(T.load_model(last).parameters()), next(model.parameters()))  # the new copy

@@ -440,10 +440,15 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, tokens: int) -> Path:
     for p in tmp.iterdir():
         with p.open("rb") as f:
             os.fsync(f.fileno())
+    old = ckpt_root / f".old-step-{step:08d}"  # a checkpoint rewritten (a resume from before it) goes aside first:
+    if old.exists():  # a kill mid-delete then damages only the hidden old copy, never step-*
+        shutil.rmtree(old)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
+    if old.exists():
+        shutil.rmtree(old)
     return final
 
 
