@@ -11,7 +11,7 @@ it; in a per-token loss array of shape (batch, pos - 1) it is entry k - 2.
 
 Precision: one token against one token is noisy (s.e. ~0.1 nats on 512 byte-level windows). The
 ``band`` option averages each window's loss over the tokens ``early - band .. early + band`` and
-``late - band .. late + band`` before differencing; ``icl_band(n_ctx)`` (+-2% of the context: tokens
+``late - band .. late + band`` before differencing; ``icl_band(n_ctx)`` (+-2% of the context up to 512 tokens, then 10: tokens
 20-30 and 245-255 at 256) is what the experiments and the trainer's log use. ``band=0`` is the paper's
 exact definition.
 
@@ -48,9 +48,14 @@ def icl_indices(n_ctx: int) -> tuple[int, int]:
 
 
 def icl_band(n_ctx: int) -> int:
-    """Half-width (tokens) of the bands the experiments average the ICL score over: 10/512 of the context,
-    so the bands stay well inside "little context" and "nearly all of it" at any context length."""
-    return round(n_ctx * 10 / PAPER_CTX)
+    """Half-width (tokens) of the bands the experiments average the ICL score over: 10/512 of the context
+    up to 512 tokens, then 10 (the tokens stay the paper's 50th and 500th there), so the bands stay well
+    inside "little context" and "nearly all of it" at any context length.
+
+        >>> icl_band(64), icl_band(256), icl_band(512), icl_band(4096)
+        (1, 5, 10, 10)
+    """
+    return round(min(n_ctx, PAPER_CTX) * 10 / PAPER_CTX)
 
 
 def as_windows(windows) -> torch.Tensor:
