@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from interventions.zoo.train import TrainConfig, latest_checkpoint, read_metrics, train
+from interventions.zoo.train import TrainConfig, latest_checkpoint, list_checkpoints, read_metrics, train
 
 from .presets import get_preset
 
@@ -169,5 +169,10 @@ def _check_same_run(run: Path, cfg: TrainConfig) -> None:
 
 
 def _finished(run: Path, cfg: TrainConfig) -> bool:
+    """Whether ``run`` is complete: its last checkpoint is the final step, and step 0 and every checkpoint
+    have their metrics line (a line lost from the middle makes it unfinished: the resume recomputes it)."""
     ckpt = latest_checkpoint(run)
-    return ckpt is not None and ckpt.name == f"step-{cfg.total_steps:08d}" and bool(read_metrics(run))
+    if ckpt is None or ckpt.name != f"step-{cfg.total_steps:08d}":
+        return False
+    logged = {m["step"] for m in read_metrics(run)}
+    return {0, *(int(c.name.split("-")[1]) for c in list_checkpoints(run))} <= logged

@@ -746,6 +746,24 @@ def test_reproduce_refuses_a_finished_run_trained_with_other_options(tmp_path, m
     assert final_bytes(runs["attn-1l"]) == before
 
 
+def test_a_finished_run_missing_a_metrics_line_is_resumed_and_the_line_recomputed(tmp_path, monkeypatch):
+    """A finished run whose metrics.jsonl lost a line from the middle (a checkpoint's) is not taken as
+    finished: train_zoo resumes it, and the line comes back equal to an uninterrupted run's."""
+    from experiments import zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": TOKENS})
+    run = zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)["attn-1l"]
+    path = run / "metrics.jsonl"
+    full = path.read_text().splitlines()
+    steps = [int(c.name.split("-")[1]) for c in T.list_checkpoints(run)]
+    gone = next(i for i, line in enumerate(full) if json.loads(line)["step"] == steps[len(steps) // 2])
+    path.write_text("\n".join(full[:gone] + full[gone + 1:]) + "\n")
+    zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)
+    again = path.read_text().splitlines()
+    assert [json.loads(x)["step"] for x in again] == [json.loads(x)["step"] for x in full]
+    assert json.loads(again[gone])["val_loss"] == json.loads(full[gone])["val_loss"]
+
+
 def test_phase_change_refuses_two_runs_of_one_name(tmp_path, capsys, reference):
     """`phase-change a/run b/run`: the tables are keyed by the run folder's name, so two folders of one name
     exit 2 naming it before any work (no results folder), never evaluate one of them silently."""
