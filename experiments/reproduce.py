@@ -137,10 +137,11 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
         "windows_per_checkpoint": int(ck.icl_n.max()) if "icl_n" in ck and len(ck) else settings.get("n_windows"),
         "windows_precise": int(prec.n.max()) if "n" in prec and len(prec) else settings.get("n_precise"),
         "pca_pairs": settings.get("n_pca_pairs")}
-    lbi = pc.read("loss_by_index")
-    n_ctx = int(lbi.token_index.max()) + 1  # token indices 1..n_ctx-1 (the runs' context)
+    lbi = pc.read_optional("loss_by_index")
+    n_ctx = int(lbi.token_index.max()) + 1 if lbi is not None and len(lbi) else None  # indices 1..n_ctx-1
     h["icl_definition"] = icl_definition(n_ctx)
-    h["icl_positions"] = icl_positions(n_ctx)
+    if n_ctx is not None:
+        h["icl_positions"] = icl_positions(n_ctx)
     models = {}
     for r in win.itertuples():
         d = {"run_tokens": int(r.run_tokens),
@@ -199,16 +200,20 @@ def icl_positions(n_ctx: int) -> dict:
             "transient_early_below": early + 5, "transient_late_from": late - 5}
 
 
-def icl_definition(n_ctx: int) -> str:
-    """The report's sentence defining the ICL score, with the token numbers of context ``n_ctx``.
+def icl_definition(n_ctx: int | None) -> str:
+    """The report's sentence defining the ICL score, with the token numbers of context ``n_ctx`` (None:
+    no loss-by-index table to read the context from; the rule instead of the numbers).
 
         >>> icl_definition(256).split("(")[1].split(")")[0]
         'early, late = 25, 250 of 256; b = 5'
     """
-    p = icl_positions(n_ctx)
+    if n_ctx is None:
+        where = "early, late = the paper's 50th and 500th of 512 tokens scaled to the context; b = 10/512 of it"
+    else:
+        p = icl_positions(n_ctx)
+        where = f"early, late = {p['early']}, {p['late']} of {n_ctx}; b = {p['band']}"
     return ("mean loss of tokens late-b..late+b minus early-b..early+b per window, averaged over windows "
-            f"(early, late = {p['early']}, {p['late']} of {n_ctx}; b = {p['band']}); s.e. = std of the per-window "
-            "difference / sqrt(windows)")
+            f"({where}); s.e. = std of the per-window difference / sqrt(windows)")
 
 
 def seed_spread(models: dict, pca_turn: dict | None = None, ablation: dict | None = None) -> dict:
@@ -477,10 +482,12 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                       f"induction score {row[a]['induction_score']:.2f}."]
         lines += [""]
     if "transient" in h:
+        pos = h.get("icl_positions")  # the bands attention_by_band uses (early + 5, late - 5)
+        early, late = (f"< {pos['transient_early_below']}", f">= {pos['transient_late_from']}") if pos else \
+            ("< early + 5", ">= late - 5")
         lines += ["## The early transient", "",
                   "At the checkpoint between 0.3M and 5M tokens where each model's ICL score is highest: mean "
-                  f"attention entropy of late (>= {h['icl_positions']['transient_late_from']}) vs early "
-                  f"(< {h['icl_positions']['transient_early_below']}) query positions, as a fraction of uniform "
+                  f"attention entropy of late ({late}) vs early ({early}) query positions, as a fraction of uniform "
                   "attention's entropy over the visible tokens:"]
         for m, t in h["transient"].items():
             lines += [f"- {m} at {_tok(t['tokens'])} (ICL {t['icl_score']:+.2f}): early "
