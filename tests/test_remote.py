@@ -454,3 +454,25 @@ def test_registered_adapter_warns_remotely(monkeypatch, server):
     monkeypatch.setitem(ARCHS, "gpt2", replace(ARCHS["gpt2"]))
     with pytest.warns(UserWarning, match="registered adapter.*unproven"):
         iv.per_token_loss(lm, tokens, iv.ZeroAblation("L0H0"), remote="local")
+
+
+def test_logit_diff_refused_before_the_source_run(server):
+    """A logit_diff whose ids do not fit the batch or the vocabulary, or whose position is outside the
+    sequence, is refused with ValueError before any job is sent (it was refused only after the source
+    run, and path_patch's step-1 runs, were sent; ids outside the vocabulary failed inside the trace
+    with an index error), and locally before any run."""
+    model, lm = build("gpt2")
+    clean, corrupted = toks(2, 6, seed=3), toks(2, 6, seed=4)
+    bad = [(logit_diff(torch.tensor([1, 2, 3]), 4), "correct_ids has 3 ids but the batch has 2"),
+           (logit_diff(1, 4, pos=9), "pos=9 out of range for 6 positions"),
+           (logit_diff(VOCAB + 3, 4), "correct_ids .* outside the vocabulary"),
+           (logit_diff(1, -2), "wrong_ids .* outside the vocabulary")]
+    for metric, match in bad:
+        for call in (lambda m, r: iv.patch_heads(m, clean, corrupted, metric, remote=r),
+                     lambda m, r: patch_residual(m, clean, corrupted, metric, remote=r),
+                     lambda m, r: iv.path_patch(m, clean, corrupted, metric, ["L0H0"], ["L1H0"], remote=r)):
+            with pytest.raises(ValueError, match=match):
+                call(lm, "local")
+            assert server == []
+            with pytest.raises(ValueError, match=match):
+                call(model, False)

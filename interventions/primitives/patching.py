@@ -88,6 +88,18 @@ class LogitDiff:
                                  "or one per sequence")
         return torch.stack([self.correct.expand(batch), self.wrong.expand(batch)], dim=1)
 
+    def check(self, batch: int, pos: int, vocab_size: int) -> None:
+        """Raise ValueError unless the ids fit ``batch`` rows and the vocabulary and ``pos`` lies in the
+        sequence: called before any run (an id outside the vocabulary would fail inside the trace)."""
+        self.ids(batch)
+        for name, ids in (("correct_ids", self.correct), ("wrong_ids", self.wrong)):
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+                raise ValueError(f"{name} {ids.tolist()} has ids outside the vocabulary [0, {vocab_size}): "
+                                 "pass token ids of this model's tokenizer")
+        if not isinstance(self.pos, int) or not -pos <= self.pos < pos:
+            raise ValueError(f"logit_diff pos={self.pos!r} out of range for {pos} positions: pass a position "
+                             f"in [-{pos}, {pos})")
+
     def __call__(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         last = logits[:, self.pos].float()  # (batch, vocab)
         pair = last.gather(-1, self.ids(last.shape[0]).to(last.device))  # (batch, 2)
@@ -144,8 +156,9 @@ def _check_pair(model, clean, corrupted, direction, remote: Remote = False):
     return engine, source, target
 
 
-def check_metric(metric) -> Metric:
-    """A metric must be a function of (logits, tokens)."""
+def check_metric(metric, engine: Engine | None = None, target: torch.Tensor | None = None) -> Metric:
+    """A metric must be a function of (logits, tokens); a ``logit_diff`` must also fit ``target``'s
+    (batch, pos) and the model's vocabulary (checked before any run, so nothing is sent first)."""
     if not callable(metric):
         raise ValueError(f"metric must be a function (logits, tokens) -> (batch,), got {type(metric).__name__}")
     try:
@@ -155,6 +168,8 @@ def check_metric(metric) -> Metric:
                          "run being measured; e.g. def metric(logits, tokens): ...") from None
     except ValueError:  # no signature (builtins): trust it
         pass
+    if isinstance(metric, LogitDiff) and engine is not None:
+        metric.check(target.shape[0], target.shape[1], engine.adapter.vocab_size)
     return metric
 
 
@@ -236,7 +251,7 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
         (mean over the batch) with that one patch applied; n_heads is n_kv_heads for k and v.
     """
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
-    metric = check_metric(metric)
+    metric = check_metric(metric, engine, target)
     if by not in PATCH_BY:
         raise ValueError(f"by={by!r} is unknown: use 'head' (one head at all positions) or 'head_pos' "
                          "(one head at one position)")
@@ -265,7 +280,7 @@ def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
     """Metric with the residual stream entering one layer (``resid_pre``), at one position, patched from
     the source. Returns (n_layers, pos). ``remote``: as ``patch_heads``."""
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
-    metric = check_metric(metric)
+    metric = check_metric(metric, engine, target)
     check_positive(patches_per_pass, "patches_per_pass")
     n_layers, pos = engine.adapter.n_layers, source.shape[1]
     src = engine.run(Run(source, reads=[Site(layer, "resid_pre") for layer in range(n_layers)], returns="none")).acts
@@ -288,7 +303,7 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
                            "every attention layer and switches the attention implementation, and a server's model is "
                            "shared and cannot be edited; patch z, q, k or v with patch_heads(..., remote=...) instead")
     engine, source, target = _check_pair(model, clean, corrupted, direction)
-    metric = check_metric(metric)
+    metric = check_metric(metric, engine, target)
     check_positive(heads_per_pass, "heads_per_pass")
     n_layers, n_heads = engine.adapter.n_layers, engine.adapter.n_heads
     with observable(engine.inner):
@@ -326,7 +341,7 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
         (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched.
     """
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
-    metric = check_metric(metric)
+    metric = check_metric(metric, engine, target)
     check_positive(patches_per_pass, "patches_per_pass")
     if receiver_input not in ("q", "k", "v"):
         raise ValueError(f"receiver_input={receiver_input!r} is unknown: use 'q', 'k' or 'v'")
