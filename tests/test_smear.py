@@ -1,6 +1,7 @@
 """Smeared keys: the KeySmear formula, the ``smear_keys`` edit on each architecture, and the paper's claim
 that a 1-layer smeared-key model forms an induction head where a vanilla one does not."""
 
+import contextlib
 import copy
 import time
 
@@ -381,3 +382,28 @@ def test_one_layer_smeared_model_forms_induction_head(tmp_path, monkeypatch):
     assert scores[True] > 0.4
     assert scores[False] < 0.4
     assert scores[True] - scores[False] > 0.3
+
+
+# ----------------------------------------------------------------------------- padding
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_left_padding_matches_unpadded(arch):
+    """A left-padded batch of a smeared model gives, at the real tokens, the logits of the unpadded
+    sequence, on both attention paths (SDPA, and the eager path ``observable`` switches to): the first real
+    token's key is the first key (the paper leaves it unmixed), never mixed with a pad token's key."""
+    from interventions import observable
+
+    edited = smear_keys(build(arch))
+    set_alphas(edited, 0.0)  # an even mix: a pad key mixed in would move the logits visibly
+    a, b = tokens(batch=1, pos=10, seed=2), tokens(batch=1, pos=6, seed=3)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    want_a, want_b = logits(edited, a)[0], logits(edited, b)[0]
+    for path in ("sdpa", "observable"):
+        ctx = observable(edited) if path == "observable" else contextlib.nullcontext()
+        with ctx:
+            out = logits(edited, batch, attention_mask=mask, position_ids=position_ids)
+        assert torch.allclose(out[0], want_a, atol=1e-5), path
+        assert torch.allclose(out[1, 4:], want_b, atol=1e-5), (path, (out[1, 4:] - want_b).abs().max())

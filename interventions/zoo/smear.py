@@ -43,10 +43,12 @@ records them), so it is exact for any position ids and rope scaling; tests compa
 captured after rotary. A smear before rotary would instead mix in the previous key rotated to the
 *current* position, a different (relative-position-mixing) variant.
 
-Padding and caches: "previous" means the previous column of the input. With left padding the first
-real token mixes in the last pad token's key (the pad key itself is masked out of attention, but
-its contribution through the smear is not): prefer unpadded or right-padded batches, or expect a
-small change on the first real token. The hook sees only the tokens of the current call, so
+Padding and caches: "previous" means the previous column of the input, unless the attention mask
+marks that column as padding: then the key is left as it is, as the first key is (the attention
+module's ``attention_mask``, read by the pre-hook; our model's own mask). So with left padding the
+first real token is the first key, and a padded batch gives the unpadded sequences' logits (a pad
+key mixed in would change every later token, and differently on the SDPA and eager paths, whose pad
+rows differ). The hook sees only the tokens of the current call, so
 incremental decoding with a KV cache would treat each new token as "first"; it raises instead
 (generate with ``use_cache=False``). ``save_pretrained`` on an edited HF model stores the alphas, but
 ``from_pretrained`` builds a plain model: rebuild with ``smear_keys(plain)`` and ``load_state_dict``.
@@ -93,17 +95,24 @@ class KeySmear(nn.Module):
         with torch.no_grad():
             self.alpha.fill_(self.init_alpha)
 
-    def forward(self, k: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, k: torch.Tensor, prev: torch.Tensor | None = None,
+                prev_real: torch.Tensor | None = None) -> torch.Tensor:
         """k: (batch, head, pos, d_head) -> smeared keys of the same shape; position 0 exactly unchanged.
 
-        prev: what positions 1..pos-1 mix in, (batch, head, pos - 1, d_head); default k_{j-1}."""
+        prev: what positions 1..pos-1 mix in, (batch, head, pos - 1, d_head); default k_{j-1}.
+        prev_real: (batch, pos - 1) bool, False where position j's previous column is padding: that key
+        is left unchanged, as the first key (left padding must not mix a pad key into the first real
+        token); None: no padding."""
         if k.shape[1] != self.alpha.shape[0]:
             raise ValueError(f"KeySmear has {self.alpha.shape[0]} heads but the keys have {k.shape[1]}")
         s = torch.sigmoid(self.alpha).to(k.dtype)[None, :, None, None]  # (1, head, 1, 1)
         if prev is None:
             prev = k[:, :, :-1]  # k_{j-1} for j >= 1
+        mixed = s * k[:, :, 1:] + (1 - s) * prev  # (batch, head, pos - 1, d_head)
+        if prev_real is not None:
+            mixed = torch.where(prev_real[:, None, :, None].to(k.device), mixed, k[:, :, 1:])
         # Position 0 is copied, not mixed with itself: s k + (1 - s) k can differ from k in the last bit.
-        return torch.cat([k[:, :, :1], s * k[:, :, 1:] + (1 - s) * prev], dim=2)
+        return torch.cat([k[:, :, :1], mixed], dim=2)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -115,6 +124,28 @@ class KeySmear(nn.Module):
                 "config (the same number of key/value heads)")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+
+def previous_is_real(mask: torch.Tensor | None, pos: int) -> torch.Tensor | None:
+    """From an attention mask, (batch, pos - 1) bool: whether query j (j >= 1) may attend to column j - 1,
+    i.e. whether its previous column is a real token. None (no padding) when ``mask`` is None.
+
+    mask: (batch, pos) 1 = real token; or 4-D (batch, 1, q_pos, k_pos), bool (True = attend) or additive
+    float (0 = attend, a large negative number = masked), with its last ``pos`` rows and columns the
+    current tokens."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask[:, -pos:-1].bool() if pos > 1 else mask[:, :0].bool()
+    if mask.dim() != 4:
+        raise ValueError(f"attention mask of shape {tuple(mask.shape)}: smeared keys need a (batch, pos) or "
+                         "(batch, 1, q_pos, k_pos) mask to find padding")
+    m = mask[:, 0, -pos:, -pos:]  # (batch, q_pos, k_pos)
+    j = torch.arange(1, pos, device=m.device)
+    allowed = m[:, j, j - 1]  # (batch, pos - 1): query j -> key j - 1
+    if allowed.dtype == torch.bool:
+        return allowed
+    return allowed > torch.finfo(allowed.dtype).min / 2
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -136,6 +167,7 @@ class ProjectionKeySmear(KeySmear):
             raise ValueError(f"layout {layout!r} is not an HF key layout: use gpt2, neox or split")
         self.n_kv_heads, self.d_head, self.d_model, self.layout = n_kv_heads, d_head, d_model, layout
         self._rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) of the running call
+        self._mask: torch.Tensor | None = None  # the running call's attention mask (padding)
 
     def extra_repr(self) -> str:
         return f"kv_heads={self.n_kv_heads}, d_head={self.d_head}, layout={self.layout!r}"
@@ -157,13 +189,14 @@ class ProjectionKeySmear(KeySmear):
                     "smear: run incremental decoding without a cache (model.generate(..., use_cache=False)) "
                     "or pass the whole sequence in one call")
         self._rotary = kwargs.get("position_embeddings")
+        self._mask = kwargs.get("attention_mask")
         if self.layout in _ROTARY and self._rotary is None:
             raise ValueError(f"{type(attn).__name__} was called without position_embeddings (cos, sin): "
                              "smeared keys on rotary models need them; call the model, not the attention module")
         return None
 
     def _after_attention(self, attn, args, output):
-        self._rotary = None  # never reuse one call's positions in another
+        self._rotary = self._mask = None  # never reuse one call's positions or mask in another
         return None
 
     def _smear_projection(self, module, args, out: torch.Tensor) -> torch.Tensor:
@@ -177,7 +210,7 @@ class ProjectionKeySmear(KeySmear):
         else:
             k = out.reshape(batch, pos, h, dh)  # (batch, pos, kv_head, d_head)
         k = k.transpose(1, 2)  # (batch, head, pos, d_head)
-        smeared = self(k, self._previous_keys(k)).transpose(1, 2)  # (batch, pos, head, d_head)
+        smeared = self(k, self._previous_keys(k), previous_is_real(self._mask, pos)).transpose(1, 2)
         if self.layout == "gpt2":
             d = self.d_model
             return torch.cat([out[..., :d], smeared.reshape(batch, pos, d), out[..., 2 * d:]], dim=-1)
