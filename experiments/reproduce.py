@@ -263,6 +263,7 @@ def ablation_summary(out: Path, name: str) -> dict | None:
         return None
     per = abl.read("per_head")
     pat = per[per.kind == "pattern"]
+    n_windows = (abl.settings() or {}).get("n_windows")  # the sets' windows; the per-head sweep's are the first half
     ind = sets[sets.group == "induction heads"]
     others = pat[~pat.is_induction]
     rnd = sets[sets.group == "random (non-induction)"]
@@ -278,6 +279,7 @@ def ablation_summary(out: Path, name: str) -> dict | None:
         "other_heads_single_share_min": _f(others.icl_share.min()),
         "other_heads_single_share_max": _f(others.icl_share.max()),
         "other_heads_single_larger_icl": int((others.icl_share < 0).sum()), "other_heads_n": int(len(others)),
+        "windows": n_windows, "other_heads_single_windows": None if n_windows is None else n_windows // 2,
         "random_control_share": _f(rnd.icl_share_removed.mean()) if len(rnd) else None,
         "random_control_share_sem": _f(rnd.icl_share_removed.std(ddof=1) / math.sqrt(len(rnd))) if len(rnd) > 1 else None,
         "random_control_draws": int(len(rnd)),
@@ -443,7 +445,9 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
     if "ablation" in h:
         a = h["ablation"]
         lines += ["## Which heads carry the ICL (Argument 3)", "",
-                  f"Pattern-preserving zero ablation on the final {a.get('model', 'attn-2l')}, {ABLATION_WINDOWS[scale]:,} windows; clean ICL "
+                  f"Pattern-preserving zero ablation on the final {a.get('model', 'attn-2l')}, "
+                  f"{a.get('windows') or ABLATION_WINDOWS[scale]:,} windows (single heads: the per-head sweep, on the "
+                  f"first {a.get('other_heads_single_windows') or ABLATION_WINDOWS[scale] // 2:,}); clean ICL "
                   f"{_pm(a['icl_clean'], a['icl_clean_sem'])}. Share = (ICL_ablated - ICL_clean) / -ICL_clean, "
                   "bootstrap s.e. over windows.", "",
                   f"- Induction heads by `classify_induction_heads` ({', '.join(a['induction_heads']) or 'none'}): "

@@ -40,6 +40,10 @@ def test_pipeline_writes_tables_figures_report(tiny_run):
     for key in ("induction_heads", "icl_share_removed", "icl_share_removed_sem", "other_heads_single_share_min",
                 "other_heads_single_share_max", "random_control_share"):
         assert key in head["ablation"], key
+    # the single-head shares come from the per-head sweep, on the first half of the sets' windows (the
+    # report says how many each uses)
+    assert head["ablation"]["other_heads_single_windows"] == head["ablation"]["windows"] // 2
+    assert f"first {head['ablation']['other_heads_single_windows']:,})" in (out / "report.md").read_text()
 
 
 def test_induction_heads_carry_the_icl(tiny_run):
