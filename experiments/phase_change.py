@@ -614,12 +614,24 @@ def attention_entropy(model, windows: torch.Tensor) -> pd.DataFrame:
     return pd.concat(rows)
 
 
+def transient_bands(n_ctx: int) -> tuple[int, int]:
+    """(early_below, late_from): the query positions ``attention_by_band`` calls early (< early_below) and
+    late (>= late_from), 5 either side of the ICL score's early and late tokens.
+
+        >>> transient_bands(256)
+        (30, 245)
+    """
+    early, late = icl_indices(n_ctx)
+    return early + 5, late - 5
+
+
 def attention_by_band(model, windows: torch.Tensor) -> pd.DataFrame:
-    """Per layer, at early (query position < early + 5) and late (>= late - 5) positions of the ICL
-    score: mean attention entropy, uniform attention's entropy there, and attention on the previous token."""
-    early, late = icl_indices(windows.shape[1])
+    """Per layer, at early and late query positions of the ICL score (``transient_bands``): mean attention
+    entropy, uniform attention's entropy there, and attention on the previous token."""
+    early_below, late_from = transient_bands(windows.shape[1])
     ent = attention_entropy(model, windows)
-    ent = ent.assign(band=np.where(ent.position < early + 5, "early", np.where(ent.position >= late - 5, "late", "mid")))
+    ent = ent.assign(band=np.where(ent.position < early_below, "early",
+                                   np.where(ent.position >= late_from, "late", "mid")))
     return (ent[ent.band != "mid"].groupby(["layer", "band"])
             .agg(entropy=("entropy", "mean"), uniform_entropy=("uniform_entropy", "mean"),
                  prev_token_attention=("prev_token_attention", "mean")).reset_index())

@@ -195,9 +195,12 @@ def icl_positions(n_ctx: int) -> dict:
     ``icl_band``), and the query positions the transient's "early" / "late" attention bands cover."""
     from interventions.analysis.metrics import icl_band, icl_indices
 
+    from .phase_change import transient_bands
+
     early, late = icl_indices(n_ctx)
+    early_below, late_from = transient_bands(n_ctx)
     return {"n_ctx": n_ctx, "early": early, "late": late, "band": icl_band(n_ctx),
-            "transient_early_below": early + 5, "transient_late_from": late - 5}
+            "transient_early_below": early_below, "transient_late_from": late_from}
 
 
 def icl_definition(n_ctx: int | None) -> str:
@@ -486,7 +489,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                       f"induction score {row[a]['induction_score']:.2f}."]
         lines += [""]
     if "transient" in h:
-        pos = h.get("icl_positions")  # the bands attention_by_band uses (early + 5, late - 5)
+        pos = h.get("icl_positions")  # the bands attention_by_band uses (transient_bands)
         early, late = (f"< {pos['transient_early_below']}", f">= {pos['transient_late_from']}") if pos else \
             ("< early + 5", ">= late - 5")
         lines += ["## The early transient", "",

@@ -24,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from interventions.zoo.train import TrainConfig, latest_checkpoint, list_checkpoints, read_metrics, train
+from interventions.zoo.train import TrainConfig, list_checkpoints, read_metrics, train
 
 from .presets import get_preset
 
@@ -157,12 +157,11 @@ def _check_same_run(run: Path, cfg: TrainConfig) -> None:
     """Refuse (``RunFolderError``) a run folder trained with other options than ``cfg`` (corpus, seed,
     tokens, ...): ``_finished`` looks at the step count only, so it would reuse it as if it were this run.
     ``device`` (results agree across devices) and ``lr`` (lowered on resume after divergence) may differ."""
-    from interventions.zoo.train import RunFolderError, read_train_config_dict
+    from interventions.zoo.train import RunFolderError, config_diff
 
     if not (run / "train_config.json").is_file():
         return
-    saved, want = read_train_config_dict(run), cfg.to_dict()
-    diff = sorted(k for k in set(saved) | set(want) if k not in ("device", "lr") and saved.get(k) != want.get(k))
+    diff = [k for k in config_diff(run, cfg) if k not in ("device", "lr")]
     if diff:
         raise RunFolderError(f"{run} holds a run trained with other options (differing: {diff}): pass another "
                              f"--out, or delete {run} to train it with these options")
@@ -171,8 +170,8 @@ def _check_same_run(run: Path, cfg: TrainConfig) -> None:
 def _finished(run: Path, cfg: TrainConfig) -> bool:
     """Whether ``run`` is complete: its last checkpoint is the final step, and step 0 and every checkpoint
     have their metrics line (a line lost from the middle makes it unfinished: the resume recomputes it)."""
-    ckpt = latest_checkpoint(run)
-    if ckpt is None or ckpt.name != f"step-{cfg.total_steps:08d}":
+    ckpts = list_checkpoints(run)  # verified, oldest first
+    if not ckpts or ckpts[-1].name != f"step-{cfg.total_steps:08d}":
         return False
     logged = {m["step"] for m in read_metrics(run)}
-    return {0, *(int(c.name.split("-")[1]) for c in list_checkpoints(run))} <= logged
+    return {0, *(int(c.name.split("-")[1]) for c in ckpts)} <= logged

@@ -164,6 +164,23 @@ def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor
     return tokens
 
 
+def check_value(value, shape: tuple[int, ...], label: str, full: tuple[int, ...] | None = None) -> None:
+    """A written value must be a tensor broadcastable to the written part ``shape`` of a site (of ``full``
+    shape), ``None`` (zero) or a function of the current activation; ValueError naming ``label`` otherwise."""
+    if torch.is_tensor(value):
+        try:
+            ok = torch.broadcast_shapes(tuple(value.shape), shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            whole = "" if full is None else f" (full shape {full})"
+            raise ValueError(f"{label}: a value of shape {tuple(value.shape)} does not fit the written part {shape} of "
+                             f"the site{whole}; see interventions.engine.sites")
+    elif value is not None and not callable(value):
+        raise ValueError(f"{label}: value must be a tensor, None (zero) or a function of the current activation, got "
+                         f"{type(value).__name__}")
+
+
 def check_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
     """An attention mask must match the tokens' shape and hold 0/1 (1 = real token)."""
     if attention_mask is None:
@@ -410,17 +427,7 @@ class Engine:
         if 0 in shape:  # a slice past the end is empty, not an error: the write would silently change nothing
             raise ValueError(f"write to {site}: rows/pos {w.rows}/{w.pos} selects nothing of a site of shape {full}: "
                              "index rows within the batch and positions within the sequence")
-        if torch.is_tensor(w.value):
-            try:
-                ok = torch.broadcast_shapes(tuple(w.value.shape), shape) == shape
-            except RuntimeError:
-                ok = False
-            if not ok:
-                raise ValueError(f"write to {site}: a value of shape {tuple(w.value.shape)} does not fit the written "
-                                 f"part {shape} of the site (full shape {full}); see interventions.engine.sites")
-        elif w.value is not None and not callable(w.value):
-            raise ValueError(f"write to {site}: value must be a tensor, None (zero) or a function of the current "
-                             f"activation, got {type(w.value).__name__}")
+        check_value(w.value, shape, f"write to {site}", full)
         return shape
 
     # ------------------------------------------------------------------ running

@@ -50,7 +50,7 @@ from ..engine.adapters import observable
 from ..engine.heads import Head, HeadLike, all_heads, check_heads, parse_heads
 from ..engine.sites import Site
 from ..engine.remote import Remote
-from ..engine.tracing import Engine, Run, Write, check_mask, check_positive, check_tokens, pad_to_nan, position_ids
+from ..engine.tracing import Engine, Run, Write, check_mask, check_positive, check_tokens, check_value, pad_to_nan, position_ids
 from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value,
                        check_remotable, prepare_ablation)
 
@@ -286,28 +286,18 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
 
 def _checked_value(value, current: torch.Tensor, label: str):
     """The replacement the attention shortcut writes over ``current`` (batch, pos, d_head), validated as the
-    engine validates a ``Write`` (``Engine._check_write`` and the trace body): a function must return the
-    activation's shape, a tensor must broadcast to it; otherwise ValueError, never a silent broadcast."""
+    engine validates a ``Write`` (``check_value``; a function's result as the trace body checks it): never a
+    silent broadcast."""
     if value is None:
         return 0
     shape = tuple(current.shape)
-    if not torch.is_tensor(value):
-        if not callable(value):
-            raise ValueError(f"write to {label}: value must be a tensor, None (zero) or a function of the current "
-                             f"activation, got {type(value).__name__}")
+    check_value(value, shape, f"write to {label}")
+    if not torch.is_tensor(value):  # a function of the activation
         value = value(current.clone())
         if not torch.is_tensor(value) or tuple(value.shape) != shape:
             got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
             raise ValueError(f"a function written to {label} returned {got}; it must return a tensor of the "
                              f"activation's shape {shape}")
-    else:
-        try:
-            ok = torch.broadcast_shapes(tuple(value.shape), shape) == shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"write to {label}: a value of shape {tuple(value.shape)} does not fit the written part "
-                             f"{shape} of the site; see interventions.engine.sites")
     return value.to(current.device, current.dtype)
 
 

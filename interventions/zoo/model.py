@@ -160,9 +160,7 @@ class Attention(nn.Module):
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         if self.smear is not None:  # after the rotation, so the smear mixes the keys attention uses
-            from .smear import previous_is_real
-
-            k = self.smear(k, prev_real=previous_is_real(mask, k.shape[2]))  # pad keys never mixed in
+            k = self.smear(k, mask=mask)  # pad keys never mixed in
         if eager:
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)  # (batch, head, q_pos, k_pos)
             pos = q.shape[-2]

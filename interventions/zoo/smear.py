@@ -96,13 +96,14 @@ class KeySmear(nn.Module):
             self.alpha.fill_(self.init_alpha)
 
     def forward(self, k: torch.Tensor, prev: torch.Tensor | None = None,
-                prev_real: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """k: (batch, head, pos, d_head) -> smeared keys of the same shape; position 0 exactly unchanged.
 
         prev: what positions 1..pos-1 mix in, (batch, head, pos - 1, d_head); default k_{j-1}.
-        prev_real: (batch, pos - 1) bool, False where position j's previous column is padding: that key
-        is left unchanged, as the first key (left padding must not mix a pad key into the first real
-        token); None: no padding."""
+        mask: the call's attention mask (``previous_is_real``; None: no padding): a key whose previous
+        column is padding is left unchanged, as the first key (left padding must not mix a pad key into
+        the first real token)."""
+        prev_real = previous_is_real(mask, k.shape[2])
         if k.shape[1] != self.alpha.shape[0]:
             raise ValueError(f"KeySmear has {self.alpha.shape[0]} heads but the keys have {k.shape[1]}")
         s = torch.sigmoid(self.alpha).to(k.dtype)[None, :, None, None]  # (1, head, 1, 1)
@@ -210,7 +211,7 @@ class ProjectionKeySmear(KeySmear):
         else:
             k = out.reshape(batch, pos, h, dh)  # (batch, pos, kv_head, d_head)
         k = k.transpose(1, 2)  # (batch, head, pos, d_head)
-        smeared = self(k, self._previous_keys(k), previous_is_real(self._mask, pos)).transpose(1, 2)
+        smeared = self(k, self._previous_keys(k), self._mask).transpose(1, 2)
         if self.layout == "gpt2":
             d = self.d_model
             return torch.cat([out[..., :d], smeared.reshape(batch, pos, d), out[..., 2 * d:]], dim=-1)

@@ -627,14 +627,19 @@ def _startup_leftover(path: Path) -> bool:
         path.name.startswith(".") and ".tmp" in path.name)
 
 
+def config_diff(run_dir: Path, cfg: TrainConfig) -> list[str]:
+    """The options (top-level keys) in which the run saved in ``run_dir`` differs from ``cfg``, sorted."""
+    saved, want = read_train_config_dict(run_dir), cfg.to_dict()
+    return sorted(k for k in set(saved) | set(want) if saved.get(k) != want.get(k))
+
+
 def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
     cfg_path = run_dir / "train_config.json"
     if run_dir.exists() and not run_dir.is_dir():
         raise RunFolderError(f"--out {run_dir} is a file, not a folder: choose a new or empty --out folder")
     if cfg_path.is_file():
-        saved = read_train_config_dict(run_dir)
-        if saved != cfg.to_dict():
-            diff = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
+        diff = config_diff(run_dir, cfg)
+        if diff:
             if resume and diff == ["lr"]:
                 return  # a lower learning rate on resume is allowed (recorded in lr_changes.jsonl)
             raise RunFolderError(f"{run_dir} holds a different run (options differ: {diff}): choose another "
