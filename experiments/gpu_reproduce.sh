@@ -4,6 +4,7 @@
 #               and training throughput of the attn-2l preset, 1 process against 8 sharing the card.
 #   MODE=full:  `reproduce --scale gpu` (7 models x 3 seeds), then its tables, report and figures.
 #   MODE=both:  the tiny run first (stops there if it fails), then the full one.
+#   SMOKE_BG=1 (with MODE=full): the tiny run beside the full one, its log in $OUT/tiny_bg.log.
 # The GPU machine's Python ships a different stdlib (a different corpus): carry this machine's as
 # .corpus/stdlib.tgz (python -m experiments.pack_corpus .corpus/stdlib.tgz; name .corpus in carry).
 # Results go to $OUT (the device tool's folder) or results/gpu_session as two archives: tables.tgz
@@ -71,11 +72,16 @@ pack() {  # pack NAME DIR: the tables (no checkpoints, arrays or tokenizer cache
       tail -n 3 "$WORK/thr$n-1.log"
     done
   else
+    if [ "${SMOKE_BG:-0}" = 1 ]; then  # every code path on CUDA at tiny scale, beside the full job (its log comes back)
+      (timeout 300 "$PY" -m experiments reproduce --scale tiny --seeds 2 --device "$DEVICE" --out "$WORK/tiny_bg" \
+         --quiet > "$OUT/tiny_bg.log" 2>&1; echo "=== background tiny exit $? ($(date +%T))" >> "$OUT/tiny_bg.log") &
+    fi
     echo "=== reproduce --scale gpu ($(date +%T))"
     timeout "$BUDGET" "$PY" -m experiments reproduce --scale gpu --device "$DEVICE" --out "$WORK/gpu" "${CORPUS_ARGS[@]}" \
       --figures "$WORK/gpu/figures" > "$WORK/gpu.log" 2>&1
     echo "=== reproduce exit $? ($(date +%T))"
     tail -c 6000 "$WORK/gpu.log"; cp "$WORK/gpu.log" "$OUT/reproduce.log"
     pack gpu "$WORK/gpu"
+    wait  # the background tiny run, if any
   fi
 } 2>&1 | tee "$OUT/log.txt"

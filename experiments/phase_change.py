@@ -243,7 +243,9 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     ICL points, PCA and the transient."""
     from .zoo import default_workers
 
-    workers = workers or default_workers(device)
+    # evaluating a small model's checkpoint on a GPU is bound by its Python (load, traces, pandas): up to
+    # 16 processes share the card, one per CPU core
+    workers = workers or default_workers(device, per_card=16)
     res = Results(results_root, "phase_change")
     # settings shared by every table; each run's tables are keyed on the run's content (so runs can be added)
     for run in runs.values():  # every run's config parses (a garbled one is named) before any work
@@ -264,7 +266,9 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
         cfg = run_config(runs[name])
         steps = [step_tokens(Path(c), cfg) for c in ckpts]
         pca_steps = {steps[i][0] for i in pca_checkpoints([t for _, t in steps])}
-        n_chunks = max(1, min(len(ckpts), 2 * workers))
+        # >= 4 chunks per worker over all runs, at least 4 per run, at most 2 per worker per run (each
+        # chunk loads the run's corpus once, 0.8 s on this CPU: 21 runs x 32 chunks would spend ~35 s of 16 workers)
+        n_chunks = max(1, min(len(ckpts), 2 * workers, max(4, -(-4 * workers // len(todo)))))
         for chunk in np.array_split(np.array(ckpts), n_chunks):
             jobs.append((str(runs[name]), list(chunk), n_windows, n_pca_pairs, device, threads,
                          pca_steps))
