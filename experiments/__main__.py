@@ -143,6 +143,17 @@ def cmd_figures(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .reproduce import redraw
+
+    out = Path(args.results)
+    if not (out / "phase_change" / "provenance.json").is_file():
+        raise UsageError(f"no phase-change results under {out}: run `python -m experiments reproduce --out {out}` first")
+    git = {"commit": args.commit, "dirty": False} if args.commit else None
+    print(redraw(out, args.scale, Path(args.figures or out / "figures"), git=git))
+    return 0
+
+
 def cmd_survey(args) -> int:
     from .figures import fig_mosaic
     from .survey import model_labels, run_survey
@@ -314,6 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--results", default="results/default")
     sp.add_argument("--out", default="figures")
     sp.set_defaults(func=cmd_figures)
+
+    sp = sub.add_parser("report", help="figures, report and headline again from a reproduction's tables (e.g. "
+                                       "tables copied back from a GPU machine)")
+    sp.add_argument("--results", default="results/default")
+    sp.add_argument("--scale", default="cpu", choices=["tiny", "cpu", "gpu"], help="the scale the tables were made at")
+    sp.add_argument("--figures", default=None, metavar="DIR", help="default: RESULTS/figures")
+    sp.add_argument("--commit", default=None,
+                    help="the commit the tables were made with, where their provenance cannot know it (a copied "
+                         "working tree); default: the phase change's provenance")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("survey", help="induction mosaic over models (hub names, model folders, runs), one model "
                         "at a time, resumable")

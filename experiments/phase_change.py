@@ -243,9 +243,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     ICL points, PCA and the transient."""
     from .zoo import default_workers
 
-    # evaluating a small model's checkpoint on a GPU is bound by its Python (load, traces, pandas): up to
-    # 16 processes share the card, one per CPU core
-    workers = workers or default_workers(device, per_card=16)
+    workers = workers or default_workers(device)
     res = Results(results_root, "phase_change")
     # settings shared by every table; each run's tables are keyed on the run's content (so runs can be added)
     for run in runs.values():  # every run's config parses (a garbled one is named) before any work
@@ -266,9 +264,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
         cfg = run_config(runs[name])
         steps = [step_tokens(Path(c), cfg) for c in ckpts]
         pca_steps = {steps[i][0] for i in pca_checkpoints([t for _, t in steps])}
-        # >= 4 chunks per worker over all runs, at least 4 per run, at most 2 per worker per run (each
-        # chunk loads the run's corpus once, 0.8 s on this CPU: 21 runs x 32 chunks would spend ~35 s of 16 workers)
-        n_chunks = max(1, min(len(ckpts), 2 * workers, max(4, -(-4 * workers // len(todo)))))
+        n_chunks = max(1, min(len(ckpts), 2 * workers))
         for chunk in np.array_split(np.array(ckpts), n_chunks):
             jobs.append((str(runs[name]), list(chunk), n_windows, n_pca_pairs, device, threads,
                          pca_steps))
@@ -291,18 +287,50 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     res.write("training", training_table(runs))
     win = detect_windows(ck, hs)
     all_key = {n: keys[n]["run"] for n in runs}  # the tables over all runs are keyed on every run
-    if not res.has("icl_precise", all_key):
-        res.write("icl_precise", precise_icl(runs, win, n_precise, device), inputs=all_key)
-    win = add_plateau(win, res.read("icl_precise"))
-    res.write("windows", win)
+    # the precise points sit at the windows' edges: keyed on those too (a changed window rule recomputes)
+    edges = {r.model: [None if not np.isfinite(v) else round(v) for v in (r.icl_window_start_tokens,
+                                                                          r.icl_window_end_tokens)]
+             for r in win.itertuples()}
+    if not res.has("icl_precise", all_key | {"icl_window_edges": edges}):
+        res.write("icl_precise", precise_icl(runs, win, n_precise, device),
+                  inputs=all_key | {"icl_window_edges": edges})
     vectors = {n: res.read_array(f"per_token_losses_{n}") for n in runs}
     pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(res.read(f"pca_steps_{n}").step)] for n in runs])
-    pca = pca_trajectories(vectors, pca_ck)
-    res.write("pca", pca)
-    res.write("pca_turn", pca_turns(pca, win))
+    res.write("pca", pca_trajectories(vectors, pca_ck))
+    derive_windows(res)
     if not res.has("transient", all_key):
         res.write("transient", transient_table(runs, ck, device), inputs=all_key)
     return res
+
+
+def derive_windows(res: Results) -> pd.DataFrame:
+    """The tables derived from the evaluated ones alone, (re)written: ``windows`` (with the plateau test)
+    and ``pca_turn``. Refuses when the precise ICL points were taken at other windows than these (they
+    need the checkpoints: evaluate again)."""
+    ck, prec = res.read("checkpoints"), res.read("icl_precise")
+    win = add_plateau(detect_windows(ck, res.read("head_scores")), prec)
+    for _, w in win.iterrows():
+        tokens = np.sort(ck[ck.model == w.model].tokens.to_numpy())
+        at = {"before": w.icl_window_start_tokens, "after": w.icl_window_end_tokens}
+        for point in ("before", "after"):
+            got = [int(x) for x in prec[(prec.model == w.model) & (prec.point == point)].tokens]
+            want = ([_checkpoint_tokens(tokens, at[point], point)]
+                    if np.isfinite(at[point]) and split_run_name(w.model)[0] == "attn-2l" else [])
+            if got != want:
+                raise ValueError(f"{w.model}: the precise ICL point {point!r} was taken at {got} tokens; the "
+                                 f"windows now put it at {want}: evaluate the runs again (`phase-change` or "
+                                 "`reproduce`)")
+    res.write("windows", win)
+    res.write("pca_turn", pca_turns(res.read("pca"), win))
+    return win
+
+
+def _checkpoint_tokens(tokens: np.ndarray, at: float, point: str) -> int:
+    """The checkpoint ``precise_icl`` takes for a window edge ``at``: the last at/before it ("before"),
+    the first at/after it ("after"); ``tokens`` sorted."""
+    if point == "before":
+        return int(tokens[tokens <= at][-1] if (tokens <= at).any() else tokens[0])
+    return int(tokens[tokens >= at][0] if (tokens >= at).any() else tokens[-1])
 
 
 def training_table(runs: dict[str, Path]) -> pd.DataFrame:
@@ -374,7 +402,9 @@ def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tok
     off a fit rather than off differences of noisy neighbouring checkpoints (at 0.2M-token spacing,
     the s.e. of one checkpoint's ICL score swamps the difference to the next), and apart from the slow
     learning before and after. Not padded to checkpoints. No window (NaNs) when the fitted rise is
-    below ``min_rise`` (or is a fall). ``ends_inside``: the 90% point comes before
+    below ``min_rise`` (or is a fall), or when its 10% point comes before the first fitted checkpoint
+    (the rise began before the data, or the fit traded a slow trend for an extrapolated rise: on one
+    1-layer run it claimed 0.15M - 116M tokens from data at 0.55M - 20M). ``ends_inside``: the 90% point comes before
     the last checkpoint by at least half the window's own width in log tokens (a plateau after it was
     observed; a curve still rising at the end of the run has its 90% point at or beyond the end).
 
@@ -394,6 +424,8 @@ def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tok
     if r < min_rise:
         return {**nan, "rise": float(r), "fit_rms": rms}
     start, end = c - w * math.log(9), c + w * math.log(9)
+    if start < x[0]:
+        return {**nan, "rise": float(r), "fit_rms": rms}
     return {"start_tokens": 10 ** start, "end_tokens": 10 ** end, "peak_tokens": 10 ** c, "rise": float(r),
             "trend_per_decade": float(b), "from": float(a + b * (start - x[0]) + 0.1 * r),
             "to": float(a + b * (end - x[0]) + 0.9 * r),

@@ -86,6 +86,28 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
     return report
 
 
+def redraw(out: Path, scale: str, figures_dir: Path, git: dict | None = None) -> Path:
+    """Figures, report and headline again from the result tables of ``out`` (e.g. tables copied back from
+    a GPU machine whose call ended while drawing), the windows and PCA turns derived again by this code
+    (``derive_windows``). Timings: the sum of the invocations ``out`` recorded; machine: the one that
+    evaluated the checkpoints; ``git``: the commit the tables were made with (default: the phase
+    change's provenance)."""
+    from .figures import make_figures
+    from .phase_change import derive_windows
+
+    out = Path(out)
+    runs = Results(out, "report").read_json("timings", default=[])
+    if not runs:
+        raise FileNotFoundError(f"{out} has no recorded timings (report/timings.json): run `reproduce --out {out}` "
+                                "to completion instead")
+    timings = {k: sum(r.get(k, 0.0) for r in runs) for k in runs[0] if k != "note"} | {"invocations": len(runs)}
+    if git is None:
+        git = json.loads((out / "phase_change" / "provenance.json").read_text())["git"]
+    derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
+    make_figures(out, Path(figures_dir))
+    return write_report(out, scale, timings, Path(figures_dir), git=git)
+
+
 def _family(name: str) -> str:
     """The model of a run name: ``attn-2l-s1`` -> ``attn-2l`` (runs of one seed have no suffix)."""
     from .zoo import split_run_name
@@ -125,14 +147,15 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     ck, win, prec = pc.read("checkpoints"), pc.read("windows"), pc.read("icl_precise")  # checksums verified
     turn = pc.read("pca_turn")
     prov = provenance(config={}, timings=timings or {})
-    m = prov["machine"]
+    prov_path = Path(out) / "phase_change" / "provenance.json"
+    pc_prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    m = pc_prov.get("machine") or prov["machine"]  # the machine that evaluated the checkpoints, not the drawer's
     h: dict = {"machine": f"{m['platform']}, {m['threads']} threads, GPU: {m['cuda'] or 'none'}",
                "git_commit": (git or prov["git"])["commit"], "git_dirty": (git or prov["git"])["dirty"]}
     if timings:
         h |= {"wall_clock_min": timings["total_s"] / 60, "train_min": timings["train_s"] / 60,
               "invocations": timings.get("invocations", 1)}
-    prov_path = Path(out) / "phase_change" / "provenance.json"
-    settings = json.loads(prov_path.read_text())["config"] if prov_path.is_file() else {}
+    settings = pc_prov.get("config", {})
     h["evaluation"] = {  # window counts as the tables hold them
         "windows_per_checkpoint": int(ck.icl_n.max()) if "icl_n" in ck and len(ck) else settings.get("n_windows"),
         "windows_precise": int(prec.n.max()) if "n" in prec and len(prec) else settings.get("n_precise"),
@@ -411,10 +434,11 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         w = (f"ICL window {_tok(d['icl_window_start_tokens'])} - {_tok(d['icl_window_end_tokens'])} tokens "
              f"({d['icl_window_width_ratio']:.2f}x wide, ends at {100 * d['icl_window_end_fraction_of_run']:.0f}% of the "
              f"run, {'inside' if d['icl_window_ends_inside'] else 'NOT inside'} it, {d['checkpoints_in_window']} "
-             f"checkpoints inside)" if d["icl_window_start_tokens"] else "no ICL window (the ICL score never falls "
-             "by the threshold in one rise)")
+             f"checkpoints inside)" if d["icl_window_start_tokens"] else "no ICL window (no fall of the ICL score by "
+             "the threshold that starts inside the run)")
         iw = (f"induction window {_tok(d['induction_window_start_tokens'])} - {_tok(d['induction_window_end_tokens'])}"
-              if d["induction_window_start_tokens"] else "no induction window (best induction score never rises by 0.1)")
+              if d["induction_window_start_tokens"] else "no induction window (no rise of the best induction score by "
+              "0.1 that starts inside the run)")
         lines += [f"- **{name}** ({_tok(d['run_tokens'])} tokens): {w}; {iw}; final best induction score "
                   f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} ({_count(h['evaluation']['windows_per_checkpoint'])} windows)."]
         if "icl_before" in d:

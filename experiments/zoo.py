@@ -115,9 +115,9 @@ def _train_one(job) -> tuple[str, str]:
     return name, str(run)
 
 
-def default_workers(device: str, per_card: int = 8) -> int:
-    """One worker per CPU core, at most 4 (on a GPU at most ``per_card`` processes share the card)."""
-    return max(1, min(per_card if device.startswith("cuda") else 4, os.cpu_count() or 1))
+def default_workers(device: str) -> int:
+    """One worker per CPU core, at most 4 (on a GPU at most 8 processes share the card)."""
+    return max(1, min(8 if device.startswith("cuda") else 4, os.cpu_count() or 1))
 
 
 def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: bool = True,

@@ -53,6 +53,18 @@ def test_rise_window_finds_the_10_to_90_percent_points_of_a_noisy_logistic():
     assert math.isnan(flat["start_tokens"]) and flat["n_checkpoints"] == 0
 
 
+def test_a_rise_that_began_before_the_data_is_no_window():
+    """Data from 1M tokens of a logistic rise whose 10% point lies at 0.35M (centre 10^6.2): the start of the
+    rise is not in the data, so no window is claimed (the fit alone put one at 0.19M - 10.5M); the same
+    rise centred inside the data (10^7) is found."""
+    t = np.geomspace(1e6, 1e8, 60)
+    noise = np.random.default_rng(0).normal(0, 0.01, len(t))
+    before = rise_window(t, 0.4 / (1 + np.exp(-(np.log10(t) - 6.2) / 0.3)) + noise, 0.15)
+    inside = rise_window(t, 0.4 / (1 + np.exp(-(np.log10(t) - 7.0) / 0.3)) + noise, 0.15)
+    assert math.isnan(before["start_tokens"]) and before["n_checkpoints"] == 0
+    assert t[0] <= inside["start_tokens"] < 1e7 < inside["end_tokens"]
+
+
 def test_a_rise_still_going_at_the_end_does_not_end_inside():
     t = np.logspace(5, 7, 50)
     w = rise_window(t, np.log10(t), 0.5)

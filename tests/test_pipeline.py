@@ -123,6 +123,30 @@ def test_attribution_resumes_per_checkpoint(tiny_run, monkeypatch):
     assert after.equals(before)
 
 
+def test_report_redraws_from_the_tables_alone(tiny_run, tmp_path):
+    """``report`` on a copy of the tables without run folders or arrays (what comes back from a GPU
+    machine): the same numbers and figure files, timings summed over the recorded invocations, the
+    given commit; with no tables it is a usage error that creates nothing."""
+    import shutil
+
+    from experiments.__main__ import main
+    from experiments.reproduce import redraw
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    redraw(copy, "tiny", copy / "figures", git={"commit": "abc", "dirty": False})
+    a, b = (json.loads((d / "figures" / "headline.json").read_text()) for d in (out, copy))
+    assert b["git_commit"] == "abc" and b["machine"] == a["machine"]
+    for key in ("models", "ablation", "smear_vs_vanilla", "pca_turn_deg", "wall_clock_min", "train_min"):
+        assert b[key] == a[key], key
+    assert sorted(p.name for p in (copy / "figures").iterdir()) == sorted(p.name for p in (out / "figures").iterdir())
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--results", str(tmp_path / "none")])
+    assert e.value.code == 2
+    assert not (tmp_path / "none").exists()
+
+
 def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
     """A re-run skips finished work and leaves tables unchanged; a truncated table is detected with a
     message naming the file to delete."""
