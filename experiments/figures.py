@@ -81,6 +81,30 @@ def _shade_window(ax, win, model=None, kind="icl", label=True):
                        label=f"{model} {kind.upper() if kind == 'icl' else kind} window" if label else None)
 
 
+def _families(models: pd.Series) -> pd.Series | None:
+    """Each run's model (``attn-2l-s1`` -> ``attn-2l``) when some run is one of several seeds, else None.
+
+        >>> _families(pd.Series(["attn-2l-s0", "attn-2l-s1"])).tolist(), _families(pd.Series(["attn-2l"]))
+        (['attn-2l', 'attn-2l'], None)
+    """
+    from .zoo import split_run_name
+
+    fam = models.map(lambda name: split_run_name(name)[0])
+    return fam if (fam != models).any() else None
+
+
+def _seed_lines(ax, sns, d: pd.DataFrame, y: str, ylabel: str) -> None:
+    """One line per model: the mean over its seeds at each token count, the band from the lowest to the
+    highest seed (the seed spread, not a standard error); the legend outside the axes."""
+    d = d.assign(family=_families(d.model))
+    n = d.groupby("family").model.nunique()
+    d = d.assign(family=d.family.map(lambda f: f"{f} ({n[f]} seeds)"))
+    sns.lineplot(data=d, x="tokens", y=y, hue="family", errorbar=("pi", 100), lw=1, ax=ax)
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False, title="mean; band: seed min-max", title_fontsize=7, bbox_to_anchor=(1.01, 1),
+              loc="upper left")
+
+
 def fig_icl_over_training(root: Path, out: Path):
     import matplotlib.pyplot as plt
 
@@ -90,6 +114,16 @@ def fig_icl_over_training(root: Path, out: Path):
         return []
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
     ck = ck[ck.tokens > 0]
+    if _families(ck.model) is not None:
+        _seed_lines(ax, sns, ck, "icl_score", "ICL score (nats)\nloss[late] - loss[early]")
+        _shade_window(ax, win)  # seed 0's attn-2l window
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        handles, labels = ax.get_legend_handles_labels()
+        ax.legend(handles, labels, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left",
+                  title="mean; band: seed min-max", title_fontsize=7)
+        return _save(fig, out, "icl_over_training")
     colors = dict(zip(ck.model.unique(), sns.color_palette(n_colors=ck.model.nunique())))
     for model, d in ck.groupby("model", sort=False):
         d = d.sort_values("tokens")
@@ -113,6 +147,12 @@ def fig_loss_curves(root: Path, out: Path):
         return []
     ck = ck[ck.tokens > 0]
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    if _families(ck.model) is not None:
+        _seed_lines(ax, sns, ck, "val_loss", "validation loss (nats/token)")
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens")
+        ax.set_title("validation loss by model")
+        return _save(fig, out, "loss_curves")
     sns.lineplot(data=ck, x="tokens", y="val_loss", hue="model", ax=ax)
     if win is not None:
         for r in win.itertuples():
@@ -179,10 +219,18 @@ def fig_pca(root: Path, out: Path):
         return []
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
     win = _read(root, "phase_change", "windows")
+    fam = _families(pd.Series(pca.model.unique()))  # several seeds: one colour per model, one legend entry
+    family = dict(zip(pca.model.unique(), fam if fam is not None else pca.model.unique()))
+    colors = dict(zip(dict.fromkeys(family.values()), style().color_palette(n_colors=len(set(family.values())))))
+    labelled = set()
     for model, d in pca.groupby("model", sort=False):
         d = d[d.tokens > 0].sort_values("step")
-        line, = ax.plot(d.pc1, d.pc2, marker="o", markersize=1.5, lw=0.8, label=model)
-        ax.annotate("end", (d.pc1.iloc[-1], d.pc2.iloc[-1]), fontsize=6)
+        f = family[model]
+        line, = ax.plot(d.pc1, d.pc2, marker="o", markersize=1.5, lw=0.8, color=colors[f],
+                        label=None if f in labelled else f)
+        labelled.add(f)
+        if fam is None:
+            ax.annotate("end", (d.pc1.iloc[-1], d.pc2.iloc[-1]), fontsize=6)
         twin = _twin_attn2l(win, model)  # each run marked at its own seed's attn-2l window
         ref = win[win.model == twin] if twin is not None else None
         if ref is not None and len(ref) and np.isfinite(ref.icl_window_start_tokens.iloc[0]):
@@ -194,7 +242,11 @@ def fig_pca(root: Path, out: Path):
                  + (" (same seed)" if pca.model.str.contains(r"-s\d+$").any() else ""), fontsize=7)
     ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
     ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
-    ax.legend(frameon=False)
+    if fam is not None:
+        ax.legend(frameon=False, title="one line per seed", title_fontsize=7, bbox_to_anchor=(1.01, 1),
+                  loc="upper left")
+    else:
+        ax.legend(frameon=False)
     return _save(fig, out, "per_token_loss_pca")
 
 

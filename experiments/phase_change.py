@@ -44,6 +44,10 @@ from .common import Results, owns_results, run_fingerprint
 from .zoo import split_run_name
 
 N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows
+# the pairs are drawn with this seed whatever the run's seed: every run on one corpus shares them, so the
+# PCA of several seeds' runs is one space (with each run's own seed, seeds' pairs differed and a joint
+# fit put each seed's runs on an arm of their own). 0: the pairs seed-0 runs always had.
+PCA_PAIRS_SEED = 0
 N_PRECISE = 2048  # windows for the before/after/plateau ICL points (s.e. ~0.02-0.03 nats)
 MIN_INDUCTION_RISE = 0.1  # best induction score (attention share) must rise this much for a window
 MIN_ICL_DROP = 0.15  # nats: smaller ICL changes are not called a phase change (cf. the paper's ~0.4)
@@ -70,11 +74,19 @@ def eval_windows(cfg: TrainConfig, n: int, source=None) -> torch.Tensor:
 
 
 def pca_pairs(cfg: TrainConfig, n: int = N_PCA_PAIRS, source=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(windows (n, n_ctx), targets (n,)): one token index in [1, n_ctx) per separate window."""
+    """(windows (n, n_ctx), targets (n,)): one token index in [1, n_ctx) per separate window; the same
+    for every run on one corpus and context (``PCA_PAIRS_SEED``, not the run's seed)."""
     source = build_source(cfg)[0] if source is None else source
-    windows = source.eval_windows(n, cfg.n_ctx, seed=cfg.seed + 1)
-    g = np.random.default_rng([cfg.seed, 7])
+    windows = source.eval_windows(n, cfg.n_ctx, seed=PCA_PAIRS_SEED + 1)
+    g = np.random.default_rng([PCA_PAIRS_SEED, 7])
     return windows, torch.from_numpy(g.integers(1, cfg.n_ctx, size=n))
+
+
+def pairs_fingerprint(windows: torch.Tensor, targets: torch.Tensor) -> str:
+    """A short hash of the PCA pairs: runs whose per-token losses may share one PCA have equal ones."""
+    import hashlib
+
+    return hashlib.sha256(windows.numpy().tobytes() + targets.numpy().tobytes()).hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -183,6 +195,7 @@ def _eval_chunk(job) -> list[dict]:
     windows = eval_windows(cfg, n_windows, source)
     with_pca = n_pairs > 0
     pw, pt = pca_pairs(cfg, n_pairs, source) if with_pca else (None, None)
+    pairs = pairs_fingerprint(pw, pt) if with_pca else ""
     out = []
     for ckpt in ckpts:
         ckpt = Path(ckpt)
@@ -192,7 +205,7 @@ def _eval_chunk(job) -> list[dict]:
         out.append({"step": step, "tokens": tokens, "val_loss": losses.mean().item(), **icl_row(losses),
                     "by_index": loss_by_position(losses).drop(columns="n"),
                     "heads": head_score_rows(model, windows, cfg.seed),
-                    "pca": pair_losses(model, pw, pt) if with_pca and step in pca_steps else None})
+                    "pca": pair_losses(model, pw, pt) if with_pca and step in pca_steps else None, "pairs": pairs})
     return out
 
 
@@ -228,9 +241,10 @@ def _write_evaluated(res: Results, name: str, rows: list[dict], key: dict) -> No
                                                 for r in rows]), inputs=key)
     res.write_array(f"per_token_losses_{name}", np.stack([r["pca"] for r in rows if r["pca"] is not None]),
                     inputs=key)
-    res.write(f"pca_steps_{name}", pd.DataFrame({"step": [r["step"] for r in rows if r["pca"] is not None]}),
+    res.write(f"pca_steps_{name}", pd.DataFrame({"step": [r["step"] for r in rows if r["pca"] is not None],
+                                                 "pairs": [r["pairs"] for r in rows if r["pca"] is not None]}),
               inputs=key)
-    table = pd.DataFrame([{"model": name, **{k: v for k, v in r.items() if k not in ("by_index", "heads", "pca")}}
+    table = pd.DataFrame([{"model": name, **{k: v for k, v in r.items() if k not in ("by_index", "heads", "pca", "pairs")}}
                           for r in rows])
     res.write(f"checkpoints_{name}", table, inputs=key)
 
@@ -248,7 +262,8 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     # settings shared by every table; each run's tables are keyed on the run's content (so runs can be added)
     for run in runs.values():  # every run's config parses (a garbled one is named) before any work
         run_config(run)
-    settings = {"n_windows": n_windows, "n_precise": n_precise, "n_pca_pairs": n_pca_pairs}
+    settings = {"n_windows": n_windows, "n_precise": n_precise, "n_pca_pairs": n_pca_pairs,
+                "pca_pairs_seed": PCA_PAIRS_SEED}
     res.write_provenance(settings, runs={k: str(v) for k, v in runs.items()})
     keys = {name: {"run": run_fingerprint(run), **settings} for name, run in runs.items()}
     per_run = ("checkpoints_{}", "loss_by_index_{}", "head_scores_{}", "pca_steps_{}")
@@ -295,8 +310,9 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
         res.write("icl_precise", precise_icl(runs, win, n_precise, device),
                   inputs=all_key | {"icl_window_edges": edges})
     vectors = {n: res.read_array(f"per_token_losses_{n}") for n in runs}
-    pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(res.read(f"pca_steps_{n}").step)] for n in runs])
-    res.write("pca", pca_trajectories(vectors, pca_ck))
+    steps = {n: res.read(f"pca_steps_{n}") for n in runs}
+    pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(steps[n].step)] for n in runs])
+    res.write("pca", pca_by_pairs(vectors, pca_ck, {n: steps[n].pairs.iloc[0] for n in runs if len(steps[n])}))
     derive_windows(res)
     if not res.has("transient", all_key):
         res.write("transient", transient_table(runs, ck, device), inputs=all_key)
@@ -321,7 +337,9 @@ def derive_windows(res: Results) -> pd.DataFrame:
                                  f"windows now put it at {want}: evaluate the runs again (`phase-change` or "
                                  "`reproduce`)")
     res.write("windows", win)
-    res.write("pca_turn", pca_turns(res.read("pca"), win))
+    pca = res.read_optional("pca")
+    if pca is not None:
+        res.write("pca_turn", pca_turns(pca, win))
     return win
 
 
@@ -594,6 +612,17 @@ def pca_trajectories(vectors: dict[str, np.ndarray], checkpoints: pd.DataFrame,
                          "var_pc1": var[0], "var_pc2": var[1], "fit": r.tokens >= fit_from_tokens})
         i += len(vectors[n])
     return pd.DataFrame(rows)
+
+
+def pca_by_pairs(vectors: dict[str, np.ndarray], checkpoints: pd.DataFrame, pairs: dict[str, str]) -> pd.DataFrame:
+    """``pca_trajectories`` of the runs evaluated on the same PCA pairs (``pairs``: run -> fingerprint),
+    one fit per set of pairs (column ``pairs``): losses on different tokens are different coordinates."""
+    groups: dict[str, list[str]] = {}
+    for name in vectors:
+        groups.setdefault(pairs.get(name, ""), []).append(name)
+    frames = [pca_trajectories({n: vectors[n] for n in names}, checkpoints).assign(pairs=fp)
+              for fp, names in groups.items()]
+    return pd.concat(frames, ignore_index=True)
 
 
 def _point(d: pd.DataFrame, tokens: float) -> np.ndarray:

@@ -145,7 +145,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
 
     pc = Results(out, "phase_change")
     ck, win, prec = pc.read("checkpoints"), pc.read("windows"), pc.read("icl_precise")  # checksums verified
-    turn = pc.read("pca_turn")
+    turn = pc.read_optional("pca_turn")  # None: the PCA was left out of these tables
     prov = provenance(config={}, timings=timings or {})
     prov_path = Path(out) / "phase_change" / "provenance.json"
     pc_prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
@@ -192,7 +192,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
         models[r.model] = d
     h["models"] = models
     h |= {name: models[name] for name in ZOO_MODELS if name in models}  # flat keys for the main four
-    h["pca_turn_deg"] = {r.model: _f(r.turn_deg) for r in turn.itertuples()}
+    h["pca_turn_deg"] = {r.model: _f(r.turn_deg) for r in turn.itertuples()} if turn is not None else {}
     main_2l = _main_2l(models)
     if main_2l and (summary := ablation_summary(out, main_2l)) is not None:
         h["ablation"] = summary | {"model": main_2l}
@@ -463,12 +463,14 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
     if h.get("pca_turn_deg"):
         lines += ["## Per-token-loss PCA", "",
                   f"{_count(h['evaluation']['pca_pairs'])} (example, token) pairs, one token from each of as many separate "
-                  "windows; PCs fit on every "
+                  "windows, the same pairs for every run; PCs fit on every "
                   "model's checkpoints after 1M tokens (warm-up), all checkpoints projected. Turn = angle between "
                   "the trajectory's direction over [start/2.5, start] and over [start, end] of attn-2l's ICL "
                   "window, in the PC1-PC2 plane (0 = straight on): "
                   + "; ".join(f"{m} {v:.0f}°" if v is not None else f"{m} n/a" for m, v in h["pca_turn_deg"].items())
                   + ".", ""]
+    elif not (Path(out) / "phase_change" / "pca_turn.csv").is_file():
+        lines += ["## Per-token-loss PCA", "", "Not in these results (no `pca_turn` table).", ""]
     if "ablation" in h:
         a = h["ablation"]
         lines += ["## Which heads carry the ICL (Argument 3)", "",

@@ -100,3 +100,24 @@ def test_pca_is_fit_after_warm_up_and_projects_every_checkpoint():
     fit = pca[pca.fit]
     assert len(pca) == 9 and len(fit) == 6
     assert abs(np.corrcoef(fit.pc1, np.linspace(0, 1, 6))[0, 1]) > 0.99  # PC1 is the late direction
+
+
+def test_pca_pairs_are_shared_by_every_seed_and_the_pca_is_fit_per_set_of_pairs():
+    """Runs of different seeds on one corpus are evaluated on the same (example, token) pairs (their
+    per-token losses are the same coordinates); runs on other pairs get a PCA of their own, which does
+    not move the first set's."""
+    from experiments.phase_change import pairs_fingerprint, pca_by_pairs, pca_pairs, pca_trajectories
+    from experiments.zoo import zoo_configs
+
+    cfgs = zoo_configs("tiny", "cpu", 2)
+    a, b = (pca_pairs(cfgs[f"attn-2l-s{k}"], 32) for k in (0, 1))
+    assert cfgs["attn-2l-s0"].seed != cfgs["attn-2l-s1"].seed
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and pairs_fingerprint(*a) == pairs_fingerprint(*b)
+    g = np.random.default_rng(0)
+    vectors = {"m0": g.normal(size=(4, 8)), "m1": g.normal(size=(4, 8)), "other": 50 + 9 * g.normal(size=(4, 8))}
+    ck = pd.DataFrame([{"model": m, "step": s, "tokens": 10 ** (s + 5)} for m in vectors for s in range(4)])
+    both = pca_by_pairs(vectors, ck, {"m0": "p", "m1": "p", "other": "q"})
+    alone = pca_trajectories({m: vectors[m] for m in ("m0", "m1")}, ck)
+    got = both[both.pairs == "p"].drop(columns="pairs").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, alone)
+    assert set(both[both.pairs == "q"].model) == {"other"}

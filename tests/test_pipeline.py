@@ -187,6 +187,7 @@ def test_several_seeds_report_their_spread(tmp_path, monkeypatch):
     pc = Results(out, "phase_change")
     prec = pc.read("icl_precise")
     assert set(prec[prec.point == "before_minus_attn1l"].model) == {"attn-2l-s0", "attn-2l-s1"}
+    assert pc.read("pca").pairs.nunique() == 1  # every seed's runs on the same PCA pairs: one joint fit
     win = pc.read("windows").set_index("model")
     for row in pc.read("pca_turn").itertuples():  # each run's reference is its own seed's attn-2l window
         assert row.window_start_tokens == win.loc["attn-2l-s" + row.model[-1], "icl_window_start_tokens"]
