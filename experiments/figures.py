@@ -99,7 +99,7 @@ def _seed_lines(ax, sns, d: pd.DataFrame, y: str, ylabel: str) -> None:
     d = d.assign(family=_families(d.model))
     n = d.groupby("family").model.nunique()
     d = d.assign(family=d.family.map(lambda f: f"{f} ({n[f]} seeds)"))
-    sns.lineplot(data=d, x="tokens", y=y, hue="family", errorbar=("pi", 100), lw=1, ax=ax)
+    sns.lineplot(data=d, x="tokens", y=y, hue="family", errorbar=("pi", 100), lw=1, ax=ax, seed=0)
     ax.set_ylabel(ylabel)
     ax.legend(frameon=False, title="mean; band: seed min-max", title_fontsize=7, bbox_to_anchor=(1.01, 1),
               loc="upper left")
@@ -153,7 +153,7 @@ def fig_loss_curves(root: Path, out: Path):
         ax.set_xlabel("training tokens")
         ax.set_title("validation loss by model")
         return _save(fig, out, "loss_curves")
-    sns.lineplot(data=ck, x="tokens", y="val_loss", hue="model", ax=ax)
+    sns.lineplot(data=ck, x="tokens", y="val_loss", hue="model", ax=ax, seed=0)
     if win is not None:
         for r in win.itertuples():
             if r.bump and np.isfinite(r.bump_start_tokens):
@@ -265,7 +265,7 @@ def fig_ablation_by_index(root: Path, out: Path, model: str = "attn-2l"):
     sub = sub.groupby(["group", "set", "bin"], as_index=False).agg(token_index=("token_index", "mean"),
                                                                    loss=("loss", "mean"))
     sns.lineplot(data=sub, x="token_index", y="loss", hue="group", ax=ax, errorbar=("ci", 95), marker="o",
-                 markersize=3)
+                 markersize=3, seed=0)  # seeded bootstrap: the same band every time
     ax.set_xscale("log")
     ax.set_xlabel("token index (tokens of context)")
     ax.set_ylabel("loss (nats, log-binned)")
@@ -305,7 +305,7 @@ def fig_attribution(root: Path, out: Path, model: str = "attn-2l"):
         return []
     fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
     _shade_window(ax, win, model)
-    sns.lineplot(data=at, x="tokens", y="attribution", hue="head_name", ax=ax, marker="o", markersize=3)
+    sns.lineplot(data=at, x="tokens", y="attribution", hue="head_name", ax=ax, marker="o", markersize=3, seed=0)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
@@ -382,8 +382,8 @@ def fig_smear(root: Path, out: Path):
     d = d.assign(layers=family.str[-2:], keys=np.where(family.str.startswith("smear"), "smeared", "vanilla"))
     d = d[(d.tokens > 0) & family.isin(["attn-1l", "attn-2l", "smear-1l", "smear-2l"])]
     fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4))
-    sns.lineplot(data=d, x="tokens", y="icl_score", hue="layers", style="keys", ax=axes[0])
-    sns.lineplot(data=d, x="tokens", y="max_induction", hue="layers", style="keys", ax=axes[1])
+    sns.lineplot(data=d, x="tokens", y="icl_score", hue="layers", style="keys", ax=axes[0], seed=0)
+    sns.lineplot(data=d, x="tokens", y="max_induction", hue="layers", style="keys", ax=axes[1], seed=0)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_xlabel("training tokens")

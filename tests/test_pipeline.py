@@ -141,6 +141,8 @@ def test_report_redraws_from_the_tables_alone(tiny_run, tmp_path):
     for key in ("models", "ablation", "smear_vs_vanilla", "pca_turn_deg", "wall_clock_min", "train_min"):
         assert b[key] == a[key], key
     assert sorted(p.name for p in (copy / "figures").iterdir()) == sorted(p.name for p in (out / "figures").iterdir())
+    for png in (out / "figures").glob("*.png"):  # figures are a function of the tables (seeded bootstrap bands)
+        assert (copy / "figures" / png.name).read_bytes() == png.read_bytes(), png.name
     with pytest.raises(SystemExit) as e:
         main(["report", "--results", str(tmp_path / "none")])
     assert e.value.code == 2
