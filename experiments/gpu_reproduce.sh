@@ -15,9 +15,11 @@ OUT=${OUT:-results/gpu_session}
 MODE=${MODE:-smoke}
 DEVICE=${DEVICE:-cuda}
 BUDGET=${BUDGET:-540}  # seconds for the full reproduction; what finished by then is kept (it resumes)
-# The full job needs ~12-14 min on an H100 (21 models at 20M tokens trained in 6.0 min, ~7.6 checkpoints/s evaluated),
-# more than one 10-minute call: run MODE=full twice in a row (the machine stays warm for 30 s between
-# calls); the second resumes at the first model not trained or evaluated.
+# The full job needs ~13 min of GPU time (measured on an H200, 2026-11-26: training 5.4 min, 1,224 checkpoints
+# evaluated at ~3.8/s, the rest 1.5 min, figures ~1.5 min on one core), more than one 10-minute call: run
+# MODE=full twice in a row (the machine stays warm for 30 s between calls); the second resumes at the first
+# step not done. If the second call ends while drawing, `python -m experiments report` draws the figures and
+# the report from the returned tables on any machine (figures/gpu was made so).
 WORK=${WORK:-results/gpu_work}  # inside the repo, ignored: a warm machine keeps it, so a second call resumes
 PY=${PY:-python3}
 mkdir -p "$OUT" "$WORK"

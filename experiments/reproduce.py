@@ -54,31 +54,29 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
     from .zoo import train_zoo
 
     figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
-    t0 = time.time()
-    timings = {}
+    clock = _Clock(out)
     from interventions.zoo.provenance import provenance
 
     git_at_start = provenance(config={})["git"]  # before the run rewrites figures/ (tracked files)
     runs = train_zoo(scale, out / "runs", device=device, progress=progress, workers=workers, seeds=seeds,
                      corpus=corpus)
-    timings["train_s"] = time.time() - t0
+    clock.stage("train_s")
     n_windows = {"tiny": 32, "cpu": 256, "gpu": 256}[scale]
     n_precise = {"tiny": 64, "cpu": 2048, "gpu": 2048}[scale]
     pc = run_phase_change(runs, out, n_windows=n_windows, device=device, progress=progress, workers=workers,
                           n_precise=n_precise, n_pca_pairs={"tiny": 256, "cpu": 2048, "gpu": 2048}[scale])
-    timings["phase_change_s"] = time.time() - t0 - timings["train_s"]
+    clock.stage("phase_change_s")
     windows = pc.read("windows")
     for name in runs:  # on the CPU only attn-2l (every seed): the headline's model (the main job within 15 min)
         if _family(name) == "attn-2l" or (scale != "cpu" and name in ("smear-1l", "smear-1l-s0")):
             run_ablations(runs[name], name, None, out, windows_table=windows,
                           n_windows=ABLATION_WINDOWS[scale], device=device, progress=progress)
-    timings["ablations_s"] = time.time() - t0 - timings["train_s"] - timings["phase_change_s"]
+    clock.stage("ablations_s")
     main_2l = _main_2l(runs)
     if main_2l:
         run_circuit(runs[main_2l], main_2l, pc.read("head_scores"), out, device=device)
     run_survey({name: str(run) for name, run in runs.items()}, out, device=device)
-    timings["total_s"] = time.time() - t0
-    timings = _accumulate_timings(out, timings)
+    timings = clock.finish()
     paths = make_figures(out, figures_dir)
     report = write_report(out, scale, timings, figures_dir, git=git_at_start)
     print(report.read_text())
@@ -100,7 +98,7 @@ def redraw(out: Path, scale: str, figures_dir: Path, git: dict | None = None) ->
     if not runs:
         raise FileNotFoundError(f"{out} has no recorded timings (report/timings.json): run `reproduce --out {out}` "
                                 "to completion instead")
-    timings = {k: sum(r.get(k, 0.0) for r in runs) for k in runs[0] if k != "note"} | {"invocations": len(runs)}
+    timings = sum_timings(runs)
     if git is None:
         git = json.loads((out / "phase_change" / "provenance.json").read_text())["git"]
     derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
@@ -121,12 +119,44 @@ def _main_2l(names) -> str | None:
     return "attn-2l" if "attn-2l" in names else next((n for n in sorted(names) if _family(n) == "attn-2l"), None)
 
 
-def _accumulate_timings(out: Path, timings: dict) -> dict:
-    """Add this invocation's times to those of earlier (interrupted or resumed) invocations."""
-    runs = Results(out, "report").read_json("timings", default=[])
-    runs.append(timings)
-    Results(out, "report").write_json("timings", runs)
-    return {k: sum(r.get(k, 0.0) for r in runs) for k in timings} | {"invocations": len(runs)}
+TIMED = ("train_s", "phase_change_s", "ablations_s", "total_s")
+
+
+class _Clock:
+    """This invocation's entry in ``report/timings.json``, rewritten after every stage: an invocation
+    killed mid-way keeps the stages it finished (``complete`` false), so the report can say so."""
+
+    def __init__(self, out: Path):
+        self.res, self.t0 = Results(out, "report"), time.time()
+        self.earlier = self.res.read_json("timings", default=[])
+        self.entry: dict = {"complete": False, "total_s": 0.0}
+        self._write()
+
+    def _write(self) -> None:
+        self.res.write_json("timings", self.earlier + [self.entry])
+
+    def stage(self, name: str) -> None:
+        """Record the seconds since the previous stage as ``name`` (and the total so far)."""
+        done = sum(self.entry.get(k, 0.0) for k in TIMED[:-1])
+        self.entry |= {name: time.time() - self.t0 - done, "total_s": time.time() - self.t0}
+        self._write()
+
+    def finish(self) -> dict:
+        """Close this invocation's entry; the times summed over every invocation (``sum_timings``)."""
+        self.entry |= {"total_s": time.time() - self.t0, "complete": True}
+        self._write()
+        return sum_timings(self.earlier + [self.entry])
+
+
+def sum_timings(runs: list[dict]) -> dict:
+    """Seconds per stage summed over invocations, their number, and how many were interrupted (counted
+    up to their last finished stage; entries without ``complete`` predate the flag and were complete).
+
+    >>> sum_timings([{"train_s": 60.0, "total_s": 60.0, "complete": False}, {"train_s": 1.0, "total_s": 9.0}])
+    {'train_s': 61.0, 'phase_change_s': 0.0, 'ablations_s': 0.0, 'total_s': 69.0, 'invocations': 2, 'interrupted': 1}
+    """
+    return ({k: sum(r.get(k, 0.0) for r in runs) for k in TIMED}
+            | {"invocations": len(runs), "interrupted": sum(not r.get("complete", True) for r in runs)})
 
 
 def _f(x) -> float | None:
@@ -154,7 +184,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
                "git_commit": (git or prov["git"])["commit"], "git_dirty": (git or prov["git"])["dirty"]}
     if timings:
         h |= {"wall_clock_min": timings["total_s"] / 60, "train_min": timings["train_s"] / 60,
-              "invocations": timings.get("invocations", 1)}
+              "invocations": timings.get("invocations", 1), "invocations_interrupted": timings.get("interrupted", 0)}
     settings = pc_prov.get("config", {})
     h["evaluation"] = {  # window counts as the tables hold them
         "windows_per_checkpoint": int(ck.icl_n.max()) if "icl_n" in ck and len(ck) else settings.get("n_windows"),
@@ -427,7 +457,9 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
     lines = [f"# Reproduction report ({scale} scale)", "",
              f"Machine: {h['machine']}. Commit {h['git_commit']} (dirty: {h['git_dirty']}). Wall-clock: "
              f"{timings['total_s'] / 60:.1f} min (training {timings['train_s'] / 60:.1f} min), over "
-             f"{timings.get('invocations', 1)} invocation(s).", "",
+             f"{timings.get('invocations', 1)} invocation(s)"
+             + (f", {timings['interrupted']} of them interrupted (counted up to their last finished stage)"
+                if timings.get("interrupted") else "") + ".", "",
              f"ICL score: {h['icl_definition']}. Negative = later tokens predicted better.", "",
              "## Phase change (Argument 1)", ""]
     for name, d in h["models"].items():

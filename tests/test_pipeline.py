@@ -260,3 +260,30 @@ def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, ba
     assert f"(early, late = {early}, {late} of {n_ctx}; b = {band})" in icl_definition(n_ctx)
     p = icl_positions(n_ctx)
     assert (p["transient_early_below"], p["transient_late_from"]) == (early + 5, late - 5)
+
+
+def test_an_interrupted_invocation_keeps_its_finished_stages_in_the_wall_clock(tmp_path, monkeypatch):
+    """A run killed after training (here: the evaluation raises) has its training time recorded, marked
+    incomplete; the resumed run's report adds it and says one invocation was interrupted."""
+    from experiments import phase_change, zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {k: v for k, v in zoo.SCALES["tiny"].items() if k in ("attn-1l", "attn-2l")})
+    out = tmp_path / "r"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(phase_change, "run_phase_change", killed)
+        with pytest.raises(KeyboardInterrupt):
+            reproduce(out=out, scale="tiny", progress=False, figures_dir=out / "figures")
+    first = Results(out, "report").read_json("timings")
+    assert len(first) == 1 and first[0]["complete"] is False and first[0]["train_s"] > 0
+    assert "phase_change_s" not in first[0] and first[0]["total_s"] >= first[0]["train_s"]
+    report = reproduce(out=out, scale="tiny", progress=False, figures_dir=out / "figures")
+    runs = Results(out, "report").read_json("timings")
+    assert [r["complete"] for r in runs] == [False, True]
+    head = json.loads((out / "figures" / "headline.json").read_text())
+    assert head["wall_clock_min"] * 60 == pytest.approx(runs[0]["total_s"] + runs[1]["total_s"])
+    assert head["invocations"] == 2 and head["invocations_interrupted"] == 1
+    assert "1 of them interrupted" in report.read_text()
