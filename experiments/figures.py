@@ -95,9 +95,12 @@ def _families(models: pd.Series) -> pd.Series | None:
 
 def _seed_lines(ax, sns, d: pd.DataFrame, y: str, ylabel: str) -> None:
     """One line per model: the mean over its seeds at each token count, the band from the lowest to the
-    highest seed (the seed spread, not a standard error); the legend outside the axes."""
+    highest seed (the seed spread, not a standard error); the legend outside the axes. Only the token
+    counts every seed of a model has are drawn (elsewhere the mean and band would be over fewer seeds)."""
     d = d.assign(family=_families(d.model))
     n = d.groupby("family").model.nunique()
+    shared = d.groupby(["family", "tokens"]).model.transform("nunique") == d.family.map(n)
+    d = d[shared]
     d = d.assign(family=d.family.map(lambda f: f"{f} ({n[f]} seeds)"))
     sns.lineplot(data=d, x="tokens", y=y, hue="family", errorbar=("pi", 100), lw=1, ax=ax, seed=0)
     ax.set_ylabel(ylabel)

@@ -250,6 +250,24 @@ def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, monkeypatch):
     assert round(-(0 + 0.05 + 0.01), 6) in means  # attn-1l at 1000 tokens, mean of its two seeds only
 
 
+
+def test_seed_lines_draw_only_the_tokens_every_seed_has(tmp_path, monkeypatch):
+    """With several seeds, a model's line is the mean over all its seeds: a token count that only some
+    seeds reached (one seed trained longer) is not drawn as a "mean" of fewer seeds with a zero band."""
+    import pandas as pd
+
+    from experiments import figures
+
+    grid = {0: (1000, 2000, 3000), 1: (1000, 2000, 3000), 2: (1000, 2000, 3000, 4000)}
+    ck = pd.DataFrame([{"model": f"attn-2l-s{s}", "step": t // 100, "tokens": t, "icl_score": -1.0 - s,
+                        "icl_sem": 0.01, "val_loss": 3.0 + s} for s, ts in grid.items() for t in ts])
+    Results(tmp_path, "phase_change").write("checkpoints", ck)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_loss_curves(tmp_path, tmp_path / "figures")
+    line = next(x for x in saved["loss_curves"].axes[0].get_lines() if len(x.get_xdata()))
+    assert list(line.get_xdata()) == [1000, 2000, 3000] and set(line.get_ydata()) == {4.0}
+
 @pytest.mark.parametrize("n_ctx, early, late, band", [(64, 6, 62, 1), (256, 25, 250, 5), (512, 50, 500, 10)])
 def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, band):
     """The report's ICL definition names the token numbers of the runs' own context (the paper's 50th and
