@@ -214,14 +214,25 @@ def fig_head_scores(root: Path, out: Path, model: str = "attn-2l"):
 
 
 def fig_pca(root: Path, out: Path):
+    """The PCA trajectories; runs evaluated on different (example, token) pairs (another corpus or context:
+    column ``pairs``) are separate PCA fits, each drawn in a panel of its own."""
     import matplotlib.pyplot as plt
 
     style()
     pca = _read(root, "phase_change", "pca")
     if pca is None or pca.empty:
         return []
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.6))
+    several = "pairs" in pca and pca.pairs.nunique(dropna=False) > 1
+    sets = list(pca.groupby("pairs", sort=False, dropna=False)) if several else [(None, pca)]
+    fig, axes = plt.subplots(1, len(sets), figsize=(COLUMN_WIDTH * len(sets), 2.6), squeeze=False)
     win = _read(root, "phase_change", "windows")
+    for ax, (pairs, p) in zip(axes[0], sets):
+        _pca_panel(ax, p, win, None if pairs is None else f"PCA pairs {pairs}")
+    return _save(fig, out, "per_token_loss_pca")
+
+
+def _pca_panel(ax, pca: pd.DataFrame, win: pd.DataFrame | None, fit: str | None) -> None:
+    """One PCA fit's trajectories on ``ax`` (``fit``: its name in the title where there are several)."""
     fam = _families(pd.Series(pca.model.unique()))  # several seeds: one colour per model, one legend entry
     family = dict(zip(pca.model.unique(), fam if fam is not None else pca.model.unique()))
     colors = dict(zip(dict.fromkeys(family.values()), style().color_palette(n_colors=len(set(family.values())))))
@@ -242,7 +253,8 @@ def fig_pca(root: Path, out: Path):
                     j = int(np.argmin(np.abs(np.log(d.tokens.to_numpy()) - np.log(t))))
                     ax.plot(d.pc1.iloc[j], d.pc2.iloc[j], mk, color=line.get_color(), markersize=5, mec="k", mew=0.5)
     ax.set_title("triangle / square: attn-2l ICL window start / end"
-                 + (" (same seed)" if pca.model.str.contains(r"-s\d+$").any() else ""), fontsize=7)
+                 + (" (same seed)" if pca.model.str.contains(r"-s\d+$").any() else "")
+                 + (f"\n{fit}" if fit else ""), fontsize=7)
     ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
     ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
     if fam is not None:
@@ -250,7 +262,6 @@ def fig_pca(root: Path, out: Path):
                   loc="upper left")
     else:
         ax.legend(frameon=False)
-    return _save(fig, out, "per_token_loss_pca")
 
 
 def fig_ablation_by_index(root: Path, out: Path, model: str = "attn-2l"):

@@ -268,6 +268,31 @@ def test_seed_lines_draw_only_the_tokens_every_seed_has(tmp_path, monkeypatch):
     line = next(x for x in saved["loss_curves"].axes[0].get_lines() if len(x.get_xdata()))
     assert list(line.get_xdata()) == [1000, 2000, 3000] and set(line.get_ydata()) == {4.0}
 
+
+def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, monkeypatch):
+    """Runs evaluated on different PCA pairs (other corpus or context) have PCs of separate fits: never
+    drawn on one pair of axes under the first fit's variance, but one panel per fit."""
+    import numpy as np
+    import pandas as pd
+
+    from experiments import figures
+    from experiments.phase_change import pca_by_pairs
+
+    g = np.random.default_rng(0)
+    vectors = {"attn-2l": g.normal(size=(4, 8)), "attn-1l": g.normal(size=(4, 8)), "other": 9 * g.normal(size=(4, 8))}
+    ck = pd.DataFrame([{"model": m, "step": s, "tokens": 10 ** (s + 5)} for m in vectors for s in range(4)])
+    pca = pca_by_pairs(vectors, ck, {"attn-2l": "p", "attn-1l": "p", "other": "q"})
+    Results(tmp_path, "phase_change").write("pca", pca)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_pca(tmp_path, tmp_path / "figures")
+    axes = [ax for ax in saved["per_token_loss_pca"].axes if ax.get_lines()]
+    assert len(axes) == 2
+    for ax, fp in zip(axes, ("p", "q")):
+        var = pca[pca.pairs == fp].var_pc1.iloc[0]
+        assert f"({100 * var:.0f}% var." in ax.get_xlabel()
+        assert {t.get_text() for t in ax.get_legend().get_texts()} == set(pca[pca.pairs == fp].model)
+
 @pytest.mark.parametrize("n_ctx, early, late, band", [(64, 6, 62, 1), (256, 25, 250, 5), (512, 50, 500, 10)])
 def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, band):
     """The report's ICL definition names the token numbers of the runs' own context (the paper's 50th and
