@@ -596,8 +596,15 @@ def pca_trajectories(vectors: dict[str, np.ndarray], checkpoints: pd.DataFrame,
     names = [n for n in vectors if vectors[n].size]
     if not names:
         return pd.DataFrame(columns=["model", "step", "tokens", "pc1", "pc2", "var_pc1", "var_pc2"])
-    length = min(vectors[n].shape[1] for n in names)
-    X = np.concatenate([vectors[n][:, :length] for n in names])
+    widths = {n: vectors[n].shape[1] for n in names}
+    if len(set(widths.values())) > 1:
+        raise ValueError(f"per-token-loss vectors of different lengths {widths}: losses on different pairs are "
+                         "different coordinates; fit each set of pairs on its own (`pca_by_pairs`)")
+    rows = {n: int((checkpoints.model == n).sum()) for n in names}
+    if any(rows[n] != len(vectors[n]) for n in names):
+        raise ValueError(f"checkpoint rows {rows} do not match the vectors' {({n: len(vectors[n]) for n in names})}: "
+                         "pass the checkpoints of the PCA steps (the pca_steps tables) only")
+    X = np.concatenate([vectors[n] for n in names])
     tok = np.concatenate([checkpoints[checkpoints.model == n].sort_values("step").tokens.to_numpy() for n in names])
     fit = X[tok >= fit_from_tokens] if (tok >= fit_from_tokens).sum() >= 3 else X
     mean = fit.mean(0)
@@ -619,6 +626,9 @@ def pca_by_pairs(vectors: dict[str, np.ndarray], checkpoints: pd.DataFrame, pair
     one fit per set of pairs (column ``pairs``): losses on different tokens are different coordinates."""
     groups: dict[str, list[str]] = {}
     for name in vectors:
+        if vectors[name].size and name not in pairs:
+            raise ValueError(f"{name} has per-token losses but no pairs fingerprint: pass its `pairs_fingerprint` "
+                             "(the `pairs` column of its pca_steps table)")
         groups.setdefault(pairs.get(name, ""), []).append(name)
     frames = [pca_trajectories({n: vectors[n] for n in names}, checkpoints).assign(pairs=fp)
               for fp, names in groups.items()]

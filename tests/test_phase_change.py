@@ -121,3 +121,19 @@ def test_pca_pairs_are_shared_by_every_seed_and_the_pca_is_fit_per_set_of_pairs(
     got = both[both.pairs == "p"].drop(columns="pairs").reset_index(drop=True)
     pd.testing.assert_frame_equal(got, alone)
     assert set(both[both.pairs == "q"].model) == {"other"}
+
+
+def test_pca_refuses_vectors_on_different_pairs_instead_of_truncating_or_joining_them():
+    """Per-token-loss vectors of different lengths are losses on different pairs: a joint PCA of their first
+    columns would compare different tokens; a run without a pairs fingerprint is not fit with others."""
+    from experiments.phase_change import pca_by_pairs
+
+    g = np.random.default_rng(0)
+    ck = pd.DataFrame([{"model": m, "step": s, "tokens": 10 ** (s + 5)} for m in ("a", "b") for s in range(4)])
+    with pytest.raises(ValueError, match="pairs"):
+        pca_trajectories({"a": g.normal(size=(4, 8)), "b": g.normal(size=(4, 6))}, ck)
+    with pytest.raises(ValueError, match="fingerprint"):
+        pca_by_pairs({"a": g.normal(size=(4, 8)), "b": g.normal(size=(4, 8))}, ck, {"a": "p"})
+    shifted = pd.concat([ck.iloc[1:], pd.DataFrame([{"model": "b", "step": 9, "tokens": 10 ** 14}])])
+    with pytest.raises(ValueError, match="checkpoint rows"):  # 3 + 5 rows for 4 + 4 vectors: tokens misaligned
+        pca_trajectories({"a": g.normal(size=(4, 8)), "b": g.normal(size=(4, 8))}, shifted)
