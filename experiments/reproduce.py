@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import Results, check_writable, owns_results
+from .common import ResultError, Results, check_writable, owns_results
 
 ZOO_MODELS = ("attn-1l", "attn-2l", "smear-1l", "smear-2l")
 
@@ -110,7 +110,13 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     timings = sum_timings(runs)
     if git is None:
         git = json.loads((out / "phase_change" / "provenance.json").read_text())["git"]
-    derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
+    win = derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
+    for r in win.itertuples():  # an attribution made at other windows would be drawn under these
+        at = Results(out, f"ablations_{r.model}").read_optional("attribution")
+        if at is not None and len(at) and not (at.in_window == at.tokens.between(r.icl_window_start_tokens,
+                                                                                  r.icl_window_end_tokens)).all():
+            raise ResultError(f"{out}/ablations_{r.model}/attribution.csv was made at other ICL windows than "
+                              f"these: run `ablations` on {r.model} again (or `reproduce`)")
     make_figures(out, Path(figures_dir))
     return write_report(out, scale, timings, Path(figures_dir), git=git)
 

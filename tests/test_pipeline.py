@@ -331,3 +331,21 @@ def test_report_refuses_bad_input_before_writing(tiny_run, tmp_path):
             main(args + (["--figures", str(tmp_path / "file")] if case == "figures" else []))
         assert e.value.code == 2, case
         assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before, case
+
+
+def test_report_refuses_an_attribution_made_at_other_windows(tiny_run, tmp_path):
+    """``report`` re-derives the windows; an attribution table whose in-window checkpoints are not those
+    windows' (made at windows of an older rule) is refused, not drawn under the new window's shading."""
+    import shutil
+
+    from experiments.reproduce import redraw
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    res = Results(copy, "ablations_attn-2l")
+    at = res.read("attribution")
+    assert len(at)
+    res.write("attribution", at.assign(in_window=~at.in_window))
+    with pytest.raises(ResultError, match="attribution"):
+        redraw(copy, "tiny", copy / "figures")
