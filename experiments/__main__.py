@@ -149,8 +149,11 @@ def cmd_report(args) -> int:
     out = Path(args.results)
     if not (out / "phase_change" / "provenance.json").is_file():
         raise UsageError(f"no phase-change results under {out}: run `python -m experiments reproduce --out {out}` first")
+    figures = Path(args.figures or out / "figures")
+    if figures.exists() and not figures.is_dir():
+        raise UsageError(f"{figures} is a file, not a folder: pass --figures DIR")
     git = {"commit": args.commit, "dirty": False} if args.commit else None
-    print(redraw(out, args.scale, Path(args.figures or out / "figures"), git=git))
+    print(redraw(out, args.scale, figures, git=git))
     return 0
 
 
@@ -329,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="figures, report and headline again from a reproduction's tables (e.g. "
                                        "tables copied back from a GPU machine)")
     sp.add_argument("--results", default="results/default")
-    sp.add_argument("--scale", default="cpu", choices=["tiny", "cpu", "gpu"], help="the scale the tables were made at")
+    sp.add_argument("--scale", default=None, choices=["tiny", "cpu", "gpu"],
+                    help="the scale the tables were made at (default: read off the tables' models and tokens)")
     sp.add_argument("--figures", default=None, metavar="DIR", help="default: RESULTS/figures")
     sp.add_argument("--commit", default=None,
                     help="the commit the tables were made with, where their provenance cannot know it (a copied "
@@ -353,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _precheck(args) -> None:
     """Usage errors that need no heavy import (torch, transformers): found in milliseconds, nothing written."""
-    for option in ("out", "results"):
+    for option in ("out", "results", "figures"):
         value = getattr(args, option, None)
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise UsageError(f"--{option} {value} is a file, not a folder: pass a folder")

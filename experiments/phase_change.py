@@ -40,7 +40,7 @@ from interventions.primitives.loss import loss_by_position, loss_from_logits
 from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, list_checkpoints, load_model,
                                      load_train_config)
 
-from .common import Results, owns_results, run_fingerprint
+from .common import ResultError, Results, owns_results, run_fingerprint
 from .zoo import split_run_name
 
 N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows
@@ -333,7 +333,7 @@ def derive_windows(res: Results) -> pd.DataFrame:
             want = ([_checkpoint_tokens(tokens, at[point], point)]
                     if np.isfinite(at[point]) and split_run_name(w.model)[0] == "attn-2l" else [])
             if got != want:
-                raise ValueError(f"{w.model}: the precise ICL point {point!r} was taken at {got} tokens; the "
+                raise ResultError(f"{w.model}: the precise ICL point {point!r} was taken at {got} tokens; the "
                                  f"windows now put it at {want}: evaluate the runs again (`phase-change` or "
                                  "`reproduce`)")
     res.write("windows", win)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import Results, check_writable, owns_results
+from .common import ResultError, Results, check_writable, owns_results
 
 ZOO_MODELS = ("attn-1l", "attn-2l", "smear-1l", "smear-2l")
 
@@ -84,26 +84,52 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
     return report
 
 
-def redraw(out: Path, scale: str, figures_dir: Path, git: dict | None = None) -> Path:
+def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = None) -> Path:
     """Figures, report and headline again from the result tables of ``out`` (e.g. tables copied back from
     a GPU machine whose call ended while drawing), the windows and PCA turns derived again by this code
-    (``derive_windows``). Timings: the sum of the invocations ``out`` recorded; machine: the one that
-    evaluated the checkpoints; ``git``: the commit the tables were made with (default: the phase
-    change's provenance)."""
+    (``derive_windows``). ``scale``: the one the tables were made at (None: read off them,
+    ``tables_scales``; one they contradict is refused). Timings: the sum of the invocations ``out``
+    recorded; machine: the one that evaluated the checkpoints; ``git``: the commit the tables were made
+    with (default: the phase change's provenance). Bad input raises before anything is written."""
+    from .common import InputError
     from .figures import make_figures
     from .phase_change import derive_windows
 
     out = Path(out)
+    fits = tables_scales(Results(out, "phase_change").read("checkpoints"))
+    if scale is None and len(fits) != 1:
+        raise InputError(f"the tables under {out} match no one scale's models and tokens: pass --scale")
+    if scale is not None and fits and scale not in fits:
+        raise InputError(f"the tables under {out} were made at scale {' or '.join(fits)}, not {scale}: pass "
+                         f"--scale {fits[0]} or leave --scale out")
+    scale = scale or fits[0]
     runs = Results(out, "report").read_json("timings", default=[])
-    if not runs:
-        raise FileNotFoundError(f"{out} has no recorded timings (report/timings.json): run `reproduce --out {out}` "
-                                "to completion instead")
+    if not any(r.get("complete", True) for r in runs):  # the tables of an unfinished run lack sections
+        raise InputError(f"{out} has no recorded invocation that ran to completion (report/timings.json): run "
+                         f"`reproduce --out {out}` to completion instead (it resumes)")
     timings = sum_timings(runs)
     if git is None:
         git = json.loads((out / "phase_change" / "provenance.json").read_text())["git"]
-    derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
+    win = derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
+    for r in win.itertuples():  # an attribution made at other windows would be drawn under these
+        at = Results(out, f"ablations_{r.model}").read_optional("attribution")
+        if at is not None and len(at) and not (at.in_window == at.tokens.between(r.icl_window_start_tokens,
+                                                                                  r.icl_window_end_tokens)).all():
+            raise ResultError(f"{out}/ablations_{r.model}/attribution.csv was made at other ICL windows than "
+                              f"these: run `ablations` on {r.model} again (or `reproduce`)")
     make_figures(out, Path(figures_dir))
     return write_report(out, scale, timings, Path(figures_dir), git=git)
+
+
+def tables_scales(checkpoints: pd.DataFrame) -> list[str]:
+    """The scales (``SCALES``) a phase change's checkpoints table fits: the same models, each run's last
+    checkpoint within 5% of the scale's tokens for it (seeds and corpus aside)."""
+    from .zoo import SCALES
+
+    last = checkpoints.groupby("model").tokens.max()
+    fams = {m: _family(m) for m in last.index}
+    return [s for s, tokens in SCALES.items() if set(fams.values()) == set(tokens)
+            and all(abs(last[m] - tokens[f]) <= 0.05 * tokens[f] for m, f in fams.items())]
 
 
 def _family(name: str) -> str:
