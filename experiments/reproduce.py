@@ -519,10 +519,14 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
               "5% of the run. It fires on any model whose loss curve bends downwards anywhere (noise included), "
               "so a bump means something only where it coincides with the window; compare attn-1l's line.", ""]
     if h.get("pca_turn_deg"):
+        pca = Results(out, "phase_change").read_optional("pca")
+        sets = pca.pairs.nunique() if pca is not None and "pairs" in pca else 1
         lines += ["## Per-token-loss PCA", "",
                   f"{_count(h['evaluation']['pca_pairs'])} (example, token) pairs, one token from each of as many separate "
-                  "windows, the same pairs for every run; PCs fit on every "
-                  "model's checkpoints after 1M tokens (warm-up), all checkpoints projected. Turn = angle between "
+                  + ("windows, the same pairs for every run; PCs fit on every model's " if sets == 1 else
+                     f"windows; the runs were evaluated on {sets} different sets of pairs (other corpora or contexts), "
+                     "so each set has its own PCA fit (its own panel in the figure), on its models' ")
+                  + "checkpoints after 1M tokens (warm-up), all checkpoints projected. Turn = angle between "
                   "the trajectory's direction over [start/2.5, start] and over [start, end] of attn-2l's ICL "
                   "window, in the PC1-PC2 plane (0 = straight on): "
                   + "; ".join(f"{m} {v:.0f}°" if v is not None else f"{m} n/a" for m, v in h["pca_turn_deg"].items())

@@ -149,6 +149,68 @@ def test_report_redraws_from_the_tables_alone(tiny_run, tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_report_takes_the_scale_from_the_tables(tiny_run, tmp_path, capsys):
+    """``report`` without --scale names the scale the tables were made at (it said "cpu" for any
+    tables); a --scale the tables contradict is refused before anything is written."""
+    import shutil
+
+    from experiments.__main__ import main
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--results", str(copy), "--scale", "cpu"])
+    assert e.value.code == 2 and "--scale tiny" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    assert main(["report", "--results", str(copy)]) == 0
+    assert (copy / "report.md").read_text().startswith("# Reproduction report (tiny scale)")
+
+
+def test_report_refuses_bad_input_before_writing(tiny_run, tmp_path):
+    """A --figures that is a file, no recorded timings, or no invocation that ran to completion: exit 2,
+    nothing written (a --figures file crashed after the windows were rewritten)."""
+    import shutil
+
+    from experiments.__main__ import main
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    (tmp_path / "file").write_text("")
+    timings = Results(copy, "report").read_json("timings")
+    for case in ("figures", "none", "interrupted"):
+        if case == "none":
+            (copy / "report" / "timings.json").unlink()
+        if case == "interrupted":
+            Results(copy, "report").write_json("timings", [{**r, "complete": False} for r in timings])
+        before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+        args = ["report", "--results", str(copy), "--scale", "tiny"]
+        with pytest.raises(SystemExit) as e:
+            main(args + (["--figures", str(tmp_path / "file")] if case == "figures" else []))
+        assert e.value.code == 2, case
+        assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before, case
+
+
+def test_report_refuses_an_attribution_made_at_other_windows(tiny_run, tmp_path):
+    """``report`` re-derives the windows; an attribution table whose in-window checkpoints are not those
+    windows' (made at windows of an older rule) is refused, not drawn under the new window's shading."""
+    import shutil
+
+    from experiments.reproduce import redraw
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    res = Results(copy, "ablations_attn-2l")
+    at = res.read("attribution")
+    assert len(at)
+    res.write("attribution", at.assign(in_window=~at.in_window))
+    with pytest.raises(ResultError, match="attribution"):
+        redraw(copy, "tiny", copy / "figures")
+
+
 def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
     """A re-run skips finished work and leaves tables unchanged; a truncated table is detected with a
     message naming the file to delete."""
@@ -330,65 +392,3 @@ def test_an_interrupted_invocation_keeps_its_finished_stages_in_the_wall_clock(t
     assert head["wall_clock_min"] * 60 == pytest.approx(runs[0]["total_s"] + runs[1]["total_s"])
     assert head["invocations"] == 2 and head["invocations_interrupted"] == 1
     assert "1 of them interrupted" in report.read_text()
-
-
-def test_report_takes_the_scale_from_the_tables(tiny_run, tmp_path, capsys):
-    """``report`` without --scale names the scale the tables were made at (it said "cpu" for any
-    tables); a --scale the tables contradict is refused before anything is written."""
-    import shutil
-
-    from experiments.__main__ import main
-
-    out, _ = tiny_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
-    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit) as e:
-        main(["report", "--results", str(copy), "--scale", "cpu"])
-    assert e.value.code == 2 and "--scale tiny" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
-    assert main(["report", "--results", str(copy)]) == 0
-    assert (copy / "report.md").read_text().startswith("# Reproduction report (tiny scale)")
-
-
-def test_report_refuses_bad_input_before_writing(tiny_run, tmp_path):
-    """A --figures that is a file, no recorded timings, or no invocation that ran to completion: exit 2,
-    nothing written (a --figures file crashed after the windows were rewritten)."""
-    import shutil
-
-    from experiments.__main__ import main
-
-    out, _ = tiny_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
-    (tmp_path / "file").write_text("")
-    timings = Results(copy, "report").read_json("timings")
-    for case in ("figures", "none", "interrupted"):
-        if case == "none":
-            (copy / "report" / "timings.json").unlink()
-        if case == "interrupted":
-            Results(copy, "report").write_json("timings", [{**r, "complete": False} for r in timings])
-        before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-        args = ["report", "--results", str(copy), "--scale", "tiny"]
-        with pytest.raises(SystemExit) as e:
-            main(args + (["--figures", str(tmp_path / "file")] if case == "figures" else []))
-        assert e.value.code == 2, case
-        assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before, case
-
-
-def test_report_refuses_an_attribution_made_at_other_windows(tiny_run, tmp_path):
-    """``report`` re-derives the windows; an attribution table whose in-window checkpoints are not those
-    windows' (made at windows of an older rule) is refused, not drawn under the new window's shading."""
-    import shutil
-
-    from experiments.reproduce import redraw
-
-    out, _ = tiny_run
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
-    res = Results(copy, "ablations_attn-2l")
-    at = res.read("attribution")
-    assert len(at)
-    res.write("attribution", at.assign(in_window=~at.in_window))
-    with pytest.raises(ResultError, match="attribution"):
-        redraw(copy, "tiny", copy / "figures")
