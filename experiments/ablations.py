@@ -39,7 +39,7 @@ from interventions.engine.adapters import get_adapter
 from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model
 
 from .common import Results, fingerprint, owns_results, run_fingerprint
-from .phase_change import eval_windows, induction_heads_of, run_config, step_tokens, window_losses
+from .phase_change import edge_checkpoint, eval_windows, induction_heads_of, run_config, step_tokens, window_losses
 
 KINDS = ("zero", "mean", "pattern")
 N_BOOT = 1000
@@ -186,10 +186,9 @@ def _attribution(ckpts, cfg, name, windows, windows_table, n_inside, device, pro
     if not (np.isfinite(start) and np.isfinite(end)):
         return pd.DataFrame(columns=["model", "step", "tokens", "layer", "head", "head_name", "attribution",
                                      "in_window"])
-    before = [c for c in ckpts if step_tokens(c, cfg)[1] <= start][-1:] or ckpts[:1]
-    after = [c for c in ckpts if step_tokens(c, cfg)[1] >= end][:1] or ckpts[-1:]
-    l_before = window_losses(load_model(before[0], device), windows)
-    l_after = window_losses(load_model(after[0], device), windows)
+    before, after = edge_checkpoint(ckpts, cfg, start, "before"), edge_checkpoint(ckpts, cfg, end, "after")
+    l_before = window_losses(load_model(before, device), windows)
+    l_after = window_losses(load_model(after, device), windows)
     phase = l_after - l_before
     norm2 = (phase ** 2).sum().item()
     rows = []
@@ -206,7 +205,7 @@ def _attribution(ckpts, cfg, name, windows, windows_table, n_inside, device, pro
         new = [{"model": name, "step": step, "tokens": tokens, "layer": layer, "head": head,
                 "head_name": f"L{layer}H{head}", "attribution": -(delta[j] * phase).sum().item() / norm2,
                 "in_window": bool(start <= tokens <= end),
-                "before_step": step_tokens(before[0], cfg)[0], "after_step": step_tokens(after[0], cfg)[0]}
+                "before_step": step_tokens(before, cfg)[0], "after_step": step_tokens(after, cfg)[0]}
                for j, (layer, head) in enumerate(divmod(j, a.n_heads) for j in range(a.n_layers * a.n_heads))]
         if res is not None:
             res.write(part, pd.DataFrame(new), inputs=key)

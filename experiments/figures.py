@@ -93,9 +93,16 @@ def _families(models: pd.Series) -> pd.Series | None:
     return fam if (fam != models).any() else None
 
 
+def _legend_outside(ax, title: str | None = None) -> None:
+    ax.legend(frameon=False, title=title, title_fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+
+
+SEED_BANDS = "mean; band: seed min-max"
+
+
 def _seed_lines(ax, sns, d: pd.DataFrame, y: str, ylabel: str) -> None:
     """One line per model: the mean over its seeds at each token count, the band from the lowest to the
-    highest seed (the seed spread, not a standard error); the legend outside the axes. Only the token
+    highest seed (the seed spread, not a standard error; legend title ``SEED_BANDS``). Only the token
     counts every seed of a model has are drawn (elsewhere the mean and band would be over fewer seeds)."""
     d = d.assign(family=_families(d.model))
     n = d.groupby("family").model.nunique()
@@ -104,8 +111,6 @@ def _seed_lines(ax, sns, d: pd.DataFrame, y: str, ylabel: str) -> None:
     d = d.assign(family=d.family.map(lambda f: f"{f} ({n[f]} seeds)"))
     sns.lineplot(data=d, x="tokens", y=y, hue="family", errorbar=("pi", 100), lw=1, ax=ax, seed=0)
     ax.set_ylabel(ylabel)
-    ax.legend(frameon=False, title="mean; band: seed min-max", title_fontsize=7, bbox_to_anchor=(1.01, 1),
-              loc="upper left")
 
 
 def fig_icl_over_training(root: Path, out: Path):
@@ -123,9 +128,7 @@ def fig_icl_over_training(root: Path, out: Path):
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("training tokens")
-        handles, labels = ax.get_legend_handles_labels()
-        ax.legend(handles, labels, frameon=False, bbox_to_anchor=(1.01, 1), loc="upper left",
-                  title="mean; band: seed min-max", title_fontsize=7)
+        _legend_outside(ax, SEED_BANDS)
         return _save(fig, out, "icl_over_training")
     colors = dict(zip(ck.model.unique(), sns.color_palette(n_colors=ck.model.nunique())))
     for model, d in ck.groupby("model", sort=False):
@@ -155,6 +158,7 @@ def fig_loss_curves(root: Path, out: Path):
         ax.set_xscale("log")
         ax.set_xlabel("training tokens")
         ax.set_title("validation loss by model")
+        _legend_outside(ax, SEED_BANDS)
         return _save(fig, out, "loss_curves")
     sns.lineplot(data=ck, x="tokens", y="val_loss", hue="model", ax=ax, seed=0)
     if win is not None:
@@ -258,8 +262,7 @@ def _pca_panel(ax, pca: pd.DataFrame, win: pd.DataFrame | None, fit: str | None)
     ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
     ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
     if fam is not None:
-        ax.legend(frameon=False, title="one line per seed", title_fontsize=7, bbox_to_anchor=(1.01, 1),
-                  loc="upper left")
+        _legend_outside(ax, "one line per seed")
     else:
         ax.legend(frameon=False)
 

@@ -330,7 +330,7 @@ def derive_windows(res: Results) -> pd.DataFrame:
         at = {"before": w.icl_window_start_tokens, "after": w.icl_window_end_tokens}
         for point in ("before", "after"):
             got = [int(x) for x in prec[(prec.model == w.model) & (prec.point == point)].tokens]
-            want = ([_checkpoint_tokens(tokens, at[point], point)]
+            want = ([int(tokens[edge_index(tokens, at[point], point)])]
                     if np.isfinite(at[point]) and split_run_name(w.model)[0] == "attn-2l" else [])
             if got != want:
                 raise ResultError(f"{w.model}: the precise ICL point {point!r} was taken at {got} tokens; the "
@@ -343,12 +343,23 @@ def derive_windows(res: Results) -> pd.DataFrame:
     return win
 
 
-def _checkpoint_tokens(tokens: np.ndarray, at: float, point: str) -> int:
-    """The checkpoint ``precise_icl`` takes for a window edge ``at``: the last at/before it ("before"),
-    the first at/after it ("after"); ``tokens`` sorted."""
+def edge_index(tokens, at: float, point: str) -> int:
+    """Index of the checkpoint taken for a window edge ``at`` among checkpoints at ``tokens`` (sorted):
+    the last at/before it ("before"; the first when none is), the first at/after it ("after"; the last
+    when none is).
+
+    >>> edge_index([1, 5, 9], 6, "before"), edge_index([1, 5, 9], 6, "after"), edge_index([1, 5, 9], 0, "before")
+    (1, 2, 0)
+    """
+    tokens = np.asarray(tokens)
     if point == "before":
-        return int(tokens[tokens <= at][-1] if (tokens <= at).any() else tokens[0])
-    return int(tokens[tokens >= at][0] if (tokens >= at).any() else tokens[-1])
+        return int(np.nonzero(tokens <= at)[0][-1]) if (tokens <= at).any() else 0
+    return int(np.nonzero(tokens >= at)[0][0]) if (tokens >= at).any() else len(tokens) - 1
+
+
+def edge_checkpoint(ckpts: list[Path], cfg: TrainConfig, at: float, point: str) -> Path:
+    """The checkpoint of a run (``list_checkpoints``, in step order) taken for a window edge (``edge_index``)."""
+    return ckpts[edge_index([step_tokens(c, cfg)[1] for c in ckpts], at, point)]
 
 
 def training_table(runs: dict[str, Path]) -> pd.DataFrame:
@@ -439,10 +450,8 @@ def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tok
         return nan
     x = np.log10(t)
     a, b, r, c, w, rms = logistic_fit(x, y)
-    if r < min_rise:
-        return {**nan, "rise": float(r), "fit_rms": rms}
     start, end = c - w * math.log(9), c + w * math.log(9)
-    if start < x[0]:
+    if r < min_rise or start < x[0]:
         return {**nan, "rise": float(r), "fit_rms": rms}
     return {"start_tokens": 10 ** start, "end_tokens": 10 ** end, "peak_tokens": 10 ** c, "rise": float(r),
             "trend_per_decade": float(b), "from": float(a + b * (start - x[0]) + 0.1 * r),
@@ -498,16 +507,6 @@ def detect_windows(checkpoints: pd.DataFrame, head_scores: pd.DataFrame) -> pd.D
     return pd.DataFrame(rows)
 
 
-def _at_or_before(ckpts: list[Path], cfg: TrainConfig, tokens: float) -> Path:
-    before = [c for c in ckpts if step_tokens(c, cfg)[1] <= tokens]
-    return before[-1] if before else ckpts[0]
-
-
-def _at_or_after(ckpts: list[Path], cfg: TrainConfig, tokens: float) -> Path:
-    after = [c for c in ckpts if step_tokens(c, cfg)[1] >= tokens]
-    return after[0] if after else ckpts[-1]
-
-
 def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: str) -> pd.DataFrame:
     """ICL on ``n`` windows at: the checkpoint at/before the ICL window's start ("before"), at/after its
     end ("after"), at 80% of the run ("at_80pct") and the last ("final"). Paired differences between
@@ -518,10 +517,10 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
         cfg = run_config(run)
         ckpts = list_checkpoints(run)
         w = windows[windows.model == name].iloc[0]
-        points = {"at_80pct": _at_or_before(ckpts, cfg, 0.8 * step_tokens(ckpts[-1], cfg)[1]), "final": ckpts[-1]}
+        points = {"at_80pct": edge_checkpoint(ckpts, cfg, 0.8 * step_tokens(ckpts[-1], cfg)[1], "before"), "final": ckpts[-1]}
         if np.isfinite(w.icl_window_start_tokens):
-            points = {"before": _at_or_before(ckpts, cfg, w.icl_window_start_tokens),
-                      "after": _at_or_after(ckpts, cfg, w.icl_window_end_tokens), **points}
+            points = {"before": edge_checkpoint(ckpts, cfg, w.icl_window_start_tokens, "before"),
+                      "after": edge_checkpoint(ckpts, cfg, w.icl_window_end_tokens, "after"), **points}
         if split_run_name(name)[0] != "attn-2l":
             points = {"final": points["final"]}
         wins = eval_windows(cfg, n)
@@ -561,7 +560,7 @@ def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: st
             continue
         per2, ckpt2, cfg2 = before[two]
         cfg = run_config(runs[one])
-        ckpt = _at_or_before(list_checkpoints(runs[one]), cfg, step_tokens(ckpt2, cfg2)[1])
+        ckpt = edge_checkpoint(list_checkpoints(runs[one]), cfg, step_tokens(ckpt2, cfg2)[1], "before")
         wins = eval_windows(cfg, n)
         if not torch.equal(wins, eval_windows(cfg2, n)):
             continue  # different corpora or seeds: no paired comparison
