@@ -48,7 +48,7 @@ from ..engine.devices import output_device
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site
 from ..engine.remote import NotRemotable, Remote
-from ..engine.tracing import Engine, Result, Run, Write, check_tokens, position_ids, unwrap
+from ..engine.tracing import Engine, Result, Run, Write, check_tokens, position_ids, unwrap, without_grad
 
 
 class Ablation:
@@ -278,7 +278,7 @@ def head_writes(ablations: Sequence[Ablation], tokens: torch.Tensor, row_offset:
             for abl in ablations for h in abl.heads]
 
 
-@torch.no_grad()
+@without_grad
 def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Ablation] = (),
                        attention_mask: torch.Tensor | None = None, row_offset: int = 0,
                        remote: Remote = False) -> torch.Tensor:
@@ -295,7 +295,7 @@ def run_with_ablations(model, tokens: torch.Tensor, ablations: Ablation | Sequen
     return logits if remote else logits.to(output_device(unwrap(model)))
 
 
-@torch.no_grad()
+@without_grad
 def ablation_run(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Ablation] = (),
                  attention_mask: torch.Tensor | None = None, row_offset: int = 0, remote: Remote = False,
                  returns="logits", prepared: bool = False) -> Result:

@@ -20,7 +20,7 @@ import torch
 from .ablation import Ablation, ablation_run, as_ablations, check_remotable, prepare_ablation
 from ..engine.adapters import get_adapter
 from ..engine.remote import Remote, check_remote
-from ..engine.tracing import check_mask, check_tokens, pad_to_nan, unwrap
+from ..engine.tracing import check_mask, check_tokens, pad_to_nan, unwrap, without_grad
 
 
 LOSS_CHUNK_ELEMENTS = 2 ** 28  # float32 elements of logits converted at once (1 GiB)
@@ -37,7 +37,7 @@ def loss_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-@torch.no_grad()
+@without_grad
 def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ablation] | None = None,
                    batch_size: int | None = None, attention_mask: torch.Tensor | None = None,
                    remote: Remote = False) -> torch.Tensor:
