@@ -7,8 +7,8 @@
 #   SMOKE_BG=1 (with MODE=full): the tiny run beside the full one, its log in $OUT/tiny_bg.log.
 # The GPU machine's Python ships a different stdlib (a different corpus): carry this machine's as
 # .corpus/stdlib.tgz (python -m experiments.pack_corpus .corpus/stdlib.tgz; name .corpus in carry).
-# Results go to $OUT (the device tool's folder) or results/gpu_session as two archives: tables.tgz
-# (CSV/JSON/Markdown, no checkpoints or arrays) and figures.tgz.
+# Results go to $OUT (the device tool's folder) or results/gpu_session as archives: tables.tgz
+# (CSV/JSON/Markdown, no checkpoints or arrays), pca.tgz (the PCA's per-token-loss arrays) and figures.tgz.
 #   DEVICE=cpu MODE=smoke bash experiments/gpu_reproduce.sh    # a dry run of this script on a CPU
 set -u
 OUT=${OUT:-results/gpu_session}
@@ -37,6 +37,8 @@ pack() {  # pack NAME DIR: the tables (no checkpoints, arrays or tokenizer cache
   (cd "$2" 2>/dev/null && tar czf "$OUT/$1_tables.tgz" --exclude='runs/*/checkpoints' --exclude='*.npy' \
      --exclude='runs/*/tokenizer' --exclude='loss_by_index*' --exclude=figures . 2>/dev/null)
   (cd "$2" 2>/dev/null && tar czf "$OUT/$1_loss_by_index.tgz" phase_change/loss_by_index.csv 2>/dev/null)
+  # the per-token losses the PCA is fit on (float32, ~0.4 MB a run): without them `report` draws no PCA
+  (cd "$2" 2>/dev/null && tar czf "$OUT/$1_pca.tgz" phase_change/per_token_losses_*.npy 2>/dev/null)
   [ -d "$2/figures" ] && (cd "$2/figures" && tar czf "$OUT/$1_figures.tgz" .)
   ls -la "$OUT"
 }
