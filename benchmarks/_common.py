@@ -34,14 +34,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def interleaved(variants: dict, reps: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each variant, ``reps`` rounds, variants interleaved within a round."""
+def interleaved(variants: dict, reps: int, device: str, warmup: int = 1,
+                shuffle: bool = False) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``reps`` rounds, variants interleaved within a round.
+
+    ``shuffle``: each round runs the variants in a fresh random order (seeded), so no variant always
+    follows the same one (what the previous call leaves in the caches then biases no variant)."""
+    import random
+
+    rng = random.Random(0)
     for _ in range(warmup):
         for fn in variants.values():
             fn()
     times = {name: [] for name in variants}
+    order = list(variants.items())
     for _ in range(reps):
-        for name, fn in variants.items():
+        if shuffle:
+            rng.shuffle(order)
+        for name, fn in order:
             sync(device)
             t = time.perf_counter()
             fn()
