@@ -385,3 +385,33 @@ def test_unwrap_finds_a_wrapped_module():
             self._module = m
 
     assert unwrap(model) is model and unwrap(Holder(model)) is model and unwrap(Wrapper(model)) is model
+
+
+@pytest.mark.parametrize("arch", ["attn_only", "gpt2", "llama"])
+def test_write_at_the_start_layer_leaves_the_prefix_alone(arch):
+    """A run that starts above layer 0 and writes the residual entering its start layer (resid_pre)
+    neither edits the caller's ``prefix`` in place nor lets one run's patch leak into the next run
+    with the same prefix: each of several single-position patches equals the plain-hook patch."""
+    model = build(arch)
+    g = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=g)
+    prefix = run_with_cache(model, tokens, ["L1.resid_pre"])[1]["L1.resid_pre"]
+    before = prefix.clone()
+    block = _module(model, PATHS[arch]["block"].format(1))
+    for p in (2, 4):
+        value = torch.randn(2, 32, generator=g)
+        got = execute(model, Run(tokens, start=1, prefix=prefix, writes=[Write("L1.resid_pre", value, pos=p)])).logits
+
+        def hook(mod, args, kwargs, p=p, value=value):
+            x = (args[0] if args else kwargs["hidden_states"]).clone()
+            x[:, p] = value
+            return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": x})
+
+        h = block.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                want = model(tokens).logits
+        finally:
+            h.remove()
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(prefix, before)

@@ -575,9 +575,14 @@ class Engine:
                     plan.append(("point", path, io, [entry]))
 
         tuple_out = a.spec.block_output == "tuple"
+        prefix = run.prefix
+        if prefix is not None and Site(run.start, "resid_pre") in writes:
+            # the start block's input *is* the prefix (``.to`` keeps the object on its own device):
+            # a write there, made in place, would edit the caller's tensor (and every later run given it)
+            prefix = prefix.clone()
         for layer in range(a.n_layers):
             if layer < run.start:  # every skipped block passes the prefix on (only the last one's counts)
-                plan.append(("skip", a.path(layer, "layer"), run.prefix, tuple_out, here(a.path(run.start, "layer"))))
+                plan.append(("skip", a.path(layer, "layer"), prefix, tuple_out, here(a.path(run.start, "layer"))))
                 continue
             sites = by_layer.get(layer, [])
             if layer in run.attn_outputs:
