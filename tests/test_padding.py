@@ -88,3 +88,27 @@ def test_padded_mean_and_resample_match_unpadded(arch):
     for i, s in enumerate(seqs):
         _, d1 = ablation_sweep(model, s, kind="mean", reference=reference)
         assert torch.allclose(delta[:, i, -(s.shape[1] - 1):], d1[:, 0], atol=1e-5), (arch, i)
+
+
+def test_subclass_value_taking_kwargs_gets_positions_and_row_offset():
+    """An ``Ablation`` subclass whose ``value`` takes ``**kwargs`` and passes them on (e.g. to
+    ``super().value``) is given each token's unpadded position and the chunk's row offset, as one that
+    names them: on a left-padded batch run in chunks it equals the subclass that names them."""
+    from interventions import ResampleAblation
+
+    class Named(ResampleAblation):
+        def value(self, head, tokens, row_offset=0, positions=None):
+            return 0.5 * super().value(head, tokens, row_offset=row_offset, positions=positions)
+
+    class Forwarding(ResampleAblation):
+        def value(self, head, tokens, **kwargs):
+            return 0.5 * super().value(head, tokens, **kwargs)
+
+    model = _models()["attn_only"]
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(1, 50, (1, 12), generator=g), torch.randint(1, 50, (1, 7), generator=g)]
+    reference = torch.randint(1, 50, (6, 12), generator=g)
+    tokens, mask = _padded(seqs)
+    want = per_token_loss(model, tokens, Named("L0H1", reference, seed=2), batch_size=1, attention_mask=mask)
+    got = per_token_loss(model, tokens, Forwarding("L0H1", reference, seed=2), batch_size=1, attention_mask=mask)
+    torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)

@@ -110,11 +110,21 @@ def _value_params(method) -> frozenset[str]:
     inspection costs tens of microseconds, a noticeable share of one small trace)."""
     fn = getattr(method, "__func__", None)
     if fn is None:
-        return frozenset(inspect.signature(method).parameters)
+        return _param_names(method)
     params = _VALUE_PARAMS.get(fn)
     if params is None:
-        params = _VALUE_PARAMS[fn] = frozenset(inspect.signature(method).parameters)
+        params = _VALUE_PARAMS[fn] = _param_names(method)
     return params
+
+
+def _param_names(method) -> frozenset[str]:
+    """Names ``ablation_value`` may pass: a ``**kwargs`` parameter takes them all (a subclass passing its
+    keyword arguments on to ``super().value`` must not lose the positions or the row offset)."""
+    params = inspect.signature(method).parameters
+    names = frozenset(params)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        names |= {"row_offset", "positions"}
+    return names
 
 
 _VALUE_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # function -> its parameter names
