@@ -117,3 +117,24 @@ def test_too_long_sequence(tiny_model):
     """A sequence longer than n_ctx raises and says how to fix it."""
     with pytest.raises(ValueError, match="truncate"):
         tiny_model(torch.zeros(1, 40, dtype=torch.long))
+
+
+@pytest.mark.parametrize("use_cache", [None, True, False])
+def test_generate_matches_greedy_loop(use_cache):
+    """``generate`` (the model has no KV cache) gives the tokens of a greedy loop over full forward passes,
+    also on a left-padded batch: HF's default would feed only the newest token after the first step."""
+    torch.manual_seed(0)
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=64, vocab_size=50,
+                                               init_range=0.3)).eval()
+    a, b = torch.randint(1, 50, (1, 10)), torch.randint(1, 50, (1, 7))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    kw = {} if use_cache is None else {"use_cache": use_cache}
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, **kw)
+    for row, seq, start in ((0, a, 0), (1, b, 3)):
+        y = seq.clone()
+        with torch.no_grad():
+            for _ in range(6):
+                y = torch.cat([y, model(y).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert out[row, start:].tolist() == y[0].tolist(), (row, use_cache)
