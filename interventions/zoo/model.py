@@ -260,12 +260,11 @@ class AttnOnlyForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         """The model keeps no KV cache, so every step of ``generate`` runs the whole sequence (HF's default
-        would feed only the newest token once a cache is assumed, and the model would see one token)."""
-        kwargs.pop("cache", None)
-        kwargs.pop("past_key_values", None)
-        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=None, **kwargs)
+        would feed only the newest token once a cache is assumed, and the model would see one token);
+        positions come from the mask, as in ``forward``. Independent of the transformers version."""
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward(
         self,
