@@ -221,6 +221,27 @@ def test_report_refuses_tables_of_an_invocation_killed_after_training(tiny_run, 
     redraw(copy, "tiny", copy / "figures")
 
 
+def test_wall_clock_counts_only_invocations_of_the_same_job(tiny_run, tmp_path):
+    """An earlier invocation into the same --out with other options (here: --seeds 2, whose runs these
+    tables do not use) is not part of these tables' wall-clock or invocation count."""
+    import shutil
+
+    from experiments.reproduce import redraw
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    timings = Results(copy, "report").read_json("timings")
+    assert all(r.get("job") == {"scale": "tiny", "seeds": 1, "corpus": None} for r in timings)
+    other = {"complete": True, "total_s": 600.0, "train_s": 500.0, "phase_change_s": 90.0, "ablations_s": 5.0,
+             "job": {"scale": "tiny", "seeds": 2, "corpus": None}}
+    Results(copy, "report").write_json("timings", [other] + timings)
+    redraw(copy, "tiny", copy / "figures")
+    head = json.loads((copy / "figures" / "headline.json").read_text())
+    assert head["wall_clock_min"] * 60 == pytest.approx(sum(r["total_s"] for r in timings))
+    assert head["invocations"] == len(timings)
+
+
 def test_report_refuses_an_attribution_made_at_other_windows(tiny_run, tmp_path):
     """``report`` re-derives the windows; an attribution table whose in-window checkpoints are not those
     windows' (made at windows of an older rule) is refused, not drawn under the new window's shading."""
