@@ -388,6 +388,9 @@ def _precheck(args) -> None:
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise UsageError(f"--corpus {args.corpus!r} is not a regular file or folder (a named pipe or "
                                  "device?): pass a text file, a folder or a .jsonl file")
+    if args.command == "ablations" and args.windows < 8:  # experiments.ablations.MIN_WINDOWS (heavy import)
+        raise UsageError(f"--windows {args.windows}: the ablations need at least 8 windows (the per-head sweeps use "
+                         "a quarter and a half of them, at least 2 each for a standard error)")
     for run in list(getattr(args, "runs", None) or []) + ([args.run] if getattr(args, "run", None) else []):
         if not (Path(run) / "train_config.json").is_file():
             raise UsageError(f"{run} is not a training run folder (no train_config.json): pass folders made by "

@@ -43,6 +43,7 @@ from .phase_change import edge_checkpoint, eval_windows, induction_heads_of, run
 
 KINDS = ("zero", "mean", "pattern")
 N_BOOT = 1000
+MIN_WINDOWS = 8  # the zero / mean sweeps run on a quarter of the windows: at least 2 each, for a standard error
 
 
 def per_window_icl(losses: torch.Tensor) -> np.ndarray:
@@ -73,6 +74,11 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                   n_attribution_inside: int = 5, device: str = "cpu", progress: bool = True) -> Results:
     from interventions.primitives.sweep import ablation_sweep
 
+    from .common import InputError
+
+    if n_windows < MIN_WINDOWS:  # a sweep of no window crashed, of one gave a bootstrap s.e. of 0
+        raise InputError(f"--windows {n_windows}: the ablations need at least {MIN_WINDOWS} windows (the per-head "
+                         f"sweeps use a quarter and a half of them, at least 2 each for a standard error)")
     res = Results(results_root, f"ablations_{name}")
     cfg = run_config(run)
     windows = eval_windows(cfg, n_windows)

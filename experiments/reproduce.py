@@ -54,7 +54,9 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
     from .zoo import train_zoo
 
     figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
-    clock = _Clock(out)
+    from .zoo import scale_seeds
+
+    clock = _Clock(out, {"scale": scale, "seeds": len(scale_seeds(scale, seeds)), "corpus": corpus})
     from interventions.zoo.provenance import provenance
 
     git_at_start = provenance(config={})["git"]  # before the run rewrites figures/ (tracked files)
@@ -89,7 +91,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     a GPU machine whose call ended while drawing), the windows and PCA turns derived again by this code
     (``derive_windows``). ``scale``: the one the tables were made at (None: read off them,
     ``tables_scales``; one they contradict is refused). Timings: the sum of the invocations ``out``
-    recorded; machine: the one that evaluated the checkpoints; ``git``: the commit the tables were made
+    recorded with the options of the last (``same_job``); machine: the one that evaluated the checkpoints; ``git``: the commit the tables were made
     with (default: the phase change's provenance). Bad input raises before anything is written."""
     from .common import InputError
     from .figures import make_figures
@@ -107,7 +109,14 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     if not any(r.get("complete", True) for r in runs):  # the tables of an unfinished run lack sections
         raise InputError(f"{out} has no recorded invocation that ran to completion (report/timings.json): run "
                          f"`reproduce --out {out}` to completion instead (it resumes)")
-    timings = sum_timings(runs)
+    # the last invocation that got past training (and so may have written tables) must have finished: one
+    # killed mid-evaluation or mid-ablation left partial tables even when an earlier one completed
+    last = next(r for r in reversed(runs) if r.get("complete", True) or "train_s" in r)
+    if not last.get("complete", True):
+        raise InputError(f"the last invocation that wrote tables under {out} was interrupted (report/timings.json): "
+                         f"its tables may be partial; run `reproduce --out {out}` with its options to completion "
+                         "instead (it resumes)")
+    timings = sum_timings(same_job(runs, last.get("job")))  # the invocations that made these tables
     if git is None:
         git = json.loads((out / "phase_change" / "provenance.json").read_text())["git"]
     win = derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
@@ -152,10 +161,10 @@ class _Clock:
     """This invocation's entry in ``report/timings.json``, rewritten after every stage: an invocation
     killed mid-way keeps the stages it finished (``complete`` false), so the report can say so."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, job: dict | None = None):
         self.res, self.t0 = Results(out, "report"), time.time()
         self.earlier = self.res.read_json("timings", default=[])
-        self.entry: dict = {"complete": False, "total_s": 0.0}
+        self.entry: dict = {"complete": False, "total_s": 0.0, "job": job}  # job: the options the tables depend on
         self._write()
 
     def _write(self) -> None:
@@ -171,7 +180,13 @@ class _Clock:
         """Close this invocation's entry; the times summed over every invocation (``sum_timings``)."""
         self.entry |= {"total_s": time.time() - self.t0, "complete": True}
         self._write()
-        return sum_timings(self.earlier + [self.entry])
+        return sum_timings(same_job(self.earlier, self.entry["job"]) + [self.entry])
+
+
+def same_job(runs: list[dict], job: dict | None) -> list[dict]:
+    """The invocations of ``job`` (scale, seeds, corpus): one made with other options into the same folder
+    trained and evaluated other runs, not part of these tables' time (entries without a job predate it)."""
+    return [r for r in runs if r.get("job", job) == job]
 
 
 def sum_timings(runs: list[dict]) -> dict:

@@ -126,15 +126,24 @@ def main(argv=None) -> int:
         dup = next(n for n in names if names.count(n) > 1)
         p.error(f"two run folders are named {dup}: pass each run once, or rename one (<model>-s<seed>)")
     runs = {Path(r).name: Path(r) for r in args.runs}
-    curves = training_curves(runs)
+    from interventions.zoo.train import RunFolderError
+
+    try:  # bad input (a folder that is no run, two runs of one seed): exit 2 before anything is written
+        curves = training_curves(runs)
+    except RunFolderError as e:
+        p.error(str(e))
     windows = training_windows(curves)
+    try:
+        seeds = spread(windows)
+    except ValueError as e:  # two runs of one model and seed
+        p.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from interventions.zoo.train import atomic_write_text
 
     atomic_write_text(out / "training_curves.csv", curves.to_csv(index=False))
     atomic_write_text(out / "training_windows.csv", windows.to_csv(index=False))
-    atomic_write_text(out / "seed_spread.json", json.dumps(spread(windows), indent=1) + "\n")
+    atomic_write_text(out / "seed_spread.json", json.dumps(seeds, indent=1) + "\n")
     figure(curves, out)
     print(windows.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     return 0

@@ -193,6 +193,55 @@ def test_report_refuses_bad_input_before_writing(tiny_run, tmp_path):
         assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before, case
 
 
+def test_report_refuses_tables_of_an_invocation_killed_after_training(tiny_run, tmp_path):
+    """A complete invocation, then another (e.g. ``--seeds 2`` into the same --out) killed after training,
+    mid-evaluation or mid-ablation: its tables are partial (sections silently missing, the survey of the
+    older runs), so ``report`` refuses (exit 2, nothing written) instead of drawing them as a finished
+    run because some earlier invocation completed. One killed during training changed no table."""
+    import shutil
+
+    from experiments.__main__ import main
+    from experiments.common import InputError
+    from experiments.reproduce import redraw
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    timings = Results(copy, "report").read_json("timings")
+    Results(copy, "report").write_json("timings", timings + [{"complete": False, "total_s": 9.0, "train_s": 5.0}])
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main(["report", "--results", str(copy), "--scale", "tiny"])
+    assert e.value.code == 2
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+    with pytest.raises(InputError, match="interrupted"):
+        redraw(copy, "tiny", copy / "figures")
+    # killed during training (no stage finished): the tables are the complete invocation's
+    Results(copy, "report").write_json("timings", timings + [{"complete": False, "total_s": 3.0}])
+    redraw(copy, "tiny", copy / "figures")
+
+
+def test_wall_clock_counts_only_invocations_of_the_same_job(tiny_run, tmp_path):
+    """An earlier invocation into the same --out with other options (here: --seeds 2, whose runs these
+    tables do not use) is not part of these tables' wall-clock or invocation count."""
+    import shutil
+
+    from experiments.reproduce import redraw
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    timings = Results(copy, "report").read_json("timings")
+    assert all(r.get("job") == {"scale": "tiny", "seeds": 1, "corpus": None} for r in timings)
+    other = {"complete": True, "total_s": 600.0, "train_s": 500.0, "phase_change_s": 90.0, "ablations_s": 5.0,
+             "job": {"scale": "tiny", "seeds": 2, "corpus": None}}
+    Results(copy, "report").write_json("timings", [other] + timings)
+    redraw(copy, "tiny", copy / "figures")
+    head = json.loads((copy / "figures" / "headline.json").read_text())
+    assert head["wall_clock_min"] * 60 == pytest.approx(sum(r["total_s"] for r in timings))
+    assert head["invocations"] == len(timings)
+
+
 def test_report_refuses_an_attribution_made_at_other_windows(tiny_run, tmp_path):
     """``report`` re-derives the windows; an attribution table whose in-window checkpoints are not those
     windows' (made at windows of an older rule) is refused, not drawn under the new window's shading."""

@@ -605,6 +605,7 @@ except SystemExit as e:
     (["phase-change", "{tmp}/norun", "--out", "{tmp}/x"], "not a training run folder"),
     (["phase-change", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "0"], "positive integer"),
     (["ablations", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "-3"], "positive integer"),
+    (["ablations", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "3"], "at least 8"),
     (["figures", "--results", "{tmp}/file"], "is a file"),
 ])
 def test_usage_errors_come_before_heavy_imports(argv, message, tmp_path):
@@ -619,6 +620,19 @@ def test_usage_errors_come_before_heavy_imports(argv, message, tmp_path):
     assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert snapshot(tmp_path) == before
     assert time.monotonic() - t0 < 60
+
+
+def test_ablations_refuse_too_few_windows(tmp_path):
+    """The per-head sweeps run on a quarter (zero, mean) and a half (pattern) of the windows: with fewer
+    than 8, a sweep got no window (a traceback after the provenance was written) or one (a bootstrap
+    s.e. of exactly 0 for its share). Refused, naming the option, before the tables' folder exists."""
+    from experiments.ablations import run_ablations
+    from experiments.common import InputError
+
+    for n in (1, 3, 4, 7):
+        with pytest.raises(InputError, match="at least 8"):
+            run_ablations(tmp_path / "run", "run", None, tmp_path / "res", n_windows=n, progress=False)
+    assert not (tmp_path / "res" / "ablations_run").exists()
 
 
 def test_run_without_checkpoints_names_the_run(tmp_path, capsys):

@@ -80,3 +80,18 @@ def test_cli_refuses_two_runs_of_one_name(tmp_path):
         main([str(r) for r in runs] + ["--out", str(tmp_path / "out")])
     assert e.value.code == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_two_runs_of_one_seed_and_a_missing_run(tmp_path, capsys):
+    """``attn-2l`` (seed 0 in its config) with ``attn-2l-s0``: two runs of one seed, and a folder that is no
+    run: exit 2 naming the problem, no traceback, nothing written (the tables were written before the
+    duplicate seed raised a ValueError)."""
+    runs = [tmp_path / "attn-2l", tmp_path / "attn-2l-s0"]
+    for r in runs:
+        _planted_run(r, 0, 7.0)
+    for argv, message in (([str(r) for r in runs], "two runs of attn-2l with seed 0"),
+                          ([str(tmp_path / "missing")], "metrics.jsonl is missing")):
+        with pytest.raises(SystemExit) as e:
+            main(argv + ["--out", str(tmp_path / "out")])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
