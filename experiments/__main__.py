@@ -242,6 +242,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_SEEDS = 1000  # seeds per model: each is a full training run of every model of the scale
+
+
+def _seed_count(text: str) -> int:
+    """``--seeds``: a positive integer, at most ``MAX_SEEDS`` (a larger count is a typo, not a job)."""
+    value = _positive_int(text)
+    if value > MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{value} seeds per model: at most {MAX_SEEDS} (each is a full training "
+                                         "run of every model)")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -288,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiny: seconds (smoke test); cpu: the default (~14 min on 2 cores); gpu: the whole "
                          "family, 3 seeds each, on CUDA")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
-    sp.add_argument("--seeds", type=_positive_int, default=None,
+    sp.add_argument("--seeds", type=_seed_count, default=None,
                     help="seeds per model, 0..N-1 (default: the scale's: 1, or 3 for gpu); with more than one, "
                          "runs are named MODEL-sK and the report adds the spread across seeds")
     sp.add_argument("--workers", type=_positive_int, default=None,

@@ -5,6 +5,7 @@ One shared style (``style()``); every figure saved as PNG and PDF; axes labelled
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -551,13 +552,16 @@ def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
     for fn in ALL:
         paths += fn(root, out)
     ck = _read(root, "phase_change", "checkpoints")
-    for model in (list(ck.model.unique()) if ck is not None else []):
+    models = list(ck.model.unique()) if ck is not None else []
+    for model in models:
         for fn in PER_MODEL:
             paths += fn(root, out, model)
-    for model in _models_with(root, "ablations"):
-        for fn in PER_ABLATED:
-            paths += fn(root, out, model)
-    for model in _models_with(root, "circuit"):
-        for fn in PER_CIRCUIT:
-            paths += fn(root, out, model)
+    for prefix, fns in (("ablations", PER_ABLATED), ("circuit", PER_CIRCUIT)):
+        for model in _models_with(root, prefix):
+            if ck is not None and model not in models:  # left by an earlier invocation of other runs
+                print(f"figures: {root / f'{prefix}_{model}'} is left out: its run {model} is not in the phase-change "
+                      "tables (an earlier invocation's; delete the folder to silence this)", file=sys.stderr)
+                continue
+            for fn in fns:
+                paths += fn(root, out, model)
     return paths

@@ -260,6 +260,26 @@ def test_report_refuses_an_attribution_made_at_other_windows(tiny_run, tmp_path)
         redraw(copy, "tiny", copy / "figures")
 
 
+def test_figures_leave_out_experiments_of_runs_not_in_the_tables(tiny_run, tmp_path, capsys):
+    """An ablation / circuit folder of a run the phase-change tables no longer hold (left by an earlier
+    invocation with other runs, e.g. before --seeds 2) is not drawn as if it were part of them; it is
+    named on stderr."""
+    import shutil
+
+    from experiments.figures import make_figures
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures"))
+    shutil.copytree(copy / "ablations_attn-2l", copy / "ablations_ghost")
+    shutil.copytree(copy / "circuit_attn-2l", copy / "circuit_ghost")
+    paths = make_figures(copy, tmp_path / "fig")
+    assert paths and not [p for p in paths if "ghost" in p.name]
+    assert [p for p in paths if "attn-2l" in p.name and "ablation" in p.name]  # the tables' own runs are drawn
+    err = capsys.readouterr().err
+    assert "ablations_ghost" in err and "circuit_ghost" in err
+
+
 def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
     """A re-run skips finished work and leaves tables unchanged; a truncated table is detected with a
     message naming the file to delete."""

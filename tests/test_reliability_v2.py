@@ -606,6 +606,7 @@ except SystemExit as e:
     (["phase-change", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "0"], "positive integer"),
     (["ablations", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "-3"], "positive integer"),
     (["ablations", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "3"], "at least 8"),
+    (["reproduce", "--out", "{tmp}/x", "--seeds", "100000000000000000000"], "at most 1000"),
     (["figures", "--results", "{tmp}/file"], "is a file"),
 ])
 def test_usage_errors_come_before_heavy_imports(argv, message, tmp_path):
