@@ -520,8 +520,8 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                       f"{_pm(d['icl_drop'], d['icl_drop_sem'])} (paired, {_count(h['evaluation']['windows_precise'])} windows)."]
             one = h["models"].get(name.replace("attn-2l", "attn-1l"), {})
             if "icl_before_minus_attn1l" in d and "icl_at_attn2l_before" in one:
-                lines += [f"  - The 1-layer control at the same tokens ({_tok(one['icl_at_attn2l_before_tokens'])}), same "
-                          f"windows: ICL {_pm(one['icl_at_attn2l_before'], one['icl_at_attn2l_before_sem'])}; "
+                lines += [f"  - The 1-layer control at its last checkpoint at or before {_tok(d['icl_before_tokens'])} "
+                          f"({_tok(one['icl_at_attn2l_before_tokens'])}), same windows: ICL {_pm(one['icl_at_attn2l_before'], one['icl_at_attn2l_before_sem'])}; "
                           f"{name} minus it {_pm(d['icl_before_minus_attn1l'], d['icl_before_minus_attn1l_sem'])} "
                           "(paired): the part of the ICL score before the window that a model without induction "
                           "heads does not have."]

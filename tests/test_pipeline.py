@@ -461,3 +461,29 @@ def test_an_interrupted_invocation_keeps_its_finished_stages_in_the_wall_clock(t
     assert head["wall_clock_min"] * 60 == pytest.approx(runs[0]["total_s"] + runs[1]["total_s"])
     assert head["invocations"] == 2 and head["invocations_interrupted"] == 1
     assert "1 of them interrupted" in report.read_text()
+
+
+def test_report_names_both_checkpoints_of_the_one_layer_control(tmp_path, monkeypatch):
+    """The 1-layer control is taken at its last checkpoint at or before attn-2l's "before" point, which
+    can lie well before it (5.0M against 5.7M in the CPU run): the report says so and names both token
+    counts, not "at the same tokens"."""
+    from experiments import reproduce as rp
+
+    two = {"run_tokens": 20_000_000, "icl_window_start_tokens": 5.8e6, "icl_window_end_tokens": 9.1e6,
+           "icl_window_width_ratio": 1.58, "icl_window_end_fraction_of_run": 0.46, "icl_window_ends_inside": True,
+           "checkpoints_in_window": 28, "induction_window_start_tokens": None, "final_induction_score": 0.5,
+           "final_icl": -0.4, "final_icl_sem": 0.07, "bump": False,
+           "icl_before": -0.107, "icl_before_sem": 0.028, "icl_before_tokens": 5_748_736,
+           "icl_after": -0.303, "icl_after_sem": 0.027, "icl_after_tokens": 9_187_328,
+           "icl_drop": -0.196, "icl_drop_sem": 0.011,
+           "icl_before_minus_attn1l": -0.078, "icl_before_minus_attn1l_sem": 0.008}
+    one = {k: two[k] for k in ("run_tokens", "final_induction_score", "final_icl", "final_icl_sem", "bump")} | {
+        "icl_window_start_tokens": None, "induction_window_start_tokens": None,
+        "icl_at_attn2l_before": -0.029, "icl_at_attn2l_before_sem": 0.029, "icl_at_attn2l_before_tokens": 4_997_120}
+    h = {"machine": "m", "git_commit": "c", "git_dirty": False, "icl_definition": "d",
+         "evaluation": {"windows_per_checkpoint": 256, "windows_precise": 2048, "pca_pairs": 2048},
+         "models": {"attn-1l": one, "attn-2l": two}}
+    monkeypatch.setattr(rp, "headline", lambda out, timings, git: h)
+    rp.write_report(tmp_path, "cpu", {"total_s": 60.0, "train_s": 30.0}, tmp_path / "figures")
+    line = next(x for x in (tmp_path / "report.md").read_text().splitlines() if "1-layer control" in x)
+    assert "same tokens" not in line and "5.0M" in line and "5.7M" in line, line
