@@ -116,7 +116,8 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                              "icl_change": float((abl - c).mean()), "icl_change_sem": _sem(abl - c),
                              "icl_share": share, "icl_share_sem": share_se,
                              "mean_delta_loss": delta[i].mean().item(),
-                             "late_delta_loss": delta[i][:, -icl_band(windows.shape[1]) * 2 - 1:].mean().item()})
+                             "late_delta_loss": float(icl_band_losses(delta[i], *icl_indices(windows.shape[1]),
+                                                                      icl_band(windows.shape[1]))[1].mean())})
                 d = delta[i].mean(0).numpy()
                 by_index.append(pd.DataFrame({"model": name, "kind": kind, "head_name": str(head),
                                               "token_index": np.arange(1, len(d) + 1), "delta_loss": d}))

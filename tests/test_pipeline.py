@@ -487,3 +487,22 @@ def test_report_names_both_checkpoints_of_the_one_layer_control(tmp_path, monkey
     rp.write_report(tmp_path, "cpu", {"total_s": 60.0, "train_s": 30.0}, tmp_path / "figures")
     line = next(x for x in (tmp_path / "report.md").read_text().splitlines() if "1-layer control" in x)
     assert "same tokens" not in line and "5.0M" in line and "5.7M" in line, line
+
+
+def test_late_delta_loss_is_the_icl_late_band(tiny_run):
+    """``per_head.late_delta_loss`` is the ablation's loss change on the ICL score's late band (tokens
+    late-b..late+b, as ``icl_band_losses``), not on the last 2b + 1 tokens of the window (one later)."""
+    import numpy as np
+
+    from interventions.analysis.metrics import icl_band, icl_indices
+
+    out, _ = tiny_run
+    res = Results(out, "ablations_attn-2l")
+    per, by = res.read("per_head"), res.read("per_head_by_index")
+    pos = int(by.token_index.max()) + 1  # token_index t: the loss of (1-indexed) token t + 1
+    early, late = icl_indices(pos)
+    b = icl_band(pos)
+    for r in per[per.kind == "pattern"].itertuples():
+        d = by[(by.kind == "pattern") & (by.head_name == r.head_name)].set_index("token_index").delta_loss
+        want = d.loc[late - b - 1:late + b - 1].mean()  # tokens late-b..late+b
+        assert np.isclose(r.late_delta_loss, want, rtol=1e-4, atol=1e-6), (r.head_name, r.late_delta_loss, want)
