@@ -8,6 +8,7 @@ Commands:
   ablations    per-head and head-set ablations of a run (needs phase-change results)
   circuit      activation patching and path patching (K-composition) of a run
   figures      make every figure from result tables
+  report       figures, report and headline again from a results folder's tables
   survey       the induction mosaic for a list of models
 
 Exit codes: 0 success; 2 bad input (usage, options, corpus, a damaged or stale result, an output
@@ -360,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--allow-pickle", action="store_true",
                     help="allow hub models that only ship pickle weights (.bin); unpickling can run code")
     sp.add_argument("--remote", action="store_true",
-                    help="score hub models on a remote nnsight server (NDIF) instead of loading them here")
+                    help="refused for now (exit 2, before any work): the induction score reads attention "
+                    "patterns, which need an edited model, and a remote server's model is shared")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_wait(sp)
     sp.set_defaults(func=cmd_survey)

@@ -11,8 +11,8 @@ Unpack it there and pass the folder as the corpus (``reproduce --corpus DIR/stdl
 
 from __future__ import annotations
 
+import argparse
 import io
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -41,7 +41,13 @@ def pack_corpus(path: str | Path, max_files: int | None = None) -> Path:
     return path
 
 
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.pack_corpus",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("file", metavar="FILE.tgz", help="the archive to write (e.g. .corpus/stdlib.tgz)")
+    args = parser.parse_args(argv)
+    print(pack_corpus(args.file))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit(__doc__)
-    print(pack_corpus(sys.argv[1]))
+    main()

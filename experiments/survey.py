@@ -15,7 +15,9 @@ A survey scales to many models:
   whose weights changed is scored again;
 * every model is checked (exists, resolves on the hub, has a supported architecture) before any is
   loaded;
-* ``remote=True`` scores hub models on a remote nnsight server where the primitives support it.
+* ``remote=True`` is refused (``InputError``, before any work) while the induction score needs
+  attention patterns (``observable()`` edits the model; a server's model is shared); it is passed
+  through to a scorer that takes ``remote=``.
 """
 
 from __future__ import annotations

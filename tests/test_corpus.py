@@ -1,6 +1,8 @@
 """Corpora, tokenizer and evaluation windows."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +130,19 @@ def test_packed_stdlib_reads_back_as_the_same_documents(tmp_path):
     with tarfile.open(path) as tf:
         tf.extractall(tmp_path / "x", filter="data")
     assert load_documents(str(tmp_path / "x" / "stdlib")) == stdlib_documents(40)
+
+
+def test_pack_corpus_cli_help_and_usage_write_nothing(tmp_path):
+    """`python -m experiments.pack_corpus --help` prints usage (it used to write a 6 MB archive named
+    `--help`); a missing or extra argument exits 2; nothing is written."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for args, rc in ((["--help"], 0), ([], 2), (["-x"], 2), (["a.tgz", "b.tgz"], 2)):
+        r = subprocess.run([sys.executable, "-m", "experiments.pack_corpus", *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == rc, (args, r.stdout, r.stderr)
+        assert "usage:" in (r.stdout + r.stderr)
+        assert list(tmp_path.iterdir()) == [], args

@@ -415,3 +415,21 @@ def test_write_at_the_start_layer_leaves_the_prefix_alone(arch):
             h.remove()
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert torch.equal(prefix, before)
+
+
+def test_readme_escape_hatch_raw_nnsight_at_a_site_string():
+    """README: ``iv.wrap(model)`` is a bare nnsight wrapper, ``get_adapter(model).point(site)`` its module
+    path; a site given as a string (``"L0.z"``, as everywhere else) works (it raised AttributeError)."""
+    from interventions import wrap
+    from interventions.engine.adapters import get_adapter, module_at
+
+    model = build("gpt2")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    path, io = get_adapter(model).point("L0.z")
+    assert (path, io) == get_adapter(model).point(Site(0, "z")) == (PATHS["gpt2"]["o"].format(0), "input")
+    lm = wrap(model)
+    with lm.trace(tokens):
+        z = getattr(module_at(lm, path), io).save()
+    z = z[0][0] if isinstance(z, tuple) else z  # an input is (args, kwargs)
+    want = run_with_cache(model, tokens, ["L0.z"])[1]["L0.z"]
+    torch.testing.assert_close(z.reshape(want.shape), want)

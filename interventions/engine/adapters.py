@@ -22,6 +22,8 @@ Example:
     >>> a = get_adapter(AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32)))
     >>> a.n_layers, a.n_heads, a.d_head, a.point(Site(1, "z"))
     (2, 4, 8, ('transformer.h.1.attn.c_proj', 'input'))
+    >>> a.point("L1.z") == a.point(Site(1, "z"))  # the README's escape hatch names sites as strings
+    True
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from .sites import KV_KINDS, Site
+from .sites import KV_KINDS, Site, parse_site
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,11 @@ class Adapter:
         """The module (or nnsight envoy, when ``root`` is one) ``part`` of ``layer``."""
         return module_at(root, self.path(layer, part))
 
-    def point(self, site: Site, root=None) -> tuple[str, str]:
-        """(module path, "input" or "output") where ``site`` is read and written."""
+    def point(self, site: Site | str, root=None) -> tuple[str, str]:
+        """(module path, "input" or "output") where ``site`` (``Site(1, "z")`` or ``"L1.z"``) is read and
+        written."""
+        if type(site) is not Site:
+            site = parse_site(site, self.n_layers)
         kind = site.kind
         if kind == "final":
             return self.unembed_path(root), "input"

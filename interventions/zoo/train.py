@@ -1,13 +1,14 @@
 """A small, resumable trainer for the attention-only family.
 
-* AdamW with linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient clipping.
+* AdamW with linear warm-up, then a constant learning rate (``schedule="constant"``, the default) or
+  cosine decay to ``min_lr_ratio * lr`` (``"cosine"``), gradient clipping.
 * Data is a pure function of (seed, step) (see ``corpus.StreamSource``), and checkpoints hold the
   model and optimizer state exactly, so a resumed CPU run ends bit-identical to an uninterrupted one.
 * Checkpoints on a log-spaced schedule (``checkpoint_steps``), each a ``save_pretrained`` folder
   (safetensors) plus ``optimizer.safetensors`` and ``manifest.json`` (sha256 of every file). A
   checkpoint is written under a temporary name and renamed, and loaded only if its manifest checks.
 * ``metrics.jsonl``: one JSON line per checkpoint: step, tokens, train loss, validation loss,
-  learning rate, ICL score, and the loss on the second copy of repeated random tokens.
+  learning rate, ICL score, and the loss on the first and the second copy of repeated random tokens.
 * Under ``torchrun --nproc_per_node N``: DDP over N processes, each on its rows of the one-process
   batch; rank 0 alone writes the run folder (see ``train`` and ``distributed``).
 
