@@ -273,3 +273,18 @@ def test_rewriting_a_checkpoint_killed_mid_delete_keeps_a_verified_one(tmp_path,
         T.save_checkpoint(tmp_path / "r", step, model, opt, 123)
     assert T.verify_checkpoint(last) and T.latest_checkpoint(tmp_path / "r") == last
     assert torch.equal(next(T.load_model(last).parameters()), next(model.parameters()))  # the new copy
+
+
+def test_out_inside_a_folder_corpus_is_refused(tmp_path):
+    """An --out inside the corpus folder is refused before anything is written: the run's own files
+    (train_config.json, tokenizer/*.json, manifests) would join the corpus, so its --resume would always be
+    refused as a changed corpus (and any later run on that folder would train on them)."""
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    cfg = _text_cfg(corpus)
+    before = sorted(p.name for p in corpus.rglob("*"))
+    for out in (corpus / "run", corpus / "sub" / "run", corpus):
+        with pytest.raises(T.RunFolderError, match="inside the corpus folder"):
+            T.train(cfg, out, progress=False)
+    assert sorted(p.name for p in corpus.rglob("*")) == before
+    T.train(cfg, tmp_path / "run", progress=False, stop_after_steps=5)  # outside: trains and resumes
+    T.train(cfg, tmp_path / "run", progress=False, resume=True)
