@@ -288,3 +288,27 @@ def test_out_inside_a_folder_corpus_is_refused(tmp_path):
     assert sorted(p.name for p in corpus.rglob("*")) == before
     T.train(cfg, tmp_path / "run", progress=False, stop_after_steps=5)  # outside: trains and resumes
     T.train(cfg, tmp_path / "run", progress=False, resume=True)
+
+
+def test_a_start_up_leftover_tokenizer_is_not_inherited(tmp_path):
+    """A folder left by a text run killed at start-up (tokenizer/ and provenance.json, no train_config.json)
+    is reused by the next run; a synthetic run there must not keep that foreign tokenizer/ (the head scores
+    read probe tokens and BOS from a run folder's tokenizer/), and a text run holds its own."""
+    from interventions.zoo.tokenizer import byte_tokenizer, train_tokenizer
+
+    run = tmp_path / "r"
+    run.mkdir()
+    byte_tokenizer().save_pretrained(run / "tokenizer")
+    (run / "provenance.json").write_text("{}")
+    T.train(tiny_cfg(tokens=64 * 16 * 2, n_checkpoints=2), run, progress=False)
+    assert not (run / "tokenizer").exists()
+    run2 = tmp_path / "r2"
+    run2.mkdir()
+    train_tokenizer(["ab cd ef " * 200], vocab_size=300).save_pretrained(run2 / "tokenizer")
+    (run2 / "tokenizer" / "stray.json").write_text("{}")
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    T.train(_text_cfg(corpus), run2, progress=False, stop_after_steps=2)
+    assert "stray.json" not in {p.name for p in (run2 / "tokenizer").iterdir()}
+    from interventions.zoo.tokenizer import load_tokenizer
+
+    assert len(load_tokenizer(str(run2 / "tokenizer"))) == 257

@@ -712,6 +712,8 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
 
         atomic_write_text(run_dir / "provenance.json", json.dumps(
             provenance(config=cfg.to_dict(), seed=cfg.seed, corpus=fingerprint, processes=processes), indent=1))
+        if (run_dir / "tokenizer").exists():  # left by a start-up killed before train_config.json: maybe
+            shutil.rmtree(run_dir / "tokenizer")  # another run's (a synthetic run must not inherit one)
         if tok is not None:
             tok.save_pretrained(run_dir / "tokenizer")
         atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
