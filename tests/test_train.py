@@ -113,6 +113,8 @@ def _cli(*args, cwd=None):
     (["train", "--preset", "attn-2l", "--out", "{tmp}/x", "--set", "vocab_size=100"], "byte alphabet"),
     (["train", "--preset", "tiny", "--out", "{tmp}/x", "--device", "cuda"], "no CUDA"),
     (["train", "--preset", "tiny", "--out", "{tmp}/x", "--set", "model.n_ctx=0"], "positive"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--set", "lr=0.5", "--lr", "0.01"], "given twice"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--tokens", "5000", "--set", "tokens=9000"], "given twice"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     """Bad CLI input exits with code 2, a message naming the problem, and no output folder."""
