@@ -314,3 +314,13 @@ def test_a_start_up_leftover_tokenizer_is_not_inherited(tmp_path):
     from interventions.zoo.tokenizer import load_tokenizer
 
     assert len(load_tokenizer(str(run2 / "tokenizer"))) == 257
+
+
+def test_a_config_with_tuple_values_resumes(tmp_path):
+    """A TrainConfig built with a tuple where a list is declared (dense_checkpoints, accepted by validate)
+    is the same run on --resume: it was refused as 'a different run' (the tuple against the saved JSON list)."""
+    cfg = tiny_cfg(dense_checkpoints=[1024, 4096, 1024])
+    cfg = T.TrainConfig(**{**cfg.__dict__, "dense_checkpoints": (1024, 4096, 1024)})
+    T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=5)
+    T.train(cfg, tmp_path / "r", progress=False, resume=True)
+    assert T.read_metrics(tmp_path / "r")[-1]["step"] == cfg.total_steps

@@ -100,6 +100,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        if d["dense_checkpoints"] is not None:  # as saved in JSON: a tuple would differ from it on --resume
+            d["dense_checkpoints"] = list(d["dense_checkpoints"])
         return d
 
     @property
