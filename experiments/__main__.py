@@ -386,7 +386,12 @@ def _precheck(args) -> None:
 
         if args.preset not in PRESETS:
             raise UsageError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
-        _parse_set(args.set or [])
+        sets = _parse_set(args.set or [])
+        for name in ("tokens", "seed", "device", "corpus", "batch_size", "lr"):  # as train_config_from_args
+            value = getattr(args, name, None)
+            if value is not None and name in sets and sets[name] != value:  # one would silently win
+                raise UsageError(f"{name} is given twice with different values (--set {name}={sets[name]!r} and "
+                                 f"--{name.replace('_', '-')} {value!r}): pass it once")
         for name in ("tokens", "batch_size"):
             if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)}: {name}={getattr(args, name)} "

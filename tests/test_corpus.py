@@ -146,3 +146,26 @@ def test_pack_corpus_cli_help_and_usage_write_nothing(tmp_path):
         assert r.returncode == rc, (args, r.stdout, r.stderr)
         assert "usage:" in (r.stdout + r.stderr)
         assert list(tmp_path.iterdir()) == [], args
+
+
+def test_non_utf8_text_is_never_changed_silently(tmp_path):
+    """A text file that is not UTF-8 (Latin-1 here) has its bytes read as U+FFFD, which changes the bytes
+    the model trains on: it warns naming the file (a folder: each such file). A JSONL 'text' holding a lone
+    surrogate escape (no UTF-8 bytes) is a CorpusError naming the line, not a traceback in tokenisation."""
+    (tmp_path / "lat.txt").write_bytes("caf\xe9 na\xefve".encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"lat\.txt is not valid UTF-8.*U\+FFFD"):
+        assert C.load_documents(str(tmp_path / "lat.txt"))[0][1] == "caf\ufffd na\ufffdve"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "ok.txt").write_text("fine text")
+    (tmp_path / "d" / "lat.txt").write_bytes("r\xe9sum\xe9".encode("latin-1"))
+    with pytest.warns(UserWarning, match=r"lat\.txt is not valid UTF-8"):
+        assert len(C.load_documents(str(tmp_path / "d"))) == 2
+    import warnings
+
+    with warnings.catch_warnings():  # valid UTF-8 (non-ASCII included): no warning
+        warnings.simplefilter("error")
+        (tmp_path / "d" / "lat.txt").write_text("r\xe9sum\xe9 \u4e2d", encoding="utf-8")
+        assert C.load_documents(str(tmp_path / "d"))[0][1] == "r\xe9sum\xe9 \u4e2d"
+    (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "abc \\ud83d def"}\n')
+    with pytest.raises(C.CorpusError, match="line 2.*surrogate"):
+        C.load_documents(str(tmp_path / "s.jsonl"))

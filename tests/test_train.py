@@ -113,6 +113,8 @@ def _cli(*args, cwd=None):
     (["train", "--preset", "attn-2l", "--out", "{tmp}/x", "--set", "vocab_size=100"], "byte alphabet"),
     (["train", "--preset", "tiny", "--out", "{tmp}/x", "--device", "cuda"], "no CUDA"),
     (["train", "--preset", "tiny", "--out", "{tmp}/x", "--set", "model.n_ctx=0"], "positive"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--set", "lr=0.5", "--lr", "0.01"], "given twice"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/x", "--tokens", "5000", "--set", "tokens=9000"], "given twice"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     """Bad CLI input exits with code 2, a message naming the problem, and no output folder."""
@@ -273,3 +275,52 @@ def test_rewriting_a_checkpoint_killed_mid_delete_keeps_a_verified_one(tmp_path,
         T.save_checkpoint(tmp_path / "r", step, model, opt, 123)
     assert T.verify_checkpoint(last) and T.latest_checkpoint(tmp_path / "r") == last
     assert torch.equal(next(T.load_model(last).parameters()), next(model.parameters()))  # the new copy
+
+
+def test_out_inside_a_folder_corpus_is_refused(tmp_path):
+    """An --out inside the corpus folder is refused before anything is written: the run's own files
+    (train_config.json, tokenizer/*.json, manifests) would join the corpus, so its --resume would always be
+    refused as a changed corpus (and any later run on that folder would train on them)."""
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    cfg = _text_cfg(corpus)
+    before = sorted(p.name for p in corpus.rglob("*"))
+    for out in (corpus / "run", corpus / "sub" / "run", corpus):
+        with pytest.raises(T.RunFolderError, match="inside the corpus folder"):
+            T.train(cfg, out, progress=False)
+    assert sorted(p.name for p in corpus.rglob("*")) == before
+    T.train(cfg, tmp_path / "run", progress=False, stop_after_steps=5)  # outside: trains and resumes
+    T.train(cfg, tmp_path / "run", progress=False, resume=True)
+
+
+def test_a_start_up_leftover_tokenizer_is_not_inherited(tmp_path):
+    """A folder left by a text run killed at start-up (tokenizer/ and provenance.json, no train_config.json)
+    is reused by the next run; a synthetic run there must not keep that foreign tokenizer/ (the head scores
+    read probe tokens and BOS from a run folder's tokenizer/), and a text run holds its own."""
+    from interventions.zoo.tokenizer import byte_tokenizer, train_tokenizer
+
+    run = tmp_path / "r"
+    run.mkdir()
+    byte_tokenizer().save_pretrained(run / "tokenizer")
+    (run / "provenance.json").write_text("{}")
+    T.train(tiny_cfg(tokens=64 * 16 * 2, n_checkpoints=2), run, progress=False)
+    assert not (run / "tokenizer").exists()
+    run2 = tmp_path / "r2"
+    run2.mkdir()
+    train_tokenizer(["ab cd ef " * 200], vocab_size=300).save_pretrained(run2 / "tokenizer")
+    (run2 / "tokenizer" / "stray.json").write_text("{}")
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    T.train(_text_cfg(corpus), run2, progress=False, stop_after_steps=2)
+    assert "stray.json" not in {p.name for p in (run2 / "tokenizer").iterdir()}
+    from interventions.zoo.tokenizer import load_tokenizer
+
+    assert len(load_tokenizer(str(run2 / "tokenizer"))) == 257
+
+
+def test_a_config_with_tuple_values_resumes(tmp_path):
+    """A TrainConfig built with a tuple where a list is declared (dense_checkpoints, accepted by validate)
+    is the same run on --resume: it was refused as 'a different run' (the tuple against the saved JSON list)."""
+    cfg = tiny_cfg(dense_checkpoints=[1024, 4096, 1024])
+    cfg = T.TrainConfig(**{**cfg.__dict__, "dense_checkpoints": (1024, 4096, 1024)})
+    T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=5)
+    T.train(cfg, tmp_path / "r", progress=False, resume=True)
+    assert T.read_metrics(tmp_path / "r")[-1]["step"] == cfg.total_steps

@@ -75,7 +75,12 @@ def _read_text_file(path: Path) -> str:
     raw = path.read_bytes()
     if b"\x00" in raw[:8192]:
         raise CorpusError(f"{path} looks binary (it contains NUL bytes): pass text files only")
-    return raw.decode("utf-8", errors="replace")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # read anyway, but never silently: the bytes the model sees change
+        warnings.warn(f"{path} is not valid UTF-8 ({e.reason} at byte {e.start}): its invalid bytes are read as "
+                      "U+FFFD; convert it to UTF-8 to train on its text", stacklevel=3)
+        return raw.decode("utf-8", errors="replace")
 
 
 def load_documents(source: str, max_files: int | None = None) -> list[Document]:
@@ -124,6 +129,12 @@ def load_documents(source: str, max_files: int | None = None) -> list[Document]:
                     raise CorpusError(f"{path} line {i + 1} is not a JSON object with a string 'text' field "
                                       f"(got {type(text).__name__ if isinstance(record, dict) and 'text' in record else 'no text'}); "
                                       "fix or remove that line")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:  # a lone surrogate escape (e.g. "\\ud83d"): no UTF-8 bytes
+                    raise CorpusError(f"{path} line {i + 1}: its 'text' holds {e.object[e.start:e.end]!r} at character "
+                                      f"{e.start}, a lone surrogate that has no UTF-8 bytes; fix or remove that "
+                                      "line") from None
                 docs.append((f"{path.name}:{i}", text))
     else:
         docs = [(path.name, _read_text_file(path))]

@@ -101,6 +101,8 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
+        if d["dense_checkpoints"] is not None:  # as saved in JSON: a tuple would differ from it on --resume
+            d["dense_checkpoints"] = list(d["dense_checkpoints"])
         return d
 
     @property
@@ -670,6 +672,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     from .ownership import owned
 
     cfg.validate()
+    _refuse_out_inside_corpus(Path(run_dir), cfg.corpus)
     world = World.from_env()
     world.check_batch(cfg.batch_size)  # before any work: nothing is written
     device = world.device(cfg.device)
@@ -677,6 +680,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
         return _train(cfg, run_dir, resume, progress, stop_after_steps,
                       own=lambda: held.enter_context(owned(run_dir, wait, what="run folder")),
                       progress_position=progress_position, world=world, device=device)
+
+
+def _refuse_out_inside_corpus(run_dir: Path, corpus: str) -> None:
+    """RunFolderError (nothing written) when the run folder lies inside a folder corpus: the run's own
+    files (train_config.json, tokenizer/*.json, checkpoint manifests) would join the corpus, which then
+    differs on every --resume (refused as a changed corpus: the run could never be continued)."""
+    if corpus == "stdlib" or corpus.startswith(("synthetic:", "hf:")) or not Path(corpus).is_dir():
+        return
+    root, out = Path(corpus).resolve(), run_dir.resolve()
+    if out == root or root in out.parents:
+        raise RunFolderError(f"--out {run_dir} lies inside the corpus folder {corpus}: the run's own files would "
+                             "become corpus documents (and the run could never be resumed); choose an --out "
+                             "folder outside the corpus")
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerprint: dict, own,
@@ -699,6 +715,8 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
 
         atomic_write_text(run_dir / "provenance.json", json.dumps(
             provenance(config=cfg.to_dict(), seed=cfg.seed, corpus=fingerprint, processes=processes), indent=1))
+        if (run_dir / "tokenizer").exists():  # left by a start-up killed before train_config.json: maybe
+            shutil.rmtree(run_dir / "tokenizer")  # another run's (a synthetic run must not inherit one)
         if tok is not None:
             tok.save_pretrained(run_dir / "tokenizer")
         atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
