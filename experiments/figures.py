@@ -495,6 +495,40 @@ def _fit_label(label: str, width: int = 26) -> str:
     return label if len(label) <= width else "\u2026" + label[-(width - 1):]
 
 
+def _fit_labels(labels: list[str], width: int = 26) -> list[str]:
+    """``_fit_label`` of each label, except where that gives two models the same title (labels that
+    are whole paths ending alike, e.g. ``.../attn-1l/final`` and ``.../attn-2l/final`` both fit as
+    ``final``): those keep the path component that tells them apart and their end (``attn-1l/final``,
+    ``attn-1l/\u2026/step-00001000``); titles are always distinct.
+
+        >>> _fit_labels(["/home/me/zoo/runs/attn-1l/final", "/home/me/zoo/runs/attn-2l/final", "gpt2"])
+        ['attn-1l/final', 'attn-2l/final', 'gpt2']
+    """
+    fitted = [_fit_label(label, width) for label in labels]
+    out = list(fitted)
+    for text in {t for t in fitted if fitted.count(t) > 1}:
+        group = [i for i, t in enumerate(fitted) if t == text]
+        parts = [labels[i].split("/") for i in group]
+        p = 0  # components shared by the whole group, from the left
+        while all(len(q) > p + 1 for q in parts) and len({q[p] for q in parts}) == 1:
+            p += 1
+        for i, q in zip(group, parts):
+            tail = _fit_label(q[-1], width)
+            if p >= len(q) - 1:
+                continue
+            sep = "/" if p == len(q) - 2 else "/\u2026/"
+            room = width - len(sep) - len(tail)
+            head = q[p] if len(q[p]) <= room else "\u2026" + q[p][-(room - 1):] if room > 1 else ""
+            out[i] = head + sep + tail if head else _fit_label(labels[i], width)
+    seen: dict[str, int] = {}
+    for i, t in enumerate(out):  # still alike (e.g. labels differing only inside a cut part): number them
+        seen[t] = seen.get(t, 0) + 1
+        if out.count(t) > 1:
+            suffix = f" #{seen[t]}"
+            out[i] = _fit_label(t, width - len(suffix)) + suffix
+    return out
+
+
 def fig_mosaic(root: Path, out: Path):
     """The induction mosaic of the survey table (``mosaic_figure``), saved as PNG and PDF."""
     sv = _read(root, "survey", "induction_scores")
@@ -517,7 +551,8 @@ def mosaic_figure(sv: pd.DataFrame):
     fig, axes = plt.subplots(rows, cols, figsize=(cols * panel_w + 0.9, rows * panel_h + 0.5), squeeze=False,
                              layout="constrained")
     im = None
-    for ax, name in zip(axes.flat, models):
+    titles = _fit_labels([str(m) for m in models])
+    for ax, name, title in zip(axes.flat, models, titles):
         m = sv[sv.model == name].pivot(index="layer", columns="head", values="score").sort_index()
         im = ax.imshow(m.to_numpy(), aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
         ax.grid(False)
@@ -525,7 +560,7 @@ def mosaic_figure(sv: pd.DataFrame):
         ax.set_yticks(ys, [str(m.index[i]) for i in ys], fontsize=6)
         ax.set_xticks(xs, [str(m.columns[i]) for i in xs], fontsize=6)
         ax.tick_params(length=2, pad=1)
-        ax.set_title(_fit_label(name), fontsize=7, loc="left", pad=2)
+        ax.set_title(title, fontsize=7, loc="left", pad=2)
     for ax in axes.flat[len(models):]:
         ax.axis("off")
     fig.supxlabel("head", fontsize=8)

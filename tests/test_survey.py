@@ -299,3 +299,29 @@ def test_mosaic_of_40_models_is_legible():
                         assert not a.overlaps(ax.get_window_extent(r)), (labels[i], "title over panel", labels[j])
     finally:
         plt.close(fig)
+
+
+def test_mosaic_titles_tell_apart_models_whose_labels_end_alike():
+    """Checkpoints of different runs given by long paths (labels are whole paths where basenames clash,
+    e.g. .../attn-1l/final and .../attn-2l/final): every panel's title is different, and each still
+    names what tells its model apart (the run), not only the shared end."""
+    import matplotlib.pyplot as plt
+
+    from experiments.figures import mosaic_figure
+
+    labels = ["/home/someone/zoo/runs/attn-1l/final", "/home/someone/zoo/runs/attn-2l/final",
+              "/home/someone/zoo/runs/attn-1l/checkpoints/step-00001000",
+              "/home/someone/zoo/runs/attn-2l/checkpoints/step-00001000", "EleutherAI/pythia-70m-deduped-v0"]
+    sv = pd.concat([pd.DataFrame({"model": label, "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
+                                  "score": [0.1, 0.2, 0.3, 0.4]}) for label in labels])
+    fig = mosaic_figure(sv)
+    try:
+        titles = [ax.get_title(loc="left") for ax in fig.axes if ax.get_title(loc="left")]
+        assert len(titles) == len(labels) and len(set(titles)) == len(labels), titles
+        assert all(len(t) <= 26 for t in titles), titles
+        for title, label in zip(titles, labels):
+            run = next((p for p in label.split("/") if p.startswith("attn-")), None)
+            assert run is None or run in title, (title, label)
+        assert titles[-1] == "pythia-70m-deduped-v0"
+    finally:
+        plt.close(fig)
