@@ -182,7 +182,10 @@ class Results:
         return self._write_bytes(table, self.dir / f"{table}.csv", df.to_csv(index=False).encode(), inputs)
 
     def read(self, table: str, inputs=None) -> pd.DataFrame:
-        return pd.read_csv(self._verified(table, self.dir / f"{table}.csv", inputs))
+        # a model label is read as written: one named "1", "01" or "NA" stays that text (pandas would guess
+        # 1.0, 1.0 and NaN, merging two models or losing one); empty cells are NaN as before
+        return pd.read_csv(self._verified(table, self.dir / f"{table}.csv", inputs), dtype={"model": str},
+                           keep_default_na=False, na_values=[""])
 
     def read_optional(self, table: str) -> pd.DataFrame | None:
         """The table, or None if it was never written; a damaged table still raises ``ResultError``."""

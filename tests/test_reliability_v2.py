@@ -816,3 +816,15 @@ def test_reproduce_api_refuses_bad_input_before_making_the_folder(tmp_path):
         with pytest.raises(ValueError):
             reproduce(out=tmp_path / "r", progress=False, **kw)
         assert not (tmp_path / "r").exists(), kw
+
+
+def test_model_labels_read_back_as_written(tmp_path):
+    """A table's model labels come back as the text written: folders named "1" and "01" (or "NA") are
+    two models, not one 1.0 (or a NaN); empty cells still read as NaN."""
+    from experiments.common import Results
+
+    res = Results(tmp_path, "survey")
+    res.write("t", pd.DataFrame({"model": ["1", "01", "NA", "attn-2l"], "score": [0.5, float("nan"), 0.3, 1.0]}))
+    back = res.read("t")
+    assert back.model.tolist() == ["1", "01", "NA", "attn-2l"]
+    assert np.isnan(back.score[1]) and back.score[0] == 0.5
