@@ -76,6 +76,8 @@ API_CASES = {
     "id = vocab size": (lambda m, t: iv.per_token_loss(m, torch.full((1, 4), V)), "outside the vocabulary"),
     "negative id": (lambda m, t: iv.per_token_loss(m, torch.full((1, 4), -1)), "outside the vocabulary"),
     "batch_size 0": (lambda m, t: iv.per_token_loss(m, t, batch_size=0), "positive integer"),
+    "batch_size True": (lambda m, t: iv.per_token_loss(m, t, batch_size=True), "positive integer"),
+    "icl_score batch_size True": (lambda m, t: iv.icl_score(m, t, batch_size=True), "positive integer"),
     "not an ablation": (lambda m, t: iv.run_with_ablations(m, t, ["L0H0"]), "not an ablation"),
     "reference not a tensor": (lambda m, t: iv.MeanAblation("L0H0", reference=[[1, 2]]), "reference must be"),
     "mean reference too short": (lambda m, t: iv.per_token_loss(m, t, iv.MeanAblation("L0H0", reference=t[:, :4])),
