@@ -79,6 +79,7 @@ API_CASES = {
     "batch_size True": (lambda m, t: iv.per_token_loss(m, t, batch_size=True), "positive integer"),
     "icl_score batch_size True": (lambda m, t: iv.icl_score(m, t, batch_size=True), "positive integer"),
     "heads given as a bare int": (lambda m, t: iv.ZeroAblation(1), "cannot read 1 as heads"),
+    "cache sites not names": (lambda m, t: iv.run_with_cache(m, t, 3), "sites must be"),
     "not an ablation": (lambda m, t: iv.run_with_ablations(m, t, ["L0H0"]), "not an ablation"),
     "reference not a tensor": (lambda m, t: iv.MeanAblation("L0H0", reference=[[1, 2]]), "reference must be"),
     "mean reference too short": (lambda m, t: iv.per_token_loss(m, t, iv.MeanAblation("L0H0", reference=t[:, :4])),
