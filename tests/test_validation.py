@@ -83,6 +83,11 @@ API_CASES = {
     "resample seed not an int": (lambda m, t: iv.ResampleAblation("L0H0", reference=t, seed=0.5), "seed=0.5"),
     "mean per_position not a bool": (lambda m, t: iv.MeanAblation("L0H0", reference=t, per_position="no"),
                                      "per_position='no'"),
+    "tokens on the meta device": (lambda m, t: iv.per_token_loss(m, t.to("meta")), "meta device"),
+    "attention_mask on the meta device": (lambda m, t: iv.per_token_loss(
+        m, t, attention_mask=torch.ones_like(t, device="meta")), "meta device"),
+    "attention_mask with a row of padding only": (lambda m, t: iv.run_with_cache(
+        m, t, "L0.z", attention_mask=torch.ones_like(t).index_fill(0, torch.tensor([1]), 0)), "row 1"),
     "not an ablation": (lambda m, t: iv.run_with_ablations(m, t, ["L0H0"]), "not an ablation"),
     "reference not a tensor": (lambda m, t: iv.MeanAblation("L0H0", reference=[[1, 2]]), "reference must be"),
     "mean reference too short": (lambda m, t: iv.per_token_loss(m, t, iv.MeanAblation("L0H0", reference=t[:, :4])),
