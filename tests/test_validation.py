@@ -88,6 +88,10 @@ API_CASES = {
         m, t, attention_mask=torch.ones_like(t, device="meta")), "meta device"),
     "attention_mask with a row of padding only": (lambda m, t: iv.run_with_cache(
         m, t, "L0.z", attention_mask=torch.ones_like(t).index_fill(0, torch.tensor([1]), 0)), "row 1"),
+    "function ablation returns integers": (lambda m, t: iv.per_token_loss(
+        m, t, iv.FunctionAblation("L0H0", lambda z, head: z.long())), "floating-point"),
+    "function ablation returns a meta tensor": (lambda m, t: iv.per_token_loss(
+        m, t, iv.FunctionAblation("L0H0", lambda z, head: z.to("meta"))), "meta tensor"),
     "not an ablation": (lambda m, t: iv.run_with_ablations(m, t, ["L0H0"]), "not an ablation"),
     "reference not a tensor": (lambda m, t: iv.MeanAblation("L0H0", reference=[[1, 2]]), "reference must be"),
     "mean reference too short": (lambda m, t: iv.per_token_loss(m, t, iv.MeanAblation("L0H0", reference=t[:, :4])),

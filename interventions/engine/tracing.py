@@ -688,6 +688,11 @@ def _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, unembed, returns, i
                             got = (tuple(value.shape) if is_instance(value, tensor) else type(value).__name__)
                             raise ValueError(f"a function written to {label} returned {got}; it must return "
                                              f"a tensor of the activation's shape {tuple(current.shape)}")
+                        if not value.is_floating_point() or value.is_meta:
+                            got = "a meta tensor" if value.is_meta else f"dtype {value.dtype}"
+                            raise ValueError(f"a function written to {label} returned {got}; it must return "
+                                             "floating-point values with data (e.g. computed from the activation "
+                                             "it is given)")
                     view[idx] = value.to(device=view.device, dtype=view.dtype)
                 if name is not None:
                     acts[name] = view.clone()
