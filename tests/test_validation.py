@@ -92,6 +92,9 @@ API_CASES = {
         m, t, iv.FunctionAblation("L0H0", lambda z, head: z.long())), "floating-point"),
     "function ablation returns a meta tensor": (lambda m, t: iv.per_token_loss(
         m, t, iv.FunctionAblation("L0H0", lambda z, head: z.to("meta"))), "meta tensor"),
+    "path_patch lists a sender twice": (lambda m, t: iv.path_patch(m, t, t.flip(0), iv.mean_loss_metric,
+                                                                 senders=["L0H0", "L0H0"], receivers="L1H0"),
+                                         "more than once"),
     "not an ablation": (lambda m, t: iv.run_with_ablations(m, t, ["L0H0"]), "not an ablation"),
     "reference not a tensor": (lambda m, t: iv.MeanAblation("L0H0", reference=[[1, 2]]), "reference must be"),
     "mean reference too short": (lambda m, t: iv.per_token_loss(m, t, iv.MeanAblation("L0H0", reference=t[:, :4])),
