@@ -76,6 +76,25 @@ API_CASES = {
     "id = vocab size": (lambda m, t: iv.per_token_loss(m, torch.full((1, 4), V)), "outside the vocabulary"),
     "negative id": (lambda m, t: iv.per_token_loss(m, torch.full((1, 4), -1)), "outside the vocabulary"),
     "batch_size 0": (lambda m, t: iv.per_token_loss(m, t, batch_size=0), "positive integer"),
+    "batch_size True": (lambda m, t: iv.per_token_loss(m, t, batch_size=True), "positive integer"),
+    "icl_score batch_size True": (lambda m, t: iv.icl_score(m, t, batch_size=True), "positive integer"),
+    "heads given as a bare int": (lambda m, t: iv.ZeroAblation(1), "cannot read 1 as heads"),
+    "cache sites not names": (lambda m, t: iv.run_with_cache(m, t, 3), "sites must be"),
+    "resample seed not an int": (lambda m, t: iv.ResampleAblation("L0H0", reference=t, seed=0.5), "seed=0.5"),
+    "mean per_position not a bool": (lambda m, t: iv.MeanAblation("L0H0", reference=t, per_position="no"),
+                                     "per_position='no'"),
+    "tokens on the meta device": (lambda m, t: iv.per_token_loss(m, t.to("meta")), "meta device"),
+    "attention_mask on the meta device": (lambda m, t: iv.per_token_loss(
+        m, t, attention_mask=torch.ones_like(t, device="meta")), "meta device"),
+    "attention_mask with a row of padding only": (lambda m, t: iv.run_with_cache(
+        m, t, "L0.z", attention_mask=torch.ones_like(t).index_fill(0, torch.tensor([1]), 0)), "row 1"),
+    "function ablation returns integers": (lambda m, t: iv.per_token_loss(
+        m, t, iv.FunctionAblation("L0H0", lambda z, head: z.long())), "floating-point"),
+    "function ablation returns a meta tensor": (lambda m, t: iv.per_token_loss(
+        m, t, iv.FunctionAblation("L0H0", lambda z, head: z.to("meta"))), "meta tensor"),
+    "path_patch lists a sender twice": (lambda m, t: iv.path_patch(m, t, t.flip(0), iv.mean_loss_metric,
+                                                                 senders=["L0H0", "L0H0"], receivers="L1H0"),
+                                         "more than once"),
     "not an ablation": (lambda m, t: iv.run_with_ablations(m, t, ["L0H0"]), "not an ablation"),
     "reference not a tensor": (lambda m, t: iv.MeanAblation("L0H0", reference=[[1, 2]]), "reference must be"),
     "mean reference too short": (lambda m, t: iv.per_token_loss(m, t, iv.MeanAblation("L0H0", reference=t[:, :4])),

@@ -48,6 +48,9 @@ def parse_heads(specs: HeadLike | Iterable[HeadLike]) -> tuple[Head, ...]:
         specs = [s for s in specs.split(",") if s.strip()]
     elif isinstance(specs, (Head, tuple)) and len(specs) == 2 and all(isinstance(v, int) for v in specs):
         specs = [specs]
+    elif not isinstance(specs, Iterable):
+        raise ValueError(f"cannot read {specs!r} as heads: pass Head(layer, head), (layer, head), 'L1H3' or a list "
+                         "of them")
     heads = tuple(parse_head(s) for s in specs)
     if not heads:
         raise ValueError("no heads given: pass at least one head, e.g. 'L1H3'")

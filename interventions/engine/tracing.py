@@ -157,6 +157,8 @@ def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor
     if adapter.n_ctx is not None and tokens.shape[1] > adapter.n_ctx:
         raise ValueError(f"{name} has {tokens.shape[1]} positions, more than the model's context of "
                          f"{adapter.n_ctx}: truncate to {adapter.n_ctx}")
+    if tokens.is_meta:
+        raise ValueError(f"{name} are on the meta device (no data): pass real token ids (e.g. on the CPU)")
     lo, hi = (int(v) for v in torch.aminmax(tokens))
     if lo < 0 or hi >= adapter.vocab_size:
         raise ValueError(f"{name} holds ids outside the vocabulary [0, {adapter.vocab_size}) (min {lo}, max {hi}): "
@@ -189,8 +191,14 @@ def check_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> Non
     if not torch.is_tensor(attention_mask) or attention_mask.shape != tokens.shape:
         raise ValueError(f"attention_mask must be a tensor of the tokens' shape {tuple(tokens.shape)}, got "
                          f"{tuple(attention_mask.shape) if torch.is_tensor(attention_mask) else type(attention_mask).__name__}")
+    if attention_mask.is_meta:
+        raise ValueError("attention_mask is on the meta device (no data): pass a real 0/1 tensor (e.g. on the CPU)")
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
+    if empty:
+        rows = "" if len(empty) == 1 else f" (rows {empty})"
+        raise ValueError(f"attention_mask row {empty[0]} has no real token{rows}: drop sequences that are all padding")
 
 
 def position_ids(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
@@ -680,6 +688,11 @@ def _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, unembed, returns, i
                             got = (tuple(value.shape) if is_instance(value, tensor) else type(value).__name__)
                             raise ValueError(f"a function written to {label} returned {got}; it must return "
                                              f"a tensor of the activation's shape {tuple(current.shape)}")
+                        if not value.is_floating_point() or value.is_meta:
+                            got = "a meta tensor" if value.is_meta else f"dtype {value.dtype}"
+                            raise ValueError(f"a function written to {label} returned {got}; it must return "
+                                             "floating-point values with data (e.g. computed from the activation "
+                                             "it is given)")
                     view[idx] = value.to(device=view.device, dtype=view.dtype)
                 if name is not None:
                     acts[name] = view.clone()

@@ -194,6 +194,8 @@ class MeanAblation(_ReferenceAblation):
 
     def __init__(self, heads, reference: torch.Tensor, per_position: bool = True):
         super().__init__(heads, reference)
+        if not isinstance(per_position, bool):
+            raise ValueError(f"per_position={per_position!r} must be True (a mean per position) or False (pooled)")
         self.per_position = per_position
 
     def check_length(self, tokens):
@@ -215,6 +217,8 @@ class ResampleAblation(_ReferenceAblation):
 
     def __init__(self, heads, reference: torch.Tensor, seed: int = 0):
         super().__init__(heads, reference)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed={seed!r} must be an integer (it seeds the draw of reference rows)")
         self.seed = seed
 
     def check_length(self, tokens):

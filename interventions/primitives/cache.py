@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from ..engine.remote import Remote
@@ -46,6 +48,9 @@ def run_with_cache(model, tokens: torch.Tensor, sites, attention_mask: torch.Ten
 def _cache(model, tokens, sites, attention_mask, remote, returns):
     if isinstance(sites, (str, Site)):
         sites = [sites]
+    elif not isinstance(sites, Iterable):
+        raise ValueError(f"sites must be a site name or a list of them, got {type(sites).__name__}: pass names such "
+                         f"as {VALID_FORMS}")
     sites = list(sites)
     if not sites:
         raise ValueError(f"no sites given: pass names such as {VALID_FORMS}")

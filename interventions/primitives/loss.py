@@ -52,7 +52,7 @@ def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ab
     remote = check_remote(model, remote)
     check_tokens(tokens, get_adapter(unwrap(model)))
     check_mask(attention_mask, tokens)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch)")
     ablations = [] if ablation is None else as_ablations(ablation)
     check_remotable(ablations, remote)

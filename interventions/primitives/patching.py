@@ -347,6 +347,10 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
         raise ValueError(f"receiver_input={receiver_input!r} is unknown: use 'q', 'k' or 'v'")
     a = engine.adapter
     senders, receivers = parse_heads(senders), parse_heads(receivers)
+    for role, heads in (("senders", senders), ("receivers", receivers)):
+        if len(set(heads)) != len(heads):
+            dup = sorted({str(h) for h in heads if heads.count(h) > 1})
+            raise ValueError(f"{role} list {', '.join(dup)} more than once: pass each head once")
     check_heads(senders + receivers, a.n_layers, a.n_heads)
     for s in senders:
         for r in receivers:
