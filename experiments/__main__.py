@@ -74,7 +74,7 @@ def train_config_from_args(args):
     except KeyError as e:
         raise UsageError(e.args[0]) from None
     overrides = _parse_set(args.set or [])
-    for name in ("tokens", "seed", "device", "corpus", "batch_size", "lr"):
+    for name in FLAG_OPTIONS:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -243,6 +243,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
+FLAG_OPTIONS = ("tokens", "seed", "device", "corpus", "batch_size", "lr")  # train's flags that --set may also give
 MAX_SEEDS = 1000  # seeds per model: each is a full training run of every model of the scale
 
 
@@ -387,7 +388,7 @@ def _precheck(args) -> None:
         if args.preset not in PRESETS:
             raise UsageError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
         sets = _parse_set(args.set or [])
-        for name in ("tokens", "seed", "device", "corpus", "batch_size", "lr"):  # as train_config_from_args
+        for name in FLAG_OPTIONS:
             value = getattr(args, name, None)
             if value is not None and name in sets and sets[name] != value:  # one would silently win
                 raise UsageError(f"{name} is given twice with different values (--set {name}={sets[name]!r} and "

@@ -51,11 +51,9 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
     from .figures import make_figures
     from .phase_change import run_phase_change
     from .survey import run_survey
-    from .zoo import train_zoo
+    from .zoo import scale_seeds, train_zoo
 
     figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
-    from .zoo import scale_seeds
-
     clock = _Clock(out, {"scale": scale, "seeds": len(scale_seeds(scale, seeds)), "corpus": corpus})
     from interventions.zoo.provenance import provenance
 

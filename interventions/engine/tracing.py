@@ -195,8 +195,8 @@ def check_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> Non
         raise ValueError("attention_mask is on the meta device (no data): pass a real 0/1 tensor (e.g. on the CPU)")
     if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-    empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
-    if empty:
+    if not bool(attention_mask.any(-1).all()):  # a row of only padding (rows listed only then)
+        empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
         rows = "" if len(empty) == 1 else f" (rows {empty})"
         raise ValueError(f"attention_mask row {empty[0]} has no real token{rows}: drop sequences that are all padding")
 
