@@ -1,6 +1,7 @@
 """Trainer: checkpoints, bit-identical resume, run-folder safety, NaN guard, CLI errors."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -324,3 +325,29 @@ def test_a_config_with_tuple_values_resumes(tmp_path):
     T.train(cfg, tmp_path / "r", progress=False, stop_after_steps=5)
     T.train(cfg, tmp_path / "r", progress=False, resume=True)
     assert T.read_metrics(tmp_path / "r")[-1]["step"] == cfg.total_steps
+
+
+def test_corpus_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch):
+    """Two processes tokenising one corpus at once: the one that finishes second keeps the entry the
+    first published (same key, same data) instead of deleting it under a possible reader."""
+    from interventions.zoo import corpus as C
+
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    cfg = _text_cfg(corpus)
+    real, state = C.tokenize_stream, {"inner": None}
+
+    def racing(*args, **kwargs):  # the first call: another "process" builds the whole entry meanwhile
+        if state["inner"] is None:
+            state["inner"] = "running"
+            T.build_source(cfg, cache_dir=tmp_path / "cache")
+            state["inner"] = next((tmp_path / "cache").iterdir())
+            state["ino"] = os.stat(state["inner"] / "train_ids.npy").st_ino
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "tokenize_stream", racing)
+    src, _, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
+    entry = state["inner"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [entry.name]  # no tmp left
+    assert os.stat(entry / "train_ids.npy").st_ino == state["ino"]  # the first entry, not replaced
+    src2, _, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
+    assert src.train.ids.tolist() == src2.train.ids.tolist()

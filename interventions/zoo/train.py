@@ -32,6 +32,7 @@ import re
 import shutil
 import stat
 import sys
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -547,6 +548,23 @@ def _tokenizer_key(name: str) -> str:
     return f"{name}|{h.hexdigest()}"
 
 
+def _publish_cache(tmp: Path, cache: Path) -> None:
+    """Move the finished ``tmp`` folder to ``cache``. If another process finished the same entry first
+    (it holds ``done``; the key is the content's hash, so it is the same data), keep that one and drop
+    ``tmp``: replacing it would delete files that process may be reading."""
+    if (cache / "done").is_file():
+        shutil.rmtree(tmp)
+        return
+    if cache.exists():  # an unfinished entry (no "done"): never read, replaced
+        shutil.rmtree(cache)
+    try:
+        os.replace(tmp, cache)
+    except OSError:  # another process published between the check and the rename
+        if not (cache / "done").is_file():
+            raise
+        shutil.rmtree(tmp)
+
+
 def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path | None = None,
                  progress: bool = False):
     """(token source, tokenizer or None, corpus fingerprint) for a config. The tokenised corpus is
@@ -578,8 +596,8 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
     else:
         tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(
             (t for _, t in train_docs), cfg.vocab_size)
-        tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp", dir=cache.parent))  # one per writer
         tok.save_pretrained(tmp / "tokenizer")
         sep = tok.eos_token_id if tok.eos_token_id is not None else 0
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
@@ -587,9 +605,7 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
             np.save(tmp / f"{split}_ids.npy", ids)
             np.save(tmp / f"{split}_starts.npy", starts)
         (tmp / "done").write_text(json.dumps(fp))
-        if cache.exists():
-            shutil.rmtree(cache)
-        os.replace(tmp, cache)
+        _publish_cache(tmp, cache)
     streams = [C.TokenStream(np.load(cache / f"{s}_ids.npy", allow_pickle=False),
                              np.load(cache / f"{s}_starts.npy", allow_pickle=False)) for s in ("train", "val")]
     fp["n_train_tokens"], fp["n_val_tokens"] = len(streams[0]), len(streams[1])
