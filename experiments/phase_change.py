@@ -463,8 +463,9 @@ def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tok
 def detect_bump(tokens: np.ndarray, loss: np.ndarray, after_fraction: float = 0.05) -> dict:
     """The loss curve's non-convex stretch: where validation loss against log tokens bends downwards
     (second difference < 0 after 3-point smoothing), the most concave stretch after ``after_fraction``
-    of the run (the initial fall from uniform is excluded). ``depth`` is how far (nats) the stretch
-    lies below the chord between its ends... negative means above it; a real bump has depth > 0.
+    of the run (the initial fall from uniform is excluded). Returns ``bump`` (whether such a stretch
+    exists), its ``bump_start_tokens`` / ``bump_end_tokens`` and ``bump_curvature`` (the most negative
+    second derivative of smoothed loss against log10 tokens, nats per decade squared).
 
     Reported for every model: a detector that also fires on a model without a phase change (e.g. on
     noise) says how much the bump of another model means."""
