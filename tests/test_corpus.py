@@ -169,3 +169,16 @@ def test_non_utf8_text_is_never_changed_silently(tmp_path):
     (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "abc \\ud83d def"}\n')
     with pytest.raises(C.CorpusError, match="line 2.*surrogate"):
         C.load_documents(str(tmp_path / "s.jsonl"))
+
+
+def test_folder_suffixes_are_case_insensitive_and_left_out_files_are_named(tmp_path):
+    """A folder's ``A.TXT`` is read as ``a.txt`` is; files of other suffixes are left out with a warning
+    naming them (hidden files and folders silently)."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("hello")
+    (tmp_path / "d" / "B.TXT").write_text("upper")
+    (tmp_path / "d" / "data.csv").write_text("1,2")
+    (tmp_path / "d" / ".hidden").write_text("x")
+    with pytest.warns(UserWarning, match=r"left out 1 file.*data\.csv"):
+        docs = C.load_documents(str(tmp_path / "d"))
+    assert sorted(n for n, _ in docs) == ["B.TXT", "a.txt"]

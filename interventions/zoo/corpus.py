@@ -97,7 +97,14 @@ def load_documents(source: str, max_files: int | None = None) -> list[Document]:
         raise CorpusError(f"corpus {source!r} is not a regular file or folder (a named pipe or device?): "
                           "pass a text file, a folder or a .jsonl file")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        every = sorted(p for p in path.rglob("*") if p.is_file())
+        files = [p for p in every if p.suffix.lower() in TEXT_SUFFIXES]  # a.TXT is text as a.txt is
+        other = [p.relative_to(path).as_posix() for p in every if p.suffix.lower() not in TEXT_SUFFIXES
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        if other:
+            warnings.warn(f"left out {len(other)} file(s) of {path} whose suffix is not a text suffix "
+                          f"({', '.join(other[:5])}{', ...' if len(other) > 5 else ''}); text suffixes: "
+                          f"{' '.join(sorted(TEXT_SUFFIXES))}", stacklevel=2)
         if max_files is not None:
             files = files[:max_files]
         docs, skipped = [], []
