@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import interventions as iv
+from interventions.analysis.scores import duplicate_token_score, induction_score
 from interventions.engine.heads import parse_head, parse_heads
 from experiments.__main__ import main as cli_main
 from experiments.presets import get_preset
@@ -110,6 +111,16 @@ API_CASES = {
                                                                direction="sideways"), "direction"),
     "unsupported architecture": (lambda m, t: iv.per_token_loss(torch.nn.Linear(2, 2), t),
                                  "unsupported architecture"),
+    "induction score on 2 repeated tokens": (lambda m, t: induction_score(m, seq_len=2, bos_id=0), ">= 3"),
+    "prefix matching on 1 repeated token": (lambda m, t: iv.head_scores(m, prefix_tokens=1, seq_len=5, bos_id=0),
+                                            "n_tokens=1"),
+    "duplicate-token score on 1 token": (lambda m, t: duplicate_token_score(m, seq_len=1, bos_id=0), "seq_len=1"),
+    "head_scores batch_size 0": (lambda m, t: iv.head_scores(m, seq_len=5, prefix_tokens=3, bos_id=0, batch_size=0),
+                                 "batch_size=0"),
+    "inferred probes exclude_top 1.5": (lambda m, t: iv.head_scores(m, seq_len=5, prefix_tokens=3, bos_id=0,
+                                                                     exclude_top=1.5), "exclude_top=1.5"),
+    "classify threshold as text": (lambda m, t: iv.classify_induction_heads(m, prefix_threshold="0.4"),
+                                   "finite number"),
     "model config: d_model not divisible": (lambda m, t: iv.AttnOnlyConfig(n_heads=3, d_model=32),
                                             "divisible"),
     "model config: unknown positional": (lambda m, t: iv.AttnOnlyConfig(positional="bogus"), "positional"),

@@ -50,7 +50,7 @@ import torch
 from ..engine.adapters import get_adapter, module_at, observable
 from ..engine.devices import module_device
 from ..engine.sites import Site
-from ..engine.tracing import Engine, Run, Write, unwrap
+from ..engine.tracing import Engine, Run, Write, check_positive, unwrap
 
 ScoreName = Literal["prefix_matching", "copying", "induction", "duplicate_token", "previous_token"]
 
@@ -185,6 +185,8 @@ def inferred_pool(model, exclude_top: float = EXCLUDE_FRACTION, bos_id: int | No
     unused bytes) are dropped, and so is the ``exclude_top`` fraction of the most predicted ones (the
     most common tokens). Why: probing a head with tokens whose embeddings never trained measures noise
     (a trained attn-2l's induction head scored copying -0.78 on ids 26-230 of its byte vocabulary)."""
+    if not 0 <= exclude_top < 1:
+        raise ValueError(f"exclude_top={exclude_top} must be a fraction in [0, 1) of the most predicted ids left out")
     a = get_adapter(unwrap(model))
     tok = find_tokenizer(model)
     ids = printable_ids(tok) if tok is not None else torch.arange(a.vocab_size)
@@ -251,6 +253,15 @@ def repeated_random_tokens(pool: torch.Tensor, n_tokens: int, n_repeats: int, n_
     return torch.cat([torch.full((n_examples, 1), bos_id, dtype=torch.long), seg], dim=1)
 
 
+def _check_probe_length(value, name: str) -> None:
+    """Repeated sequences need >= 3 distinct tokens for the induction target (offset 1 - L) to differ
+    from attending to the token itself (L = 1) or to the previous token (L = 2)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 3:
+        raise ValueError(f"{name}={value!r} must be an integer >= 3: with 1 or 2 repeated tokens the token after "
+                         "an earlier occurrence is the query itself or the previous token, so the score would "
+                         "measure self- or previous-token attention")
+
+
 def _check_length(model, length: int, what: str) -> None:
     n_ctx = get_adapter(unwrap(model)).n_ctx
     if n_ctx is not None and length > n_ctx:
@@ -282,6 +293,7 @@ def attention_score(model, tokens: torch.Tensor, target: torch.Tensor, n_queries
     divided by (n_examples * n_queries). ``target`` is (n_examples or 1, pos, pos), zero on rows that
     are not scored queries; ``n_queries`` is the number of scored queries per example. Patterns come
     read inside ``observable(model)`` in batches of ``batch_size``."""
+    check_positive(batch_size, "batch_size")
     a = get_adapter(unwrap(model))
     n = tokens.shape[0]
     totals = torch.zeros(a.n_layers, a.n_heads, dtype=torch.float64)
@@ -331,6 +343,7 @@ def prefix_matching_score(model, n_tokens: int = 25, n_repeats: int = 4, n_examp
     ``vocab_range``, ``token_counts``); ``bos_id`` defaults to the config's BOS/EOS id, else 0.
 
     Returns a DataFrame: layer, head, score."""
+    _check_probe_length(n_tokens, "n_tokens")
     tokens = probe_sequences(model, n_tokens, n_examples, seed, n_repeats, bos_id, exclude_top, vocab_range,
                              token_pool, token_counts)
     target = induction_targets(tokens)
@@ -371,6 +384,7 @@ def induction_score(model, seq_len: int = 50, n_examples: int = 10, seed: int = 
 
     ``transformer_lens.head_detector.detect_head(..., "induction_head")`` on the same sequence gives
     L / (2L + 1) times this (it divides by all 2L + 1 query rows)."""
+    _check_probe_length(seq_len, "seq_len")
     tokens = probe_sequences(model, seq_len, n_examples, seed, 2, bos_id, exclude_top, vocab_range, token_pool,
                              token_counts)
     target = _diagonal_target(tokens.shape[1], 1 - seq_len, range(seq_len + 1, 2 * seq_len + 1))
@@ -384,6 +398,7 @@ def duplicate_token_score(model, seq_len: int = 50, n_examples: int = 10, seed: 
     """Duplicate-token score: on the induction score's sequences, mean attention from each token of
     the second copy to the same token in the first copy (pattern[q, q - L], q = L+1..2L).
     Returns layer, head, score."""
+    _check_probe_length(seq_len, "seq_len")
     tokens = probe_sequences(model, seq_len, n_examples, seed, 2, bos_id, exclude_top, vocab_range, token_pool,
                              token_counts)
     target = _diagonal_target(tokens.shape[1], -seq_len, range(seq_len + 1, 2 * seq_len + 1))
@@ -562,6 +577,9 @@ def classify_induction_heads(df, prefix_threshold: float = PREFIX_THRESHOLD,
     """
     import pandas as pd
 
+    for name, v in (("prefix_threshold", prefix_threshold), ("copying_threshold", copying_threshold)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+            raise ValueError(f"{name}={v!r} must be a finite number")
     if not isinstance(df, pd.DataFrame):
         df = head_scores(df)
     missing = [c for c in (prefix_column, "copying") if c not in df.columns]
