@@ -4,6 +4,7 @@ The runs are real ``torchrun`` launches of the CLI on the ``tiny`` preset for 30
 x 64 tokens), with a checkpoint and a metrics line every 10 steps, so the loss curve has 38 points.
 """
 
+import datetime
 import json
 import os
 import signal
@@ -244,3 +245,29 @@ def test_readme_shows_the_tested_commands():
     tested = " ".join(_torchrun(Path("runs/tiny-ddp"))[1:])
     assert f".venv/bin/python {tested}\n" in section
     assert f".venv/bin/python {tested} --resume\n" in section
+
+
+def test_collective_timeout_covers_the_lock_wait(tmp_path, monkeypatch):
+    """With --wait, rank 0 may wait that long for the run folder's lock while the other ranks wait in
+    a collective for it: the process group's timeout (gloo's default 30 min) must outlast the wait,
+    else they die with a gloo timeout traceback. (init_process_group is stubbed: its arguments are
+    what is checked.)"""
+    from torch.distributed.constants import default_pg_timeout
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init_process_group(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    with pytest.raises(Stop):
+        main([*TRAIN, "--wait", "7200", "--out", str(tmp_path / "run")])
+    assert seen["backend"] == "gloo"
+    assert seen.get("timeout") is not None and seen["timeout"] >= default_pg_timeout + datetime.timedelta(seconds=7200)
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -114,10 +115,12 @@ class World:
         return device
 
     @contextlib.contextmanager
-    def joined(self, device: str):
+    def joined(self, device: str, wait: float = 0.0):
         """Join the process group for the ``with`` block (gloo on CPU, nccl on CUDA); no-op for one process.
 
-        A group made by the caller is used as it is and left open."""
+        ``wait``: seconds rank 0 may wait for the run folder's lock while the others wait in a
+        collective; added to the backend's default timeout. A group made by the caller is used as it
+        is and left open."""
         if not self.distributed:
             yield
             return
@@ -129,8 +132,12 @@ class World:
             return
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
+        from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
+
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend, rank=self.rank, world_size=self.size,
+        base = (default_pg_nccl_timeout or default_pg_timeout) if backend == "nccl" else default_pg_timeout
+        timeout = base + datetime.timedelta(seconds=min(wait, 1e8))  # --wait inf: ~3 years, not an overflow
+        dist.init_process_group(backend=backend, rank=self.rank, world_size=self.size, timeout=timeout,
                                 device_id=torch.device(device) if device.startswith("cuda") else None)
         try:
             yield

@@ -692,7 +692,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     world = World.from_env()
     world.check_batch(cfg.batch_size)  # before any work: nothing is written
     device = world.device(cfg.device)
-    with world.joined(device), contextlib.ExitStack() as held:
+    with world.joined(device, wait), contextlib.ExitStack() as held:
         return _train(cfg, run_dir, resume, progress, stop_after_steps,
                       own=lambda: held.enter_context(owned(run_dir, wait, what="run folder")),
                       progress_position=progress_position, world=world, device=device)
