@@ -315,6 +315,7 @@ def test_remote_true_takes_the_same_path(monkeypatch, server):
 
     model, lm = build("gpt2")
     monkeypatch.setattr(lm, "repo_id", "openai-community/gpt2", raising=False)
+    monkeypatch.setattr(lm, "args", ("openai-community/gpt2",))  # as made from the hub id
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
     asked = []
@@ -373,7 +374,9 @@ def test_compact_ships_each_tensor_once():
 
 def test_remote_true_needs_a_hub_id_and_an_api_key(monkeypatch, tmp_path, server):
     """remote=True on a model without a hub id (built from a config, a bare module, a bare nnsight
-    wrapper, a local folder) or without an API key: NotRemotable naming the fix, nothing sent."""
+    wrapper, a local folder), a wrapper of a module loaded here (its hub id is the module's
+    name_or_path, but the server would run its own weights: this ran before) or without an API key:
+    NotRemotable naming the fix, nothing sent."""
     import nnsight
     from nnsight import CONFIG
 
@@ -389,7 +392,14 @@ def test_remote_true_needs_a_hub_id_and_an_api_key(monkeypatch, tmp_path, server
     monkeypatch.setattr(lm, "repo_id", str(tmp_path), raising=False)
     with pytest.raises(NotRemotable, match="is a local path, not a hub id"):
         iv.patch_heads(lm, tokens, toks(seed=5), iv.mean_loss_metric, remote=True)
+    model.name_or_path = "openai-community/gpt2"  # as from_pretrained leaves it: a wrapper takes it as its hub id
+    loaded = nnsight.TransformersModel(model, tokenizer=lm.tokenizer)
+    assert loaded.repo_id == "openai-community/gpt2"
+    with pytest.raises(NotRemotable, match="module loaded here.*not these weights.*"
+                                           "LanguageModel\\('openai-community/gpt2'\\).*remote='local'"):
+        iv.per_token_loss(loaded, tokens, remote=True)
     monkeypatch.setattr(lm, "repo_id", "openai-community/gpt2", raising=False)
+    monkeypatch.setattr(lm, "args", ("openai-community/gpt2",))  # as made from the hub id
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     with pytest.raises(NotRemotable, match="API key.*login.ndif.us.*NDIF_API_KEY.*set_default_api_key"):
