@@ -440,6 +440,30 @@ def test_what_cannot_run_remotely_says_why_before_sending(server):
     assert server == []
 
 
+def test_bad_ablation_refused_before_another_ablations_reference_job(server):
+    """Several ablations in one call: a head outside the model, a reference too short or outside the
+    vocabulary in any of them is refused with ValueError before the first one's reference run is sent
+    (each was refused only after that job); locally before any forward pass."""
+    model, lm = build("gpt2")
+    tokens, ref = toks(), toks(4, 8, seed=2)
+    bad = [(iv.ZeroAblation("L5H0"), "layer 5 out of range"),
+           (iv.ResampleAblation("L1H0", ref[:, :4]), "reference has 4 positions"),
+           (iv.MeanAblation("L1H0", ref + VOCAB), "reference holds ids outside the vocabulary")]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        for abl, match in bad:
+            for call in (iv.per_token_loss, iv.run_with_ablations):
+                with pytest.raises(ValueError, match=match):
+                    call(lm, tokens, [iv.MeanAblation("L0H0", ref), abl], remote="local")
+                assert server == []
+                with pytest.raises(ValueError, match=match):
+                    call(model, tokens, [iv.MeanAblation("L0H0", ref), iv.PatternPreserving(abl)])
+                assert calls == []
+    finally:
+        hook.remove()
+
+
 def test_unloaded_weights_are_refused(server):
     """A wrapper whose weights were never loaded (hub id without dispatch=True: meta tensors) is
     refused locally and for remote="local", naming remote=True / dispatch=True."""
