@@ -510,3 +510,17 @@ def test_logit_diff_refused_before_the_source_run(server):
             assert server == []
             with pytest.raises(ValueError, match=match):
                 call(model, False)
+
+
+def test_gather_ids_outside_the_vocabulary_refused_before_sending(server):
+    """execute with Gather ids outside the vocabulary raises ValueError naming it before any job is sent
+    (it failed on the server with an index error; on a GPU locally, a device-side assert)."""
+    from interventions.engine.tracing import Gather
+
+    model, lm = build("llama")
+    tokens = toks()
+    for ids in (torch.tensor([3, VOCAB]), torch.tensor([[-1, 2]] * 3)):
+        for m, remote in ((lm, "local"), (model, False)):
+            with pytest.raises(ValueError, match=rf"Gather ids outside the vocabulary \[0, {VOCAB}\)"):
+                execute(m, Run(tokens, returns=Gather(-1, ids)), remote=remote)
+    assert server == []
