@@ -119,3 +119,30 @@ def test_meta_parameters_are_seen_on_every_call():
     model.to("meta")
     with pytest.raises(ValueError, match="meta device"):
         iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H0"))
+
+
+def test_a_buffer_on_the_meta_device_is_refused():
+    """A buffer left on the meta device (e.g. a non-persistent rotary ``inv_freq`` after building on meta and
+    ``load_state_dict(assign=True)``) is refused like a parameter, naming its module, before any forward
+    (it crashed inside the forward with "Cannot copy out of meta tensor")."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import interventions as iv
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         hidden_size=16, intermediate_size=32, vocab_size=30,
+                                         max_position_embeddings=16)).eval()
+    tokens = torch.randint(0, 30, (2, 5))
+    want = iv.per_token_loss(model, tokens)
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq
+    rotary.inv_freq = inv_freq.to("meta")
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match=r"meta device \(model\.rotary_emb\).*dispatch_model"):
+        iv.per_token_loss(model, tokens)
+    assert not calls
+    hook.remove()
+    rotary.inv_freq = inv_freq
+    torch.testing.assert_close(iv.per_token_loss(model, tokens), want, atol=0, rtol=0)

@@ -315,6 +315,7 @@ def test_remote_true_takes_the_same_path(monkeypatch, server):
 
     model, lm = build("gpt2")
     monkeypatch.setattr(lm, "repo_id", "openai-community/gpt2", raising=False)
+    monkeypatch.setattr(lm, "args", ("openai-community/gpt2",))  # as made from the hub id
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.setenv("NDIF_API_KEY", "test-key")
     asked = []
@@ -373,7 +374,9 @@ def test_compact_ships_each_tensor_once():
 
 def test_remote_true_needs_a_hub_id_and_an_api_key(monkeypatch, tmp_path, server):
     """remote=True on a model without a hub id (built from a config, a bare module, a bare nnsight
-    wrapper, a local folder) or without an API key: NotRemotable naming the fix, nothing sent."""
+    wrapper, a local folder), a wrapper of a module loaded here (its hub id is the module's
+    name_or_path, but the server would run its own weights: this ran before) or without an API key:
+    NotRemotable naming the fix, nothing sent."""
     import nnsight
     from nnsight import CONFIG
 
@@ -389,7 +392,14 @@ def test_remote_true_needs_a_hub_id_and_an_api_key(monkeypatch, tmp_path, server
     monkeypatch.setattr(lm, "repo_id", str(tmp_path), raising=False)
     with pytest.raises(NotRemotable, match="is a local path, not a hub id"):
         iv.patch_heads(lm, tokens, toks(seed=5), iv.mean_loss_metric, remote=True)
+    model.name_or_path = "openai-community/gpt2"  # as from_pretrained leaves it: a wrapper takes it as its hub id
+    loaded = nnsight.TransformersModel(model, tokenizer=lm.tokenizer)
+    assert loaded.repo_id == "openai-community/gpt2"
+    with pytest.raises(NotRemotable, match="module loaded here.*not these weights.*"
+                                           "LanguageModel\\('openai-community/gpt2'\\).*remote='local'"):
+        iv.per_token_loss(loaded, tokens, remote=True)
     monkeypatch.setattr(lm, "repo_id", "openai-community/gpt2", raising=False)
+    monkeypatch.setattr(lm, "args", ("openai-community/gpt2",))  # as made from the hub id
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     with pytest.raises(NotRemotable, match="API key.*login.ndif.us.*NDIF_API_KEY.*set_default_api_key"):
@@ -428,6 +438,30 @@ def test_what_cannot_run_remotely_says_why_before_sending(server):
     with pytest.raises(NotRemotable, match="a function as the written value cannot run remotely"):
         execute(lm, Run(tokens, writes=[Write("L0.z", lambda z: 2 * z, head=1)]), remote="local")
     assert server == []
+
+
+def test_bad_ablation_refused_before_another_ablations_reference_job(server):
+    """Several ablations in one call: a head outside the model, a reference too short or outside the
+    vocabulary in any of them is refused with ValueError before the first one's reference run is sent
+    (each was refused only after that job); locally before any forward pass."""
+    model, lm = build("gpt2")
+    tokens, ref = toks(), toks(4, 8, seed=2)
+    bad = [(iv.ZeroAblation("L5H0"), "layer 5 out of range"),
+           (iv.ResampleAblation("L1H0", ref[:, :4]), "reference has 4 positions"),
+           (iv.MeanAblation("L1H0", ref + VOCAB), "reference holds ids outside the vocabulary")]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        for abl, match in bad:
+            for call in (iv.per_token_loss, iv.run_with_ablations):
+                with pytest.raises(ValueError, match=match):
+                    call(lm, tokens, [iv.MeanAblation("L0H0", ref), abl], remote="local")
+                assert server == []
+                with pytest.raises(ValueError, match=match):
+                    call(model, tokens, [iv.MeanAblation("L0H0", ref), iv.PatternPreserving(abl)])
+                assert calls == []
+    finally:
+        hook.remove()
 
 
 def test_unloaded_weights_are_refused(server):
@@ -476,3 +510,17 @@ def test_logit_diff_refused_before_the_source_run(server):
             assert server == []
             with pytest.raises(ValueError, match=match):
                 call(model, False)
+
+
+def test_gather_ids_outside_the_vocabulary_refused_before_sending(server):
+    """execute with Gather ids outside the vocabulary raises ValueError naming it before any job is sent
+    (it failed on the server with an index error; on a GPU locally, a device-side assert)."""
+    from interventions.engine.tracing import Gather
+
+    model, lm = build("llama")
+    tokens = toks()
+    for ids in (torch.tensor([3, VOCAB]), torch.tensor([[-1, 2]] * 3)):
+        for m, remote in ((lm, "local"), (model, False)):
+            with pytest.raises(ValueError, match=rf"Gather ids outside the vocabulary \[0, {VOCAB}\)"):
+                execute(m, Run(tokens, returns=Gather(-1, ids)), remote=remote)
+    assert server == []

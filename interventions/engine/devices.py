@@ -11,7 +11,7 @@ no-op):
 * results come back on one device, ``output_device(model)``: the device of the model's first
   parameter (its input embedding; what HF calls ``model.device``), where the tokens go. Primitives
   that reduce (losses, sweeps, patching, scores) return CPU tensors or tables;
-* every parameter must be on a real device (``check_placement``): a layer left on the ``meta``
+* every parameter and buffer must be on a real device (``check_placement``): a layer left on the ``meta``
   device (offloaded to CPU or disk, or never loaded) runs on a device only inside accelerate's hook,
   so neither its site's device nor a direct call of its modules is known; such a model is refused
   before any work, naming the fix.
@@ -37,22 +37,23 @@ FIX = ("load every layer onto a device: a device_map over devices with room for 
 
 
 def check_placement(model) -> None:
-    """Raise ``ValueError`` if any parameter of ``model`` is on the ``meta`` device (offloaded by a
-    device map, or never loaded), naming the modules and the fix."""
+    """Raise ``ValueError`` if any parameter or buffer of ``model`` is on the ``meta`` device (offloaded by
+    a device map, or never loaded, e.g. a non-persistent buffer after ``load_state_dict(assign=True)``),
+    naming the modules and the fix."""
     inner = unwrap(model)
     if not _any_meta(inner):  # the common case, checked on every call: plain dict walks (~10x faster)
         return
     where = sorted({name.rsplit(".", 1)[0] if "." in name else name
-                    for name, p in inner.named_parameters() if p.device.type == "meta"})
+                    for name, p in (*inner.named_parameters(), *inner.named_buffers()) if p.device.type == "meta"})
     if where:
         shown = ", ".join(where[:4]) + (f" and {len(where) - 4} more" if len(where) > 4 else "")
-        raise ValueError(f"the model has parameters on the meta device ({shown}): offloaded by its device_map "
-                         f"or never loaded, so interventions cannot be placed on the device that runs them; "
-                         f"{FIX}")
+        raise ValueError(f"the model has parameters or buffers on the meta device ({shown}): offloaded by its "
+                         f"device_map or never loaded, so interventions cannot be placed on the device that runs "
+                         f"them; {FIX}")
 
 
 def _any_meta(module: nn.Module) -> bool:
-    """Whether any parameter under ``module`` is on the meta device: a walk of the module dicts, every
+    """Whether any parameter or buffer under ``module`` is on the meta device: a walk of the module dicts, every
     call (no cache: a parameter replaced or moved since the last call is seen; ~4x faster than
     ``named_parameters``)."""
     stack = [module]
@@ -61,6 +62,9 @@ def _any_meta(module: nn.Module) -> bool:
             continue
         for p in m._parameters.values():
             if p is not None and p.is_meta:
+                return True
+        for b in m._buffers.values():
+            if b is not None and b.is_meta:
                 return True
         stack += m._modules.values()
     return False

@@ -84,7 +84,7 @@ def check_remote(model, remote) -> Remote:
     """Validate ``remote`` for ``model`` before any work; returns False, True or "local".
 
     ``remote=True`` needs an ``nnsight.LanguageModel`` / ``TransformersModel`` made from a hub id (the
-    server runs its own copy of that model) and an API key; ``remote="local"`` any such wrapper with
+    server runs its own copy of that model; a wrapper of a module loaded here is refused) and an API key; ``remote="local"`` any such wrapper with
     loaded weights. A local run (False) of a wrapper whose weights were never loaded is refused too."""
     if remote is None or remote is False:
         if _not_loaded(model):
@@ -120,6 +120,12 @@ def check_remote(model, remote) -> Remote:
         raise NotRemotable(f"remote=True: {repo!r} is a local path, not a hub id; NDIF runs its own copies of hub "
                            "models: wrap the hub id, e.g. nnsight.LanguageModel('openai-community/gpt2'), or pass "
                            "remote='local' to run the simulation on this local model")
+    if isinstance((getattr(model, "args", None) or (None,))[0], nn.Module):  # its repo_id is the module's name_or_path
+        raise NotRemotable(f"remote=True: this wrapper holds a module loaded here (its hub id {repo!r} is the module's "
+                           "name_or_path), but NDIF runs its own copy of that hub model, not these weights (edits, "
+                           f"fine-tuning or another revision would be lost silently): wrap the hub id, "
+                           f"nnsight.LanguageModel({repo!r}) (no weights are loaded), or pass remote='local' to run "
+                           "this module in the simulation")
     if not api_key():
         raise NotRemotable(f"remote=True needs an NDIF API key and none is configured: {KEY_HINT}")
     return True

@@ -496,7 +496,7 @@ class Engine:
         for layer, value in run.attn_outputs.items():
             if tuple(value.shape) != (batch, pos, a.d_model):
                 raise ValueError(f"attn_outputs[{layer}] has shape {tuple(value.shape)}; expected {(batch, pos, a.d_model)}")
-        returns = check_returns(run.returns, batch, pos)
+        returns = check_returns(run.returns, batch, pos, a.vocab_size)
         with _eval_mode(inner) if _dropout_active(inner) else contextlib.nullcontext():
             if verify and not self.remote:  # remotely: see interventions.engine.remote
                 for site in writes:
@@ -719,8 +719,9 @@ def _parts(path: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in path.split("."))
 
 
-def check_returns(returns, batch: int, pos: int):
-    """``Run.returns`` validated, as the trace body takes it: "logits", "loss", "none" or (pos, ids (batch, n))."""
+def check_returns(returns, batch: int, pos: int, vocab_size: int):
+    """``Run.returns`` validated, as the trace body takes it: "logits", "loss", "none" or (pos, ids (batch, n));
+    ids outside the vocabulary are refused here (in the trace, remotely, they would fail only on the server)."""
     if isinstance(returns, str) and returns in ("logits", "loss", "none"):
         return returns
     if not isinstance(returns, Gather):
@@ -732,6 +733,11 @@ def check_returns(returns, batch: int, pos: int):
         ids = ids[None].expand(batch, -1)
     if ids.dim() != 2 or ids.shape[0] != batch:
         raise ValueError(f"Gather ids must have shape (n,) or (batch={batch}, n), got {tuple(ids.shape)}")
+    if ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"Gather ids outside the vocabulary [0, {vocab_size}) (min {lo}, max {hi}): pass token "
+                             "ids of this model's tokenizer")
     return returns.pos, ids
 
 

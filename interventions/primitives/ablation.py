@@ -105,6 +105,20 @@ def check_remotable(ablations: Sequence[Ablation], remote: Remote) -> None:
                                "Ablation's value(), or use Zero/Mean/ResampleAblation")
 
 
+def check_ablations(ablations: Sequence[Ablation], model, tokens: torch.Tensor) -> None:
+    """What ``prepare`` validates (heads; a reference's ids and length), for every ablation before the first
+    prepares: a reference run is a forward (remotely a job), and a later ablation's bad input must not follow it."""
+    if len(ablations) < 2:  # one ablation validates in its prepare, before its run
+        return
+    a = get_adapter(unwrap(model))
+    for abl in ablations:
+        abl = abl.inner if isinstance(abl, PatternPreserving) else abl
+        check_heads(abl.heads, a.n_layers, a.n_heads)
+        if isinstance(abl, _ReferenceAblation):
+            check_tokens(abl.reference, a, name="reference")
+            abl.check_length(tokens)
+
+
 def _value_params(method) -> frozenset[str]:
     """Parameter names of an ``Ablation.value`` (a bound method: cached per function; signature
     inspection costs tens of microseconds, a noticeable share of one small trace)."""
@@ -321,6 +335,7 @@ def ablation_run(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Abl
     check_tokens(tokens, engine.adapter)  # before any (reference) work
     check_remotable(ablations, engine.remote)
     if not prepared:
+        check_ablations(ablations, model, tokens)
         for abl in ablations:
             prepare_ablation(abl, model, tokens, engine.remote)
     positions = None if attention_mask is None else position_ids(attention_mask, tokens)

@@ -26,8 +26,9 @@ The two built-in metrics are reduced where the model runs: ``mean_loss_metric`` 
 loss, ``logit_diff`` from the two logits it compares. That matters remotely: ``patch_heads``,
 ``patch_residual`` and ``path_patch`` take ``remote=True`` (NDIF, ``model`` an ``nnsight.LanguageModel``
 made from a hub id) or ``"local"`` (nnsight's offline simulation; see ``interventions.engine.remote``),
-one job per forward pass, and with a built-in metric only (batch,) numbers per patch come back; any
-other metric is called here on the whole logits (batch x pos x vocab floats per patch travel back).
+one job per forward pass, and with a built-in metric only (batch, pos - 1) losses or (batch, 2) logits per
+patch come back; any other metric is called here on the whole logits (batch x pos x vocab floats per patch
+travel back).
 ``patch_patterns`` cannot run remotely (it edits the model).
 
 Example:
