@@ -175,17 +175,23 @@ def test_hub_models_are_keyed_on_the_resolved_commit(tmp_path, monkeypatch):
 
 
 def test_every_model_is_checked_before_any_is_loaded(dozen, tmp_path, monkeypatch, capsys):
-    """An unsupported architecture, a hub name that does not resolve (offline), a malformed pin or a
-    folder without a config among the models: exit 2 naming the model, nothing loaded, nothing written."""
+    """An unsupported architecture, a hub name that does not resolve (offline), a malformed pin, a
+    folder without a config, or one whose weights are pickle-only or truncated among the models: exit 2
+    naming the model, nothing loaded, nothing written."""
     from transformers import BertConfig
 
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps(BertConfig(vocab_size=40).to_dict()))
     (tmp_path / "empty").mkdir()
+    pickled = Path(save_model(tmp_path / "pickled", "gpt2", 1))  # weights only as pytorch_model.bin
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    truncated = Path(save_model(tmp_path / "truncated", "gpt2", 1))  # an interrupted copy
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-50])
     loads = Loads(monkeypatch)
     for bad, says in ((str(bert), "architecture 'bert'"), ("nobody/no-such-model", "could not resolve"),
-                      ("gpt2@", "NAME@REVISION"), (str(tmp_path / "empty"), "no config.json")):
+                      ("gpt2@", "NAME@REVISION"), (str(tmp_path / "empty"), "no config.json"),
+                      (str(pickled), "only pytorch_model.bin"), (str(truncated), "missing or damaged")):
         try:
             code = cli_main(["survey", *dozen.values(), bad, "--out", str(tmp_path / "res"), "--quiet"])
         except SystemExit as e:

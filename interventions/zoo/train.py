@@ -489,6 +489,12 @@ def weight_keys(path: Path) -> dict[str, Path]:
     read). Raises ``RunFolderError`` naming a missing or damaged (e.g. truncated) weights file."""
     from safetensors import SafetensorError, safe_open
 
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        raise RunFolderError(f"{path} holds no safetensors weights (model.safetensors)"
+                             + (f", only {', '.join(found)}: pickle weights are never loaded (unpickling can run "
+                                "code); convert them to safetensors first" if found else "")
+                             + ": pass a checkpoint folder written by save_pretrained")
     index = path / "model.safetensors.index.json"
     try:
         names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
@@ -523,12 +529,6 @@ def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
     if (path / "manifest.json").is_file() and not verify_checkpoint(path):
         raise RunFolderError(f"checkpoint {path} does not match its manifest (half-written or modified): "
                              "delete it and use an earlier checkpoint")
-    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        raise RunFolderError(f"{path} holds no safetensors weights (model.safetensors)"
-                             + (f", only {', '.join(found)}: pickle weights are never loaded (unpickling can run "
-                                "code); convert them to safetensors first" if found else "")
-                             + ": pass a checkpoint folder written by save_pretrained")
     keys = weight_keys(path)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
