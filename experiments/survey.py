@@ -26,6 +26,7 @@ import gc
 import hashlib
 import inspect
 import json
+import os
 import weakref
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from .common import InputError, Results, model_fingerprint, owns_results
 
 
 def model_labels(specs: list[str]) -> dict[str, str]:
-    """label -> spec: a folder's basename, or its whole path where two folders share a basename."""
-    names = [Path(s).name if Path(s).exists() else s for s in specs]
+    """label -> spec: a folder's basename (``.`` and ``..`` resolved: the folder's own name), or its whole path
+    where two folders share a basename."""
+    names = [Path(os.path.abspath(s)).name if Path(s).exists() else s for s in specs]
     return {(n if names.count(n) == 1 else s): s for n, s in zip(names, specs)}
 
 

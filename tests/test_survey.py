@@ -201,6 +201,17 @@ def test_every_model_is_checked_before_any_is_loaded(dozen, tmp_path, monkeypatc
     assert loads.labels == [] and not (tmp_path / "res").exists()
 
 
+def test_a_folder_given_as_dot_is_labelled_by_its_name(dozen, tmp_path, monkeypatch):
+    """``survey .`` from inside a model folder (or ``x/..``): the model is labelled with the folder's name,
+    not an empty label (written as an empty cell, read back as NaN, and the mosaic crashed)."""
+    monkeypatch.chdir(dozen["gpt2-1l"])
+    assert S.model_labels([".", "../llama-1l/.."]) == {"gpt2-1l": ".", Path(dozen["gpt2-1l"]).parent.name: "../llama-1l/.."}
+    out = tmp_path / "res"
+    assert cli_main(["survey", ".", "../llama-1l", "--out", str(out), "--quiet"]) == 0
+    assert list(Results(out, "survey").read("induction_scores").model.unique()) == ["gpt2-1l", "llama-1l"]
+    assert (out / "figures" / "induction_mosaic.png").is_file()
+
+
 def test_remote_is_refused_before_work_without_primitive_support(dozen, tmp_path, capsys):
     """``--remote`` while the head scores take no ``remote=``: exit 2 naming why, nothing written."""
     from interventions.analysis import scores
