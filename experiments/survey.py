@@ -76,6 +76,9 @@ def _local_config(spec: str) -> tuple[Path, dict]:
         ckpt = latest_checkpoint(p)
         if ckpt is None:
             raise InputError(f"run {spec} has no complete checkpoint: train it first")
+        if not (p / "train_config.json").is_file():  # the run's identity (model_fingerprint) reads it
+            raise InputError(f"run {spec} has no train_config.json (a copy of its checkpoints alone?): pass its "
+                             f"checkpoint folder instead, e.g. {ckpt}")
         p = ckpt
     if not (p / "config.json").is_file():
         raise InputError(f"{spec} is neither a run folder nor a model folder (no config.json)")

@@ -176,8 +176,8 @@ def test_hub_models_are_keyed_on_the_resolved_commit(tmp_path, monkeypatch):
 
 def test_every_model_is_checked_before_any_is_loaded(dozen, tmp_path, monkeypatch, capsys):
     """An unsupported architecture, a hub name that does not resolve (offline), a malformed pin, a
-    folder without a config, or one whose weights are pickle-only or truncated among the models: exit 2
-    naming the model, nothing loaded, nothing written."""
+    folder without a config, one whose weights are pickle-only or truncated, or a run without its
+    train_config.json among the models: exit 2 naming the model, nothing loaded, nothing written."""
     from transformers import BertConfig
 
     bert = tmp_path / "bert"
@@ -186,12 +186,20 @@ def test_every_model_is_checked_before_any_is_loaded(dozen, tmp_path, monkeypatc
     (tmp_path / "empty").mkdir()
     pickled = Path(save_model(tmp_path / "pickled", "gpt2", 1))  # weights only as pytorch_model.bin
     (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    from transformers import GPT2LMHeadModel
+
+    from interventions.zoo.train import save_checkpoint
+
+    bare_run = tmp_path / "bare-run"  # a run's checkpoints copied without its train_config.json
+    model = GPT2LMHeadModel(_config("gpt2", 1))
+    save_checkpoint(bare_run, 5, model, torch.optim.SGD(model.parameters(), lr=0.1), 100)
     truncated = Path(save_model(tmp_path / "truncated", "gpt2", 1))  # an interrupted copy
     (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-50])
     loads = Loads(monkeypatch)
     for bad, says in ((str(bert), "architecture 'bert'"), ("nobody/no-such-model", "could not resolve"),
                       ("gpt2@", "NAME@REVISION"), (str(tmp_path / "empty"), "no config.json"),
-                      (str(pickled), "only pytorch_model.bin"), (str(truncated), "missing or damaged")):
+                      (str(pickled), "only pytorch_model.bin"), (str(truncated), "missing or damaged"),
+                      (str(bare_run), "no train_config.json")):
         try:
             code = cli_main(["survey", *dozen.values(), bad, "--out", str(tmp_path / "res"), "--quiet"])
         except SystemExit as e:
