@@ -350,3 +350,16 @@ def test_mosaic_titles_tell_apart_models_whose_labels_end_alike():
         assert titles[-1] == "pythia-70m-deduped-v0"
     finally:
         plt.close(fig)
+
+
+def test_mosaic_titles_of_models_pinned_to_a_commit_name_the_model():
+    """Hub models pinned to a commit (``NAME@<40-hex sha>``, as the README recommends): each title names
+    the model and a short commit, not the tail of the hash alone (which left every panel anonymous)."""
+    from experiments.figures import _fit_labels
+
+    sha, other = "607a30d783dfa663caf39e06633721c8d4cfcd7e", "a39f36b100fe8a5377810d56c3f4789b9c53ac42"
+    labels = [f"gpt2@{sha}", f"EleutherAI/pythia-70m@{other}", f"EleutherAI/pythia-160m-deduped@{other}",
+              f"gpt2@{other}"]
+    titles = _fit_labels(labels)
+    assert titles == [f"gpt2@{sha[:7]}", f"pythia-70m@{other[:7]}", f"\u2026thia-160m-deduped@{other[:7]}",
+                      f"gpt2@{other[:7]}"], titles
