@@ -163,6 +163,22 @@ def test_load_model_refuses_damaged_weights_naming_the_file(tmp_path):
             T.load_model(tmp_path / "m")
 
 
+def test_load_model_refuses_weights_that_do_not_cover_the_config(tmp_path):
+    """A folder whose config.json and model.safetensors come from different models (a partial re-save):
+    a layer missing from the weights would be randomly initialised, an extra one silently dropped, and
+    the model scored as if trained; load_model refuses naming the tensors."""
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+
+    for n_config, n_weights, says in ((2, 1, "missing"), (1, 2, "unexpected")):
+        AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=n_config, n_heads=2, d_model=16, vocab_size=20)
+                            ).save_pretrained(tmp_path / "m")
+        AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=n_weights, n_heads=2, d_model=16, vocab_size=20)
+                            ).save_pretrained(tmp_path / "other")
+        shutil.copy(tmp_path / "other" / "model.safetensors", tmp_path / "m" / "model.safetensors")
+        with pytest.raises(T.RunFolderError, match=f"do not match its config.*{says}: transformer.h.1."):
+            T.load_model(tmp_path / "m")
+
+
 def _text_corpus(folder, letters, seed=0):
     import random
 

@@ -535,11 +535,18 @@ def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
 
     hf_logging.disable_progress_bar()  # one bar per load drowns the experiment's own
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:  # unreadable config.json, unknown model type, ...
         raise RunFolderError(f"cannot load the model in {path} ({type(e).__name__}: {str(e).splitlines()[0]}): "
                              "pass a checkpoint folder written by save_pretrained") from None
     alphas = [k for k in keys if k.endswith(".key_smear.alpha")]
+    # weights from another model: from_pretrained would initialise missing tensors at random, drop extra ones
+    bad = {kind: sorted(set(info.get(f"{kind}_keys") or ()) - set(alphas)) for kind in ("missing", "unexpected")}
+    if any(bad.values()):
+        raise RunFolderError(f"the weights in {path} do not match its config.json ("
+                             + "; ".join(f"{kind}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
+                                         for kind, v in bad.items() if v)
+                             + "): re-save the model with save_pretrained")
     if alphas:  # a smeared HF model: from_pretrained builds it plain (its alphas dropped); smear it, load them
         from safetensors import safe_open
 
