@@ -5,6 +5,7 @@ One shared style (``style()``); every figure saved as PNG and PDF; axes labelled
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -489,9 +490,13 @@ def _ticks(n: int, most: int = 6) -> list[int]:
 
 def _fit_label(label: str, width: int = 26) -> str:
     """A model label that fits a panel: whole if short enough, else without its organisation
-    ("EleutherAI/pythia-70m" -> "pythia-70m"), else cut from its informative end ("...-70m-deduped")."""
+    ("EleutherAI/pythia-70m" -> "pythia-70m") and with a pinned commit shortened to 7 hex digits
+    ("gpt2@607a30d7...cd7e" -> "gpt2@607a30d"), else cut from its informative end ("...-70m-deduped")."""
     if len(label) > width and "/" in label:
         label = label.rsplit("/", 1)[1]
+    name, at, rev = label.partition("@")
+    if len(label) > width and at and re.fullmatch(r"[0-9a-f]{40}", rev):  # else the title is the hash alone
+        label = f"{name}@{rev[:7]}"
     return label if len(label) <= width else "\u2026" + label[-(width - 1):]
 
 

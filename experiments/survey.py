@@ -13,8 +13,8 @@ A survey scales to many models:
   no weights downloaded), or the content hash of a local folder's config and weights. An interrupted
   survey rerun with the same command skips every finished model without loading it, and a model
   whose weights changed is scored again;
-* every model is checked (exists, resolves on the hub, has a supported architecture) before any is
-  loaded;
+* every model is checked (exists, resolves on the hub, has a supported architecture; a folder's
+  safetensors weights are present and readable) before any is loaded;
 * ``remote=True`` is refused (``InputError``, before any work) while the induction score needs
   attention patterns (``observable()`` edits the model; a server's model is shared); it is passed
   through to a scorer that takes ``remote=``.
@@ -26,6 +26,7 @@ import gc
 import hashlib
 import inspect
 import json
+import os
 import weakref
 from pathlib import Path
 
@@ -35,8 +36,9 @@ from .common import InputError, Results, model_fingerprint, owns_results
 
 
 def model_labels(specs: list[str]) -> dict[str, str]:
-    """label -> spec: a folder's basename, or its whole path where two folders share a basename."""
-    names = [Path(s).name if Path(s).exists() else s for s in specs]
+    """label -> spec: a folder's basename (``.`` and ``..`` resolved: the folder's own name), or its whole path
+    where two folders share a basename."""
+    names = [Path(os.path.abspath(s)).name if Path(s).exists() else s for s in specs]
     return {(n if names.count(n) == 1 else s): s for n, s in zip(names, specs)}
 
 
@@ -65,7 +67,8 @@ def hub_config(spec: str) -> tuple[str, dict]:
     return commit, json.loads(Path(path).read_text())
 
 
-def _local_config(spec: str) -> dict:
+def _local_config(spec: str) -> tuple[Path, dict]:
+    """(the model folder a local spec loads, its config dict)."""
     from interventions.zoo.train import latest_checkpoint
 
     p = Path(spec)
@@ -73,11 +76,14 @@ def _local_config(spec: str) -> dict:
         ckpt = latest_checkpoint(p)
         if ckpt is None:
             raise InputError(f"run {spec} has no complete checkpoint: train it first")
+        if not (p / "train_config.json").is_file():  # the run's identity (model_fingerprint) reads it
+            raise InputError(f"run {spec} has no train_config.json (a copy of its checkpoints alone?): pass its "
+                             f"checkpoint folder instead, e.g. {ckpt}")
         p = ckpt
     if not (p / "config.json").is_file():
         raise InputError(f"{spec} is neither a run folder nor a model folder (no config.json)")
     try:
-        return json.loads((p / "config.json").read_text())
+        return p, json.loads((p / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError(f"{p / 'config.json'} is not valid JSON: re-save the model") from None
 
@@ -85,12 +91,14 @@ def _local_config(spec: str) -> dict:
 def model_identity(spec: str) -> dict:
     """What a model's scores are keyed on, found without loading its weights: ``{"model": content hash}``
     for a local folder or run, ``{"hub": name, "commit": sha}`` for a hub model. Checks the
-    architecture is supported. Raises ``InputError`` naming the fix."""
+    architecture is supported (and a local model's safetensors weights are readable). Raises
+    ``InputError`` naming the fix."""
     from interventions.engine.adapters import ARCHS
+    from interventions.zoo.train import RunFolderError, weight_keys
 
     local = Path(spec).exists()
     if local:
-        config, key = _local_config(spec), {"model": model_fingerprint(spec)}
+        (folder, config), key = _local_config(spec), {"model": model_fingerprint(spec)}
     else:
         commit, config = hub_config(spec)
         key = {"hub": hub_name(spec)[0], "commit": commit}
@@ -98,6 +106,11 @@ def model_identity(spec: str) -> dict:
     if model_type not in ARCHS:
         raise InputError(f"model {spec!r} has architecture {model_type!r}, which the toolkit does not support: "
                          f"supported are {', '.join(sorted(ARCHS))} (others: interventions.register_adapter)")
+    if local:
+        try:
+            weight_keys(folder)  # present and readable (headers only): found before any model is scored
+        except RunFolderError as e:
+            raise InputError(f"model {spec!r}: {e}") from None
     return key
 
 

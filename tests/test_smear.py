@@ -265,6 +265,22 @@ def test_attn_only_edit_is_the_models_own_variant(tmp_path):
     assert torch.equal(logits(loaded, x), logits(edited, x))
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama_gqa"])
+def test_load_model_of_a_saved_smeared_hf_model_keeps_the_smear(arch, tmp_path):
+    """A smeared HF model saved with save_pretrained loads (``load_model``, as ``survey`` does) smeared, with
+    its alphas: the edited model's logits, not the plain model's (from_pretrained alone drops the alphas)."""
+    from interventions.zoo.train import load_model
+
+    model = build(arch)
+    edited = smear_keys(model, init_alpha=-2.0)
+    edited.save_pretrained(tmp_path / "m")
+    x = tokens()
+    assert not torch.allclose(logits(edited, x), logits(model, x), atol=1e-3)
+    loaded = load_model(tmp_path / "m")
+    assert torch.equal(get_alphas(loaded), get_alphas(edited))
+    assert torch.allclose(logits(loaded, x), logits(edited, x), atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "attn_only"])
 def test_already_smeared_raises(arch):
     """Smearing a smeared model raises a ValueError pointing at set_alphas; so does a model built smeared."""

@@ -175,17 +175,31 @@ def test_hub_models_are_keyed_on_the_resolved_commit(tmp_path, monkeypatch):
 
 
 def test_every_model_is_checked_before_any_is_loaded(dozen, tmp_path, monkeypatch, capsys):
-    """An unsupported architecture, a hub name that does not resolve (offline), a malformed pin or a
-    folder without a config among the models: exit 2 naming the model, nothing loaded, nothing written."""
+    """An unsupported architecture, a hub name that does not resolve (offline), a malformed pin, a
+    folder without a config, one whose weights are pickle-only or truncated, or a run without its
+    train_config.json among the models: exit 2 naming the model, nothing loaded, nothing written."""
     from transformers import BertConfig
 
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps(BertConfig(vocab_size=40).to_dict()))
     (tmp_path / "empty").mkdir()
+    pickled = Path(save_model(tmp_path / "pickled", "gpt2", 1))  # weights only as pytorch_model.bin
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    from transformers import GPT2LMHeadModel
+
+    from interventions.zoo.train import save_checkpoint
+
+    bare_run = tmp_path / "bare-run"  # a run's checkpoints copied without its train_config.json
+    model = GPT2LMHeadModel(_config("gpt2", 1))
+    save_checkpoint(bare_run, 5, model, torch.optim.SGD(model.parameters(), lr=0.1), 100)
+    truncated = Path(save_model(tmp_path / "truncated", "gpt2", 1))  # an interrupted copy
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:-50])
     loads = Loads(monkeypatch)
     for bad, says in ((str(bert), "architecture 'bert'"), ("nobody/no-such-model", "could not resolve"),
-                      ("gpt2@", "NAME@REVISION"), (str(tmp_path / "empty"), "no config.json")):
+                      ("gpt2@", "NAME@REVISION"), (str(tmp_path / "empty"), "no config.json"),
+                      (str(pickled), "only pytorch_model.bin"), (str(truncated), "missing or damaged"),
+                      (str(bare_run), "no train_config.json")):
         try:
             code = cli_main(["survey", *dozen.values(), bad, "--out", str(tmp_path / "res"), "--quiet"])
         except SystemExit as e:
@@ -193,6 +207,17 @@ def test_every_model_is_checked_before_any_is_loaded(dozen, tmp_path, monkeypatc
         err = capsys.readouterr().err
         assert code == 2 and says in err and "Traceback" not in err, err
     assert loads.labels == [] and not (tmp_path / "res").exists()
+
+
+def test_a_folder_given_as_dot_is_labelled_by_its_name(dozen, tmp_path, monkeypatch):
+    """``survey .`` from inside a model folder (or ``x/..``): the model is labelled with the folder's name,
+    not an empty label (written as an empty cell, read back as NaN, and the mosaic crashed)."""
+    monkeypatch.chdir(dozen["gpt2-1l"])
+    assert S.model_labels([".", "../llama-1l/.."]) == {"gpt2-1l": ".", Path(dozen["gpt2-1l"]).parent.name: "../llama-1l/.."}
+    out = tmp_path / "res"
+    assert cli_main(["survey", ".", "../llama-1l", "--out", str(out), "--quiet"]) == 0
+    assert list(Results(out, "survey").read("induction_scores").model.unique()) == ["gpt2-1l", "llama-1l"]
+    assert (out / "figures" / "induction_mosaic.png").is_file()
 
 
 def test_remote_is_refused_before_work_without_primitive_support(dozen, tmp_path, capsys):
@@ -325,3 +350,16 @@ def test_mosaic_titles_tell_apart_models_whose_labels_end_alike():
         assert titles[-1] == "pythia-70m-deduped-v0"
     finally:
         plt.close(fig)
+
+
+def test_mosaic_titles_of_models_pinned_to_a_commit_name_the_model():
+    """Hub models pinned to a commit (``NAME@<40-hex sha>``, as the README recommends): each title names
+    the model and a short commit, not the tail of the hash alone (which left every panel anonymous)."""
+    from experiments.figures import _fit_labels
+
+    sha, other = "607a30d783dfa663caf39e06633721c8d4cfcd7e", "a39f36b100fe8a5377810d56c3f4789b9c53ac42"
+    labels = [f"gpt2@{sha}", f"EleutherAI/pythia-70m@{other}", f"EleutherAI/pythia-160m-deduped@{other}",
+              f"gpt2@{other}"]
+    titles = _fit_labels(labels)
+    assert titles == [f"gpt2@{sha[:7]}", f"pythia-70m@{other[:7]}", f"\u2026thia-160m-deduped@{other[:7]}",
+                      f"gpt2@{other[:7]}"], titles

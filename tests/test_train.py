@@ -150,6 +150,36 @@ def test_load_model_accepts_a_run_folder(tmp_path):
         T.load_model(tmp_path / "empty")
 
 
+def test_load_model_refuses_damaged_weights_naming_the_file(tmp_path):
+    """A model folder whose model.safetensors is truncated (an interrupted copy or download) is refused
+    with a RunFolderError naming the file, not a safetensors traceback."""
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20))
+    weights = tmp_path / "m" / "model.safetensors"
+    for cut in (100, -50):  # inside the header; inside the tensors
+        model.save_pretrained(tmp_path / "m")
+        weights.write_bytes(weights.read_bytes()[:cut])
+        with pytest.raises(T.RunFolderError, match="model.safetensors is missing or damaged"):
+            T.load_model(tmp_path / "m")
+
+
+def test_load_model_refuses_weights_that_do_not_cover_the_config(tmp_path):
+    """A folder whose config.json and model.safetensors come from different models (a partial re-save):
+    a layer missing from the weights would be randomly initialised, an extra one silently dropped, and
+    the model scored as if trained; load_model refuses naming the tensors."""
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+
+    for n_config, n_weights, says in ((2, 1, "missing"), (1, 2, "unexpected")):
+        AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=n_config, n_heads=2, d_model=16, vocab_size=20)
+                            ).save_pretrained(tmp_path / "m")
+        AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=n_weights, n_heads=2, d_model=16, vocab_size=20)
+                            ).save_pretrained(tmp_path / "other")
+        shutil.copy(tmp_path / "other" / "model.safetensors", tmp_path / "m" / "model.safetensors")
+        with pytest.raises(T.RunFolderError, match=f"do not match its config.*{says}: transformer.h.1."):
+            T.load_model(tmp_path / "m")
+
+
 def _text_corpus(folder, letters, seed=0):
     import random
 

@@ -51,7 +51,7 @@ key mixed in would change every later token, and differently on the SDPA and eag
 rows differ). The hook sees only the tokens of the current call, so
 incremental decoding with a KV cache would treat each new token as "first"; it raises instead
 (generate with ``use_cache=False``). ``save_pretrained`` on an edited HF model stores the alphas, but
-``from_pretrained`` builds a plain model: rebuild with ``smear_keys(plain)`` and ``load_state_dict``.
+``from_pretrained`` builds a plain model: ``load_model`` rebuilds it (``smear_keys(plain)``, then the alphas).
 
 Example:
     >>> smear = KeySmear(n_heads=2)

@@ -485,9 +485,38 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in sorted(root.glob("step-*")) if verify_checkpoint(p)] if root.is_dir() else []
 
 
+def weight_keys(path: Path) -> dict[str, Path]:
+    """Tensor name -> file, read from the headers of a model folder's safetensors weights (no tensor is
+    read). Raises ``RunFolderError`` naming a missing or damaged (e.g. truncated) weights file."""
+    from safetensors import SafetensorError, safe_open
+
+    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        raise RunFolderError(f"{path} holds no safetensors weights (model.safetensors)"
+                             + (f", only {', '.join(found)}: pickle weights are never loaded (unpickling can run "
+                                "code); convert them to safetensors first" if found else "")
+                             + ": pass a checkpoint folder written by save_pretrained")
+    index = path / "model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+            "model.safetensors"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise RunFolderError(f"{index} is not a valid weights index: re-save the model with save_pretrained") from None
+    keys = {}
+    for name in names:
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                keys.update(dict.fromkeys(f.keys(), path / name))
+        except (SafetensorError, OSError) as e:
+            raise RunFolderError(f"weights file {path / name} is missing or damaged ({str(e).splitlines()[0]}): "
+                                 "re-save or re-download the model") from None
+    return keys
+
+
 def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
     """Load a checkpoint folder, or a run folder's newest verified checkpoint (safetensors only; the
-    manifest is verified when present)."""
+    manifest is verified when present). A smeared HF model (``smear_keys``, saved with
+    ``save_pretrained``) loads smeared, with its saved alphas."""
     path = Path(path)
     if not (path / "config.json").is_file() and (path / "checkpoints").is_dir():  # a run folder
         ckpt = latest_checkpoint(path)
@@ -501,21 +530,38 @@ def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
     if (path / "manifest.json").is_file() and not verify_checkpoint(path):
         raise RunFolderError(f"checkpoint {path} does not match its manifest (half-written or modified): "
                              "delete it and use an earlier checkpoint")
-    if not any((path / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
-        found = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
-        raise RunFolderError(f"{path} holds no safetensors weights (model.safetensors)"
-                             + (f", only {', '.join(found)}: pickle weights are never loaded (unpickling can run "
-                                "code); convert them to safetensors first" if found else "")
-                             + ": pass a checkpoint folder written by save_pretrained")
+    keys = weight_keys(path)
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per load drowns the experiment's own
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        model, info = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:  # unreadable config.json, unknown model type, ...
         raise RunFolderError(f"cannot load the model in {path} ({type(e).__name__}: {str(e).splitlines()[0]}): "
                              "pass a checkpoint folder written by save_pretrained") from None
+    alphas = [k for k in keys if k.endswith(".key_smear.alpha")]
+    # weights from another model: from_pretrained would initialise missing tensors at random, drop extra ones
+    bad = {kind: sorted(set(info.get(f"{kind}_keys") or ()) - set(alphas)) for kind in ("missing", "unexpected")}
+    if any(bad.values()):
+        raise RunFolderError(f"the weights in {path} do not match its config.json ("
+                             + "; ".join(f"{kind}: {', '.join(v[:3])}" + (f" and {len(v) - 3} more" if len(v) > 3 else "")
+                                         for kind, v in bad.items() if v)
+                             + "): re-save the model with save_pretrained")
+    if alphas:  # a smeared HF model: from_pretrained builds it plain (its alphas dropped); smear it, load them
+        from safetensors import safe_open
+
+        from .smear import smear_keys, smear_modules
+
+        model = smear_keys(model)
+        state = {}
+        for k in alphas:
+            with safe_open(str(keys[k]), framework="pt") as f:
+                state[k] = f.get_tensor(k)
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected or len(alphas) != len(smear_modules(model)):
+            raise RunFolderError(f"the smeared-key alphas in {path} do not match the model's layers: re-save it "
+                                 "from the edited model (smear_keys) with save_pretrained")
     return model.to(device).eval()
 
 
