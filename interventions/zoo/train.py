@@ -526,7 +526,8 @@ def load_model(path: str | Path, device: str = "cpu") -> AttnOnlyForCausalLM:
         path = ckpt
     if not (path / "config.json").is_file():
         raise RunFolderError(f"{path} is not a model folder (no config.json): pass a checkpoint folder "
-                             "such as runs/attn-2l/checkpoints/step-00001000 or runs/attn-2l/final")
+                             "such as runs/attn-2l/checkpoints/step-00001000, a run folder such as runs/attn-2l (its "
+                             "latest checkpoint), or a folder written by save_pretrained")
     if (path / "manifest.json").is_file() and not verify_checkpoint(path):
         raise RunFolderError(f"checkpoint {path} does not match its manifest (half-written or modified): "
                              "delete it and use an earlier checkpoint")
