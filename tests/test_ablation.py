@@ -459,6 +459,47 @@ def test_adapter_with_wrong_path_raises(o_proj):
         ARCHS.pop(name)
 
 
+def _cohere():  # logits = lm_head output * logit_scale
+    import transformers as T
+
+    return T.CohereForCausalLM(T.CohereConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=64, logit_scale=0.25,
+                                              max_position_embeddings=64, pad_token_id=0))
+
+
+def _gemma2():  # logits = tanh(lm_head output / cap) * cap
+    import transformers as T
+
+    return T.Gemma2ForCausalLM(T.Gemma2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, head_dim=8,
+                                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                              max_position_embeddings=64, final_logit_softcapping=1.0,
+                                              attn_logit_softcapping=None))
+
+
+@pytest.mark.parametrize("make", [_cohere, _gemma2], ids=["cohere", "gemma2"])
+def test_registered_model_with_a_step_after_the_unembedding_gives_its_logits(make):
+    """A model registered as the error advises whose forward changes the unembedding's output (Cohere's
+    logit scale, Gemma 2's final softcap) gives the model's own logits and loss, and zero ablation equals
+    weight surgery: the logits are the model's output, not the lm head's."""
+    torch.manual_seed(0)
+    model = _randomise(make().eval())
+    tokens = _tokens()
+    name = model.config.model_type
+    register_adapter(name, ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj"))
+    try:
+        clean = run_with_ablations(model, tokens, [])
+        loss = per_token_loss(model, tokens)
+        ours = run_with_ablations(model, tokens, ZeroAblation("L1H2"))
+        surgery = _logits(_surgery(model, [Head(1, 2)]), tokens)
+    finally:
+        ARCHS.pop(name)
+    want = _logits(model, tokens)
+    want_loss = -want[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(clean, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=0)
+    assert (ours - surgery).abs().max().item() < 1e-5 and (ours - want).abs().max().item() > 1e-4
+
+
 # ----------------------------------------------------------------------------- 7. unknown architecture
 
 class _FooConfig:
