@@ -280,13 +280,25 @@ def _build_adapter(config) -> Adapter:
 def observable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention for any HF architecture, routing the pattern through ``module.hook_pattern``.
 
-    query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head)."""
+    query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head). A logit softcap
+    (``softcap``, Gemma 2) is applied as HF's eager attention does; attention sinks or an added position
+    bias (``s_aux`` / ``sinks``, ``position_bias``) are refused: computing without them would be wrong."""
+    extra = [name for name in ("s_aux", "sinks", "position_bias") if kwargs.get(name) is not None]
+    if extra:
+        from .tracing import InterventionError
+
+        raise InterventionError(f"this {type(module).__name__} passes {', '.join(extra)} to its attention, which "
+                                "observable()'s eager attention does not compute: its patterns cannot be observed; "
+                                "use sites other than pattern (and ablations that are not PatternPreserving)")
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = (query @ key.transpose(-1, -2)) * scaling  # (batch, head, q_pos, k_pos)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
