@@ -181,9 +181,9 @@ class Adapter:
         if kind in ("q", "k", "v"):
             n, d = self.n_site_heads(kind), self.d_head
             which = "qkv".index(kind)
-            if self.spec.fused_qkv == "gpt2":  # [q | k | v] along the last dim (no GQA in GPT-2)
-                width = self.n_heads * d
-                return which * width, (which + 1) * width, (n, d), None
+            if self.spec.fused_qkv == "gpt2":  # [q | k | v] along the last dim; k, v of n_kv_heads heads each (Phi-3)
+                lo = (0, self.n_heads, self.n_heads + self.n_kv_heads)[which] * d
+                return lo, lo + n * d, (n, d), None
             if self.spec.fused_qkv == "neox":  # per head [q_h | k_h | v_h]
                 return None, None, (self.n_heads, 3, d), which
             return None, None, (n, d), None
