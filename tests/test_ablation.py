@@ -459,6 +459,98 @@ def test_adapter_with_wrong_path_raises(o_proj):
         ARCHS.pop(name)
 
 
+def _cohere():  # logits = lm_head output * logit_scale
+    import transformers as T
+
+    return T.CohereForCausalLM(T.CohereConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=64, logit_scale=0.25,
+                                              max_position_embeddings=64, pad_token_id=0))
+
+
+def _gemma2():  # logits = tanh(lm_head output / cap) * cap
+    import transformers as T
+
+    return T.Gemma2ForCausalLM(T.Gemma2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, head_dim=8,
+                                              num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                              max_position_embeddings=64, final_logit_softcapping=1.0,
+                                              attn_logit_softcapping=None))
+
+
+@pytest.mark.parametrize("make", [_cohere, _gemma2], ids=["cohere", "gemma2"])
+def test_registered_model_with_a_step_after_the_unembedding_gives_its_logits(make):
+    """A model registered as the error advises whose forward changes the unembedding's output (Cohere's
+    logit scale, Gemma 2's final softcap) gives the model's own logits and loss, and zero ablation equals
+    weight surgery: the logits are the model's output, not the lm head's."""
+    torch.manual_seed(0)
+    model = _randomise(make().eval())
+    tokens = _tokens()
+    name = model.config.model_type
+    register_adapter(name, ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj"))
+    try:
+        clean = run_with_ablations(model, tokens, [])
+        loss = per_token_loss(model, tokens)
+        ours = run_with_ablations(model, tokens, ZeroAblation("L1H2"))
+        surgery = _logits(_surgery(model, [Head(1, 2)]), tokens)
+    finally:
+        ARCHS.pop(name)
+    want = _logits(model, tokens)
+    want_loss = -want[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(clean, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=0)
+    assert (ours - surgery).abs().max().item() < 1e-5 and (ours - want).abs().max().item() > 1e-4
+
+
+def test_observable_applies_gemma2_attention_softcap():
+    """Gemma 2 caps its attention scores (tanh): registered as the error advises, its observed patterns
+    equal HF's own eager attention weights, the observable path gives the model's logits, and freezing
+    a last-layer head's pattern while zeroing it equals plain zero ablation."""
+    from interventions import observable
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = _randomise(T.Gemma2ForCausalLM(T.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=64, attn_logit_softcapping=0.5,
+        attn_implementation="eager")).eval())
+    tokens = _tokens()
+    with torch.no_grad():
+        out = model(tokens, output_attentions=True)
+    register_adapter("gemma2", ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj"))
+    try:
+        with observable(model):
+            got = execute(model, Run(tokens, reads=["L0.pattern", "L1.pattern"]))
+        pp = run_with_ablations(model, tokens, PatternPreserving(ZeroAblation("L1H1")))
+        plain = run_with_ablations(model, tokens, ZeroAblation("L1H1"))
+    finally:
+        ARCHS.pop("gemma2")
+    for layer in range(2):
+        torch.testing.assert_close(got.acts[f"L{layer}.pattern"], out.attentions[layer], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.logits, out.logits, atol=1e-5, rtol=0)
+    assert (pp - plain).abs().max().item() < 1e-5
+
+
+def test_observable_refuses_attention_sinks():
+    """gpt-oss adds a learned sink to each head's softmax (``s_aux``), which the observable path does not
+    compute: pattern sites and pattern-preserving ablation raise InterventionError rather than giving
+    patterns and logits of another model; the model is restored."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = _randomise(T.GptOssForCausalLM(T.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64)).eval())
+    impl = model.config._attn_implementation
+    register_adapter("gpt_oss", ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj"))
+    try:
+        with pytest.raises(InterventionError, match="s_aux.*PatternPreserving"):
+            run_with_ablations(model, _tokens(), PatternPreserving(ZeroAblation("L1H1")))
+        run_with_ablations(model, _tokens(), ZeroAblation("L1H1"))  # other sites still work
+    finally:
+        ARCHS.pop("gpt_oss")
+    assert model.config._attn_implementation == impl and not any(hasattr(m, "hook_pattern") for m in model.modules())
+
+
 # ----------------------------------------------------------------------------- 7. unknown architecture
 
 class _FooConfig:

@@ -433,3 +433,51 @@ def test_readme_escape_hatch_raw_nnsight_at_a_site_string():
     z = z[0][0] if isinstance(z, tuple) else z  # an input is (args, kwargs)
     want = run_with_cache(model, tokens, ["L0.z"])[1]["L0.z"]
     torch.testing.assert_close(z.reshape(want.shape), want)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1])
+def test_fused_qkv_under_grouped_query_attention(n_kv):
+    """A model registered with q|k|v fused along the last dimension (``fused_qkv="gpt2"``, Phi-3's
+    qkv_proj) under grouped-query attention: q, k and v read from the fused output's q (n_heads heads),
+    k and v (n_kv_heads heads each) blocks, as a plain hook splits them; a write to kv head 0 of v
+    changes exactly its slice of the projection output."""
+    import transformers as T
+
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    torch.manual_seed(0)
+    model = T.Phi3ForCausalLM(T.Phi3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           num_key_value_heads=n_kv, intermediate_size=64, max_position_embeddings=64,
+                                           pad_token_id=0)).eval()
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = model.get_submodule("model.layers.1.self_attn.qkv_proj").register_forward_hook(
+        lambda mod, args, out: seen.append(out.clone()))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    raw = seen[0]
+    want = dict(zip("qkv", raw.split([N_HEADS * D_HEAD, n_kv * D_HEAD, n_kv * D_HEAD], dim=-1)))
+    register_adapter("phi3", ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="qkv_proj",
+                                      fused_qkv="gpt2"))
+    try:
+        got = run_with_cache(model, tokens, ["L1.q", "L1.k", "L1.v"])[1]
+        written = []
+        handle = model.get_submodule("model.layers.1.self_attn.qkv_proj").register_forward_hook(
+            lambda mod, args, out: written.append(out.clone()))
+        try:
+            execute(model, Run(tokens, writes=[Write("L1.v", None, head=0)]))
+        finally:
+            handle.remove()
+    finally:
+        ARCHS.pop("phi3")
+    for kind in "qkv":
+        n = N_HEADS if kind == "q" else n_kv
+        torch.testing.assert_close(got[f"L1.{kind}"], want[kind].reshape(2, POS, n, D_HEAD), atol=0, rtol=0)
+    lo = (N_HEADS + n_kv) * D_HEAD
+    expect = raw.clone()
+    expect[..., lo:lo + D_HEAD] = 0
+    torch.testing.assert_close(written[-1], expect, atol=0, rtol=0)  # (earlier: the take-effect probe)

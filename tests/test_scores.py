@@ -221,6 +221,28 @@ def test_copying_score_on_hand_built_weights(arch):
                    if (layer, head) != (1, 0))
 
 
+def test_copying_score_refuses_a_final_norm_of_another_formula():
+    """Gemma's RMSNorm scales by 1 + weight (its weight is 0 at initialisation): registered with
+    final_norm, the copying score raises ValueError naming final_norm instead of freezing the norm as
+    weight * x / rms(x) (which made every head write nothing: -1 each, silently)."""
+    import transformers as T
+
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    torch.manual_seed(0)
+    model = T.GemmaForCausalLM(T.GemmaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                             max_position_embeddings=64)).eval()
+    register_adapter("gemma", ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj",
+                                       final_norm="model.norm"))
+    try:
+        with pytest.raises(ValueError, match="GemmaRMSNorm.*final_norm"):
+            copying_score(model, bos_id=0, token_pool=torch.arange(1, 40))
+    finally:
+        ARCHS.pop("gemma")
+
+
 def test_scores_run_on_gpt2():
     """GPT-2 (another architecture) gets every score through observable(): one row per head, in range."""
     model = _gpt2()

@@ -436,12 +436,24 @@ def frozen_final_norm(inner, adapter, resid: torch.Tensor):
     eps = float(getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", None) or 1e-5)
     if isinstance(norm, torch.nn.LayerNorm):
         scale = (resid.var(-1, unbiased=False, keepdim=True) + eps).sqrt()
-        return lambda x: w * (x.to(w.device) - x.to(w.device).mean(-1, keepdim=True)) / scale
-    if "rms" in type(norm).__name__.lower():
+        frozen = lambda x: w * (x.to(w.device) - x.to(w.device).mean(-1, keepdim=True)) / scale  # noqa: E731
+    elif "rms" in type(norm).__name__.lower():
         scale = (resid.float().pow(2).mean(-1, keepdim=True) + eps).sqrt().to(resid.dtype)
-        return lambda x: w * x.to(w.device) / scale
-    raise ValueError(f"final norm {type(norm).__name__} at {path!r} is neither a LayerNorm nor an RMSNorm: "
-                     "the copying score cannot freeze its scale")
+        frozen = lambda x: w * x.to(w.device) / scale  # noqa: E731
+    else:
+        raise ValueError(f"final norm {type(norm).__name__} at {path!r} is neither a LayerNorm nor an RMSNorm: "
+                         "the copying score cannot freeze its scale")
+    # at ``resid`` itself the frozen map plus the norm's bias is the norm: a norm of another formula (Gemma's
+    # RMSNorm scales by 1 + weight) would otherwise give every head a wrong score silently
+    want = norm(resid).float()
+    bias = getattr(norm, "bias", None)
+    got = frozen(resid).float() + (0 if bias is None else bias.detach().float())
+    tol = 1e-4 if resid.dtype == torch.float32 else 3e-2
+    if float((got - want).abs().max()) > tol * max(1.0, float(want.abs().max())):
+        raise ValueError(f"final norm {type(norm).__name__} at {path!r} is not w * x / rms(x) (RMSNorm) or "
+                         "w * (x - mean) / std + b (LayerNorm) with w its weight: the copying score cannot freeze "
+                         "its scale; register the adapter without final_norm, or with a norm of those formulas")
+    return frozen
 
 
 @torch.no_grad()

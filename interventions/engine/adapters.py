@@ -181,9 +181,9 @@ class Adapter:
         if kind in ("q", "k", "v"):
             n, d = self.n_site_heads(kind), self.d_head
             which = "qkv".index(kind)
-            if self.spec.fused_qkv == "gpt2":  # [q | k | v] along the last dim (no GQA in GPT-2)
-                width = self.n_heads * d
-                return which * width, (which + 1) * width, (n, d), None
+            if self.spec.fused_qkv == "gpt2":  # [q | k | v] along the last dim; k, v of n_kv_heads heads each (Phi-3)
+                lo = (0, self.n_heads, self.n_heads + self.n_kv_heads)[which] * d
+                return lo, lo + n * d, (n, d), None
             if self.spec.fused_qkv == "neox":  # per head [q_h | k_h | v_h]
                 return None, None, (self.n_heads, 3, d), which
             return None, None, (n, d), None
@@ -280,13 +280,25 @@ def _build_adapter(config) -> Adapter:
 def observable_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager attention for any HF architecture, routing the pattern through ``module.hook_pattern``.
 
-    query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head)."""
+    query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head). A logit softcap
+    (``softcap``, Gemma 2) is applied as HF's eager attention does; attention sinks or an added position
+    bias (``s_aux`` / ``sinks``, ``position_bias``) are refused: computing without them would be wrong."""
+    extra = [name for name in ("s_aux", "sinks", "position_bias") if kwargs.get(name) is not None]
+    if extra:
+        from .tracing import InterventionError
+
+        raise InterventionError(f"this {type(module).__name__} passes {', '.join(extra)} to its attention, which "
+                                "observable()'s eager attention does not compute: its patterns cannot be observed; "
+                                "use sites other than pattern (and ablations that are not PatternPreserving)")
     n_rep = query.shape[1] // key.shape[1]
     if n_rep > 1:  # grouped-query attention: each kv head serves n_rep query heads
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = (query @ key.transpose(-1, -2)) * scaling  # (batch, head, q_pos, k_pos)
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)

@@ -378,7 +378,7 @@ class Engine:
         return tree
 
     def _touched(self, tree: _Tree, run: Run, sites) -> list[str]:
-        """Module paths a run reads, writes or skips, and the unembedding's (whose output it saves)."""
+        """Module paths a run reads, writes or skips, and the unembedding's."""
         a, inner = self.adapter, self.inner
         paths = [tree.point(a, FINAL, inner)[0]]
         for site in sites:
@@ -609,17 +609,14 @@ class Engine:
 
         a, inner = self.adapter, self.inner
         plan = self._plan(run, reads, writes, tree)
-        unembed = a.unembed_path(inner) if tree is None else tree.point(a, FINAL, inner)[0]  # (FINAL: at the unembedding)
         by_path = bool(self.remote)  # modules named by path (the body finds them), else given as envoys
         if by_path:  # tensors stay here (the server places them); the wrapper names the server's model
             lm, trace_kwargs = self.model, {"remote": self.remote}
             plan = [(step[0], _parts(step[1]), *step[2:]) for step in plan]
-            unembed = _parts(unembed)
             plan, returns = compact((plan, returns))
         else:  # each module's envoy, looked up here (the body's own look-ups cost ~1 us per path part)
             lm, trace_kwargs = tree.lm, {}
             plan = [(step[0], tree.envoy(step[1]), *step[2:]) for step in plan]
-            unembed = tree.envoy(unembed)
             tokens = tokens.to(self.device())
         kwargs = {"use_cache": False}
         if run.attention_mask is not None:
@@ -628,7 +625,7 @@ class Engine:
         if self.remote:  # a chunk of a batch is a view: send it, not the whole batch
             tokens, kwargs = compact((tokens, kwargs))
         try:
-            result, acts = _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, unembed, returns)
+            result, acts = _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, returns)
         except OutOfOrderError as e:
             raise InterventionError(f"an intervention's target did not run ({e}). Pattern sites need "
                                     "`with interventions.observable(model):`; module paths come from "
@@ -640,7 +637,7 @@ class Engine:
         return Result(None, acts, gathered=result)
 
 
-def _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, unembed, returns, is_instance=isinstance,
+def _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, returns, is_instance=isinstance,
            tensor=torch.Tensor):
     """Open the nnsight trace and run the plan in it: the one ``with ....trace`` of the package.
 
@@ -697,12 +694,11 @@ def _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, unembed, returns, i
                 if name is not None:
                     acts[name] = view.clone()
         if returns != "none":
-            env = unembed
-            if by_path:
-                env = lm
-                for part in unembed:
-                    env = env[part] if is_instance(part, int) else getattr(env, part)
-            out = env.output
+            # the model's logits, not its unembedding's output: a forward may change them after it (Cohere's
+            # logit scale, Gemma 2's final softcap); without a loss the first field of HF's output is the logits
+            out = lm.output
+            if not is_instance(out, tensor):
+                out = out[0]
             if returns == "logits":
                 result = out.save()
             elif returns == "loss":  # as interventions.primitives.loss.loss_from_logits
