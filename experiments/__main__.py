@@ -78,6 +78,15 @@ def train_config_from_args(args):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    saved = Path(args.out) / "train_config.json"
+    if getattr(args, "resume", False) and "lr" not in overrides and saved.is_file():
+        # lr is the one option that may change on --resume, so a resume that does not name one keeps the
+        # run's current lr (a lowered one after divergence), not the preset's
+        from interventions.zoo.train import read_train_config_dict
+
+        lr = read_train_config_dict(saved.parent).get("lr")
+        if lr is not None:
+            overrides["lr"] = lr
     cfg = _merge(cfg, overrides)
     from interventions.zoo.corpus import CorpusError
     from interventions.zoo.train import ConfigError

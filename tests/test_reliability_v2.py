@@ -539,6 +539,25 @@ def test_nan_guard_keeps_only_finite_checkpoints_and_lr_resume_works(tmp_path, c
     assert code == 2 and "different run" in err and "seed" in err, err  # only lr may change
 
 
+def test_resume_without_lr_keeps_the_lowered_lr(tmp_path, capsys):
+    """After `--resume --lr <lower>` and a kill, a plain `--resume` (README: "--resume after a kill") goes on
+    at the lowered lr: it used to take the preset's lr back (the one that diverged) and record that as a
+    change, with nothing said."""
+    from experiments.__main__ import build_parser, train_config_from_args
+
+    out = tmp_path / "run"
+    cfg = train_config_from_args(build_parser().parse_args([str(a) for a in train_argv(out)]))
+    T.train(cfg, out, progress=False, stop_after_steps=5)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, out, resume=True, progress=False, stop_after_steps=5)  # `--resume --lr`, killed again
+    code, err = cli(train_argv(out, "--resume"), capsys)
+    assert code == 0, err
+    assert json.loads((out / "train_config.json").read_text())["lr"] == cfg.lr / 4
+    assert len((out / "lr_changes.jsonl").read_text().splitlines()) == 1
+    late = [m for m in T.read_metrics(out) if m["step"] > 10]
+    assert late and all(m["lr"] == pytest.approx(T.lr_at(m["step"] - 1, lowered)) for m in late), late
+
+
 def test_ctrl_c_in_reproduce_advice_works(tmp_path, capsys, monkeypatch):
     """Ctrl-C during `reproduce` exits 130 advising to rerun the same command (which resumes; it takes
     no --resume option)."""
