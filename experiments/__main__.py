@@ -148,7 +148,8 @@ def cmd_figures(args) -> int:
 
     paths = make_figures(Path(args.results), Path(args.out))
     if not paths:
-        raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce` first")
+        raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "
+                         f"{args.results}` first")
     print(f"{len(paths)} files written to {args.out}")
     return 0
 
