@@ -278,6 +278,12 @@ CONFIG_CASES = {
     "device CUDA": (["--device", "CUDA"], None, "'CUDA' is not a known device"),
     "device bogus via --set": (["--set", "device=bogus"], None, "device='bogus' is not a known device"),
     "--out is a file": ([], lambda d: _write(d / "out", "x"), "is a file"),
+    # a dense stretch ending before it starts gave no dense checkpoint, silently
+    "dense_checkpoints end before start": (["--set", "dense_checkpoints=[8192,2048,1024]"], None, "start <= end"),
+    # n_ctx 2 crashed with a traceback at the first evaluation, after train_config.json was written; 3 logged
+    # NaN repeat losses
+    "n_ctx 2": (["--set", "model.n_ctx=2"], None, "model.n_ctx=2 is too short"),
+    "n_ctx 3": (["--set", "model.n_ctx=3"], None, "model.n_ctx=3 is too short"),
 }
 
 
