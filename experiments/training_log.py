@@ -116,7 +116,7 @@ def figure(curves: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.training_log", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders (named <model> or <model>-s<seed>)")
     p.add_argument("--out", required=True, help="folder for training_curves.csv, training_windows.csv, "
                                                 "seed_spread.json and the figure")
