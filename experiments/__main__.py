@@ -78,6 +78,15 @@ def train_config_from_args(args):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
+    saved = Path(args.out) / "train_config.json"
+    if getattr(args, "resume", False) and "lr" not in overrides and saved.is_file():
+        # lr is the one option that may change on --resume, so a resume that does not name one keeps the
+        # run's current lr (a lowered one after divergence), not the preset's
+        from interventions.zoo.train import read_train_config_dict
+
+        lr = read_train_config_dict(saved.parent).get("lr")
+        if lr is not None:
+            overrides["lr"] = lr
     cfg = _merge(cfg, overrides)
     from interventions.zoo.corpus import CorpusError
     from interventions.zoo.train import ConfigError
@@ -139,7 +148,8 @@ def cmd_figures(args) -> int:
 
     paths = make_figures(Path(args.results), Path(args.out))
     if not paths:
-        raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce` first")
+        raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "
+                         f"{args.results}` first")
     print(f"{len(paths)} files written to {args.out}")
     return 0
 
@@ -299,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("reproduce", help="the default reproduction on the embedded corpus")
     sp.add_argument("--out", default="results/default", help="results folder")
     sp.add_argument("--scale", default="cpu", choices=["tiny", "cpu", "gpu"],
-                    help="tiny: seconds (smoke test); cpu: the default (~14 min on 2 cores); gpu: the whole "
+                    help="tiny: about a minute (smoke test); cpu: the default (~14 min on 2 cores); gpu: the whole "
                          "family, 3 seeds each, on CUDA")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
     sp.add_argument("--seeds", type=_seed_count, default=None,

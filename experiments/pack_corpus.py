@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("file", metavar="FILE.tgz", help="the archive to write (e.g. .corpus/stdlib.tgz)")
     args = parser.parse_args(argv)
+    if Path(args.file).is_dir():  # it would be read, packed and then fail to replace it, leaving FILE.tgz.tmp
+        parser.error(f"{args.file} is a folder: pass the archive's file name (e.g. {Path(args.file) / 'stdlib.tgz'})")
     print(pack_corpus(args.file))
 
 

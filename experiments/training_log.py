@@ -116,7 +116,7 @@ def figure(curves: pd.DataFrame, out: Path) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.training_log", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders (named <model> or <model>-s<seed>)")
     p.add_argument("--out", required=True, help="folder for training_curves.csv, training_windows.csv, "
                                                 "seed_spread.json and the figure")
@@ -126,6 +126,12 @@ def main(argv=None) -> int:
         dup = next(n for n in names if names.count(n) > 1)
         p.error(f"two run folders are named {dup}: pass each run once, or rename one (<model>-s<seed>)")
     runs = {Path(r).name: Path(r) for r in args.runs}
+    for run in runs.values():  # not "metrics.jsonl is missing: train --resume" for a folder that is no run
+        if not (run / "train_config.json").is_file():
+            p.error(f"{run} is not a training run folder (no train_config.json): pass folders made by "
+                    "`python -m experiments train`")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} is a file, not a folder: pass a folder")
     from interventions.zoo.train import RunFolderError
 
     try:  # bad input (a folder that is no run, two runs of one seed): exit 2 before anything is written

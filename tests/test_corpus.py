@@ -134,7 +134,8 @@ def test_packed_stdlib_reads_back_as_the_same_documents(tmp_path):
 
 def test_pack_corpus_cli_help_and_usage_write_nothing(tmp_path):
     """`python -m experiments.pack_corpus --help` prints usage (it used to write a 6 MB archive named
-    `--help`); a missing or extra argument exits 2; nothing is written."""
+    `--help`); a missing or extra argument, or an existing folder as the archive (it packed the corpus,
+    then raised IsADirectoryError leaving `DIR.tmp`), exits 2; nothing is written."""
     import subprocess
     import sys
 
@@ -146,6 +147,11 @@ def test_pack_corpus_cli_help_and_usage_write_nothing(tmp_path):
         assert r.returncode == rc, (args, r.stdout, r.stderr)
         assert "usage:" in (r.stdout + r.stderr)
         assert list(tmp_path.iterdir()) == [], args
+    (tmp_path / "dir").mkdir()
+    r = subprocess.run([sys.executable, "-m", "experiments.pack_corpus", "dir"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "is a folder" in r.stderr, (r.stdout, r.stderr)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dir"]
 
 
 def test_non_utf8_text_is_never_changed_silently(tmp_path):

@@ -278,6 +278,12 @@ CONFIG_CASES = {
     "device CUDA": (["--device", "CUDA"], None, "'CUDA' is not a known device"),
     "device bogus via --set": (["--set", "device=bogus"], None, "device='bogus' is not a known device"),
     "--out is a file": ([], lambda d: _write(d / "out", "x"), "is a file"),
+    # a dense stretch ending before it starts gave no dense checkpoint, silently
+    "dense_checkpoints end before start": (["--set", "dense_checkpoints=[8192,2048,1024]"], None, "start <= end"),
+    # n_ctx 2 crashed with a traceback at the first evaluation, after train_config.json was written; 3 logged
+    # NaN repeat losses
+    "n_ctx 2": (["--set", "model.n_ctx=2"], None, "model.n_ctx=2 is too short"),
+    "n_ctx 3": (["--set", "model.n_ctx=3"], None, "model.n_ctx=3 is too short"),
 }
 
 
@@ -537,6 +543,25 @@ def test_nan_guard_keeps_only_finite_checkpoints_and_lr_resume_works(tmp_path, c
     assert T.latest_checkpoint(out).name == "step-00000019"
     code, err = cli(train_argv(out, "--resume", "--lr", "1e-2", "--seed", "1"), capsys)
     assert code == 2 and "different run" in err and "seed" in err, err  # only lr may change
+
+
+def test_resume_without_lr_keeps_the_lowered_lr(tmp_path, capsys):
+    """After `--resume --lr <lower>` and a kill, a plain `--resume` (README: "--resume after a kill") goes on
+    at the lowered lr: it used to take the preset's lr back (the one that diverged) and record that as a
+    change, with nothing said."""
+    from experiments.__main__ import build_parser, train_config_from_args
+
+    out = tmp_path / "run"
+    cfg = train_config_from_args(build_parser().parse_args([str(a) for a in train_argv(out)]))
+    T.train(cfg, out, progress=False, stop_after_steps=5)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, out, resume=True, progress=False, stop_after_steps=5)  # `--resume --lr`, killed again
+    code, err = cli(train_argv(out, "--resume"), capsys)
+    assert code == 0, err
+    assert json.loads((out / "train_config.json").read_text())["lr"] == cfg.lr / 4
+    assert len((out / "lr_changes.jsonl").read_text().splitlines()) == 1
+    late = [m for m in T.read_metrics(out) if m["step"] > 10]
+    assert late and all(m["lr"] == pytest.approx(T.lr_at(m["step"] - 1, lowered)) for m in late), late
 
 
 def test_ctrl_c_in_reproduce_advice_works(tmp_path, capsys, monkeypatch):

@@ -90,8 +90,19 @@ def test_cli_refuses_two_runs_of_one_seed_and_a_missing_run(tmp_path, capsys):
     for r in runs:
         _planted_run(r, 0, 7.0)
     for argv, message in (([str(r) for r in runs], "two runs of attn-2l with seed 0"),
-                          ([str(tmp_path / "missing")], "metrics.jsonl is missing")):
+                          ([str(tmp_path / "missing")], "is not a training run folder")):
         with pytest.raises(SystemExit) as e:
             main(argv + ["--out", str(tmp_path / "out")])
         assert e.value.code == 2 and message in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    """``--out`` an existing file: exit 2 naming it (it raised FileExistsError with a traceback), nothing
+    written."""
+    _planted_run(tmp_path / "attn-2l", 0, 7.0)
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "attn-2l"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "mine"

@@ -320,6 +320,8 @@ CLI_CASES = {
                                   "--quiet"], lambda d: _write(d / "file.txt", "x"), "writable"),
     "out is a non-empty foreign folder": (_train(), lambda d: _write(d / "out" / "notes.txt", "mine"),
                                           "not empty"),
+    "figures from a folder without tables": (["figures", "--results", "{tmp}/res", "--out", "{tmp}/figs"], None,
+                                             "run `python -m experiments reproduce --out {tmp}/res` first"),
 }
 
 
@@ -334,7 +336,7 @@ def test_cli_usage_error_exits_2(case, tmp_path, capsys):
         cli_main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert e.value.code == 2, err
-    assert message in err, err
+    assert message.format(tmp=tmp_path) in err, err
     assert snapshot(tmp_path) == before
 
 

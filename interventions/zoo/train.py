@@ -129,9 +129,9 @@ class TrainConfig:
         if self.dense_checkpoints is not None and (
                 not isinstance(self.dense_checkpoints, (list, tuple)) or len(self.dense_checkpoints) != 3
                 or not all(isinstance(v, int) and v >= 0 for v in self.dense_checkpoints)
-                or self.dense_checkpoints[2] < 1):
+                or self.dense_checkpoints[2] < 1 or self.dense_checkpoints[0] > self.dense_checkpoints[1]):
             raise ValueError(f"dense_checkpoints={self.dense_checkpoints!r} must be [start_tokens, end_tokens, "
-                             "every_tokens] (non-negative integers, every >= 1) or null")
+                             "every_tokens] (non-negative integers, start <= end, every >= 1) or null")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr={self.lr} must be a positive number")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -155,6 +155,9 @@ class TrainConfig:
             raise ValueError(f"vocab_size={self.vocab_size} is not used with tokenizer={self.tokenizer!r} (the "
                              "model's vocabulary is that tokenizer's): drop vocab_size")
         AttnOnlyConfig(**self.model)  # raises on bad model options
+        if self.n_ctx < 4:  # the log's ICL score needs 3 tokens, its induction check two copies of >= 2
+            raise ValueError(f"model.n_ctx={self.n_ctx} is too short for the trainer's log (ICL score and "
+                             "repeated-token check): use model.n_ctx >= 4")
 
 
 # ----------------------------------------------------------------------------- config validation
