@@ -188,8 +188,9 @@ class Results:
                            keep_default_na=False, na_values=[""])
 
     def read_optional(self, table: str) -> pd.DataFrame | None:
-        """The table, or None if it was never written; a damaged table still raises ``ResultError``."""
-        return self.read(table) if self.has(table) else None
+        """The table, or None if it was never written; a damaged or deleted table still raises ``ResultError``
+        (one the manifest records but whose file is gone is missing, not never written)."""
+        return self.read(table) if self._entry(self._manifest(), table) is not None else None
 
     # -- arrays and JSON
     def write_array(self, name: str, array: np.ndarray, inputs=None) -> Path:

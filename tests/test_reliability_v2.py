@@ -378,6 +378,18 @@ def test_reading_results_creates_nothing(tmp_path):
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_read_optional_refuses_a_recorded_table_whose_file_was_deleted(tmp_path):
+    """A table the manifest records but whose file was deleted (as a checksum error advises) is missing,
+    not never written: read_optional raises instead of returning None, which made `report` drop the
+    ablation / path-patching sections and `figures` their figures without a word."""
+    res = Results(tmp_path, "ablations_m")
+    res.write("sets", pd.DataFrame({"x": [1]}))
+    assert res.read_optional("sets") is not None and res.read_optional("never") is None
+    (res.dir / "sets.csv").unlink()
+    with pytest.raises(ResultError, match="missing"):
+        res.read_optional("sets")
+
+
 def test_tables_are_keyed_on_their_inputs(tmp_path):
     """A table recorded for some inputs counts as done only for those inputs; read with other inputs
     is a stale-result error."""
