@@ -620,6 +620,8 @@ except SystemExit as e:
     (["ablations", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "3"], "at least 8"),
     (["reproduce", "--out", "{tmp}/x", "--seeds", "100000000000000000000"], "at most 1000"),
     (["figures", "--results", "{tmp}/file"], "is a file"),
+    (["figures", "--results", "{tmp}/none", "--out", "{tmp}/fig"], "no result tables"),
+    (["report", "--results", "{tmp}/none"], "no phase-change results"),
 ])
 def test_usage_errors_come_before_heavy_imports(argv, message, tmp_path):
     """Usage errors exit 2 with one line, before torch is imported, leaving no folder."""
