@@ -135,8 +135,10 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_figures(args) -> int:
+    from .common import verify_tables
     from .figures import make_figures
 
+    verify_tables(Path(args.results))  # a damaged table: exit 2 before any figure is written
     paths = make_figures(Path(args.results), Path(args.out))
     if not paths:
         raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce` first")

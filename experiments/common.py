@@ -246,6 +246,19 @@ class Results:
                               json.dumps(provenance(config=config, seed=seed, **extra), indent=1, default=str))
 
 
+def verify_tables(root: str | Path) -> None:
+    """Every table present under the results root ``root`` matches its recorded checksum (``ResultError``
+    naming the first that does not): commands that draw from tables (``figures``, ``report``) check this
+    before they write anything, so a damaged table never leaves figures half redrawn."""
+    root = Path(root)
+    for manifest in sorted(root.glob("*/manifest.json")):
+        res = Results(root, manifest.parent.name)
+        for key in res._manifest():
+            path = res.dir / f"{key}.csv"
+            if key != SETTINGS_KEY and not key.endswith((".npy", ".json")) and path.is_file():
+                res._verified(key, path)
+
+
 def check_writable(path: str | Path) -> None:
     """Fail early (before any work) if results cannot be written under ``path``."""
     path = Path(path)

@@ -91,7 +91,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     ``tables_scales``; one they contradict is refused). Timings: the sum of the invocations ``out``
     recorded with the options of the last (``same_job``); machine: the one that evaluated the checkpoints; ``git``: the commit the tables were made
     with (default: the phase change's provenance). Bad input raises before anything is written."""
-    from .common import InputError
+    from .common import InputError, verify_tables
     from .figures import make_figures
     from .phase_change import derive_windows
 
@@ -117,6 +117,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     timings = sum_timings(same_job(runs, last.get("job")))  # the invocations that made these tables
     if git is None:
         git = json.loads((out / "phase_change" / "provenance.json").read_text())["git"]
+    verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
     win = derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
     for r in win.itertuples():  # an attribution made at other windows would be drawn under these
         at = Results(out, f"ablations_{r.model}").read_optional("attribution")
