@@ -416,6 +416,30 @@ def test_other_settings_are_refused_and_provenance_kept(tmp_path):
     assert json.loads((res.dir / "provenance.json").read_text())["config"] == {"n_windows": 16}
 
 
+def test_provenance_is_checksummed(tmp_path):
+    """provenance.json (where the report takes its machine, commit and PCA pairs from) is verified like a
+    table: an edited one raised nothing (the report stated the edit) and a truncated one a JSONDecodeError
+    traceback; both are a ResultError naming it, also from verify_tables (report, figures). Re-running
+    the experiment (write_provenance) repairs it."""
+    from experiments.common import verify_tables
+
+    res = Results(tmp_path, "phase_change")
+    res.write_provenance({"n_windows": 64})
+    res.write("checkpoints", pd.DataFrame({"x": [1]}))
+    path = res.dir / "provenance.json"
+    good = res.read_provenance()
+    assert good["config"] == {"n_windows": 64} and Results(tmp_path, "none").read_provenance() is None
+    verify_tables(tmp_path)
+    for damage in (lambda t: t.replace('"config"', '"config" ', 1), lambda t: t[:100]):
+        path.write_text(damage(json.dumps(good, indent=1)))
+        with pytest.raises(ResultError, match="provenance.json"):
+            res.read_provenance()
+        with pytest.raises(ResultError, match="provenance.json"):
+            verify_tables(tmp_path)
+    res.write_provenance({"n_windows": 64})
+    assert res.read_provenance()["config"] == {"n_windows": 64}
+
+
 def test_arrays_are_checksummed(tmp_path):
     """An edited or garbled .npy raises ResultError naming the file; deleting it makes it missing
     (so the experiment recomputes it)."""
