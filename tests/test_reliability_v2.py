@@ -494,9 +494,11 @@ def test_figures_and_report_refuse_an_edited_table(tmp_path, capsys):
     _phase_change_tables(tmp_path)
     assert headline(tmp_path)["ablation"]["icl_share_removed"] == pytest.approx(0.9)
     sets = tmp_path / "ablations_attn-2l" / "sets.csv"
-    sets.write_text(sets.read_text().replace("0.9", "0.8"))
+    good = sets.read_text()
+    sets.write_text(good.replace("0.9", "0.8"))
     with pytest.raises(ResultError, match=str(sets)):
         headline(tmp_path)
+    sets.write_text(good)  # figures name the first damaged table they find: only checkpoints.csv is, now
     ck = tmp_path / "phase_change" / "checkpoints.csv"
     ck.write_text(ck.read_text().replace("3.0", "3.5"))
     code, err = cli(["figures", "--results", tmp_path, "--out", tmp_path / "figs"], capsys)
