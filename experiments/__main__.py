@@ -144,8 +144,10 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_figures(args) -> int:
+    from .common import verify_tables
     from .figures import make_figures
 
+    verify_tables(Path(args.results))  # a damaged table: exit 2 before any figure is written
     paths = make_figures(Path(args.results), Path(args.out))
     if not paths:
         raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "
@@ -418,6 +420,11 @@ def _precheck(args) -> None:
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise UsageError(f"--corpus {args.corpus!r} is not a regular file or folder (a named pipe or "
                                  "device?): pass a text file, a folder or a .jsonl file")
+    if args.command == "report" and not (Path(args.results) / "phase_change" / "provenance.json").is_file():
+        raise UsageError(f"no phase-change results under {args.results}: run `python -m experiments reproduce --out "
+                         f"{args.results}` first")
+    if args.command == "figures" and not list(Path(args.results).glob("*/manifest.json")):  # no table recorded
+        raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce` first")
     if args.command == "ablations" and args.windows < 8:  # experiments.ablations.MIN_WINDOWS (heavy import)
         raise UsageError(f"--windows {args.windows}: the ablations need at least 8 windows (the per-head sweeps use "
                          "a quarter and a half of them, at least 2 each for a standard error)")

@@ -188,8 +188,9 @@ class Results:
                            keep_default_na=False, na_values=[""])
 
     def read_optional(self, table: str) -> pd.DataFrame | None:
-        """The table, or None if it was never written; a damaged table still raises ``ResultError``."""
-        return self.read(table) if self.has(table) else None
+        """The table, or None if it was never written; a damaged or deleted table still raises ``ResultError``
+        (one the manifest records but whose file is gone is missing, not never written)."""
+        return self.read(table) if self._entry(self._manifest(), table) is not None else None
 
     # -- arrays and JSON
     def write_array(self, name: str, array: np.ndarray, inputs=None) -> Path:
@@ -238,11 +239,40 @@ class Results:
                                   f"they are kept: pass another --out, or delete the folder {self.dir} to "
                                   "recompute them with these settings")
             self.dir.mkdir(parents=True, exist_ok=True)
-            manifest[SETTINGS_KEY] = {"sha256": None, "inputs": fingerprint(config),
+            path = self.dir / "provenance.json"
+            atomic_write_text(path, json.dumps(provenance(config=config, seed=seed, **extra), indent=1, default=str))
+            manifest[SETTINGS_KEY] = {"sha256": sha256_file(path), "inputs": fingerprint(config),  # read_provenance
                                       "settings": json.loads(json.dumps(config, default=str))}
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
-            atomic_write_text(self.dir / "provenance.json",
-                              json.dumps(provenance(config=config, seed=seed, **extra), indent=1, default=str))
+
+    def read_provenance(self) -> dict | None:
+        """``provenance.json`` (None if never written), verified against the checksum ``write_provenance``
+        recorded: an edited or truncated one is a ``ResultError``, never a wrong machine or commit."""
+        path = self.dir / "provenance.json"
+        if not path.is_file():
+            return None
+        e = self._entry(self._manifest(), SETTINGS_KEY) or {}
+        try:
+            if e.get("sha256") is not None and sha256_file(path) != e["sha256"]:
+                raise ValueError
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            raise ResultError(f"{path} does not match its recorded checksum (truncated or edited): re-run the "
+                              f"experiment that wrote it, or delete the folder {self.dir} and re-run it") from None
+
+
+def verify_tables(root: str | Path) -> None:
+    """Every table present under the results root ``root`` matches its recorded checksum (``ResultError``
+    naming the first that does not): commands that draw from tables (``figures``, ``report``) check this
+    before they write anything, so a damaged table never leaves figures half redrawn."""
+    root = Path(root)
+    for manifest in sorted(root.glob("*/manifest.json")):
+        res = Results(root, manifest.parent.name)
+        res.read_provenance()
+        for key in res._manifest():
+            path = res.dir / f"{key}.csv"
+            if key != SETTINGS_KEY and not key.endswith((".npy", ".json")) and path.is_file():
+                res._verified(key, path)
 
 
 def check_writable(path: str | Path) -> None:

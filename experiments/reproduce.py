@@ -91,7 +91,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     ``tables_scales``; one they contradict is refused). Timings: the sum of the invocations ``out``
     recorded with the options of the last (``same_job``); machine: the one that evaluated the checkpoints; ``git``: the commit the tables were made
     with (default: the phase change's provenance). Bad input raises before anything is written."""
-    from .common import InputError
+    from .common import InputError, verify_tables
     from .figures import make_figures
     from .phase_change import derive_windows
 
@@ -116,7 +116,8 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
                          "instead (it resumes)")
     timings = sum_timings(same_job(runs, last.get("job")))  # the invocations that made these tables
     if git is None:
-        git = json.loads((out / "phase_change" / "provenance.json").read_text())["git"]
+        git = Results(out, "phase_change").read_provenance()["git"]
+    verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
     win = derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
     for r in win.itertuples():  # an attribution made at other windows would be drawn under these
         at = Results(out, f"ablations_{r.model}").read_optional("attribution")
@@ -216,8 +217,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     ck, win, prec = pc.read("checkpoints"), pc.read("windows"), pc.read("icl_precise")  # checksums verified
     turn = pc.read_optional("pca_turn")  # None: the PCA was left out of these tables
     prov = provenance(config={}, timings=timings or {})
-    prov_path = Path(out) / "phase_change" / "provenance.json"
-    pc_prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
+    pc_prov = pc.read_provenance() or {}  # checksum verified
     m = pc_prov.get("machine") or prov["machine"]  # the machine that evaluated the checkpoints, not the drawer's
     h: dict = {"machine": f"{m['platform']}, {m['threads']} threads, GPU: {m['cuda'] or 'none'}",
                "git_commit": (git or prov["git"])["commit"], "git_dirty": (git or prov["git"])["dirty"]}

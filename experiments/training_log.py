@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.training_log", description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="run folders (named <model> or <model>-s<seed>)")
     p.add_argument("--out", required=True, help="folder for training_curves.csv, training_windows.csv, "
-                                                "seed_spread.json and the figure")
+                                                "seed_spread.json, provenance.json and the figure")
     args = p.parse_args(argv)
     names = [Path(r).name for r in args.runs]
     if len(set(names)) < len(names):  # runs are told apart by folder name (tables, figure)
@@ -145,11 +145,15 @@ def main(argv=None) -> int:
         p.error(str(e))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from interventions.zoo.train import atomic_write_text
+    from interventions.zoo.provenance import provenance
+    from interventions.zoo.train import atomic_write_text, sha256_file
 
     atomic_write_text(out / "training_curves.csv", curves.to_csv(index=False))
     atomic_write_text(out / "training_windows.csv", windows.to_csv(index=False))
     atomic_write_text(out / "seed_spread.json", json.dumps(seeds, indent=1) + "\n")
+    atomic_write_text(out / "provenance.json", json.dumps(provenance(  # the runs' logs these tables were read from
+        config={"runs": {n: str(r) for n, r in runs.items()}},
+        metrics_sha256={n: sha256_file(Path(r) / "metrics.jsonl") for n, r in runs.items()}), indent=1, default=str))
     figure(curves, out)
     print(windows.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
     return 0

@@ -193,6 +193,29 @@ def test_report_refuses_bad_input_before_writing(tiny_run, tmp_path):
         assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before, case
 
 
+def test_report_and_figures_refuse_a_damaged_table_before_writing(tiny_run, tmp_path):
+    """An edited table (here the path-patching one, read last): `report` and `figures` exit 2 naming it
+    and write nothing; they redrew the windows and every figure read before it, then stopped, leaving
+    new figures beside the old report and headline."""
+    import shutil
+
+    from experiments.__main__ import main
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "*.npy"))
+    path = copy / "circuit_attn-2l" / "path_patch.csv"
+    path.write_text(path.read_text().replace("0", "1", 1))
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    for argv in (["report", "--results", str(copy)], ["figures", "--results", str(copy), "--out", str(copy / "figures")],
+                 ["figures", "--results", str(copy), "--out", str(tmp_path / "new")]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2, argv
+        assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before, argv
+    assert not (tmp_path / "new").exists()
+
+
 def test_report_refuses_tables_of_an_invocation_killed_after_training(tiny_run, tmp_path):
     """A complete invocation, then another (e.g. ``--seeds 2`` into the same --out) killed after training,
     mid-evaluation or mid-ablation: its tables are partial (sections silently missing, the survey of the

@@ -384,6 +384,18 @@ def test_reading_results_creates_nothing(tmp_path):
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_read_optional_refuses_a_recorded_table_whose_file_was_deleted(tmp_path):
+    """A table the manifest records but whose file was deleted (as a checksum error advises) is missing,
+    not never written: read_optional raises instead of returning None, which made `report` drop the
+    ablation / path-patching sections and `figures` their figures without a word."""
+    res = Results(tmp_path, "ablations_m")
+    res.write("sets", pd.DataFrame({"x": [1]}))
+    assert res.read_optional("sets") is not None and res.read_optional("never") is None
+    (res.dir / "sets.csv").unlink()
+    with pytest.raises(ResultError, match="missing"):
+        res.read_optional("sets")
+
+
 def test_tables_are_keyed_on_their_inputs(tmp_path):
     """A table recorded for some inputs counts as done only for those inputs; read with other inputs
     is a stale-result error."""
@@ -408,6 +420,30 @@ def test_other_settings_are_refused_and_provenance_kept(tmp_path):
     shutil.rmtree(res.dir)
     res.write_provenance({"n_windows": 16})
     assert json.loads((res.dir / "provenance.json").read_text())["config"] == {"n_windows": 16}
+
+
+def test_provenance_is_checksummed(tmp_path):
+    """provenance.json (where the report takes its machine, commit and PCA pairs from) is verified like a
+    table: an edited one raised nothing (the report stated the edit) and a truncated one a JSONDecodeError
+    traceback; both are a ResultError naming it, also from verify_tables (report, figures). Re-running
+    the experiment (write_provenance) repairs it."""
+    from experiments.common import verify_tables
+
+    res = Results(tmp_path, "phase_change")
+    res.write_provenance({"n_windows": 64})
+    res.write("checkpoints", pd.DataFrame({"x": [1]}))
+    path = res.dir / "provenance.json"
+    good = res.read_provenance()
+    assert good["config"] == {"n_windows": 64} and Results(tmp_path, "none").read_provenance() is None
+    verify_tables(tmp_path)
+    for damage in (lambda t: t.replace('"config"', '"config" ', 1), lambda t: t[:100]):
+        path.write_text(damage(json.dumps(good, indent=1)))
+        with pytest.raises(ResultError, match="provenance.json"):
+            res.read_provenance()
+        with pytest.raises(ResultError, match="provenance.json"):
+            verify_tables(tmp_path)
+    res.write_provenance({"n_windows": 64})
+    assert res.read_provenance()["config"] == {"n_windows": 64}
 
 
 def test_arrays_are_checksummed(tmp_path):
@@ -464,9 +500,11 @@ def test_figures_and_report_refuse_an_edited_table(tmp_path, capsys):
     _phase_change_tables(tmp_path)
     assert headline(tmp_path)["ablation"]["icl_share_removed"] == pytest.approx(0.9)
     sets = tmp_path / "ablations_attn-2l" / "sets.csv"
-    sets.write_text(sets.read_text().replace("0.9", "0.8"))
+    good = sets.read_text()
+    sets.write_text(good.replace("0.9", "0.8"))
     with pytest.raises(ResultError, match=str(sets)):
         headline(tmp_path)
+    sets.write_text(good)  # figures name the first damaged table they find: only checkpoints.csv is, now
     ck = tmp_path / "phase_change" / "checkpoints.csv"
     ck.write_text(ck.read_text().replace("3.0", "3.5"))
     code, err = cli(["figures", "--results", tmp_path, "--out", tmp_path / "figs"], capsys)
@@ -633,6 +671,8 @@ except SystemExit as e:
     (["ablations", "{tmp}/norun", "--out", "{tmp}/x", "--windows", "3"], "at least 8"),
     (["reproduce", "--out", "{tmp}/x", "--seeds", "100000000000000000000"], "at most 1000"),
     (["figures", "--results", "{tmp}/file"], "is a file"),
+    (["figures", "--results", "{tmp}/none", "--out", "{tmp}/fig"], "no result tables"),
+    (["report", "--results", "{tmp}/none"], "no phase-change results"),
 ])
 def test_usage_errors_come_before_heavy_imports(argv, message, tmp_path):
     """Usage errors exit 2 with one line, before torch is imported, leaving no folder."""

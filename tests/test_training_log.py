@@ -52,9 +52,12 @@ def test_cli_writes_tables_spread_and_figure(tmp_path):
     out = tmp_path / "out"
     assert main([str(r) for r in runs] + ["--out", str(out)]) == 0
     for name in ("training_curves.csv", "training_windows.csv", "seed_spread.json", "training_log.png",
-                 "training_log.pdf"):
+                 "training_log.pdf", "provenance.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "seed_spread.json").read_text())["smear-1l"]["seeds"] == 2
+    prov = json.loads((out / "provenance.json").read_text())  # the tables say which runs' logs made them
+    assert prov["config"]["runs"] == {r.name: str(r) for r in runs} and set(prov["metrics_sha256"]) == {r.name for r in runs}
+    assert {"git", "versions", "created"} <= set(prov)
 
 
 def test_spread_counts_a_run_named_without_its_seed(tmp_path):
