@@ -424,7 +424,8 @@ def _precheck(args) -> None:
         raise UsageError(f"no phase-change results under {args.results}: run `python -m experiments reproduce --out "
                          f"{args.results}` first")
     if args.command == "figures" and not list(Path(args.results).glob("*/manifest.json")):  # no table recorded
-        raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce` first")
+        raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "
+                         f"{args.results}` first")
     if args.command == "ablations" and args.windows < 8:  # experiments.ablations.MIN_WINDOWS (heavy import)
         raise UsageError(f"--windows {args.windows}: the ablations need at least 8 windows (the per-head sweeps use "
                          "a quarter and a half of them, at least 2 each for a standard error)")
