@@ -10,7 +10,9 @@ next run recompute it). Results that cannot go stale:
   ``res.has(table, inputs=...)`` is True only for the same inputs, so a unit of work is skipped on a
   re-run only when nothing it depends on changed, and recomputed otherwise.
 * ``res.write_provenance(settings)`` refuses (``ResultError``) a folder whose tables were made with
-  other settings, so provenance is never rewritten over tables it did not produce.
+  other settings, so provenance is never rewritten over tables it did not produce; a rerun with the
+  same settings keeps the record and appends itself to its ``invocations``, and each table records
+  which invocation made it (``res.made_by()``).
 * A results root is owned by one process at a time (``owns_results``; OS lock, see
   ``interventions.zoo.ownership``); ``Results`` creates nothing until it writes.
 
@@ -136,7 +138,9 @@ class Results:
 
     def _record(self, key: str, path: Path, inputs) -> None:
         manifest = self._manifest()
-        manifest[key] = {"sha256": sha256_file(path), "inputs": None if inputs is None else fingerprint(inputs)}
+        manifest[key] = {"sha256": sha256_file(path), "inputs": None if inputs is None else fingerprint(inputs),
+                         # which of provenance.json's invocations made it (the latest to write provenance)
+                         "invocation": (self._entry(manifest, SETTINGS_KEY) or {}).get("invocation")}
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def _write_bytes(self, key: str, path: Path, data: bytes, inputs) -> Path:
@@ -240,10 +244,34 @@ class Results:
                                   "recompute them with these settings")
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / "provenance.json"
-            atomic_write_text(path, json.dumps(provenance(config=config, seed=seed, **extra), indent=1, default=str))
+            record = json.loads(json.dumps(provenance(config=config, seed=seed, **extra), default=str))
+            this = {k: v for k, v in record.items() if k not in ("config", "seed", "invocations")}
+            prior = None
+            if old is not None and old.get("inputs") == fingerprint(config):
+                try:
+                    prior = self.read_provenance()
+                except ResultError:  # damaged: rewritten afresh (as the checksum error advises re-running)
+                    pass
+            if prior is not None:  # the same settings again: the record of the tables already here is kept
+                record = {**prior, "invocations": prior.get("invocations") or [
+                    {k: v for k, v in prior.items() if k not in ("config", "seed")}]}
+            record["invocations"] = record.get("invocations", []) + [this]
+            atomic_write_text(path, json.dumps(record, indent=1, default=str))
             manifest[SETTINGS_KEY] = {"sha256": sha256_file(path), "inputs": fingerprint(config),  # read_provenance
-                                      "settings": json.loads(json.dumps(config, default=str))}
+                                      "settings": json.loads(json.dumps(config, default=str)),
+                                      "invocation": len(record["invocations"]) - 1}
             atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+
+    def made_by(self) -> list[dict]:
+        """The invocations (entries of ``provenance.json``'s ``invocations``: git, machine, created,
+        versions) that made the tables recorded here, oldest first; tables of folders written before
+        invocations were recorded count as the first."""
+        prov = self.read_provenance() or {}
+        inv = prov.get("invocations") or ([{k: v for k, v in prov.items() if k not in ("config", "seed")}]
+                                          if prov else [])
+        used = {(self._entry(self._manifest(), k) or {}).get("invocation") or 0
+                for k in self._manifest() if k != SETTINGS_KEY}
+        return [inv[i] for i in sorted(used) if i < len(inv)]
 
     def read_provenance(self) -> dict | None:
         """``provenance.json`` (None if never written), verified against the checksum ``write_provenance``

@@ -221,6 +221,15 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     m = pc_prov.get("machine") or prov["machine"]  # the machine that evaluated the checkpoints, not the drawer's
     h: dict = {"machine": f"{m['platform']}, {m['threads']} threads, GPU: {m['cuda'] or 'none'}",
                "git_commit": (git or prov["git"])["commit"], "git_dirty": (git or prov["git"])["dirty"]}
+    made: dict = {}  # (commit, machine) of each invocation that computed tables here -> their folders
+    for manifest in sorted(out.glob("*/manifest.json")):
+        if manifest.parent.name != "report":
+            for inv in Results(out, manifest.parent.name).made_by():
+                mm = inv.get("machine") or {}
+                key = ((inv.get("git") or {}).get("commit"),
+                       f"{mm.get('platform')}, {mm.get('threads')} threads, GPU: {mm.get('cuda') or 'none'}")
+                made.setdefault(key, []).append(manifest.parent.name)
+    h["tables_made_by"] = [{"git_commit": c, "machine": mach, "folders": sorted(set(f))} for (c, mach), f in made.items()]
     if timings:
         h |= {"wall_clock_min": timings["total_s"] / 60, "train_min": timings["train_s"] / 60,
               "invocations": timings.get("invocations", 1), "invocations_interrupted": timings.get("interrupted", 0)}
@@ -490,6 +499,16 @@ def _pm(v, s, unit=" nats") -> str:
     return "n/a" if v is None else f"{v:+.3f} ± {s:.3f}{unit}" if s is not None else f"{v:+.3f}{unit}"
 
 
+def _made_by_note(h: dict) -> str:
+    """A sentence naming the invocations that computed the tables, when they are not just this commit on
+    this machine (a rerun that skipped finished tables, or tables made by several invocations)."""
+    made = h.get("tables_made_by") or []
+    if all(m["git_commit"] == h["git_commit"] and m["machine"] == h["machine"] for m in made):
+        return ""
+    return " Tables computed by " + "; ".join(
+        f"commit {str(m['git_commit'])[:7]} on {m['machine']} ({', '.join(m['folders'])})" for m in made) + "."
+
+
 def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: dict | None = None) -> Path:
     h = headline(out, timings, git)
     Results(out, "report").write_json("headline", h)
@@ -498,7 +517,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
              f"{timings['total_s'] / 60:.1f} min (training {timings['train_s'] / 60:.1f} min), over "
              f"{timings.get('invocations', 1)} invocation(s)"
              + (f", {timings['interrupted']} of them interrupted (counted up to their last finished stage)"
-                if timings.get("interrupted") else "") + ".", "",
+                if timings.get("interrupted") else "") + "." + _made_by_note(h), "",
              f"ICL score: {h['icl_definition']}. Negative = later tokens predicted better.", "",
              "## Phase change (Argument 1)", ""]
     for name, d in h["models"].items():

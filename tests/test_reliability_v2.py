@@ -893,3 +893,32 @@ def test_model_labels_read_back_as_written(tmp_path):
     back = res.read("t")
     assert back.model.tolist() == ["1", "01", "NA", "attn-2l"]
     assert np.isnan(back.score[1]) and back.score[0] == 0.5
+
+
+def test_a_rerun_keeps_the_provenance_of_the_tables_it_did_not_make(tmp_path, monkeypatch):
+    """A rerun with the same settings at another commit that skips every finished table kept rewriting
+    provenance.json, so the report named its commit and machine for tables it did not make. Now the
+    record is kept, the rerun is appended to ``invocations``, each table names the invocation that made
+    it (``made_by``), and the report says which commits computed the tables."""
+    import experiments.common as common
+    from experiments.reproduce import _made_by_note
+    from interventions.zoo.provenance import provenance as real
+
+    def at(commit):
+        monkeypatch.setattr(common, "provenance", lambda **kw: {**real(**kw), "git": {"commit": commit, "dirty": False}})
+
+    res = Results(tmp_path, "phase_change")
+    at("a" * 40)
+    res.write_provenance({"n_windows": 64})
+    res.write("checkpoints", pd.DataFrame({"x": [1]}))
+    at("b" * 40)
+    Results(tmp_path, "phase_change").write_provenance({"n_windows": 64})  # the rerun: every table skipped
+    prov = res.read_provenance()
+    assert prov["git"]["commit"] == "a" * 40 and [i["git"]["commit"][0] for i in prov["invocations"]] == ["a", "b"]
+    assert [i["git"]["commit"][0] for i in res.made_by()] == ["a"]
+    res.write("windows", pd.DataFrame({"y": [2]}))  # the rerun recomputes one table
+    assert [i["git"]["commit"][0] for i in res.made_by()] == ["a", "b"]
+    machine = "m, 2 threads, GPU: none"
+    made = [{"git_commit": "a" * 40, "machine": machine, "folders": ["phase_change"]}]
+    assert _made_by_note({"git_commit": "a" * 40, "machine": machine, "tables_made_by": made}) == ""
+    assert "commit aaaaaaa on m" in _made_by_note({"git_commit": "b" * 40, "machine": machine, "tables_made_by": made})
