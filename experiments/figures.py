@@ -167,7 +167,8 @@ def fig_loss_curves(root: Path, out: Path):
         for r in win.itertuples():
             if r.bump and np.isfinite(r.bump_start_tokens):
                 sub = ck[(ck.model == r.model) & (ck.tokens >= r.bump_start_tokens) & (ck.tokens <= r.bump_end_tokens)]
-                ax.plot(sub.tokens, sub.val_loss, color="k", lw=2.5, alpha=0.35)
+                # a marker too: a stretch of one checkpoint (start == end) is a point, which a line alone omits
+                ax.plot(sub.tokens, sub.val_loss, color="k", lw=2.5, alpha=0.35, marker="o", markersize=4)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/token)")

@@ -529,3 +529,28 @@ def test_late_delta_loss_is_the_icl_late_band(tiny_run):
         d = by[(by.kind == "pattern") & (by.head_name == r.head_name)].set_index("token_index").delta_loss
         want = d.loc[late - b - 1:late + b - 1].mean()  # tokens late-b..late+b
         assert np.isclose(r.late_delta_loss, want, rtol=1e-4, atol=1e-6), (r.head_name, r.late_delta_loss, want)
+
+
+def test_loss_curves_mark_a_bump_of_one_checkpoint(tmp_path, monkeypatch):
+    """The loss-bump overlay shows every model's bump, also one whose stretch is a single checkpoint
+    (start == end, as attn-1l's and attn-2l's in the main job): a line through one point draws nothing."""
+    import math
+
+    import pandas as pd
+
+    from experiments import figures
+
+    ck = pd.DataFrame([{"model": m, "step": t // 100, "tokens": t, "icl_score": -1.0, "icl_sem": 0.01,
+                        "val_loss": 5.0 - t / 1e3} for m in ("attn-1l", "attn-2l") for t in (1000, 2000, 3000)])
+    win = pd.DataFrame([{"model": "attn-1l", "bump": True, "bump_start_tokens": 2000.0, "bump_end_tokens": 2000.0},
+                        {"model": "attn-2l", "bump": False, "bump_start_tokens": math.nan,
+                         "bump_end_tokens": math.nan}])
+    res = Results(tmp_path, "phase_change")
+    res.write("checkpoints", ck)
+    res.write("windows", win)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_loss_curves(tmp_path, tmp_path / "figures")
+    overlay = [x for x in saved["loss_curves"].axes[0].get_lines() if x.get_color() == "k" and len(x.get_xdata())]
+    assert len(overlay) == 1 and list(overlay[0].get_xdata()) == [2000]
+    assert overlay[0].get_marker() not in (None, "", "None", " ")  # visible as a point
