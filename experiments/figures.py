@@ -353,6 +353,14 @@ def fig_loss_heatmap(root: Path, out: Path):
     if lbi is None or lbi.empty:
         return []
     models = list(lbi.model.unique())
+    several = _families(pd.Series(models)) is not None
+    if several:  # one row per model, its lowest seed (a row per run made the gpu scale's 21 rows, 38 inches)
+        from .zoo import split_run_name
+
+        lowest: dict[str, str] = {}
+        for name in sorted(models, key=lambda n: split_run_name(n)[1] or 0):
+            lowest.setdefault(split_run_name(name)[0], name)
+        models = [name for name in models if name in lowest.values()]
     fig, axes = plt.subplots(len(models), 2, figsize=(2 * COLUMN_WIDTH, 1.8 * len(models)), squeeze=False,
                              constrained_layout=True)
     for row, model in zip(axes, models):
@@ -382,7 +390,7 @@ def fig_loss_heatmap(root: Path, out: Path):
                             ax.axvline(t, color="w" if cmap == "viridis" else "k", lw=0.8, ls="--")
             ax.set_xlabel("training tokens")
         row[0].set_ylabel(f"{model}\ntoken index")
-    axes[0][0].set_title("loss by token index (dashed: ICL window)")
+    axes[0][0].set_title("loss by token index (dashed: ICL window)" + ("\nlowest seed of each model" if several else ""))
     axes[0][1].set_title("its derivative over training (smoothed 0.05 decades)")
     return _save(fig, out, "loss_by_index_over_training")
 

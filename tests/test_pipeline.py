@@ -554,3 +554,20 @@ def test_loss_curves_mark_a_bump_of_one_checkpoint(tmp_path, monkeypatch):
     overlay = [x for x in saved["loss_curves"].axes[0].get_lines() if x.get_color() == "k" and len(x.get_xdata())]
     assert len(overlay) == 1 and list(overlay[0].get_xdata()) == [2000]
     assert overlay[0].get_marker() not in (None, "", "None", " ")  # visible as a point
+
+
+def test_loss_by_index_figure_draws_one_row_per_model_with_seeds(tmp_path, monkeypatch):
+    """With several seeds the loss-by-index heatmap has one row per model (its lowest seed, named in the
+    row's label), not one per run (21 rows, a 38-inch figure, at the gpu scale); every model is drawn."""
+    import pandas as pd
+
+    from experiments import figures
+
+    rows = [{"model": f"{m}-s{s}", "step": t // 100, "tokens": t, "token_index": i, "loss": 3.0 - i / 100 - s,
+             "sem": 0.1} for s in (1, 0, 2) for m in ("attn-1l", "attn-2l") for t in (2e5, 4e5, 8e5) for i in range(1, 64)]
+    Results(tmp_path, "phase_change").write("loss_by_index", pd.DataFrame(rows))
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_loss_heatmap(tmp_path, tmp_path / "figures")
+    labels = [ax.get_ylabel() for ax in saved["loss_by_index_over_training"].axes if ax.get_ylabel().endswith("token index")]
+    assert labels == ["attn-1l-s0\ntoken index", "attn-2l-s0\ntoken index"]
