@@ -571,3 +571,22 @@ def test_loss_by_index_figure_draws_one_row_per_model_with_seeds(tmp_path, monke
     figures.fig_loss_heatmap(tmp_path, tmp_path / "figures")
     labels = [ax.get_ylabel() for ax in saved["loss_by_index_over_training"].axes if ax.get_ylabel().endswith("token index")]
     assert labels == ["attn-1l-s0\ntoken index", "attn-2l-s0\ntoken index"]
+
+
+def test_smear_figure_band_is_the_seed_range_and_says_so(tmp_path, monkeypatch):
+    """With several seeds the smeared-vs-vanilla band is the seed min-max and the panel says so (it was
+    seaborn's unlabelled default, a bootstrap 95% CI over the seeds, narrower than their range)."""
+    from experiments import figures
+
+    ck, hs = _seeded_tables(seeds=range(5))
+    res = Results(tmp_path, "phase_change")
+    res.write("checkpoints", ck)
+    res.write("head_scores", hs)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_smear(tmp_path, tmp_path / "figures")
+    ax = saved["smeared_vs_vanilla"].axes[0]
+    assert ax.get_title() == figures.SEED_BANDS
+    bands = {(round(v[v[:, 0] == 1000][:, 1].min(), 6), round(v[v[:, 0] == 1000][:, 1].max(), 6))
+             for c in ax.collections for p in c.get_paths() for v in [p.vertices] if (v[:, 0] == 1000).any()}
+    assert (-0.41, -0.01) in bands, bands  # attn-1l at 1000 tokens: seeds 0..4 give -0.01 .. -0.41
