@@ -180,6 +180,7 @@ def fig_loss_curves(root: Path, out: Path):
 def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
     """Validation loss and the induction check (loss on the 2nd copy of repeated random tokens)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     style()
     tr = _read(root, "phase_change", "training")
@@ -199,7 +200,8 @@ def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
         top = ax.secondary_xaxis("top")
         top.set_xticks(np.interp(minutes, w.wall_s / 60, w.tokens))
         top.set_xticklabels([f"{m:g}" for m in minutes], fontsize=6)
-        top.set_xlabel("wall-clock on this machine (min)", fontsize=7)
+        top.xaxis.set_minor_locator(NullLocator())  # else the token axis's log minor ticks, meaningless in minutes
+        top.set_xlabel("wall-clock of training (min)", fontsize=7)
     ax.set_title(model, fontsize=8)
     ax.legend(frameon=False)
     return _save(fig, out, f"training_curves_{model}")

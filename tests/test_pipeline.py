@@ -590,3 +590,20 @@ def test_smear_figure_band_is_the_seed_range_and_says_so(tmp_path, monkeypatch):
     bands = {(round(v[v[:, 0] == 1000][:, 1].min(), 6), round(v[v[:, 0] == 1000][:, 1].max(), 6))
              for c in ax.collections for p in c.get_paths() for v in [p.vertices] if (v[:, 0] == 1000).any()}
     assert (-0.41, -0.01) in bands, bands  # attn-1l at 1000 tokens: seeds 0..4 give -0.01 .. -0.41
+
+
+def test_training_curves_wall_clock_axis_has_only_its_minute_ticks(tmp_path, monkeypatch):
+    """The top axis of wall-clock minutes carries only its labelled minute ticks, not the token axis's log
+    minor ticks (2..9 x 10^k tokens), which mean nothing in minutes."""
+    import pandas as pd
+
+    from experiments import figures
+
+    tr = pd.DataFrame([{"model": "attn-2l", "tokens": t, "val_loss": 3.0, "repeat_loss_first": 5.0,
+                        "repeat_loss_second": 4.0, "wall_s": t / 1e4} for t in (1e3, 1e4, 1e5, 1e6, 1e7)])
+    Results(tmp_path, "phase_change").write("training", tr)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_training_curves(tmp_path, tmp_path / "figures", "attn-2l")
+    top = saved["training_curves_attn-2l"].axes[0].child_axes[0]
+    assert len(top.get_xticks()) > 1 and len(top.xaxis.get_minorticklocs()) == 0
