@@ -218,7 +218,10 @@ def fig_head_scores(root: Path, out: Path, model: str = "attn-2l"):
                     height=2.0, aspect=1.0, facet_kws={"sharey": True})
     g.set(xscale="log")
     g.set_axis_labels("training tokens", "score (attention share)")
-    g.set_titles("{col_name}")
+    for ax, name in zip(g.axes.flat, g.col_names):  # the score's name, not the table's column value
+        ax.set_title(name.replace("_", " ") + " score")
+    g.legend.set_title("head")
+    g.figure.suptitle(f"{model}: head scores over training", fontsize=9, y=1.04)
     return _save(g.figure, out, f"head_scores_{model}")
 
 
@@ -432,15 +435,17 @@ def fig_patching(root: Path, out: Path, model: str = "attn-2l"):
     ph, pp = _read(root, f"circuit_{model}", "patch_heads"), _read(root, f"circuit_{model}", "patch_head_pos")
     if ph is None:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4), gridspec_kw={"width_ratios": [1, 3]})
+    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4), gridspec_kw={"width_ratios": [1, 3]},
+                             layout="constrained")  # room for the right panel's head labels and axis label
     sns.heatmap(ph.pivot(index="layer", columns="head", values="restored"), ax=axes[0], cmap="Blues",
                 annot=True, fmt=".2f", annot_kws={"size": 6}, cbar=False)
-    axes[0].set_title("head patched (all positions)")
+    axes[0].set_title(f"{model}: head patched (all positions)")
     m = pp.assign(row=pp.head_name).pivot(index="row", columns="position", values="restored")
     sns.heatmap(m, ax=axes[1], cmap="Blues", cbar_kws={"label": "fraction of loss gap restored"})
     axes[1].set_title("head x position patched")
     axes[1].set_xlabel("position (second copy starts halfway)")
     axes[1].set_ylabel("head")
+    axes[1].tick_params(axis="y", rotation=0)
     return _save(fig, out, f"patching_{model}")
 
 

@@ -607,3 +607,36 @@ def test_training_curves_wall_clock_axis_has_only_its_minute_ticks(tmp_path, mon
     figures.fig_training_curves(tmp_path, tmp_path / "figures", "attn-2l")
     top = saved["training_curves_attn-2l"].axes[0].child_axes[0]
     assert len(top.get_xticks()) > 1 and len(top.xaxis.get_minorticklocs()) == 0
+
+
+def test_patching_and_head_score_figures_name_the_model_and_do_not_overlap(tmp_path, monkeypatch):
+    """The per-model figures say which model they show (not only the file name), the head-score legend
+    and panels are named in words, and the patching figure's head axis label clears its head labels
+    (it was drawn on top of them)."""
+    import pandas as pd
+
+    from experiments import figures
+
+    heads = [(layer, head) for layer in (0, 1) for head in range(4)]
+    circ = Results(tmp_path, "circuit_attn-2l")
+    circ.write("patch_heads", pd.DataFrame([{"layer": la, "head": h, "restored": 0.1 * h} for la, h in heads]))
+    circ.write("patch_head_pos", pd.DataFrame([{"head_name": f"L{la}H{h}", "position": p, "restored": 0.01 * p}
+                                               for la, h in heads for p in range(101)]))
+    Results(tmp_path, "phase_change").write("head_scores", pd.DataFrame(
+        [{"model": "attn-2l", "step": t // 100, "tokens": t, "layer": la, "head": h, "score": s, "value": 0.1}
+         for t in (1000, 2000) for la, h in heads for s in ("induction", "previous_token", "prefix_matching")]))
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_patching(tmp_path, tmp_path / "figures", "attn-2l")
+    figures.fig_head_scores(tmp_path, tmp_path / "figures", "attn-2l")
+    fig = saved["patching_attn-2l"]
+    assert "attn-2l" in fig.axes[0].get_title()
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    label = fig.axes[1].yaxis.label.get_window_extent(r)
+    assert not any(label.overlaps(t.get_window_extent(r)) for t in fig.axes[1].get_yticklabels()), "label on the heads"
+    assert not label.overlaps(fig.axes[0].get_window_extent(r))
+    g = saved["head_scores_attn-2l"]
+    assert "attn-2l" in g._suptitle.get_text()
+    assert g.legends[0].get_title().get_text() == "head"
+    assert "previous token score" in {ax.get_title() for ax in g.axes}
