@@ -640,3 +640,30 @@ def test_patching_and_head_score_figures_name_the_model_and_do_not_overlap(tmp_p
     assert "attn-2l" in g._suptitle.get_text()
     assert g.legends[0].get_title().get_text() == "head"
     assert "previous token score" in {ax.get_title() for ax in g.axes}
+
+
+def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
+    """The report's "no window" names the rule's numbers (fit range, least fall or rise), a bump of one
+    checkpoint is called that (not "X - X"), the plateau's s.e. is paired over the precise windows, and the
+    random control says how many of its draws are distinct sets (at tiny scale all 6 draw the same 2 of 2
+    non-induction heads: an s.e. over them of 0 would be no s.e.), each as the tables hold it."""
+    import pandas as pd
+
+    from experiments.phase_change import MIN_ICL_DROP, MIN_INDUCTION_RISE
+
+    out, report = tiny_run
+    text = report.read_text()
+    win = pd.read_csv(out / "phase_change" / "windows.csv")
+    lines = {m: next(x for x in text.splitlines() if x.startswith(f"- **{m}**")) for m in win.model}
+    for r in win.itertuples():
+        if not pd.notna(r.icl_window_start_tokens):
+            assert f"from 0.5M tokens on, at least 5, has no fall of the ICL score of at least {MIN_ICL_DROP} nats" in lines[r.model]
+        if not pd.notna(r.induction_window_start_tokens):
+            assert f"score of at least {MIN_INDUCTION_RISE})" in lines[r.model]
+    one = win[win.bump & (win.bump_start_tokens == win.bump_end_tokens)]
+    assert len(one) and text.count("(one checkpoint)") == len(one)
+    assert "(paired, 64 windows; " in text
+    sets = pd.read_csv(out / "ablations_attn-2l" / "sets.csv")
+    distinct = sets[sets.group == "random (non-induction)"].heads.nunique()
+    assert f"6 draws of a set of the same size from the non-induction heads ({distinct} distinct)" in text
+    assert distinct > 1 or "one distinct set: no spread over draws" in text
