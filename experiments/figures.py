@@ -167,7 +167,8 @@ def fig_loss_curves(root: Path, out: Path):
         for r in win.itertuples():
             if r.bump and np.isfinite(r.bump_start_tokens):
                 sub = ck[(ck.model == r.model) & (ck.tokens >= r.bump_start_tokens) & (ck.tokens <= r.bump_end_tokens)]
-                ax.plot(sub.tokens, sub.val_loss, color="k", lw=2.5, alpha=0.35)
+                # a marker too: a stretch of one checkpoint (start == end) is a point, which a line alone omits
+                ax.plot(sub.tokens, sub.val_loss, color="k", lw=2.5, alpha=0.35, marker="o", markersize=4)
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss (nats/token)")
@@ -179,6 +180,7 @@ def fig_loss_curves(root: Path, out: Path):
 def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
     """Validation loss and the induction check (loss on the 2nd copy of repeated random tokens)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     style()
     tr = _read(root, "phase_change", "training")
@@ -198,7 +200,8 @@ def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
         top = ax.secondary_xaxis("top")
         top.set_xticks(np.interp(minutes, w.wall_s / 60, w.tokens))
         top.set_xticklabels([f"{m:g}" for m in minutes], fontsize=6)
-        top.set_xlabel("wall-clock on this machine (min)", fontsize=7)
+        top.xaxis.set_minor_locator(NullLocator())  # else the token axis's log minor ticks, meaningless in minutes
+        top.set_xlabel("wall-clock of training (min)", fontsize=7)
     ax.set_title(model, fontsize=8)
     ax.legend(frameon=False)
     return _save(fig, out, f"training_curves_{model}")
@@ -215,7 +218,10 @@ def fig_head_scores(root: Path, out: Path, model: str = "attn-2l"):
                     height=2.0, aspect=1.0, facet_kws={"sharey": True})
     g.set(xscale="log")
     g.set_axis_labels("training tokens", "score (attention share)")
-    g.set_titles("{col_name}")
+    for ax, name in zip(g.axes.flat, g.col_names):  # the score's name, not the table's column value
+        ax.set_title(name.replace("_", " ") + " score")
+    g.legend.set_title("head")
+    g.figure.suptitle(f"{model}: head scores over training", fontsize=9, y=1.04)
     return _save(g.figure, out, f"head_scores_{model}")
 
 
@@ -352,6 +358,14 @@ def fig_loss_heatmap(root: Path, out: Path):
     if lbi is None or lbi.empty:
         return []
     models = list(lbi.model.unique())
+    several = _families(pd.Series(models)) is not None
+    if several:  # one row per model, its lowest seed (a row per run made the gpu scale's 21 rows, 38 inches)
+        from .zoo import split_run_name
+
+        lowest: dict[str, str] = {}
+        for name in sorted(models, key=lambda n: split_run_name(n)[1] or 0):
+            lowest.setdefault(split_run_name(name)[0], name)
+        models = [name for name in models if name in lowest.values()]
     fig, axes = plt.subplots(len(models), 2, figsize=(2 * COLUMN_WIDTH, 1.8 * len(models)), squeeze=False,
                              constrained_layout=True)
     for row, model in zip(axes, models):
@@ -381,7 +395,7 @@ def fig_loss_heatmap(root: Path, out: Path):
                             ax.axvline(t, color="w" if cmap == "viridis" else "k", lw=0.8, ls="--")
             ax.set_xlabel("training tokens")
         row[0].set_ylabel(f"{model}\ntoken index")
-    axes[0][0].set_title("loss by token index (dashed: ICL window)")
+    axes[0][0].set_title("loss by token index (dashed: ICL window)" + ("\nlowest seed of each model" if several else ""))
     axes[0][1].set_title("its derivative over training (smoothed 0.05 decades)")
     return _save(fig, out, "loss_by_index_over_training")
 
@@ -400,14 +414,17 @@ def fig_smear(root: Path, out: Path):
     family = d.model.map(lambda name: split_run_name(name)[0])  # attn-2l-s1 -> attn-2l (seeds averaged)
     d = d.assign(layers=family.str[-2:], keys=np.where(family.str.startswith("smear"), "smeared", "vanilla"))
     d = d[(d.tokens > 0) & family.isin(["attn-1l", "attn-2l", "smear-1l", "smear-2l"])]
+    seeded = _families(d.model) is not None  # several seeds: mean over them, band from the lowest to the highest
     fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4))
-    sns.lineplot(data=d, x="tokens", y="icl_score", hue="layers", style="keys", ax=axes[0], seed=0)
-    sns.lineplot(data=d, x="tokens", y="max_induction", hue="layers", style="keys", ax=axes[1], seed=0)
-    for ax in axes:
+    for ax, y in zip(axes, ("icl_score", "max_induction")):  # no seaborn default band (a 95% bootstrap CI over 3 seeds)
+        sns.lineplot(data=d, x="tokens", y=y, hue="layers", style="keys", ax=ax, seed=0,
+                     errorbar=("pi", 100) if seeded else None)
         ax.set_xscale("log")
         ax.set_xlabel("training tokens")
+        if seeded:
+            ax.set_title(SEED_BANDS, fontsize=7)
     axes[0].set_ylabel("ICL score (nats)")
-    axes[1].set_ylabel("best head's induction score")
+    axes[1].set_ylabel("best head's induction score\n(attention share)")
     return _save(fig, out, "smeared_vs_vanilla")
 
 
@@ -418,15 +435,17 @@ def fig_patching(root: Path, out: Path, model: str = "attn-2l"):
     ph, pp = _read(root, f"circuit_{model}", "patch_heads"), _read(root, f"circuit_{model}", "patch_head_pos")
     if ph is None:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4), gridspec_kw={"width_ratios": [1, 3]})
+    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4), gridspec_kw={"width_ratios": [1, 3]},
+                             layout="constrained")  # room for the right panel's head labels and axis label
     sns.heatmap(ph.pivot(index="layer", columns="head", values="restored"), ax=axes[0], cmap="Blues",
                 annot=True, fmt=".2f", annot_kws={"size": 6}, cbar=False)
-    axes[0].set_title("head patched (all positions)")
+    axes[0].set_title(f"{model}: head patched (all positions)")
     m = pp.assign(row=pp.head_name).pivot(index="row", columns="position", values="restored")
     sns.heatmap(m, ax=axes[1], cmap="Blues", cbar_kws={"label": "fraction of loss gap restored"})
     axes[1].set_title("head x position patched")
     axes[1].set_xlabel("position (second copy starts halfway)")
     axes[1].set_ylabel("head")
+    axes[1].tick_params(axis="y", rotation=0)
     return _save(fig, out, f"patching_{model}")
 
 

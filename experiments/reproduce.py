@@ -382,11 +382,12 @@ def ablation_summary(out: Path, name: str) -> dict | None:
         "icl_change_nats": _f(ind.icl_change.iloc[0]) if len(ind) else None,
         "other_heads_single_share_min": _f(others.icl_share.min()),
         "other_heads_single_share_max": _f(others.icl_share.max()),
+        "other_heads_single_share_sem_max": _f(others.icl_share_sem.max()) if "icl_share_sem" in others else None,
         "other_heads_single_larger_icl": int((others.icl_share < 0).sum()), "other_heads_n": int(len(others)),
         "windows": n_windows, "other_heads_single_windows": None if n_windows is None else n_windows // 2,
         "random_control_share": _f(rnd.icl_share_removed.mean()) if len(rnd) else None,
         "random_control_share_sem": _f(rnd.icl_share_removed.std(ddof=1) / math.sqrt(len(rnd))) if len(rnd) > 1 else None,
-        "random_control_draws": int(len(rnd)),
+        "random_control_draws": int(len(rnd)), "random_control_distinct_sets": int(rnd.heads.nunique()),
         "all_other_heads_icl_change_nats": _f(allo.icl_change.iloc[0]) if len(allo) else None,
         "all_other_heads_icl_change_sem": _f(allo.icl_change_sem.iloc[0]) if len(allo) else None,
     }
@@ -510,6 +511,8 @@ def _made_by_note(h: dict) -> str:
 
 
 def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: dict | None = None) -> Path:
+    from .phase_change import FIT_FROM_TOKENS, MIN_ICL_DROP, MIN_INDUCTION_RISE
+
     h = headline(out, timings, git)
     Results(out, "report").write_json("headline", h)
     lines = [f"# Reproduction report ({scale} scale)", "",
@@ -524,11 +527,12 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         w = (f"ICL window {_tok(d['icl_window_start_tokens'])} - {_tok(d['icl_window_end_tokens'])} tokens "
              f"({d['icl_window_width_ratio']:.2f}x wide, ends at {100 * d['icl_window_end_fraction_of_run']:.0f}% of the "
              f"run, {'inside' if d['icl_window_ends_inside'] else 'NOT inside'} it, {d['checkpoints_in_window']} "
-             f"checkpoints inside)" if d["icl_window_start_tokens"] else "no ICL window (no fall of the ICL score by "
-             "the threshold that starts inside the run)")
+             f"checkpoints inside)" if d["icl_window_start_tokens"] else f"no ICL window (the logistic fit to the "
+             f"checkpoints from {_tok(FIT_FROM_TOKENS)} tokens on, at least 5, has no fall of the ICL score of at "
+             f"least {MIN_ICL_DROP} nats whose 10% point lies inside them)")
         iw = (f"induction window {_tok(d['induction_window_start_tokens'])} - {_tok(d['induction_window_end_tokens'])}"
-              if d["induction_window_start_tokens"] else "no induction window (no rise of the best induction score by "
-              "0.1 that starts inside the run)")
+              if d["induction_window_start_tokens"] else "no induction window (likewise, no rise of the best induction "
+              f"score of at least {MIN_INDUCTION_RISE})")
         lines += [f"- **{name}** ({_tok(d['run_tokens'])} tokens): {w}; {iw}; final best induction score "
                   f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} ({_count(h['evaluation']['windows_per_checkpoint'])} windows)."]
         if "icl_before" in d:
@@ -545,8 +549,10 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         if d.get("icl_plateau_change_last_20pct") is not None:
             lines += [f"  - Plateau: the last 20% of the run moves the ICL score by "
                       f"{_pm(d['icl_plateau_change_last_20pct'], d['icl_plateau_change_sem'])} "
-                      f"({'< 2 s.e.: plateaued' if d['icl_plateaued'] else '>= 2 s.e.: still moving'})."]
-        lines += [f"  - Loss-bump detector: {'fires at ' + _tok(d['bump_start_tokens']) + ' - ' + _tok(d['bump_end_tokens']) if d['bump'] else 'no non-convex stretch'}."]
+                      f"(paired, {_count(h['evaluation']['windows_precise'])} windows; "
+                      f"{'< 2 s.e.: no change detected, called plateaued' if d['icl_plateaued'] else '>= 2 s.e.: still moving'})."]
+        one_point = d["bump"] and d["bump_start_tokens"] == d["bump_end_tokens"]  # a "stretch" of one checkpoint
+        lines += [f"  - Loss-bump detector: {'fires at ' + (_tok(d['bump_start_tokens']) + ' (one checkpoint)' if one_point else _tok(d['bump_start_tokens']) + ' - ' + _tok(d['bump_end_tokens'])) if d['bump'] else 'no non-convex stretch'}."]
     lines += ["", "The bump detector marks the most concave stretch of validation loss against log tokens after "
               "5% of the run. It fires on any model whose loss curve bends downwards anywhere (noise included), "
               "so a bump means something only where it coincides with the window; compare attn-1l's line.", ""]
@@ -562,7 +568,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                   "the trajectory's direction over [start/2.5, start] and over [start, end] of attn-2l's ICL "
                   "window, in the PC1-PC2 plane (0 = straight on): "
                   + "; ".join(f"{m} {v:.0f}°" if v is not None else f"{m} n/a" for m, v in h["pca_turn_deg"].items())
-                  + ".", ""]
+                  + " (n/a: the run ends before the window does, or its PCA checkpoints do not resolve the window).", ""]
     elif not (Path(out) / "phase_change" / "pca_turn.csv").is_file():
         lines += ["## Per-token-loss PCA", "", "Not in these results (no `pca_turn` table).", ""]
     if "ablation" in h:
@@ -577,10 +583,15 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                   + (f"remove **{100 * a['icl_share_removed']:.0f}% ± {100 * a['icl_share_removed_sem']:.0f}%** of the ICL "
                      f"score ({_pm(a['icl_change_nats'], None)})." if a["icl_share_removed"] is not None else "n/a."),
                   f"- Each other head alone: shares from {100 * a['other_heads_single_share_min']:.0f}% to "
-                  f"{100 * a['other_heads_single_share_max']:.0f}%; {a['other_heads_single_larger_icl']} of "
+                  f"{100 * a['other_heads_single_share_max']:.0f}% (s.e. each at most "
+                  f"{100 * (a.get('other_heads_single_share_sem_max') or float('nan')):.0f}%); {a['other_heads_single_larger_icl']} of "
                   f"{a['other_heads_n']} make the ICL score larger (negative share), the paper's observation.",
-                  f"- Random control, {a['random_control_draws']} sets of the same size drawn from the non-induction "
-                  f"heads: mean share {100 * (a['random_control_share'] or float('nan')):.0f}%.",
+                  f"- Random control, {a['random_control_draws']} draws of a set of the same size from the non-induction "
+                  f"heads ({a.get('random_control_distinct_sets', '?')} distinct): mean share "
+                  f"{100 * (a['random_control_share'] or float('nan')):.0f}%"
+                  + (f" ± {100 * a['random_control_share_sem']:.0f}% (s.e. over the draws)"
+                     if a.get("random_control_share_sem") is not None and (a.get("random_control_distinct_sets") or 0) > 1
+                     else " (one distinct set: no spread over draws to give an s.e.)") + ".",
                   f"- All other heads together: ICL changes by "
                   f"{_pm(a['all_other_heads_icl_change_nats'], a['all_other_heads_icl_change_sem'])} (nats only: ablating "
                   "most of the model breaks it).", ""]
@@ -605,7 +616,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         for key, row in sv.items():
             b, a = key.split("_vs_")
             lines += [f"- at {_tok(row['tokens'])} tokens: {b} ICL {_pm(row[b]['icl_score'], row[b]['icl_sem'])}, "
-                      f"induction score {row[b]['induction_score']:.2f}; {a} ICL {_pm(row[a]['icl_score'], row[a]['icl_sem'])}, "
+                      f"best head's induction score {row[b]['induction_score']:.2f}; {a} ICL {_pm(row[a]['icl_score'], row[a]['icl_sem'])}, "
                       f"induction score {row[a]['induction_score']:.2f}."]
         lines += [""]
     if "transient" in h:

@@ -529,3 +529,141 @@ def test_late_delta_loss_is_the_icl_late_band(tiny_run):
         d = by[(by.kind == "pattern") & (by.head_name == r.head_name)].set_index("token_index").delta_loss
         want = d.loc[late - b - 1:late + b - 1].mean()  # tokens late-b..late+b
         assert np.isclose(r.late_delta_loss, want, rtol=1e-4, atol=1e-6), (r.head_name, r.late_delta_loss, want)
+
+
+def test_loss_curves_mark_a_bump_of_one_checkpoint(tmp_path, monkeypatch):
+    """The loss-bump overlay shows every model's bump, also one whose stretch is a single checkpoint
+    (start == end, as attn-1l's and attn-2l's in the main job): a line through one point draws nothing."""
+    import math
+
+    import pandas as pd
+
+    from experiments import figures
+
+    ck = pd.DataFrame([{"model": m, "step": t // 100, "tokens": t, "icl_score": -1.0, "icl_sem": 0.01,
+                        "val_loss": 5.0 - t / 1e3} for m in ("attn-1l", "attn-2l") for t in (1000, 2000, 3000)])
+    win = pd.DataFrame([{"model": "attn-1l", "bump": True, "bump_start_tokens": 2000.0, "bump_end_tokens": 2000.0},
+                        {"model": "attn-2l", "bump": False, "bump_start_tokens": math.nan,
+                         "bump_end_tokens": math.nan}])
+    res = Results(tmp_path, "phase_change")
+    res.write("checkpoints", ck)
+    res.write("windows", win)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_loss_curves(tmp_path, tmp_path / "figures")
+    overlay = [x for x in saved["loss_curves"].axes[0].get_lines() if x.get_color() == "k" and len(x.get_xdata())]
+    assert len(overlay) == 1 and list(overlay[0].get_xdata()) == [2000]
+    assert overlay[0].get_marker() not in (None, "", "None", " ")  # visible as a point
+
+
+def test_loss_by_index_figure_draws_one_row_per_model_with_seeds(tmp_path, monkeypatch):
+    """With several seeds the loss-by-index heatmap has one row per model (its lowest seed, named in the
+    row's label), not one per run (21 rows, a 38-inch figure, at the gpu scale); every model is drawn."""
+    import pandas as pd
+
+    from experiments import figures
+
+    rows = [{"model": f"{m}-s{s}", "step": t // 100, "tokens": t, "token_index": i, "loss": 3.0 - i / 100 - s,
+             "sem": 0.1} for s in (1, 0, 2) for m in ("attn-1l", "attn-2l") for t in (2e5, 4e5, 8e5) for i in range(1, 64)]
+    Results(tmp_path, "phase_change").write("loss_by_index", pd.DataFrame(rows))
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_loss_heatmap(tmp_path, tmp_path / "figures")
+    labels = [ax.get_ylabel() for ax in saved["loss_by_index_over_training"].axes if ax.get_ylabel().endswith("token index")]
+    assert labels == ["attn-1l-s0\ntoken index", "attn-2l-s0\ntoken index"]
+
+
+def test_smear_figure_band_is_the_seed_range_and_says_so(tmp_path, monkeypatch):
+    """With several seeds the smeared-vs-vanilla band is the seed min-max and the panel says so (it was
+    seaborn's unlabelled default, a bootstrap 95% CI over the seeds, narrower than their range)."""
+    from experiments import figures
+
+    ck, hs = _seeded_tables(seeds=range(5))
+    res = Results(tmp_path, "phase_change")
+    res.write("checkpoints", ck)
+    res.write("head_scores", hs)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_smear(tmp_path, tmp_path / "figures")
+    ax = saved["smeared_vs_vanilla"].axes[0]
+    assert ax.get_title() == figures.SEED_BANDS
+    bands = {(round(v[v[:, 0] == 1000][:, 1].min(), 6), round(v[v[:, 0] == 1000][:, 1].max(), 6))
+             for c in ax.collections for p in c.get_paths() for v in [p.vertices] if (v[:, 0] == 1000).any()}
+    assert (-0.41, -0.01) in bands, bands  # attn-1l at 1000 tokens: seeds 0..4 give -0.01 .. -0.41
+
+
+def test_training_curves_wall_clock_axis_has_only_its_minute_ticks(tmp_path, monkeypatch):
+    """The top axis of wall-clock minutes carries only its labelled minute ticks, not the token axis's log
+    minor ticks (2..9 x 10^k tokens), which mean nothing in minutes."""
+    import pandas as pd
+
+    from experiments import figures
+
+    tr = pd.DataFrame([{"model": "attn-2l", "tokens": t, "val_loss": 3.0, "repeat_loss_first": 5.0,
+                        "repeat_loss_second": 4.0, "wall_s": t / 1e4} for t in (1e3, 1e4, 1e5, 1e6, 1e7)])
+    Results(tmp_path, "phase_change").write("training", tr)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_training_curves(tmp_path, tmp_path / "figures", "attn-2l")
+    top = saved["training_curves_attn-2l"].axes[0].child_axes[0]
+    assert len(top.get_xticks()) > 1 and len(top.xaxis.get_minorticklocs()) == 0
+
+
+def test_patching_and_head_score_figures_name_the_model_and_do_not_overlap(tmp_path, monkeypatch):
+    """The per-model figures say which model they show (not only the file name), the head-score legend
+    and panels are named in words, and the patching figure's head axis label clears its head labels
+    (it was drawn on top of them)."""
+    import pandas as pd
+
+    from experiments import figures
+
+    heads = [(layer, head) for layer in (0, 1) for head in range(4)]
+    circ = Results(tmp_path, "circuit_attn-2l")
+    circ.write("patch_heads", pd.DataFrame([{"layer": la, "head": h, "restored": 0.1 * h} for la, h in heads]))
+    circ.write("patch_head_pos", pd.DataFrame([{"head_name": f"L{la}H{h}", "position": p, "restored": 0.01 * p}
+                                               for la, h in heads for p in range(101)]))
+    Results(tmp_path, "phase_change").write("head_scores", pd.DataFrame(
+        [{"model": "attn-2l", "step": t // 100, "tokens": t, "layer": la, "head": h, "score": s, "value": 0.1}
+         for t in (1000, 2000) for la, h in heads for s in ("induction", "previous_token", "prefix_matching")]))
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_patching(tmp_path, tmp_path / "figures", "attn-2l")
+    figures.fig_head_scores(tmp_path, tmp_path / "figures", "attn-2l")
+    fig = saved["patching_attn-2l"]
+    assert "attn-2l" in fig.axes[0].get_title()
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    label = fig.axes[1].yaxis.label.get_window_extent(r)
+    assert not any(label.overlaps(t.get_window_extent(r)) for t in fig.axes[1].get_yticklabels()), "label on the heads"
+    assert not label.overlaps(fig.axes[0].get_window_extent(r))
+    g = saved["head_scores_attn-2l"]
+    assert "attn-2l" in g._suptitle.get_text()
+    assert g.legends[0].get_title().get_text() == "head"
+    assert "previous token score" in {ax.get_title() for ax in g.axes}
+
+
+def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
+    """The report's "no window" names the rule's numbers (fit range, least fall or rise), a bump of one
+    checkpoint is called that (not "X - X"), the plateau's s.e. is paired over the precise windows, and the
+    random control says how many of its draws are distinct sets (at tiny scale all 6 draw the same 2 of 2
+    non-induction heads: an s.e. over them of 0 would be no s.e.), each as the tables hold it."""
+    import pandas as pd
+
+    from experiments.phase_change import MIN_ICL_DROP, MIN_INDUCTION_RISE
+
+    out, report = tiny_run
+    text = report.read_text()
+    win = pd.read_csv(out / "phase_change" / "windows.csv")
+    lines = {m: next(x for x in text.splitlines() if x.startswith(f"- **{m}**")) for m in win.model}
+    for r in win.itertuples():
+        if not pd.notna(r.icl_window_start_tokens):
+            assert f"from 0.5M tokens on, at least 5, has no fall of the ICL score of at least {MIN_ICL_DROP} nats" in lines[r.model]
+        if not pd.notna(r.induction_window_start_tokens):
+            assert f"score of at least {MIN_INDUCTION_RISE})" in lines[r.model]
+    one = win[win.bump & (win.bump_start_tokens == win.bump_end_tokens)]
+    assert len(one) and text.count("(one checkpoint)") == len(one)
+    assert "(paired, 64 windows; " in text
+    sets = pd.read_csv(out / "ablations_attn-2l" / "sets.csv")
+    distinct = sets[sets.group == "random (non-induction)"].heads.nunique()
+    assert f"6 draws of a set of the same size from the non-induction heads ({distinct} distinct)" in text
+    assert distinct > 1 or "one distinct set: no spread over draws" in text
