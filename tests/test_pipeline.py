@@ -303,20 +303,6 @@ def test_figures_leave_out_experiments_of_runs_not_in_the_tables(tiny_run, tmp_p
     assert "ablations_ghost" in err and "circuit_ghost" in err
 
 
-def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
-    """A re-run skips finished work and leaves tables unchanged; a truncated table is detected with a
-    message naming the file to delete."""
-    out, _ = tiny_run
-    before = (out / "phase_change" / "checkpoints.csv").read_bytes()
-    reproduce(out=out, scale="tiny", progress=False, figures_dir=out / "figures")
-    assert (out / "phase_change" / "checkpoints.csv").read_bytes() == before
-    path = out / "ablations_attn-2l" / "sets.csv"
-    path.write_text(path.read_text()[:50])
-    with pytest.raises(ResultError, match="delete"):
-        Results(out, "ablations_attn-2l").read("sets")
-
-
-
 def test_several_seeds_report_their_spread(tmp_path, monkeypatch):
     """``seeds=2``: runs named MODEL-sK, each seed's attn-2l ablated and paired with its own attn-1l (the
     1-layer control and the PCA reference), and the headline's spread equals the per-run numbers'
@@ -667,3 +653,16 @@ def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
     distinct = sets[sets.group == "random (non-induction)"].heads.nunique()
     assert f"6 draws of a set of the same size from the non-induction heads ({distinct} distinct)" in text
     assert distinct > 1 or "one distinct set: no spread over draws" in text
+
+
+def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
+    """A re-run skips finished work and leaves tables unchanged; a truncated table is detected with a
+    message naming the file to delete."""
+    out, _ = tiny_run
+    before = (out / "phase_change" / "checkpoints.csv").read_bytes()
+    reproduce(out=out, scale="tiny", progress=False, figures_dir=out / "figures")
+    assert (out / "phase_change" / "checkpoints.csv").read_bytes() == before
+    path = out / "ablations_attn-2l" / "sets.csv"
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(ResultError, match="delete"):
+        Results(out, "ablations_attn-2l").read("sets")
