@@ -298,6 +298,10 @@ def _checked_value(value, current: torch.Tensor, label: str):
             got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
             raise ValueError(f"a function written to {label} returned {got}; it must return a tensor of the "
                              f"activation's shape {shape}")
+        if not value.is_floating_point() or value.is_meta:
+            got = "a meta tensor" if value.is_meta else f"dtype {value.dtype}"
+            raise ValueError(f"a function written to {label} returned {got}; it must return floating-point values "
+                             "with data (e.g. computed from the activation it is given)")
     return value.to(current.device, current.dtype)
 
 
