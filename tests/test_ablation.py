@@ -9,7 +9,7 @@ from torch import nn
 
 from interventions import (ArchSpec, AttnOnlyConfig, AttnOnlyForCausalLM, InterventionError,
                            MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation,
-                           per_token_loss, register_adapter, run_with_ablations)
+                           ablation_sweep, per_token_loss, register_adapter, run_with_ablations)
 from interventions.engine.adapters import ARCHS, get_adapter
 from interventions.engine.heads import Head
 from interventions.engine.sites import Site
@@ -198,6 +198,30 @@ def test_resample_chunked_equals_unchunked():
     whole = per_token_loss(model, tokens, abl)
     chunked = per_token_loss(model, tokens, abl, batch_size=2)
     assert (whole - chunked).abs().max().item() < 1e-5
+
+
+def test_resample_against_its_own_tokens_never_draws_the_row_itself():
+    """With the tokens themselves as the reference (the sweep's default, the README's example) each row
+    is resampled from another row: with two rows, row 0 takes row 1's output and row 1 row 0's (plain
+    hooks), in per_token_loss (whole or chunked) and in ablation_sweep(kind="resample"). It used to draw
+    rows 0 and 1 for seed 0: each row replaced by itself, every delta exactly 0. One row alone raises."""
+    model = build("attn_only")
+    tokens = _tokens(batch=2, pos=10)
+    layer, head = 1, 2
+    sl = get_adapter(model).head_slice(head)
+    z = _record_o_proj_inputs(model, tokens, layer)[:, :, sl]
+    logp = _run_replacing(model, tokens, layer, sl, z[[1, 0]]).log_softmax(-1)
+    expected = -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    for batch_size in (None, 1):
+        ours = per_token_loss(model, tokens, ResampleAblation(Head(layer, head), tokens), batch_size=batch_size)
+        assert (ours - expected).abs().max().item() < 1e-5
+    clean, delta = ablation_sweep(model, tokens, kind="resample", heads=[Head(layer, head)], batch_size=1)
+    assert (clean + delta[0] - expected).abs().max().item() < 1e-5
+    assert delta.abs().amax(-1).min().item() > 1e-3  # every row ablated
+    before = _state(model)
+    with pytest.raises(ValueError, match="pass reference= other sequences"):
+        per_token_loss(model, tokens[:1], ResampleAblation("L1H2", tokens[:1]))
+    assert _unchanged(model, before)
 
 
 # ----------------------------------------------------------------------------- 3. per-token loss

@@ -112,3 +112,26 @@ def test_subclass_value_taking_kwargs_gets_positions_and_row_offset():
     want = per_token_loss(model, tokens, Named("L0H1", reference, seed=2), batch_size=1, attention_mask=mask)
     got = per_token_loss(model, tokens, Forwarding("L0H1", reference, seed=2), batch_size=1, attention_mask=mask)
     torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+
+
+def test_position_tables_refuse_padded_results():
+    """loss_by_position and sweep_table average column t as token index t + 1; in a left-padded batch
+    a column holds different token indices in different rows (here row 1's tokens 1-3 sit under row 0's
+    6-8). Such results (NaN at padding) raise ValueError naming the fix instead of a table whose
+    non-NaN rows mix token indices silently; unpadded results give the same tables as before."""
+    from interventions.engine.heads import all_heads
+    from interventions.primitives.loss import loss_by_position
+    from interventions.primitives.sweep import sweep_table
+
+    model = _models()["attn_only"]
+    g = torch.Generator().manual_seed(4)
+    tokens, mask = _padded([torch.randint(1, 50, (1, 9), generator=g), torch.randint(1, 50, (1, 4), generator=g)])
+    loss = per_token_loss(model, tokens, attention_mask=mask)
+    _, delta = ablation_sweep(model, tokens, attention_mask=mask)
+    with pytest.raises(ValueError, match="unpadded sequences of one length"):
+        loss_by_position(loss)
+    with pytest.raises(ValueError, match="unpadded sequences of one length"):
+        sweep_table(delta, all_heads(2, 2))
+    clean = per_token_loss(model, tokens[:1])
+    table = loss_by_position(clean)
+    assert torch.allclose(torch.tensor(table["loss"].to_numpy()), clean[0]) and table["token_index"].tolist() == list(range(1, 9))

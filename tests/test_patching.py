@@ -10,7 +10,7 @@ import torch
 from interventions import InterventionError, observable
 from interventions.primitives.cache import cache_activations
 from interventions.primitives.patching import (logit_diff, mean_loss_metric, patch_heads, patch_patterns,
-                                    patch_residual)
+                                    patch_residual, path_patch)
 
 N_LAYERS, N_HEADS, D_HEAD, POS = 2, 4, 8, 6
 
@@ -270,6 +270,13 @@ def test_bad_inputs(tiny_model, pair):
         patch_heads(tiny_model, clean, corrupted, lambda logits: logits[:, -1, 0])
     with pytest.raises(ValueError, match="add a batch dimension"):
         patch_heads(tiny_model, clean[0], corrupted[0], metric)
+    # one-token sequences have no next-token loss: every entry used to come back NaN
+    for run in (lambda: patch_heads(tiny_model, clean[:, :1], corrupted[:, :1], mean_loss_metric),
+                lambda: patch_residual(tiny_model, clean[:, :1], corrupted[:, :1], mean_loss_metric),
+                lambda: path_patch(tiny_model, clean[:, :1], corrupted[:, :1], mean_loss_metric, "L0H0", "L1H0"),
+                lambda: mean_loss_metric(torch.zeros(2, 1, 5), torch.zeros(2, 1, dtype=torch.long))):
+        with pytest.raises(ValueError, match="at least 2 tokens"):
+            run()
 
 
 # ----------------------------------------------------------------------------- cache

@@ -117,11 +117,13 @@ def test_sweep_bad_inputs(tiny_model):
     lambda z: z.mean(0),  # (pos, d_head): broadcastable, but not the activation's shape
     lambda z: z[..., :3],  # wrong width
     torch.zeros(1, 6, 3),  # a tensor of the wrong width
+    lambda z: (10 * z).long(),  # integers (the trace refuses them; the shortcut used to cast them to float)
 ])
 def test_sweep_rejects_wrong_shaped_values_like_per_token_loss(tiny_model, monkeypatch, shortcut, value):
     """A custom ablation whose value (a function's result or a tensor) has the wrong shape raises the same
     ValueError in a sweep as in per_token_loss, with or without the attention shortcut (it used to be
-    broadcast silently, or fail with a bare torch error, where the shortcut edits z itself)."""
+    broadcast silently, or fail with a bare torch error, where the shortcut edits z itself), or is not
+    floating-point."""
     from interventions.primitives import sweep
     from interventions.primitives.ablation import Ablation
 
@@ -131,9 +133,9 @@ def test_sweep_rejects_wrong_shaped_values_like_per_token_loss(tiny_model, monke
 
     monkeypatch.setattr(sweep, "_ATTN_SHORTCUT", shortcut)
     tokens = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(6))
-    with pytest.raises(ValueError, match="activation's shape|does not fit"):
+    with pytest.raises(ValueError, match="activation's shape|does not fit|floating-point"):
         per_token_loss(tiny_model, tokens, Custom("L1H0"))
-    with pytest.raises(ValueError, match="activation's shape|does not fit"):
+    with pytest.raises(ValueError, match="activation's shape|does not fit|floating-point"):
         ablation_sweep(tiny_model, tokens, kind=Custom(["L1H0"]))
 
 

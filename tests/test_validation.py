@@ -12,12 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import interventions as iv
 from interventions.analysis.scores import duplicate_token_score, induction_score
-from interventions.engine.heads import parse_head, parse_heads
+from interventions.engine.heads import Head, parse_head, parse_heads
 from experiments.__main__ import main as cli_main
 from experiments.presets import get_preset
 from interventions.zoo import train as T
@@ -58,6 +59,14 @@ API_CASES = {
     "head (1,)": (lambda m, t: parse_head((1,)), "cannot read"),
     "head (1.0, 2)": (lambda m, t: parse_head((1.0, 2)), "cannot read"),
     "no heads": (lambda m, t: parse_heads([]), "no heads"),
+    # a Head of non-ints used to pass unchecked: a sweep then said "layer 1 out of range: layers 0-1", a bool
+    # layer "no module at 'transformer.h.True': fix the adapter", a float one raised a bare TypeError
+    "Head of numpy ints in a sweep": (lambda m, t: iv.ablation_sweep(
+        m, t, heads=[Head(np.int64(1), np.int64(0))]), "integer layer and head"),
+    "Head with a bool layer": (lambda m, t: iv.per_token_loss(m, t, iv.ZeroAblation(Head(True, 1))),
+                               "integer layer and head"),
+    "Head with a float layer as receiver": (lambda m, t: iv.path_patch(m, t, t.flip(0), iv.mean_loss_metric,
+                                                                      "L0H0", Head(1.0, 0)), "integer layer and head"),
     "head L9H0 (layer out of range)": (lambda m, t: iv.per_token_loss(m, t, iv.ZeroAblation("L9H0")),
                                        "layer 9 out of range"),
     "head L1H7 (head out of range)": (lambda m, t: iv.per_token_loss(m, t, iv.ZeroAblation("L1H7")),

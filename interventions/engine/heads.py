@@ -28,8 +28,8 @@ HeadLike = Head | str | tuple[int, int]
 
 
 def parse_head(spec: HeadLike) -> Head:
-    """A ``Head`` from ``Head``, ``(layer, head)`` or ``"L<layer>H<head>"``."""
-    if isinstance(spec, Head):
+    """A ``Head`` from ``Head``, ``(layer, head)`` or ``"L<layer>H<head>"`` (layer and head integers)."""
+    if type(spec) is Head and all(type(v) is int for v in spec):
         return spec
     if isinstance(spec, str):
         m = _PATTERN.match(spec)
@@ -39,14 +39,16 @@ def parse_head(spec: HeadLike) -> Head:
     if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
                                                           for v in spec):
         return Head(*spec)
-    raise ValueError(f"cannot read {spec!r} as a head: pass Head(layer, head), (layer, head) or 'L1H3'")
+    raise ValueError(f"cannot read {spec!r} as a head: pass Head(layer, head), (layer, head) or 'L1H3', with "
+                     "integer layer and head (e.g. int(x) of a numpy or torch number)")
 
 
 def parse_heads(specs: HeadLike | Iterable[HeadLike]) -> tuple[Head, ...]:
     """Several heads: an iterable of head specs, or one string with comma-separated heads."""
     if isinstance(specs, str):
         specs = [s for s in specs.split(",") if s.strip()]
-    elif isinstance(specs, (Head, tuple)) and len(specs) == 2 and all(isinstance(v, int) for v in specs):
+    elif isinstance(specs, Head) or (isinstance(specs, tuple) and len(specs) == 2
+                                     and all(isinstance(v, int) for v in specs)):
         specs = [specs]
     elif not isinstance(specs, Iterable):
         raise ValueError(f"cannot read {specs!r} as heads: pass Head(layer, head), (layer, head), 'L1H3' or a list "

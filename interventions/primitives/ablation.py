@@ -5,7 +5,8 @@
   sequences, separately for each position (default: a head's typical output depends on how much
   context it has), or pooled over all positions (``per_position=False``).
 * ``ResampleAblation(heads, reference, seed)``: replaced by its output on another sequence, one
-  reference row drawn (seeded) for each row of the batch.
+  reference row drawn (seeded) for each row of the batch (never the row itself when the reference is
+  the tokens).
 * ``FunctionAblation(heads, fn)``: replaced by ``fn(z, head)``, a function of the activation it
   replaces (batch, pos, d_head): e.g. scaling, noise, projecting out a direction.
 * ``PatternPreserving(ablation)``: the paper's main kind. First a clean run records every attention
@@ -240,16 +241,32 @@ class ResampleAblation(_ReferenceAblation):
             raise ValueError(f"reference has {self.reference.shape[1]} positions, fewer than the tokens' "
                              f"{tokens.shape[1]}: pass reference sequences at least as long")
 
-    def rows(self, batch: int, offset: int = 0) -> torch.Tensor:
+    def rows(self, batch: int, offset: int = 0, exclude_self: bool = False) -> torch.Tensor:
         """Reference row (batch,) used for rows ``offset .. offset + batch - 1`` of the input batch:
-        a seeded draw for the whole batch, so chunking a batch does not change any row's choice."""
+        a seeded draw for the whole batch, so chunking a batch does not change any row's choice.
+        ``exclude_self``: batch row i *is* reference row i (the reference is the tokens themselves), so
+        each row draws from the other rows: a row resampled from itself would not be ablated at all."""
+        n = self.reference.shape[0]
         g = torch.Generator().manual_seed(self.seed)
-        return torch.randint(0, self.reference.shape[0], (offset + batch,), generator=g)[offset:]
+        if not exclude_self:
+            return torch.randint(0, n, (offset + batch,), generator=g)[offset:]
+        if n < 2:
+            raise ValueError("the reference is the ablated sequence itself and holds no other: resampling would "
+                             "replace the head's output by itself; pass reference= other sequences")
+        r = torch.randint(0, n - 1, (offset + batch,), generator=g)[offset:]
+        return r + (r >= torch.arange(offset, offset + batch))  # every row but its own
+
+    def _is_own(self, tokens: torch.Tensor, row_offset: int) -> bool:
+        """Whether batch rows ``row_offset ..`` are the reference's rows of the same index (e.g. the
+        reference is the tokens, as ``ablation_sweep(kind="resample")`` uses by default)."""
+        ref, (b, p) = self.reference, tokens.shape
+        return (row_offset + b <= ref.shape[0] and p <= ref.shape[1]
+                and torch.equal(ref[row_offset:row_offset + b, :p], tokens.to(ref.device, ref.dtype)))
 
     def value(self, head, tokens, row_offset=0, positions=None):
         acts = self._acts[head]  # (n, pos_ref, d_head)
         b = tokens.shape[0]
-        rows = self.rows(b, row_offset).to(acts.device)
+        rows = self.rows(b, row_offset, self._is_own(tokens, row_offset)).to(acts.device)
         return acts[rows[:, None], self._positions(tokens, positions, acts.device)]  # (batch, pos, d_head)
 
 

@@ -69,14 +69,25 @@ def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ab
     return torch.cat(parts)
 
 
+def check_aligned(losses: torch.Tensor, name: str) -> None:
+    """Refuse NaN entries (padding) in a loss array that is to be averaged column by column as token
+    indices: in a left-padded batch a column holds different token indices in different rows."""
+    if torch.is_tensor(losses) and bool(torch.isnan(losses).any()):
+        raise ValueError(f"{name} hold NaN (entries of a padded batch, or a non-finite loss): averaging column t as "
+                         "token index t + 1 would mix token indices of rows padded by different amounts; pass "
+                         "results of unpadded sequences of one length (e.g. one call per length)")
+
+
 def loss_by_position(losses: torch.Tensor):
     """Mean loss and standard error at each token index over a dataset.
 
     losses: (n_sequences, pos - 1) from ``per_token_loss``. Returns a DataFrame with columns
     ``token_index`` (0-based position of the predicted token: 1 .. pos - 1, i.e. how many tokens of
-    context it had), ``loss`` (nats), ``sem`` (standard error of the mean over sequences) and ``n``."""
+    context it had), ``loss`` (nats), ``sem`` (standard error of the mean over sequences) and ``n``.
+    Losses of a padded batch (NaN at padding) are refused: their columns are not token indices."""
     import pandas as pd
 
+    check_aligned(losses, "losses")
     n = losses.shape[0]
     mean = losses.mean(0)
     sem = losses.std(0, unbiased=True) / n ** 0.5 if n > 1 else torch.full_like(mean, float("nan"))

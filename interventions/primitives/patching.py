@@ -136,7 +136,14 @@ def mean_loss_metric(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     if not torch.is_tensor(tokens) or logits.shape[:2] != tokens.shape:
         raise ValueError("mean_loss_metric(logits, tokens) needs the (batch, pos) tokens of the run the logits "
                          "come from; pass the function itself to the patching functions")
+    _check_loss_length(tokens.shape[1])
     return loss_from_logits(logits, tokens).mean(-1)
+
+
+def _check_loss_length(pos: int) -> None:
+    if pos < 2:  # no next-token loss: the mean of nothing is NaN
+        raise ValueError(f"mean_loss_metric needs sequences of at least 2 tokens (a next-token loss), got {pos}: "
+                         "pass longer sequences, or a metric such as logit_diff")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -171,6 +178,8 @@ def check_metric(metric, engine: Engine | None = None, target: torch.Tensor | No
         pass
     if isinstance(metric, LogitDiff) and engine is not None:
         metric.check(target.shape[0], target.shape[1], engine.adapter.vocab_size)
+    if metric is mean_loss_metric and target is not None:  # reduced in the trace: checked here, before any run
+        _check_loss_length(target.shape[1])
     return metric
 
 

@@ -53,6 +53,7 @@ from ..engine.remote import Remote
 from ..engine.tracing import Engine, Run, Write, check_mask, check_positive, check_tokens, check_value, pad_to_nan, position_ids
 from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value,
                        check_remotable, prepare_ablation)
+from .loss import check_aligned
 
 SweepKind = Literal["zero", "mean", "resample", "pattern"]
 SWEEP_KINDS = ("zero", "mean", "resample", "pattern")
@@ -298,6 +299,10 @@ def _checked_value(value, current: torch.Tensor, label: str):
             got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
             raise ValueError(f"a function written to {label} returned {got}; it must return a tensor of the "
                              f"activation's shape {shape}")
+        if not value.is_floating_point() or value.is_meta:
+            got = "a meta tensor" if value.is_meta else f"dtype {value.dtype}"
+            raise ValueError(f"a function written to {label} returned {got}; it must return floating-point values "
+                             "with data (e.g. computed from the activation it is given)")
     return value.to(current.device, current.dtype)
 
 
@@ -313,6 +318,7 @@ def sweep_table(delta: torch.Tensor, heads: HeadLike | Iterable[HeadLike]):
         DataFrame with columns ``layer``, ``head``, ``name`` ("L1H3"), ``token_index`` (position of
         the predicted token, 1 .. pos - 1, as ``loss_by_position``), ``delta_loss`` (mean over
         sequences, nats), ``sem`` (standard error over sequences; NaN for one sequence) and ``n``.
+        A sweep of a padded batch (NaN at padding) is refused: its columns are not token indices.
     """
     import pandas as pd
 
@@ -322,6 +328,7 @@ def sweep_table(delta: torch.Tensor, heads: HeadLike | Iterable[HeadLike]):
     if delta.shape[0] != len(heads):
         raise ValueError(f"delta has {delta.shape[0]} heads but {len(heads)} heads were named: pass the heads "
                          "in the order of the sweep")
+    check_aligned(delta, "delta")
     n_h, n, t = delta.shape
     d = delta.detach().float().cpu()
     mean = d.mean(1)  # (head, pos - 1)
