@@ -332,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("phase-change", help="evaluate every checkpoint of runs (Argument 1, per-token-loss PCA)")
     sp.add_argument("runs", nargs="+", help="run folders")
     sp.add_argument("--out", default="results/custom")
-    sp.add_argument("--windows", type=_positive_int, default=512, help="validation windows per checkpoint")
+    sp.add_argument("--windows", type=_positive_int, default=512,
+                    help="validation windows per checkpoint (default 512; the main job uses 256 at cpu scale: "
+                         "pass --windows 256 to rerun its numbers)")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--quiet", action="store_true")
     _add_wait(sp)
@@ -346,7 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--device", default="cpu")
         _add_wait(sp)
         if name == "ablations":
-            sp.add_argument("--windows", type=_positive_int, default=256)
+            sp.add_argument("--windows", type=_positive_int, default=256,
+                            help="evaluation windows (default 256; the main job uses 2048 at cpu scale: pass "
+                                 "--windows 2048 to rerun its numbers)")
             sp.add_argument("--quiet", action="store_true")
         sp.set_defaults(func=fn)
 
