@@ -106,11 +106,30 @@ def test_loss_matches_manual(tiny_model):
     (dict(n_layers=0), "positive integer"),
     (dict(d_mlp=-3), "d_mlp"),
     (dict(positional="rotary", d_model=12, n_heads=4), "even d_head"),
+    (dict(d_head=0), "d_head=0 must be a positive integer"),
+    (dict(d_head=-4), "d_head=-4 must be a positive integer"),
+    (dict(d_head=8.0), "d_head=8.0 must be a positive integer"),
+    (dict(n_heads=True, d_model=8), "n_heads=True must be a positive integer"),
+    (dict(smear_keys="no"), "smear_keys='no' must be True or False"),
+    (dict(positional="rotary", rotary_base=0), "rotary_base=0 must be a finite number > 0"),
+    (dict(layer_norm_eps=-1e-5), "layer_norm_eps=-1e-05 must be a finite number > 0"),
+    (dict(init_range=float("nan")), "init_range=nan must be a finite number >= 0"),
 ])
 def test_bad_config(kwargs, fix):
-    """Bad hyper-parameters raise ValueError naming the problem."""
+    """Bad hyper-parameters raise ValueError naming the problem (d_head=0 used to build a model with no
+    attention, smear_keys="no" a smeared one, rotary_base=0 NaN positions)."""
     with pytest.raises(ValueError, match=fix):
         AttnOnlyConfig(**kwargs)
+
+
+def test_hf_alias_names_set_the_field_and_d_head():
+    """HF's names (hidden_size, num_attention_heads, ...) set our fields before d_head is derived: d_head is
+    d_model // n_heads of the values used (it used to come from the defaults: hidden_size=64 gave d_head 32)."""
+    cfg = AttnOnlyConfig(hidden_size=64, num_attention_heads=8, num_hidden_layers=3, max_position_embeddings=16)
+    assert (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.n_ctx, cfg.d_head) == (64, 8, 3, 16, 8)
+    assert (cfg.hidden_size, cfg.num_attention_heads) == (64, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        AttnOnlyConfig(hidden_size=30, n_heads=4)
 
 
 def test_too_long_sequence(tiny_model):
