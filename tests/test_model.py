@@ -132,6 +132,29 @@ def test_hf_alias_names_set_the_field_and_d_head():
         AttnOnlyConfig(hidden_size=30, n_heads=4)
 
 
+@pytest.mark.parametrize("positional", ["shortformer", "standard", "rotary"])
+@pytest.mark.parametrize("eager", [False, True])
+def test_bfloat16_matches_float32(positional, eager):
+    """A bf16 copy (smeared keys, left padding) runs and gives the float32 logits to bf16 precision, on both
+    attention paths (rotary used to promote queries and keys to float32: SDPA / matmul dtype error)."""
+    torch.manual_seed(0)
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=16, vocab_size=50,
+                                               positional=positional, smear_keys=True, d_mlp=32)).eval()
+    _randomise(model)
+    half = AttnOnlyForCausalLM(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    x = torch.randint(0, 50, (2, 10))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = model(x, attention_mask=mask, output_attentions=eager).logits
+        got = half(x, attention_mask=mask, output_attentions=eager).logits
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want)[mask.bool()].abs().max().item()
+    assert err < 0.05 * want.abs().max().item(), err
+
+
 def test_too_long_sequence(tiny_model):
     """A sequence longer than n_ctx raises and says how to fix it."""
     with pytest.raises(ValueError, match="truncate"):

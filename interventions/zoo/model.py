@@ -168,7 +168,7 @@ class Attention(nn.Module):
         k = self.split_heads(self.k_proj(qk_in))
         v = self.split_heads(self.v_proj(a))
         if rotary is not None:
-            cos, sin = rotary
+            cos, sin = rotary[0].to(q.dtype), rotary[1].to(q.dtype)  # float32 tables: keep a bf16 model bf16
             if cos.dim() == 3:  # per-batch positions: (batch, pos, d_head) -> (batch, 1, pos, d_head)
                 cos, sin = cos[:, None], sin[:, None]
             q = q * cos + rotate_half(q) * sin
