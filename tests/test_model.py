@@ -155,6 +155,15 @@ def test_bfloat16_matches_float32(positional, eager):
     assert err < 0.05 * want.abs().max().item(), err
 
 
+@pytest.mark.parametrize("bad", [[0, 1, 2, 40], [-1, 0, 1, 2]])
+def test_position_ids_outside_learned_positions(tiny_model, bad):
+    """Position ids outside 0..n_ctx-1 of a learned-position model raise a ValueError naming the range
+    (they used to give a bare IndexError from the embedding)."""
+    assert tiny_model.config.positional != "rotary"
+    with pytest.raises(ValueError, match=r"learned positions cover 0\.\.31"):
+        tiny_model(torch.zeros(1, 4, dtype=torch.long), position_ids=torch.tensor([bad]))
+
+
 def test_too_long_sequence(tiny_model):
     """A sequence longer than n_ctx raises and says how to fix it."""
     with pytest.raises(ValueError, match="truncate"):

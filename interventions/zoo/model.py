@@ -304,6 +304,11 @@ class AttnOnlyForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 position_ids = torch.arange(pos, device=input_ids.device)[None].expand(batch, pos)
+        elif cfg.positional != "rotary" and position_ids.numel() and (
+                int(position_ids.min()) < 0 or int(position_ids.max()) >= cfg.n_ctx):
+            raise ValueError(f"position_ids run from {int(position_ids.min())} to {int(position_ids.max())}, but the "
+                             f"learned positions cover 0..{cfg.n_ctx - 1} (n_ctx={cfg.n_ctx}): pass position ids in "
+                             "that range, or none (they follow the attention mask)")
         eager = bool(output_attentions) or getattr(cfg, "_attn_implementation", "sdpa") == "eager"
 
         x = self.transformer.wte(input_ids)  # (batch, pos, d_model)
