@@ -95,3 +95,37 @@ def test_bad_inputs_raise():
         icl_score(model, w.float())
     with pytest.raises(ValueError, match="at least 2 tokens"):
         loss_by_token_index(model, w[:, :1])
+
+
+def test_bad_losses_and_n_ctx_raise():
+    """A losses array that is not (n >= 1, pos - 1) raises a ValueError naming the shape (no windows used to
+    give icl_score NaN silently; one window's 1-D losses an IndexError); icl_band / icl_indices reject a
+    non-positive or non-integer context (icl_band(-100) was -2, icl_indices(100.7) (10, 98))."""
+    import numpy as np
+
+    for bad in (torch.zeros(0, 63), torch.zeros(63), torch.zeros(2, 3, 63)):
+        with pytest.raises(ValueError, match=r"shape \(n_windows, pos - 1\).*losses\[None\]"):
+            icl_from_losses(bad, 10, 50)
+        with pytest.raises(ValueError, match=r"shape \(n_windows, pos - 1\)"):
+            metrics.icl_band_losses(bad, 10, 50)
+    with pytest.raises(ValueError, match="no window"):
+        icl_score(_uniform_model(), torch.zeros(0, 20, dtype=torch.long))
+    for bad in (-100, 0, 2.5, 100.7, True):
+        for f in (metrics.icl_band, icl_indices):
+            with pytest.raises(ValueError, match="n_ctx=.* must be a positive integer"):
+                f(bad)
+    assert metrics.icl_band(np.int64(256)) == 5 and icl_indices(np.int64(256)) == (25, 250)
+    # a list of float64 losses is used at float64 (it was rounded through float32)
+    losses = np.random.default_rng(0).random((4, 63)) * 1e-3 + 3.0
+    d = losses[:, 48] - losses[:, 8]
+    assert icl_from_losses(losses.tolist(), 10, 50)["icl_score"] == pytest.approx(d.mean(), abs=1e-12)
+
+
+def test_icl_score_checks_band_before_running_the_model(monkeypatch):
+    """A band that overlaps (or is not an integer) raises before any forward pass."""
+    monkeypatch.setattr(metrics, "per_token_loss", lambda *a, **k: pytest.fail("ran the model"))
+    w = torch.randint(0, 30, (2, 20))
+    with pytest.raises(ValueError, match="overlap"):
+        icl_score(_uniform_model(), w, early=5, late=15, band=5)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        icl_score(_uniform_model(), w, band=-1)

@@ -106,11 +106,62 @@ def test_loss_matches_manual(tiny_model):
     (dict(n_layers=0), "positive integer"),
     (dict(d_mlp=-3), "d_mlp"),
     (dict(positional="rotary", d_model=12, n_heads=4), "even d_head"),
+    (dict(d_head=0), "d_head=0 must be a positive integer"),
+    (dict(d_head=-4), "d_head=-4 must be a positive integer"),
+    (dict(d_head=8.0), "d_head=8.0 must be a positive integer"),
+    (dict(n_heads=True, d_model=8), "n_heads=True must be a positive integer"),
+    (dict(smear_keys="no"), "smear_keys='no' must be True or False"),
+    (dict(positional="rotary", rotary_base=0), "rotary_base=0 must be a finite number > 0"),
+    (dict(layer_norm_eps=-1e-5), "layer_norm_eps=-1e-05 must be a finite number > 0"),
+    (dict(init_range=float("nan")), "init_range=nan must be a finite number >= 0"),
 ])
 def test_bad_config(kwargs, fix):
-    """Bad hyper-parameters raise ValueError naming the problem."""
+    """Bad hyper-parameters raise ValueError naming the problem (d_head=0 used to build a model with no
+    attention, smear_keys="no" a smeared one, rotary_base=0 NaN positions)."""
     with pytest.raises(ValueError, match=fix):
         AttnOnlyConfig(**kwargs)
+
+
+def test_hf_alias_names_set_the_field_and_d_head():
+    """HF's names (hidden_size, num_attention_heads, ...) set our fields before d_head is derived: d_head is
+    d_model // n_heads of the values used (it used to come from the defaults: hidden_size=64 gave d_head 32)."""
+    cfg = AttnOnlyConfig(hidden_size=64, num_attention_heads=8, num_hidden_layers=3, max_position_embeddings=16)
+    assert (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.n_ctx, cfg.d_head) == (64, 8, 3, 16, 8)
+    assert (cfg.hidden_size, cfg.num_attention_heads) == (64, 8)
+    with pytest.raises(ValueError, match="not divisible"):
+        AttnOnlyConfig(hidden_size=30, n_heads=4)
+
+
+@pytest.mark.parametrize("positional", ["shortformer", "standard", "rotary"])
+@pytest.mark.parametrize("eager", [False, True])
+def test_bfloat16_matches_float32(positional, eager):
+    """A bf16 copy (smeared keys, left padding) runs and gives the float32 logits to bf16 precision, on both
+    attention paths (rotary used to promote queries and keys to float32: SDPA / matmul dtype error)."""
+    torch.manual_seed(0)
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=32, n_ctx=16, vocab_size=50,
+                                               positional=positional, smear_keys=True, d_mlp=32)).eval()
+    _randomise(model)
+    half = AttnOnlyForCausalLM(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    x = torch.randint(0, 50, (2, 10))
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        want = model(x, attention_mask=mask, output_attentions=eager).logits
+        got = half(x, attention_mask=mask, output_attentions=eager).logits
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want)[mask.bool()].abs().max().item()
+    assert err < 0.05 * want.abs().max().item(), err
+
+
+@pytest.mark.parametrize("bad", [[0, 1, 2, 40], [-1, 0, 1, 2]])
+def test_position_ids_outside_learned_positions(tiny_model, bad):
+    """Position ids outside 0..n_ctx-1 of a learned-position model raise a ValueError naming the range
+    (they used to give a bare IndexError from the embedding)."""
+    assert tiny_model.config.positional != "rotary"
+    with pytest.raises(ValueError, match=r"learned positions cover 0\.\.31"):
+        tiny_model(torch.zeros(1, 4, dtype=torch.long), position_ids=torch.tensor([bad]))
 
 
 def test_too_long_sequence(tiny_model):

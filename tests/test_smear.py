@@ -318,6 +318,24 @@ def test_wrong_alpha_shape_raises():
         set_alphas(build("gpt2"), 0.0)
 
 
+def test_nan_alphas_raise_and_change_nothing():
+    """set_alphas and smear_keys reject NaN alphas (they made every logit NaN) and leave the alphas as they were;
+    +-inf are allowed (exact no-op / the previous key)."""
+    edited = smear_keys(build("gpt2"))
+    before = get_alphas(edited).clone()
+    bad = before.clone()
+    bad[1, 2] = float("nan")
+    for alphas in (bad, float("nan")):
+        with pytest.raises(ValueError, match="NaN"):
+            set_alphas(edited, alphas)
+        assert torch.equal(get_alphas(edited), before)
+    with pytest.raises(ValueError, match="init_alpha=nan"):
+        smear_keys(build("gpt2"), init_alpha=float("nan"))
+    set_alphas(edited, float("inf"))
+    x = tokens()
+    assert torch.allclose(logits(edited, x), logits(build("gpt2"), x), atol=1e-5)
+
+
 def test_kv_cache_decoding_raises():
     """A forward pass that continues a non-empty KV cache raises (the smear needs the previous raw key);
     a single full-sequence pass with use_cache=True is fine."""

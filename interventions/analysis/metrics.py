@@ -38,6 +38,7 @@ def icl_indices(n_ctx: int) -> tuple[int, int]:
     The paper uses the 50th and 500th tokens of 512-token contexts. A shorter context keeps the
     paper's proportions (early = 50/512, late = 500/512 of the context), so the score still compares
     "little context" with "nearly all of it"."""
+    _check_n_ctx(n_ctx)
     if n_ctx >= PAPER_CTX:
         return PAPER_EARLY, PAPER_LATE
     early = max(2, round(n_ctx * PAPER_EARLY / PAPER_CTX))
@@ -55,7 +56,13 @@ def icl_band(n_ctx: int) -> int:
         >>> icl_band(64), icl_band(256), icl_band(512), icl_band(4096)
         (1, 5, 10, 10)
     """
+    _check_n_ctx(n_ctx)
     return round(min(n_ctx, PAPER_CTX) * 10 / PAPER_CTX)
+
+
+def _check_n_ctx(n_ctx) -> None:
+    if not isinstance(n_ctx, (int, np.integer)) or isinstance(n_ctx, bool) or n_ctx < 1:
+        raise ValueError(f"n_ctx={n_ctx!r} must be a positive integer (the windows' length in tokens)")
 
 
 def as_windows(windows) -> torch.Tensor:
@@ -100,17 +107,32 @@ def check_icl_indices(pos: int, early: int | None = None, late: int | None = Non
     return early, late
 
 
-def icl_band_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each window's loss at the early and the late token, each averaged over ``band`` tokens either side
-    (clipped to the window): ((n,), (n,)) float64. ``late - early`` is each window's ICL score."""
-    losses = torch.as_tensor(losses).double()
-    pos = losses.shape[1] + 1
-    early, late = check_icl_indices(pos, early, late)
+def check_icl_band(band, early: int, late: int) -> int:
+    """Validate ``band`` (tokens each side) for resolved (early, late) token numbers; returns it as an int."""
     if not isinstance(band, (int, np.integer)) or isinstance(band, bool) or band < 0:
         raise ValueError(f"band={band!r} must be a non-negative integer (tokens each side)")
     if early + band >= late - band:
         raise ValueError(f"band={band} makes the early and late bands around tokens {early} and {late} overlap: "
                          f"use band < {(late - early) / 2:g}")
+    return int(band)
+
+
+def _as_losses(losses) -> torch.Tensor:
+    """(n, pos - 1) per-token losses as float64, with n >= 1."""
+    losses = torch.as_tensor(losses if torch.is_tensor(losses) else np.asarray(losses)).double()
+    if losses.dim() != 2 or losses.shape[0] == 0:
+        raise ValueError(f"losses must have shape (n_windows, pos - 1) with at least one window, got "
+                         f"{tuple(losses.shape)}: one window's losses are losses[None]")
+    return losses
+
+
+def icl_band_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each window's loss at the early and the late token, each averaged over ``band`` tokens either side
+    (clipped to the window): ((n,), (n,)) float64. ``late - early`` is each window's ICL score."""
+    losses = _as_losses(losses)
+    pos = losses.shape[1] + 1
+    early, late = check_icl_indices(pos, early, late)
+    band = check_icl_band(band, early, late)
 
     def band_mean(k: int) -> torch.Tensor:  # (n,) mean loss over tokens k-band..k+band (1-indexed, clipped)
         lo, hi = max(2, k - band), min(pos, k + band)
@@ -132,7 +154,8 @@ def icl_from_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) 
 
     Paired because both losses come from the same windows: the per-window difference cancels how hard
     a window is overall, so its spread is the honest uncertainty of the difference."""
-    early, late = check_icl_indices(torch.as_tensor(losses).shape[1] + 1, early, late)
+    losses = _as_losses(losses)
+    early, late = check_icl_indices(losses.shape[1] + 1, early, late)
     e, l_ = icl_band_losses(losses, early, late, band)  # (n,)
     diff = l_ - e
     n = int(diff.shape[0])
@@ -166,7 +189,10 @@ def icl_score(model, windows, early: int | None = None, late: int | None = None,
         -0.41
     """
     windows = as_windows(windows)
+    if windows.shape[0] == 0:
+        raise ValueError("windows holds no window (shape (0, pos)): pass at least one")
     early, late = check_icl_indices(windows.shape[1], early, late)
+    check_icl_band(band, early, late)  # before the forward passes
     losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos - 1)
     return icl_from_losses(losses, early, late, band)
 

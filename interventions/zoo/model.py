@@ -85,12 +85,26 @@ class AttnOnlyConfig(PretrainedConfig):
         rotary_base: float = 10000.0,
         **kwargs,
     ):
+        # HF's names for our fields (attribute_map) would be set after d_head is derived from the default
+        # d_model / n_heads; take them here so d_head follows the value that is actually used.
+        ours = dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, n_ctx=n_ctx)
+        for alias, name in self.attribute_map.items():
+            if alias in kwargs:
+                ours[name] = kwargs.pop(alias)
+        n_layers, n_heads, d_model, n_ctx = ours["n_layers"], ours["n_heads"], ours["d_model"], ours["n_ctx"]
         if positional not in POSITIONAL_KINDS:
             raise ValueError(f"positional={positional!r} is unknown: choose one of {POSITIONAL_KINDS}")
         for name, value in dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, n_ctx=n_ctx,
-                                vocab_size=vocab_size).items():
-            if not isinstance(value, int) or value < 1:
+                                vocab_size=vocab_size, d_head=1 if d_head is None else d_head).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not isinstance(smear_keys, bool):
+            raise ValueError(f"smear_keys={smear_keys!r} must be True or False")
+        for name, value, zero_ok in (("layer_norm_eps", layer_norm_eps, False), ("rotary_base", rotary_base, False),
+                                     ("init_range", init_range, True)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or value < 0 or (value == 0 and not zero_ok):
+                raise ValueError(f"{name}={value!r} must be a finite number {'>= 0' if zero_ok else '> 0'}")
         if d_head is None:
             if d_model % n_heads:
                 raise ValueError(
@@ -154,7 +168,7 @@ class Attention(nn.Module):
         k = self.split_heads(self.k_proj(qk_in))
         v = self.split_heads(self.v_proj(a))
         if rotary is not None:
-            cos, sin = rotary
+            cos, sin = rotary[0].to(q.dtype), rotary[1].to(q.dtype)  # float32 tables: keep a bf16 model bf16
             if cos.dim() == 3:  # per-batch positions: (batch, pos, d_head) -> (batch, 1, pos, d_head)
                 cos, sin = cos[:, None], sin[:, None]
             q = q * cos + rotate_half(q) * sin
@@ -290,6 +304,11 @@ class AttnOnlyForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 position_ids = torch.arange(pos, device=input_ids.device)[None].expand(batch, pos)
+        elif cfg.positional != "rotary" and position_ids.numel() and (
+                int(position_ids.min()) < 0 or int(position_ids.max()) >= cfg.n_ctx):
+            raise ValueError(f"position_ids run from {int(position_ids.min())} to {int(position_ids.max())}, but the "
+                             f"learned positions cover 0..{cfg.n_ctx - 1} (n_ctx={cfg.n_ctx}): pass position ids in "
+                             "that range, or none (they follow the attention mask)")
         eager = bool(output_attentions) or getattr(cfg, "_attn_implementation", "sdpa") == "eager"
 
         x = self.transformer.wte(input_ids)  # (batch, pos, d_model)

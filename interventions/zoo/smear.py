@@ -288,6 +288,8 @@ def smear_keys(model, init_alpha: float = EDIT_INIT_ALPHA):
     """
     inner = _inner(model)
     a, layout = _layout(inner)
+    if not isinstance(init_alpha, (int, float)) or isinstance(init_alpha, bool) or init_alpha != init_alpha:
+        raise ValueError(f"init_alpha={init_alpha!r} must be a number (not NaN): the smear weight is sigmoid(alpha)")
     if is_smeared(inner):
         raise ValueError("this model already has smeared keys (a KeySmear module or config.smear_keys=True): "
                          "edit the original model, or change the alphas with set_alphas(model, alphas)")
@@ -331,5 +333,8 @@ def set_alphas(model, alphas: torch.Tensor | float) -> None:
     if tuple(alphas.shape) != shape:
         raise ValueError(f"alphas has shape {tuple(alphas.shape)} but the model needs (n_layers, n_kv_heads) = "
                          f"{shape}: pass one alpha per layer and key/value head (or a single number)")
+    if torch.isnan(alphas).any():
+        raise ValueError("alphas contain NaN (every smeared key, and so every logit, would be NaN): pass numbers; "
+                         "+inf gives an exact no-op, -inf the previous key")
     for m, row in zip(mods, alphas):
         m.alpha.copy_(row.to(m.alpha))
