@@ -338,6 +338,27 @@ def test_register_adapter_advice_works():
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+def test_adapter_registered_after_renaming_the_model_type_is_used():
+    """A model run once, then renamed (``config.model_type``) and registered with a wrong module path, is
+    refused naming the path: the cached adapter of its old type is not silently used (it read the
+    built-in module instead)."""
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS, get_adapter
+
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    execute(model, Run(tokens, reads=["L0.z"]))
+    model.config.model_type = "my_llama"
+    register_adapter("my_llama", ArchSpec(layers="model.layers", attn="self_attn", o_proj="out_proj",
+                                          k_proj="k_proj"))
+    try:
+        assert get_adapter(model).spec is ARCHS["my_llama"]
+        with pytest.raises(InterventionError, match="no module at 'model.layers.0.self_attn.out_proj'"):
+            execute(model, Run(tokens, reads=["L0.z"]))
+    finally:
+        ARCHS.pop("my_llama")
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:

@@ -239,15 +239,18 @@ def get_adapter(model) -> Adapter:
     """The adapter of an HF causal LM (or an nnsight wrapper of one).
 
     Cached per model and config object (HF config attribute reads are slow enough to show in the
-    per-trace overhead); re-read when the config or the registry changes. Holds no reference to the
-    model (weak keys; the value references only the config)."""
+    per-trace overhead); re-read when the config, its model type or the registry changes. Holds no
+    reference to the model (weak keys; the value references only the config)."""
     inner = unwrap(model)
     config = getattr(inner, "config", None)
     try:
         cached = _ADAPTERS.get(inner)
     except TypeError:  # not weak-referenceable
         cached = None
-    if cached is not None and cached[0] is config and cached[1] is ARCHS.get(cached[2].model_type):
+    # the model type is read again: a user may rename it (``config.model_type = ...``) to register an adapter
+    model_type = getattr(config, "model_type", None)
+    if cached is not None and cached[0] is config and cached[2].model_type == model_type \
+            and cached[1] is ARCHS.get(model_type):
         return cached[2]
     adapter = _build_adapter(config)
     try:
