@@ -359,6 +359,29 @@ def test_adapter_registered_after_renaming_the_model_type_is_used():
         ARCHS.pop("my_llama")
 
 
+@pytest.mark.parametrize("paths, site", [
+    (dict(o_proj="o_proj.weight"), "L0.z"),  # a parameter, not a module (was a KeyError from the trace)
+    (dict(layers="model"), "L0.resid_pre"),  # a module that is not a list (was a TypeError)
+])
+def test_registered_path_to_no_module_raises_naming_the_fix(paths, site):
+    """An adapter path that ends at a parameter, or indexes a module that is not a list, is refused
+    naming the path and register_adapter, for reads and writes alike."""
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    model = build("llama")
+    model.config.model_type = "my_llama"
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    spec = dict(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj")
+    register_adapter("my_llama", ArchSpec(**{**spec, **paths}))
+    try:
+        for run in (Run(tokens, reads=[site]), Run(tokens, writes=[Write(site, None)])):
+            with pytest.raises(InterventionError, match="no module at .*register_adapter"):
+                execute(model, run)
+    finally:
+        ARCHS.pop("my_llama")
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:

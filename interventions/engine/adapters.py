@@ -109,9 +109,16 @@ def unwrap(model):
 
 
 def module_at(root, path: str):
-    """The module (or nnsight envoy, when ``root`` is one) at dotted ``path``."""
+    """The module (or nnsight envoy, when ``root`` is one) at dotted ``path``; AttributeError where no
+    module is there (a missing name, a parameter or other attribute, an index into a non-list)."""
     for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
+        try:
+            child = root[int(part)] if part.isdigit() else getattr(root, part)
+        except TypeError:  # indexing a module that is not a list of modules
+            raise AttributeError(f"no module at {path!r}: {type(root).__name__} is not indexable") from None
+        if isinstance(root, nn.Module) and not isinstance(child, nn.Module):
+            raise AttributeError(f"no module at {path!r}: {part!r} is a {type(child).__name__}, not a module")
+        root = child
     return root
 
 
