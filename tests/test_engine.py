@@ -382,6 +382,34 @@ def test_registered_path_to_no_module_raises_naming_the_fix(paths, site):
         ARCHS.pop("my_llama")
 
 
+def test_mlp_elsewhere_advice_works():
+    """A registered adapter whose MLP path is wrong is told to register the MLP's path (not that the
+    model is attention-only), and the advice, followed, reads exactly the MLP's output (plain hook)."""
+    import interventions
+    from interventions.engine.adapters import ARCHS
+
+    model = build("llama")
+    model.config.model_type = "my_llama"
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    spec = dict(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj")
+    interventions.register_adapter("my_llama", interventions.ArchSpec(**spec, mlp="feed_forward"))
+    try:
+        with pytest.raises(ValueError, match=r"no MLP at 'model.layers.0.feed_forward'.*ArchSpec\(mlp="):
+            execute(model, Run(tokens, reads=["L0.mlp_out"]))
+        interventions.register_adapter("my_llama", interventions.ArchSpec(**spec, mlp="mlp"))
+        got = execute(model, Run(tokens, reads=["L0.mlp_out"])).acts["L0.mlp_out"]
+    finally:
+        ARCHS.pop("my_llama")
+    seen = []
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, seen[0], atol=0, rtol=0)
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:

@@ -429,8 +429,10 @@ class Engine:
             module_at(self.inner, path)
         except (AttributeError, IndexError):
             if site.kind == "mlp_out":
-                raise ValueError(f"site {site} does not exist: this {a.model_type} model has no MLP at {path!r} "
-                                 "(attention-only); use attn_out or resid_post") from None
+                raise ValueError(f"site {site} does not exist: this {a.model_type} model has no MLP at {path!r}: an "
+                                 "attention-only model has no mlp_out (use attn_out or resid_post); a model whose MLP "
+                                 "is elsewhere needs its path: register the adapter with "
+                                 "interventions.ArchSpec(mlp=<path relative to a block>)") from None
             raise InterventionError(f"site {site}: this {a.model_type} model has no module at {path!r}: fix the "
                                     "adapter with interventions.register_adapter") from None
 
