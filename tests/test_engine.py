@@ -410,6 +410,19 @@ def test_mlp_elsewhere_advice_works():
     torch.testing.assert_close(got, seen[0], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("site, match", [
+    ((True, "z"), "not an integer"),  # was Site(True, 'z'): refused later as a module missing from the adapter
+    ((1.0, "z"), "not an integer"),
+    ((-1, "z"), "out of range: (layers are numbered from 0|this model has layers 0-1)"),  # ended at "range: "
+])
+def test_site_with_a_bad_layer_raises_naming_the_fix(site, match):
+    model = build("llama")
+    with pytest.raises(ValueError, match=match):
+        parse_site(site)
+    with pytest.raises(ValueError, match=match):
+        execute(model, Run(torch.randint(0, VOCAB, (2, POS)), reads=[site]))
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:
