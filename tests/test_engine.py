@@ -423,6 +423,47 @@ def test_site_with_a_bad_layer_raises_naming_the_fix(site, match):
         execute(model, Run(torch.randint(0, VOCAB, (2, POS)), reads=[site]))
 
 
+def test_register_adapter_hint_runs_as_written():
+    """The unsupported-architecture error's suggested call, executed as written with only ``import
+    interventions`` (it named ``ArchSpec`` unqualified and a placeholder ``model_type``: a NameError),
+    registers the model, whose z writes then equal zeroing the head's o_proj columns (weight surgery)."""
+    import re
+
+    import interventions
+    from interventions.engine.adapters import ARCHS
+
+    model = build("llama")
+    model.config.model_type = "my_llama"
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    with pytest.raises(ValueError, match="unsupported architecture") as err:
+        execute(model, Run(tokens))
+    code = re.search(r"(interventions\.register_adapter\(.*\))  #", str(err.value)).group(1)
+    try:
+        exec(code, {"interventions": interventions})
+        got = execute(model, Run(tokens, writes=[Write("L1.z", None, head=2)])).logits
+    finally:
+        ARCHS.pop("my_llama", None)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[:, 2 * D_HEAD:3 * D_HEAD] = 0
+        want = model(tokens).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model_type, fields, match", [
+    (5, {}, "model_type must be"),
+    ("my_arch", dict(fused_qkv="GPT2"), "fused_qkv='GPT2'"),  # was a shape error from inside the trace
+    ("my_arch", dict(block_output="tuples"), "block_output='tuples'"),
+])
+def test_register_adapter_refuses_bad_input(model_type, fields, match):
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    before = dict(ARCHS)
+    with pytest.raises(ValueError, match=match):
+        register_adapter(model_type, ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", **fields))
+    assert ARCHS == before
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:

@@ -83,7 +83,7 @@ ARCHS: dict[str, ArchSpec] = {
 # their adapters are proven against the forward by the tests on every supported architecture.
 BUILTIN_ARCHS = MappingProxyType(dict(ARCHS))
 
-_REGISTER_HINT = ("interventions.register_adapter(model_type, ArchSpec(layers='model.layers', attn='self_attn', "
+_REGISTER_HINT = ("interventions.register_adapter({}, interventions.ArchSpec(layers='model.layers', attn='self_attn', "
                   "o_proj='o_proj', k_proj='k_proj'))  # paths of your model's modules; pattern sites are "
                   "added by observable()")
 
@@ -96,8 +96,19 @@ def register_adapter(model_type: str, spec: ArchSpec) -> None:
         ...                                       k_proj="k_proj"))
         >>> _ = ARCHS.pop("my_llama")
     """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"model_type must be the model's config.model_type (a string), got {model_type!r}: "
+                         f"{_REGISTER_HINT.format('model.config.model_type')}")
     if not isinstance(spec, ArchSpec):
-        raise ValueError(f"spec must be an ArchSpec, got {type(spec).__name__}: {_REGISTER_HINT}")
+        raise ValueError(f"spec must be an ArchSpec, got {type(spec).__name__}: "
+                         f"{_REGISTER_HINT.format(repr(model_type))}")
+    if spec.fused_qkv not in (None, "gpt2", "neox"):
+        raise ValueError(f"ArchSpec(fused_qkv={spec.fused_qkv!r}) is unknown: use 'gpt2' (one projection, "
+                         "[q | k | v]), 'neox' (one projection, per head [q_h | k_h | v_h]) or None (separate q/k/v "
+                         "projections)")
+    if spec.block_output not in ("tensor", "tuple"):
+        raise ValueError(f"ArchSpec(block_output={spec.block_output!r}) is unknown: use 'tensor' (a block returns the "
+                         "residual stream) or 'tuple' (its first element is)")
     ARCHS[model_type] = spec
 
 
@@ -272,7 +283,7 @@ def _build_adapter(config) -> Adapter:
     if model_type not in ARCHS:
         raise ValueError(
             f"unsupported architecture {model_type!r}: supported are {', '.join(sorted(ARCHS))}. "
-            f"Register one with {_REGISTER_HINT}")
+            f"Register one with {_REGISTER_HINT.format(repr(model_type))}")
     spec = ARCHS[model_type]
     c = config
     n_heads = int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
