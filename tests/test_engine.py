@@ -5,6 +5,7 @@ per-head q/k/v patching under grouped-query attention; bad input; no references 
 import gc
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -462,6 +463,15 @@ def test_register_adapter_refuses_bad_input(model_type, fields, match):
     with pytest.raises(ValueError, match=match):
         register_adapter(model_type, ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", **fields))
     assert ARCHS == before
+
+
+@pytest.mark.parametrize("head", [np.int64(1), torch.tensor(1), 1.0])
+def test_write_head_that_is_not_an_int_raises_naming_the_fix(head):
+    """A numpy / torch / float head index is refused as such (it was reported as out of range although
+    it is in range), before anything runs."""
+    model = build("llama")
+    with pytest.raises(ValueError, match=r"is not an int: pass head=int\(h\)"):
+        execute(model, Run(torch.randint(0, VOCAB, (2, POS)), writes=[Write("L1.z", None, head=head)]))
 
 
 def test_site_names_round_trip():

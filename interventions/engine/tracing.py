@@ -442,7 +442,10 @@ class Engine:
             if site.kind in RESID_KINDS:
                 raise ValueError(f"write to {site}: the site has no heads; drop head={w.head}")
             n = a.n_site_heads(site.kind)
-            if not isinstance(w.head, int) or isinstance(w.head, bool) or not 0 <= w.head < n:
+            if type(w.head) is not int:  # a bool, or a numpy / torch number (was reported as out of range)
+                raise ValueError(f"write to {site}: head {w.head!r} is not an int: pass head=int(h), or None for all "
+                                 "heads")
+            if not 0 <= w.head < n:
                 what = "kv head" if site.kind in KV_KINDS else "head"
                 extra = (f" (grouped-query attention: query head h reads kv head h // {a.n_heads // a.n_kv_heads})"
                          if site.kind in KV_KINDS and a.n_kv_heads != a.n_heads else "")
