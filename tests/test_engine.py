@@ -474,6 +474,18 @@ def test_write_head_that_is_not_an_int_raises_naming_the_fix(head):
         execute(model, Run(torch.randint(0, VOCAB, (2, POS)), writes=[Write("L1.z", None, head=head)]))
 
 
+def test_head_is_exported_and_addresses_a_head():
+    """The README's ``Head(layer, head)`` is importable from the package (it was only in
+    interventions.engine.heads), and ablating ``iv.Head(1, 2)`` equals ablating ``"L1H2"``."""
+    import interventions as iv
+
+    assert "Head" in iv.__all__ and all(hasattr(iv, name) for name in iv.__all__)
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    got = iv.run_with_ablations(model, tokens, iv.ZeroAblation(iv.Head(1, 2)))
+    torch.testing.assert_close(got, iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H2")), atol=0, rtol=0)
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:
