@@ -486,6 +486,20 @@ def test_head_is_exported_and_addresses_a_head():
     torch.testing.assert_close(got, iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H2")), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("run, match", [
+    (dict(reads="L0.z"), r"one site: pass a list of sites, reads=\['L0.z'\]"),  # was "malformed site 'L'"
+    (dict(reads=Site(0, "z")), "one site: pass a list of sites"),  # was "malformed site 0"
+    (dict(writes=Write("L0.z", None)), r"one write: pass a list of writes"),  # was a TypeError
+])
+def test_run_given_one_site_or_write_raises_naming_the_fix(run, match):
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    with pytest.raises(ValueError, match=match):
+        execute(model, Run(tokens, **run))
+    out = execute(model, Run(tokens, reads=("L0.z", "final")))  # a tuple of two sites is still two sites
+    assert set(out.acts) == {"L0.z", "final"}
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:

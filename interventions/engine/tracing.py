@@ -55,7 +55,7 @@ from torch import nn
 from .adapters import Adapter, get_adapter, has_pattern_site, module_at, unwrap
 from .remote import NotRemotable, Remote, check_remote, warn_unproven
 from .devices import check_placement, module_device, output_device
-from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
+from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, SITE_KINDS, Site, kv_head_of, parse_site
 
 
 class InterventionError(RuntimeError):
@@ -470,6 +470,13 @@ class Engine:
         tokens = check_tokens(run.tokens, a)
         check_mask(run.attention_mask, tokens)
         batch, pos = tokens.shape
+        one = run.reads if isinstance(run.reads, str) or (isinstance(run.reads, tuple) and len(run.reads) == 2
+                                                          and not isinstance(run.reads[0], str)
+                                                          and run.reads[1] in SITE_KINDS) else None
+        if one is not None:  # iterated, a site string reads as its characters ("malformed site 'L'")
+            raise ValueError(f"reads={one!r} is one site: pass a list of sites, reads=[{one!r}]")
+        if isinstance(run.writes, Write):
+            raise ValueError("writes=Write(...) is one write: pass a list of writes, writes=[Write(...)]")
         reads = [parse_site(s, a.n_layers) for s in run.reads]
         writes: dict[Site, list[Write]] = {}
         for w in run.writes:
