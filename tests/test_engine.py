@@ -500,6 +500,20 @@ def test_run_given_one_site_or_write_raises_naming_the_fix(run, match):
     assert set(out.acts) == {"L0.z", "final"}
 
 
+def test_observable_missing_an_attention_module_leaves_the_model_as_it_was():
+    """A model whose layer 1 has no attention module at the adapter's path (a hybrid stack, a wrong
+    adapter) is refused naming register_adapter, and layer 0 keeps no hook_pattern (it was left added,
+    the model edited for good)."""
+    model = build("llama")
+    del model.model.layers[1].self_attn
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match="no attention module at 'model.layers.1.self_attn'.*register_adapter"):
+        with observable(model):
+            pass
+    assert not hasattr(model.model.layers[0].self_attn, "hook_pattern")
+    assert model.config._attn_implementation == impl
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:

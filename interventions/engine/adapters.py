@@ -382,8 +382,15 @@ def observable(model):
     configs = {id(inner.config): inner.config}
     if a.model_type != "attn_only":
         _register_attention()
-        for layer in range(a.n_layers):
-            attn = a.module(inner, layer, "attn")
+        attns = []
+        for layer in range(a.n_layers):  # all found before any is edited: a failure leaves the model as it was
+            try:
+                attns.append(a.module(inner, layer, "attn"))
+            except (AttributeError, IndexError):
+                raise ValueError(f"observable: this {a.model_type} model has no attention module at "
+                                 f"{a.path(layer, 'attn')!r}: fix the adapter with interventions.register_adapter "
+                                 "(ArchSpec(attn=...))") from None
+        for attn in attns:
             if not hasattr(attn, "hook_pattern"):
                 attn.hook_pattern = nn.Identity()
                 added.append(attn)
