@@ -11,6 +11,7 @@ registers the ``attn_only`` model type with HF's Auto classes (so saved models l
 from .analysis.metrics import icl_score
 from .analysis.scores import classify_induction_heads, head_scores
 from .engine.adapters import ArchSpec, observable, register_adapter
+from .engine.heads import Head
 from .engine.remote import NotRemotable
 from .engine.tracing import InterventionError, wrap
 from .primitives.ablation import (FunctionAblation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation,
@@ -22,8 +23,8 @@ from .primitives.sweep import ablation_sweep
 from .zoo.model import AttnOnlyConfig, AttnOnlyForCausalLM
 
 __all__ = [
-    "ArchSpec", "AttnOnlyConfig", "AttnOnlyForCausalLM", "FunctionAblation", "InterventionError", "MeanAblation",
-    "NotRemotable", "PatternPreserving", "ResampleAblation", "ZeroAblation", "ablation_sweep",
+    "ArchSpec", "AttnOnlyConfig", "AttnOnlyForCausalLM", "FunctionAblation", "Head", "InterventionError",
+    "MeanAblation", "NotRemotable", "PatternPreserving", "ResampleAblation", "ZeroAblation", "ablation_sweep",
     "classify_induction_heads", "head_scores", "icl_score", "mean_loss_metric", "observable", "patch_heads",
     "path_patch", "per_token_loss", "register_adapter", "run_with_ablations", "run_with_cache", "wrap",
 ]

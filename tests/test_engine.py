@@ -5,6 +5,7 @@ per-head q/k/v patching under grouped-query attention; bad input; no references 
 import gc
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
@@ -336,6 +337,181 @@ def test_register_adapter_advice_works():
     finally:
         ARCHS.pop("my_llama")
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_adapter_registered_after_renaming_the_model_type_is_used():
+    """A model run once, then renamed (``config.model_type``) and registered with a wrong module path, is
+    refused naming the path: the cached adapter of its old type is not silently used (it read the
+    built-in module instead)."""
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS, get_adapter
+
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    execute(model, Run(tokens, reads=["L0.z"]))
+    model.config.model_type = "my_llama"
+    register_adapter("my_llama", ArchSpec(layers="model.layers", attn="self_attn", o_proj="out_proj",
+                                          k_proj="k_proj"))
+    try:
+        assert get_adapter(model).spec is ARCHS["my_llama"]
+        with pytest.raises(InterventionError, match="no module at 'model.layers.0.self_attn.out_proj'"):
+            execute(model, Run(tokens, reads=["L0.z"]))
+    finally:
+        ARCHS.pop("my_llama")
+
+
+@pytest.mark.parametrize("paths, site", [
+    (dict(o_proj="o_proj.weight"), "L0.z"),  # a parameter, not a module (was a KeyError from the trace)
+    (dict(layers="model"), "L0.resid_pre"),  # a module that is not a list (was a TypeError)
+])
+def test_registered_path_to_no_module_raises_naming_the_fix(paths, site):
+    """An adapter path that ends at a parameter, or indexes a module that is not a list, is refused
+    naming the path and register_adapter, for reads and writes alike."""
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    model = build("llama")
+    model.config.model_type = "my_llama"
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    spec = dict(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj")
+    register_adapter("my_llama", ArchSpec(**{**spec, **paths}))
+    try:
+        for run in (Run(tokens, reads=[site]), Run(tokens, writes=[Write(site, None)])):
+            with pytest.raises(InterventionError, match="no module at .*register_adapter"):
+                execute(model, run)
+    finally:
+        ARCHS.pop("my_llama")
+
+
+def test_mlp_elsewhere_advice_works():
+    """A registered adapter whose MLP path is wrong is told to register the MLP's path (not that the
+    model is attention-only), and the advice, followed, reads exactly the MLP's output (plain hook)."""
+    import interventions
+    from interventions.engine.adapters import ARCHS
+
+    model = build("llama")
+    model.config.model_type = "my_llama"
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    spec = dict(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj")
+    interventions.register_adapter("my_llama", interventions.ArchSpec(**spec, mlp="feed_forward"))
+    try:
+        with pytest.raises(ValueError, match=r"no MLP at 'model.layers.0.feed_forward'.*ArchSpec\(mlp="):
+            execute(model, Run(tokens, reads=["L0.mlp_out"]))
+        interventions.register_adapter("my_llama", interventions.ArchSpec(**spec, mlp="mlp"))
+        got = execute(model, Run(tokens, reads=["L0.mlp_out"])).acts["L0.mlp_out"]
+    finally:
+        ARCHS.pop("my_llama")
+    seen = []
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, seen[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("site, match", [
+    ((True, "z"), "not an integer"),  # was Site(True, 'z'): refused later as a module missing from the adapter
+    ((1.0, "z"), "not an integer"),
+    ((-1, "z"), "out of range: (layers are numbered from 0|this model has layers 0-1)"),  # ended at "range: "
+])
+def test_site_with_a_bad_layer_raises_naming_the_fix(site, match):
+    model = build("llama")
+    with pytest.raises(ValueError, match=match):
+        parse_site(site)
+    with pytest.raises(ValueError, match=match):
+        execute(model, Run(torch.randint(0, VOCAB, (2, POS)), reads=[site]))
+
+
+def test_register_adapter_hint_runs_as_written():
+    """The unsupported-architecture error's suggested call, executed as written with only ``import
+    interventions`` (it named ``ArchSpec`` unqualified and a placeholder ``model_type``: a NameError),
+    registers the model, whose z writes then equal zeroing the head's o_proj columns (weight surgery)."""
+    import re
+
+    import interventions
+    from interventions.engine.adapters import ARCHS
+
+    model = build("llama")
+    model.config.model_type = "my_llama"
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    with pytest.raises(ValueError, match="unsupported architecture") as err:
+        execute(model, Run(tokens))
+    code = re.search(r"(interventions\.register_adapter\(.*\))  #", str(err.value)).group(1)
+    try:
+        exec(code, {"interventions": interventions})
+        got = execute(model, Run(tokens, writes=[Write("L1.z", None, head=2)])).logits
+    finally:
+        ARCHS.pop("my_llama", None)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[:, 2 * D_HEAD:3 * D_HEAD] = 0
+        want = model(tokens).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model_type, fields, match", [
+    (5, {}, "model_type must be"),
+    ("my_arch", dict(fused_qkv="GPT2"), "fused_qkv='GPT2'"),  # was a shape error from inside the trace
+    ("my_arch", dict(block_output="tuples"), "block_output='tuples'"),
+])
+def test_register_adapter_refuses_bad_input(model_type, fields, match):
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    before = dict(ARCHS)
+    with pytest.raises(ValueError, match=match):
+        register_adapter(model_type, ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", **fields))
+    assert ARCHS == before
+
+
+@pytest.mark.parametrize("head", [np.int64(1), torch.tensor(1), 1.0])
+def test_write_head_that_is_not_an_int_raises_naming_the_fix(head):
+    """A numpy / torch / float head index is refused as such (it was reported as out of range although
+    it is in range), before anything runs."""
+    model = build("llama")
+    with pytest.raises(ValueError, match=r"is not an int: pass head=int\(h\)"):
+        execute(model, Run(torch.randint(0, VOCAB, (2, POS)), writes=[Write("L1.z", None, head=head)]))
+
+
+def test_head_is_exported_and_addresses_a_head():
+    """The README's ``Head(layer, head)`` is importable from the package (it was only in
+    interventions.engine.heads), and ablating ``iv.Head(1, 2)`` equals ablating ``"L1H2"``."""
+    import interventions as iv
+
+    assert "Head" in iv.__all__ and all(hasattr(iv, name) for name in iv.__all__)
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    got = iv.run_with_ablations(model, tokens, iv.ZeroAblation(iv.Head(1, 2)))
+    torch.testing.assert_close(got, iv.run_with_ablations(model, tokens, iv.ZeroAblation("L1H2")), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("run, match", [
+    (dict(reads="L0.z"), r"one site: pass a list of sites, reads=\['L0.z'\]"),  # was "malformed site 'L'"
+    (dict(reads=Site(0, "z")), "one site: pass a list of sites"),  # was "malformed site 0"
+    (dict(writes=Write("L0.z", None)), r"one write: pass a list of writes"),  # was a TypeError
+])
+def test_run_given_one_site_or_write_raises_naming_the_fix(run, match):
+    model = build("llama")
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    with pytest.raises(ValueError, match=match):
+        execute(model, Run(tokens, **run))
+    out = execute(model, Run(tokens, reads=("L0.z", "final")))  # a tuple of two sites is still two sites
+    assert set(out.acts) == {"L0.z", "final"}
+
+
+def test_observable_missing_an_attention_module_leaves_the_model_as_it_was():
+    """A model whose layer 1 has no attention module at the adapter's path (a hybrid stack, a wrong
+    adapter) is refused naming register_adapter, and layer 0 keeps no hook_pattern (it was left added,
+    the model edited for good)."""
+    model = build("llama")
+    del model.model.layers[1].self_attn
+    impl = model.config._attn_implementation
+    with pytest.raises(ValueError, match="no attention module at 'model.layers.1.self_attn'.*register_adapter"):
+        with observable(model):
+            pass
+    assert not hasattr(model.model.layers[0].self_attn, "hook_pattern")
+    assert model.config._attn_implementation == impl
 
 
 def test_site_names_round_trip():

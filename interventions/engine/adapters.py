@@ -83,7 +83,7 @@ ARCHS: dict[str, ArchSpec] = {
 # their adapters are proven against the forward by the tests on every supported architecture.
 BUILTIN_ARCHS = MappingProxyType(dict(ARCHS))
 
-_REGISTER_HINT = ("interventions.register_adapter(model_type, ArchSpec(layers='model.layers', attn='self_attn', "
+_REGISTER_HINT = ("interventions.register_adapter({}, interventions.ArchSpec(layers='model.layers', attn='self_attn', "
                   "o_proj='o_proj', k_proj='k_proj'))  # paths of your model's modules; pattern sites are "
                   "added by observable()")
 
@@ -96,8 +96,19 @@ def register_adapter(model_type: str, spec: ArchSpec) -> None:
         ...                                       k_proj="k_proj"))
         >>> _ = ARCHS.pop("my_llama")
     """
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"model_type must be the model's config.model_type (a string), got {model_type!r}: "
+                         f"{_REGISTER_HINT.format('model.config.model_type')}")
     if not isinstance(spec, ArchSpec):
-        raise ValueError(f"spec must be an ArchSpec, got {type(spec).__name__}: {_REGISTER_HINT}")
+        raise ValueError(f"spec must be an ArchSpec, got {type(spec).__name__}: "
+                         f"{_REGISTER_HINT.format(repr(model_type))}")
+    if spec.fused_qkv not in (None, "gpt2", "neox"):
+        raise ValueError(f"ArchSpec(fused_qkv={spec.fused_qkv!r}) is unknown: use 'gpt2' (one projection, "
+                         "[q | k | v]), 'neox' (one projection, per head [q_h | k_h | v_h]) or None (separate q/k/v "
+                         "projections)")
+    if spec.block_output not in ("tensor", "tuple"):
+        raise ValueError(f"ArchSpec(block_output={spec.block_output!r}) is unknown: use 'tensor' (a block returns the "
+                         "residual stream) or 'tuple' (its first element is)")
     ARCHS[model_type] = spec
 
 
@@ -109,9 +120,16 @@ def unwrap(model):
 
 
 def module_at(root, path: str):
-    """The module (or nnsight envoy, when ``root`` is one) at dotted ``path``."""
+    """The module (or nnsight envoy, when ``root`` is one) at dotted ``path``; AttributeError where no
+    module is there (a missing name, a parameter or other attribute, an index into a non-list)."""
     for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
+        try:
+            child = root[int(part)] if part.isdigit() else getattr(root, part)
+        except TypeError:  # indexing a module that is not a list of modules
+            raise AttributeError(f"no module at {path!r}: {type(root).__name__} is not indexable") from None
+        if isinstance(root, nn.Module) and not isinstance(child, nn.Module):
+            raise AttributeError(f"no module at {path!r}: {part!r} is a {type(child).__name__}, not a module")
+        root = child
     return root
 
 
@@ -239,15 +257,18 @@ def get_adapter(model) -> Adapter:
     """The adapter of an HF causal LM (or an nnsight wrapper of one).
 
     Cached per model and config object (HF config attribute reads are slow enough to show in the
-    per-trace overhead); re-read when the config or the registry changes. Holds no reference to the
-    model (weak keys; the value references only the config)."""
+    per-trace overhead); re-read when the config, its model type or the registry changes. Holds no
+    reference to the model (weak keys; the value references only the config)."""
     inner = unwrap(model)
     config = getattr(inner, "config", None)
     try:
         cached = _ADAPTERS.get(inner)
     except TypeError:  # not weak-referenceable
         cached = None
-    if cached is not None and cached[0] is config and cached[1] is ARCHS.get(cached[2].model_type):
+    # the model type is read again: a user may rename it (``config.model_type = ...``) to register an adapter
+    model_type = getattr(config, "model_type", None)
+    if cached is not None and cached[0] is config and cached[2].model_type == model_type \
+            and cached[1] is ARCHS.get(model_type):
         return cached[2]
     adapter = _build_adapter(config)
     try:
@@ -262,7 +283,7 @@ def _build_adapter(config) -> Adapter:
     if model_type not in ARCHS:
         raise ValueError(
             f"unsupported architecture {model_type!r}: supported are {', '.join(sorted(ARCHS))}. "
-            f"Register one with {_REGISTER_HINT}")
+            f"Register one with {_REGISTER_HINT.format(repr(model_type))}")
     spec = ARCHS[model_type]
     c = config
     n_heads = int(getattr(c, "num_attention_heads", None) or getattr(c, "n_head"))
@@ -361,8 +382,15 @@ def observable(model):
     configs = {id(inner.config): inner.config}
     if a.model_type != "attn_only":
         _register_attention()
-        for layer in range(a.n_layers):
-            attn = a.module(inner, layer, "attn")
+        attns = []
+        for layer in range(a.n_layers):  # all found before any is edited: a failure leaves the model as it was
+            try:
+                attns.append(a.module(inner, layer, "attn"))
+            except (AttributeError, IndexError):
+                raise ValueError(f"observable: this {a.model_type} model has no attention module at "
+                                 f"{a.path(layer, 'attn')!r}: fix the adapter with interventions.register_adapter "
+                                 "(ArchSpec(attn=...))") from None
+        for attn in attns:
             if not hasattr(attn, "hook_pattern"):
                 attn.hook_pattern = nn.Identity()
                 added.append(attn)

@@ -88,8 +88,11 @@ def _parse_site(site, n_layers):
         layer, kind = int(m.group(1)), m.group(2)
     if kind not in SITE_KINDS or (kind == "final") != (layer is None):
         raise ValueError(f"unknown site {site!r}: write sites as {VALID_FORMS}")
-    if layer is not None and (not isinstance(layer, int) or layer < 0 or (n_layers is not None and layer >= n_layers)):
-        top = "" if n_layers is None else f"this model has layers 0-{n_layers - 1}"
+    if layer is not None and type(layer) is not int:  # a bool is an int to isinstance: (True, "z") is no layer
+        raise ValueError(f"site {site!r}: layer {layer!r} is not an integer: pass an int layer (e.g. int(x) of a "
+                         "numpy or torch number)")
+    if layer is not None and (layer < 0 or (n_layers is not None and layer >= n_layers)):
+        top = "layers are numbered from 0" if n_layers is None else f"this model has layers 0-{n_layers - 1}"
         raise ValueError(f"site {site!r}: layer {layer} out of range: {top}")
     return Site(layer, kind)
 

@@ -55,7 +55,7 @@ from torch import nn
 from .adapters import Adapter, get_adapter, has_pattern_site, module_at, unwrap
 from .remote import NotRemotable, Remote, check_remote, warn_unproven
 from .devices import check_placement, module_device, output_device
-from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, Site, kv_head_of, parse_site
+from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, SITE_KINDS, Site, kv_head_of, parse_site
 
 
 class InterventionError(RuntimeError):
@@ -429,8 +429,10 @@ class Engine:
             module_at(self.inner, path)
         except (AttributeError, IndexError):
             if site.kind == "mlp_out":
-                raise ValueError(f"site {site} does not exist: this {a.model_type} model has no MLP at {path!r} "
-                                 "(attention-only); use attn_out or resid_post") from None
+                raise ValueError(f"site {site} does not exist: this {a.model_type} model has no MLP at {path!r}: an "
+                                 "attention-only model has no mlp_out (use attn_out or resid_post); a model whose MLP "
+                                 "is elsewhere needs its path: register the adapter with "
+                                 "interventions.ArchSpec(mlp=<path relative to a block>)") from None
             raise InterventionError(f"site {site}: this {a.model_type} model has no module at {path!r}: fix the "
                                     "adapter with interventions.register_adapter") from None
 
@@ -440,7 +442,10 @@ class Engine:
             if site.kind in RESID_KINDS:
                 raise ValueError(f"write to {site}: the site has no heads; drop head={w.head}")
             n = a.n_site_heads(site.kind)
-            if not isinstance(w.head, int) or isinstance(w.head, bool) or not 0 <= w.head < n:
+            if type(w.head) is not int:  # a bool, or a numpy / torch number (was reported as out of range)
+                raise ValueError(f"write to {site}: head {w.head!r} is not an int: pass head=int(h), or None for all "
+                                 "heads")
+            if not 0 <= w.head < n:
                 what = "kv head" if site.kind in KV_KINDS else "head"
                 extra = (f" (grouped-query attention: query head h reads kv head h // {a.n_heads // a.n_kv_heads})"
                          if site.kind in KV_KINDS and a.n_kv_heads != a.n_heads else "")
@@ -465,6 +470,13 @@ class Engine:
         tokens = check_tokens(run.tokens, a)
         check_mask(run.attention_mask, tokens)
         batch, pos = tokens.shape
+        one = run.reads if isinstance(run.reads, str) or (isinstance(run.reads, tuple) and len(run.reads) == 2
+                                                          and not isinstance(run.reads[0], str)
+                                                          and run.reads[1] in SITE_KINDS) else None
+        if one is not None:  # iterated, a site string reads as its characters ("malformed site 'L'")
+            raise ValueError(f"reads={one!r} is one site: pass a list of sites, reads=[{one!r}]")
+        if isinstance(run.writes, Write):
+            raise ValueError("writes=Write(...) is one write: pass a list of writes, writes=[Write(...)]")
         reads = [parse_site(s, a.n_layers) for s in run.reads]
         writes: dict[Site, list[Write]] = {}
         for w in run.writes:
