@@ -269,8 +269,8 @@ class Results:
         prov = self.read_provenance() or {}
         inv = prov.get("invocations") or ([{k: v for k, v in prov.items() if k not in ("config", "seed")}]
                                           if prov else [])
-        used = {(self._entry(self._manifest(), k) or {}).get("invocation") or 0
-                for k in self._manifest() if k != SETTINGS_KEY}
+        manifest = self._manifest()
+        used = {(self._entry(manifest, k) or {}).get("invocation") or 0 for k in manifest if k != SETTINGS_KEY}
         return [inv[i] for i in sorted(used) if i < len(inv)]
 
     def read_provenance(self) -> dict | None:

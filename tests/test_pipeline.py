@@ -371,19 +371,24 @@ def test_smear_vs_vanilla_pairs_each_seed_with_its_twin():
     assert set(one) == {"smear-1l_vs_attn-1l", "smear-2l_vs_attn-2l"}  # one seed: names without suffix
 
 
-def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, monkeypatch):
-    """The smeared-vs-vanilla figure's hue is the number of layers (1l, 2l) also for runs named MODEL-sK
-    (not the seed suffix, which would average 1- and 2-layer models into one line)."""
+def _smear_axes(tmp_path, monkeypatch, **seeded):
+    """The smeared-vs-vanilla figure's first axes, drawn from ``_seeded_tables(**seeded)``."""
     from experiments import figures
 
-    ck, hs = _seeded_tables()
+    ck, hs = _seeded_tables(**seeded)
     res = Results(tmp_path, "phase_change")
     res.write("checkpoints", ck)
     res.write("head_scores", hs)
     saved = {}
     monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_smear(tmp_path, tmp_path / "figures")
-    ax = saved["smeared_vs_vanilla"].axes[0]
+    return saved["smeared_vs_vanilla"].axes[0]
+
+
+def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, monkeypatch):
+    """The smeared-vs-vanilla figure's hue is the number of layers (1l, 2l) also for runs named MODEL-sK
+    (not the seed suffix, which would average 1- and 2-layer models into one line)."""
+    ax = _smear_axes(tmp_path, monkeypatch)
     labels = {t.get_text() for t in ax.get_legend().get_texts()}
     assert {"1l", "2l"} <= labels and not any(t.startswith("s") and t[1:].isdigit() for t in labels), labels
     means = {round(y, 6) for line in ax.get_lines() for y in line.get_ydata()}
@@ -564,14 +569,7 @@ def test_smear_figure_band_is_the_seed_range_and_says_so(tmp_path, monkeypatch):
     seaborn's unlabelled default, a bootstrap 95% CI over the seeds, narrower than their range)."""
     from experiments import figures
 
-    ck, hs = _seeded_tables(seeds=range(5))
-    res = Results(tmp_path, "phase_change")
-    res.write("checkpoints", ck)
-    res.write("head_scores", hs)
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
-    figures.fig_smear(tmp_path, tmp_path / "figures")
-    ax = saved["smeared_vs_vanilla"].axes[0]
+    ax = _smear_axes(tmp_path, monkeypatch, seeds=range(5))
     assert ax.get_title() == figures.SEED_BANDS
     bands = {(round(v[v[:, 0] == 1000][:, 1].min(), 6), round(v[v[:, 0] == 1000][:, 1].max(), 6))
              for c in ax.collections for p in c.get_paths() for v in [p.vertices] if (v[:, 0] == 1000).any()}
