@@ -5,6 +5,7 @@ One shared style (``style()``); every figure saved as PNG and PDF; axes labelled
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import Results
+from .common import ResultError, Results
 
 COLUMN_WIDTH = 3.4  # inches: a paper column
 
@@ -604,9 +605,48 @@ def _models_with(root: Path, prefix: str) -> list[str]:
     return sorted(p.name[len(prefix) + 1:] for p in root.glob(f"{prefix}_*") if p.is_dir())
 
 
+DRAWN = "figures_manifest.json"  # in the figures folder: the files the last drawing into it wrote
+
+
+def drawn_before(out: Path) -> list[str]:
+    """The figure files the last ``make_figures`` into ``out`` wrote (its ``DRAWN`` manifest); [] if none.
+    A damaged manifest raises ResultError (callers check it before writing anything)."""
+    path = out / DRAWN
+    if not path.is_file():
+        return []
+    try:
+        names = json.loads(path.read_text()).get("files")
+    except (ValueError, AttributeError):
+        names = None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ResultError(f"{path} is damaged: delete it (the next drawing then removes no earlier figure)")
+    return names
+
+
+def _record_drawing(out: Path, before: list[str], paths: list[Path]) -> None:
+    """Remove the figures the previous drawing into ``out`` wrote that this one did not (their tables no
+    longer make them), then record this drawing's files. Only files a drawing recorded are removed (plain
+    ``.png``/``.pdf`` names in ``out``), never a file the tool did not write."""
+    from interventions.zoo.train import atomic_write_text
+
+    now = sorted({p.name for p in paths})
+    stale = [n for n in dict.fromkeys(before) if n not in now and Path(n).name == n
+             and Path(n).suffix in (".png", ".pdf") and (out / n).is_file()]
+    for n in stale:
+        (out / n).unlink()
+    if stale:
+        print(f"figures: removed {len(stale)} figure file(s) of an earlier drawing into {out} that these tables no "
+              f"longer make: {', '.join(stale)}", file=sys.stderr)
+    atomic_write_text(out / DRAWN, json.dumps({"files": now}, indent=1) + "\n")
+
+
 def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
-    """Every figure whose result tables exist, for every model present. Returns the written paths."""
+    """Every figure whose result tables exist, for every model present. Returns the written paths. The
+    files are recorded in ``out/figures_manifest.json``; figures an earlier drawing into ``out`` recorded
+    and this one does not make are removed (named on stderr); other files in ``out`` are left alone. A
+    drawing that makes no figure changes nothing."""
     root, out = Path(results_root), Path(out)
+    before = drawn_before(out)  # a damaged manifest raises before any figure is drawn
     paths = []
     for fn in ALL:
         paths += fn(root, out)
@@ -623,4 +663,6 @@ def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
                 continue
             for fn in fns:
                 paths += fn(root, out, model)
+    if paths:
+        _record_drawing(out, before, paths)
     return paths

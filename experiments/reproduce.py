@@ -30,8 +30,9 @@ ABLATION_WINDOWS = {"tiny": 64, "cpu": 2048, "gpu": 2048}
 def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: str | None = None,
               progress: bool = True, figures_dir: Path | None = None, workers: int | None = None,
               seeds: int | None = None, corpus: str | None = None) -> Path:
-    """The main job (module docstring). Bad input (scale, seeds, corpus, device, an unwritable ``out``)
-    raises before anything is written, the results folder and its lock included."""
+    """The main job (module docstring). Bad input (scale, seeds, corpus, device, an unwritable ``out``, a
+    damaged figures manifest) raises before anything is written, the results folder and its lock included."""
+    from .figures import drawn_before
     from .zoo import SCALES, zoo_configs
 
     if scale not in SCALES:
@@ -40,7 +41,13 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
     for cfg in zoo_configs(scale, device, seeds, corpus).values():  # seeds, corpus (path), device
         cfg.validate()
     check_writable(out)
+    drawn_before(default_figures_dir(Path(out), scale, figures_dir))
     return _reproduce(Path(out), scale, device, progress, figures_dir, workers, seeds, corpus)
+
+
+def default_figures_dir(out: Path, scale: str, figures_dir: Path | None) -> Path:
+    """Where ``reproduce`` draws: ``figures_dir``, else figures/ at cpu scale, else ``out``/figures."""
+    return Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
 
 
 @owns_results("out")
@@ -53,7 +60,7 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
     from .survey import run_survey
     from .zoo import scale_seeds, train_zoo
 
-    figures_dir = Path(figures_dir) if figures_dir else (Path("figures") if scale == "cpu" else out / "figures")
+    figures_dir = default_figures_dir(out, scale, figures_dir)
     clock = _Clock(out, {"scale": scale, "seeds": len(scale_seeds(scale, seeds)), "corpus": corpus})
     from interventions.zoo.provenance import provenance
 
@@ -92,7 +99,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     recorded with the options of the last (``same_job``); machine: the one that evaluated the checkpoints; ``git``: the commit the tables were made
     with (default: the phase change's provenance). Bad input raises before anything is written."""
     from .common import InputError, verify_tables
-    from .figures import make_figures
+    from .figures import drawn_before, make_figures
     from .phase_change import derive_windows
 
     out = Path(out)
@@ -118,6 +125,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     if git is None:
         git = Results(out, "phase_change").read_provenance()["git"]
     verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
+    drawn_before(Path(figures_dir))  # and so is a damaged figures manifest
     win = derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
     for r in win.itertuples():  # an attribution made at other windows would be drawn under these
         at = Results(out, f"ablations_{r.model}").read_optional("attribution")

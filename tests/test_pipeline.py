@@ -169,18 +169,24 @@ def test_report_takes_the_scale_from_the_tables(tiny_run, tmp_path, capsys):
 
 
 def test_report_refuses_bad_input_before_writing(tiny_run, tmp_path):
-    """A --figures that is a file, no recorded timings, or no invocation that ran to completion: exit 2,
-    nothing written (a --figures file crashed after the windows were rewritten)."""
+    """A --figures that is a file or holds a damaged figures manifest, no recorded timings, or no
+    invocation that ran to completion: exit 2, nothing written (a --figures file crashed after the
+    windows were rewritten)."""
     import shutil
 
     from experiments.__main__ import main
+    from experiments.figures import DRAWN
 
     out, _ = tiny_run
     copy = tmp_path / "copy"
     shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
     (tmp_path / "file").write_text("")
+    (copy / "figures").mkdir()
+    (copy / "figures" / DRAWN).write_text("{")
     timings = Results(copy, "report").read_json("timings")
-    for case in ("figures", "none", "interrupted"):
+    for case in ("manifest", "figures", "none", "interrupted"):
+        if case == "figures":
+            shutil.rmtree(copy / "figures")
         if case == "none":
             (copy / "report" / "timings.json").unlink()
         if case == "interrupted":
@@ -301,6 +307,47 @@ def test_figures_leave_out_experiments_of_runs_not_in_the_tables(tiny_run, tmp_p
     assert [p for p in paths if "attn-2l" in p.name and "ablation" in p.name]  # the tables' own runs are drawn
     err = capsys.readouterr().err
     assert "ablations_ghost" in err and "circuit_ghost" in err
+
+
+def _draw_stub(fig, out, name):
+    """``figures._save`` without the rendering (fast): empty PNG and PDF files, the figure closed."""
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+    for p in paths:
+        p.write_bytes(b"")
+    plt.close(fig)
+    return paths
+
+
+def test_redrawing_removes_only_the_figures_an_earlier_drawing_made(tmp_path, monkeypatch, capsys):
+    """Redrawn after a rerun with fewer seeds, the folder holds no per-seed figure of the earlier drawing
+    (it no longer comes from the tables), named on stderr; files the tool did not write survive, also
+    figure-like ones, and a damaged manifest is refused before any figure is drawn."""
+    from experiments import figures
+
+    monkeypatch.setattr(figures, "_save", _draw_stub)
+    res, out = Results(tmp_path, "phase_change"), tmp_path / "figures"
+    ck, hs = _seeded_tables(seeds=(0, 1, 2))
+    res.write("checkpoints", ck[ck.model.str.startswith("attn-2l")])
+    res.write("head_scores", hs[hs.model.str.startswith("attn-2l")])
+    first = {p.name for p in figures.make_figures(tmp_path, out)}
+    assert {"head_scores_attn-2l-s1.png", "head_scores_attn-2l-s2.pdf"} <= first
+    out.joinpath("notes.md").write_text("mine")
+    out.joinpath("head_scores_mine.png").write_bytes(b"mine")  # figure-like, but no drawing made it
+    res.write("checkpoints", ck[ck.model == "attn-2l-s0"])
+    res.write("head_scores", hs[hs.model == "attn-2l-s0"])
+    second = {p.name for p in figures.make_figures(tmp_path, out)}
+    assert "head_scores_attn-2l-s0.png" in second and not [n for n in second if "-s1" in n or "-s2" in n]
+    on_disk = {p.name for p in out.iterdir()}
+    assert on_disk == second | {"notes.md", "head_scores_mine.png", figures.DRAWN}
+    assert "head_scores_attn-2l-s2.pdf" in capsys.readouterr().err
+    out.joinpath(figures.DRAWN).write_text("{not json")
+    out.joinpath("head_scores_attn-2l-s0.png").unlink()
+    with pytest.raises(ResultError, match="delete it"):
+        figures.make_figures(tmp_path, out)
+    assert {p.name for p in out.iterdir()} == on_disk - {"head_scores_attn-2l-s0.png"}  # nothing drawn
 
 
 def test_several_seeds_report_their_spread(tmp_path, monkeypatch):

@@ -873,7 +873,10 @@ def test_ablations_and_circuit_refuse_phase_change_results_of_another_run_state(
 
 def test_reproduce_api_refuses_bad_input_before_making_the_folder(tmp_path):
     """reproduce() called directly with --corpus on the tiny scale, a missing corpus, seeds=0 or an unknown
-    scale raises before the results folder (or its lock file) exists."""
+    scale raises before the results folder (or its lock file) exists; so does a figures folder whose
+    manifest is damaged (it was found only after the whole job, when the figures were drawn)."""
+    from experiments.common import ResultError
+    from experiments.figures import DRAWN
     from experiments.reproduce import reproduce
 
     for kw in (dict(scale="tiny", corpus=str(tmp_path)), dict(scale="cpu", corpus=str(tmp_path / "missing")),
@@ -881,6 +884,11 @@ def test_reproduce_api_refuses_bad_input_before_making_the_folder(tmp_path):
         with pytest.raises(ValueError):
             reproduce(out=tmp_path / "r", progress=False, **kw)
         assert not (tmp_path / "r").exists(), kw
+    (tmp_path / "figs").mkdir()
+    (tmp_path / "figs" / DRAWN).write_text("[]")
+    with pytest.raises(ResultError, match="delete it"):
+        reproduce(out=tmp_path / "r", scale="tiny", progress=False, figures_dir=tmp_path / "figs")
+    assert not (tmp_path / "r").exists()
 
 
 def test_model_labels_read_back_as_written(tmp_path):
