@@ -244,6 +244,9 @@ def fig_pca(root: Path, out: Path):
     return _save(fig, out, "per_token_loss_pca")
 
 
+END_MARKER, END_LABEL = "X", "end of training"  # each PCA trajectory's last checkpoint
+
+
 def _pca_panel(ax, pca: pd.DataFrame, win: pd.DataFrame | None, fit: str | None) -> None:
     """One PCA fit's trajectories on ``ax`` (``fit``: its name in the title where there are several)."""
     fam = _families(pd.Series(pca.model.unique()))  # several seeds: one colour per model, one legend entry
@@ -256,8 +259,9 @@ def _pca_panel(ax, pca: pd.DataFrame, win: pd.DataFrame | None, fit: str | None)
         line, = ax.plot(d.pc1, d.pc2, marker="o", markersize=1.5, lw=0.8, color=colors[f],
                         label=None if f in labelled else f)
         labelled.add(f)
-        if fam is None:
-            ax.annotate("end", (d.pc1.iloc[-1], d.pc2.iloc[-1]), fontsize=6)
+        # the last checkpoint: a marker (explained in the legend), not a text label, which sat on the
+        # trajectory's markers and on the other runs' labels where trajectories end close together
+        ax.plot(d.pc1.iloc[-1], d.pc2.iloc[-1], END_MARKER, color=line.get_color(), markersize=5, mec="k", mew=0.5)
         twin = _twin_attn2l(win, model)  # each run marked at its own seed's attn-2l window
         ref = win[win.model == twin] if twin is not None else None
         if ref is not None and len(ref) and np.isfinite(ref.icl_window_start_tokens.iloc[0]):
@@ -268,6 +272,7 @@ def _pca_panel(ax, pca: pd.DataFrame, win: pd.DataFrame | None, fit: str | None)
     ax.set_title("triangle / square: attn-2l ICL window start / end"
                  + (" (same seed)" if pca.model.str.contains(r"-s\d+$").any() else "")
                  + (f"\n{fit}" if fit else ""), fontsize=7)
+    ax.plot([], [], END_MARKER, color="0.7", markersize=5, mec="k", mew=0.5, label=END_LABEL)
     ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
     ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
     if fam is not None:

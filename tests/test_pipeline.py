@@ -461,6 +461,36 @@ def test_seed_lines_draw_only_the_tokens_every_seed_has(tmp_path, monkeypatch):
     assert list(line.get_xdata()) == [1000, 2000, 3000] and set(line.get_ydata()) == {4.0}
 
 
+def test_pca_figure_marks_each_trajectory_end_without_text_on_the_markers(tmp_path, monkeypatch):
+    """Each run's last checkpoint is a marker named in the legend beside every model; no text is drawn
+    on the markers (an "end" label sat on each trajectory's last marker, and on the other run's label
+    where two runs end close together)."""
+    import pandas as pd
+
+    from experiments import figures
+
+    ends = {"attn-1l": (1.0, 1.0), "attn-2l": (1.02, 1.0)}  # two runs ending next to each other
+    pca = pd.DataFrame([{"model": m, "step": s, "tokens": 10 ** (s + 5), "pc1": x - (3 - s) / 3, "pc2": y + (3 - s) / 3,
+                         "var_pc1": 0.4, "var_pc2": 0.2} for m, (x, y) in ends.items() for s in range(4)])
+    Results(tmp_path, "phase_change").write("pca", pca)
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    figures.fig_pca(tmp_path, tmp_path / "figures")
+    fig = saved["per_token_loss_pca"]
+    ax = fig.axes[0]
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == set(ends) | {figures.END_LABEL}
+    for model, (x, y) in ends.items():
+        colour = next(line.get_color() for line in ax.get_lines() if line.get_label() == model)
+        assert [line for line in ax.get_lines() if line.get_marker() == figures.END_MARKER
+                and line.get_color() == colour and (line.get_xdata()[0], line.get_ydata()[0]) == (x, y)], model
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    points = ax.transData.transform(pca[["pc1", "pc2"]].to_numpy())
+    for text in ax.texts:
+        box = text.get_window_extent(r).expanded(1.2, 1.2)
+        assert not any(box.contains(px, py) for px, py in points), f"{text.get_text()!r} on a marker"
+
+
 def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, monkeypatch):
     """Runs evaluated on different PCA pairs (other corpus or context) have PCs of separate fits: never
     drawn on one pair of axes under the first fit's variance, but one panel per fit."""
@@ -483,7 +513,7 @@ def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, monkeypat
     for ax, fp in zip(axes, ("p", "q")):
         var = pca[pca.pairs == fp].var_pc1.iloc[0]
         assert f"({100 * var:.0f}% var." in ax.get_xlabel()
-        assert {t.get_text() for t in ax.get_legend().get_texts()} == set(pca[pca.pairs == fp].model)
+        assert {t.get_text() for t in ax.get_legend().get_texts()} == set(pca[pca.pairs == fp].model) | {figures.END_LABEL}
 
 @pytest.mark.parametrize("n_ctx, early, late, band", [(64, 6, 62, 1), (256, 25, 250, 5), (512, 50, 500, 10)])
 def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, band):
