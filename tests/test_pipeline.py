@@ -470,8 +470,9 @@ def test_pca_figure_marks_each_trajectory_end_without_text_on_the_markers(tmp_pa
     from experiments import figures
 
     ends = {"attn-1l": (1.0, 1.0), "attn-2l": (1.02, 1.0)}  # two runs ending next to each other
-    pca = pd.DataFrame([{"model": m, "step": s, "tokens": 10 ** (s + 5), "pc1": x - (3 - s) / 3, "pc2": y + (3 - s) / 3,
-                         "var_pc1": 0.4, "var_pc2": 0.2} for m, (x, y) in ends.items() for s in range(4)])
+    pca = pd.DataFrame([{"model": m, "step": s, "tokens": 10 ** (s + 5), "pc1": x - (3 - s) / 3,
+                         "pc2": y + (3 - s) / 3, "var_pc1": 0.4, "var_pc2": 0.2}
+                        for m, (x, y) in ends.items() for s in range(4)])
     Results(tmp_path, "phase_change").write("pca", pca)
     saved = {}
     monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
@@ -513,7 +514,8 @@ def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, monkeypat
     for ax, fp in zip(axes, ("p", "q")):
         var = pca[pca.pairs == fp].var_pc1.iloc[0]
         assert f"({100 * var:.0f}% var." in ax.get_xlabel()
-        assert {t.get_text() for t in ax.get_legend().get_texts()} == set(pca[pca.pairs == fp].model) | {figures.END_LABEL}
+        names = {t.get_text() for t in ax.get_legend().get_texts()}
+        assert names == set(pca[pca.pairs == fp].model) | {figures.END_LABEL}
 
 @pytest.mark.parametrize("n_ctx, early, late, band", [(64, 6, 62, 1), (256, 25, 250, 5), (512, 50, 500, 10)])
 def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, band):
