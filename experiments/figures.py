@@ -37,10 +37,17 @@ def save_figure(fig, out: Path, name: str) -> list[Path]:
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
+    import os
+
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    for p in paths:
-        fig.savefig(p)
+    for p in paths:  # via a temporary file and rename: an interrupted save never leaves a half-written figure
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        try:
+            fig.savefig(tmp, format=p.suffix[1:])
+            os.replace(tmp, p)
+        finally:
+            tmp.unlink(missing_ok=True)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -930,3 +930,39 @@ def test_a_rerun_keeps_the_provenance_of_the_tables_it_did_not_make(tmp_path, mo
     made = [{"git_commit": "a" * 40, "machine": machine, "folders": ["phase_change"]}]
     assert _made_by_note({"git_commit": "a" * 40, "machine": machine, "tables_made_by": made}) == ""
     assert "commit aaaaaaa on m" in _made_by_note({"git_commit": "b" * 40, "machine": machine, "tables_made_by": made})
+
+
+def test_an_interrupted_figure_save_keeps_the_previous_figure_whole(tmp_path, monkeypatch):
+    """A save killed mid-write (here: the PDF backend raising) leaves the earlier PNG/PDF as they were
+    and no temporary file: figures are written via a temporary file and a rename."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    from experiments import figures
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    paths = figures.save_figure(fig, tmp_path, "curve")
+    before = {p.name: p.read_bytes() for p in paths}
+    assert all(before.values())
+
+    real = Figure.savefig
+
+    def dies_on_pdf(self, fname, *args, **kwargs):
+        if kwargs.get("format") == "pdf" or str(fname).endswith(".pdf"):
+            Path(fname).write_bytes(b"%PDF-half")  # what a kill mid-write leaves behind
+            raise KeyboardInterrupt
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", dies_on_pdf)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    with pytest.raises(KeyboardInterrupt):
+        figures.save_figure(fig, tmp_path, "curve")
+    plt.close(fig)
+    assert (tmp_path / "curve.pdf").read_bytes() == before["curve.pdf"]  # the old PDF, whole
+    assert (tmp_path / "curve.png").read_bytes() != before["curve.png"]  # the PNG finished: the new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.pdf", "curve.png"]  # no temporary left
