@@ -52,7 +52,7 @@ class ArchSpec:
     k_proj: str  # module whose output holds the keys, relative to attn
     pattern: str | None = None  # pattern module relative to attn (None: ``hook_pattern``, added by ``observable``)
     fused_qkv: str | None = None  # "gpt2" (c_attn: q|k|v), "neox" (per-head [q_h|k_h|v_h]) or None
-    unembed: str = "lm_head"
+    unembed: str | None = None  # None: the model's output embeddings (``get_output_embeddings``)
     q_proj: str | None = None
     v_proj: str | None = None
     mlp: str | None = "mlp"  # relative to a block; a model without one has no mlp_out site
@@ -68,7 +68,7 @@ ARCHS: dict[str, ArchSpec] = {
                           attn_is_o_proj=True, final_norm="transformer.ln_f"),
     "gpt2": ArchSpec("transformer.h", "attn", "c_proj", "c_attn", "hook_pattern", fused_qkv="gpt2",
                      attn_is_o_proj=True, final_norm="transformer.ln_f"),
-    # transformers 5 names the NeoX unembedding ``lm_head`` (4.x: ``embed_out``; see ``unembed_path``)
+    # transformers 5 names the NeoX unembedding ``lm_head`` (4.x: ``embed_out``): found as the output embeddings
     "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "dense", "query_key_value", "hook_pattern",
                          fused_qkv="neox", attn_is_o_proj=True, final_norm="gpt_neox.final_layer_norm"),
     "llama": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
@@ -215,21 +215,33 @@ class Adapter:
         return cut_view(raw, self.view_spec(kind))
 
     def unembed_path(self, root=None) -> str:
-        """Path of the unembedding module: the spec's, else wherever ``get_output_embeddings`` lives
-        (module names differ across transformers versions, e.g. NeoX ``embed_out`` -> ``lm_head``)."""
+        """Path of the unembedding module in ``root``: the spec's ``unembed``, which must exist, or where it
+        is unset the module ``get_output_embeddings`` returns (names differ across transformers versions,
+        e.g. NeoX ``embed_out`` -> ``lm_head``)."""
+        named = self.spec.unembed
         if root is None:
-            return self.spec.unembed
+            if named is None:
+                raise ValueError("the unembedding's path is found in the model: pass it, "
+                                 "get_adapter(model).point('final', model)")
+            return named
         inner = unwrap(root)
-        try:
-            module_at(inner, self.spec.unembed)
-            return self.spec.unembed
-        except (AttributeError, IndexError):
-            pass
+        if named is not None:
+            try:
+                module_at(inner, named)
+            except (AttributeError, IndexError):
+                raise ValueError(f"no unembedding module at {named!r} (ArchSpec(unembed=...)) in this "
+                                 f"{self.model_type} model: register the adapter with ArchSpec(unembed=<path of the "
+                                 "lm head>), or leave unembed unset to use the model's get_output_embeddings()") \
+                    from None
+            return named
         out = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-        for name, m in inner.named_modules():
-            if out is not None and m is out:
-                return name
-        raise ValueError(f"no unembedding module at {self.spec.unembed!r} in this {self.model_type} model: "
+        if out is not None:
+            if getattr(inner, "lm_head", None) is out:  # the usual name, without a walk over every module
+                return "lm_head"
+            for name, m in inner.named_modules():
+                if m is out:
+                    return name
+        raise ValueError(f"this {self.model_type} model has no output embeddings (get_output_embeddings()): "
                          "register the adapter with ArchSpec(unembed=<path of the lm head>)")
 
     def check_layer(self, layer: int) -> None:
