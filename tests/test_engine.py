@@ -439,6 +439,8 @@ def test_registered_unembed_path_that_does_not_exist_raises_naming_the_fix():
         got = run_with_cache(model, tokens, ["final"])[1]["final"]
         register_adapter("my_llama", ArchSpec(**spec))
         assert get_adapter(model).point("final", model) == ("lm_head", "input")
+        with pytest.raises(ValueError, match=r"pass it, get_adapter\(model\).point\('final', model\)"):
+            get_adapter(model).point("final")
     finally:
         handle.remove()
         ARCHS.pop("my_llama", None)

@@ -176,7 +176,7 @@ class Adapter:
 
     def point(self, site: Site | str, root=None) -> tuple[str, str]:
         """(module path, "input" or "output") where ``site`` (``Site(1, "z")`` or ``"L1.z"``) is read and
-        written."""
+        written; ``root``: the model, where the ``final`` site's unembedding is found (``unembed_path``)."""
         if type(site) is not Site:
             site = parse_site(site, self.n_layers)
         kind = site.kind
