@@ -654,6 +654,27 @@ def test_readme_escape_hatch_raw_nnsight_at_a_site_string():
     torch.testing.assert_close(z.reshape(want.shape), want)
 
 
+def test_wrap_of_a_wrapped_model_uses_the_tokenizer():
+    """``wrap(wrap(model), tokenizer)`` takes string prompts (the tokenizer was ignored: a bare NNsight came
+    back), with the model's own logits on the tokenized prompt; a TransformersModel (not an NNsight subclass)
+    comes back as it is without a tokenizer or with its own (it was wrapped again: an AttributeError at the
+    trace, a hub lookup), and is refused naming the fix with another tokenizer."""
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, wrap
+    from interventions.zoo.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=len(tok))).eval()
+    lm = wrap(wrap(model), tok)
+    with lm.trace("hello"):
+        got = lm.output.logits.save()
+    with torch.no_grad():
+        want = model(torch.tensor([tok("hello")["input_ids"]])).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert wrap(lm, tok) is lm and wrap(lm) is lm
+    with pytest.raises(ValueError, match=r"keeps its own tokenizer.*wrap\(hf_model, tokenizer\)"):
+        wrap(lm, byte_tokenizer())
+
+
 @pytest.mark.parametrize("n_kv", [4, 2, 1])
 def test_fused_qkv_under_grouped_query_attention(n_kv):
     """A model registered with q|k|v fused along the last dimension (``fused_qkv="gpt2"``, Phi-3's
