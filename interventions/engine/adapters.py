@@ -314,7 +314,8 @@ def observable_attention(module, query, key, value, attention_mask, scaling=None
     """Eager attention for any HF architecture, routing the pattern through ``module.hook_pattern``.
 
     query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head). A logit softcap
-    (``softcap``, Gemma 2) is applied as HF's eager attention does; attention sinks or an added position
+    (``softcap``, Gemma 2) is applied as HF's eager attention does, and so is GPT-2's
+    ``reorder_and_upcast_attn`` (scores in float32, autocast off); attention sinks or an added position
     bias (``s_aux`` / ``sinks``, ``position_bias``) are refused: computing without them would be wrong."""
     extra = [name for name in ("s_aux", "sinks", "position_bias") if kwargs.get(name) is not None]
     if extra:
@@ -328,7 +329,11 @@ def observable_attention(module, query, key, value, attention_mask, scaling=None
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = (query @ key.transpose(-1, -2)) * scaling  # (batch, head, q_pos, k_pos)
+    if getattr(module, "reorder_and_upcast_attn", False):
+        with torch.autocast(query.device.type, enabled=False):
+            scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    else:
+        scores = (query @ key.transpose(-1, -2)) * scaling  # (batch, head, q_pos, k_pos)
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -337,7 +342,7 @@ def observable_attention(module, query, key, value, attention_mask, scaling=None
             scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask[..., : key.shape[-2]]
-    weights = scores.float().softmax(dim=-1).to(query.dtype)
+    weights = scores.float().softmax(dim=-1).to(value.dtype)
     hook = getattr(module, "hook_pattern", None)
     if hook is not None:
         weights = hook(weights)
