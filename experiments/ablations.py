@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interventions import PatternPreserving, ZeroAblation, per_token_loss
+from interventions import PatternPreserving, ZeroAblation, observable, per_token_loss
 from interventions.engine.heads import Head
 from interventions.analysis.metrics import icl_band, icl_band_losses, icl_indices
 from interventions.engine.adapters import get_adapter
@@ -62,6 +62,17 @@ def share_removed(clean: np.ndarray, ablated: np.ndarray, seed: int = 0) -> tupl
     idx = g.integers(0, len(clean), size=(N_BOOT, len(clean)))
     boots = (ablated[idx].mean(1) - clean[idx].mean(1)) / -clean[idx].mean(1)
     return float(share(clean, ablated)), float(np.std(boots, ddof=1))
+
+
+def set_losses(model, windows: torch.Tensor, sets: dict[str, list]) -> dict[str, torch.Tensor]:
+    """Per-token losses (n_windows, pos - 1) with each set's heads pattern-preservingly zero-ablated together
+    (an empty set: the clean run). All on the eager attention path that pattern preservation runs on
+    (``observable``), the clean run included: SDPA's clean loss differs from it in low precision, so a
+    change from it would mix the two paths."""
+    with observable(model):
+        clean = per_token_loss(model, windows, batch_size=64)
+        return {name: per_token_loss(model, windows, [PatternPreserving(ZeroAblation(heads))], batch_size=64)
+                if heads else clean for name, heads in sets.items()}
 
 
 def _sem(x: np.ndarray) -> float:
@@ -133,11 +144,10 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                 pick = g.choice(len(others), size=len(ind), replace=False)
                 sets[f"random {r}"] = [others[i] for i in sorted(pick)]
         rows, by_index = [], []
-        clean = per_token_loss(model, windows, batch_size=64)
-        c = per_window_icl(clean)
+        all_losses = set_losses(model, windows, sets)
+        c = per_window_icl(all_losses["clean"])
         for set_name, heads in sets.items():
-            losses = clean if not heads else per_token_loss(model, windows, [PatternPreserving(ZeroAblation(heads))],
-                                                            batch_size=64)
+            losses = all_losses[set_name]
             abl = per_window_icl(losses)
             share, share_se = share_removed(c, abl, cfg.seed) if heads else (0.0, 0.0)
             group = "random (non-induction)" if set_name.startswith("random") else set_name

@@ -554,6 +554,30 @@ def test_observable_applies_gemma2_attention_softcap():
     assert (pp - plain).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_observable_reproduces_gpt2_reorder_and_upcast_attn(dtype):
+    """GPT-2 with ``reorder_and_upcast_attn=True`` computes its attention scores in float32 on its eager path:
+    patterns and logits read through observable() equal the model's own eager forward (output_attentions)
+    exactly, in every dtype (scores were rounded to bfloat16 / float16: a layer-0 pattern differed by 0.047)."""
+    import transformers as T
+
+    from interventions import observable
+
+    cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, reorder_and_upcast_attn=True)
+    model = _randomise(T.GPT2LMHeadModel(cfg).eval(), scale=0.5).to(dtype)  # large scores: bf16 rounding shows
+    tokens = _tokens(batch=4, pos=32)
+    impl = model.config._attn_implementation
+    model.config._attn_implementation = "eager"  # HF upcasts on its eager path only
+    with torch.no_grad():
+        want = model(tokens, output_attentions=True)
+    model.config._attn_implementation = impl
+    with observable(model):
+        got = execute(model, Run(tokens, reads=["L0.pattern", "L1.pattern"]))
+    for layer in range(2):
+        torch.testing.assert_close(got.acts[f"L{layer}.pattern"], want.attentions[layer], atol=0, rtol=0)
+    torch.testing.assert_close(got.logits, want.logits, atol=0, rtol=0)
+
+
 def test_observable_refuses_attention_sinks():
     """gpt-oss adds a learned sink to each head's softmax (``s_aux``), which the observable path does not
     compute: pattern sites and pattern-preserving ablation raise InterventionError rather than giving

@@ -411,6 +411,49 @@ def test_mlp_elsewhere_advice_works():
     torch.testing.assert_close(got, seen[0], atol=0, rtol=0)
 
 
+def test_registered_unembed_path_that_does_not_exist_raises_naming_the_fix():
+    """An adapter registered with ``unembed`` naming no module is refused naming ArchSpec(unembed=...),
+    for a run and for the copying score, before any forward (it fell back to the model's output embeddings
+    silently); named right, the final site reads the lm_head's input (plain hook); left unset, the model's
+    get_output_embeddings() is used."""
+    from interventions import ArchSpec, register_adapter
+    from interventions.analysis.scores import copying_score
+    from interventions.engine.adapters import ARCHS, get_adapter
+
+    model = build("llama")
+    model.config.model_type = "my_llama"
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    spec = dict(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj", final_norm="model.norm")
+    calls = []
+    handle = model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        register_adapter("my_llama", ArchSpec(**spec, unembed="lm_heads"))
+        with pytest.raises(ValueError, match=r"no unembedding module at 'lm_heads'.*ArchSpec\(unembed="):
+            run_with_cache(model, tokens, ["final"])
+        with pytest.raises(ValueError, match=r"no unembedding module at 'lm_heads'.*ArchSpec\(unembed="):
+            execute(model, Run(tokens, reads=["L0.z"]))
+        with pytest.raises(ValueError, match=r"no unembedding module at 'lm_heads'.*ArchSpec\(unembed="):
+            copying_score(model, bos_id=0, token_pool=torch.arange(1, VOCAB))
+        assert calls == []
+        register_adapter("my_llama", ArchSpec(**spec, unembed="lm_head"))
+        got = run_with_cache(model, tokens, ["final"])[1]["final"]
+        register_adapter("my_llama", ArchSpec(**spec))
+        assert get_adapter(model).point("final", model) == ("lm_head", "input")
+        with pytest.raises(ValueError, match=r"pass it, get_adapter\(model\).point\('final', model\)"):
+            get_adapter(model).point("final")
+    finally:
+        handle.remove()
+        ARCHS.pop("my_llama", None)
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, seen[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("site, match", [
     ((True, "z"), "not an integer"),  # was Site(True, 'z'): refused later as a module missing from the adapter
     ((1.0, "z"), "not an integer"),
@@ -609,6 +652,27 @@ def test_readme_escape_hatch_raw_nnsight_at_a_site_string():
     z = z[0][0] if isinstance(z, tuple) else z  # an input is (args, kwargs)
     want = run_with_cache(model, tokens, ["L0.z"])[1]["L0.z"]
     torch.testing.assert_close(z.reshape(want.shape), want)
+
+
+def test_wrap_of_a_wrapped_model_uses_the_tokenizer():
+    """``wrap(wrap(model), tokenizer)`` takes string prompts (the tokenizer was ignored: a bare NNsight came
+    back), with the model's own logits on the tokenized prompt; a TransformersModel (not an NNsight subclass)
+    comes back as it is without a tokenizer or with its own (it was wrapped again: an AttributeError at the
+    trace, a hub lookup), and is refused naming the fix with another tokenizer."""
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, wrap
+    from interventions.zoo.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=len(tok))).eval()
+    lm = wrap(wrap(model), tok)
+    with lm.trace("hello"):
+        got = lm.output.logits.save()
+    with torch.no_grad():
+        want = model(torch.tensor([tok("hello")["input_ids"]])).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert wrap(lm, tok) is lm and wrap(lm) is lm
+    with pytest.raises(ValueError, match=r"keeps its own tokenizer.*wrap\(hf_model, tokenizer\)"):
+        wrap(lm, byte_tokenizer())
 
 
 @pytest.mark.parametrize("n_kv", [4, 2, 1])

@@ -701,6 +701,30 @@ def test_ablations_refuse_too_few_windows(tmp_path):
     assert not (tmp_path / "res" / "ablations_run").exists()
 
 
+def test_ablation_sets_compare_with_a_clean_run_on_the_same_path():
+    """The head sets' losses and their clean baseline come from one attention path (observable's eager, which
+    pattern preservation needs): in bfloat16 a set whose heads write nothing (output-projection columns 0)
+    changes no loss, exactly, and the clean losses are the eager run's. The clean run was on SDPA: the
+    "change" of such a set was up to 0.5 nats on a token."""
+    from experiments.ablations import set_losses
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, observable, per_token_loss
+
+    torch.manual_seed(0)
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=4, d_model=64, n_ctx=64, vocab_size=257)).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # large weights: bfloat16 rounding differs between the paths
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        model.transformer.h[1].attn.c_proj.weight[:, :16] = 0  # head L1H0 writes nothing
+    model = model.to(torch.bfloat16)
+    windows = torch.randint(0, 257, (4, 64), generator=torch.Generator().manual_seed(2))
+    losses = set_losses(model, windows, {"clean": [], "silent": ["L1H0"]})
+    with observable(model):
+        eager = per_token_loss(model, windows)
+    assert torch.equal(losses["clean"], eager)
+    assert torch.equal(losses["silent"], losses["clean"])
+    assert (per_token_loss(model, windows) - eager).abs().max() > 0.01  # the paths do differ here
+
+
 def test_run_without_checkpoints_names_the_run(tmp_path, capsys):
     """phase-change on a run with no complete checkpoint: exit 2 naming the run, not a pandas error."""
     run = tmp_path / "run"

@@ -52,7 +52,7 @@ class ArchSpec:
     k_proj: str  # module whose output holds the keys, relative to attn
     pattern: str | None = None  # pattern module relative to attn (None: ``hook_pattern``, added by ``observable``)
     fused_qkv: str | None = None  # "gpt2" (c_attn: q|k|v), "neox" (per-head [q_h|k_h|v_h]) or None
-    unembed: str = "lm_head"
+    unembed: str | None = None  # None: the model's output embeddings (``get_output_embeddings``)
     q_proj: str | None = None
     v_proj: str | None = None
     mlp: str | None = "mlp"  # relative to a block; a model without one has no mlp_out site
@@ -68,7 +68,7 @@ ARCHS: dict[str, ArchSpec] = {
                           attn_is_o_proj=True, final_norm="transformer.ln_f"),
     "gpt2": ArchSpec("transformer.h", "attn", "c_proj", "c_attn", "hook_pattern", fused_qkv="gpt2",
                      attn_is_o_proj=True, final_norm="transformer.ln_f"),
-    # transformers 5 names the NeoX unembedding ``lm_head`` (4.x: ``embed_out``; see ``unembed_path``)
+    # transformers 5 names the NeoX unembedding ``lm_head`` (4.x: ``embed_out``): found as the output embeddings
     "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "dense", "query_key_value", "hook_pattern",
                          fused_qkv="neox", attn_is_o_proj=True, final_norm="gpt_neox.final_layer_norm"),
     "llama": ArchSpec("model.layers", "self_attn", "o_proj", "k_proj", "hook_pattern", attn_is_o_proj=True,
@@ -176,7 +176,7 @@ class Adapter:
 
     def point(self, site: Site | str, root=None) -> tuple[str, str]:
         """(module path, "input" or "output") where ``site`` (``Site(1, "z")`` or ``"L1.z"``) is read and
-        written."""
+        written; ``root``: the model, where the ``final`` site's unembedding is found (``unembed_path``)."""
         if type(site) is not Site:
             site = parse_site(site, self.n_layers)
         kind = site.kind
@@ -215,21 +215,33 @@ class Adapter:
         return cut_view(raw, self.view_spec(kind))
 
     def unembed_path(self, root=None) -> str:
-        """Path of the unembedding module: the spec's, else wherever ``get_output_embeddings`` lives
-        (module names differ across transformers versions, e.g. NeoX ``embed_out`` -> ``lm_head``)."""
+        """Path of the unembedding module in ``root``: the spec's ``unembed``, which must exist, or where it
+        is unset the module ``get_output_embeddings`` returns (names differ across transformers versions,
+        e.g. NeoX ``embed_out`` -> ``lm_head``)."""
+        named = self.spec.unembed
         if root is None:
-            return self.spec.unembed
+            if named is None:
+                raise ValueError("the unembedding's path is found in the model: pass it, "
+                                 "get_adapter(model).point('final', model)")
+            return named
         inner = unwrap(root)
-        try:
-            module_at(inner, self.spec.unembed)
-            return self.spec.unembed
-        except (AttributeError, IndexError):
-            pass
+        if named is not None:
+            try:
+                module_at(inner, named)
+            except (AttributeError, IndexError):
+                raise ValueError(f"no unembedding module at {named!r} (ArchSpec(unembed=...)) in this "
+                                 f"{self.model_type} model: register the adapter with ArchSpec(unembed=<path of the "
+                                 "lm head>), or leave unembed unset to use the model's get_output_embeddings()") \
+                    from None
+            return named
         out = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-        for name, m in inner.named_modules():
-            if out is not None and m is out:
-                return name
-        raise ValueError(f"no unembedding module at {self.spec.unembed!r} in this {self.model_type} model: "
+        if out is not None:
+            if getattr(inner, "lm_head", None) is out:  # the usual name, without a walk over every module
+                return "lm_head"
+            for name, m in inner.named_modules():
+                if m is out:
+                    return name
+        raise ValueError(f"this {self.model_type} model has no output embeddings (get_output_embeddings()): "
                          "register the adapter with ArchSpec(unembed=<path of the lm head>)")
 
     def check_layer(self, layer: int) -> None:
@@ -302,7 +314,8 @@ def observable_attention(module, query, key, value, attention_mask, scaling=None
     """Eager attention for any HF architecture, routing the pattern through ``module.hook_pattern``.
 
     query (batch, head, q_pos, d_head); key/value (batch, kv_head, k_pos, d_head). A logit softcap
-    (``softcap``, Gemma 2) is applied as HF's eager attention does; attention sinks or an added position
+    (``softcap``, Gemma 2) is applied as HF's eager attention does, and so is GPT-2's
+    ``reorder_and_upcast_attn`` (scores in float32, autocast off); attention sinks or an added position
     bias (``s_aux`` / ``sinks``, ``position_bias``) are refused: computing without them would be wrong."""
     extra = [name for name in ("s_aux", "sinks", "position_bias") if kwargs.get(name) is not None]
     if extra:
@@ -316,7 +329,11 @@ def observable_attention(module, query, key, value, attention_mask, scaling=None
         key = key.repeat_interleave(n_rep, dim=1)
         value = value.repeat_interleave(n_rep, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = (query @ key.transpose(-1, -2)) * scaling  # (batch, head, q_pos, k_pos)
+    if getattr(module, "reorder_and_upcast_attn", False):
+        with torch.autocast(query.device.type, enabled=False):
+            scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    else:
+        scores = (query @ key.transpose(-1, -2)) * scaling  # (batch, head, q_pos, k_pos)
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -325,7 +342,7 @@ def observable_attention(module, query, key, value, attention_mask, scaling=None
             scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask[..., : key.shape[-2]]
-    weights = scores.float().softmax(dim=-1).to(query.dtype)
+    weights = scores.float().softmax(dim=-1).to(value.dtype)
     hook = getattr(module, "hook_pattern", None)
     if hook is not None:
         weights = hook(weights)

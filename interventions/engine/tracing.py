@@ -791,6 +791,10 @@ def wrap(model, tokenizer=None):
     """The escape hatch to raw nnsight: a bare ``nnsight.NNsight`` over ``model`` (token-id inputs), or
     with a ``tokenizer`` an ``nnsight.TransformersModel`` (string prompts, several invokes per trace).
 
+    An nnsight model (``NNsight``, ``TransformersModel``, ``LanguageModel``) is returned as it is, except
+    that a bare ``NNsight`` given a ``tokenizer`` becomes a ``TransformersModel`` over the same model with
+    it; a wrapper keeping another tokenizer is refused (``ValueError``: pass the HF model itself).
+
     Module paths of every site come from ``get_adapter(model).point(site)``.
 
     Example:
@@ -802,11 +806,21 @@ def wrap(model, tokenizer=None):
         ...     z = lm.transformer.h[0].attn.c_proj.input.save()
         >>> z.shape
         torch.Size([1, 4, 16])
+        >>> wrap(lm) is lm
+        True
+        >>> from interventions.zoo.tokenizer import byte_tokenizer
+        >>> type(wrap(lm, byte_tokenizer())).__name__  # the same model, now taking string prompts
+        'TransformersModel'
     """
     import nnsight
 
-    if isinstance(model, nnsight.NNsight):
-        return model
+    if isinstance(model, nnsight.Envoy):  # NNsight, TransformersModel, LanguageModel (not NNsight subclasses)
+        if tokenizer is None or getattr(model, "tokenizer", None) is tokenizer:
+            return model
+        if type(model) is not nnsight.NNsight:
+            raise ValueError(f"wrap: this {type(model).__name__} keeps its own tokenizer, not the one given: pass "
+                             "the HF model itself, wrap(hf_model, tokenizer)")
+        model = unwrap(model)
     if tokenizer is None:
         return nnsight.NNsight(model)
     return nnsight.TransformersModel(model, tokenizer=tokenizer)

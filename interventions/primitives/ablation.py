@@ -271,7 +271,12 @@ class ResampleAblation(_ReferenceAblation):
 
 
 class PatternPreserving(Ablation):
-    """Run ``inner`` with every attention pattern frozen to its value on the clean run."""
+    """Run ``inner`` with every attention pattern frozen to its value on the clean run.
+
+    Both runs take ``observable``'s eager attention path, not the model's default (SDPA). The two paths'
+    losses differ by rounding (bfloat16: ~0.01 nats on a token, more with large attention scores; float32:
+    ~1e-6), so compare an ablated loss with a clean one on the same path, ``with observable(model):
+    per_token_loss(model, tokens)`` (``ablation_sweep`` does this itself)."""
 
     def __init__(self, inner: Ablation):
         if isinstance(inner, PatternPreserving) or not isinstance(inner, Ablation):

@@ -16,7 +16,9 @@ What to sweep (``kind``):
     ``PatternPreserving(MeanAblation(heads, reference))`` or your own subclass;
   * or a factory ``heads -> Ablation`` (called once with all swept heads).
   A ``PatternPreserving`` ablation freezes every pattern at the clean run's in both runs, so a head
-  with no effect gives a delta of exactly 0.
+  with no effect gives a delta of exactly 0. Its clean and ablated runs both take ``observable``'s eager
+  attention path, so its clean loss is the eager run's: in bfloat16 / float16 it differs from another
+  kind's (the model's SDPA path) by rounding, while its deltas never mix the two paths.
 
 Remotely (``remote=True`` on NDIF, ``"local"`` for nnsight's offline simulation; see
 ``interventions.engine.remote``) zero, mean and resample sweeps run, one job per pass plus one clean run
