@@ -19,6 +19,7 @@ builtins NDIF's sandbox whitelists. The whitelists are NDIF's (ndif-team/ndif,
 import importlib.abc
 import io
 import linecache
+import re
 import socket
 import sys
 import warnings
@@ -31,6 +32,7 @@ import interventions as iv
 from interventions.engine.adapters import ARCHS, module_at
 from interventions.engine.remote import NotRemotable
 from interventions.engine.tracing import Run, Write, compact, execute
+from interventions.primitives.ablation import Ablation
 from interventions.primitives.cache import cache_activations
 from interventions.primitives.patching import logit_diff, patch_patterns, patch_residual
 
@@ -438,6 +440,57 @@ def test_what_cannot_run_remotely_says_why_before_sending(server):
     with pytest.raises(NotRemotable, match="a function as the written value cannot run remotely"):
         execute(lm, Run(tokens, writes=[Write("L0.z", lambda z: 2 * z, head=1)]), remote="local")
     assert server == []
+
+
+class _Scaled(Ablation):
+    """A custom ablation: its value is a function of the clean activation (cannot run remotely)."""
+
+    def value(self, head, tokens, row_offset=0, positions=None):
+        return lambda z: 0.5 * z
+
+
+class _Wide(Ablation):
+    """A custom ablation whose tensor value does not fit a head's z (d_head + 1 wide)."""
+
+    def value(self, head, tokens):
+        return torch.zeros(tokens.shape[0], tokens.shape[1], 9)
+
+
+class _Noise(Ablation):
+    """A custom ablation drawing its tensor value from torch's global generator (runs remotely)."""
+
+    def value(self, head, tokens):
+        return torch.randn(tokens.shape[0], tokens.shape[1], 8)
+
+
+def test_custom_ablation_refused_before_anything_is_sent(server):
+    """A custom Ablation whose value is a function of the activation (or does not fit the head) is
+    refused by every primitive that takes ablations before any job: before the sweep's clean run and
+    before another ablation's reference run (each was sent first, the refusal coming when the ablated
+    run was built). One whose value is a tensor runs, with the local numbers (asking its value before
+    sending leaves torch's generator as it was)."""
+    model, lm = build("gpt2")
+    tokens, ref = toks(), toks(4, 8, seed=2)
+    calls = [lambda abl: iv.per_token_loss(lm, tokens, [iv.MeanAblation("L0H0", ref), abl], batch_size=2,
+                                           remote="local"),
+             lambda abl: iv.run_with_ablations(lm, tokens, [iv.ResampleAblation("L0H0", ref), abl], remote="local"),
+             lambda abl: iv.ablation_sweep(lm, tokens, kind=abl, remote="local"),
+             lambda abl: iv.ablation_sweep(lm, tokens, kind=lambda heads: abl, heads=["L1H0"], remote="local")]
+    refused = [(_Scaled("L1H0"), NotRemotable, r"_Scaled\(L1H0\).value returned a function of the activation "
+                                               "for L1H0: it cannot run remotely"),
+               (_Wide("L1H0"), ValueError, r"_Wide\(L1H0\).value for L1H0: a value of shape \([23], 8, 9\) does "
+                                           "not fit")]
+    for call in calls:
+        for abl, error, match in refused:
+            with pytest.raises(error) as e:
+                call(abl)
+            assert server == []
+            assert re.search(match, str(e.value))
+    for abl in (_Noise("L1H0"), [iv.MeanAblation("L0H0", ref), _Noise("L1H0")]):
+        torch.manual_seed(5)
+        got = iv.per_token_loss(lm, tokens, abl, batch_size=2, remote="local")
+        torch.manual_seed(5)
+        close(got, iv.per_token_loss(model, tokens, abl, batch_size=2))
 
 
 def test_bad_ablation_refused_before_another_ablations_reference_job(server):
