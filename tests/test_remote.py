@@ -493,6 +493,23 @@ def test_custom_ablation_refused_before_anything_is_sent(server):
         close(got, iv.per_token_loss(model, tokens, abl, batch_size=2))
 
 
+class _MyMean(iv.MeanAblation):
+    """A subclass passing prepare's keyword arguments on to ``super().prepare``."""
+
+    def prepare(self, model, tokens, **kwargs):
+        super().prepare(model, tokens, **kwargs)
+
+
+def test_prepare_taking_keyword_arguments_runs_its_reference_remotely(server):
+    """An ablation whose prepare takes ``**kwargs`` is given ``remote`` (its reference ran here, silently:
+    on a hub-id wrapper, whose weights are not here, it failed asking for remote=True)."""
+    model, lm = build("gpt2")
+    tokens, ref = toks(), toks(4, 8, seed=2)
+    close(iv.per_token_loss(lm, tokens, _MyMean("L1H0", ref), remote="local"),
+          iv.per_token_loss(model, tokens, _MyMean("L1H0", ref)))
+    assert len(server) == 2  # the reference and the ablated run
+
+
 def test_bad_ablation_refused_before_another_ablations_reference_job(server):
     """Several ablations in one call: a head outside the model, a reference too short or outside the
     vocabulary in any of them is refused with ValueError before the first one's reference run is sent

@@ -83,9 +83,9 @@ class Ablation:
 
 
 def prepare_ablation(abl: Ablation, model, tokens: torch.Tensor, remote: Remote = False) -> None:
-    """``abl.prepare``, passing ``remote`` where its signature takes it (subclasses written for
-    ``prepare(model, tokens)`` keep working; they compute here)."""
-    if remote and "remote" in inspect.signature(abl.prepare).parameters:
+    """``abl.prepare``, passing ``remote`` where its signature takes it (by name or ``**kwargs``; subclasses
+    written for ``prepare(model, tokens)`` keep working; they compute here)."""
+    if remote and "remote" in _param_names(abl.prepare, ("remote",)):
         abl.prepare(model, tokens, remote=remote)
     else:
         abl.prepare(model, tokens)
@@ -175,13 +175,13 @@ def _value_params(method) -> frozenset[str]:
     return params
 
 
-def _param_names(method) -> frozenset[str]:
-    """Names ``ablation_value`` may pass: a ``**kwargs`` parameter takes them all (a subclass passing its
-    keyword arguments on to ``super().value`` must not lose the positions or the row offset)."""
+def _param_names(method, optional=("row_offset", "positions")) -> frozenset[str]:
+    """Names of ``method``'s parameters; a ``**kwargs`` parameter takes every ``optional`` name (a subclass
+    passing its keyword arguments on to ``super()`` must not lose them)."""
     params = inspect.signature(method).parameters
     names = frozenset(params)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        names |= {"row_offset", "positions"}
+        names |= set(optional)
     return names
 
 
