@@ -333,6 +333,31 @@ def test_remote_true_takes_the_same_path(monkeypatch, server):
     assert asked == [True] and len(server) == 1 and CONFIG.API.APIKEY == "test-key"
 
 
+def test_remote_true_leaves_a_meta_model_in_training_mode_alone(monkeypatch, server):
+    """nnsight builds a hub-id wrapper's meta model with ``from_config``, in training mode; GPT-2's config
+    has dropout. The server runs its own model, so a remote=True run neither switches the local one to
+    eval mode nor warns that it does (it warned on every call, telling to call model.eval())."""
+    from nnsight import CONFIG
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    model, lm = build("gpt2")
+    tokens = toks()
+    want = iv.per_token_loss(model, tokens, iv.ZeroAblation("L1H2"))
+    _, served = build("gpt2")  # the server's copy (the same weights), in eval mode as NDIF loads it
+    model.train()  # as the meta model of nnsight.LanguageModel("<hub id>")
+    monkeypatch.setattr(lm, "repo_id", "openai-community/gpt2", raising=False)
+    monkeypatch.setattr(lm, "args", ("openai-community/gpt2",))
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "a-key")
+    monkeypatch.setattr(lm, "_remote_backend", lambda *args: LocalSimulationBackend(served), raising=False)
+    switched = []
+    monkeypatch.setattr(torch.nn.Module, "eval", lambda self: switched.append(self) or self)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = iv.per_token_loss(lm, tokens, iv.ZeroAblation("L1H2"), remote=True)
+    assert switched == [] and len(server) == 1 and all(m.training for m in model.modules())
+    close(got, want)
+
+
 # ----------------------------------------------------------------------------- the strict server can fail
 
 def test_strict_server_catches_what_nnsight_simulation_misses(server):

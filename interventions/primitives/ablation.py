@@ -116,8 +116,9 @@ def prepare_ablations(ablations: Sequence[Ablation], model, tokens: torch.Tensor
     Remotely, what a custom ablation (a class with its own ``value``) writes is known only by asking it:
     it is prepared first and asked for its values as the call's first run will ask (rows ``:rows`` of
     ``tokens`` at ``row_offset``), so a function of the activation (``NotRemotable``) or a value that
-    does not fit a head (``ValueError``) is refused before any reference run or run of the call is sent.
-    Asking leaves torch's CPU generator as it was (a value drawing noise from it gives the same draws)."""
+    does not fit a head (``ValueError``) is refused before any reference run or run of the call is sent
+    (one that turns into a function only on later rows is refused by the engine at that run). Asking
+    leaves torch's CPU generator as it was (a value drawing noise from it gives the same draws)."""
     check_remotable(ablations, remote)
     check_ablations(ablations, model, tokens)
     custom = [abl for abl in ablations if remote and _own_value(abl)]
