@@ -19,6 +19,7 @@ builtins NDIF's sandbox whitelists. The whitelists are NDIF's (ndif-team/ndif,
 import importlib.abc
 import io
 import linecache
+import re
 import socket
 import sys
 import warnings
@@ -31,6 +32,7 @@ import interventions as iv
 from interventions.engine.adapters import ARCHS, module_at
 from interventions.engine.remote import NotRemotable
 from interventions.engine.tracing import Run, Write, compact, execute
+from interventions.primitives.ablation import Ablation
 from interventions.primitives.cache import cache_activations
 from interventions.primitives.patching import logit_diff, patch_patterns, patch_residual
 
@@ -331,6 +333,31 @@ def test_remote_true_takes_the_same_path(monkeypatch, server):
     assert asked == [True] and len(server) == 1 and CONFIG.API.APIKEY == "test-key"
 
 
+def test_remote_true_leaves_a_meta_model_in_training_mode_alone(monkeypatch, server):
+    """nnsight builds a hub-id wrapper's meta model with ``from_config``, in training mode; GPT-2's config
+    has dropout. The server runs its own model, so a remote=True run neither switches the local one to
+    eval mode nor warns that it does (it warned on every call, telling to call model.eval())."""
+    from nnsight import CONFIG
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    model, lm = build("gpt2")
+    tokens = toks()
+    want = iv.per_token_loss(model, tokens, iv.ZeroAblation("L1H2"))
+    _, served = build("gpt2")  # the server's copy (the same weights), in eval mode as NDIF loads it
+    model.train()  # as the meta model of nnsight.LanguageModel("<hub id>")
+    monkeypatch.setattr(lm, "repo_id", "openai-community/gpt2", raising=False)
+    monkeypatch.setattr(lm, "args", ("openai-community/gpt2",))
+    monkeypatch.setattr(CONFIG.API, "APIKEY", "a-key")
+    monkeypatch.setattr(lm, "_remote_backend", lambda *args: LocalSimulationBackend(served), raising=False)
+    switched = []
+    monkeypatch.setattr(torch.nn.Module, "eval", lambda self: switched.append(self) or self)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = iv.per_token_loss(lm, tokens, iv.ZeroAblation("L1H2"), remote=True)
+    assert switched == [] and len(server) == 1 and all(m.training for m in model.modules())
+    close(got, want)
+
+
 # ----------------------------------------------------------------------------- the strict server can fail
 
 def test_strict_server_catches_what_nnsight_simulation_misses(server):
@@ -438,6 +465,74 @@ def test_what_cannot_run_remotely_says_why_before_sending(server):
     with pytest.raises(NotRemotable, match="a function as the written value cannot run remotely"):
         execute(lm, Run(tokens, writes=[Write("L0.z", lambda z: 2 * z, head=1)]), remote="local")
     assert server == []
+
+
+class _Scaled(Ablation):
+    """A custom ablation: its value is a function of the clean activation (cannot run remotely)."""
+
+    def value(self, head, tokens, row_offset=0, positions=None):
+        return lambda z: 0.5 * z
+
+
+class _Wide(Ablation):
+    """A custom ablation whose tensor value does not fit a head's z (d_head + 1 wide)."""
+
+    def value(self, head, tokens):
+        return torch.zeros(tokens.shape[0], tokens.shape[1], 9)
+
+
+class _Noise(Ablation):
+    """A custom ablation drawing its tensor value from torch's global generator (runs remotely)."""
+
+    def value(self, head, tokens):
+        return torch.randn(tokens.shape[0], tokens.shape[1], 8)
+
+
+def test_custom_ablation_refused_before_anything_is_sent(server):
+    """A custom Ablation whose value is a function of the activation (or does not fit the head) is
+    refused by every primitive that takes ablations before any job: before the sweep's clean run and
+    before another ablation's reference run (each was sent first, the refusal coming when the ablated
+    run was built). One whose value is a tensor runs, with the local numbers (asking its value before
+    sending leaves torch's generator as it was)."""
+    model, lm = build("gpt2")
+    tokens, ref = toks(), toks(4, 8, seed=2)
+    calls = [lambda abl: iv.per_token_loss(lm, tokens, [iv.MeanAblation("L0H0", ref), abl], batch_size=2,
+                                           remote="local"),
+             lambda abl: iv.run_with_ablations(lm, tokens, [iv.ResampleAblation("L0H0", ref), abl], remote="local"),
+             lambda abl: iv.ablation_sweep(lm, tokens, kind=abl, remote="local"),
+             lambda abl: iv.ablation_sweep(lm, tokens, kind=lambda heads: abl, heads=["L1H0"], remote="local")]
+    refused = [(_Scaled("L1H0"), NotRemotable, r"_Scaled\(L1H0\).value returned a function of the activation "
+                                               "for L1H0: it cannot run remotely"),
+               (_Wide("L1H0"), ValueError, r"_Wide\(L1H0\).value for L1H0: a value of shape \([23], 8, 9\) does "
+                                           "not fit")]
+    for call in calls:
+        for abl, error, match in refused:
+            with pytest.raises(error) as e:
+                call(abl)
+            assert server == []
+            assert re.search(match, str(e.value))
+    for abl in (_Noise("L1H0"), [iv.MeanAblation("L0H0", ref), _Noise("L1H0")]):
+        torch.manual_seed(5)
+        got = iv.per_token_loss(lm, tokens, abl, batch_size=2, remote="local")
+        torch.manual_seed(5)
+        close(got, iv.per_token_loss(model, tokens, abl, batch_size=2))
+
+
+class _MyMean(iv.MeanAblation):
+    """A subclass passing prepare's keyword arguments on to ``super().prepare``."""
+
+    def prepare(self, model, tokens, **kwargs):
+        super().prepare(model, tokens, **kwargs)
+
+
+def test_prepare_taking_keyword_arguments_runs_its_reference_remotely(server):
+    """An ablation whose prepare takes ``**kwargs`` is given ``remote`` (its reference ran here, silently:
+    on a hub-id wrapper, whose weights are not here, it failed asking for remote=True)."""
+    model, lm = build("gpt2")
+    tokens, ref = toks(), toks(4, 8, seed=2)
+    close(iv.per_token_loss(lm, tokens, _MyMean("L1H0", ref), remote="local"),
+          iv.per_token_loss(model, tokens, _MyMean("L1H0", ref)))
+    assert len(server) == 2  # the reference and the ablated run
 
 
 def test_bad_ablation_refused_before_another_ablations_reference_job(server):

@@ -10,7 +10,7 @@ It owns, for every primitive alike:
 * execution order (sites visited in the order of ``interventions.engine.sites.LAYER_KINDS``),
 * attention mask and position ids of padded batches (each real token at its unpadded position),
 * ``use_cache=False``, and eval mode (a model left in training mode with active dropout runs in eval
-  mode, with a warning, and is put back),
+  mode, with a warning, and is put back; not with ``remote=True``, where the server runs its own model),
 * placement of each written tensor on its site's device and dtype, of ``prefix`` / ``attn_outputs`` on
   their module's device, and the refusal of layers left on the meta device (multi-device models:
   ``interventions.engine.devices``),
@@ -509,7 +509,9 @@ class Engine:
             if tuple(value.shape) != (batch, pos, a.d_model):
                 raise ValueError(f"attn_outputs[{layer}] has shape {tuple(value.shape)}; expected {(batch, pos, a.d_model)}")
         returns = check_returns(run.returns, batch, pos, a.vocab_size)
-        with _eval_mode(inner) if _dropout_active(inner) else contextlib.nullcontext():
+        # remote=True: the server runs its own model (a hub-id wrapper's meta model is in training mode)
+        here = self.remote is not True and _dropout_active(inner)
+        with _eval_mode(inner) if here else contextlib.nullcontext():
             if verify and not self.remote:  # remotely: see interventions.engine.remote
                 for site in writes:
                     self._verify(site)

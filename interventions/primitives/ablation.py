@@ -19,8 +19,9 @@ References themselves are unpadded sequences.
 
 Remotely (``remote=True`` on NDIF, or ``"local"``, see ``interventions.engine.remote``) zero, mean and
 resample ablations run (a mean or resample reference is one more remote run, its activations come back
-and the replacements are computed here); ``PatternPreserving`` and ``FunctionAblation`` are refused
-before anything is sent.
+and the replacements are computed here), and so does your own ``Ablation`` whose ``value`` is a tensor or
+None; ``PatternPreserving``, ``FunctionAblation`` and an ``Ablation`` whose ``value`` is a function of the
+activation are refused before anything is sent (``prepare_ablations``).
 
 Subclass ``Ablation`` and override ``value`` for your own kind; sweeps accept it too.
 
@@ -49,7 +50,8 @@ from ..engine.devices import output_device
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site
 from ..engine.remote import NotRemotable, Remote
-from ..engine.tracing import Engine, Result, Run, Write, check_tokens, position_ids, unwrap, without_grad
+from ..engine.tracing import (Engine, Result, Run, Write, check_tokens, check_value, position_ids, unwrap,
+                              without_grad)
 
 
 class Ablation:
@@ -72,7 +74,8 @@ class Ablation:
 
         ``row_offset``: index of ``tokens``' first row in the whole batch, when a batch is run in chunks
         (so a per-row choice, as in resampling, does not depend on how the batch was split).
-        ``positions``: (batch, pos) unpadded position of every token (padded batches); None: 0..pos-1."""
+        ``positions``: (batch, pos) unpadded position of every token (padded batches); None: 0..pos-1.
+        A function cannot run remotely (refused before anything is sent)."""
         return None
 
     def __repr__(self) -> str:
@@ -80,9 +83,9 @@ class Ablation:
 
 
 def prepare_ablation(abl: Ablation, model, tokens: torch.Tensor, remote: Remote = False) -> None:
-    """``abl.prepare``, passing ``remote`` where its signature takes it (subclasses written for
-    ``prepare(model, tokens)`` keep working; they compute here)."""
-    if remote and "remote" in inspect.signature(abl.prepare).parameters:
+    """``abl.prepare``, passing ``remote`` where its signature takes it (by name or ``**kwargs``; subclasses
+    written for ``prepare(model, tokens)`` keep working; they compute here)."""
+    if remote and "remote" in _param_names(abl.prepare, ("remote",)):
         abl.prepare(model, tokens, remote=remote)
     else:
         abl.prepare(model, tokens)
@@ -104,6 +107,47 @@ def check_remotable(ablations: Sequence[Ablation], remote: Remote) -> None:
                                "code arrives only as far as nnsight can ship it by source, which cannot be checked "
                                "before sending; compute the replacement here and return a tensor from a custom "
                                "Ablation's value(), or use Zero/Mean/ResampleAblation")
+
+
+def prepare_ablations(ablations: Sequence[Ablation], model, tokens: torch.Tensor, remote: Remote = False,
+                      attention_mask: torch.Tensor | None = None, rows: int | None = None, row_offset: int = 0) -> None:
+    """Validate ``ablations`` and prepare each on ``tokens`` (reference runs), before a call's first run.
+
+    Remotely, what a custom ablation (a class with its own ``value``) writes is known only by asking it:
+    it is prepared first and asked for its values as the call's first run will ask (rows ``:rows`` of
+    ``tokens`` at ``row_offset``), so a function of the activation (``NotRemotable``) or a value that
+    does not fit a head (``ValueError``) is refused before any reference run or run of the call is sent
+    (one that turns into a function only on later rows is refused by the engine at that run). Asking
+    leaves torch's CPU generator as it was (a value drawing noise from it gives the same draws)."""
+    check_remotable(ablations, remote)
+    check_ablations(ablations, model, tokens)
+    custom = [abl for abl in ablations if remote and _own_value(abl)]
+    for abl in custom:
+        prepare_ablation(abl, model, tokens, remote)
+        first = tokens[:rows]
+        positions = None if attention_mask is None else position_ids(attention_mask[:rows], first)
+        _check_values(abl, get_adapter(unwrap(model)).d_head, first, row_offset, positions)
+    for abl in ablations:
+        if not any(abl is c for c in custom):
+            prepare_ablation(abl, model, tokens, remote)
+
+
+def _own_value(abl: Ablation) -> bool:
+    """Whether ``abl``'s class defines its own ``value`` (not zero, mean or resample)."""
+    return type(abl).value not in (Ablation.value, MeanAblation.value, ResampleAblation.value)
+
+
+def _check_values(abl: Ablation, d_head: int, tokens: torch.Tensor, row_offset: int, positions) -> None:
+    """Raise unless every head's value of ``abl`` on ``tokens`` can be sent: zero or a tensor that fits."""
+    with torch.random.fork_rng(devices=[]):
+        for h in abl.heads:
+            value = ablation_value(abl, h, tokens, row_offset, positions)
+            if callable(value) and not torch.is_tensor(value):
+                raise NotRemotable(f"{abl!r}.value returned a function of the activation for {h}: it cannot run "
+                                   "remotely (it would run inside the trace on the server, which has neither this "
+                                   "package nor your code): compute the replacement here and return a tensor, or "
+                                   "run locally")
+            check_value(value, (*tokens.shape, d_head), f"{abl!r}.value for {h}")
 
 
 def check_ablations(ablations: Sequence[Ablation], model, tokens: torch.Tensor) -> None:
@@ -132,13 +176,13 @@ def _value_params(method) -> frozenset[str]:
     return params
 
 
-def _param_names(method) -> frozenset[str]:
-    """Names ``ablation_value`` may pass: a ``**kwargs`` parameter takes them all (a subclass passing its
-    keyword arguments on to ``super().value`` must not lose the positions or the row offset)."""
+def _param_names(method, optional=("row_offset", "positions")) -> frozenset[str]:
+    """Names of ``method``'s parameters; a ``**kwargs`` parameter takes every ``optional`` name (a subclass
+    passing its keyword arguments on to ``super()`` must not lose them)."""
     params = inspect.signature(method).parameters
     names = frozenset(params)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        names |= {"row_offset", "positions"}
+        names |= set(optional)
     return names
 
 
@@ -357,9 +401,7 @@ def ablation_run(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Abl
     check_tokens(tokens, engine.adapter)  # before any (reference) work
     check_remotable(ablations, engine.remote)
     if not prepared:
-        check_ablations(ablations, model, tokens)
-        for abl in ablations:
-            prepare_ablation(abl, model, tokens, engine.remote)
+        prepare_ablations(ablations, model, tokens, engine.remote, attention_mask, row_offset=row_offset)
     positions = None if attention_mask is None else position_ids(attention_mask, tokens)
     writes = head_writes(ablations, tokens, row_offset, positions)
     if not any(isinstance(a, PatternPreserving) for a in ablations):

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .ablation import Ablation, ablation_run, as_ablations, check_ablations, check_remotable, prepare_ablation
+from .ablation import Ablation, ablation_run, as_ablations, prepare_ablations
 from ..engine.adapters import get_adapter
 from ..engine.remote import Remote, check_remote
 from ..engine.tracing import check_mask, check_tokens, pad_to_nan, unwrap, without_grad
@@ -55,11 +55,9 @@ def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ab
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch)")
     ablations = [] if ablation is None else as_ablations(ablation)
-    check_remotable(ablations, remote)
-    check_ablations(ablations, model, tokens)
-    for abl in ablations:  # once for all chunks (reference runs), on the whole batch as ablation_sweep does
-        prepare_ablation(abl, model, tokens, remote)
     step = tokens.shape[0] if batch_size is None else batch_size
+    # once for all chunks (reference runs), on the whole batch as ablation_sweep does
+    prepare_ablations(ablations, model, tokens, remote, attention_mask, rows=step)
     parts = []
     for i in range(0, tokens.shape[0], step):
         mask = None if attention_mask is None else attention_mask[i:i + step]

@@ -24,8 +24,8 @@ Remotely (``remote=True`` on NDIF, ``"local"`` for nnsight's offline simulation;
 ``interventions.engine.remote``) zero, mean and resample sweeps run, one job per pass plus one clean run
 per chunk (and one per mean or resample reference); every pass runs from layer 0 on the server (sending
 the clean residual for k blocks of rows would cost more than recomputing the layers below), and only
-per-token losses come back. ``"pattern"`` and ``PatternPreserving`` / ``FunctionAblation`` objects are
-refused before anything is sent.
+per-token losses come back. ``"pattern"``, ``PatternPreserving`` / ``FunctionAblation`` objects and an
+``Ablation`` whose ``value`` is a function of the activation are refused before anything is sent.
 
 Example:
     >>> import torch
@@ -54,7 +54,7 @@ from ..engine.sites import Site
 from ..engine.remote import Remote
 from ..engine.tracing import Engine, Run, Write, check_mask, check_positive, check_tokens, check_value, pad_to_nan, position_ids
 from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value,
-                       check_remotable, prepare_ablation)
+                       prepare_ablations)
 from .loss import check_aligned
 
 SweepKind = Literal["zero", "mean", "resample", "pattern"]
@@ -166,12 +166,12 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
         dup = sorted({str(h) for h in heads if heads.count(h) > 1})
         raise ValueError(f"heads listed more than once: {', '.join(dup)}; pass each head once")
     ablation = _make_ablation(kind, heads, tokens, reference)
-    check_remotable([ablation], engine.remote)
-    prepare_ablation(ablation, model, tokens, engine.remote)  # validates; reference activations once for all chunks
-    frozen = isinstance(ablation, PatternPreserving)
-
     b_total = tokens.shape[0]
     chunk = min(batch_size, b_total)
+    # validates; reference activations once for all chunks
+    prepare_ablations([ablation], model, tokens, engine.remote, attention_mask, rows=chunk)
+    frozen = isinstance(ablation, PatternPreserving)
+
     groups = _layer_groups(heads, heads_per_pass)
     # launch-bound sizes (a small model on a GPU): the clean run and every ablation in one pass
     one_pass = (auto and not frozen and not engine.remote and engine.device().type in ONE_PASS_DEVICES
