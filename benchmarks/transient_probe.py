@@ -4,7 +4,7 @@ and attention on the previous token at early (< 30) and late (>= 245) query posi
 
     python benchmarks/transient_probe.py RUN [RUN ...] OUT.csv
 """
-import sys, torch, pandas as pd, numpy as np
+import sys, torch, pandas as pd
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)
 from experiments.phase_change import attention_by_band, eval_windows, icl_row, run_config, step_tokens, window_losses

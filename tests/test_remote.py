@@ -457,6 +457,8 @@ def test_what_cannot_run_remotely_says_why_before_sending(server):
         iv.run_with_cache(lm, tokens, ["L0.z", "L1.pattern"], remote="local")
     with pytest.raises(NotRemotable, match="observable.*shared"):
         patch_patterns(lm, tokens, toks(seed=5), iv.mean_loss_metric, remote="local")
+    with pytest.raises(ValueError, match="remote='yes' is unknown"):  # named as unknown, as elsewhere
+        patch_patterns(lm, tokens, toks(seed=5), iv.mean_loss_metric, remote="yes")
     halved = iv.FunctionAblation("L1H1", lambda z, head: 0.5 * z)
     with pytest.raises(NotRemotable, match="function would run inside the trace on the server"):
         iv.per_token_loss(lm, tokens, [iv.ResampleAblation("L0H0", ref), halved], remote="local")

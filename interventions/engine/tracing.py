@@ -621,7 +621,6 @@ class Engine:
                returns) -> Result:
         from nnsight.intervention.interleaver import OutOfOrderError
 
-        a, inner = self.adapter, self.inner
         plan = self._plan(run, reads, writes, tree)
         by_path = bool(self.remote)  # modules named by path (the body finds them), else given as envoys
         if by_path:  # tensors stay here (the server places them); the wrapper names the server's model

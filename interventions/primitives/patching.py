@@ -56,7 +56,7 @@ import torch
 from ..engine.adapters import observable
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site, kv_head_of
-from ..engine.remote import NotRemotable, Remote
+from ..engine.remote import NotRemotable, Remote, check_remote
 from ..engine.tracing import Engine, Gather, Run, Write, check_positive, check_tokens
 from .loss import loss_from_logits
 
@@ -308,6 +308,8 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
     Runs the model on its eager attention path (``observable``) for both runs; the model is restored
     afterwards. Returns (n_layers, n_heads). Cannot run remotely (``remote`` raises ``NotRemotable``):
     ``observable`` edits the model, and a server's model is shared."""
+    if remote is not None and remote is not False and remote is not True and remote != "local":
+        check_remote(model, remote)  # an unknown value: named as such
     if remote:
         raise NotRemotable("patch_patterns cannot run remotely: patterns need observable(), which adds a module to "
                            "every attention layer and switches the attention implementation, and a server's model is "
