@@ -638,7 +638,8 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
     fp = C.corpus_fingerprint(docs, cfg.corpus)
     train_docs, val_docs = C.split_documents(docs, cfg.val_fraction)
     tok_key = _tokenizer_key(cfg.tokenizer) if cfg.tokenizer else f"bpe{cfg.vocab_size}"
-    key = hashlib.sha256(f"{fp['sha256']}|{tok_key}|{cfg.val_fraction}".encode()).hexdigest()[:16]
+    key = f"{fp['sha256']}|{tok_key}|{cfg.val_fraction}|tokenize-v{C.TOKENIZE_VERSION}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("INTERVENTIONS_CACHE", Path.home() / ".cache" / "interventions")) / key
     tok_dir = cache / "tokenizer"
     if (cache / "done").is_file():
