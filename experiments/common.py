@@ -93,19 +93,37 @@ def run_fingerprint(run: str | Path) -> str:
 
 
 def model_fingerprint(spec: str, model=None) -> str:
-    """Content hash of what ``survey`` loads from ``spec``: a run (its checkpoints), a model folder
-    (its config and weights files) or a hub name (name and the resolved commit)."""
+    """Content hash of what ``survey`` loads from ``spec`` and scores it with. A run: its checkpoints
+    (``run_fingerprint``); a model folder: every file in it but hidden ones and documentation (weights,
+    configs, tokenizer files of any format: ``merges.txt``, ``tokenizer.model``, ...). For both, also the
+    tokenizer folders beside the loaded checkpoint that the scores may read (``scores.tokenizer_folders``:
+    its probe tokens and BOS come from the tokenizer). A hub name: the name and the resolved commit."""
+    from interventions.analysis.scores import tokenizer_folders
+    from interventions.zoo.train import latest_checkpoint
+
     p = Path(spec)
     if (p / "checkpoints").is_dir():
-        return run_fingerprint(p)
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p.iterdir()):
-            if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
-                h.update(f.name.encode() + sha256_file(f).encode())
-        return h.hexdigest()[:20]
-    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-    return fingerprint({"hub": spec, "commit": commit})
+        key, loaded = run_fingerprint(p), latest_checkpoint(p)
+    elif p.is_dir():
+        key, loaded = _folder_hash(p), p
+    else:
+        commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+        return fingerprint({"hub": spec, "commit": commit})
+    beside = [f for f in tokenizer_folders(loaded) if f != loaded.resolve()] if loaded is not None else []
+    if not beside:
+        return key
+    return fingerprint([key, *[[os.path.relpath(f, loaded.resolve()), _folder_hash(f)] for f in beside]])
+
+
+def _folder_hash(folder: Path) -> str:
+    """Hash of the names and contents of the files directly in ``folder``, but hidden ones (``.git``,
+    ``.gitattributes``) and documentation (``README*``, ``LICENSE*``, ``*.md``), which change no model."""
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        documentation = f.suffix.lower() == ".md" or f.name.upper().startswith(("README", "LICENSE"))
+        if f.is_file() and not f.name.startswith(".") and not documentation:
+            h.update(f.name.encode() + sha256_file(f).encode())
+    return h.hexdigest()[:20]
 
 
 class Results:

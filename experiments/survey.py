@@ -10,9 +10,9 @@ A survey scales to many models:
   collector and the CUDA cache are emptied) before the next is loaded;
 * every model's table is written atomically the moment it is scored, keyed on the model's
   identity: the hub name and the commit its revision resolves to (read from the hub's ``config.json``,
-  no weights downloaded), or the content hash of a local folder's config and weights. An interrupted
-  survey rerun with the same command skips every finished model without loading it, and a model
-  whose weights changed is scored again;
+  no weights downloaded), or the content hash of a local model (``common.model_fingerprint``: its
+  files and the tokenizer beside it). An interrupted survey rerun with the same command skips every
+  finished model without loading it, and a model whose weights or tokenizer changed is scored again;
 * every model is checked (exists, resolves on the hub, has a supported architecture; a folder's
   safetensors weights are present and readable) before any is loaded;
 * ``remote=True`` is refused (``InputError``, before any work) while the induction score needs

@@ -103,20 +103,50 @@ def test_synthetic_sources():
 
 
 def test_byte_fast_path_equals_the_tokenizer():
-    """The pure-byte fast path of tokenize_stream gives exactly the HF tokenizer's ids (incl. non-ASCII
-    text and a document holding the separator's text)."""
+    """The pure-byte fast path of tokenize_stream gives the UTF-8 bytes of each document (incl. non-ASCII
+    text and a document holding the separator's text), which is the HF tokenizer's literal encoding."""
     from interventions.zoo.tokenizer import SEP, byte_tokenizer
 
     tok = byte_tokenizer()
     docs = [("a.py", "def f():\n    return 'é中😀'\n"), ("b.py", "x = 1" + SEP + "y"), ("c.py", "\t\x00\x7f ÿ")]
     assert C._is_byte_tokenizer(tok)
     ids, starts = C.tokenize_stream(docs, tok, 256)
-    ref = []
-    for _, t in docs:
-        ref += tok([t], add_special_tokens=False)["input_ids"][0] + [256]
-    assert ids.tolist() == ref
-    assert starts.tolist() == [0, len(tok(docs[0][1])["input_ids"]) + 1,
-                               len(tok(docs[0][1])["input_ids"]) + len(tok(docs[1][1])["input_ids"]) + 2]
+    data = [list(t.encode("utf-8")) for _, t in docs]
+    assert ids.tolist() == [i for d in data for i in d + [256]]
+    assert starts.tolist() == [0, len(data[0]) + 1, len(data[0]) + len(data[1]) + 2]
+    literal = tok([t for _, t in docs], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert literal == data
+
+
+def _separator_corpus(folder: Path) -> list:
+    """A folder corpus whose files hold the separator's text (as a file about tokenizers would)."""
+    from interventions.zoo.tokenizer import SEP
+
+    folder.mkdir()
+    (folder / "a.txt").write_text(f"GPT-2 ends a document with {SEP} and starts the next one.\n" * 20)
+    (folder / "b.md").write_text(SEP + "starts this file, ends it" + SEP)
+    (folder / "c.py").write_text("x = 1\n" * 30)
+    return C.load_documents(str(folder))
+
+
+@pytest.mark.parametrize("path", ["byte fast path", "byte tokenizer, generic path", "bpe"])
+def test_separator_text_inside_a_document_is_encoded_literally(tmp_path, monkeypatch, path):
+    """Only the separator between documents is the special token: ``<|endoftext|>`` inside a file is
+    encoded as its characters, on the byte fast path and through the tokenizer (byte-level and BPE).
+    Checked by decoding each document's ids back to its text (bytes for the byte tokenizer)."""
+    docs = _separator_corpus(tmp_path / "corpus")
+    tok = byte_tokenizer() if path.startswith("byte") else train_tokenizer([t for _, t in docs], vocab_size=300)
+    sep = tok.eos_token_id
+    assert C._is_byte_tokenizer(tok) == (path != "bpe")
+    if path == "byte tokenizer, generic path":
+        monkeypatch.setattr(C, "_is_byte_tokenizer", lambda tokenizer: False)
+    ids, starts = C.tokenize_stream(docs, tok, sep)
+    assert (ids == sep).sum() == len(docs) and ids[-1] == sep  # the separators between documents, no more
+    ends = [*starts[1:], len(ids)]
+    for (_, text), a, b in zip(docs, starts, ends):
+        doc = ids[a:b - 1].tolist()
+        decoded = bytes(doc).decode("utf-8") if path.startswith("byte") else tok.decode(doc)
+        assert decoded == text and sep not in doc
 
 
 def test_packed_stdlib_reads_back_as_the_same_documents(tmp_path):

@@ -49,10 +49,10 @@ def _env() -> dict:
     return dict(env, OMP_NUM_THREADS="1")  # one thread per process, as torchrun's default; no warning
 
 
-def _torchrun(out: Path, *extra: str) -> list[str]:
+def _torchrun(out: Path, *extra: str, train: list[str] = TRAIN) -> list[str]:
     # --standalone: a local rendezvous on a free port (parallel test runs never collide)
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "experiments", *TRAIN, "--out", str(out), *extra]
+            "-m", "experiments", *train, "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +151,7 @@ def test_rank0_alone_wrote_a_complete_run(ddp_run, one_process_run):
     assert steps == [0, *T.checkpoint_schedule(T.load_train_config(run))]
     assert [int(p.name.split("-")[1]) for p in T.list_checkpoints(run)] == steps[1:]
     assert all(T.verify_checkpoint(p) for p in (run / "checkpoints").iterdir())
-    assert json.loads((run / "provenance.json").read_text())["processes"] == 2
-    assert json.loads((one_process_run / "provenance.json").read_text())["processes"] == 1
+    assert _starts(run) == [(0, 2)] and _starts(one_process_run) == [(0, 1)]
     summaries = [line for line in stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and json.loads(summaries[0])["step"] == STEPS
 
@@ -182,6 +181,60 @@ def test_ddp_resume_after_kill_matches_uninterrupted(ddp_run, tmp_path):
     last = f"checkpoints/step-{STEPS:08d}/model.safetensors"
     assert (out / last).read_bytes() == (ddp_run[0] / last).read_bytes()
     assert _files(out) == _files(ddp_run[0])
+
+
+SHORT = ["train", "--preset", "tiny", "--tokens", str(6 * 16 * 64), "--quiet",
+         "--set", "checkpoint_every_tokens=1024"]  # 6 steps, a checkpoint after each
+
+
+def _starts(run: Path) -> list[tuple[int, int]]:
+    """(step continued from, processes) of each start of a run, from its provenance.json."""
+    prov = json.loads((run / "provenance.json").read_text())
+    assert "processes" not in prov  # one count at the top would misdescribe a run resumed under another
+    return [(i["from_step"], i["processes"]) for i in prov["invocations"]]
+
+
+def _start_one_process(out: Path, steps: int) -> None:
+    """The first ``steps`` steps of the SHORT run in this process, then stop (as if killed)."""
+    from experiments.__main__ import build_parser, train_config_from_args
+
+    cfg = train_config_from_args(build_parser().parse_args([*SHORT, "--out", str(out)]))
+    T.train(cfg, out, progress=False, stop_after_steps=steps)
+    assert T.latest_checkpoint(out).name == f"step-{steps:08d}"
+
+
+@pytest.mark.slow  # one short torchrun launch: ~10 s on a 2-core CPU
+def test_resume_under_another_process_count_records_each_start(tmp_path, one_thread):
+    """A run started by one process and resumed under torchrun with 2 processes: provenance.json records
+    each start (the step it continued from, its number of processes, its commit and machine), not the
+    first start's count alone."""
+    out = tmp_path / "run"
+    _start_one_process(out, 2)
+    res = subprocess.run(_torchrun(out, "--resume", train=SHORT), capture_output=True, text=True, cwd=ROOT,
+                         env=_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert T.latest_checkpoint(out).name == "step-00000006"
+    assert _starts(out) == [(0, 1), (2, 2)]
+    starts = json.loads((out / "provenance.json").read_text())["invocations"]
+    assert all(s["git"] and s["machine"] and s["versions"] and s["created"] for s in starts)
+
+
+def test_resume_of_a_run_recorded_before_starts_were_keeps_its_first_start(tmp_path, one_thread):
+    """A run whose provenance.json predates ``invocations`` (one top-level ``processes``, as written by
+    a 2-process start) and is resumed by one process: its first start comes first, from the top level."""
+    out = tmp_path / "run"
+    _start_one_process(out, 2)
+    path = out / "provenance.json"
+    old = json.loads(path.read_text())
+    first = old.pop("invocations")[0]
+    old.update({k: v for k, v in first.items() if k != "from_step"}, processes=2)
+    path.write_text(json.dumps(old))
+    from experiments.__main__ import main
+
+    assert main([*SHORT, "--out", str(out), "--resume"]) == 0
+    prov = json.loads(path.read_text())
+    assert [(i["from_step"], i["processes"]) for i in prov["invocations"]] == [(0, 2), (2, 1)]
+    assert prov["invocations"][0]["created"] == old["created"] and prov["corpus"] == old["corpus"]
 
 
 def test_batch_not_divisible_by_processes_is_refused(tmp_path, monkeypatch, capsys):

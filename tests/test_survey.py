@@ -363,3 +363,83 @@ def test_mosaic_titles_of_models_pinned_to_a_commit_name_the_model():
     titles = _fit_labels(labels)
     assert titles == [f"gpt2@{sha[:7]}", f"pythia-70m@{other[:7]}", f"\u2026thia-160m-deduped@{other[:7]}",
                       f"gpt2@{other[:7]}"], titles
+
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "cl100k_base.tiktoken"]
+
+
+@pytest.mark.parametrize("name", TOKENIZER_FILES)
+def test_a_model_folders_identity_covers_its_tokenizer_files(tmp_path, name):
+    """A model folder's content hash changes with any of its tokenizer files, JSON or not (the scores take
+    their probe tokens and BOS from the tokenizer); documentation and hidden files change nothing."""
+    folder = Path(save_model(tmp_path / "m", "gpt2", 1))
+    (folder / name).write_bytes(b"one")
+    before = S.model_identity(str(folder))
+    for unrelated in ("README.md", "LICENSE", "notes.md", ".gitattributes"):
+        (folder / unrelated).write_text("docs")
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    assert S.model_identity(str(folder)) == before
+    (folder / name).write_bytes(b"two")
+    assert S.model_identity(str(folder)) != before
+
+
+def _save_tokenizer(folder: Path, alphabet: str) -> None:
+    """A 1100-token BPE trained on random text over ``alphabet`` (other alphabets: other printable ids)."""
+    import random
+
+    from interventions.zoo.tokenizer import train_tokenizer
+
+    rng = random.Random(0)
+    train_tokenizer(["".join(rng.choice(alphabet) for _ in range(20000))], vocab_size=1100).save_pretrained(folder)
+
+
+def test_a_tokenizer_beside_the_model_folder_is_part_of_its_identity(tmp_path, monkeypatch):
+    """The scores read a tokenizer in the model folder's ``tokenizer/`` or up to two levels above (a
+    run's checkpoint keeps it in the run's ``tokenizer/``), and a model of 1100 ids takes its probe tokens
+    from it: after that tokenizer changes the model is scored again, equal to a survey into a new folder."""
+    import shutil
+
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+    from interventions.analysis.scores import tokenizer_folders
+
+    run = tmp_path / "run"
+    folder = run / "checkpoints" / "step-00000001"
+    torch.manual_seed(0)
+    AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, n_ctx=32, vocab_size=1100)
+                        ).save_pretrained(folder)
+    _save_tokenizer(run / "tokenizer", "abcdefghij klmnop\n")
+    assert tokenizer_folders(folder) == [(run / "tokenizer").resolve()]
+    models = {"m": str(folder)}
+    S.run_survey(models, tmp_path / "res", **KW)
+    loads = Loads(monkeypatch)
+    S.run_survey(models, tmp_path / "res", **KW)
+    assert loads.labels == []  # unchanged: served from the cache
+    shutil.rmtree(run / "tokenizer")
+    _save_tokenizer(run / "tokenizer", "ABCDEFGHIJ 0123456789\n")
+    again = S.run_survey(models, tmp_path / "res", **KW).read("induction_scores")
+    assert loads.labels == [folder.name]
+    pd.testing.assert_frame_equal(again, S.run_survey(models, tmp_path / "fresh", **KW).read("induction_scores"))
+
+
+def test_a_runs_identity_covers_its_tokenizer(tmp_path, monkeypatch):
+    """A run (text corpus) keeps its tokenizer in ``tokenizer/`` beside ``checkpoints/``: rewriting it
+    changes the run's identity in the survey."""
+    from interventions.zoo import train as T
+    from interventions.zoo.tokenizer import byte_tokenizer
+
+    monkeypatch.setenv("INTERVENTIONS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"f{i}.txt").write_text(f"file {i}: " + "abcdefgh " * 200)
+    cfg = T.TrainConfig.from_dict(dict(corpus=str(tmp_path / "corpus"), vocab_size=257, batch_size=4, tokens=32 * 4 * 2,
+                                       n_checkpoints=1, n_eval_windows=4,
+                                       model=dict(n_layers=1, n_heads=2, d_model=16, n_ctx=32)))
+    run = tmp_path / "run"
+    T.train(cfg, run, progress=False)
+    before = S.model_identity(str(run))
+    tok = byte_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|pad|>"]})
+    tok.save_pretrained(run / "tokenizer")
+    assert S.model_identity(str(run)) != before

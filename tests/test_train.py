@@ -241,6 +241,29 @@ def test_corpus_cache_is_keyed_on_the_tokenizer_files(tmp_path):
     assert src2.train.ids.tolist() == ids.tolist()
 
 
+def test_corpus_cache_is_keyed_on_the_tokenisation_version(tmp_path, monkeypatch):
+    """A corpus folder holding the separator's text is tokenised literally (one separator per document),
+    and a cache entry made by another version of tokenize_stream (older code encoded that text as the
+    separator) is never read: a new version is a new entry, recomputed."""
+    import numpy as np
+
+    from interventions.zoo import corpus as C
+    from interventions.zoo.tokenizer import SEP
+
+    corpus = _text_corpus(tmp_path / "corpus", ["a", "b", " ", SEP])
+    assert all(SEP in (corpus / f"f{i}.txt").read_text() for i in range(6))
+    cfg = _text_cfg(corpus)
+    src, tok, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
+    n_docs = len(C.load_documents(str(corpus)))
+    assert sum(int((s.ids == tok.eos_token_id).sum()) for s in (src.train, src.val)) == n_docs
+    [entry] = (tmp_path / "cache").iterdir()
+    np.save(entry / "train_ids.npy", np.zeros_like(src.train.ids))  # stands for ids made by older code
+    monkeypatch.setattr(C, "TOKENIZE_VERSION", C.TOKENIZE_VERSION + 1)
+    again, _, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    assert again.train.ids.tolist() == src.train.ids.tolist()
+
+
 def test_resume_with_a_changed_tokenizer_is_refused(tmp_path):
     """A run whose tokenizer folder was rewritten after it started is refused on --resume (its checkpoints
     were trained on the old token ids), with nothing written; the same tokenizer again continues."""
@@ -370,7 +393,8 @@ def test_corpus_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch)
         if state["inner"] is None:
             state["inner"] = "running"
             T.build_source(cfg, cache_dir=tmp_path / "cache")
-            state["inner"] = next((tmp_path / "cache").iterdir())
+            # the published entry (the outer call's temporary folder sits beside it, in any listing order)
+            state["inner"] = next(p for p in (tmp_path / "cache").iterdir() if (p / "done").is_file())
             state["ino"] = os.stat(state["inner"] / "train_ids.npy").st_ino
         return real(*args, **kwargs)
 

@@ -138,19 +138,26 @@ def find_tokenizer(model):
     found = None
     name = getattr(getattr(inner, "config", None), "_name_or_path", "") or getattr(inner, "name_or_path", "")
     if name and Path(name).is_dir():
-        base = Path(name).resolve()
-        for folder in (base, base / "tokenizer", base.parent, base.parent / "tokenizer", base.parent.parent,
-                       base.parent.parent / "tokenizer"):
-            if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
-                from transformers import AutoTokenizer
+        for folder in tokenizer_folders(name):
+            from transformers import AutoTokenizer
 
-                try:
-                    found = AutoTokenizer.from_pretrained(str(folder))
-                    break
-                except (OSError, ValueError):
-                    continue
+            try:
+                found = AutoTokenizer.from_pretrained(str(folder))
+                break
+            except (OSError, ValueError):
+                continue
     _TOKENIZERS[inner] = found
     return found
+
+
+def tokenizer_folders(model_folder: str | Path) -> list[Path]:
+    """The folders ``find_tokenizer`` tries, in order, for a model loaded from ``model_folder`` (resolved):
+    of the folder, its ``tokenizer`` subfolder and the same one and two levels up, those holding a
+    ``tokenizer.json`` or ``tokenizer_config.json``."""
+    base = Path(model_folder).resolve()
+    candidates = (base, base / "tokenizer", base.parent, base.parent / "tokenizer", base.parent.parent,
+                  base.parent.parent / "tokenizer")
+    return [f for f in candidates if (f / "tokenizer.json").is_file() or (f / "tokenizer_config.json").is_file()]
 
 
 def printable_ids(tokenizer) -> torch.Tensor:

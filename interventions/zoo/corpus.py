@@ -12,7 +12,8 @@ Sources (``load_documents``):
 Synthetic sources (``RepeatedRandomSource``, ``MarkovSource``) produce token windows directly.
 
 The train/validation split is by a hash of each document's name, so it never changes when files
-are added. Documents are joined with a separator token into one stream per split. Evaluation
+are added. Documents are encoded literally and joined with a separator token into one stream per
+split (``tokenize_stream``: the separator's text inside a document is text, not the token). Evaluation
 windows are drawn at random offsets in the validation stream (``eval_windows``), so the t-th
 position of a window differs from the first only in how much context precedes it, not in where in a
 file it falls (windows aligned to file starts put licences and docstrings first; that confound is
@@ -209,16 +210,22 @@ def split_documents(docs: list[Document], val_fraction: float = 0.05) -> tuple[l
     return train, val
 
 
+# The version of tokenize_stream's output, part of the tokenised-corpus cache key: bumped whenever the
+# same documents and tokenizer give other ids, so no cache entry made by older code is read.
+# 2: a special token's text inside a document (e.g. "<|endoftext|>") is encoded as text, not as the token.
+TOKENIZE_VERSION = 2
+
+
 def tokenize_stream(docs: list[Document], tokenizer, sep_id: int, progress: bool = False,
                     desc: str = "tokenize") -> tuple[np.ndarray, np.ndarray]:
     """Documents joined by ``sep_id`` into one stream. Returns (ids uint32 (n_tokens,), doc_starts).
 
-    A pure byte tokenizer (id b = byte b, checked on a probe string) takes a fast exact path: the
-    UTF-8 bytes themselves (documents containing the separator's text go through the tokenizer).
-    ``progress`` shows a bar (by characters) while encoding: a fresh corpus takes a while."""
+    Documents are encoded literally: a special token's text inside one (``<|endoftext|>`` in a file about
+    tokenizers) is its characters' tokens; only the separator between documents is ``sep_id``. A pure
+    byte tokenizer (id b = byte b, checked on a probe string) takes a fast exact path: the UTF-8 bytes
+    themselves. ``progress`` shows a bar (by characters) while encoding: a fresh corpus takes a while."""
     from tqdm.auto import tqdm
 
-    sep_text = tokenizer.convert_ids_to_tokens(sep_id) if hasattr(tokenizer, "convert_ids_to_tokens") else None
     fast = _is_byte_tokenizer(tokenizer)
     encoded = []
     with tqdm(total=sum(len(t) for _, t in docs), desc=desc, unit="char", unit_scale=True,
@@ -226,10 +233,9 @@ def tokenize_stream(docs: list[Document], tokenizer, sep_id: int, progress: bool
         for i in range(0, len(docs), 64):
             chunk = [t for _, t in docs[i:i + 64]]
             if fast:
-                encoded += [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) if not (sep_text and sep_text in t)
-                            else tokenizer([t], add_special_tokens=False)["input_ids"][0] for t in chunk]
+                encoded += [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in chunk]
             else:
-                encoded += tokenizer(chunk, add_special_tokens=False)["input_ids"]
+                encoded += tokenizer(chunk, add_special_tokens=False, split_special_tokens=True)["input_ids"]
             bar.update(sum(len(t) for t in chunk))
     parts, starts, offset = [], [], 0
     for ids in encoded:

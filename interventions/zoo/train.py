@@ -638,7 +638,8 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
     fp = C.corpus_fingerprint(docs, cfg.corpus)
     train_docs, val_docs = C.split_documents(docs, cfg.val_fraction)
     tok_key = _tokenizer_key(cfg.tokenizer) if cfg.tokenizer else f"bpe{cfg.vocab_size}"
-    key = hashlib.sha256(f"{fp['sha256']}|{tok_key}|{cfg.val_fraction}".encode()).hexdigest()[:16]
+    key = f"{fp['sha256']}|{tok_key}|{cfg.val_fraction}|tokenize-v{C.TOKENIZE_VERSION}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:16]
     cache = Path(cache_dir or os.environ.get("INTERVENTIONS_CACHE", Path.home() / ".cache" / "interventions")) / key
     tok_dir = cache / "tokenizer"
     if (cache / "done").is_file():
@@ -764,8 +765,8 @@ def _refuse_out_inside_corpus(run_dir: Path, corpus: str) -> None:
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerprint: dict, own,
                      processes: int = 1) -> Path | None:
     """Take the run folder (lock, config, provenance, tokenizer) and return the checkpoint to continue
-    from (None: from the start); metrics after it are dropped. Rank 0 only; ``processes`` (the DDP
-    world size) is recorded in the provenance of a new run."""
+    from (None: from the start); metrics after it are dropped. Rank 0 only; this start (``processes``:
+    the DDP world size, and the step it continues from) is appended to the provenance's ``invocations``."""
     try:  # mkdir too: a parent that is a regular file or read-only raises OSError here
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -780,7 +781,7 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
         from .provenance import provenance
 
         atomic_write_text(run_dir / "provenance.json", json.dumps(
-            provenance(config=cfg.to_dict(), seed=cfg.seed, corpus=fingerprint, processes=processes), indent=1))
+            provenance(config=cfg.to_dict(), seed=cfg.seed, corpus=fingerprint, invocations=[]), indent=1))
         if (run_dir / "tokenizer").exists():  # left by a start-up killed before train_config.json: maybe
             shutil.rmtree(run_dir / "tokenizer")  # another run's (a synthetic run must not inherit one)
         if tok is not None:
@@ -789,8 +790,29 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
     ckpt = resume_point(run_dir, cfg) if resume else _refuse_unverified(run_dir)
     start = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
     _record_lr_change(run_dir, cfg, start)  # after every refusal: a refused resume writes nothing
+    _record_start(run_dir, cfg, fingerprint, start, processes)
     _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
     return ckpt
+
+
+def _record_start(run_dir: Path, cfg: TrainConfig, fingerprint: dict, from_step: int, processes: int) -> None:
+    """Append this start of the run (the first, or a ``--resume``) to ``provenance.json``'s ``invocations``:
+    when, commit, machine, versions, the step it continues from and its number of processes (a run may be
+    resumed under another ``--nproc_per_node``). The top level keeps the first start's record."""
+    from .provenance import provenance
+
+    path = run_dir / "provenance.json"
+    this = provenance(config=cfg.to_dict(), seed=cfg.seed, from_step=from_step, processes=processes)
+    this = {k: v for k, v in this.items() if k not in ("config", "seed")}
+    if not path.is_file():  # deleted by hand from a started run: recreated, from this start on
+        record = provenance(config=cfg.to_dict(), seed=cfg.seed, corpus=fingerprint, invocations=[])
+    else:  # a JSON object: _check_same_corpus has read it
+        record = json.loads(path.read_text(encoding="utf-8"))
+    if "invocations" not in record:  # written before starts were recorded: the top level is the first start
+        record["invocations"] = [{**{k: v for k, v in record.items() if k not in ("config", "seed", "corpus")},
+                                  "from_step": 0}]
+    record["invocations"].append(this)
+    atomic_write_text(path, json.dumps(record, indent=1))
 
 
 def _check_same_corpus(run_dir: Path, fingerprint: dict, tok=None) -> None:
