@@ -122,7 +122,7 @@ def _final_scores(head_scores: pd.DataFrame, name: str) -> pd.DataFrame:
     return classify_induction_heads(wide)
 
 
-def _circuit_heads(scores: pd.DataFrame, n_layers: int, n_heads: int) -> tuple[list[Head], list[Head], Head, Head]:
+def circuit_heads(scores: pd.DataFrame, n_layers: int, n_heads: int) -> tuple[list[Head], list[Head], Head, Head]:
     """Senders (every head below the receivers' layer), receivers (every head of the layer of the
     strongest induction head: by the rule, else by induction score above layer 0), the previous-token
     head (highest previous-token score among the senders) and the induction head."""
@@ -132,9 +132,11 @@ def _circuit_heads(scores: pd.DataFrame, n_layers: int, n_heads: int) -> tuple[l
     induction = Head(int(top["layer"]), int(top["head"]))
     senders = [Head(layer, h) for layer in range(induction.layer) for h in range(n_heads)]
     receivers = [Head(induction.layer, h) for h in range(n_heads)]
+    if "previous_token" not in scores.columns:  # prefix matching would pick an induction-like head instead
+        raise ValueError("the head scores have no previous_token score, needed to name the previous-token head: "
+                         "compute them with windows of text (head_scores(model, windows=...))")
     below = scores[scores.layer < induction.layer]
-    column = "previous_token" if "previous_token" in below.columns else "prefix_matching"
-    prev = below.sort_values(column).iloc[-1]
+    prev = below.sort_values("previous_token").iloc[-1]
     return senders, receivers, Head(int(prev["layer"]), int(prev["head"])), induction
 
 
@@ -174,7 +176,7 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
     res.write("patch_head_pos", pd.DataFrame(rows).assign(model=name), inputs=key)
     if a.n_layers >= 2:
         scores = _final_scores(head_scores, name)
-        senders, receivers, prev, induction = _circuit_heads(scores, a.n_layers, a.n_heads)
+        senders, receivers, prev, induction = circuit_heads(scores, a.n_layers, a.n_heads)
         df = path_patch_table(model, clean, resampled, length, senders, receivers)
         df = df.assign(model=name, clean_loss=base_clean, unrepeated_loss=base_corr,
                        share=df.effect / gap if gap else float("nan"),

@@ -4,9 +4,11 @@ its keys only: the experiment's table must show K-composition and nothing throug
 
 import math
 
+import pandas as pd
+import pytest
 import torch
 
-from experiments.circuit import path_patch_table, second_copy_loss
+from experiments.circuit import circuit_heads, path_patch_table, second_copy_loss
 from interventions import path_patch
 from interventions.analysis.scores import probe_sequences
 from interventions.engine.heads import Head
@@ -52,3 +54,16 @@ def test_patching_into_the_unrepeated_prompt_restores_nothing():
     assert u - c > 5.0
     got = path_patch(model, clean, unrepeated, metric, ["L0H0"], ["L1H0"], receiver_input="k")[0, 0]
     assert (u - got) / (u - c) < 0.1
+
+
+def test_previous_token_head_needs_the_previous_token_score():
+    """The sender labelled the previous-token head is the one with the highest previous-token score;
+    scores without that column are refused (it silently took the highest prefix-matching score, an
+    induction-like head, and labelled it the previous-token head)."""
+    scores = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "induction": [0.0, 0.1, 0.9, 0.2],
+                           "prefix_matching": [0.0, 0.8, 0.9, 0.2], "is_induction": [False, False, True, False]})
+    with_prev = scores.assign(previous_token=[0.9, 0.1, 0.0, 0.0])
+    senders, receivers, prev, induction = circuit_heads(with_prev, 2, 2)
+    assert (prev, induction) == (Head(0, 0), Head(1, 0)) and senders == [Head(0, 0), Head(0, 1)]
+    with pytest.raises(ValueError, match="previous_token"):
+        circuit_heads(scores, 2, 2)

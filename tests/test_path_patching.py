@@ -2,6 +2,8 @@
 hand-built two-layer induction circuit of tests/test_scores.py: the previous-token head reaches the
 induction head through its keys (K-composition), not its queries or values."""
 
+import copy
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from interventions import path_patch
 from interventions.analysis.scores import repeated_random_tokens
 
 from .test_ablation import VOCAB, build
-from .test_engine import N_HEADS, N_KV, PATHS, _qkv
+from .test_engine import D_HEAD, PATHS
 from .test_scores import BOS, POOL, circuit_model
 
 
@@ -19,14 +21,67 @@ def _metric(logits, tokens):
     return -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1).mean(-1)
 
 
+def _build3(arch: str, n_kv: int | None = None, seed: int = 0):
+    """A tiny random 3-layer GPT-2 or Llama (4 heads of 8; Llama with ``n_kv`` key/value heads), with
+    weights large enough that paths, through the layer-1 heads too, move the loss."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64))
+    else:
+        model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3,
+                                                 num_attention_heads=4, num_key_value_heads=n_kv,
+                                                 intermediate_size=64, max_position_embeddings=64))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(0.6 * torch.randn(p.shape, generator=g))
+            elif "bias" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            else:  # norm gains
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return model.eval()
+
+
+def _without_gqa(model):
+    """Weight surgery: the same function as a Llama with grouped-query attention, with one key/value
+    head per query head (each k_proj / v_proj head copied to every query head of its group)."""
+    import transformers as T
+
+    cfg = copy.deepcopy(model.config)
+    n_kv, cfg.num_key_value_heads = cfg.num_key_value_heads, cfg.num_attention_heads
+    group = cfg.num_attention_heads // n_kv
+    state = {k: (v.view(n_kv, D_HEAD, -1).repeat_interleave(group, 0).flatten(0, 1)
+                 if k.endswith(("k_proj.weight", "v_proj.weight")) else v) for k, v in model.state_dict().items()}
+    mha = T.LlamaForCausalLM(cfg).eval()
+    mha.load_state_dict(state)
+    return mha
+
+
+def _projection(model, layer, kind, head):
+    """The module whose output holds ``head``'s q, k or v (k/v: a key/value head), and its columns."""
+    arch = model.config.model_type
+    qkv = PATHS[arch]["qkv"]
+    if isinstance(qkv, str):  # GPT-2's fused c_attn: q | k | v
+        off = "qkv".index(kind) * 32 + head * D_HEAD
+        return model.get_submodule(qkv.format(layer)), slice(off, off + D_HEAD)
+    return model.get_submodule(qkv["qkv".index(kind)].format(layer)), slice(head * D_HEAD, (head + 1) * D_HEAD)
+
+
 @torch.no_grad()
-def _oracle(arch, model, target, source, sender, receiver, kind):
+def _oracle(model, target, source, sender, receiver, kind):
     """Path patching with plain forward hooks: run 1 freezes every head's output (the o_proj input)
-    at its target-run value except the sender's, set to its source-run value, and records the
-    receiver's q/k/v (projection output, viewed per head by hand); run 2 patches only that."""
-    p = PATHS[arch]
-    n_layers = 2
-    o_projs = [model.get_submodule(p["o"].format(l)) for l in range(n_layers)]
+    below the receiver's layer at its target-run value except the sender's, set to its source-run
+    value, and records the receiver's q/k/v (projection output columns, by hand); run 2 patches only
+    that (under grouped-query attention: the key/value head, with the group's other query heads'
+    outputs kept at their target-run values, so only the receiver reads the patched keys/values)."""
+    cfg = model.config
+    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
+    o_projs = [model.get_submodule(PATHS[cfg.model_type]["o"].format(l)) for l in range(n_layers)]
+    cols = lambda h: slice(h * D_HEAD, (h + 1) * D_HEAD)  # noqa: E731  head h's columns of z
 
     def z_of(tokens):
         rec = {}
@@ -38,39 +93,43 @@ def _oracle(arch, model, target, source, sender, receiver, kind):
         return rec
 
     tz, sz = z_of(target), z_of(source)
-    sl = slice(sender[1] * 8, (sender[1] + 1) * 8)
 
     def freeze(l):
         def hook(mod, args):
             z = tz[l].clone()
             if l == sender[0]:
-                z[..., sl] = sz[l][..., sl]
+                z[..., cols(sender[1])] = sz[l][..., cols(sender[1])]
             return (z,)
         return hook
 
-    qkv = p["qkv"] if isinstance(p["qkv"], tuple) else (p["qkv"],)
-    idx = 0 if len(qkv) == 1 else "qkv".index(kind)
-    proj = model.get_submodule(qkv[idx].format(receiver[0]))
-    head = receiver[1] if kind == "q" else receiver[1] // (N_HEADS // N_KV.get(arch, N_HEADS))
+    group = n_heads // n_kv
+    head = receiver[1] if kind == "q" else receiver[1] // group
+    proj, c = _projection(model, receiver[0], kind, head)
     recorded = {}
-
-    def record(mod, args, out):
-        recorded["x"] = _qkv(arch, model, receiver[0], [out] * 3, kind)[:, :, head].clone()
-
     hs = [o_projs[l].register_forward_pre_hook(freeze(l)) for l in range(receiver[0])]
-    hs.append(proj.register_forward_hook(record))
+    hs.append(proj.register_forward_hook(lambda mod, args, out: recorded.__setitem__("x", out[..., c].clone())))
     model(target)
     for h in hs:
         h.remove()
 
     def patch(mod, args, out):
         out = out.clone()
-        _qkv(arch, model, receiver[0], [out] * 3, kind)[:, :, head] = recorded["x"]
+        out[..., c] = recorded["x"]
         return out
 
-    h = proj.register_forward_hook(patch)
+    def keep_group(mod, args):  # the other query heads of the receiver's group: target-run outputs
+        z = args[0].clone()
+        for h in range(head * group, (head + 1) * group):
+            if h != receiver[1]:
+                z[..., cols(h)] = tz[receiver[0]][..., cols(h)]
+        return (z,)
+
+    hs = [proj.register_forward_hook(patch)]
+    if kind != "q" and group > 1:
+        hs.append(o_projs[receiver[0]].register_forward_pre_hook(keep_group))
     logits = model(target).logits
-    h.remove()
+    for h in hs:
+        h.remove()
     return _metric(logits, target).mean()
 
 
@@ -78,7 +137,7 @@ def _oracle(arch, model, target, source, sender, receiver, kind):
 @pytest.mark.parametrize("kind", ["q", "k", "v"])
 def test_path_patch_matches_plain_torch(arch, kind):
     """Every sender (layer 0) x receiver (layer 1) entry equals the hook-only implementation to 1e-5
-    (Llama: grouped-query attention, k/v receivers share a kv head); some path matters."""
+    (Llama: grouped-query attention); some path matters."""
     model = build(arch)
     g = torch.Generator().manual_seed(3)
     clean, corrupted = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 9), generator=g)
@@ -87,10 +146,53 @@ def test_path_patch_matches_plain_torch(arch, kind):
     assert got.shape == (3, 2)
     for i, s in enumerate([(0, 0), (0, 2), (0, 3)]):
         for j, r in enumerate([(1, 1), (1, 3)]):
-            want = _oracle(arch, model, corrupted, clean, s, r, kind)
+            want = _oracle(model, corrupted, clean, s, r, kind)
             torch.testing.assert_close(got[i, j], want, atol=1e-5, rtol=0)
     base = _metric(model(corrupted).logits, corrupted).mean()
     assert (got - base).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+def test_path_patch_three_layers_matches_plain_torch(arch, kind):
+    """Three layers, so heads between sender and receiver exist and must be frozen (with two layers
+    freezing is vacuous) and the MLPs between are recomputed: senders in layers 0 and 1, receivers in
+    layers 1 and 2 (step 2 then starts from layer 1), both directions, equal to the hook-only
+    implementation to 1e-5 and independent of patches_per_pass."""
+    model = _build3(arch, n_kv=2)
+    g = torch.Generator().manual_seed(4)
+    clean, corrupted = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 9), generator=g)
+    for direction, target, source in (("clean_to_corrupted", corrupted, clean), ("corrupted_to_clean", clean, corrupted)):
+        for senders, receivers in (([(0, 0), (0, 3)], [(2, 1), (2, 0), (1, 3)]), ([(1, 2)], [(2, 2), (2, 3)])):
+            got = path_patch(model, clean, corrupted, _metric, senders, receivers, receiver_input=kind,
+                             direction=direction, patches_per_pass=3)
+            one = path_patch(model, clean, corrupted, _metric, senders, receivers, receiver_input=kind,
+                             direction=direction, patches_per_pass=1)
+            want = torch.tensor([[_oracle(model, target, source, s, r, kind) for r in receivers] for s in senders])
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(one, got, atol=1e-6, rtol=0)
+            with torch.no_grad():
+                base = _metric(model(target).logits, target).mean()
+            assert (got - base).abs().max() > 1e-3  # some path moves the loss (100x the tolerance)
+
+
+@pytest.mark.parametrize("kind", ["k", "v"])
+def test_path_patch_gqa_ends_in_one_query_head(kind):
+    """Under grouped-query attention a k/v path ends in the receiver alone, not in every query head of
+    its key/value head's group: equal (1e-5) to the hook-only implementation on the same function
+    without grouped-query attention (weight surgery: one key/value head per query head), and query
+    heads of one group get different entries. (It patched the shared key/value head, so both heads
+    of a group got the group's entry, off by up to 0.4 nats.)"""
+    model = _build3("llama", n_kv=2)
+    mha = _without_gqa(model)
+    g = torch.Generator().manual_seed(5)
+    clean, corrupted = torch.randint(0, VOCAB, (2, 9), generator=g), torch.randint(0, VOCAB, (2, 9), generator=g)
+    torch.testing.assert_close(mha(clean).logits, model(clean).logits, atol=1e-5, rtol=0)
+    senders, receivers = [(0, 0), (0, 3)], [(2, 0), (2, 1), (1, 2), (1, 3)]  # two groups of two
+    got = path_patch(model, clean, corrupted, _metric, senders, receivers, receiver_input=kind)
+    want = torch.tensor([[_oracle(mha, corrupted, clean, s, r, kind) for r in receivers] for s in senders])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got[:, 0] - got[:, 1]).abs().min() > 1e-3 and (got[:, 2] - got[:, 3]).abs().min() > 1e-3
 
 
 def test_circuit_k_composition_by_path_patching():

@@ -13,7 +13,9 @@ Sites (names and shapes in ``interventions.engine.sites``):
   * ``patch_residual``: the residual stream entering a layer, at one position.
   * ``patch_patterns``: one head's attention pattern (inside ``observable``; set up here).
   * ``path_patch``: the effect of a sender head on a receiver head's q, k or v input *only*, every
-    other path frozen (Wang et al. 2022; Goldowsky-Dill et al. 2023).
+    other head's output frozen (Wang et al. 2022; Goldowsky-Dill et al. 2023). MLPs in between are
+    recomputed, so sender -> MLP -> receiver counts as part of the path; under grouped-query
+    attention a k or v path ends in the receiver query head alone.
 
 A metric is a function ``metric(logits, tokens) -> (batch,)`` (or a scalar tensor). The patching
 functions call it with the logits *and the tokens of the run being measured* (the target run), so a
@@ -195,11 +197,12 @@ def _reduce(metric: Metric, logits: torch.Tensor, tokens: torch.Tensor, batch: i
 
 # ----------------------------------------------------------------------------- driver
 
-def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write], metric: Metric, per_pass: int,
-             progress: bool = False, from_layer: int = 0, prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """Metric (mean over batch) of ``target`` with each patch (a ``Write`` without rows) applied alone:
-    a (len(patches),) tensor. Up to ``per_pass`` patches share one forward pass on ``target``
-    repeated along the batch. The built-in metrics are reduced in the trace (module docstring).
+def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tuple[Write, ...]], metric: Metric,
+             per_pass: int, progress: bool = False, from_layer: int = 0,
+             prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """Metric (mean over batch) of ``target`` with each patch (a ``Write`` without rows, or a tuple of
+    them applied together) applied alone: a (len(patches),) tensor. Up to ``per_pass`` patches share
+    one forward pass on ``target`` repeated along the batch. The built-in metrics are reduced in the trace (module docstring).
     ``from_layer``/``prefix``: every patch lies in that layer or above, and ``prefix`` (batch, pos,
     d_model) is the target run's residual entering it: the blocks below are skipped (they compute what
     the target run computed)."""
@@ -216,7 +219,7 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write], met
         group = patches[start:start + per_pass]
         k = len(group)
         writes = [Write(w.site, w.value, rows=slice(j * b, (j + 1) * b), head=w.head, pos=w.pos)
-                  for j, w in enumerate(group)]
+                  for j, patch in enumerate(group) for w in ((patch,) if isinstance(patch, Write) else patch)]
         rep = target.repeat(k, 1)  # (k * batch, pos)
         skip = dict(start=from_layer, prefix=None if prefix is None else prefix.repeat(k, 1, 1))
         if metric is mean_loss_metric:
@@ -339,8 +342,10 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
          from the target run only through s's direct path (and MLPs in between, which are recomputed);
       2. run again, free, with only r's ``receiver_input`` replaced by the recorded value; measure (the
          blocks below the receivers' layer are the target run's: they are skipped, their output reused).
-    Under grouped-query attention k and v belong to a key/value head shared by a group of query heads:
-    patching r's k or v patches that key/value head (``kv_head_of``), so every head of the group reads it.
+    Under grouped-query attention k and v belong to a key/value head shared by a group of query heads
+    (``kv_head_of``): step 2 patches that key/value head and keeps the output ``z`` of the group's other
+    query heads at its target-run value (what they compute from unpatched keys and values: their layer's
+    input is the target run's), so the path ends in r alone, as without grouped-query attention.
 
     Args:
         senders, receivers: heads ("L0H1", Head(0, 1) or (0, 1); one or a list).
@@ -370,17 +375,16 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
                 raise ValueError(f"receiver {r} is not after sender {s}: a receiver must sit in a later layer "
                                  "than every sender (its input is computed before the sender's layer runs)")
     kind = receiver_input
-    r_heads = [(r.layer, kv_head_of(r.head, a.n_heads, a.n_kv_heads) if kind in ("k", "v") else r.head)
-               for r in receivers]
-    r_layers = sorted({layer for layer, _ in r_heads})
+    shared = kind in ("k", "v") and a.n_kv_heads < a.n_heads  # a key/value head serves several query heads
+    r_layers = sorted({r.layer for r in receivers})
     top = max(r_layers)
     z_sites = [Site(layer, "z") for layer in range(top)]
     src = engine.run(Run(source, reads=[Site(s.layer, "z") for s in senders], returns="none")).acts
     # step 2 patches nothing below the first receiver layer: those blocks are the target run's (locally
     # skipped; remotely recomputed, as sending their output for every block of rows would cost more)
     first = 0 if engine.remote else min(r_layers)
-    tgt = engine.run(Run(target, reads=z_sites + ([Site(first, "resid_pre")] if first > 0 else []),
-                         returns="none")).acts
+    tgt = engine.run(Run(target, reads=z_sites + ([Site(top, "z")] if shared else [])
+                         + ([Site(first, "resid_pre")] if first > 0 else []), returns="none")).acts
     b = target.shape[0]
     # 1. one block of rows per sender: every head below the top receiver layer frozen, the sender patched
     recorded: dict[Head, dict[str, torch.Tensor]] = {}
@@ -396,7 +400,14 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
         for j, s in enumerate(group):
             recorded[s] = {name: x[j * b:(j + 1) * b] for name, x in acts.items()}
     # 2. one block of rows per (sender, receiver): only the receiver's input patched
-    patches = [Write(Site(layer, kind), recorded[s][f"L{layer}.{kind}"][:, :, head], head=head)
-               for s in senders for layer, head in r_heads]
+    def patch(s: Head, r: Head) -> tuple[Write, ...]:
+        if kind == "q":
+            return (Write(Site(r.layer, kind), recorded[s][f"L{r.layer}.q"][:, :, r.head], head=r.head),)
+        kv = kv_head_of(r.head, a.n_heads, a.n_kv_heads)
+        others = [h for h in range(a.n_heads) if h != r.head and kv_head_of(h, a.n_heads, a.n_kv_heads) == kv]
+        return ((Write(Site(r.layer, kind), recorded[s][f"L{r.layer}.{kind}"][:, :, kv], head=kv),)
+                + tuple(Write(Site(r.layer, "z"), tgt[f"L{r.layer}.z"][:, :, h], head=h) for h in others))
+
+    patches = [patch(s, r) for s in senders for r in receivers]
     return _measure(engine, target, patches, metric, patches_per_pass, from_layer=first,
                     prefix=tgt[f"L{first}.resid_pre"] if first > 0 else None).view(len(senders), len(receivers))
