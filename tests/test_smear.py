@@ -441,3 +441,27 @@ def test_left_padding_matches_unpadded(arch):
             out = logits(edited, batch, attention_mask=mask, position_ids=position_ids)
         assert torch.allclose(out[0], want_a, atol=1e-5), path
         assert torch.allclose(out[1, 4:], want_b, atol=1e-5), (path, (out[1, 4:] - want_b).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
+def test_static_cache_with_a_mask_raises(arch):
+    """A StaticCache gives the attention mask max_cache_len key columns, not this call's pos: reading padding
+    from its last pos columns silently switched the smear off (eager: the plain model's logits, diff 3.3) or
+    mixed pad keys in. It raises; without a mask (SDPA, no padding) the smeared logits are unchanged."""
+    from transformers import StaticCache
+
+    from interventions import observable
+
+    edited = smear_keys(build(arch))
+    set_alphas(edited, 0.0)
+    x = tokens(batch=2, pos=8)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        with observable(edited), pytest.raises(ValueError, match="key columns for 8 tokens.*use_cache=False"):
+            edited(x, past_key_values=StaticCache(config=edited.config, max_cache_len=32), use_cache=True)
+        with pytest.raises(ValueError, match="key columns for 8 tokens.*use_cache=False"):
+            edited(x, attention_mask=mask, past_key_values=StaticCache(config=edited.config, max_cache_len=32),
+                   use_cache=True)
+        out = edited(x, past_key_values=StaticCache(config=edited.config, max_cache_len=32), use_cache=True).logits
+    assert torch.equal(out, logits(edited, x))

@@ -50,7 +50,8 @@ first real token is the first key, and a padded batch gives the unpadded sequenc
 key mixed in would change every later token, and differently on the SDPA and eager paths, whose pad
 rows differ). The hook sees only the tokens of the current call, so
 incremental decoding with a KV cache would treat each new token as "first"; it raises instead
-(generate with ``use_cache=False``). ``save_pretrained`` on an edited HF model stores the alphas, but
+(generate with ``use_cache=False``); so does a pre-allocated cache (``StaticCache``) whose attention mask
+has more key columns than the call has tokens, as the padding in it cannot be located. ``save_pretrained`` on an edited HF model stores the alphas, but
 ``from_pretrained`` builds a plain model: ``load_model`` rebuilds it (``smear_keys(plain)``, then the alphas).
 
 Example:
@@ -203,6 +204,13 @@ class ProjectionKeySmear(KeySmear):
     def _smear_projection(self, module, args, out: torch.Tensor) -> torch.Tensor:
         """out: the key-producing module's output (batch, pos, features) -> same, keys smeared."""
         batch, pos = out.shape[:2]
+        if self._mask is not None and self._mask.shape[-1] != pos:
+            # the cache is empty (_before_attention), so the mask covers more keys than this call's only when the
+            # cache is pre-allocated (StaticCache): its columns are not this call's tokens, padding would be misread
+            raise ValueError(
+                f"the attention mask has {self._mask.shape[-1]} key columns for {pos} tokens (a pre-allocated KV "
+                "cache such as StaticCache): smeared keys cannot find this call's padding in it; run without a "
+                "cache (use_cache=False) or with the default DynamicCache")
         h, dh = self.n_kv_heads, self.d_head
         if self.layout == "gpt2":  # q | k | v along features
             k = out[..., self.d_model:2 * self.d_model].reshape(batch, pos, h, dh)  # (batch, pos, head, d_head)
