@@ -465,3 +465,28 @@ def test_static_cache_with_a_mask_raises(arch):
                    use_cache=True)
         out = edited(x, past_key_values=StaticCache(config=edited.config, max_cache_len=32), use_cache=True).logits
     assert torch.equal(out, logits(edited, x))
+
+
+@pytest.mark.parametrize("alpha", [6.0, 6.5, -6.0])
+def test_bf16_keys_are_the_formula_rounded_once(alpha):
+    """In bf16 the smeared keys are the float64 formula rounded to bf16 (KeySmear on random keys, and an edited
+    GPT-2's layer-0 keys against its plain bf16 keys smeared by the loop). Mixing in bf16 rounded s itself: at
+    alpha = 6 (the edit's init) 62% of the keys were off, by up to 2.7x the rounding error, and at 6.5 s rounded
+    to 1: the edited GPT-2's keys were bit-identical to the plain model's (no smear at all)."""
+    torch.manual_seed(0)
+    smear = KeySmear(n_heads=4, init_alpha=alpha).to(torch.bfloat16)
+    k = torch.randn(2, 4, 64, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        out = smear(k)
+    exact = loop_smear(k.double(), torch.full((4,), alpha, dtype=torch.float64))
+    assert (out != exact.to(torch.bfloat16)).float().mean() < 1e-3  # a rare tie may round the other way
+    assert (out.double() - exact).abs().max() <= (exact.to(torch.bfloat16).double() - exact).abs().max()
+
+    model = build("gpt2").to(torch.bfloat16)
+    edited = smear_keys(model, init_alpha=alpha)
+    x = tokens(batch=2, pos=16)
+    plain, _ = capture_keys(copy.deepcopy(model), x)
+    smeared, _ = capture_keys(edited, x)
+    exact = loop_smear(plain[0].double(), torch.full((4,), alpha, dtype=torch.float64))
+    assert not torch.equal(smeared[0], plain[0])
+    assert (smeared[0].double() - exact).abs().max() <= (exact.to(torch.bfloat16).double() - exact).abs().max()
