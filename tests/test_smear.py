@@ -441,3 +441,52 @@ def test_left_padding_matches_unpadded(arch):
             out = logits(edited, batch, attention_mask=mask, position_ids=position_ids)
         assert torch.allclose(out[0], want_a, atol=1e-5), path
         assert torch.allclose(out[1, 4:], want_b, atol=1e-5), (path, (out[1, 4:] - want_b).abs().max())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa"])
+def test_static_cache_with_a_mask_raises(arch):
+    """A StaticCache gives the attention mask max_cache_len key columns, not this call's pos: reading padding
+    from its last pos columns silently switched the smear off (eager: the plain model's logits, diff 3.3) or
+    mixed pad keys in. It raises; without a mask (SDPA, no padding) the smeared logits are unchanged."""
+    from transformers import StaticCache
+
+    from interventions import observable
+
+    edited = smear_keys(build(arch))
+    set_alphas(edited, 0.0)
+    x = tokens(batch=2, pos=8)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        with observable(edited), pytest.raises(ValueError, match="key columns for 8 tokens.*use_cache=False"):
+            edited(x, past_key_values=StaticCache(config=edited.config, max_cache_len=32), use_cache=True)
+        with pytest.raises(ValueError, match="key columns for 8 tokens.*use_cache=False"):
+            edited(x, attention_mask=mask, past_key_values=StaticCache(config=edited.config, max_cache_len=32),
+                   use_cache=True)
+        out = edited(x, past_key_values=StaticCache(config=edited.config, max_cache_len=32), use_cache=True).logits
+    assert torch.equal(out, logits(edited, x))
+
+
+@pytest.mark.parametrize("alpha", [6.0, 6.5, -6.0])
+def test_bf16_keys_are_the_formula_rounded_once(alpha):
+    """In bf16 the smeared keys are the float64 formula rounded to bf16 (KeySmear on random keys, and an edited
+    GPT-2's layer-0 keys against its plain bf16 keys smeared by the loop). Mixing in bf16 rounded s itself: at
+    alpha = 6 (the edit's init) 62% of the keys were off, by up to 2.7x the rounding error, and at 6.5 s rounded
+    to 1: the edited GPT-2's keys were bit-identical to the plain model's (no smear at all)."""
+    torch.manual_seed(0)
+    smear = KeySmear(n_heads=4, init_alpha=alpha).to(torch.bfloat16)
+    k = torch.randn(2, 4, 64, 16).to(torch.bfloat16)
+    with torch.no_grad():
+        out = smear(k)
+    exact = loop_smear(k.double(), torch.full((4,), alpha, dtype=torch.float64))
+    assert (out != exact.to(torch.bfloat16)).float().mean() < 1e-3  # a rare tie may round the other way
+    assert (out.double() - exact).abs().max() <= (exact.to(torch.bfloat16).double() - exact).abs().max()
+
+    model = build("gpt2").to(torch.bfloat16)
+    edited = smear_keys(model, init_alpha=alpha)
+    x = tokens(batch=2, pos=16)
+    plain, _ = capture_keys(copy.deepcopy(model), x)
+    smeared, _ = capture_keys(edited, x)
+    exact = loop_smear(plain[0].double(), torch.full((4,), alpha, dtype=torch.float64))
+    assert not torch.equal(smeared[0], plain[0])
+    assert (smeared[0].double() - exact).abs().max() <= (exact.to(torch.bfloat16).double() - exact).abs().max()

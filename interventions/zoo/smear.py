@@ -50,7 +50,8 @@ first real token is the first key, and a padded batch gives the unpadded sequenc
 key mixed in would change every later token, and differently on the SDPA and eager paths, whose pad
 rows differ). The hook sees only the tokens of the current call, so
 incremental decoding with a KV cache would treat each new token as "first"; it raises instead
-(generate with ``use_cache=False``). ``save_pretrained`` on an edited HF model stores the alphas, but
+(generate with ``use_cache=False``); so does a pre-allocated cache (``StaticCache``) whose attention mask
+has more key columns than the call has tokens, as the padding in it cannot be located. ``save_pretrained`` on an edited HF model stores the alphas, but
 ``from_pretrained`` builds a plain model: ``load_model`` rebuilds it (``smear_keys(plain)``, then the alphas).
 
 Example:
@@ -106,10 +107,13 @@ class KeySmear(nn.Module):
         prev_real = previous_is_real(mask, k.shape[2])
         if k.shape[1] != self.alpha.shape[0]:
             raise ValueError(f"KeySmear has {self.alpha.shape[0]} heads but the keys have {k.shape[1]}")
-        s = torch.sigmoid(self.alpha).to(k.dtype)[None, :, None, None]  # (1, head, 1, 1)
+        # Mixed in at least float32, then rounded once: in bf16, s itself would round to a multiple of 2^-8 near
+        # 1 (sigmoid(6) -> 0.9961, so 1 - s = 0.0039 instead of 0.0025; sigmoid(6.5) -> 1, no smear at all).
+        work = torch.promote_types(k.dtype, torch.float32)
+        s = torch.sigmoid(self.alpha.to(work))[None, :, None, None]  # (1, head, 1, 1)
         if prev is None:
             prev = k[:, :, :-1]  # k_{j-1} for j >= 1
-        mixed = s * k[:, :, 1:] + (1 - s) * prev  # (batch, head, pos - 1, d_head)
+        mixed = (s * k[:, :, 1:].to(work) + (1 - s) * prev.to(work)).to(k.dtype)  # (batch, head, pos - 1, d_head)
         if prev_real is not None:
             mixed = torch.where(prev_real[:, None, :, None].to(k.device), mixed, k[:, :, 1:])
         # Position 0 is copied, not mixed with itself: s k + (1 - s) k can differ from k in the last bit.
@@ -203,6 +207,13 @@ class ProjectionKeySmear(KeySmear):
     def _smear_projection(self, module, args, out: torch.Tensor) -> torch.Tensor:
         """out: the key-producing module's output (batch, pos, features) -> same, keys smeared."""
         batch, pos = out.shape[:2]
+        if self._mask is not None and self._mask.shape[-1] != pos:
+            # the cache is empty (_before_attention), so the mask covers more keys than this call's only when the
+            # cache is pre-allocated (StaticCache): its columns are not this call's tokens, padding would be misread
+            raise ValueError(
+                f"the attention mask has {self._mask.shape[-1]} key columns for {pos} tokens (a pre-allocated KV "
+                "cache such as StaticCache): smeared keys cannot find this call's padding in it; run without a "
+                "cache (use_cache=False) or with the default DynamicCache")
         h, dh = self.n_kv_heads, self.d_head
         if self.layout == "gpt2":  # q | k | v along features
             k = out[..., self.d_model:2 * self.d_model].reshape(batch, pos, h, dh)  # (batch, pos, head, d_head)
@@ -224,15 +235,17 @@ class ProjectionKeySmear(KeySmear):
     def _previous_keys(self, k: torch.Tensor) -> torch.Tensor:
         """For positions 1..pos-1, the pre-rotary key that rotates at position j to R_{j-1} k_{j-1}.
 
-        k: (batch, head, pos, d_head) -> (batch, head, pos - 1, d_head)."""
+        k: (batch, head, pos, d_head) -> (batch, head, pos - 1, d_head), in at least float32 (``forward`` rounds)."""
         prev = k[:, :, :-1]
         if self.layout not in _ROTARY:
             return prev
         if self._rotary is None:
             raise ValueError("the key projection ran outside its attention module's call: smeared keys on "
                              "rotary models need the positions the attention module receives")
+        work = torch.promote_types(k.dtype, torch.float32)  # as the mix: at least float32, rounded once after it
+        prev = prev.to(work)
         cos, sin = self._rotary  # (batch or 1, pos, rotary_dim), scaled by attention_scaling
-        cos, sin = cos[:, None].to(k.dtype), sin[:, None].to(k.dtype)  # (batch, 1, pos, rotary_dim)
+        cos, sin = cos[:, None].to(work), sin[:, None].to(work)  # (batch, 1, pos, rotary_dim)
         rd = cos.shape[-1]
         rot, rest = prev[..., :rd], prev[..., rd:]
         c0, s0, c1, s1 = cos[:, :, :-1], sin[:, :, :-1], cos[:, :, 1:], sin[:, :, 1:]
