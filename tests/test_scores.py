@@ -368,3 +368,21 @@ def test_probes_inferred_from_a_run_folder(tmp_path):
     assert _bos(loaded, None) == 256
     pool = inferred_pool(loaded, bos_id=256).tolist()
     assert pool and all(33 <= t <= 126 for t in pool) and len(pool) >= 50
+
+
+def test_printable_ids_leave_out_added_special_tokens():
+    """Tokens added as special (AddedToken(special=True), as Llama 3's reserved and chat tokens are)
+    but not named in the special-tokens map are missing from all_special_ids; they are special all
+    the same and never probes. A plain added token (special=False) stays a candidate."""
+    from transformers import AddedToken
+
+    from interventions.analysis.scores import printable_ids
+    from interventions.zoo.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.add_tokens([AddedToken("<|reserved_0|>", special=True), AddedToken("<|header|>", special=True),
+                    AddedToken("plain", special=False)])
+    assert tok.all_special_ids == [256]  # the added special tokens are not listed there
+    ids = printable_ids(tok).tolist()
+    assert [i for i in ids if i >= 256] == [259]
+    assert ids[:-1] == list(range(33, 127))  # printable ASCII, nothing else below BOS

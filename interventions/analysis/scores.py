@@ -161,8 +161,13 @@ def tokenizer_folders(model_folder: str | Path) -> list[Path]:
 
 
 def printable_ids(tokenizer) -> torch.Tensor:
-    """Ids (not special tokens) that decode to printable, non-blank text (no replacement character)."""
+    """Ids (not special tokens) that decode to printable, non-blank text (no replacement character).
+
+    Special: the tokenizer's named special ids and every added token marked special (Llama 3's
+    ``<|reserved_special_token_*|>``, chat markers), which ``all_special_ids`` leaves out."""
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= {i for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+                if getattr(t, "special", False)}
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
     keep = [i for i, t in enumerate(texts)
             if i not in special and t.strip() and t.isprintable() and "\ufffd" not in t]
