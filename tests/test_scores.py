@@ -386,3 +386,13 @@ def test_printable_ids_leave_out_added_special_tokens():
     ids = printable_ids(tok).tolist()
     assert [i for i in ids if i >= 256] == [259]
     assert ids[:-1] == list(range(33, 127))  # printable ASCII, nothing else below BOS
+
+
+def test_short_context_model_is_told_how_to_classify():
+    """classify_induction_heads(model) on a context shorter than the default probes (101 positions) names the
+    arguments that shorten them and the way to classify with them; with those, it classifies."""
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=60, n_ctx=64)).eval()
+    with pytest.raises(ValueError, match=r"context is 64.*head_scores\(model, prefix_tokens=.*classify_induction_heads"):
+        classify_induction_heads(model)
+    table = head_scores(model, prefix_tokens=10, n_repeats=3, seq_len=20)
+    assert len(classify_induction_heads(table)) == 2

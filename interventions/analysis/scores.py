@@ -278,7 +278,8 @@ def _check_length(model, length: int, what: str) -> None:
     n_ctx = get_adapter(unwrap(model)).n_ctx
     if n_ctx is not None and length > n_ctx:
         raise ValueError(f"{what} needs {length} positions but the model's context is {n_ctx}: "
-                         "use fewer tokens / repeats")
+                         "use fewer tokens / repeats, e.g. head_scores(model, prefix_tokens=..., n_repeats=..., "
+                         "seq_len=...) (classify_induction_heads takes that table instead of the model)")
 
 
 # ----------------------------------------------------------------------------- attention scoring
