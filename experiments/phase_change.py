@@ -15,8 +15,9 @@ fixed set of (example, token) pairs, one token per example. Then, per model:
 * **PCA** of the per-token-loss vectors, all models' checkpoints projected jointly, fit on
   checkpoints after warm-up (before it, PC1 is just the fall from the uniform distribution), and
   the angle by which each trajectory turns at attn-2l's ICL window.
-* **transient**: attention entropy against token position and loss by token index at the early
-  checkpoints where the ICL score turns positive (what causes that +0.2-nat bump).
+* **transient**: attention entropy and previous-token attention of early and late query positions at
+  the checkpoints between 0.3M and 5M tokens, where the ICL score can turn positive (+0.18 nats in one
+  calibration seed; not resolved in every run): what would cause such a bump.
 
 ICL score: ``analysis.metrics.icl_from_losses`` with ``icl_band`` (mean loss of tokens 245-255 minus
 that of tokens 20-30 at context 256, per window, then averaged; paired s.e. over windows); the

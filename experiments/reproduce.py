@@ -253,20 +253,27 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
         h["icl_positions"] = icl_positions(n_ctx)
     models = {}
     for r in win.itertuples():
+        # "ends inside" and "plateaued" are None where there is no window / no plateau test (not False: a
+        # false would say "ends outside" / "still moving", and the seed spread would count it so)
+        icl_win, ind_win = _f(r.icl_window_start_tokens) is not None, _f(r.induction_window_start_tokens) is not None
         d = {"run_tokens": int(r.run_tokens),
              "icl_window_start_tokens": _f(r.icl_window_start_tokens), "icl_window_end_tokens": _f(r.icl_window_end_tokens),
-             "icl_window_ends_inside": bool(r.icl_window_ends_inside),
+             "icl_window_fitted_fall": _fit_size(r, "icl"),  # nats, window or not
+             "icl_window_ends_inside": bool(r.icl_window_ends_inside) if icl_win else None,
              "icl_window_width_ratio": _f(r.icl_window_end_tokens / r.icl_window_start_tokens),
              "icl_window_end_fraction_of_run": _f(r.icl_window_end_tokens / r.run_tokens),
              "checkpoints_in_window": int(r.icl_window_n_checkpoints),
              "induction_window_start_tokens": _f(r.induction_window_start_tokens),
              "induction_window_end_tokens": _f(r.induction_window_end_tokens),
              "checkpoints_in_induction_window": int(r.induction_window_n_checkpoints),
+             "induction_window_fitted_rise": _fit_size(r, "induction"),
+             "induction_window_ends_inside": bool(r.induction_window_ends_inside) if ind_win else None,
+             "induction_window_end_fraction_of_run": _f(r.induction_window_end_tokens / r.run_tokens),
              "final_induction_score": _f(r.final_induction_score), "final_icl": _f(r.final_icl),
              "final_icl_sem": _f(r.final_icl_sem),
              "bump": bool(r.bump), "bump_start_tokens": _f(r.bump_start_tokens), "bump_end_tokens": _f(r.bump_end_tokens),
              "icl_plateau_change_last_20pct": _f(r.plateau_change), "icl_plateau_change_sem": _f(r.plateau_sem),
-             "icl_plateaued": bool(r.plateaued)}
+             "icl_plateaued": bool(r.plateaued) if _f(r.plateau_sem) is not None else None}
         p = prec[prec.model == r.model].set_index("point")
         for point, key in (("before", "icl_before"), ("after", "icl_after"), ("final", "icl_final"),
                            ("after_minus_before", "icl_drop"), ("attn1l_at_before", "icl_at_attn2l_before"),
@@ -292,11 +299,19 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     h["smear_vs_vanilla"] = smear_vs_vanilla(ck, pc.read("head_scores"))
     tr = pc.read("transient")
     if len(tr):
-        h["transient"] = transient_summary(tr)
+        h["transient"] = transient_summary(tr, ck)
     spread = seed_spread(models, h["pca_turn_deg"], h.get("ablation_by_seed", {}))
     if spread:
         h["seed_spread"] = spread
     return h
+
+
+def _fit_size(r, which: str) -> float | None:
+    """The fitted size of the logistic part of a windows row's ``which`` ("icl": fall, "induction": rise)
+    fit, or None where no fit was made (fewer than 5 checkpoints to fit: no fit rms) or the tables lack it."""
+    if _f(getattr(r, f"{which}_window_fit_rms", None)) is None:
+        return None
+    return _f(getattr(r, f"{which}_window_rise", None))
 
 
 def icl_positions(n_ctx: int) -> dict:
@@ -440,19 +455,29 @@ def smear_vs_vanilla(ck: pd.DataFrame, hs: pd.DataFrame) -> dict:
         for m in (a, b):
             r = ck[(ck.model == m) & (ck.tokens == t)].iloc[0]
             row[m] = {"icl_score": _f(r.icl_score), "icl_sem": _f(r.icl_sem), "induction_score": _f(ind.get((m, t)))}
+        # smeared minus vanilla; both scores are on the same windows, but the tables keep no per-window
+        # scores to pair them: the unpaired s.e. (larger than the paired one when windows that favour
+        # context do so in both models)
+        sa, sb = row[a]["icl_sem"], row[b]["icl_sem"]
+        row["icl_difference"] = _f(row[b]["icl_score"] - row[a]["icl_score"])
+        row["icl_difference_sem_unpaired"] = _f(math.hypot(sa, sb)) if sa is not None and sb is not None else None
         out[f"{b}_vs_{a}"] = row
     return out
 
 
-def transient_summary(tr: pd.DataFrame) -> dict:
+def transient_summary(tr: pd.DataFrame, ck: pd.DataFrame | None = None) -> dict:
     """Per model, at the checkpoint (0.3-5M tokens) with the highest ICL score: attention entropy of
-    late vs early query positions, as a fraction of uniform attention's entropy."""
+    late vs early query positions, as a fraction of uniform attention's entropy; with the checkpoints
+    table ``ck``, also that ICL score's s.e. (``icl_sem``) and how many checkpoints it is the highest of
+    (``checkpoints``: the highest of several noisy scores overstates the transient)."""
     out = {}
     for model, d in tr.groupby("model", sort=False):
         step = d.loc[d.icl_score.idxmax(), "step"]
         e = d[d.step == step].groupby("band")[["entropy", "uniform_entropy", "prev_token_attention"]].mean()
         l0 = d[(d.step == step) & (d.layer == 0)].groupby("band").prev_token_attention.mean()
+        at = ck[(ck.model == model) & (ck.step == step)] if ck is not None else ()
         out[model] = {"tokens": int(d[d.step == step].tokens.iloc[0]), "icl_score": _f(d.icl_score.max()),
+                      "icl_sem": _f(at.icl_sem.iloc[0]) if len(at) else None, "checkpoints": int(d.step.nunique()),
                       **{f"entropy_{b}": _f(e.loc[b, "entropy"]) for b in e.index},
                       **{f"entropy_fraction_of_uniform_{b}": _f(e.loc[b, "entropy"] / e.loc[b, "uniform_entropy"])
                          for b in e.index},
@@ -504,6 +529,16 @@ def _tok(x) -> str:
     return f"{x / 1e6:.1f}M" if x is not None and np.isfinite(x) else "n/a"
 
 
+def _fitted(v, what: str, unit: str, sep: str = "; ") -> str:
+    """``what`` and the fitted size of a window's logistic part (``rise_window``'s rise), or "" when the
+    tables do not hold it.
+
+        >>> _fitted(0.203, "fall", " nats"), _fitted(None, "fall", " nats")
+        ('fall 0.20 nats; ', '')
+    """
+    return "" if v is None else f"{what} {v:.2f}{unit}{sep}"
+
+
 def _pm(v, s, unit=" nats") -> str:
     return "n/a" if v is None else f"{v:+.3f} ± {s:.3f}{unit}" if s is not None else f"{v:+.3f}{unit}"
 
@@ -530,17 +565,30 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
              + (f", {timings['interrupted']} of them interrupted (counted up to their last finished stage)"
                 if timings.get("interrupted") else "") + "." + _made_by_note(h), "",
              f"ICL score: {h['icl_definition']}. Negative = later tokens predicted better.", "",
-             "## Phase change (Argument 1)", ""]
+             "## Phase change (Argument 1)", "",
+             "Windows: where the logistic part of a least-squares fit (a logistic in log tokens on a linear trend) "
+             "passes 10% and 90% of its fall (ICL score) or rise (best head's induction score); \"fall\" and "
+             "\"rise\" below are that part's fitted size. One fit to one run's checkpoints: the windows carry no "
+             "standard error (the seed spread, where several seeds were run, shows how far they move). A window "
+             "ends inside the run when its 90% point lies at least half its own width (in log tokens) before "
+             "the last checkpoint.", ""]
     for name, d in h["models"].items():
+        fall, rise = d.get("icl_window_fitted_fall"), d.get("induction_window_fitted_rise")
         w = (f"ICL window {_tok(d['icl_window_start_tokens'])} - {_tok(d['icl_window_end_tokens'])} tokens "
-             f"({d['icl_window_width_ratio']:.2f}x wide, ends at {100 * d['icl_window_end_fraction_of_run']:.0f}% of the "
+             f"({_fitted(fall, 'fall', ' nats')}{d['icl_window_width_ratio']:.2f}x wide, ends at "
+             f"{100 * d['icl_window_end_fraction_of_run']:.0f}% of the "
              f"run, {'inside' if d['icl_window_ends_inside'] else 'NOT inside'} it, {d['checkpoints_in_window']} "
              f"checkpoints inside)" if d["icl_window_start_tokens"] else f"no ICL window (the logistic fit to the "
              f"checkpoints from {_tok(FIT_FROM_TOKENS)} tokens on, at least 5, has no fall of the ICL score of at "
-             f"least {MIN_ICL_DROP} nats whose 10% point lies inside them)")
+             f"least {MIN_ICL_DROP} nats whose 10% point lies inside them{_fitted(fall, '; its fitted fall', ' nats', '')})")
+        end = d.get("induction_window_end_fraction_of_run")
         iw = (f"induction window {_tok(d['induction_window_start_tokens'])} - {_tok(d['induction_window_end_tokens'])}"
+              + (f" ({_fitted(rise, 'rise', '')}ends at {100 * end:.0f}% of the run, "
+                 f"{'inside' if d['induction_window_ends_inside'] else 'NOT inside'} it, "
+                 f"{d['checkpoints_in_induction_window']} checkpoints inside)"
+                 if end is not None and d.get("induction_window_ends_inside") is not None else "")
               if d["induction_window_start_tokens"] else "no induction window (likewise, no rise of the best induction "
-              f"score of at least {MIN_INDUCTION_RISE})")
+              f"score of at least {MIN_INDUCTION_RISE}{_fitted(rise, '; its fitted rise', '', '')})")
         lines += [f"- **{name}** ({_tok(d['run_tokens'])} tokens): {w}; {iw}; final best induction score "
                   f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} ({_count(h['evaluation']['windows_per_checkpoint'])} windows)."]
         if "icl_before" in d:
@@ -552,8 +600,9 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                 lines += [f"  - The 1-layer control at its last checkpoint at or before {_tok(d['icl_before_tokens'])} "
                           f"({_tok(one['icl_at_attn2l_before_tokens'])}), same windows: ICL {_pm(one['icl_at_attn2l_before'], one['icl_at_attn2l_before_sem'])}; "
                           f"{name} minus it {_pm(d['icl_before_minus_attn1l'], d['icl_before_minus_attn1l_sem'])} "
-                          "(paired): the part of the ICL score before the window that a model without induction "
-                          "heads does not have."]
+                          "(paired): ICL score that the 2-layer model has before its window and the 1-layer "
+                          "control, which forms no induction heads, lacks. It does not say what in the 2-layer "
+                          "model carries it (the two points may also lie apart in tokens, as named)."]
         if d.get("icl_plateau_change_last_20pct") is not None:
             lines += [f"  - Plateau: the last 20% of the run moves the ICL score by "
                       f"{_pm(d['icl_plateau_change_last_20pct'], d['icl_plateau_change_sem'])} "
@@ -574,7 +623,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                      "so each set has its own PCA fit (its own panel in the figure), on its models' ")
                   + "checkpoints after 1M tokens (warm-up), all checkpoints projected. Turn = angle between "
                   "the trajectory's direction over [start/2.5, start] and over [start, end] of attn-2l's ICL "
-                  "window, in the PC1-PC2 plane (0 = straight on): "
+                  "window, in the PC1-PC2 plane (0 = straight on; one trajectory per run, so no standard error): "
                   + "; ".join(f"{m} {v:.0f}°" if v is not None else f"{m} n/a" for m, v in h["pca_turn_deg"].items())
                   + " (n/a: the run ends before the window does, or its PCA checkpoints do not resolve the window).", ""]
     elif not (Path(out) / "phase_change" / "pca_turn.csv").is_file():
@@ -625,7 +674,12 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
             b, a = key.split("_vs_")
             lines += [f"- at {_tok(row['tokens'])} tokens: {b} ICL {_pm(row[b]['icl_score'], row[b]['icl_sem'])}, "
                       f"best head's induction score {row[b]['induction_score']:.2f}; {a} ICL {_pm(row[a]['icl_score'], row[a]['icl_sem'])}, "
-                      f"induction score {row[a]['induction_score']:.2f}."]
+                      f"induction score {row[a]['induction_score']:.2f}"
+                      + (f"; ICL {b} minus {a} {_pm(row['icl_difference'], row['icl_difference_sem_unpaired'])} "
+                         "(unpaired s.e.; the same windows, but no per-window scores kept to pair them): "
+                         + ("more than 2 s.e." if abs(row["icl_difference"]) > 2 * row["icl_difference_sem_unpaired"]
+                            else "within 2 s.e., not resolved at these windows")
+                         if row.get("icl_difference_sem_unpaired") is not None else "") + "."]
         lines += [""]
     if "transient" in h:
         pos = h.get("icl_positions")  # the bands attention_by_band uses (transient_bands)
@@ -636,12 +690,21 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                   f"attention entropy of late ({late}) vs early ({early}) query positions, as a fraction of uniform "
                   "attention's entropy over the visible tokens:"]
         for m, t in h["transient"].items():
-            lines += [f"- {m} at {_tok(t['tokens'])} (ICL {t['icl_score']:+.2f}): early "
+            icl = (f"ICL {_pm(t['icl_score'], t.get('icl_sem'))}"
+                   + (f", the highest of {t['checkpoints']} checkpoints" if t.get("checkpoints") else ""))
+            lines += [f"- {m} at {_tok(t['tokens'])} ({icl}): early "
                       f"{t.get('entropy_fraction_of_uniform_early', float('nan')):.2f}, late "
                       f"{t.get('entropy_fraction_of_uniform_late', float('nan')):.2f} of uniform "
                       f"({t.get('entropy_early', float('nan')):.2f} vs {t.get('entropy_late', float('nan')):.2f} nats); "
                       f"layer-0 attention on the previous token, early {t.get('layer0_prev_token_attention_early', float('nan')):.2f} "
                       f"vs late {t.get('layer0_prev_token_attention_late', float('nan')):.2f}."]
+        with_sem = [t for t in h["transient"].values() if t.get("icl_sem") is not None]
+        if with_sem:
+            up = sum(t["icl_score"] > 2 * t["icl_sem"] for t in with_sem)
+            lines += ["", f"A positive ICL score (more than 2 s.e. above 0, a lenient test for the highest of several "
+                      f"scores) is seen in {up} of these {len(with_sem)} models"
+                      + ("; without one there is no transient here to explain, and the attention numbers only "
+                         "describe these checkpoints." if up < len(with_sem) else ".")]
         lines += [""]
     if h.get("seed_spread"):
         lines += spread_lines(h["seed_spread"])
