@@ -8,7 +8,8 @@ the same random weights and the same N x pos random tokens, it times:
     per-token loss: what the sweep costs at least if done one head at a time with zero overhead;
   * ``tl``: TransformerLens the usual way: one clean forward, then one ``run_with_hooks`` forward per
     head with a hook on ``blocks.L.attn.hook_z`` zeroing that head.
-and checks that the sweep's deltas equal TL's (max abs difference printed). Peak memory of one sweep
+and checks that the sweep's deltas and clean loss equal TL's, and its clean loss the plain forwards'
+(max abs differences printed, asserted <= 1e-4). Peak memory of one sweep
 vs one plain forward: CUDA ``torch.cuda.max_memory_allocated``; CPU: growth of ``the resident set
 (sampled) during a call in a fresh subprocess per measurement (torch's CPU allocator is invisible to tracemalloc).
 
@@ -26,6 +27,9 @@ from _common import (ROOT, attn2l, base_parser, finish, gpt2_small, interleaved,
 
 import torch
 import torch.nn.functional as F
+
+
+TOL = 1e-4  # float32: the sweep, TransformerLens and the plain forwards agree to ~2e-6
 
 
 def plain_loss(model, x):
@@ -98,6 +102,7 @@ def memory_child(name, variant, device, n, pos, hpp):
         fn = lambda: plain_loss(model, x)  # noqa: E731
     with torch.no_grad():
         if device == "cuda":
+            fn()  # once first, as on the CPU: one-time allocations (workspaces, nnsight's first trace)
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
@@ -139,13 +144,20 @@ def main(argv=None):
             variants["tl"] = lambda: tl_sweep(tl, x)
         row = {"n_heads_total": H, "plain_forwards": H + 1}
         with torch.no_grad():
-            if has_nnsight and tl is not None:
+            # a fast-but-wrong variant must not win: the timed variants compute the same numbers
+            if has_nnsight:
                 ours_clean, ours = ablation_sweep(model, x, kind="zero", heads_per_pass=args.heads_per_pass)
+                assert ours.shape == (H, *x[:, 1:].shape), ours.shape
+                assert ours.abs().max() > 100 * TOL, "no head moved the loss: the checks would be vacuous"
+                row["max_abs_diff_clean_vs_plain"] = (ours_clean - plain_loss(model, x).cpu()).abs().max().item()
+                assert row["max_abs_diff_clean_vs_plain"] <= TOL, row
+            if has_nnsight and tl is not None:
                 tl_clean, ref = tl_sweep(tl, x)
                 row["max_abs_diff_vs_tl"] = (ours - ref.cpu()).abs().max().item()
                 row["max_abs_diff_clean_vs_tl"] = (ours_clean - tl_clean.cpu()).abs().max().item()
                 print(f"[{name}] sweep vs TransformerLens: max |delta diff| = {row['max_abs_diff_vs_tl']:.2e}, "
                       f"clean {row['max_abs_diff_clean_vs_tl']:.2e}", flush=True)
+                assert row["max_abs_diff_vs_tl"] <= TOL and row["max_abs_diff_clean_vs_tl"] <= TOL, row
             times = interleaved(variants, reps, args.device)
         row["seconds"] = {k: med(v) for k, v in times.items()}
         row["all_seconds"] = times

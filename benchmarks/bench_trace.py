@@ -8,7 +8,8 @@ Variants, interleaved, on the attn-2l preset's model (random weights):
     saved): nnsight's own overhead without the toolkit's checks;
   * ``empty``: an nnsight trace with an empty body (nothing read, nothing written): the floor any
     nnsight-based trace pays.
-Target: toolkit / plain <= 1.05. Each round runs the variants in a fresh random order (seeded).
+The toolkit's and the bare trace's logits are asserted equal (<= 1e-5) and different from the plain
+forward's (the edit took effect). Target: toolkit / plain <= 1.05. Each round runs the variants in a fresh random order (seeded).
 
     python benchmarks/bench_trace.py --device cpu --out results/bench/trace.json
 """
@@ -48,8 +49,13 @@ def main(argv=None):
         variants["toolkit"] = lambda: run_with_ablations(model, x, abl)
         variants["nnsight"] = bare
         variants["empty"] = empty
-        with torch.no_grad():  # the bare trace must equal the toolkit's
-            result["max_abs_diff_bare_vs_toolkit"] = (bare() - variants["toolkit"]()).abs().max().item()
+        with torch.no_grad():  # the bare trace must equal the toolkit's, and the edit must change the logits
+            ours, theirs, clean = variants["toolkit"](), bare(), model(x).logits
+            result["max_abs_diff_bare_vs_toolkit"] = (theirs - ours).abs().max().item()
+            result["max_abs_diff_edit_vs_plain"] = (ours - clean).abs().max().item()
+        assert ours.shape == theirs.shape == clean.shape, (ours.shape, theirs.shape, clean.shape)
+        assert result["max_abs_diff_bare_vs_toolkit"] <= 1e-5, result
+        assert result["max_abs_diff_edit_vs_plain"] > 1e-3, "the ablation changed nothing: the check is vacuous"
     with torch.no_grad():
         times = interleaved(variants, reps, args.device, warmup=2, shuffle=True)
     s = {k: med(v) for k, v in times.items()}
