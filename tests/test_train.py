@@ -405,3 +405,21 @@ def test_corpus_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch)
     assert os.stat(entry / "train_ids.npy").st_ino == state["ino"]  # the first entry, not replaced
     src2, _, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
     assert src.train.ids.tolist() == src2.train.ids.tolist()
+
+
+def test_zoo_resume_keeps_a_lowered_lr(tmp_path, monkeypatch):
+    """`reproduce` (the zoo) resuming a run continued with `train --resume --lr <lower>` keeps the lowered
+    lr, as `train --resume` does: it used to put the preset's lr (the one that diverged) back, silently
+    (only a line in lr_changes.jsonl said so)."""
+    from experiments import zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": 16 * 64 * 12})
+    cfg = zoo.zoo_configs("tiny")["attn-1l"]
+    run = tmp_path / "attn-1l"
+    T.train(cfg, run, progress=False, stop_after_steps=3)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, run, progress=False, resume=True, stop_after_steps=2)  # `--resume --lr`, killed again
+    zoo.train_zoo("tiny", tmp_path, progress=False, workers=1)
+    assert json.loads((run / "train_config.json").read_text())["lr"] == lowered.lr
+    assert len((run / "lr_changes.jsonl").read_text().splitlines()) == 1
+    assert T.read_metrics(run)[-1]["step"] == cfg.total_steps
