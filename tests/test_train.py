@@ -423,3 +423,23 @@ def test_zoo_resume_keeps_a_lowered_lr(tmp_path, monkeypatch):
     assert json.loads((run / "train_config.json").read_text())["lr"] == lowered.lr
     assert len((run / "lr_changes.jsonl").read_text().splitlines()) == 1
     assert T.read_metrics(run)[-1]["step"] == cfg.total_steps
+
+
+def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
+    """A --tokenizer with no end-of-text token is refused before anything is written: the documents used to
+    be joined by id 0, silently, which for this tokenizer is "a", a real token of the text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([(corpus / "f0.txt").read_text()],
+                            trainer=trainers.BpeTrainer(vocab_size=40, show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    assert tok.eos_token_id is None and tok.convert_ids_to_tokens(0) == "a"
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = _text_cfg(corpus, tokenizer=str(tmp_path / "tok"))
+    with pytest.raises(T.ConfigError, match="no end-of-text"):
+        T.train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
