@@ -20,11 +20,12 @@ card: small models are launch-bound, so parallel runs fill it).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from pathlib import Path
 
-from interventions.zoo.train import TrainConfig, list_checkpoints, read_metrics, train
+from interventions.zoo.train import TrainConfig, list_checkpoints, read_metrics, read_train_config_dict, train
 
 from .presets import get_preset
 
@@ -111,7 +112,10 @@ def _train_one(job) -> tuple[str, str]:
     torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(cfg_dict)
     run = Path(run)
-    train(cfg, run, resume=(run / "train_config.json").is_file(), progress=progress, progress_position=position)
+    resume = (run / "train_config.json").is_file()
+    if resume:  # keep the run's current lr (lowered by `train --resume --lr` after divergence), as the CLI does
+        cfg = dataclasses.replace(cfg, lr=read_train_config_dict(run).get("lr", cfg.lr))
+    train(cfg, run, resume=resume, progress=progress, progress_position=position)
     return name, str(run)
 
 

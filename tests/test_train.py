@@ -36,15 +36,15 @@ def test_resume_is_bit_identical(tmp_path):
     """An interrupted run resumed from its last checkpoint ends with byte-identical weights."""
     cfg = tiny_cfg()
     T.train(cfg, tmp_path / "a", progress=False)
-    T.train(cfg, tmp_path / "b", progress=False, stop_after_steps=7)
+    T.train(cfg, tmp_path / "b", progress=False, stop_after_steps=3)  # of 6: stopped mid-run
+    assert T.latest_checkpoint(tmp_path / "b").name == "step-00000002"
     T.train(cfg, tmp_path / "b", progress=False, resume=True)
     a = (tmp_path / "a/checkpoints").glob("step-*")
     last = max(a)
     other = tmp_path / "b/checkpoints" / last.name
-    assert (last / "model.safetensors").read_bytes() == (other / "model.safetensors").read_bytes()
-    ma, mb = T.read_metrics(tmp_path / "a"), T.read_metrics(tmp_path / "b")
-    assert [m["step"] for m in ma] == [m["step"] for m in mb]
-    assert ma[-1]["val_loss"] == mb[-1]["val_loss"]
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        assert (last / name).read_bytes() == (other / name).read_bytes()
+    assert T.read_metrics(tmp_path / "a") == T.read_metrics(tmp_path / "b")
 
 
 def test_half_written_checkpoint_is_skipped(tmp_path):
@@ -405,3 +405,41 @@ def test_corpus_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch)
     assert os.stat(entry / "train_ids.npy").st_ino == state["ino"]  # the first entry, not replaced
     src2, _, _ = T.build_source(cfg, cache_dir=tmp_path / "cache")
     assert src.train.ids.tolist() == src2.train.ids.tolist()
+
+
+def test_zoo_resume_keeps_a_lowered_lr(tmp_path, monkeypatch):
+    """`reproduce` (the zoo) resuming a run continued with `train --resume --lr <lower>` keeps the lowered
+    lr, as `train --resume` does: it used to put the preset's lr (the one that diverged) back, silently
+    (only a line in lr_changes.jsonl said so)."""
+    from experiments import zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": 16 * 64 * 12})
+    cfg = zoo.zoo_configs("tiny")["attn-1l"]
+    run = tmp_path / "attn-1l"
+    T.train(cfg, run, progress=False, stop_after_steps=3)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, run, progress=False, resume=True, stop_after_steps=2)  # `--resume --lr`, killed again
+    zoo.train_zoo("tiny", tmp_path, progress=False, workers=1)
+    assert json.loads((run / "train_config.json").read_text())["lr"] == lowered.lr
+    assert len((run / "lr_changes.jsonl").read_text().splitlines()) == 1
+    assert T.read_metrics(run)[-1]["step"] == cfg.total_steps
+
+
+def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
+    """A --tokenizer with no end-of-text token is refused before anything is written: the documents used to
+    be joined by id 0, silently, which for this tokenizer is "a", a real token of the text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = _text_corpus(tmp_path / "corpus", "abcdefgh ")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([(corpus / "f0.txt").read_text()],
+                            trainer=trainers.BpeTrainer(vocab_size=40, show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    assert tok.eos_token_id is None and tok.convert_ids_to_tokens(0) == "a"
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = _text_cfg(corpus, tokenizer=str(tmp_path / "tok"))
+    with pytest.raises(T.ConfigError, match="no end-of-text"):
+        T.train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

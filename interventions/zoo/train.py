@@ -647,10 +647,14 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
     else:
         tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(
             (t for _, t in train_docs), cfg.vocab_size)
+    if tok.eos_token_id is None:  # id 0 used to join the documents: a real token of some tokenizers
+        raise ConfigError(f"tokenizer {cfg.tokenizer!r} has no end-of-text (eos) token to separate the documents "
+                          "with: pass a tokenizer that has one (or leave tokenizer unset for a byte-level one)")
+    if not (cache / "done").is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp", dir=cache.parent))  # one per writer
         tok.save_pretrained(tmp / "tokenizer")
-        sep = tok.eos_token_id if tok.eos_token_id is not None else 0
+        sep = tok.eos_token_id
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
             ids, starts = C.tokenize_stream(split_docs, tok, sep, progress=progress, desc=f"tokenize {split} corpus")
             np.save(tmp / f"{split}_ids.npy", ids)
