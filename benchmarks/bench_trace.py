@@ -4,6 +4,8 @@ Variants, interleaved, on the attn-2l preset's model (random weights):
   * ``plain``: ``model(x).logits`` under no_grad;
   * ``toolkit``: ``run_with_ablations(model, x, [ZeroAblation("L1H0")])`` (input checks, the nnsight
     trace, and the check that the edit took effect);
+  * ``engine``: the same run given to the engine directly, ``execute(model, Run(x, writes=[Write("L1.z",
+    None, head=0)]))``: the toolkit less the ablation layer (its ablation objects and their checks);
   * ``nnsight``: a bare nnsight trace doing the same edit (slice of the o_proj input set to 0, logits
     saved): nnsight's own overhead without the toolkit's checks;
   * ``empty``: an nnsight trace with an empty body (nothing read, nothing written): the floor any
@@ -45,8 +47,12 @@ def main(argv=None):
             with lm.trace(x):
                 pass
 
+        from interventions.engine.tracing import Run, Write, execute
+
         abl = [ZeroAblation("L1H0")]
+        writes = [Write("L1.z", None, head=0)]
         variants["toolkit"] = lambda: run_with_ablations(model, x, abl)
+        variants["engine"] = lambda: execute(model, Run(x, writes=writes)).logits
         variants["nnsight"] = bare
         variants["empty"] = empty
         with torch.no_grad():  # the bare trace must equal the toolkit's, and the edit must change the logits
@@ -55,12 +61,13 @@ def main(argv=None):
             result["max_abs_diff_edit_vs_plain"] = (ours - clean).abs().max().item()
         assert ours.shape == theirs.shape == clean.shape, (ours.shape, theirs.shape, clean.shape)
         assert result["max_abs_diff_bare_vs_toolkit"] <= 1e-5, result
+        assert torch.equal(variants["engine"](), ours), "the engine variant must run the toolkit's edit"
         assert result["max_abs_diff_edit_vs_plain"] > 1e-3, "the ablation changed nothing: the check is vacuous"
     with torch.no_grad():
         times = interleaved(variants, reps, args.device, warmup=2, shuffle=True)
     s = {k: med(v) for k, v in times.items()}
     result.update(seconds=s, all_seconds=times)
-    for k in ("toolkit", "nnsight", "empty"):
+    for k in ("toolkit", "engine", "nnsight", "empty"):
         if k in s:
             # median of per-round ratios: each round times the variants back to back, so slow drift of a
             # shared machine cancels (the ratio of medians is kept as *_ratio_of_medians)
@@ -71,11 +78,14 @@ def main(argv=None):
             result[f"{k}_overhead_ms"] = (s[k] - s["plain"]) * 1e3
     if "nnsight" in times:  # the toolkit's own cost: median of per-round differences to the bare trace
         result["toolkit_over_bare_us"] = med([a - b for a, b in zip(times["toolkit"], times["nnsight"])]) * 1e6
+        result["engine_over_bare_us"] = med([a - b for a, b in zip(times["engine"], times["nnsight"])]) * 1e6
     print("[trace] " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in s.items()) + "; " +
-          ", ".join(f"{k} {result[k]:.3f}x" for k in ("toolkit_over_plain", "nnsight_over_plain", "empty_over_plain",
+          ", ".join(f"{k} {result[k]:.3f}x" for k in ("toolkit_over_plain", "engine_over_plain", "nnsight_over_plain",
+                                                      "empty_over_plain",
                                                       "toolkit_ratio_of_minimums", "nnsight_ratio_of_minimums")
                     if k in result) +
-          (f"; toolkit over the bare trace {result['toolkit_over_bare_us']:.0f} us" if "toolkit_over_bare_us" in result else ""),
+          (f"; over the bare trace: toolkit {result['toolkit_over_bare_us']:.0f} us, engine "
+           f"{result['engine_over_bare_us']:.0f} us" if "toolkit_over_bare_us" in result else ""),
           flush=True)
     return finish(result, args.out)
 
