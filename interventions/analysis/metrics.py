@@ -181,12 +181,16 @@ def icl_score(model, windows, early: int | None = None, late: int | None = None,
             paper's single tokens; ``icl_band(pos)`` is the experiments' choice).
 
     Returns:
-        dict with ``icl_score``, ``sem`` (paired standard error), ``n``, ``early``, ``late``,
+        dict with ``icl_score``, ``sem`` (paired standard error), ``n``, ``early``, ``late``, ``band``,
         ``loss_early``, ``loss_late``; ``pandas.DataFrame([result])`` makes it a tidy row.
 
     Example:
-        >>> icl_score(model, windows)["icl_score"]  # doctest: +SKIP
-        -0.41
+        >>> import torch
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20)).eval()
+        >>> r = icl_score(model, torch.randint(0, 20, (4, 64)))  # a trained model scores negative
+        >>> r["early"], r["late"], r["n"], r["icl_score"] == r["loss_late"] - r["loss_early"]
+        (6, 62, 4, True)
     """
     windows = as_windows(windows)
     if windows.shape[0] == 0:

@@ -564,7 +564,14 @@ def head_scores(model, windows=None, *, n_examples: int = 10, seed: int = 0, bos
                 token_pool=None, token_counts=None, batch_size: int = 16):
     """All scores of every head in one wide DataFrame: layer, head, prefix_matching, copying,
     copying_raw, induction, duplicate_token and (when ``windows`` of text are given) previous_token.
-    Arguments are passed to the score functions (same seed and probe tokens for all)."""
+    Arguments are passed to the score functions (same seed and probe tokens for all).
+
+    Example:
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=60)).eval()
+        >>> head_scores(model).columns.tolist()  # one row per head
+        ['layer', 'head', 'prefix_matching', 'copying', 'copying_raw', 'induction', 'duplicate_token']
+    """
     common = dict(bos_id=bos_id, exclude_top=exclude_top, vocab_range=vocab_range, token_pool=token_pool,
                   token_counts=token_counts)
     df = prefix_matching_score(model, prefix_tokens, n_repeats, n_examples, seed, batch_size=batch_size,

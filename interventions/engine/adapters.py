@@ -388,8 +388,13 @@ def observable(model):
     removed, attention implementation reset), so the caller's model is left as it was.
 
     Example:
-        >>> with observable(model):  # doctest: +SKIP
-        ...     out = model(tokens, output_attentions=True)
+        >>> import torch
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, run_with_cache
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20)).eval()
+        >>> with observable(model):
+        ...     _, acts = run_with_cache(model, torch.zeros(1, 5, dtype=torch.long), ["L0.pattern"])
+        >>> acts["L0.pattern"].shape, model.config._attn_implementation  # restored on exit
+        (torch.Size([1, 2, 5, 5]), 'sdpa')
     """
     inner = unwrap(model)
     a = get_adapter(inner)

@@ -715,7 +715,7 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
         diff = config_diff(run_dir, cfg)
         if diff:
             if resume and diff == ["lr"]:
-                return  # a lower learning rate on resume is allowed (recorded in lr_changes.jsonl)
+                return  # a changed learning rate on resume is allowed (recorded in lr_changes.jsonl)
             raise RunFolderError(f"{run_dir} holds a different run (options differ: {diff}): choose another "
                                  "--out folder, or delete this one")
         if not resume and latest_checkpoint(run_dir) is not None:
