@@ -396,3 +396,32 @@ def test_short_context_model_is_told_how_to_classify():
         classify_induction_heads(model)
     table = head_scores(model, prefix_tokens=10, n_repeats=3, seq_len=20)
     assert len(classify_induction_heads(table)) == 2
+
+
+def test_a_final_norm_the_copying_score_cannot_freeze_gets_advice_that_works():
+    """The refusal of a final norm of another formula advised registering without final_norm, which only
+    led to the refusal of a missing final norm (advising to add it): the message now names the scores
+    that need no final norm, and they run on the model."""
+    import transformers as T
+
+    from interventions import ArchSpec, register_adapter
+    from interventions.analysis.scores import prefix_matching_score
+    from interventions.engine.adapters import ARCHS
+
+    torch.manual_seed(0)
+    model = T.GemmaForCausalLM(T.GemmaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                             max_position_embeddings=64)).eval()
+    messages = []
+    try:
+        for final_norm in ("model.norm", None):
+            register_adapter("gemma", ArchSpec(layers="model.layers", attn="self_attn", o_proj="o_proj",
+                                               k_proj="k_proj", final_norm=final_norm))
+            with pytest.raises(ValueError) as e:
+                copying_score(model, bos_id=0, token_pool=torch.arange(1, 40))
+            messages.append(str(e.value))
+        assert "without final_norm" not in messages[0]
+        assert all("prefix_matching_score" in m for m in messages)
+        assert prefix_matching_score(model, n_tokens=10, bos_id=0, token_pool=torch.arange(1, 40)).shape == (8, 3)
+    finally:
+        ARCHS.pop("gemma")

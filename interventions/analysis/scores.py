@@ -435,13 +435,17 @@ def previous_token_score(model, windows, batch_size: int = 16):
 
 # ----------------------------------------------------------------------------- copying (OV circuit)
 
+_NO_COPYING = ("the attention scores need no final norm: prefix_matching_score, induction_score, "
+               "duplicate_token_score and previous_token_score (interventions.analysis.scores)")
+
 def frozen_final_norm(inner, adapter, resid: torch.Tensor):
     """The final norm as a linear map with its scale frozen at ``resid`` (batch, pos, d_model):
     LayerNorm: x -> w * (x - mean x) / sigma(resid); RMSNorm: x -> w * x / rms(resid)."""
     path = adapter.spec.final_norm
     if path is None:
-        raise ValueError(f"the {adapter.model_type} adapter names no final norm: register it with "
-                         "ArchSpec(final_norm=<path of the norm before the unembedding>)")
+        raise ValueError(f"the {adapter.model_type} adapter names no final norm, which the copying score (and so "
+                         "head_scores) freezes: register it with ArchSpec(final_norm=<path of the norm before the "
+                         f"unembedding>); {_NO_COPYING}")
     norm = module_at(inner, path)
     resid = resid.to(module_device(inner, path))  # everything on the norm's device (multi-device models)
     w = getattr(norm, "weight", None)
@@ -455,7 +459,7 @@ def frozen_final_norm(inner, adapter, resid: torch.Tensor):
         frozen = lambda x: w * x.to(w.device) / scale  # noqa: E731
     else:
         raise ValueError(f"final norm {type(norm).__name__} at {path!r} is neither a LayerNorm nor an RMSNorm: "
-                         "the copying score cannot freeze its scale")
+                         f"the copying score (and so head_scores) cannot freeze its scale; {_NO_COPYING}")
     # at ``resid`` itself the frozen map plus the norm's bias is the norm: a norm of another formula (Gemma's
     # RMSNorm scales by 1 + weight) would otherwise give every head a wrong score silently
     want = norm(resid).float()
@@ -464,8 +468,9 @@ def frozen_final_norm(inner, adapter, resid: torch.Tensor):
     tol = 1e-4 if resid.dtype == torch.float32 else 3e-2
     if float((got - want).abs().max()) > tol * max(1.0, float(want.abs().max())):
         raise ValueError(f"final norm {type(norm).__name__} at {path!r} is not w * x / rms(x) (RMSNorm) or "
-                         "w * (x - mean) / std + b (LayerNorm) with w its weight: the copying score cannot freeze "
-                         "its scale; register the adapter without final_norm, or with a norm of those formulas")
+                         "w * (x - mean) / std + b (LayerNorm) with w its weight: the copying score (and so "
+                         "head_scores) cannot freeze its scale (no ArchSpec(final_norm=...) changes that); "
+                         f"{_NO_COPYING}")
     return frozen
 
 
