@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--figures", default=None, metavar="DIR",
                     help="where figures, REPORT.md and headline.json go (default: figures/ at cpu scale, "
                          "else OUT/figures)")
-    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_wait(sp)
     sp.set_defaults(func=cmd_reproduce)
 
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validation windows per checkpoint (default 512; the main job uses 256 at cpu scale: "
                          "pass --windows 256 to rerun its numbers)")
     sp.add_argument("--device", default="cpu")
-    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_wait(sp)
     sp.set_defaults(func=cmd_phase_change)
 
@@ -351,17 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--windows", type=_positive_int, default=256,
                             help="evaluation windows (default 256; the main job uses 2048 at cpu scale: pass "
                                  "--windows 2048 to rerun its numbers)")
-            sp.add_argument("--quiet", action="store_true")
+            sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.set_defaults(func=fn)
 
     sp = sub.add_parser("figures", help="make every figure from result tables")
-    sp.add_argument("--results", default="results/default")
-    sp.add_argument("--out", default="figures")
+    sp.add_argument("--results", default="results/default", help="the results folder (default: results/default)")
+    sp.add_argument("--out", default="figures", help="the figures folder (default: figures)")
     sp.set_defaults(func=cmd_figures)
 
     sp = sub.add_parser("report", help="figures, report and headline again from a reproduction's tables (e.g. "
                                        "tables copied back from a GPU machine)")
-    sp.add_argument("--results", default="results/default")
+    sp.add_argument("--results", default="results/default", help="the results folder (default: results/default)")
     sp.add_argument("--scale", default=None, choices=["tiny", "cpu", "gpu"],
                     help="the scale the tables were made at (default: read off the tables' models and tokens)")
     sp.add_argument("--figures", default=None, metavar="DIR", help="default: RESULTS/figures")
