@@ -381,3 +381,37 @@ def test_cli_subprocess_exit_code_2(tmp_path, argv, message):
     assert res.returncode == 2, res.stderr
     assert message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert snapshot(tmp_path) == before
+
+
+def test_progress_defaults_to_a_bar_only_for_long_work(monkeypatch):
+    """The sweep and the patching functions default to progress=None: a tqdm bar that appears only after
+    AUTO_DELAY_S seconds (a quick call prints nothing; a long one is never silent); True shows it at once,
+    False makes none; any other value is refused before any run."""
+    import tqdm.auto
+
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, ablation_sweep, mean_loss_metric
+    from interventions.primitives import progress as P
+    from interventions.primitives.patching import patch_heads, path_patch
+
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=20)).eval()
+    clean, corrupted = torch.randint(0, 20, (2, 6)), torch.randint(0, 20, (2, 6))
+    made = []
+    real = tqdm.auto.tqdm
+
+    def spy(*args, **kwargs):
+        made.append(kwargs.get("delay"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    calls = {"sweep": lambda **kw: ablation_sweep(model, clean, **kw),
+             "patch_heads": lambda **kw: patch_heads(model, clean, corrupted, mean_loss_metric, **kw),
+             "path_patch": lambda **kw: path_patch(model, clean, corrupted, mean_loss_metric, "L0H0", "L1H1", **kw)}
+    for name, call in calls.items():
+        for progress, delays in ((None, [P.AUTO_DELAY_S]), (True, [0]), (False, [])):
+            made.clear()
+            call() if progress is None else call(progress=progress)
+            assert made == delays, (name, progress, made)
+        made.clear()
+        with pytest.raises(ValueError, match="progress='yes' must be True, False or None"):
+            call(progress="yes")
+        assert made == []

@@ -58,6 +58,7 @@ import torch
 from ..engine.adapters import observable
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site, kv_head_of
+from .progress import check_progress, passes
 from ..engine.remote import NotRemotable, Remote, check_remote
 from ..engine.tracing import Engine, Gather, Run, Write, check_positive, check_tokens
 from .loss import loss_from_logits
@@ -198,7 +199,7 @@ def _reduce(metric: Metric, logits: torch.Tensor, tokens: torch.Tensor, batch: i
 # ----------------------------------------------------------------------------- driver
 
 def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tuple[Write, ...]], metric: Metric,
-             per_pass: int, progress: bool = False, from_layer: int = 0,
+             per_pass: int, progress: bool | None = None, from_layer: int = 0,
              prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Metric (mean over batch) of ``target`` with each patch (a ``Write`` without rows, or a tuple of
     them applied together) applied alone: a (len(patches),) tensor. Up to ``per_pass`` patches share
@@ -209,33 +210,37 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tup
     b = target.shape[0]
     out = torch.empty(len(patches))
     starts = range(0, len(patches), per_pass)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="patching", unit="pass")
+    bar = passes(len(starts), "patching", progress)
     if isinstance(metric, LogitDiff):
         metric.ids(b)  # validates the ids against the batch before any run
-    for start in starts:
-        group = patches[start:start + per_pass]
-        k = len(group)
-        writes = [Write(w.site, w.value, rows=slice(j * b, (j + 1) * b), head=w.head, pos=w.pos)
-                  for j, patch in enumerate(group) for w in ((patch,) if isinstance(patch, Write) else patch)]
-        rep = target.repeat(k, 1)  # (k * batch, pos)
-        skip = dict(start=from_layer, prefix=None if prefix is None else prefix.repeat(k, 1, 1))
-        if metric is mean_loss_metric:
-            loss = engine.run(Run(rep, writes=writes, returns="loss", **skip)).loss  # (k * batch, pos - 1)
-            per_row = loss.mean(-1)  # (k * batch,)
-        elif isinstance(metric, LogitDiff):
-            pair = engine.run(Run(rep, writes=writes, returns=Gather(metric.pos, metric.ids(b).repeat(k, 1)),
-                                  **skip)).gathered
-            per_row = pair[:, 0] - pair[:, 1]  # (k * batch,)
-        else:  # your metric, on the logits of each block of rows
-            logits = engine.run(Run(rep, writes=writes, **skip)).logits  # (k * batch, pos, vocab)
-            for j in range(k):
-                out[start + j] = _reduce(metric, logits[j * b:(j + 1) * b], target, b)
-            continue
-        for j in range(k):
-            out[start + j] = per_row[j * b:(j + 1) * b].float().mean().cpu()
+    try:
+        for start in starts:
+            group = patches[start:start + per_pass]
+            k = len(group)
+            writes = [Write(w.site, w.value, rows=slice(j * b, (j + 1) * b), head=w.head, pos=w.pos)
+                      for j, patch in enumerate(group) for w in ((patch,) if isinstance(patch, Write) else patch)]
+            rep = target.repeat(k, 1)  # (k * batch, pos)
+            skip = dict(start=from_layer, prefix=None if prefix is None else prefix.repeat(k, 1, 1))
+            if metric is mean_loss_metric:
+                loss = engine.run(Run(rep, writes=writes, returns="loss", **skip)).loss  # (k * batch, pos - 1)
+                per_row = loss.mean(-1)  # (k * batch,)
+            elif isinstance(metric, LogitDiff):
+                pair = engine.run(Run(rep, writes=writes, returns=Gather(metric.pos, metric.ids(b).repeat(k, 1)),
+                                      **skip)).gathered
+                per_row = pair[:, 0] - pair[:, 1]  # (k * batch,)
+            else:  # your metric, on the logits of each block of rows
+                logits = engine.run(Run(rep, writes=writes, **skip)).logits  # (k * batch, pos, vocab)
+                for j in range(k):
+                    out[start + j] = _reduce(metric, logits[j * b:(j + 1) * b], target, b)
+                per_row = None
+            if per_row is not None:
+                for j in range(k):
+                    out[start + j] = per_row[j * b:(j + 1) * b].float().mean().cpu()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return out
 
 
@@ -244,7 +249,7 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tup
 @torch.no_grad()
 def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                 by: PatchBy = "head", direction: Direction = "clean_to_corrupted",
-                heads_per_pass: int = 8, progress: bool = False, site: HeadSite = "z",
+                heads_per_pass: int = 8, progress: bool | None = None, site: HeadSite = "z",
                 remote: Remote = False) -> torch.Tensor:
     """Metric with one head's activation patched from the source run into the target run.
 
@@ -255,7 +260,8 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
         by: "head" (patch the head at every position) or "head_pos" (at one position).
         direction: see the module docstring.
         heads_per_pass: patches measured per forward pass (memory grows with it).
-        progress: show a tqdm bar over forward passes.
+        progress: a tqdm bar over forward passes: None (default) once the work has lasted a few seconds,
+            True always, False never (``interventions.primitives.progress``).
         site: "z" (the head's output, default), "q", "k" or "v" (k/v: per key/value head).
         remote: True runs on NDIF, "local" nnsight's offline simulation of that (module docstring).
 
@@ -263,6 +269,7 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
         (n_layers, n_heads) for by="head", (n_layers, n_heads, pos) for by="head_pos": the metric
         (mean over the batch) with that one patch applied; n_heads is n_kv_heads for k and v.
     """
+    check_progress(progress)
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
     metric = check_metric(metric, engine, target)
     if by not in PATCH_BY:
@@ -289,9 +296,10 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
 @torch.no_grad()
 def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                    direction: Direction = "clean_to_corrupted", patches_per_pass: int = 8,
-                   progress: bool = False, remote: Remote = False) -> torch.Tensor:
+                   progress: bool | None = None, remote: Remote = False) -> torch.Tensor:
     """Metric with the residual stream entering one layer (``resid_pre``), at one position, patched from
     the source. Returns (n_layers, pos). ``remote``: as ``patch_heads``."""
+    check_progress(progress)
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
     metric = check_metric(metric, engine, target)
     check_positive(patches_per_pass, "patches_per_pass")
@@ -305,12 +313,13 @@ def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
 @torch.no_grad()
 def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                    direction: Direction = "clean_to_corrupted", heads_per_pass: int = 8,
-                   progress: bool = False, remote: Remote = False) -> torch.Tensor:
+                   progress: bool | None = None, remote: Remote = False) -> torch.Tensor:
     """Metric with one head's attention pattern (all query positions) patched from the source run.
 
     Runs the model on its eager attention path (``observable``) for both runs; the model is restored
     afterwards. Returns (n_layers, n_heads). Cannot run remotely (``remote`` raises ``NotRemotable``):
     ``observable`` edits the model, and a server's model is shared."""
+    check_progress(progress)
     if remote is not None and remote is not False and remote is not True and remote != "local":
         check_remote(model, remote)  # an unknown value: named as such
     if remote:
@@ -332,7 +341,7 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
 def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                senders: HeadLike | Sequence[HeadLike], receivers: HeadLike | Sequence[HeadLike],
                receiver_input: Literal["q", "k", "v"] = "k", direction: Direction = "clean_to_corrupted",
-               patches_per_pass: int = 8, remote: Remote = False) -> torch.Tensor:
+               patches_per_pass: int = 8, remote: Remote = False, progress: bool | None = None) -> torch.Tensor:
     """Path patching: the metric when only the path sender -> receiver's ``receiver_input`` carries
     the source run's sender output (Wang et al. 2022; Goldowsky-Dill et al. 2023).
 
@@ -351,12 +360,15 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
         senders, receivers: heads ("L0H1", Head(0, 1) or (0, 1); one or a list).
         receiver_input: "q", "k" or "v": which input of the receiver the path ends in.
         patches_per_pass: (sender or sender x receiver) patches per forward pass.
+        progress: a tqdm bar over the forward passes of step 2: None (default) once they have lasted a few
+            seconds, True always, False never.
         remote: True runs on NDIF, "local" nnsight's offline simulation of that (module docstring): 2 +
             ceil(senders / patches_per_pass) + ceil(senders x receivers / patches_per_pass) jobs.
 
     Returns:
         (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched.
     """
+    check_progress(progress)
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
     metric = check_metric(metric, engine, target)
     check_positive(patches_per_pass, "patches_per_pass")
@@ -409,5 +421,5 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
                 + tuple(Write(Site(r.layer, "z"), tgt[f"L{r.layer}.z"][:, :, h], head=h) for h in others))
 
     patches = [patch(s, r) for s in senders for r in receivers]
-    return _measure(engine, target, patches, metric, patches_per_pass, from_layer=first,
+    return _measure(engine, target, patches, metric, patches_per_pass, progress, from_layer=first,
                     prefix=tgt[f"L{first}.resid_pre"] if first > 0 else None).view(len(senders), len(receivers))

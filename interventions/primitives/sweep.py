@@ -51,6 +51,7 @@ import torch
 from ..engine.adapters import observable
 from ..engine.heads import Head, HeadLike, all_heads, check_heads, parse_heads
 from ..engine.sites import Site
+from .progress import check_progress, passes
 from ..engine.remote import Remote
 from ..engine.tracing import Engine, Run, Write, check_mask, check_positive, check_tokens, check_value, pad_to_nan, position_ids
 from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value,
@@ -106,8 +107,8 @@ def _make_ablation(kind, heads: tuple[Head, ...], tokens, reference) -> Ablation
 def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Callable = "zero",
                    heads: HeadLike | Iterable[HeadLike] | None = None, heads_per_pass: int | None = None,
                    reference: torch.Tensor | None = None, batch_size: int | None = None,
-                   progress: bool = False, attention_mask: torch.Tensor | None = None, remote: Remote = False
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   progress: bool | None = None, attention_mask: torch.Tensor | None = None,
+                   remote: Remote = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss change from ablating each head on its own.
 
     Args:
@@ -127,7 +128,8 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
             as many rows as ``PASS_TOKENS`` tokens hold (at least 1), for the same reason: on a 2-core
             CPU a GPT-2-architecture forward (d_model 128) over 8,192 tokens took 1.2x the time of two
             over 4,096 (its MLP activations then fit the caches).
-        progress: show a tqdm bar over forward passes.
+        progress: a tqdm bar over forward passes: None (default) once the sweep has lasted a few
+            seconds, True always, False never (``interventions.primitives.progress``).
         attention_mask: (batch, pos), 1 = real token, for left-padded batches: every real token runs at
             its unpadded position, so results match unpadded runs there; entries whose context or
             target is padding are NaN.
@@ -138,6 +140,7 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
         clean_loss (batch, pos - 1) and delta (n_heads_swept, batch, pos - 1): per-token loss (nats)
         with that head ablated minus the clean loss. Entry t is the loss of predicting token t + 1.
     """
+    check_progress(progress)
     engine = Engine(model, remote)
     adapter = engine.adapter
     check_tokens(tokens, adapter)
@@ -178,11 +181,7 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
                 and (len(heads) + 1) * chunk * tokens.shape[1] <= budget)
     if one_pass:
         groups = [[(i, h) for i, h in enumerate(heads)]]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(groups) * -(-b_total // chunk), desc="ablation sweep", unit="pass")
+    bar = passes(len(groups) * -(-b_total // chunk), "ablation sweep", progress)
     clean_parts, delta_parts = [], []
     ctx = observable(engine.inner) if frozen else contextlib.nullcontext()  # entered once for all chunks
     try:
