@@ -218,7 +218,7 @@ def _attribution(ckpts, cfg, name, windows, windows_table, n_inside, device, pro
             continue
         model = load_model(ckpt, device)
         a = get_adapter(model)
-        _, delta = ablation_sweep(model, windows, kind="pattern")
+        _, delta = ablation_sweep(model, windows, kind="pattern", progress=False)  # the bar over checkpoints
         new = [{"model": name, "step": step, "tokens": tokens, "layer": layer, "head": head,
                 "head_name": f"L{layer}H{head}", "attribution": -(delta[j] * phase).sum().item() / norm2,
                 "in_window": bool(start <= tokens <= end),

@@ -101,7 +101,7 @@ def path_patch_table(model, clean: torch.Tensor, resampled: torch.Tensor, length
     for kind in RECEIVER_INPUTS:
         # one path patch per prompt, so the effect has a standard error over prompts
         per = torch.stack([path_patch(model, clean[i:i + 1], resampled[i:i + 1], metric, senders, receivers,
-                                      receiver_input=kind, direction="corrupted_to_clean").cpu()
+                                      receiver_input=kind, direction="corrupted_to_clean", progress=False).cpu()
                            for i in range(clean.shape[0])])  # (n, senders, receivers)
         eff = (per - base[:, None, None]).double()
         n = eff.shape[0]
