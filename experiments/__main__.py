@@ -392,6 +392,10 @@ def _precheck(args) -> None:
         value = getattr(args, option, None)
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise UsageError(f"--{option} {value} is a file, not a folder: pass a folder")
+        blocked = value is not None and next((p for p in Path(value).parents if p.exists()), None)
+        if blocked and not blocked.is_dir():  # no folder can be made under it (train: RunFolderError, also 2)
+            raise UsageError(f"--{option} {value} lies under {blocked}, a file, not a folder: pass a writable "
+                             f"--{option} folder")
     if args.command != "train" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
         raise UsageError(f"`{args.command}` does not run under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): only "
                          f"`train` is data-parallel; run `python -m experiments {args.command} ...` as one process")

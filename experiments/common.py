@@ -329,5 +329,7 @@ def check_writable(path: str | Path) -> None:
     probe_dir = path
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise InputError(f"--out {path} lies under {probe_dir}, a file, not a folder: pass a writable --out")
     if not os.access(probe_dir, os.W_OK):
         raise InputError(f"cannot write results under {path} ({probe_dir} is not writable): pass a writable --out")
