@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seeds per model, 0..N-1 (default: the scale's: 1, or 3 for gpu); with more than one, "
                          "runs are named MODEL-sK and the report adds the spread across seeds")
     sp.add_argument("--workers", type=_positive_int, default=None,
-                    help="parallel training/evaluation processes (default: one per core, at most 4; 8 on a GPU)")
+                    help="parallel training/evaluation processes (default: one per core, at most 4; 8 on a GPU); each "
+                         "has one torch thread, so the results do not depend on it")
     sp.add_argument("--corpus", default=None,
                     help="replace the presets' corpus (default: stdlib, this interpreter's; for another "
                          "machine to train on identical data: python -m experiments.pack_corpus)")

@@ -822,6 +822,32 @@ def test_interrupted_evaluation_resumes_after_the_last_model_written(finished, t
     assert set(res.read("checkpoints").model) == {"a", "b"}
 
 
+def test_workers_1_trains_and_evaluates_with_one_thread_as_the_parallel_workers_do(finished, tmp_path, monkeypatch):
+    """`reproduce --workers 1` trains and evaluates in this process, with the one torch thread of the
+    parallel workers: more threads change every number after the first step, so `--workers 1` gave other
+    results than the default, and a run resumed with another --workers than it started with differed from
+    one not interrupted. The caller's thread count is restored after."""
+    import experiments.phase_change as P
+    from experiments import zoo
+
+    seen = []
+    monkeypatch.setattr(zoo, "train", lambda *a, **k: seen.append(("train", torch.get_num_threads())))
+    real = P.head_score_rows
+    monkeypatch.setattr(P, "head_score_rows",
+                        lambda *a, **k: seen.append(("evaluate", torch.get_num_threads())) or real(*a, **k))
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": TOKENS})
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)
+        P.run_phase_change({"a": finished}, tmp_path / "res", n_windows=4, progress=False, workers=1, n_precise=8,
+                           n_pca_pairs=16)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(caller)
+    assert {what for what, _ in seen} == {"train", "evaluate"} and {n for _, n in seen} == {1}, seen
+
+
 def test_reproduce_refuses_a_bad_corpus_or_seeds_before_making_the_folder(tmp_path, capsys):
     """--corpus on the tiny scale, a --corpus path that does not exist and --seeds 0: exit 2, one line
     naming the fix, and no results folder."""
