@@ -701,6 +701,35 @@ def test_ablations_refuse_too_few_windows(tmp_path):
     assert not (tmp_path / "res" / "ablations_run").exists()
 
 
+def test_ablations_and_circuit_resume_with_the_run_folder_spelled_another_way(finished, tmp_path, monkeypatch):
+    """The same run folder named by another path (`reproduce --out results/default` after `--out
+    /abs/.../results/default`, or from another working directory) is the same job: the finished ablations
+    are skipped and an unfinished circuit resumes. The run's path is part of their settings, so it was
+    refused as "results made with other settings (differing: ['run'])", after the phase change had run.
+    Another run folder is still refused over their tables."""
+    import experiments.phase_change as P
+    from experiments.ablations import run_ablations
+    from experiments.circuit import run_circuit
+
+    res = tmp_path / "res"
+    pc = P.run_phase_change({"run": finished}, res, n_windows=4, progress=False, workers=1, n_precise=8,
+                            n_pca_pairs=16)
+    run_ablations(finished, "run", None, res, n_windows=8, progress=False)
+    run_circuit(finished, "run", pc.read("head_scores"), res, n_prompts=2)
+    abl = (res / "ablations_run" / "sets.csv").read_bytes()
+    (res / "circuit_run" / "path_patch.csv").unlink()  # a circuit interrupted before its last table
+    monkeypatch.chdir(tmp_path)
+    run_ablations(Path("run"), "run", None, Path("res"), n_windows=8, progress=False)
+    run_circuit(Path("run"), "run", pc.read("head_scores"), Path("res"), n_prompts=2)
+    assert (res / "ablations_run" / "sets.csv").read_bytes() == abl
+    assert Results(res, "circuit_run").has("path_patch")
+    other = tmp_path / "other"
+    shutil.copytree(finished, other)
+    with pytest.raises(ResultError, match="other settings"):
+        run_ablations(other, "run", None, res, n_windows=8, progress=False)
+    assert (res / "ablations_run" / "sets.csv").read_bytes() == abl
+
+
 def test_ablation_sets_compare_with_a_clean_run_on_the_same_path():
     """The head sets' losses and their clean baseline come from one attention path (observable's eager, which
     pattern preservation needs): in bfloat16 a set whose heads write nothing (output-projection columns 0)
