@@ -877,6 +877,19 @@ def test_workers_1_trains_and_evaluates_with_one_thread_as_the_parallel_workers_
     assert {what for what, _ in seen} == {"train", "evaluate"} and {n for _, n in seen} == {1}, seen
 
 
+def test_report_on_a_reproduction_stopped_before_its_tables_names_the_command(tmp_path, capsys):
+    """`report` on the folder of a `reproduce` interrupted right after training (the phase change's
+    provenance written, none of its tables): exit 2 advising to run `reproduce --out` to completion, nothing
+    written. It said "checkpoints.csv is missing: run the experiment that writes it first", naming no command."""
+    out = tmp_path / "res"
+    Results(out, "phase_change").write_provenance({"n_windows": 4})
+    Results(out, "report").write_json("timings", [{"complete": False, "train_s": 1.0, "total_s": 1.0}])
+    before = snapshot(tmp_path)
+    code, err = cli(["report", "--results", out], capsys)
+    assert code == 2 and f"reproduce --out {out}" in err, err
+    assert snapshot(tmp_path) == before
+
+
 def test_reproduce_refuses_a_bad_corpus_or_seeds_before_making_the_folder(tmp_path, capsys):
     """--corpus on the tiny scale, a --corpus path that does not exist and --seeds 0: exit 2, one line
     naming the fix, and no results folder."""
