@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seeds per model, 0..N-1 (default: the scale's: 1, or 3 for gpu); with more than one, "
                          "runs are named MODEL-sK and the report adds the spread across seeds")
     sp.add_argument("--workers", type=_positive_int, default=None,
-                    help="parallel training/evaluation processes (default: one per core, at most 4; 8 on a GPU)")
+                    help="parallel training/evaluation processes (default: one per core, at most 4; 8 on a GPU); each "
+                         "has one torch thread, so the results do not depend on it")
     sp.add_argument("--corpus", default=None,
                     help="replace the presets' corpus (default: stdlib, this interpreter's; for another "
                          "machine to train on identical data: python -m experiments.pack_corpus)")
@@ -392,6 +393,10 @@ def _precheck(args) -> None:
         value = getattr(args, option, None)
         if value is not None and Path(value).exists() and not Path(value).is_dir():
             raise UsageError(f"--{option} {value} is a file, not a folder: pass a folder")
+        blocked = value is not None and next((p for p in Path(value).parents if p.exists()), None)
+        if blocked and not blocked.is_dir():  # no folder can be made under it (train: RunFolderError, also 2)
+            raise UsageError(f"--{option} {value} lies under {blocked}, a file, not a folder: pass a writable "
+                             f"--{option} folder")
     if args.command != "train" and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
         raise UsageError(f"`{args.command}` does not run under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): only "
                          f"`train` is data-parallel; run `python -m experiments {args.command} ...` as one process")

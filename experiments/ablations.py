@@ -38,7 +38,7 @@ from interventions.analysis.metrics import icl_band, icl_band_losses, icl_indice
 from interventions.engine.adapters import get_adapter
 from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model
 
-from .common import Results, fingerprint, owns_results, run_fingerprint
+from .common import Results, fingerprint, owns_results, run_fingerprint, run_setting
 from .phase_change import edge_checkpoint, eval_windows, induction_heads_of, run_config, step_tokens, window_losses
 
 KINDS = ("zero", "mean", "pattern")
@@ -103,7 +103,7 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
     rule = "classify_induction_heads"
     if not ind:  # no head passes the rule (e.g. a model without induction): say so in the tables
         rule = "none passed classify_induction_heads"
-    res.write_provenance({"run": str(run), "model": name, "n_windows": n_windows, "n_random": n_random,
+    res.write_provenance({"run": run_setting(res, run), "model": name, "n_windows": n_windows, "n_random": n_random,
                           "induction_heads": [str(h) for h in ind], "rule": rule}, seed=cfg.seed)
     all_heads = [Head(layer, h) for layer in range(a.n_layers) for h in range(a.n_heads)]
     key = {"run": run_fingerprint(run), "n_windows": n_windows, "n_random": n_random,

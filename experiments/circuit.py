@@ -50,7 +50,7 @@ from interventions.engine.heads import Head
 from interventions.primitives.loss import loss_from_logits
 from interventions.zoo.train import RunFolderError, list_checkpoints, load_model, load_train_config
 
-from .common import Results, owns_results, run_fingerprint
+from .common import Results, owns_results, run_fingerprint, run_setting
 from .phase_change import probe_kwargs
 
 RECEIVER_INPUTS = ("q", "k", "v")
@@ -157,7 +157,7 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
     clean, unrepeated, resampled, length = circuit_prompts(model, n_prompts, cfg.seed)
     clean, unrepeated, resampled = clean.to(device), unrepeated.to(device), resampled.to(device)
     metric = second_copy_loss(length)
-    res.write_provenance({"run": str(run), "n_prompts": n_prompts, "length": length}, seed=cfg.seed)
+    res.write_provenance({"run": run_setting(res, run), "n_prompts": n_prompts, "length": length}, seed=cfg.seed)
 
     with torch.no_grad():
         base_clean = metric(model(clean).logits, clean).mean().item()

@@ -307,6 +307,20 @@ class Results:
                               f"experiment that wrote it, or delete the folder {self.dir} and re-run it") from None
 
 
+def run_setting(res: Results, run: str | Path) -> str:
+    """``run`` as the settings of ``res`` (``write_provenance``) record a run folder: their own spelling when it
+    names this same folder (``--out results/default`` after ``--out /abs/path/results/default``, or from another
+    working directory: one job, one folder, never "other settings"), else ``str(run)`` (another run folder,
+    which ``write_provenance`` refuses over tables it did not make)."""
+    old = (res.settings() or {}).get("run")
+    try:
+        if isinstance(old, str) and os.path.samefile(old, run):
+            return old
+    except OSError:  # the recorded folder is gone (moved, deleted) or ``run`` does not exist
+        pass
+    return str(run)
+
+
 def verify_tables(root: str | Path) -> None:
     """Every table present under the results root ``root`` matches its recorded checksum (``ResultError``
     naming the first that does not): commands that draw from tables (``figures``, ``report``) check this
@@ -329,5 +343,7 @@ def check_writable(path: str | Path) -> None:
     probe_dir = path
     while not probe_dir.exists():
         probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise InputError(f"--out {path} lies under {probe_dir}, a file, not a folder: pass a writable --out")
     if not os.access(probe_dir, os.W_OK):
         raise InputError(f"cannot write results under {path} ({probe_dir} is not writable): pass a writable --out")

@@ -42,7 +42,7 @@ from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, 
                                      load_train_config)
 
 from .common import ResultError, Results, owns_results, run_fingerprint
-from .zoo import split_run_name
+from .zoo import RUN_THREADS, split_run_name
 
 N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows
 # the pairs are drawn with this seed whatever the run's seed: every run on one corpus shares them, so the
@@ -189,8 +189,14 @@ def pca_checkpoints(tokens: list[int], min_log_step: float = 0.04) -> set[int]:
 def _eval_chunk(job) -> list[dict]:
     """Worker: evaluate some checkpoints of one run. Returns one dict of results per checkpoint
     (``pca`` is None for checkpoints thinned out of the PCA)."""
+    from .zoo import torch_threads
+
     run, ckpts, n_windows, n_pairs, device, threads, pca_steps = job
-    torch.set_num_threads(threads)
+    with torch_threads(threads):
+        return _eval_checkpoints(run, ckpts, n_windows, n_pairs, device, pca_steps)
+
+
+def _eval_checkpoints(run, ckpts, n_windows, n_pairs, device, pca_steps) -> list[dict]:
     cfg = run_config(Path(run))
     source = build_source(cfg)[0]
     windows = eval_windows(cfg, n_windows, source)
@@ -271,7 +277,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     todo = [name for name in runs if not (res.has_all([t.format(name) for t in per_run], keys[name])
                                           and res.has_array(f"per_token_losses_{name}", keys[name]))]
     jobs, owners = [], []
-    threads = 1 if workers > 1 else torch.get_num_threads()
+    threads = RUN_THREADS  # as the training: --workers changes no number
     for name in todo:
         ckpts = [str(c) for c in list_checkpoints(runs[name])]
         if not ckpts:

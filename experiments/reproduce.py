@@ -103,14 +103,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     from .phase_change import derive_windows
 
     out = Path(out)
-    fits = tables_scales(Results(out, "phase_change").read("checkpoints"))
-    if scale is None and len(fits) != 1:
-        raise InputError(f"the tables under {out} match no one scale's models and tokens: pass --scale")
-    if scale is not None and fits and scale not in fits:
-        raise InputError(f"the tables under {out} were made at scale {' or '.join(fits)}, not {scale}: pass "
-                         f"--scale {fits[0]} or leave --scale out")
-    scale = scale or fits[0]
-    runs = Results(out, "report").read_json("timings", default=[])
+    runs = Results(out, "report").read_json("timings", default=[])  # first: a partial folder lacks tables
     if not any(r.get("complete", True) for r in runs):  # the tables of an unfinished run lack sections
         raise InputError(f"{out} has no recorded invocation that ran to completion (report/timings.json): run "
                          f"`reproduce --out {out}` to completion instead (it resumes)")
@@ -122,6 +115,13 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
                          f"its tables may be partial; run `reproduce --out {out}` with its options to completion "
                          "instead (it resumes)")
     timings = sum_timings(same_job(runs, last.get("job")))  # the invocations that made these tables
+    fits = tables_scales(Results(out, "phase_change").read("checkpoints"))
+    if scale is None and len(fits) != 1:
+        raise InputError(f"the tables under {out} match no one scale's models and tokens: pass --scale")
+    if scale is not None and fits and scale not in fits:
+        raise InputError(f"the tables under {out} were made at scale {' or '.join(fits)}, not {scale}: pass "
+                         f"--scale {fits[0]} or leave --scale out")
+    scale = scale or fits[0]
     if git is None:
         git = Results(out, "phase_change").read_provenance()["git"]
     verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten

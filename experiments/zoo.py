@@ -20,6 +20,7 @@ card: small models are launch-bound, so parallel runs fill it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -38,6 +39,10 @@ SCALES: dict[str, dict[str, int]] = {
             "mlp-2l": 20_000_000, "smear-1l": 6_000_000, "smear-2l": 6_000_000},
 }
 SEEDS = {"tiny": (0,), "cpu": (0,), "gpu": (0, 1, 2)}
+# torch threads of each training run and checkpoint evaluation, with any number of workers: a fixed count
+# keeps results bit-identical on any machine, and a run resumed with another --workers equal to one not
+# interrupted (2 threads instead of 1 change every number after the first step)
+RUN_THREADS = 1
 # models whose transition we do not need to resolve finely: no dense checkpoints (cheaper evaluation)
 SPARSE = ("attn-1l", "mlp-1l", "smear-1l", "smear-2l")
 
@@ -107,16 +112,28 @@ def _cost(cfg: TrainConfig) -> float:
 
 def _train_one(job) -> tuple[str, str]:
     name, cfg_dict, run, threads, progress, position = job
-    import torch
-
-    torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(cfg_dict)
     run = Path(run)
     resume = (run / "train_config.json").is_file()
     if resume:  # keep the run's current lr (lowered by `train --resume --lr` after divergence), as the CLI does
         cfg = dataclasses.replace(cfg, lr=read_train_config_dict(run).get("lr", cfg.lr))
-    train(cfg, run, resume=resume, progress=progress, progress_position=position)
+    with torch_threads(threads):
+        train(cfg, run, resume=resume, progress=progress, progress_position=position)
     return name, str(run)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with ``n`` torch threads, then restore the count (a job run in this process, not in
+    a worker, leaves the caller's thread count as it found it)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_workers(device: str) -> int:
@@ -139,7 +156,7 @@ def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: b
     workers = min(len(todo), workers or default_workers(device))
     if not todo:
         return out
-    threads = 1 if workers > 1 else (os.cpu_count() or 1)
+    threads = RUN_THREADS  # whatever the worker count: --workers 1 must not change the results
     from interventions.zoo.train import build_source
 
     for cfg in {c.corpus: c for c in (cfgs[n] for n in todo)}.values():  # tokenise once, with a progress bar,

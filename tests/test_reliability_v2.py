@@ -701,6 +701,35 @@ def test_ablations_refuse_too_few_windows(tmp_path):
     assert not (tmp_path / "res" / "ablations_run").exists()
 
 
+def test_ablations_and_circuit_resume_with_the_run_folder_spelled_another_way(finished, tmp_path, monkeypatch):
+    """The same run folder named by another path (`reproduce --out results/default` after `--out
+    /abs/.../results/default`, or from another working directory) is the same job: the finished ablations
+    are skipped and an unfinished circuit resumes. The run's path is part of their settings, so it was
+    refused as "results made with other settings (differing: ['run'])", after the phase change had run.
+    Another run folder is still refused over their tables."""
+    import experiments.phase_change as P
+    from experiments.ablations import run_ablations
+    from experiments.circuit import run_circuit
+
+    res = tmp_path / "res"
+    pc = P.run_phase_change({"run": finished}, res, n_windows=4, progress=False, workers=1, n_precise=8,
+                            n_pca_pairs=16)
+    run_ablations(finished, "run", None, res, n_windows=8, progress=False)
+    run_circuit(finished, "run", pc.read("head_scores"), res, n_prompts=2)
+    abl = (res / "ablations_run" / "sets.csv").read_bytes()
+    (res / "circuit_run" / "path_patch.csv").unlink()  # a circuit interrupted before its last table
+    monkeypatch.chdir(tmp_path)
+    run_ablations(Path("run"), "run", None, Path("res"), n_windows=8, progress=False)
+    run_circuit(Path("run"), "run", pc.read("head_scores"), Path("res"), n_prompts=2)
+    assert (res / "ablations_run" / "sets.csv").read_bytes() == abl
+    assert Results(res, "circuit_run").has("path_patch")
+    other = tmp_path / "other"
+    shutil.copytree(finished, other)
+    with pytest.raises(ResultError, match="other settings"):
+        run_ablations(other, "run", None, res, n_windows=8, progress=False)
+    assert (res / "ablations_run" / "sets.csv").read_bytes() == abl
+
+
 def test_ablation_sets_compare_with_a_clean_run_on_the_same_path():
     """The head sets' losses and their clean baseline come from one attention path (observable's eager, which
     pattern preservation needs): in bfloat16 a set whose heads write nothing (output-projection columns 0)
@@ -820,6 +849,45 @@ def test_interrupted_evaluation_resumes_after_the_last_model_written(finished, t
     P.run_phase_change(runs, tmp_path / "res", n_windows=4, progress=False, workers=1)
     assert seen and set(seen) == {str(other)}
     assert set(res.read("checkpoints").model) == {"a", "b"}
+
+
+def test_workers_1_trains_and_evaluates_with_one_thread_as_the_parallel_workers_do(finished, tmp_path, monkeypatch):
+    """`reproduce --workers 1` trains and evaluates in this process, with the one torch thread of the
+    parallel workers: more threads change every number after the first step, so `--workers 1` gave other
+    results than the default, and a run resumed with another --workers than it started with differed from
+    one not interrupted. The caller's thread count is restored after."""
+    import experiments.phase_change as P
+    from experiments import zoo
+
+    seen = []
+    monkeypatch.setattr(zoo, "train", lambda *a, **k: seen.append(("train", torch.get_num_threads())))
+    real = P.head_score_rows
+    monkeypatch.setattr(P, "head_score_rows",
+                        lambda *a, **k: seen.append(("evaluate", torch.get_num_threads())) or real(*a, **k))
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": TOKENS})
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        zoo.train_zoo("tiny", tmp_path / "runs", progress=False, workers=1)
+        P.run_phase_change({"a": finished}, tmp_path / "res", n_windows=4, progress=False, workers=1, n_precise=8,
+                           n_pca_pairs=16)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(caller)
+    assert {what for what, _ in seen} == {"train", "evaluate"} and {n for _, n in seen} == {1}, seen
+
+
+def test_report_on_a_reproduction_stopped_before_its_tables_names_the_command(tmp_path, capsys):
+    """`report` on the folder of a `reproduce` interrupted right after training (the phase change's
+    provenance written, none of its tables): exit 2 advising to run `reproduce --out` to completion, nothing
+    written. It said "checkpoints.csv is missing: run the experiment that writes it first", naming no command."""
+    out = tmp_path / "res"
+    Results(out, "phase_change").write_provenance({"n_windows": 4})
+    Results(out, "report").write_json("timings", [{"complete": False, "train_s": 1.0, "total_s": 1.0}])
+    before = snapshot(tmp_path)
+    code, err = cli(["report", "--results", out], capsys)
+    assert code == 2 and f"reproduce --out {out}" in err, err
+    assert snapshot(tmp_path) == before
 
 
 def test_reproduce_refuses_a_bad_corpus_or_seeds_before_making_the_folder(tmp_path, capsys):

@@ -327,6 +327,8 @@ CLI_CASES = {
                                             "model.vocab_size"),
     "out under a regular file": (["train", "--preset", "tiny", "--out", "{tmp}/file.txt/sub", "--tokens", "2048",
                                   "--quiet"], lambda d: _write(d / "file.txt", "x"), "writable"),
+    "reproduce --out under a regular file": (["reproduce", "--scale", "tiny", "--out", "{tmp}/file.txt/sub", "--quiet"],
+                                             lambda d: _write(d / "file.txt", "x"), "writable"),
     "out is a non-empty foreign folder": (_train(), lambda d: _write(d / "out" / "notes.txt", "mine"),
                                           "not empty"),
     "figures from a folder without tables": (["figures", "--results", "{tmp}/res", "--out", "{tmp}/figs"], None,
@@ -369,6 +371,7 @@ def test_cli_resume_of_a_different_run_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--preset", "tiny", "--out", "{tmp}/f.txt/sub", "--tokens", "2048", "--quiet"], "writable"),
     (["train", "--preset", "tiny", "--out", "{tmp}/out", "--set", "model.d_model"], "not KEY=VALUE"),
+    (["reproduce", "--scale", "tiny", "--out", "{tmp}/f.txt/sub", "--quiet"], "writable"),
 ])
 def test_cli_subprocess_exit_code_2(tmp_path, argv, message):
     """Through a real `python -m experiments` process: exit status 2, the problem on stderr, no
