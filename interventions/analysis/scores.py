@@ -230,7 +230,9 @@ def _bos(model, bos_id: int | None) -> int:
         else:
             bos_id = 0
         if not 0 <= bos_id < a.vocab_size:
-            raise ValueError(f"the config's BOS id {bos_id} is outside the vocabulary [0, {a.vocab_size}): "
+            named = (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None))
+            source = "tokenizer's" if bos_id in named else "config's"
+            raise ValueError(f"the {source} BOS id {bos_id} is outside the vocabulary [0, {a.vocab_size}): "
                              "pass bos_id (e.g. the tokenizer's separator, 256 for byte_tokenizer())")
     if not 0 <= int(bos_id) < a.vocab_size:
         raise ValueError(f"bos_id={bos_id} is outside the vocabulary [0, {a.vocab_size})")
@@ -602,7 +604,7 @@ def classify_induction_heads(df, prefix_threshold: float = PREFIX_THRESHOLD,
         0.4 is ten times chance, and it is the common practical threshold for the induction score
         (ARENA). Use ``prefix_column="induction"`` to classify on the induction score instead.
       * copying 0.0: the OV circuit's eigenvalues are positive on balance (an unrelated map scores
-        near 0, a copying head near 1; the trained attn-2l's induction head scores about 0.97).
+        near 0, a copying head near 1; the main job's attn-2l induction head L1H3 scores 0.997).
 
     Returns a copy of the table with a boolean ``is_induction`` column.
 
