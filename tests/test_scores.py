@@ -425,3 +425,30 @@ def test_a_final_norm_the_copying_score_cannot_freeze_gets_advice_that_works():
         assert prefix_matching_score(model, n_tokens=10, bos_id=0, token_pool=torch.arange(1, 40)).shape == (8, 3)
     finally:
         ARCHS.pop("gemma")
+
+
+def test_the_unsupported_architecture_hint_registers_a_working_adapter():
+    """The error for an unknown model type suggests a register_adapter call; run as written on a renamed
+    Llama, it gives an adapter on which head_scores (copying included: it needs the final norm) works and
+    equals the built-in Llama adapter's scores."""
+    import re
+
+    import interventions
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from interventions.engine.adapters import ARCHS
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=120, max_position_embeddings=256)).eval()
+    want = head_scores(llama, bos_id=0)
+    llama.config.model_type = "hint_llama"
+    try:
+        with pytest.raises(ValueError, match="unsupported architecture 'hint_llama'") as err:
+            head_scores(llama, bos_id=0)
+        call = re.search(r"(interventions\.register_adapter\(.*\)\))\s+#", str(err.value)).group(1)
+        exec(call, {"interventions": interventions})
+        got = head_scores(llama, bos_id=0)
+        pd.testing.assert_frame_equal(got, want)
+    finally:
+        ARCHS.pop("hint_llama", None)

@@ -84,8 +84,10 @@ ARCHS: dict[str, ArchSpec] = {
 BUILTIN_ARCHS = MappingProxyType(dict(ARCHS))
 
 _REGISTER_HINT = ("interventions.register_adapter({}, interventions.ArchSpec(layers='model.layers', attn='self_attn', "
-                  "o_proj='o_proj', k_proj='k_proj'))  # paths of your model's modules; pattern sites are "
-                  "added by observable()")
+                  "o_proj='o_proj', k_proj='k_proj', attn_is_o_proj=True, "
+                  "final_norm='model.norm'))  # paths of your model's modules (final_norm: the norm before the "
+                  "unembedding, which the copying score and head_scores need); pattern sites are added by "
+                  "observable()")
 
 
 def register_adapter(model_type: str, spec: ArchSpec) -> None:
