@@ -39,7 +39,8 @@ from interventions.engine.adapters import get_adapter
 from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model
 
 from .common import Results, fingerprint, owns_results, run_fingerprint, run_setting
-from .phase_change import edge_checkpoint, eval_windows, induction_heads_of, run_config, step_tokens, window_losses
+from .phase_change import (edge_checkpoint, eval_windows, induction_heads_of, run_config, run_source, step_tokens,
+                           window_losses)
 
 KINDS = ("zero", "mean", "pattern")
 N_BOOT = 1000
@@ -92,8 +93,10 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                          f"sweeps use a quarter and a half of them, at least 2 each for a standard error)")
     res = Results(results_root, f"ablations_{name}")
     cfg = run_config(run)
-    windows = eval_windows(cfg, n_windows)
-    reference = eval_windows(TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 100}), min(n_windows, 256))
+    source = run_source(run, cfg)  # refuses a corpus edited since the run was trained
+    windows = eval_windows(cfg, n_windows, source)
+    reference = eval_windows(TrainConfig.from_dict({**cfg.to_dict(), "seed": cfg.seed + 100}), min(n_windows, 256),
+                             source)
     ckpts = list_checkpoints(run)
     if not ckpts:
         raise RunFolderError(f"{run} has no complete checkpoint: train it first, or resume it with `train --resume`")

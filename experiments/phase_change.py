@@ -29,6 +29,7 @@ Tables (``results/<run>/phase_change/``): ``checkpoints``, ``loss_by_index``, ``
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -60,6 +61,43 @@ FIT_FROM_TOKENS = 500_000
 
 def run_config(run: Path) -> TrainConfig:
     return load_train_config(Path(run))
+
+
+def run_source(run: Path, cfg: TrainConfig | None = None):
+    """The run's token source (``build_source``), refusing (``ResultError``, before any evaluation) a corpus
+    whose content differs from the one the run was trained on (``check_corpus``)."""
+    cfg = run_config(run) if cfg is None else cfg
+    source, _, fp = build_source(cfg)
+    check_corpus(run, fp)
+    return source
+
+
+def check_corpus(run: Path, fp: dict) -> None:
+    """Raise ``ResultError`` if the corpus fingerprint ``fp`` (``build_source``'s) differs from the one in the
+    run's ``provenance.json``: evaluation windows come from the corpus as it is now, so results on an edited
+    corpus would belong to no training run (and cached tables, keyed on the run, would silently disagree
+    with a recomputation). Runs without a recorded fingerprint (synthetic corpora) pass."""
+    path = Path(run) / "provenance.json"
+    try:
+        saved = (json.loads(path.read_text(encoding="utf-8")).get("corpus") or {}) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ResultError(f"{path} is garbled ({e}): restore it from the run") from None
+    if saved.get("sha256") and fp.get("sha256") and saved["sha256"] != fp["sha256"]:
+        raise ResultError(f"the corpus {fp.get('source')!r} has changed since {run} was trained (content hash "
+                          f"{saved['sha256'][:12]}, {saved.get('n_documents')} documents then; {fp['sha256'][:12]}, "
+                          f"{fp.get('n_documents')} now): its evaluation windows would come from other text. "
+                          "Restore that corpus, or train a new run on this one")
+
+
+def check_corpora(runs: dict[str, Path]) -> None:
+    """``check_corpus`` for every run, each distinct corpus built once."""
+    built: dict[tuple, dict] = {}
+    for run in runs.values():
+        cfg = run_config(run)
+        key = (cfg.corpus, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.max_files)
+        if key not in built:
+            built[key] = build_source(cfg)[2]
+        check_corpus(run, built[key])
 
 
 def step_tokens(ckpt: Path, cfg: TrainConfig) -> tuple[int, int]:
@@ -198,7 +236,7 @@ def _eval_chunk(job) -> list[dict]:
 
 def _eval_checkpoints(run, ckpts, n_windows, n_pairs, device, pca_steps) -> list[dict]:
     cfg = run_config(Path(run))
-    source = build_source(cfg)[0]
+    source = run_source(Path(run), cfg)
     windows = eval_windows(cfg, n_windows, source)
     with_pca = n_pairs > 0
     pw, pt = pca_pairs(cfg, n_pairs, source) if with_pca else (None, None)
@@ -269,6 +307,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     # settings shared by every table; each run's tables are keyed on the run's content (so runs can be added)
     for run in runs.values():  # every run's config parses (a garbled one is named) before any work
         run_config(run)
+    check_corpora(runs)  # and a corpus edited since a run was trained is refused, before anything is written
     settings = {"n_windows": n_windows, "n_precise": n_precise, "n_pca_pairs": n_pca_pairs,
                 "pca_pairs_seed": PCA_PAIRS_SEED}
     res.write_provenance(settings, runs={k: str(v) for k, v in runs.items()})

@@ -1058,3 +1058,32 @@ def test_an_interrupted_figure_save_keeps_the_previous_figure_whole(tmp_path, mo
     assert (tmp_path / "curve.pdf").read_bytes() == before["curve.pdf"]  # the old PDF, whole
     assert (tmp_path / "curve.png").read_bytes() != before["curve.png"]  # the PNG finished: the new one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.pdf", "curve.png"]  # no temporary left
+
+
+def test_a_corpus_edited_after_training_is_refused_before_evaluation(tmp_path, monkeypatch):
+    """Evaluation windows come from the corpus as it is now: a corpus edited after a run was trained would
+    give results that belong to no training run, and cached tables keyed on the run would silently
+    disagree with a recomputation. phase-change refuses it before anything is written, and so does the
+    ablations experiment; the unedited corpus passes."""
+    from experiments.common import ResultError
+    from experiments.phase_change import check_corpora, run_phase_change, run_source
+    from interventions.zoo import train as T
+
+    monkeypatch.setenv("INTERVENTIONS_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"f{i}.txt").write_text(f"file {i}: " + "abcdefgh " * 200)
+    cfg = T.TrainConfig.from_dict(dict(corpus=str(corpus), vocab_size=257, batch_size=4, tokens=32 * 4 * 2,
+                                       n_checkpoints=1, n_eval_windows=4,
+                                       model=dict(n_layers=1, n_heads=2, d_model=16, n_ctx=32)))
+    run = tmp_path / "attn-1l"
+    T.train(cfg, run, progress=False)
+    check_corpora({"attn-1l": run})  # unedited: passes
+    assert run_source(run) is not None
+    (corpus / "f2.txt").write_text("file 2: " + "zyxwvu " * 200)
+    with pytest.raises(ResultError, match="corpus .* has changed since .* was trained"):
+        run_phase_change({"attn-1l": run}, tmp_path / "results", progress=False, workers=1)
+    assert not (tmp_path / "results" / "phase_change").exists()  # no table, no provenance (only the folder's lock)
+    with pytest.raises(ResultError, match="has changed since"):
+        run_source(run)
