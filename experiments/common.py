@@ -263,7 +263,7 @@ class Results:
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / "provenance.json"
             record = json.loads(json.dumps(provenance(config=config, seed=seed, **extra), default=str))
-            this = {k: v for k, v in record.items() if k not in ("config", "seed", "invocations")}
+            this = _invocation(record)
             prior = None
             if old is not None and old.get("inputs") == fingerprint(config):
                 try:
@@ -271,8 +271,7 @@ class Results:
                 except ResultError:  # damaged: rewritten afresh (as the checksum error advises re-running)
                     pass
             if prior is not None:  # the same settings again: the record of the tables already here is kept
-                record = {**prior, "invocations": prior.get("invocations") or [
-                    {k: v for k, v in prior.items() if k not in ("config", "seed")}]}
+                record = {**prior, "invocations": prior.get("invocations") or [_invocation(prior)]}
             record["invocations"] = record.get("invocations", []) + [this]
             atomic_write_text(path, json.dumps(record, indent=1, default=str))
             manifest[SETTINGS_KEY] = {"sha256": sha256_file(path), "inputs": fingerprint(config),  # read_provenance
@@ -285,8 +284,7 @@ class Results:
         versions) that made the tables recorded here, oldest first; tables of folders written before
         invocations were recorded count as the first."""
         prov = self.read_provenance() or {}
-        inv = prov.get("invocations") or ([{k: v for k, v in prov.items() if k not in ("config", "seed")}]
-                                          if prov else [])
+        inv = prov.get("invocations") or ([_invocation(prov)] if prov else [])
         manifest = self._manifest()
         used = {(self._entry(manifest, k) or {}).get("invocation") or 0 for k in manifest if k != SETTINGS_KEY}
         return [inv[i] for i in sorted(used) if i < len(inv)]
@@ -305,6 +303,12 @@ class Results:
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
             raise ResultError(f"{path} does not match its recorded checksum (truncated or edited): re-run the "
                               f"experiment that wrote it, or delete the folder {self.dir} and re-run it") from None
+
+
+def _invocation(record: dict) -> dict:
+    """One invocation's entry of a ``provenance.json`` record: all but the settings (config, seed) and the list
+    of invocations (a record written before invocations were kept is its own first invocation)."""
+    return {k: v for k, v in record.items() if k not in ("config", "seed", "invocations")}
 
 
 def run_setting(res: Results, run: str | Path) -> str:

@@ -236,7 +236,7 @@ def _eval_chunk(job) -> list[dict]:
 
 def _eval_checkpoints(run, ckpts, n_windows, n_pairs, device, pca_steps) -> list[dict]:
     cfg = run_config(Path(run))
-    source = run_source(Path(run), cfg)
+    source = build_source(cfg)[0]  # its corpus checked against the run's before the jobs (check_corpora)
     windows = eval_windows(cfg, n_windows, source)
     with_pca = n_pairs > 0
     pw, pt = pca_pairs(cfg, n_pairs, source) if with_pca else (None, None)

@@ -383,6 +383,18 @@ def test_registered_path_to_no_module_raises_naming_the_fix(paths, site):
         ARCHS.pop("my_llama")
 
 
+def _plain_hook(model, module, tokens, grab):
+    """What ``grab(args, out)`` takes from ``module`` in a plain forward of ``model`` (a torch hook, the oracle)."""
+    seen = []
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(grab(args, out).clone()))
+    try:
+        with torch.no_grad():
+            model(tokens)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def test_mlp_elsewhere_advice_works():
     """A registered adapter whose MLP path is wrong is told to register the MLP's path (not that the
     model is attention-only), and the advice, followed, reads exactly the MLP's output (plain hook)."""
@@ -401,14 +413,8 @@ def test_mlp_elsewhere_advice_works():
         got = execute(model, Run(tokens, reads=["L0.mlp_out"])).acts["L0.mlp_out"]
     finally:
         ARCHS.pop("my_llama")
-    seen = []
-    handle = model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        handle.remove()
-    torch.testing.assert_close(got, seen[0], atol=0, rtol=0)
+    torch.testing.assert_close(got, _plain_hook(model, model.model.layers[0].mlp, tokens, lambda args, out: out),
+                               atol=0, rtol=0)
 
 
 def test_registered_unembed_path_that_does_not_exist_raises_naming_the_fix():
@@ -444,14 +450,8 @@ def test_registered_unembed_path_that_does_not_exist_raises_naming_the_fix():
     finally:
         handle.remove()
         ARCHS.pop("my_llama", None)
-    seen = []
-    handle = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
-    try:
-        with torch.no_grad():
-            model(tokens)
-    finally:
-        handle.remove()
-    torch.testing.assert_close(got, seen[0], atol=0, rtol=0)
+    torch.testing.assert_close(got, _plain_hook(model, model.lm_head, tokens, lambda args, out: args[0]),
+                               atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("site, match", [

@@ -196,6 +196,11 @@ def _reduce(metric: Metric, logits: torch.Tensor, tokens: torch.Tensor, batch: i
     return value.float().mean().cpu()
 
 
+def _block_means(per_row: torch.Tensor, k: int, batch: int) -> list[torch.Tensor]:
+    """(k * batch,) per-row values -> the mean of each of the k blocks of ``batch`` rows (on the CPU)."""
+    return [per_row[j * batch:(j + 1) * batch].float().mean().cpu() for j in range(k)]
+
+
 # ----------------------------------------------------------------------------- driver
 
 def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tuple[Write, ...]], metric: Metric,
@@ -223,19 +228,15 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tup
             skip = dict(start=from_layer, prefix=None if prefix is None else prefix.repeat(k, 1, 1))
             if metric is mean_loss_metric:
                 loss = engine.run(Run(rep, writes=writes, returns="loss", **skip)).loss  # (k * batch, pos - 1)
-                per_row = loss.mean(-1)  # (k * batch,)
+                values = _block_means(loss.mean(-1), k, b)
             elif isinstance(metric, LogitDiff):
                 pair = engine.run(Run(rep, writes=writes, returns=Gather(metric.pos, metric.ids(b).repeat(k, 1)),
                                       **skip)).gathered
-                per_row = pair[:, 0] - pair[:, 1]  # (k * batch,)
+                values = _block_means(pair[:, 0] - pair[:, 1], k, b)
             else:  # your metric, on the logits of each block of rows
                 logits = engine.run(Run(rep, writes=writes, **skip)).logits  # (k * batch, pos, vocab)
-                for j in range(k):
-                    out[start + j] = _reduce(metric, logits[j * b:(j + 1) * b], target, b)
-                per_row = None
-            if per_row is not None:
-                for j in range(k):
-                    out[start + j] = per_row[j * b:(j + 1) * b].float().mean().cpu()
+                values = [_reduce(metric, logits[j * b:(j + 1) * b], target, b) for j in range(k)]
+            out[start:start + k] = torch.stack(values)
             if bar is not None:
                 bar.update(1)
     finally:
