@@ -9,7 +9,8 @@ fixed set of (example, token) pairs, one token per example. Then, per model:
   falls, i.e. where its derivative is large) and ``induction_*`` from the best head's induction score.
   Each says whether it ends inside the run and how many checkpoints it holds.
 * **precise ICL** (``icl_precise``): the ICL score on ``N_PRECISE`` windows at the checkpoints just
-  before and after the ICL window, at 80% of the run and at its end (s.e. <= 0.04 nats).
+  before and after the ICL window, at 80% of the run and at its end (s.e. <= 0.04 nats), and each
+  smeared model with its vanilla twin at equal tokens (their difference with a paired s.e.).
 * **bump**: the non-convex stretch of the validation loss against log tokens (the detector's output
   for every model; see ``detect_bump``).
 * **PCA** of the per-token-loss vectors, all models' checkpoints projected jointly, fit on
@@ -43,7 +44,7 @@ from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, 
                                      load_train_config)
 
 from .common import ResultError, Results, owns_results, run_fingerprint
-from .zoo import RUN_THREADS, split_run_name
+from .zoo import RUN_THREADS, smear_twins, split_run_name
 
 N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows
 # the pairs are drawn with this seed whatever the run's seed: every run on one corpus shares them, so the
@@ -51,6 +52,8 @@ N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many s
 # fit put each seed's runs on an arm of their own). 0: the pairs seed-0 runs always had.
 PCA_PAIRS_SEED = 0
 N_PRECISE = 2048  # windows for the before/after/plateau ICL points (s.e. ~0.02-0.03 nats)
+# the points ``precise_icl`` takes (part of its table's key: a table of fewer points is recomputed)
+PRECISE_POINTS = ("before", "after", "at_80pct", "final", "attn1l_at_before", "smear_compare")
 MIN_INDUCTION_RISE = 0.1  # best induction score (attention share) must rise this much for a window
 MIN_ICL_DROP = 0.15  # nats: smaller ICL changes are not called a phase change (cf. the paper's ~0.4)
 PCA_FIT_FROM_TOKENS = 1_000_000  # PCs fit on checkpoints after warm-up
@@ -352,9 +355,9 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     edges = {r.model: [None if not np.isfinite(v) else round(v) for v in (r.icl_window_start_tokens,
                                                                           r.icl_window_end_tokens)]
              for r in win.itertuples()}
-    if not res.has("icl_precise", all_key | {"icl_window_edges": edges}):
-        res.write("icl_precise", precise_icl(runs, win, n_precise, device),
-                  inputs=all_key | {"icl_window_edges": edges})
+    precise_key = all_key | {"icl_window_edges": edges, "points": PRECISE_POINTS}
+    if not res.has("icl_precise", precise_key):
+        res.write("icl_precise", precise_icl(runs, win, n_precise, device), inputs=precise_key)
     vectors = {n: res.read_array(f"per_token_losses_{n}") for n in runs}
     steps = {n: res.read(f"pca_steps_{n}") for n in runs}
     pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(steps[n].step)] for n in runs])
@@ -558,7 +561,8 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
     """ICL on ``n`` windows at: the checkpoint at/before the ICL window's start ("before"), at/after its
     end ("after"), at 80% of the run ("at_80pct") and the last ("final"). Paired differences between
     points on the same windows ("*_minus_*" rows) have their own, smaller s.e. Also attn-1l at attn-2l's
-    "before" tokens and the paired difference there (``_one_layer_at_before``)."""
+    "before" tokens and the paired difference there (``_one_layer_at_before``), and each smeared run with
+    its vanilla twin at equal tokens (``_smeared_vs_vanilla``)."""
     rows, before = [], {}
     for name, run in runs.items():
         cfg = run_config(run)
@@ -583,6 +587,7 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
                              "icl_score": float(d.mean()), "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n})
         before[name] = per_window.get("before"), points.get("before"), cfg
     rows += _one_layer_at_before(runs, before, n, device)
+    rows += _smeared_vs_vanilla(runs, n, device)
     return pd.DataFrame(rows)
 
 
@@ -617,6 +622,30 @@ def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: st
                   "tokens": step_tokens(ckpt, cfg)[1], "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n},
                  {"model": two, "point": "before_minus_attn1l", "step": -1, "tokens": -1, "icl_score": float(d.mean()),
                   "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n}]
+    return rows
+
+
+def _smeared_vs_vanilla(runs: dict[str, Path], n: int, device: str) -> list[dict]:
+    """Each smeared run and its vanilla twin (``smear_twins``) at the largest token count both were
+    checkpointed at (one schedule, so the longer run's prefix is comparable), on the same ``n`` windows:
+    each model's ICL there (point ``smear_compare``) and the paired difference smeared minus vanilla
+    (point ``smear_minus_vanilla``, on the smeared run's row), whose s.e. pairs the windows."""
+    rows = []
+    for a, b in smear_twins(runs):
+        cfgs = {m: run_config(runs[m]) for m in (a, b)}
+        at = {m: {step_tokens(c, cfgs[m])[1]: c for c in list_checkpoints(runs[m])} for m in (a, b)}
+        common = sorted(set(at[a]) & set(at[b]))
+        wins = eval_windows(cfgs[b], n)
+        if not common or not torch.equal(wins, eval_windows(cfgs[a], n)):
+            continue  # no common checkpoint, or different corpora or seeds: no paired comparison
+        t, per = common[-1], {}
+        for m in (a, b):
+            r, per[m] = _point_icl(at[m][t], wins, device)
+            rows.append({"model": m, "point": "smear_compare", "step": step_tokens(at[m][t], cfgs[m])[0],
+                         "tokens": t, "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n})
+        d = per[b] - per[a]
+        rows.append({"model": b, "point": "smear_minus_vanilla", "step": -1, "tokens": t,
+                     "icl_score": float(d.mean()), "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n})
     return rows
 
 

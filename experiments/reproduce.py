@@ -296,7 +296,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     pp = Results(out, f"circuit_{main_2l}").read_optional("path_patch") if main_2l else None
     if pp is not None and len(pp):
         h["path_patching"] = path_patching_summary(pp)
-    h["smear_vs_vanilla"] = smear_vs_vanilla(ck, pc.read("head_scores"))
+    h["smear_vs_vanilla"] = smear_vs_vanilla(ck, pc.read("head_scores"), prec)
     tr = pc.read("transient")
     if len(tr):
         h["transient"] = transient_summary(tr, ck)
@@ -434,33 +434,43 @@ def path_patching_summary(pp: pd.DataFrame) -> dict:
     return out
 
 
-def smear_vs_vanilla(ck: pd.DataFrame, hs: pd.DataFrame) -> dict:
+def smear_vs_vanilla(ck: pd.DataFrame, hs: pd.DataFrame, precise: pd.DataFrame | None = None) -> dict:
     """Each smeared model against its vanilla twin at the largest token count both were checkpointed
-    at (one schedule: constant lr after the same warm-up, so a prefix of the longer run is comparable)."""
-    from .zoo import split_run_name
+    at (one schedule: constant lr after the same warm-up, so a prefix of the longer run is comparable).
+
+    With the ``icl_precise`` table's ``smear_compare`` / ``smear_minus_vanilla`` rows at that token count,
+    the ICL scores are those (more windows) and the difference's s.e. is paired over the windows
+    (``icl_difference_paired``); else the checkpoints table's scores with the unpaired s.e."""
+    from .zoo import smear_twins, split_run_name
 
     ind = hs[hs.score == "induction"].groupby(["model", "tokens"]).value.max()
     out = {}
     # each vanilla run with its smeared twin of the same seed (runs ``<model>-s<k>``: one pair per seed)
-    pairs = [(a, "smear-" + a[len("attn-"):]) for a in dict.fromkeys(ck.model)
-             if split_run_name(a)[0] in ("attn-1l", "attn-2l")]
-    for a, b in sorted(pairs, key=lambda p: (split_run_name(p[0])[1] or 0, p[0])):
-        if a not in set(ck.model) or b not in set(ck.model):
-            continue
+    for a, b in sorted(smear_twins(ck.model), key=lambda p: (split_run_name(p[0])[1] or 0, p[0])):
         common = sorted(set(ck[ck.model == a].tokens) & set(ck[ck.model == b].tokens))
         if not common:
             continue
         t = int(common[-1])
         row = {"tokens": t}
+        at = (precise[(precise.tokens == t) & (precise.point.isin(["smear_compare", "smear_minus_vanilla"]))]
+              if precise is not None else pd.DataFrame(columns=["model", "point"]))
+        got = {(r.model, r.point): r for r in at.itertuples()}
+        paired = all(k in got for k in ((a, "smear_compare"), (b, "smear_compare"), (b, "smear_minus_vanilla")))
         for m in (a, b):
-            r = ck[(ck.model == m) & (ck.tokens == t)].iloc[0]
+            r = got[(m, "smear_compare")] if paired else ck[(ck.model == m) & (ck.tokens == t)].iloc[0]
             row[m] = {"icl_score": _f(r.icl_score), "icl_sem": _f(r.icl_sem), "induction_score": _f(ind.get((m, t)))}
-        # smeared minus vanilla; both scores are on the same windows, but the tables keep no per-window
-        # scores to pair them: the unpaired s.e. (larger than the paired one when windows that favour
-        # context do so in both models)
         sa, sb = row[a]["icl_sem"], row[b]["icl_sem"]
-        row["icl_difference"] = _f(row[b]["icl_score"] - row[a]["icl_score"])
+        # unpaired: as if the two scores came from different windows (larger than the paired s.e. when
+        # windows that favour context do so in both models)
         row["icl_difference_sem_unpaired"] = _f(math.hypot(sa, sb)) if sa is not None and sb is not None else None
+        row["icl_difference_paired"] = paired
+        if paired:
+            d = got[(b, "smear_minus_vanilla")]
+            row["icl_difference"], row["icl_difference_sem"] = _f(d.icl_score), _f(d.icl_sem)
+            row["n_windows"] = int(d.n)
+        else:
+            row["icl_difference"] = _f(row[b]["icl_score"] - row[a]["icl_score"])
+            row["icl_difference_sem"] = row["icl_difference_sem_unpaired"]
         out[f"{b}_vs_{a}"] = row
     return out
 
@@ -672,14 +682,17 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         lines += ["## Smeared keys (Argument 2), one schedule, equal tokens", ""]
         for key, row in sv.items():
             b, a = key.split("_vs_")
+            se = row.get("icl_difference_sem", row.get("icl_difference_sem_unpaired"))
+            how = (f"paired s.e. over the same {row['n_windows']:,} windows; unpaired it would be "
+                   f"{row['icl_difference_sem_unpaired']:.3f}" if row.get("icl_difference_paired") else
+                   "unpaired s.e.: the same windows, but no per-window scores kept to pair them")
             lines += [f"- at {_tok(row['tokens'])} tokens: {b} ICL {_pm(row[b]['icl_score'], row[b]['icl_sem'])}, "
                       f"best head's induction score {row[b]['induction_score']:.2f}; {a} ICL {_pm(row[a]['icl_score'], row[a]['icl_sem'])}, "
                       f"induction score {row[a]['induction_score']:.2f}"
-                      + (f"; ICL {b} minus {a} {_pm(row['icl_difference'], row['icl_difference_sem_unpaired'])} "
-                         "(unpaired s.e.; the same windows, but no per-window scores kept to pair them): "
-                         + ("more than 2 s.e." if abs(row["icl_difference"]) > 2 * row["icl_difference_sem_unpaired"]
+                      + (f"; ICL {b} minus {a} {_pm(row['icl_difference'], se)} ({how}): "
+                         + ("more than 2 s.e." if abs(row["icl_difference"]) > 2 * se
                             else "within 2 s.e., not resolved at these windows")
-                         if row.get("icl_difference_sem_unpaired") is not None else "") + "."]
+                         if se is not None else "") + "."]
         lines += [""]
     if "transient" in h:
         pos = h.get("icl_positions")  # the bands attention_by_band uses (transient_bands)

@@ -72,6 +72,17 @@ def split_run_name(name: str) -> tuple[str, int | None]:
     return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
+def smear_twins(names) -> list[tuple[str, str]]:
+    """(vanilla, smeared) run pairs among ``names``: ``attn-Nl`` with ``smear-Nl`` of the same seed.
+
+    >>> smear_twins(["attn-1l", "attn-2l-s1", "smear-2l-s1", "smear-1l", "smear-2l"])
+    [('attn-1l', 'smear-1l'), ('attn-2l-s1', 'smear-2l-s1')]
+    """
+    names = list(dict.fromkeys(names))
+    pairs = [(a, "smear-" + a[len("attn-"):]) for a in names if split_run_name(a)[0] in ("attn-1l", "attn-2l")]
+    return [(a, b) for a, b in pairs if b in names]
+
+
 def zoo_configs(scale: str, device: str = "cpu", seeds: int | None = None,
                 corpus: str | None = None) -> dict[str, TrainConfig]:
     """Every run's ``TrainConfig`` at ``scale`` (``corpus`` replaces the presets' corpus)."""

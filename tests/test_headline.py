@@ -120,6 +120,32 @@ def test_smear_vs_vanilla_states_the_difference_and_whether_it_is_resolved(tmp_p
     assert "more than 2 s.e." in lines["smear-2l"] and "not resolved" not in lines["smear-2l"]
 
 
+def test_smear_vs_vanilla_takes_the_paired_rows_of_the_precise_table(tmp_path, monkeypatch):
+    """With ``icl_precise``'s smear rows at the common token count, the comparison takes their scores and
+    the paired s.e. (resolving a difference the unpaired s.e. leaves within 2 s.e.); rows at another token
+    count, or a missing difference row, fall back to the unpaired comparison."""
+    ck = pd.DataFrame([{"model": m, "step": 1, "tokens": 6_000_000, "icl_score": v, "icl_sem": s}
+                       for m, v, s in (("attn-2l", -0.201, 0.080), ("smear-2l", -0.310, 0.074))])
+    hs = pd.DataFrame([{"model": m, "tokens": 6_000_000, "score": "induction", "value": 0.5} for m in ck.model])
+    prec = pd.DataFrame([{"model": m, "point": p, "step": 1, "tokens": 6_000_000, "icl_score": v, "icl_sem": s, "n": 2048}
+                         for m, p, v, s in (("attn-2l", "smear_compare", -0.20, 0.030),
+                                            ("smear-2l", "smear_compare", -0.31, 0.028),
+                                            ("smear-2l", "smear_minus_vanilla", -0.11, 0.012))])
+    row = rp.smear_vs_vanilla(ck, hs, prec)["smear-2l_vs_attn-2l"]
+    assert row["icl_difference_paired"] and row["n_windows"] == 2048
+    assert (row["icl_difference"], row["icl_difference_sem"]) == (pytest.approx(-0.11), pytest.approx(0.012))
+    assert row["smear-2l"]["icl_score"] == pytest.approx(-0.31) and row["attn-2l"]["icl_sem"] == pytest.approx(0.030)
+    assert row["icl_difference_sem_unpaired"] == pytest.approx(math.hypot(0.030, 0.028))
+    text = _report(tmp_path, monkeypatch, {}, smear_vs_vanilla={"smear-2l_vs_attn-2l": row})
+    line = next(x for x in text.splitlines() if "smear-2l minus attn-2l" in x)
+    assert "-0.110 ± 0.012 nats (paired s.e. over the same 2,048 windows; unpaired it would be 0.041)" in line
+    assert "more than 2 s.e." in line
+    for other in (prec.assign(tokens=5_000_000), prec[prec.point != "smear_minus_vanilla"]):
+        row = rp.smear_vs_vanilla(ck, hs, other)["smear-2l_vs_attn-2l"]
+        assert not row["icl_difference_paired"] and row["smear-2l"]["icl_score"] == pytest.approx(-0.310)
+        assert row["icl_difference_sem"] == pytest.approx(math.hypot(0.080, 0.074))
+
+
 def test_transient_gives_the_highest_scores_se_and_says_when_none_is_resolved(tmp_path, monkeypatch):
     """The early transient is read at the checkpoint with the highest ICL score: the summary gives that
     score's s.e. (from the checkpoints table, at that step) and how many checkpoints it is the highest of,

@@ -601,6 +601,52 @@ def test_late_delta_loss_is_the_icl_late_band(tiny_run):
         assert np.isclose(r.late_delta_loss, want, rtol=1e-4, atol=1e-6), (r.head_name, r.late_delta_loss, want)
 
 
+def test_smeared_minus_vanilla_is_paired_over_the_same_windows(tiny_run):
+    """``icl_precise``'s smeared-vs-vanilla rows, recomputed by plain forwards of the two checkpoints at the
+    largest common token count: each model's ICL score and the paired difference (mean and s.e. over the
+    windows of late-band minus early-band loss); the headline carries them beside the unpaired s.e., and
+    the report says it is paired."""
+    import math
+
+    import torch
+
+    from experiments.phase_change import eval_windows, run_config, step_tokens
+    from interventions.analysis.metrics import icl_band, icl_indices
+    from interventions.zoo.train import list_checkpoints, load_model
+
+    out, report = tiny_run
+    prec = Results(out, "phase_change").read("icl_precise")
+    runs = {m: out / "runs" / m for m in ("attn-1l", "smear-1l", "attn-2l", "smear-2l")}
+    head = json.loads((out / "figures" / "headline.json").read_text())
+    for a, b in (("attn-1l", "smear-1l"), ("attn-2l", "smear-2l")):
+        cfg = run_config(runs[b])
+        tokens = {m: {step_tokens(c, run_config(runs[m]))[1]: c for c in list_checkpoints(runs[m])} for m in (a, b)}
+        t = max(set(tokens[a]) & set(tokens[b]))
+        diff = prec[(prec.model == b) & (prec.point == "smear_minus_vanilla")].iloc[0]
+        wins = eval_windows(cfg, int(diff.n))
+        early, late = icl_indices(cfg.n_ctx)
+        band = icl_band(cfg.n_ctx)
+        per = {}
+        for m in (a, b):  # per-window late-band minus early-band loss, by plain forwards
+            with torch.no_grad():
+                logp = load_model(tokens[m][t]).eval()(wins).logits.double().log_softmax(-1)
+            loss = -logp[:, :-1].gather(-1, wins[:, 1:, None]).squeeze(-1)  # column j: token j + 2's loss
+            per[m] = loss[:, late - band - 2:late + band - 1].mean(1) - loss[:, early - band - 2:early + band - 1].mean(1)
+            row = prec[(prec.model == m) & (prec.point == "smear_compare")].iloc[0]
+            assert row.tokens == t
+            assert math.isclose(row.icl_score, per[m].mean().item(), abs_tol=1e-5), (m, row.icl_score)
+        d = per[b] - per[a]
+        assert diff.tokens == t
+        assert math.isclose(diff.icl_score, d.mean().item(), abs_tol=1e-5)
+        assert math.isclose(diff.icl_sem, (d.std() / math.sqrt(len(d))).item(), rel_tol=1e-3)
+        sv = head["smear_vs_vanilla"][f"{b}_vs_{a}"]
+        assert sv["icl_difference_paired"] and sv["tokens"] == t and sv["n_windows"] == len(d)
+        assert sv["icl_difference"] == pytest.approx(d.mean().item(), abs=1e-5)
+        assert sv["icl_difference_sem"] == pytest.approx(diff.icl_sem)
+        assert sv["icl_difference_sem_unpaired"] == pytest.approx(math.hypot(sv[a]["icl_sem"], sv[b]["icl_sem"]))
+        assert f"{b} minus {a}" in report.read_text() and "paired s.e. over the same" in report.read_text()
+
+
 def test_loss_curves_mark_a_bump_of_one_checkpoint(tmp_path, monkeypatch):
     """The loss-bump overlay shows every model's bump, also one whose stretch is a single checkpoint
     (start == end, as attn-1l's and attn-2l's in the main job): a line through one point draws nothing."""
