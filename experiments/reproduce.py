@@ -690,7 +690,7 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                       f"best head's induction score {row[b]['induction_score']:.2f}; {a} ICL {_pm(row[a]['icl_score'], row[a]['icl_sem'])}, "
                       f"induction score {row[a]['induction_score']:.2f}"
                       + (f"; ICL {b} minus {a} {_pm(row['icl_difference'], se)} ({how}): "
-                         + ("more than 2 s.e." if abs(row["icl_difference"]) > 2 * se
+                         + ("more than 2 s.e. from 0" if abs(row["icl_difference"]) > 2 * se
                             else "within 2 s.e., not resolved at these windows")
                          if se is not None else "") + "."]
         lines += [""]
