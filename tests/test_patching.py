@@ -369,6 +369,7 @@ def test_padded_batch_bad_input_refused_before_any_run(tiny_model, pair, forward
                 lambda: path_patch(tiny_model, clean, corrupted, metric, "L0H0", "L1H0", attention_mask=m))
 
     cases = [(mean_loss_metric, mask[:, 1:], "attention_mask must be a tensor of the tokens' shape"),
+             (logit_diff(1, 2), mask.tolist(), r"tokens' shape \(3, 6\), got list"),
              (lambda logits, tokens: logits[:, -1, 0], mask, "def metric\\(logits, tokens, attention_mask=None\\)"),
              (mean_loss_metric, short, "attention_mask row 1 has 1 real token"),
              (logit_diff(1, 2, pos=4), mask, "pos=4 is out of range for row 0, which has 4 real tokens")]
