@@ -636,6 +636,28 @@ def test_write_at_the_start_layer_leaves_the_prefix_alone(arch):
     assert torch.equal(prefix, before)
 
 
+def test_gather_with_one_position_per_row_matches_the_logits():
+    """Gather with a (batch,) tensor of positions returns logits[row, pos[row], ids[row]] of a plain
+    forward (negative positions counted from the end); a tensor of the wrong shape, dtype or range
+    raises ValueError naming it, before the run."""
+    from interventions.engine.tracing import Gather
+
+    model = build("gpt2")
+    tokens = torch.randint(0, VOCAB, (3, POS), generator=torch.Generator().manual_seed(5))
+    where, ids = torch.tensor([6, 2, -1]), torch.tensor([[1, 2], [3, 4], [5, 6]])
+    got = execute(model, Run(tokens, returns=Gather(where, ids))).gathered
+    with torch.no_grad():
+        logits = model(tokens).logits
+    want = torch.stack([logits[i, where[i], ids[i]] for i in range(3)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    for bad, match in ((torch.tensor([1, 2]), r"\(batch=3,\) tensor .* shape \(2,\)"),
+                       (torch.tensor([1.0, 2.0, 3.0]), "dtype torch.float32"),
+                       (torch.tensor([0, POS, 0]), f"holds {POS}, out of range for {POS} positions"),
+                       (torch.tensor([0, -POS - 1, 0]), f"holds {-POS - 1}, out of range")):
+        with pytest.raises(ValueError, match=match):
+            execute(model, Run(tokens, returns=Gather(bad, ids)))
+
+
 def test_readme_escape_hatch_raw_nnsight_at_a_site_string():
     """README: ``iv.wrap(model)`` is a bare nnsight wrapper, ``get_adapter(model).point(site)`` its module
     path; a site given as a string (``"L0.z"``, as everywhere else) works (it raised AttributeError)."""

@@ -1,11 +1,13 @@
-"""Left-padded batches: every primitive gives, at real tokens, what the unpadded sequences give."""
+"""Padded batches: every primitive gives, at real tokens, what the unpadded sequences give (left
+padding; the patching functions left and right padding)."""
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from interventions import (AttnOnlyConfig, AttnOnlyForCausalLM, PatternPreserving, ZeroAblation, ablation_sweep,
-                           per_token_loss)
+                           mean_loss_metric, patch_heads, per_token_loss)
+from interventions.primitives.patching import logit_diff, patch_residual
 
 
 def _models():
@@ -135,3 +137,78 @@ def test_position_tables_refuse_padded_results():
     clean = per_token_loss(model, tokens[:1])
     table = loss_by_position(clean)
     assert torch.allclose(torch.tensor(table["loss"].to_numpy()), clean[0]) and table["token_index"].tolist() == list(range(1, 9))
+
+
+# ----------------------------------------------------------------------------- patching
+
+def padded_pairs(prompts, side: str, width: int, vocab: int = 50, seed: int = 0):
+    """Pad (clean, corrupted) prompt pairs (each (1, len), one length per pair) identically on ``side``
+    to ``width`` columns. Padding holds random ids, different in the two runs (it must not matter).
+    Returns clean, corrupted, mask."""
+    g = torch.Generator().manual_seed(seed)
+    clean, corrupted = (torch.randint(0, vocab, (len(prompts), width), generator=g) for _ in range(2))
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, (c, k) in enumerate(prompts):
+        cols = slice(width - c.shape[1], width) if side == "left" else slice(0, c.shape[1])
+        clean[i, cols], corrupted[i, cols], mask[i, cols] = c[0], k[0], 1
+    return clean, corrupted, mask
+
+
+def by_column(alone, mask):
+    """What a padded batch's per-position result must be, from each prompt's unpadded result (..., len):
+    at column c the mean over the prompts with a real token there of their entry at that token; NaN
+    where every prompt has padding."""
+    out = torch.full((*alone[0].shape[:-1], mask.shape[1]), float("nan"))
+    for c in range(mask.shape[1]):
+        values = [a[..., int(mask[i, :c].sum())] for i, a in enumerate(alone) if mask[i, c]]
+        if values:
+            out[..., c] = torch.stack(values).mean(0)
+    return out
+
+
+def last_logsumexp(logits, tokens, attention_mask=None):
+    """A metric of one's own that leaves padding out: log-sum-exp of each row's logits at its last real token."""
+    if attention_mask is None:
+        return logits[:, -1].logsumexp(-1)
+    last = attention_mask.cumsum(-1).argmax(-1)  # first column holding the row's last real token
+    return logits[torch.arange(logits.shape[0]), last].logsumexp(-1)
+
+
+def row_only(i: int, batch: int):
+    """mean_loss_metric of row i only (times the batch size, so the batch mean is that row's value)."""
+    def metric(logits, tokens, attention_mask=None):
+        return mean_loss_metric(logits, tokens, attention_mask) * (torch.arange(logits.shape[0]) == i) * batch
+    return metric
+
+
+@pytest.mark.parametrize("arch", ["attn_only", "gpt2"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_patching_matches_unpadded_prompts(arch, side):
+    """patch_heads (by head and by position) and patch_residual on a padded batch (one mask for clean
+    and corrupted; one column padding in every row; padding ids differ between the runs) equal, to
+    1e-5, the same call on each prompt pair run unpadded on its own: by head the mean over the prompts
+    (and each prompt alone, through a metric of one row), by position each column the mean over the
+    prompts with a real token there (NaN where none has), with mean_loss_metric, a per-row logit_diff
+    (pos -1: each row's last real token) and a mask-aware metric of one's own."""
+    model = _models()[arch]
+    g = torch.Generator().manual_seed(6)
+    prompts = [tuple(torch.randint(1, 50, (1, n), generator=g) for _ in range(2)) for n in (9, 5, 7)]
+    clean, corrupted, mask = padded_pairs(prompts, side, width=10)
+    correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    metrics = [(mean_loss_metric, lambda i: mean_loss_metric),
+               (logit_diff(correct, wrong), lambda i: logit_diff(correct[i], wrong[i])),
+               (last_logsumexp, lambda i: last_logsumexp)]
+    calls = [(patch_heads, {}, False), (patch_heads, {"by": "head_pos"}, True), (patch_residual, {}, True)]
+    for metric, alone_metric in metrics:
+        for fn, kwargs, per_position in calls:
+            got = fn(model, clean, corrupted, metric, attention_mask=mask, **kwargs)
+            alone = [fn(model, c, k, alone_metric(i), **kwargs) for i, (c, k) in enumerate(prompts)]
+            want = by_column(alone, mask) if per_position else torch.stack(alone).mean(0)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
+            if per_position:  # the column of padding only is NaN, every other entry a number
+                assert got.isnan().flatten(0, -2).any(0).tolist() == (mask.sum(0) == 0).tolist()
+    for i, (c, k) in enumerate(prompts):
+        got = patch_heads(model, clean, corrupted, row_only(i, 3), attention_mask=mask)
+        torch.testing.assert_close(got, patch_heads(model, c, k, mean_loss_metric), atol=1e-5, rtol=0)
+    unmasked = patch_heads(model, clean, corrupted, mean_loss_metric)
+    assert (unmasked - patch_heads(model, clean, corrupted, mean_loss_metric, attention_mask=mask)).abs().max() > 1e-3

@@ -322,3 +322,71 @@ def test_cache_bad_sites(tiny_model, pair):
         cache_activations(tiny_model, clean, ["L2.resid_pre"])
     with pytest.raises(ValueError, match="no sites"):
         cache_activations(tiny_model, clean, [])
+
+
+# ----------------------------------------------------------------------------- refused before the runs
+
+@pytest.fixture
+def forwards(tiny_model):
+    """Counts forward calls of ``tiny_model`` (a plain forward pre-hook on it)."""
+    calls = []
+    handle = tiny_model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+def test_metric_of_the_wrong_shape_refused_before_any_patched_run(tiny_model, pair, forwards):
+    """A metric of one's own that returns the wrong shape is refused, naming the expected (batch,)
+    shape, after the source run alone (one forward): it was refused only after the first pass of
+    patched runs (path_patch: after its target and step-1 runs too)."""
+    clean, corrupted = pair
+    wrong = lambda logits, tokens: logits[:, -1]  # noqa: E731  (batch, vocab)
+    for call in (lambda: patch_heads(tiny_model, clean, corrupted, wrong),
+                 lambda: patch_heads(tiny_model, clean, corrupted, wrong, by="head_pos"),
+                 lambda: patch_residual(tiny_model, clean, corrupted, wrong),
+                 lambda: patch_patterns(tiny_model, clean, corrupted, wrong),
+                 lambda: path_patch(tiny_model, clean, corrupted, wrong, "L0H0", "L1H0")):
+        forwards.clear()
+        with pytest.raises(ValueError, match=r"returned \(3, 50\): .*\(batch,\) tensor \(batch=3\)"):
+            call()
+        assert len(forwards) == 1
+
+
+def test_padded_batch_bad_input_refused_before_any_run(tiny_model, pair, forwards):
+    """On a padded batch a mask of the wrong shape, a metric that cannot be given the mask, a row too
+    short for mean_loss_metric and a logit_diff position outside a row's real tokens raise ValueError
+    naming the fix before any forward; a scalar metric, which cannot leave out the rows a one-position
+    patch finds padding in, after the source run alone."""
+    clean, corrupted = pair  # (3, 6)
+    mask = torch.ones(3, POS, dtype=torch.long)
+    mask[0, :2] = 0  # row 0: 4 real tokens
+    short = mask.clone()
+    short[1, :5] = 0  # row 1: one real token
+
+    def calls(metric, m):
+        return (lambda: patch_heads(tiny_model, clean, corrupted, metric, attention_mask=m),
+                lambda: patch_residual(tiny_model, clean, corrupted, metric, attention_mask=m),
+                lambda: path_patch(tiny_model, clean, corrupted, metric, "L0H0", "L1H0", attention_mask=m))
+
+    cases = [(mean_loss_metric, mask[:, 1:], "attention_mask must be a tensor of the tokens' shape"),
+             (logit_diff(1, 2), mask.tolist(), r"tokens' shape \(3, 6\), got list"),
+             (lambda logits, tokens: logits[:, -1, 0], mask, "def metric\\(logits, tokens, attention_mask=None\\)"),
+             (mean_loss_metric, short, "attention_mask row 1 has 1 real token"),
+             (logit_diff(1, 2, pos=4), mask, "pos=4 is out of range for row 0, which has 4 real tokens")]
+    for metric, m, match in cases:
+        for call in calls(metric, m):
+            forwards.clear()
+            with pytest.raises(ValueError, match=match):
+                call()
+            assert forwards == []
+    scalar = lambda logits, tokens, attention_mask=None: mean_loss_metric(logits, tokens, attention_mask).mean()  # noqa: E731
+    for call in (lambda: patch_heads(tiny_model, clean, corrupted, scalar, by="head_pos", attention_mask=mask),
+                 lambda: patch_residual(tiny_model, clean, corrupted, scalar, attention_mask=mask)):
+        forwards.clear()
+        with pytest.raises(ValueError, match="one value per row"):
+            call()
+        assert len(forwards) == 1
+    # a scalar is fine where every patch covers every row, and equals the per-row metric's mean there
+    torch.testing.assert_close(patch_heads(tiny_model, clean, corrupted, scalar, attention_mask=mask),
+                               patch_heads(tiny_model, clean, corrupted, mean_loss_metric, attention_mask=mask),
+                               atol=1e-6, rtol=0)

@@ -7,11 +7,12 @@ import copy
 import pytest
 import torch
 
-from interventions import path_patch
+from interventions import mean_loss_metric, path_patch
 from interventions.analysis.scores import repeated_random_tokens
 
 from .test_ablation import VOCAB, build
 from .test_engine import D_HEAD, PATHS
+from .test_padding import padded_pairs, row_only
 from .test_scores import BOS, POOL, circuit_model
 
 
@@ -193,6 +194,34 @@ def test_path_patch_gqa_ends_in_one_query_head(kind):
     want = torch.tensor([[_oracle(mha, corrupted, clean, s, r, kind) for r in receivers] for s in senders])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (got[:, 0] - got[:, 1]).abs().min() > 1e-3 and (got[:, 2] - got[:, 3]).abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["attn_only", "gpt2", "llama"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_path_patch_padded_matches_unpadded_prompts(arch, side):
+    """On a padded batch (one mask for clean and corrupted; padding ids differ between the runs) every
+    entry, for q, k and v, equals (1e-5) the mean over the prompt pairs run unpadded one at a time with
+    mean_loss_metric, and each prompt's own result through a metric of its row only: two layers (our
+    model), three layers with a receiver above the first (GPT-2, Llama-GQA: step 2 starts at layer 1)."""
+    model = build(arch) if arch == "attn_only" else _build3(arch, n_kv=2)
+    senders, receivers = (([(0, 0), (0, 2)], [(1, 1), (1, 3)]) if arch == "attn_only"
+                          else ([(0, 0), (0, 3)], [(2, 1), (1, 3)]))
+    g = torch.Generator().manual_seed(8)
+    prompts = [tuple(torch.randint(0, VOCAB, (1, n), generator=g) for _ in range(2)) for n in (9, 5, 7)]
+    clean, corrupted, mask = padded_pairs(prompts, side, width=10, vocab=VOCAB)
+    for kind in "qkv":
+        def run(c, k, metric, **kwargs):
+            return path_patch(model, c, k, metric, senders, receivers, receiver_input=kind, patches_per_pass=3, **kwargs)
+
+        alone = [run(c, k, mean_loss_metric) for c, k in prompts]
+        torch.testing.assert_close(run(clean, corrupted, mean_loss_metric, attention_mask=mask),
+                                   torch.stack(alone).mean(0), atol=1e-5, rtol=0)
+        for i in range(len(prompts)):
+            torch.testing.assert_close(run(clean, corrupted, row_only(i, 3), attention_mask=mask), alone[i],
+                                       atol=1e-5, rtol=0)
+        with torch.no_grad():
+            base = _metric(model(prompts[0][1]).logits, prompts[0][1])
+        assert (alone[0] - base).abs().max() > 1e-4  # some path moves the loss
 
 
 def test_circuit_k_composition_by_path_patching():

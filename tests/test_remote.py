@@ -268,6 +268,33 @@ def test_patching(pair, server):
         assert len(server) == n + 2 + 1 + 2  # source and target runs, ceil(3 / 4), ceil(6 / 4): as documented
 
 
+
+def test_padded_patching(pair, server):
+    """On a padded batch (row 0 right-padded, row 1 left-padded: one mask for clean and corrupted)
+    patch_heads, patch_residual and path_patch give the local numbers through remote="local", with both
+    built-in metrics (logit_diff at each row's last real token, gathered on the server) and a metric of
+    one's own given the mask here."""
+    model, lm = pair
+    clean, corrupted = toks(2, 6, seed=3), toks(2, 6, seed=4)
+    mask = torch.ones_like(clean)
+    mask[0, -1] = mask[1, :2] = 0
+    diff = logit_diff(clean[:, -1], corrupted[:, -1])
+
+    def top_logit(logits, tokens, attention_mask=None):
+        last = attention_mask.cumsum(-1).argmax(-1)
+        return logits[torch.arange(len(logits)), last].max(-1).values
+
+    for metric in (iv.mean_loss_metric, diff, top_logit):
+        close(iv.patch_heads(lm, clean, corrupted, metric, attention_mask=mask, remote="local"),
+              iv.patch_heads(model, clean, corrupted, metric, attention_mask=mask))
+    close(patch_residual(lm, clean, corrupted, diff, attention_mask=mask, remote="local"),
+          patch_residual(model, clean, corrupted, diff, attention_mask=mask))
+    close(iv.path_patch(lm, clean, corrupted, iv.mean_loss_metric, ["L0H0", "L0H3"], ["L1H0"], receiver_input="k",
+                        attention_mask=mask, remote="local"),
+          iv.path_patch(model, clean, corrupted, iv.mean_loss_metric, ["L0H0", "L0H3"], ["L1H0"], receiver_input="k",
+                        attention_mask=mask))
+
+
 def test_caching(pair, server):
     """run_with_cache and cache_activations give the local logits and activations through
     remote="local"; cache_activations does not send the logits back."""
@@ -296,6 +323,7 @@ def test_engine_skips_and_reductions(pair, server):
     runs = [Run(tokens, reads=["L1.z", "L1.resid_post"], start=1, prefix=acts["L1.resid_pre"], returns="loss"),
             Run(tokens, reads=["L1.mlp_out"], attn_outputs={1: 0.5 * acts["L1.attn_out"]}),
             Run(tokens, writes=[Write("L0.v", None, head=1, pos=2)], returns=Gather(-1, torch.tensor([[3, 4]] * 3))),
+            Run(tokens, returns=Gather(torch.tensor([7, 2, -3]), torch.tensor([[3, 4]] * 3))),  # a position per row
             Run(tokens, reads=["L0.k"], writes=[Write("L0.k", torch.ones(3, 8, 8), head=0)], returns="none")]
     for run in runs:
         got, want = execute(lm, run, remote="local"), execute(model, run)

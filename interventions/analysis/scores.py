@@ -12,6 +12,8 @@ frozen diagonal patterns (``copying_score``), so it too works on every architect
 Probe tokens and BOS are inferred from the model and its tokenizer by default (``inferred_pool``,
 ``find_tokenizer``): printable, non-special ids the model predicts (so it has seen them), without the
 most common ones; the tokenizer's BOS. Pass ``bos_id`` / ``token_pool`` / ``vocab_range`` to override.
+The probes are unpadded sequences of one length, and so must be the ``windows`` / ``tokens`` given to
+``previous_token_score``, ``attention_score`` and ``head_scores``: no attention mask is taken.
 
 Definitions (Olsson et al. 2022; see shared/notes/reference.md):
 
@@ -422,7 +424,7 @@ def duplicate_token_score(model, seq_len: int = 50, n_examples: int = 10, seed: 
 
 def previous_token_score(model, windows, batch_size: int = 16):
     """Previous-token score: mean attention from position i to i - 1 (i = 1..pos-1) over ``windows``
-    (n, pos) of ordinary text (e.g. ``eval_windows``). Returns layer, head, score.
+    (n, pos) of ordinary text (e.g. ``eval_windows``; unpadded, no mask is taken). Returns layer, head, score.
 
     ``detect_head(..., "previous_token_head")`` on one window gives (pos - 1) / pos times this."""
     from .metrics import as_windows

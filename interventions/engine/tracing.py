@@ -94,10 +94,11 @@ class Write:
 
 @dataclass(frozen=True)
 class Gather:
-    """Return only ``logits[row, pos, ids[row]]``: ``ids`` (batch, n) or (n,) token ids; the result is a
-    (batch, n) float tensor (e.g. a correct and a wrong answer's logits for a logit difference)."""
+    """Return only ``logits[row, pos, ids[row]]``: ``pos`` an int, or a (batch,) tensor of one position per
+    row (e.g. each row's last real token in a padded batch); ``ids`` (batch, n) or (n,) token ids; the
+    result is a (batch, n) float tensor (e.g. a correct and a wrong answer's logits for a logit difference)."""
 
-    pos: int
+    pos: int | torch.Tensor
     ids: torch.Tensor
 
 
@@ -719,7 +720,11 @@ def _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, returns, is_instanc
                 result = (-logp.gather(-1, tokens[:, 1:, None].to(out.device)).squeeze(-1)).save()
             else:
                 pos, ids = returns
-                result = out[:, pos].float().gather(-1, ids.to(out.device)).save()
+                if is_instance(pos, tuple):  # (rows, positions): one position per row
+                    picked = out[pos[0].to(out.device), pos[1].to(out.device)]
+                else:
+                    picked = out[:, pos]
+                result = picked.float().gather(-1, ids.to(out.device)).save()
     return result, acts
 
 
@@ -729,14 +734,24 @@ def _parts(path: str) -> tuple:
 
 
 def check_returns(returns, batch: int, pos: int, vocab_size: int):
-    """``Run.returns`` validated, as the trace body takes it: "logits", "loss", "none" or (pos, ids (batch, n));
+    """``Run.returns`` validated, as the trace body takes it: "logits", "loss", "none" or (pos, ids (batch, n))
+    (pos an int, or (rows, positions) tensors);
     ids outside the vocabulary are refused here (in the trace, remotely, they would fail only on the server)."""
     if isinstance(returns, str) and returns in ("logits", "loss", "none"):
         return returns
     if not isinstance(returns, Gather):
         raise ValueError(f"returns={returns!r} is unknown: use 'logits', 'loss', 'none' or Gather(pos, ids)")
-    if not isinstance(returns.pos, int) or not -pos <= returns.pos < pos:
-        raise ValueError(f"Gather pos={returns.pos!r} out of range for {pos} positions")
+    where = returns.pos
+    if torch.is_tensor(where):  # one position per row: the trace indexes logits[rows, where]
+        if where.shape != (batch,) or where.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"Gather pos must be an int or a (batch={batch},) tensor of integer positions, got "
+                             f"shape {tuple(where.shape)} and dtype {where.dtype}")
+        lo, hi = (int(v) for v in torch.aminmax(where))
+        if lo < -pos or hi >= pos:
+            raise ValueError(f"Gather pos holds {lo if lo < -pos else hi}, out of range for {pos} positions")
+        where = (torch.arange(batch), where.long().cpu())
+    elif not isinstance(where, int) or not -pos <= where < pos:
+        raise ValueError(f"Gather pos={where!r} out of range for {pos} positions")
     ids = torch.as_tensor(returns.ids).long()
     if ids.dim() == 1:
         ids = ids[None].expand(batch, -1)
@@ -747,7 +762,7 @@ def check_returns(returns, batch: int, pos: int, vocab_size: int):
         if lo < 0 or hi >= vocab_size:
             raise ValueError(f"Gather ids outside the vocabulary [0, {vocab_size}) (min {lo}, max {hi}): pass token "
                              "ids of this model's tokenizer")
-    return returns.pos, ids
+    return where, ids
 
 
 def compact(obj, _memo: dict | None = None):

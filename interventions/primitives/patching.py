@@ -22,7 +22,22 @@ functions call it with the logits *and the tokens of the run being measured* (th
 loss cannot be computed against the wrong tokens. Results are its mean over the batch. Patches are
 batched: the target tokens are repeated k times along the batch and patch j is written only into rows
 [j * batch, (j + 1) * batch), so one forward pass measures k patches (TransformerLens'
-``get_act_patch_*`` run one pass per index). Each block of rows holds one patch only.
+``get_act_patch_*`` run one pass per index). Each block of rows holds one patch only. A metric of your own
+is first evaluated on the source run's logits, so one that returns the wrong shape is refused before
+any patched run.
+
+Padded batches: ``attention_mask`` (batch, pos; 1 = real token, left or right padding) is *one* mask
+for both runs, so clean and corrupted must be padded identically (each pair of prompts of one length,
+padded at the same columns; only the shapes can be checked). Every run takes it (each real token at
+its unpadded position), and so does the metric, which is then called
+``metric(logits, tokens, attention_mask=mask)`` and must leave padding out: a metric without that
+parameter is refused before any run. The built-ins do: ``mean_loss_metric`` averages the losses whose
+context and target are real tokens, and ``logit_diff``'s ``pos`` counts each row's real tokens (-1: its
+last real token). A patch at one position (``by="head_pos"``, ``patch_residual``) counts only the rows
+with a real token there (a patch on padding changes nothing); positions are the padded batch's columns
+(left padding aligns the prompts' ends, right padding their starts), and a column of padding only gives
+NaN. So every entry is the mean over the prompts it patched of what each gives run unpadded on its own
+(tested).
 
 The two built-in metrics are reduced where the model runs: ``mean_loss_metric`` from the per-token
 loss, ``logit_diff`` from the two logits it compares. That matters remotely: ``patch_heads``,
@@ -30,7 +45,7 @@ loss, ``logit_diff`` from the two logits it compares. That matters remotely: ``p
 made from a hub id) or ``"local"`` (nnsight's offline simulation; see ``interventions.engine.remote``),
 one job per forward pass, and with a built-in metric only (batch, pos - 1) losses or (batch, 2) logits per
 patch come back; any other metric is called here on the whole logits (batch x pos x vocab floats per patch
-travel back).
+travel back, and the source run's once, to check the metric's shape).
 ``patch_patterns`` cannot run remotely (it edits the model).
 
 Example:
@@ -45,6 +60,9 @@ Example:
     >>> path_patch(model, clean, corrupted, mean_loss_metric, senders=["L0H0", "L0H1"], receivers=["L1H2"],
     ...            receiver_input="k").shape
     torch.Size([2, 1])
+    >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # row 0: a 4-token prompt, left-padded
+    >>> patch_residual(model, clean, corrupted, mean_loss_metric, attention_mask=mask)[:, :2].isnan().any().item()
+    False
 """
 
 from __future__ import annotations
@@ -60,7 +78,7 @@ from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site, kv_head_of
 from .progress import check_progress, passes
 from ..engine.remote import NotRemotable, Remote, check_remote
-from ..engine.tracing import Engine, Gather, Run, Write, check_positive, check_tokens
+from ..engine.tracing import Engine, Gather, Run, Write, check_mask, check_positive, check_tokens
 from .loss import loss_from_logits
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -92,9 +110,10 @@ class LogitDiff:
                                  "or one per sequence")
         return torch.stack([self.correct.expand(batch), self.wrong.expand(batch)], dim=1)
 
-    def check(self, batch: int, pos: int, vocab_size: int) -> None:
+    def check(self, batch: int, pos: int, vocab_size: int, attention_mask: torch.Tensor | None = None) -> None:
         """Raise ValueError unless the ids fit ``batch`` rows and the vocabulary and ``pos`` lies in the
-        sequence: called before any run (an id outside the vocabulary would fail inside the trace)."""
+        sequence (with ``attention_mask``: in every row's real tokens): called before any run (an id
+        outside the vocabulary would fail inside the trace)."""
         self.ids(batch)
         for name, ids in (("correct_ids", self.correct), ("wrong_ids", self.wrong)):
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
@@ -103,9 +122,28 @@ class LogitDiff:
         if not isinstance(self.pos, int) or not -pos <= self.pos < pos:
             raise ValueError(f"logit_diff pos={self.pos!r} out of range for {pos} positions: pass a position "
                              f"in [-{pos}, {pos})")
+        if attention_mask is not None:
+            n = attention_mask.sum(-1)
+            short = ((self.pos >= n) | (self.pos < -n)).nonzero().flatten().tolist()
+            if short:
+                raise ValueError(f"logit_diff pos={self.pos} is out of range for row {short[0]}, which has "
+                                 f"{int(n[short[0]])} real tokens: on a padded batch pos counts each row's real "
+                                 f"tokens; pass a position in [-{int(n.min())}, {int(n.min())})")
 
-    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
-        last = logits[:, self.pos].float()  # (batch, vocab)
+    def columns(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(batch,) column of each row's real token number ``pos`` (counted as in an unpadded row)."""
+        real = attention_mask.bool()
+        count = real.long().cumsum(-1)  # real tokens up to each column
+        nth = self.pos + 1 if self.pos >= 0 else count[:, -1:] + self.pos + 1  # 1-based among the row's real tokens
+        return ((count == nth) & real).long().argmax(-1)
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            last = logits[:, self.pos].float()  # (batch, vocab)
+        else:
+            cols = self.columns(attention_mask).to(logits.device)
+            last = logits[torch.arange(logits.shape[0], device=logits.device), cols].float()
         pair = last.gather(-1, self.ids(last.shape[0]).to(last.device))  # (batch, 2)
         return pair[:, 0] - pair[:, 1]
 
@@ -114,20 +152,25 @@ def logit_diff(correct_ids, wrong_ids, pos: int = -1) -> LogitDiff:
     """Metric: logit of the correct token minus logit of the wrong token at position ``pos``.
 
     ``correct_ids``/``wrong_ids``: an int, or (batch,) ids (one per sequence). Returns
-    ``metric(logits, tokens) -> (batch,)`` (the tokens are not needed). A difference of logits, not of
-    probabilities, because it is linear in the final residual stream (up to the final LayerNorm) and
-    unaffected by other tokens.
+    ``metric(logits, tokens, attention_mask=None) -> (batch,)`` (the tokens are not needed; with a mask,
+    ``pos`` counts each row's real tokens). A difference of logits, not of probabilities, because it is
+    linear in the final residual stream (up to the final LayerNorm) and unaffected by other tokens.
 
     Example:
         >>> m = logit_diff(torch.tensor([1, 2]), torch.tensor([0, 0]))
         >>> m(torch.eye(3)[None].expand(2, 3, 3), None).tolist()  # position -1 is one-hot at id 2
         [0.0, 1.0]
+        >>> right_padded = torch.tensor([[1, 1, 0], [1, 1, 1]])  # row 0's last real token: position 1
+        >>> m(torch.eye(3)[None].expand(2, 3, 3), None, right_padded).tolist()
+        [1.0, 1.0]
     """
     return LogitDiff(correct_ids, wrong_ids, pos)
 
 
-def mean_loss_metric(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Metric: mean next-token loss (nats) over the positions of each sequence: (batch,).
+def mean_loss_metric(logits: torch.Tensor, tokens: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Metric: mean next-token loss (nats) over the positions of each sequence: (batch,). With
+    ``attention_mask`` only the losses whose context and target token are real count.
 
     The patching functions pass the tokens of the run being measured, so pass the function itself:
     ``patch_heads(model, clean, corrupted, mean_loss_metric)``.
@@ -139,19 +182,37 @@ def mean_loss_metric(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     if not torch.is_tensor(tokens) or logits.shape[:2] != tokens.shape:
         raise ValueError("mean_loss_metric(logits, tokens) needs the (batch, pos) tokens of the run the logits "
                          "come from; pass the function itself to the patching functions")
-    _check_loss_length(tokens.shape[1])
-    return loss_from_logits(logits, tokens).mean(-1)
+    check_mask(attention_mask, tokens)
+    _check_loss_length(tokens.shape[1], attention_mask)
+    return _real_mean(loss_from_logits(logits, tokens), attention_mask)
 
 
-def _check_loss_length(pos: int) -> None:
+def _real_mean(losses: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(batch, pos - 1) per-token losses -> (batch,) mean over the entries whose context and target are
+    real tokens (all entries without a mask)."""
+    if attention_mask is None:
+        return losses.mean(-1)
+    m = attention_mask.to(losses.device).bool()
+    real = m[:, :-1] & m[:, 1:]
+    return losses.where(real, 0).sum(-1) / real.sum(-1)
+
+
+def _check_loss_length(pos: int, attention_mask: torch.Tensor | None = None) -> None:
     if pos < 2:  # no next-token loss: the mean of nothing is NaN
         raise ValueError(f"mean_loss_metric needs sequences of at least 2 tokens (a next-token loss), got {pos}: "
                          "pass longer sequences, or a metric such as logit_diff")
+    if attention_mask is not None:
+        m = attention_mask.bool()
+        none = (~(m[:, :-1] & m[:, 1:]).any(-1)).nonzero().flatten().tolist()
+        if none:
+            raise ValueError(f"mean_loss_metric needs at least 2 adjacent real tokens in a row (a next-token loss), "
+                             f"but attention_mask row {none[0]} has {int(m[none[0]].sum())} real token(s): drop "
+                             "that row, or use a metric such as logit_diff")
 
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_pair(model, clean, corrupted, direction, remote: Remote = False):
+def _check_pair(model, clean, corrupted, direction, remote: Remote = False, attention_mask=None):
     engine = Engine(model, remote)
     adapter = engine.adapter
     check_tokens(clean, adapter, "clean")
@@ -160,6 +221,7 @@ def _check_pair(model, clean, corrupted, direction, remote: Remote = False):
         raise ValueError(f"clean has shape {tuple(clean.shape)} but corrupted has {tuple(corrupted.shape)}: "
                          "patching copies activations position by position, so pass token-aligned pairs of "
                          "the same (batch, pos) (pad or truncate both to the same length)")
+    check_mask(attention_mask, clean)  # one mask for both: they are padded identically (not checkable)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is unknown: use 'clean_to_corrupted' (run corrupted, patch "
                          "in clean activations) or 'corrupted_to_clean'")
@@ -167,9 +229,11 @@ def _check_pair(model, clean, corrupted, direction, remote: Remote = False):
     return engine, source, target
 
 
-def check_metric(metric, engine: Engine | None = None, target: torch.Tensor | None = None) -> Metric:
-    """A metric must be a function of (logits, tokens); a ``logit_diff`` must also fit ``target``'s
-    (batch, pos) and the model's vocabulary (checked before any run, so nothing is sent first)."""
+def check_metric(metric, engine: Engine | None = None, target: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None) -> Metric:
+    """A metric must be a function of (logits, tokens), and on a padded batch (``attention_mask``) of
+    ``attention_mask=`` too; a ``logit_diff`` must also fit ``target``'s (batch, pos), its real tokens and
+    the model's vocabulary (checked before any run, so nothing is sent first)."""
     if not callable(metric):
         raise ValueError(f"metric must be a function (logits, tokens) -> (batch,), got {type(metric).__name__}")
     try:
@@ -179,39 +243,91 @@ def check_metric(metric, engine: Engine | None = None, target: torch.Tensor | No
                          "run being measured; e.g. def metric(logits, tokens): ...") from None
     except ValueError:  # no signature (builtins): trust it
         pass
+    if attention_mask is not None:
+        try:
+            inspect.signature(metric).bind(None, None, attention_mask=None)
+        except TypeError:
+            raise ValueError("on a padded batch (attention_mask) the metric is given the mask, as metric(logits, "
+                             "tokens, attention_mask=mask), so that it can leave padding out; add the parameter: "
+                             "def metric(logits, tokens, attention_mask=None): ...") from None
+        except ValueError:  # no signature: trust it
+            pass
     if isinstance(metric, LogitDiff) and engine is not None:
-        metric.check(target.shape[0], target.shape[1], engine.adapter.vocab_size)
+        metric.check(target.shape[0], target.shape[1], engine.adapter.vocab_size, attention_mask)
     if metric is mean_loss_metric and target is not None:  # reduced in the trace: checked here, before any run
-        _check_loss_length(target.shape[1])
+        _check_loss_length(target.shape[1], attention_mask)
     return metric
 
 
-def _reduce(metric: Metric, logits: torch.Tensor, tokens: torch.Tensor, batch: int) -> torch.Tensor:
-    """Mean over the batch of ``metric(logits, tokens)``, validating its shape."""
-    value = metric(logits, tokens)
+def _builtin(metric: Metric) -> bool:
+    """Whether ``metric`` is reduced where the model runs (its shape is known before any run)."""
+    return metric is mean_loss_metric or isinstance(metric, LogitDiff)
+
+
+def _evaluate(metric: Metric, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
+             one_position: bool = False) -> torch.Tensor:
+    """``metric`` on one block of rows (given the mask when there is one), its shape checked: (batch,)
+    or a scalar; a scalar is refused when ``one_position`` patches on a padded batch must leave out
+    the rows that are padding there."""
+    batch = tokens.shape[0]
+    value = metric(logits, tokens) if mask is None else metric(logits, tokens, attention_mask=mask)
     if not torch.is_tensor(value) or value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
         raise ValueError(f"the metric returned {shape}: it must map logits (batch, pos, vocab) to a "
                          f"(batch,) tensor (batch={batch}) or a scalar tensor")
-    return value.float().mean().cpu()
+    if one_position and value.dim() == 0 and mask is not None and not bool(mask.all()):
+        raise ValueError("the metric returned a scalar, but on this padded batch a patch at one position must "
+                         "count only the rows with a real token there: return one value per row, a "
+                         f"(batch,) tensor (batch={batch})")
+    return value
 
 
-def _block_means(per_row: torch.Tensor, k: int, batch: int) -> list[torch.Tensor]:
-    """(k * batch,) per-row values -> the mean of each of the k blocks of ``batch`` rows (on the CPU)."""
-    return [per_row[j * batch:(j + 1) * batch].float().mean().cpu() for j in range(k)]
+def _block_means(per_row: torch.Tensor, k: int, batch: int,
+                 rows: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """(k * batch,) per-row values -> the mean of each of the k blocks of ``batch`` rows (on the CPU), over
+    the rows ``rows[j]`` (bool (batch,); None: all) of block j."""
+    return [_mean(per_row[j * batch:(j + 1) * batch], rows[j]) for j in range(k)]
+
+
+def _mean(values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Mean (on the CPU) of (batch,) ``values`` at ``rows`` (None: all; a scalar is its own mean)."""
+    return (values if rows is None else values[rows.to(values.device)]).float().mean().cpu()
+
+
+def _patched_rows(patch: Write | tuple[Write, ...], mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows a patch at one position counts on a padded batch (bool (batch,): those with a real token
+    there); None: every row (no mask, a patch at every position, or no padding at that position)."""
+    writes = (patch,) if isinstance(patch, Write) else patch
+    where = {w.pos for w in writes}
+    if mask is None or len(where) != 1 or not isinstance(next(iter(where)), int):
+        return None
+    real = mask[:, next(iter(where))].bool()
+    return None if bool(real.all()) else real
+
+
+def _source_run(engine: Engine, source: torch.Tensor, reads: list[Site], metric: Metric,
+                mask: torch.Tensor | None, one_position: bool = False) -> dict[str, torch.Tensor]:
+    """The source run's activations at ``reads``. A metric of your own is evaluated once on its logits,
+    so one that returns the wrong shape is refused before any patched run."""
+    own = not _builtin(metric)
+    result = engine.run(Run(source, reads=reads, attention_mask=mask, returns="logits" if own else "none"))
+    if own:
+        _evaluate(metric, result.logits, source, mask, one_position)
+    return result.acts
 
 
 # ----------------------------------------------------------------------------- driver
 
 def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tuple[Write, ...]], metric: Metric,
              per_pass: int, progress: bool | None = None, from_layer: int = 0,
-             prefix: torch.Tensor | None = None) -> torch.Tensor:
+             prefix: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Metric (mean over batch) of ``target`` with each patch (a ``Write`` without rows, or a tuple of
     them applied together) applied alone: a (len(patches),) tensor. Up to ``per_pass`` patches share
     one forward pass on ``target`` repeated along the batch. The built-in metrics are reduced in the trace (module docstring).
     ``from_layer``/``prefix``: every patch lies in that layer or above, and ``prefix`` (batch, pos,
     d_model) is the target run's residual entering it: the blocks below are skipped (they compute what
-    the target run computed)."""
+    the target run computed). ``mask``: the batch's attention mask; a patch at one position counts
+    only the rows with a real token there (module docstring)."""
     b = target.shape[0]
     out = torch.empty(len(patches))
     starts = range(0, len(patches), per_pass)
@@ -225,17 +341,21 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tup
             writes = [Write(w.site, w.value, rows=slice(j * b, (j + 1) * b), head=w.head, pos=w.pos)
                       for j, patch in enumerate(group) for w in ((patch,) if isinstance(patch, Write) else patch)]
             rep = target.repeat(k, 1)  # (k * batch, pos)
-            skip = dict(start=from_layer, prefix=None if prefix is None else prefix.repeat(k, 1, 1))
+            rows = [_patched_rows(patch, mask) for patch in group]
+            skip = dict(start=from_layer, prefix=None if prefix is None else prefix.repeat(k, 1, 1),
+                        attention_mask=None if mask is None else mask.repeat(k, 1))
             if metric is mean_loss_metric:
                 loss = engine.run(Run(rep, writes=writes, returns="loss", **skip)).loss  # (k * batch, pos - 1)
-                values = _block_means(loss.mean(-1), k, b)
+                values = _block_means(_real_mean(loss, skip["attention_mask"]), k, b, rows)
             elif isinstance(metric, LogitDiff):
-                pair = engine.run(Run(rep, writes=writes, returns=Gather(metric.pos, metric.ids(b).repeat(k, 1)),
+                where = metric.pos if mask is None else metric.columns(mask).repeat(k)  # each row's column
+                pair = engine.run(Run(rep, writes=writes, returns=Gather(where, metric.ids(b).repeat(k, 1)),
                                       **skip)).gathered
-                values = _block_means(pair[:, 0] - pair[:, 1], k, b)
+                values = _block_means(pair[:, 0] - pair[:, 1], k, b, rows)
             else:  # your metric, on the logits of each block of rows
                 logits = engine.run(Run(rep, writes=writes, **skip)).logits  # (k * batch, pos, vocab)
-                values = [_reduce(metric, logits[j * b:(j + 1) * b], target, b) for j in range(k)]
+                values = [_mean(_evaluate(metric, logits[j * b:(j + 1) * b], target, mask, rows[j] is not None),
+                                rows[j]) for j in range(k)]
             out[start:start + k] = torch.stack(values)
             if bar is not None:
                 bar.update(1)
@@ -251,13 +371,14 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tup
 def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                 by: PatchBy = "head", direction: Direction = "clean_to_corrupted",
                 heads_per_pass: int = 8, progress: bool | None = None, site: HeadSite = "z",
-                remote: Remote = False) -> torch.Tensor:
+                remote: Remote = False, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Metric with one head's activation patched from the source run into the target run.
 
     Args:
         model: HF causal LM of a supported architecture.
         clean, corrupted: (batch, pos) token ids of the same shape.
-        metric: ``metric(logits, tokens) -> (batch,)`` or scalar; called with the target run's tokens.
+        metric: ``metric(logits, tokens) -> (batch,)`` or scalar; called with the target run's tokens
+            (and ``attention_mask=`` when one is given).
         by: "head" (patch the head at every position) or "head_pos" (at one position).
         direction: see the module docstring.
         heads_per_pass: patches measured per forward pass (memory grows with it).
@@ -265,14 +386,16 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
             True always, False never (``interventions.primitives.progress``).
         site: "z" (the head's output, default), "q", "k" or "v" (k/v: per key/value head).
         remote: True runs on NDIF, "local" nnsight's offline simulation of that (module docstring).
+        attention_mask: (batch, pos), 1 = real token: one mask for clean and corrupted, which must be
+            padded identically (module docstring).
 
     Returns:
         (n_layers, n_heads) for by="head", (n_layers, n_heads, pos) for by="head_pos": the metric
         (mean over the batch) with that one patch applied; n_heads is n_kv_heads for k and v.
     """
     check_progress(progress)
-    engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
-    metric = check_metric(metric, engine, target)
+    engine, source, target = _check_pair(model, clean, corrupted, direction, remote, attention_mask)
+    metric = check_metric(metric, engine, target, attention_mask)
     if by not in PATCH_BY:
         raise ValueError(f"by={by!r} is unknown: use 'head' (one head at all positions) or 'head_pos' "
                          "(one head at one position)")
@@ -281,7 +404,8 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
     check_positive(heads_per_pass, "heads_per_pass")
     a = engine.adapter
     n_layers, n_heads, pos = a.n_layers, a.n_site_heads(site), source.shape[1]
-    src = engine.run(Run(source, reads=[Site(layer, site) for layer in range(n_layers)], returns="none")).acts
+    src = _source_run(engine, source, [Site(layer, site) for layer in range(n_layers)], metric, attention_mask,
+                      one_position=by == "head_pos")
     patches: list[Write] = []
     for layer in range(n_layers):
         x = src[f"L{layer}.{site}"]  # (batch, pos, head, d_head)
@@ -290,25 +414,29 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
                 patches.append(Write(Site(layer, site), x[:, :, head], head=head))
             else:
                 patches.extend(Write(Site(layer, site), x[:, p, head], head=head, pos=p) for p in range(pos))
-    out = _measure(engine, target, patches, metric, heads_per_pass, progress)
+    out = _measure(engine, target, patches, metric, heads_per_pass, progress, mask=attention_mask)
     return out.view(n_layers, n_heads) if by == "head" else out.view(n_layers, n_heads, pos)
 
 
 @torch.no_grad()
 def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                    direction: Direction = "clean_to_corrupted", patches_per_pass: int = 8,
-                   progress: bool | None = None, remote: Remote = False) -> torch.Tensor:
+                   progress: bool | None = None, remote: Remote = False,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Metric with the residual stream entering one layer (``resid_pre``), at one position, patched from
-    the source. Returns (n_layers, pos). ``remote``: as ``patch_heads``."""
+    the source. Returns (n_layers, pos). ``remote``, ``attention_mask``: as ``patch_heads`` (a column's
+    entry counts the rows with a real token there; NaN where none has)."""
     check_progress(progress)
-    engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
-    metric = check_metric(metric, engine, target)
+    engine, source, target = _check_pair(model, clean, corrupted, direction, remote, attention_mask)
+    metric = check_metric(metric, engine, target, attention_mask)
     check_positive(patches_per_pass, "patches_per_pass")
     n_layers, pos = engine.adapter.n_layers, source.shape[1]
-    src = engine.run(Run(source, reads=[Site(layer, "resid_pre") for layer in range(n_layers)], returns="none")).acts
+    src = _source_run(engine, source, [Site(layer, "resid_pre") for layer in range(n_layers)], metric,
+                      attention_mask, one_position=True)
     patches = [Write(Site(layer, "resid_pre"), src[f"L{layer}.resid_pre"][:, p], pos=p)
                for layer in range(n_layers) for p in range(pos)]
-    return _measure(engine, target, patches, metric, patches_per_pass, progress).view(n_layers, pos)
+    return _measure(engine, target, patches, metric, patches_per_pass, progress,
+                    mask=attention_mask).view(n_layers, pos)
 
 
 @torch.no_grad()
@@ -332,7 +460,7 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
     check_positive(heads_per_pass, "heads_per_pass")
     n_layers, n_heads = engine.adapter.n_layers, engine.adapter.n_heads
     with observable(engine.inner):
-        src = engine.run(Run(source, reads=[Site(layer, "pattern") for layer in range(n_layers)], returns="none")).acts
+        src = _source_run(engine, source, [Site(layer, "pattern") for layer in range(n_layers)], metric, None)
         patches = [Write(Site(layer, "pattern"), src[f"L{layer}.pattern"][:, head], head=head)  # (batch, q, k)
                    for layer in range(n_layers) for head in range(n_heads)]
         return _measure(engine, target, patches, metric, heads_per_pass, progress).view(n_layers, n_heads)
@@ -342,7 +470,8 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
 def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                senders: HeadLike | Sequence[HeadLike], receivers: HeadLike | Sequence[HeadLike],
                receiver_input: Literal["q", "k", "v"] = "k", direction: Direction = "clean_to_corrupted",
-               patches_per_pass: int = 8, remote: Remote = False, progress: bool | None = None) -> torch.Tensor:
+               patches_per_pass: int = 8, remote: Remote = False, progress: bool | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Path patching: the metric when only the path sender -> receiver's ``receiver_input`` carries
     the source run's sender output (Wang et al. 2022; Goldowsky-Dill et al. 2023).
 
@@ -365,13 +494,15 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
             seconds, True always, False never.
         remote: True runs on NDIF, "local" nnsight's offline simulation of that (module docstring): 2 +
             ceil(senders / patches_per_pass) + ceil(senders x receivers / patches_per_pass) jobs.
+        attention_mask: (batch, pos), 1 = real token: one mask for clean and corrupted, which must be
+            padded identically; every run of both steps takes it (module docstring).
 
     Returns:
         (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched.
     """
     check_progress(progress)
-    engine, source, target = _check_pair(model, clean, corrupted, direction, remote)
-    metric = check_metric(metric, engine, target)
+    engine, source, target = _check_pair(model, clean, corrupted, direction, remote, attention_mask)
+    metric = check_metric(metric, engine, target, attention_mask)
     check_positive(patches_per_pass, "patches_per_pass")
     if receiver_input not in ("q", "k", "v"):
         raise ValueError(f"receiver_input={receiver_input!r} is unknown: use 'q', 'k' or 'v'")
@@ -392,12 +523,13 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
     r_layers = sorted({r.layer for r in receivers})
     top = max(r_layers)
     z_sites = [Site(layer, "z") for layer in range(top)]
-    src = engine.run(Run(source, reads=[Site(s.layer, "z") for s in senders], returns="none")).acts
+    mask = attention_mask
+    src = _source_run(engine, source, [Site(s.layer, "z") for s in senders], metric, mask)
     # step 2 patches nothing below the first receiver layer: those blocks are the target run's (locally
     # skipped; remotely recomputed, as sending their output for every block of rows would cost more)
     first = 0 if engine.remote else min(r_layers)
     tgt = engine.run(Run(target, reads=z_sites + ([Site(top, "z")] if shared else [])
-                         + ([Site(first, "resid_pre")] if first > 0 else []), returns="none")).acts
+                         + ([Site(first, "resid_pre")] if first > 0 else []), attention_mask=mask, returns="none")).acts
     b = target.shape[0]
     # 1. one block of rows per sender: every head below the top receiver layer frozen, the sender patched
     recorded: dict[Head, dict[str, torch.Tensor]] = {}
@@ -408,8 +540,8 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
         writes = [Write(site, tgt[str(site)], rows=slice(j * b, (j + 1) * b)) for site in z_sites for j in range(k)]
         writes += [Write(Site(s.layer, "z"), src[f"L{s.layer}.z"][:, :, s.head], rows=slice(j * b, (j + 1) * b),
                          head=s.head) for j, s in enumerate(group)]
-        acts = engine.run(Run(target.repeat(k, 1), writes=writes,
-                              reads=[Site(layer, kind) for layer in r_layers], returns="none")).acts
+        acts = engine.run(Run(target.repeat(k, 1), writes=writes, reads=[Site(layer, kind) for layer in r_layers],
+                              attention_mask=None if mask is None else mask.repeat(k, 1), returns="none")).acts
         for j, s in enumerate(group):
             recorded[s] = {name: x[j * b:(j + 1) * b] for name, x in acts.items()}
     # 2. one block of rows per (sender, receiver): only the receiver's input patched
@@ -423,4 +555,5 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
 
     patches = [patch(s, r) for s in senders for r in receivers]
     return _measure(engine, target, patches, metric, patches_per_pass, progress, from_layer=first,
-                    prefix=tgt[f"L{first}.resid_pre"] if first > 0 else None).view(len(senders), len(receivers))
+                    prefix=tgt[f"L{first}.resid_pre"] if first > 0 else None,
+                    mask=mask).view(len(senders), len(receivers))
