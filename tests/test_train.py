@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -443,3 +444,79 @@ def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
     with pytest.raises(T.ConfigError, match="no end-of-text"):
         T.train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_leftover_temporaries_of_dead_writers_are_removed_at_the_next_start(tmp_path, dead_and_live_pid):
+    """What writes killed mid-way left in a run folder goes at the next start, and only that: temporary files
+    of a pid that is gone (either name form), the checkpoint temp folder (written only under the run's
+    lock, which this start holds) and an old copy beside its checkpoint. A live pid's file, another
+    machine's, and an old copy that is its step's one copy are kept; without an OS lock, only what names
+    this machine and a pid that is gone."""
+    from interventions.zoo.ownership import HOST
+
+    dead, live = dead_and_live_pid
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    T.train(cfg, run, progress=False, stop_after_steps=2)
+    ckpts = run / "checkpoints"
+    gone = [run / f".metrics.jsonl.tmp{dead}", run / f".train_config.json.tmp{dead}-{HOST}-0badf00d",
+            ckpts / ".tmp-step-00000004", ckpts / ".old-step-00000002"]
+    kept = [run / f".provenance.json.tmp{live}-{HOST}-0badf00d", run / f".x.tmp{dead}-00000000-0badf00d",
+            ckpts / ".old-step-00000006"]
+    for p in gone + kept:
+        if p.parent == ckpts:
+            shutil.copytree(ckpts / "step-00000001", p)
+        else:
+            p.write_text("half")
+    with pytest.MonkeyPatch.context() as m:  # no OS lock (not POSIX): only what names its machine and pid
+        m.setattr(T, "LOCKING", False)
+        T.train(cfg, run, progress=False, resume=True, stop_after_steps=0)
+    assert [p.name for p in gone + kept if not p.exists()] == [gone[1].name]
+    T.train(cfg, run, progress=False, resume=True, stop_after_steps=0)
+    assert [p.name for p in gone if p.exists()] == [] and [p.name for p in kept if not p.exists()] == []
+    assert [p.name for p in T.list_checkpoints(run)] == ["step-00000001", "step-00000002"]
+
+
+def test_leftover_corpus_cache_entries_of_dead_writers_are_removed(tmp_path, dead_and_live_pid):
+    """Tokenising a corpus removes the cache's temporary entries left by killed tokenisations on this
+    machine (pid gone), never one a live process is filling, one of another machine sharing the cache (its
+    pid means nothing here) or one named before writers were (no pid)."""
+    from interventions.zoo.ownership import HOST
+
+    dead, live = dead_and_live_pid
+    cache = tmp_path / "cache"
+    gone = cache / f"0123456789abcdef.tmp{dead}-{HOST}-a_b1c2d3"
+    kept = [cache / f"0123456789abcdef.tmp{live}-{HOST}-a_b1c2d3", cache / f"0123456789abcdef.tmp{dead}-00000000-x",
+            cache / "0123456789abcdef.tmp12345678"]
+    for p in [gone, *kept]:
+        (p / "tokenizer").mkdir(parents=True)
+    T.build_source(_text_cfg(_text_corpus(tmp_path / "corpus", "abcdefgh ")), cache_dir=cache)
+    assert not gone.exists() and all(p.exists() for p in kept)
+    assert [p.name for p in cache.iterdir() if ".tmp" not in p.name and (p / "done").is_file()]  # the entry
+
+
+def test_write_probes_of_two_starts_never_collide(tmp_path, dead_and_live_pid, monkeypatch):
+    """The write probe made before the run folder's lock is named per process: two starts at once on one
+    new folder used to share `.write-test`, so one could delete the other's and fail with a misleading
+    "cannot write". Another process's probe and the fixed-name one an older start left stay as they were,
+    beside this one's, and are not taken for foreign files: training goes ahead."""
+    from interventions.zoo.ownership import HOST
+
+    _, live = dead_and_live_pid
+    run = tmp_path / "r"
+    run.mkdir()
+    theirs = [run / ".write-test", run / f".write-test.tmp{live}-{HOST}-0badf00d"]
+    for p in theirs:
+        p.write_text("theirs")
+    seen = []
+    real_unlink = Path.unlink
+
+    def unlink(self, *a, **k):  # the probes present when this start removes its own
+        if self.name.startswith(".write-test"):
+            seen.append(sorted(p.name for p in run.glob(".write-test*")))
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    T.train(tiny_cfg(), run, progress=False, stop_after_steps=1)
+    assert [p.read_text() for p in theirs] == ["theirs", "theirs"]
+    assert len(seen) == 1 and len(seen[0]) == 3 and {p.name for p in theirs} < set(seen[0]), seen
+    assert sorted(p.name for p in run.glob(".write-test*")) == sorted(p.name for p in theirs)

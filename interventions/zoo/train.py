@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .model import AttnOnlyConfig, AttnOnlyForCausalLM
+from .ownership import HOST, LOCKING, remove_leftovers, temp_tag
 
 
 DEFAULT_N_CTX = 256  # AttnOnlyConfig's default context (read per step: no config object built)
@@ -405,13 +406,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename (never leaves a half file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` via a temporary file and rename (never leaves a half file; a temporary
+    left by a kill is named for ``remove_leftovers``)."""
+    tmp = path.with_name(f".{path.name}{temp_tag()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -652,7 +657,9 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
                           "with: pass a tokenizer that has one (or leave tokenizer unset for a byte-level one)")
     if not (cache / "done").is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp", dir=cache.parent))  # one per writer
+        remove_leftovers(cache.parent)  # entries of tokenisations killed mid-way (their writer is gone)
+        # one per writer, named for remove_leftovers: .tmp<pid>-<machine>-<random>
+        tmp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp{os.getpid()}-{HOST}-", dir=cache.parent))
         tok.save_pretrained(tmp / "tokenizer")
         sep = tok.eos_token_id
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
@@ -698,7 +705,7 @@ def _startup_leftover(path: Path) -> bool:
     """A file ``train`` writes before ``train_config.json`` (which marks a started run): a folder holding
     only these was killed at start-up and is reused rather than refused."""
     return path.name in ("provenance.json", "tokenizer", ".write-test", ".lock") or (
-        path.name.startswith(".") and ".tmp" in path.name)
+        path.name.startswith(".") and ".tmp" in path.name)  # temporaries (the write probe's too)
 
 
 def config_diff(run_dir: Path, cfg: TrainConfig) -> list[str]:
@@ -773,9 +780,11 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
     the DDP world size, and the step it continues from) is appended to the provenance's ``invocations``."""
     try:  # mkdir too: a parent that is a regular file or read-only raises OSError here
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        probe = run_dir / f".write-test{temp_tag()}"  # before the lock: one name per process, never shared
+        try:
+            probe.write_text("")
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
         raise RunFolderError(f"cannot write to {run_dir} ({e}): choose a writable --out folder") from None
     own()  # from here on no other process writes this folder
@@ -794,9 +803,27 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
     ckpt = resume_point(run_dir, cfg) if resume else _refuse_unverified(run_dir)
     start = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
     _record_lr_change(run_dir, cfg, start)  # after every refusal: a refused resume writes nothing
+    _remove_leftovers(run_dir)
     _record_start(run_dir, cfg, fingerprint, start, processes)
     _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
     return ckpt
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Delete the temporaries that writes killed mid-way left in the run folder (called holding its lock).
+
+    Files named with a pid: ``remove_leftovers`` (their writer is provably gone). The checkpoint folders
+    ``.tmp-step-N`` carry no pid; they are written only by the holder of the run's lock (``train``), an
+    flock the kernel drops when its holder dies, so while this process holds it no other process is
+    filling one (not without ``LOCKING``: then they are kept). ``.old-step-N`` (a copy being replaced)
+    goes only where ``step-N`` exists: else it is that step's one copy, removed when the step is rewritten."""
+    remove_leftovers(run_dir, locked=LOCKING)
+    root = run_dir / "checkpoints"
+    if not LOCKING or not root.is_dir():
+        return
+    for p in sorted(root.glob(".tmp-step-*")) + [p for p in sorted(root.glob(".old-step-*"))
+                                                  if (root / p.name.replace(".old-", "", 1)).is_dir()]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _record_start(run_dir: Path, cfg: TrainConfig, fingerprint: dict, from_step: int, processes: int) -> None:
