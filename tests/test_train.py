@@ -426,6 +426,28 @@ def test_zoo_resume_keeps_a_lowered_lr(tmp_path, monkeypatch):
     assert T.read_metrics(run)[-1]["step"] == cfg.total_steps
 
 
+def test_zoo_resume_from_before_an_lr_change_uses_the_lr_of_then(tmp_path, monkeypatch):
+    """`reproduce` resuming a zoo run from a checkpoint before its `train --resume --lr` change (the later
+    ones deleted) retrains at the preset's lr, as `train --resume` does, and marks the change undone: it
+    used to put the run's latest lr on the steps before the change."""
+    from experiments import zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": 16 * 64 * 12})
+    cfg = zoo.zoo_configs("tiny")["attn-1l"]
+    run = tmp_path / "attn-1l"
+    T.train(cfg, run, progress=False, stop_after_steps=4)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, run, progress=False, resume=True)
+    back = [c for c in T.list_checkpoints(run) if int(c.name.split("-")[1]) > 4]
+    for c in back + [run / "checkpoints" / "step-00000004"]:
+        shutil.rmtree(c)
+    zoo.train_zoo("tiny", tmp_path, progress=False, workers=1)
+    late = [m for m in T.read_metrics(run) if m["step"] > 3]  # resumed from step 3
+    assert len(late) == 5 and all(m["lr"] == T.lr_at(m["step"] - 1, cfg) for m in late), late
+    assert [c.get("undone_by_resume_from") for c in _lr_log(run)] == [3]
+    assert json.loads((run / "train_config.json").read_text())["lr"] == cfg.lr
+
+
 def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
     """A --tokenizer with no end-of-text token is refused before anything is written: the documents used to
     be joined by id 0, silently, which for this tokenizer is "a", a real token of the text."""
@@ -444,6 +466,61 @@ def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
     with pytest.raises(T.ConfigError, match="no end-of-text"):
         T.train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def _train_cli(out, *extra):
+    """`python -m experiments train` in this process, with tiny_cfg's options; its exit code."""
+    from experiments.__main__ import main
+
+    return main(["train", "--preset", "tiny", "--out", str(out), "--tokens", str(64 * 8 * 12), "--set",
+                 "n_checkpoints=5", "--quiet", *extra])
+
+
+def _lr_log(run):
+    return [json.loads(line) for line in (run / "lr_changes.jsonl").read_text().splitlines()]
+
+
+def test_resume_from_before_an_lr_change_trains_at_the_lr_of_then(tmp_path):
+    """`train --resume --lr <new>` from step 4, then checkpoints 4 and 6 deleted: a plain `--resume` continues from
+    step 2 at the lr the run had there (it used to retrain steps 2-3 at the new lr), marks the change at 4
+    undone in lr_changes.jsonl and ends with the weights of a run never changed; while the resume point is
+    at or after the change, the new lr is kept."""
+    from experiments.zoo import RUN_THREADS, torch_threads
+
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    with torch_threads(RUN_THREADS):  # every run with one thread count: byte comparisons like for like
+        T.train(cfg, tmp_path / "ref", progress=False)
+        T.train(cfg, run, progress=False, stop_after_steps=4)  # checkpoints 1 2 4
+        T.train(lowered, run, progress=False, resume=True, stop_after_steps=1)  # from 4 at lr/4: killed
+        assert _train_cli(run, "--resume") == 0  # from 4: the change is kept
+        change = {"from_step": 4, "lr_before": cfg.lr, "lr": lowered.lr}
+        assert [m["lr"] for m in T.read_metrics(run) if m["step"] == 6] == [T.lr_at(5, lowered)]
+        assert _lr_log(run) == [change]
+        for step in (4, 6):  # the checkpoints from the change on deleted
+            shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
+        assert _train_cli(run, "--resume") == 0  # from 2, before the change: the original lr
+    assert [(m["step"], m["lr"]) for m in T.read_metrics(run)[3:]] == [(4, T.lr_at(3, cfg)), (6, T.lr_at(5, cfg))]
+    assert _lr_log(run) == T.read_lr_changes(run) == [{**change, "undone_by_resume_from": 2}]
+    assert T.run_lr(run, 6) == cfg.lr == json.loads((run / "train_config.json").read_text())["lr"]
+    last = "checkpoints/step-00000006/model.safetensors"
+    assert (run / last).read_bytes() == (tmp_path / "ref" / last).read_bytes()
+
+
+def test_an_explicit_lr_from_before_a_change_is_a_change_from_there(tmp_path):
+    """`--resume --lr X` naming the run's current lr X (set at step 4) while resuming from step 2 trains at
+    X from step 2 and records that change: X is what was asked for, though it equals the saved lr."""
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    T.train(cfg, run, progress=False, stop_after_steps=4)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, run, progress=False, resume=True, stop_after_steps=1)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    assert _train_cli(run, "--resume", "--lr", str(lowered.lr)) == 0
+    assert [(m["step"], m["lr"]) for m in T.read_metrics(run)[3:]] == [(4, T.lr_at(3, lowered)),
+                                                                        (6, T.lr_at(5, lowered))]
+    assert _lr_log(run) == [{"from_step": 4, "lr_before": cfg.lr, "lr": lowered.lr, "undone_by_resume_from": 2},
+                            {"from_step": 2, "lr_before": cfg.lr, "lr": lowered.lr}]
+    assert [T.run_lr(run, s) for s in (0, 1, 2, 6)] == [cfg.lr, cfg.lr, lowered.lr, lowered.lr]
 
 
 def test_leftover_temporaries_of_dead_writers_are_removed_at_the_next_start(tmp_path, dead_and_live_pid):
@@ -520,3 +597,21 @@ def test_write_probes_of_two_starts_never_collide(tmp_path, dead_and_live_pid, m
     assert [p.read_text() for p in theirs] == ["theirs", "theirs"]
     assert len(seen) == 1 and len(seen[0]) == 3 and {p.name for p in theirs} < set(seen[0]), seen
     assert sorted(p.name for p in run.glob(".write-test*")) == sorted(p.name for p in theirs)
+
+
+def test_a_damaged_lr_changes_line_is_refused_and_nothing_written(tmp_path):
+    """lr_changes.jsonl is read on every resume (it says which lr each step had): a damaged line stops
+    the resume naming the file and line, with nothing written; deleting it as advised resumes."""
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    T.train(cfg, run, progress=False, stop_after_steps=2)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, run, progress=False, resume=True, stop_after_steps=0)
+    log = run / "lr_changes.jsonl"
+    log.write_text("garbage\n" + log.read_text())
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(T.RunFolderError, match=f"{log} line 1 is damaged"):
+        T.train(cfg, run, progress=False, resume=True, keep_lr=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    log.write_text(log.read_text().split("\n", 1)[1])
+    T.train(cfg, run, progress=False, resume=True, keep_lr=True)
+    assert [m["lr"] for m in T.read_metrics(run) if m["step"] == 6] == [T.lr_at(5, lowered)]
