@@ -571,6 +571,27 @@ def test_leftover_corpus_cache_entries_of_dead_writers_are_removed(tmp_path, dea
     assert [p.name for p in cache.iterdir() if ".tmp" not in p.name and (p / "done").is_file()]  # the entry
 
 
+def test_standalone_train_uses_the_zoo_thread_count(tmp_path):
+    """`python -m experiments train` trains with the threads of `reproduce`'s runs (zoo.RUN_THREADS; it used
+    torch's default, so its numbers differed from a reproduction's), recorded in provenance.json for each
+    start, and leaves the caller's count as it was; an explicit --threads wins."""
+    from experiments.zoo import RUN_THREADS
+
+    def threads():  # of each start, as provenance.json records them
+        return [s["machine"]["threads"] for s in json.loads((tmp_path / "r" / "provenance.json").read_text())[
+            "invocations"]]
+
+    caller = torch.get_num_threads()
+    torch.set_num_threads(RUN_THREADS + 1)
+    try:
+        assert _train_cli(tmp_path / "r") == 0
+        assert threads() == [RUN_THREADS] and torch.get_num_threads() == RUN_THREADS + 1
+        assert _train_cli(tmp_path / "r", "--resume", "--threads", str(RUN_THREADS + 2)) == 0
+        assert threads() == [RUN_THREADS, RUN_THREADS + 2]
+    finally:
+        torch.set_num_threads(caller)
+
+
 def test_write_probes_of_two_starts_never_collide(tmp_path, dead_and_live_pid, monkeypatch):
     """The write probe made before the run folder's lock is named per process: two starts at once on one
     new folder used to share `.write-test`, so one could delete the other's and fail with a misleading
