@@ -81,7 +81,8 @@ def train_config_from_args(args):
     saved = Path(args.out) / "train_config.json"
     if getattr(args, "resume", False) and "lr" not in overrides and saved.is_file():
         # lr is the one option that may change on --resume, so a resume that does not name one keeps the
-        # run's current lr (a lowered one after divergence), not the preset's
+        # run's lr (a lowered one after divergence), not the preset's: this one for the checks, the trainer
+        # then takes the one it had at the checkpoint resumed on (cmd_train: keep_lr)
         from interventions.zoo.train import read_train_config_dict
 
         lr = read_train_config_dict(saved.parent).get("lr")
@@ -116,9 +117,15 @@ def cmd_train(args) -> int:
     from interventions.zoo.distributed import World
     from interventions.zoo.train import read_metrics, train
 
+    from .zoo import RUN_THREADS, torch_threads
+
     cfg = train_config_from_args(args)
     out = Path(args.out)
-    final = train(cfg, out, resume=args.resume, progress=not args.quiet, wait=args.wait)
+    keep_lr = args.resume and args.lr is None and "lr" not in _parse_set(args.set or [])
+    # the zoo's thread count unless --threads: a run's numbers are the same as `reproduce`'s (recorded in
+    # provenance.json: machine.threads of each start)
+    with torch_threads(args.threads or RUN_THREADS):
+        final = train(cfg, out, resume=args.resume, progress=not args.quiet, wait=args.wait, keep_lr=keep_lr)
     if World.from_env().is_main:  # under torchrun: one summary line, from the rank that wrote the run
         last = read_metrics(out)[-1]
         print(json.dumps({"checkpoint": str(final), **last}))
@@ -303,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override any option, e.g. --set model.n_layers=3 (repeatable)")
     sp.add_argument("--resume", action="store_true",
-                    help="continue from the last complete checkpoint (only --lr may differ from the saved run)")
+                    help="continue from the last complete checkpoint (only --lr may differ from the saved run; "
+                         "without it, the lr the run had at that checkpoint)")
+    sp.add_argument("--threads", type=_positive_int, default=None,
+                    help="torch threads (default: 1, as `reproduce`'s runs: the numbers then do not depend on the "
+                         "machine; another count changes them)")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_wait(sp)
     sp.set_defaults(func=cmd_train)

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from interventions.zoo.ownership import owned
+from interventions.zoo.ownership import LOCKING, owned, remove_leftovers, temp_tag
 from interventions.zoo.provenance import provenance
 from interventions.zoo.train import atomic_write_text, sha256_file
 
@@ -164,12 +164,16 @@ class Results:
     def _write_bytes(self, key: str, path: Path, data: bytes, inputs) -> Path:
         with owned(self.root, _lock_wait, what="results folder"):
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            with tmp.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            remove_leftovers(self.dir, locked=LOCKING)  # of writes killed mid-way (their writer is gone)
+            tmp = path.with_name(f".{path.name}{temp_tag()}")
+            try:
+                with tmp.open("wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
             self._record(key, path, inputs)
         return path
 

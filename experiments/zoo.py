@@ -21,12 +21,11 @@ card: small models are launch-bound, so parallel runs fill it).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 from pathlib import Path
 
-from interventions.zoo.train import TrainConfig, list_checkpoints, read_metrics, read_train_config_dict, train
+from interventions.zoo.train import TrainConfig, list_checkpoints, read_metrics, train
 
 from .presets import get_preset
 
@@ -126,10 +125,8 @@ def _train_one(job) -> tuple[str, str]:
     cfg = TrainConfig.from_dict(cfg_dict)
     run = Path(run)
     resume = (run / "train_config.json").is_file()
-    if resume:  # keep the run's current lr (lowered by `train --resume --lr` after divergence), as the CLI does
-        cfg = dataclasses.replace(cfg, lr=read_train_config_dict(run).get("lr", cfg.lr))
-    with torch_threads(threads):
-        train(cfg, run, resume=resume, progress=progress, progress_position=position)
+    with torch_threads(threads):  # keep_lr: the run's lr at its checkpoint (lowered by `train --resume --lr`)
+        train(cfg, run, resume=resume, progress=progress, progress_position=position, keep_lr=True)
     return name, str(run)
 
 

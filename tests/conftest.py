@@ -24,3 +24,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def dead_and_live_pid():
+    """(pid of a process that has exited, pid of one still running): writers of leftover temporaries."""
+    import subprocess
+
+    done = subprocess.Popen(["true"])
+    done.wait()
+    live = subprocess.Popen(["sleep", "120"])
+    yield done.pid, live.pid
+    live.kill()
+    live.wait()

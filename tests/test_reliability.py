@@ -311,6 +311,22 @@ def test_results_corrupted_manifest_detected(tmp_path):
         assert str(res.dir) in str(e.value)
 
 
+def test_results_writes_remove_leftover_temporaries_of_dead_writers(tmp_path, dead_and_live_pid):
+    """A table write (holding the results folder's lock) removes the temporary files that writes killed
+    mid-way left in its folder, of either name form, and keeps one whose writer's pid is alive."""
+    from interventions.zoo.ownership import HOST
+
+    dead, live = dead_and_live_pid
+    res = Results(tmp_path, "exp")
+    res.dir.mkdir(parents=True)
+    gone = [res.dir / f".t.csv.tmp{dead}", res.dir / f".manifest.json.tmp{dead}-{HOST}-0badf00d"]
+    kept = res.dir / f".u.csv.tmp{live}-{HOST}-0badf00d"
+    for p in [*gone, kept]:
+        p.write_text("half")
+    res.write("t", pd.DataFrame({"x": [1]}))
+    assert sorted(p.name for p in res.dir.iterdir()) == sorted(["manifest.json", "t.csv", kept.name])
+
+
 # ----------------------------------------------------------------------------- safe loading
 
 class _Marker:

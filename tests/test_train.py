@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -425,6 +426,28 @@ def test_zoo_resume_keeps_a_lowered_lr(tmp_path, monkeypatch):
     assert T.read_metrics(run)[-1]["step"] == cfg.total_steps
 
 
+def test_zoo_resume_from_before_an_lr_change_uses_the_lr_of_then(tmp_path, monkeypatch):
+    """`reproduce` resuming a zoo run from a checkpoint before its `train --resume --lr` change (the later
+    ones deleted) retrains at the preset's lr, as `train --resume` does, and marks the change undone: it
+    used to put the run's latest lr on the steps before the change."""
+    from experiments import zoo
+
+    monkeypatch.setitem(zoo.SCALES, "tiny", {"attn-1l": 16 * 64 * 12})
+    cfg = zoo.zoo_configs("tiny")["attn-1l"]
+    run = tmp_path / "attn-1l"
+    T.train(cfg, run, progress=False, stop_after_steps=4)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, run, progress=False, resume=True)
+    back = [c for c in T.list_checkpoints(run) if int(c.name.split("-")[1]) > 4]
+    for c in back + [run / "checkpoints" / "step-00000004"]:
+        shutil.rmtree(c)
+    zoo.train_zoo("tiny", tmp_path, progress=False, workers=1)
+    late = [m for m in T.read_metrics(run) if m["step"] > 3]  # resumed from step 3
+    assert len(late) == 5 and all(m["lr"] == T.lr_at(m["step"] - 1, cfg) for m in late), late
+    assert [c.get("undone_by_resume_from") for c in _lr_log(run)] == [3]
+    assert json.loads((run / "train_config.json").read_text())["lr"] == cfg.lr
+
+
 def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
     """A --tokenizer with no end-of-text token is refused before anything is written: the documents used to
     be joined by id 0, silently, which for this tokenizer is "a", a real token of the text."""
@@ -443,3 +466,173 @@ def test_a_tokenizer_without_an_eos_token_is_refused(tmp_path):
     with pytest.raises(T.ConfigError, match="no end-of-text"):
         T.train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def _train_cli(out, *extra):
+    """`python -m experiments train` in this process, with tiny_cfg's options; its exit code."""
+    from experiments.__main__ import main
+
+    return main(["train", "--preset", "tiny", "--out", str(out), "--tokens", str(64 * 8 * 12), "--set",
+                 "n_checkpoints=5", "--quiet", *extra])
+
+
+def _lr_log(run):
+    return [json.loads(line) for line in (run / "lr_changes.jsonl").read_text().splitlines()]
+
+
+def test_resume_from_before_an_lr_change_trains_at_the_lr_of_then(tmp_path):
+    """`train --resume --lr <new>` from step 4, then checkpoints 4 and 6 deleted: a plain `--resume` continues from
+    step 2 at the lr the run had there (it used to retrain steps 2-3 at the new lr), marks the change at 4
+    undone in lr_changes.jsonl and ends with the weights of a run never changed; while the resume point is
+    at or after the change, the new lr is kept."""
+    from experiments.zoo import RUN_THREADS, torch_threads
+
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    with torch_threads(RUN_THREADS):  # every run with one thread count: byte comparisons like for like
+        T.train(cfg, tmp_path / "ref", progress=False)
+        T.train(cfg, run, progress=False, stop_after_steps=4)  # checkpoints 1 2 4
+        T.train(lowered, run, progress=False, resume=True, stop_after_steps=1)  # from 4 at lr/4: killed
+        assert _train_cli(run, "--resume") == 0  # from 4: the change is kept
+        change = {"from_step": 4, "lr_before": cfg.lr, "lr": lowered.lr}
+        assert [m["lr"] for m in T.read_metrics(run) if m["step"] == 6] == [T.lr_at(5, lowered)]
+        assert _lr_log(run) == [change]
+        for step in (4, 6):  # the checkpoints from the change on deleted
+            shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
+        assert _train_cli(run, "--resume") == 0  # from 2, before the change: the original lr
+    assert [(m["step"], m["lr"]) for m in T.read_metrics(run)[3:]] == [(4, T.lr_at(3, cfg)), (6, T.lr_at(5, cfg))]
+    assert _lr_log(run) == T.read_lr_changes(run) == [{**change, "undone_by_resume_from": 2}]
+    assert T.run_lr(run, 6) == cfg.lr == json.loads((run / "train_config.json").read_text())["lr"]
+    last = "checkpoints/step-00000006/model.safetensors"
+    assert (run / last).read_bytes() == (tmp_path / "ref" / last).read_bytes()
+
+
+def test_an_explicit_lr_from_before_a_change_is_a_change_from_there(tmp_path):
+    """`--resume --lr X` naming the run's current lr X (set at step 4) while resuming from step 2 trains at
+    X from step 2 and records that change: X is what was asked for, though it equals the saved lr."""
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    T.train(cfg, run, progress=False, stop_after_steps=4)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, run, progress=False, resume=True, stop_after_steps=1)
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    assert _train_cli(run, "--resume", "--lr", str(lowered.lr)) == 0
+    assert [(m["step"], m["lr"]) for m in T.read_metrics(run)[3:]] == [(4, T.lr_at(3, lowered)),
+                                                                        (6, T.lr_at(5, lowered))]
+    assert _lr_log(run) == [{"from_step": 4, "lr_before": cfg.lr, "lr": lowered.lr, "undone_by_resume_from": 2},
+                            {"from_step": 2, "lr_before": cfg.lr, "lr": lowered.lr}]
+    assert [T.run_lr(run, s) for s in (0, 1, 2, 6)] == [cfg.lr, cfg.lr, lowered.lr, lowered.lr]
+
+
+def test_leftover_temporaries_of_dead_writers_are_removed_at_the_next_start(tmp_path, dead_and_live_pid):
+    """What writes killed mid-way left in a run folder goes at the next start, and only that: temporary files
+    of a pid that is gone (either name form), the checkpoint temp folder (written only under the run's
+    lock, which this start holds) and an old copy beside its checkpoint. A live pid's file, another
+    machine's, and an old copy that is its step's one copy are kept; without an OS lock, only what names
+    this machine and a pid that is gone."""
+    from interventions.zoo.ownership import HOST
+
+    dead, live = dead_and_live_pid
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    T.train(cfg, run, progress=False, stop_after_steps=2)
+    ckpts = run / "checkpoints"
+    gone = [run / f".metrics.jsonl.tmp{dead}", run / f".train_config.json.tmp{dead}-{HOST}-0badf00d",
+            ckpts / ".tmp-step-00000004", ckpts / ".old-step-00000002"]
+    kept = [run / f".provenance.json.tmp{live}-{HOST}-0badf00d", run / f".x.tmp{dead}-00000000-0badf00d",
+            ckpts / ".old-step-00000006"]
+    for p in gone + kept:
+        if p.parent == ckpts:
+            shutil.copytree(ckpts / "step-00000001", p)
+        else:
+            p.write_text("half")
+    with pytest.MonkeyPatch.context() as m:  # no OS lock (not POSIX): only what names its machine and pid
+        m.setattr(T, "LOCKING", False)
+        T.train(cfg, run, progress=False, resume=True, stop_after_steps=0)
+    assert [p.name for p in gone + kept if not p.exists()] == [gone[1].name]
+    T.train(cfg, run, progress=False, resume=True, stop_after_steps=0)
+    assert [p.name for p in gone if p.exists()] == [] and [p.name for p in kept if not p.exists()] == []
+    assert [p.name for p in T.list_checkpoints(run)] == ["step-00000001", "step-00000002"]
+
+
+def test_leftover_corpus_cache_entries_of_dead_writers_are_removed(tmp_path, dead_and_live_pid):
+    """Tokenising a corpus removes the cache's temporary entries left by killed tokenisations on this
+    machine (pid gone), never one a live process is filling, one of another machine sharing the cache (its
+    pid means nothing here) or one named before writers were (no pid)."""
+    from interventions.zoo.ownership import HOST
+
+    dead, live = dead_and_live_pid
+    cache = tmp_path / "cache"
+    gone = cache / f"0123456789abcdef.tmp{dead}-{HOST}-a_b1c2d3"
+    kept = [cache / f"0123456789abcdef.tmp{live}-{HOST}-a_b1c2d3", cache / f"0123456789abcdef.tmp{dead}-00000000-x",
+            cache / "0123456789abcdef.tmp12345678"]
+    for p in [gone, *kept]:
+        (p / "tokenizer").mkdir(parents=True)
+    T.build_source(_text_cfg(_text_corpus(tmp_path / "corpus", "abcdefgh ")), cache_dir=cache)
+    assert not gone.exists() and all(p.exists() for p in kept)
+    assert [p.name for p in cache.iterdir() if ".tmp" not in p.name and (p / "done").is_file()]  # the entry
+
+
+def test_standalone_train_uses_the_zoo_thread_count(tmp_path):
+    """`python -m experiments train` trains with the threads of `reproduce`'s runs (zoo.RUN_THREADS; it used
+    torch's default, so its numbers differed from a reproduction's), recorded in provenance.json for each
+    start, and leaves the caller's count as it was; an explicit --threads wins."""
+    from experiments.zoo import RUN_THREADS
+
+    def threads():  # of each start, as provenance.json records them
+        return [s["machine"]["threads"] for s in json.loads((tmp_path / "r" / "provenance.json").read_text())[
+            "invocations"]]
+
+    caller = torch.get_num_threads()
+    torch.set_num_threads(RUN_THREADS + 1)
+    try:
+        assert _train_cli(tmp_path / "r") == 0
+        assert threads() == [RUN_THREADS] and torch.get_num_threads() == RUN_THREADS + 1
+        assert _train_cli(tmp_path / "r", "--resume", "--threads", str(RUN_THREADS + 2)) == 0
+        assert threads() == [RUN_THREADS, RUN_THREADS + 2]
+    finally:
+        torch.set_num_threads(caller)
+
+
+def test_write_probes_of_two_starts_never_collide(tmp_path, dead_and_live_pid, monkeypatch):
+    """The write probe made before the run folder's lock is named per process: two starts at once on one
+    new folder used to share `.write-test`, so one could delete the other's and fail with a misleading
+    "cannot write". Another process's probe and the fixed-name one an older start left stay as they were,
+    beside this one's, and are not taken for foreign files: training goes ahead."""
+    from interventions.zoo.ownership import HOST
+
+    _, live = dead_and_live_pid
+    run = tmp_path / "r"
+    run.mkdir()
+    theirs = [run / ".write-test", run / f".write-test.tmp{live}-{HOST}-0badf00d"]
+    for p in theirs:
+        p.write_text("theirs")
+    seen = []
+    real_unlink = Path.unlink
+
+    def unlink(self, *a, **k):  # the probes present when this start removes its own
+        if self.name.startswith(".write-test"):
+            seen.append(sorted(p.name for p in run.glob(".write-test*")))
+        return real_unlink(self, *a, **k)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    T.train(tiny_cfg(), run, progress=False, stop_after_steps=1)
+    assert [p.read_text() for p in theirs] == ["theirs", "theirs"]
+    assert len(seen) == 1 and len(seen[0]) == 3 and {p.name for p in theirs} < set(seen[0]), seen
+    assert sorted(p.name for p in run.glob(".write-test*")) == sorted(p.name for p in theirs)
+
+
+def test_a_damaged_lr_changes_line_is_refused_and_nothing_written(tmp_path):
+    """lr_changes.jsonl is read on every resume (it says which lr each step had): a damaged line stops
+    the resume naming the file and line, with nothing written; deleting it as advised resumes."""
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    T.train(cfg, run, progress=False, stop_after_steps=2)
+    lowered = T.TrainConfig.from_dict({**cfg.to_dict(), "lr": cfg.lr / 4})
+    T.train(lowered, run, progress=False, resume=True, stop_after_steps=0)
+    log = run / "lr_changes.jsonl"
+    log.write_text("garbage\n" + log.read_text())
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(T.RunFolderError, match=f"{log} line 1 is damaged"):
+        T.train(cfg, run, progress=False, resume=True, keep_lr=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    log.write_text(log.read_text().split("\n", 1)[1])
+    T.train(cfg, run, progress=False, resume=True, keep_lr=True)
+    assert [m["lr"] for m in T.read_metrics(run) if m["step"] == 6] == [T.lr_at(5, lowered)]

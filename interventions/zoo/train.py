@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .model import AttnOnlyConfig, AttnOnlyForCausalLM
+from .ownership import HOST, LOCKING, remove_leftovers, temp_tag
 
 
 DEFAULT_N_CTX = 256  # AttnOnlyConfig's default context (read per step: no config object built)
@@ -405,13 +406,17 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename (never leaves a half file)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` via a temporary file and rename (never leaves a half file; a temporary
+    left by a kill is named for ``remove_leftovers``)."""
+    tmp = path.with_name(f".{path.name}{temp_tag()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -652,7 +657,9 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
                           "with: pass a tokenizer that has one (or leave tokenizer unset for a byte-level one)")
     if not (cache / "done").is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".tmp", dir=cache.parent))  # one per writer
+        remove_leftovers(cache.parent)  # entries of tokenisations killed mid-way (their writer is gone)
+        # one per writer, named for remove_leftovers: .tmp<pid>-<machine>-<random>
+        tmp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp{os.getpid()}-{HOST}-", dir=cache.parent))
         tok.save_pretrained(tmp / "tokenizer")
         sep = tok.eos_token_id
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
@@ -698,7 +705,7 @@ def _startup_leftover(path: Path) -> bool:
     """A file ``train`` writes before ``train_config.json`` (which marks a started run): a folder holding
     only these was killed at start-up and is reused rather than refused."""
     return path.name in ("provenance.json", "tokenizer", ".write-test", ".lock") or (
-        path.name.startswith(".") and ".tmp" in path.name)
+        path.name.startswith(".") and ".tmp" in path.name)  # temporaries (the write probe's too)
 
 
 def config_diff(run_dir: Path, cfg: TrainConfig) -> list[str]:
@@ -727,12 +734,15 @@ def _check_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool) -> None:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after_steps: int | None = None, wait: float = 0.0, progress_position: int | None = None) -> Path:
+          stop_after_steps: int | None = None, wait: float = 0.0, progress_position: int | None = None,
+          keep_lr: bool = False) -> Path:
     """Train (or resume) a run in ``run_dir``. Returns the final checkpoint folder.
 
     The run folder is owned by this call (an OS lock, see ``ownership``): a second process on the same
     folder gets ``FolderBusyError`` naming this one's pid, or waits up to ``wait`` seconds.
-    On resume only ``lr`` may differ from the saved config (to continue after divergence).
+    On resume only ``lr`` may differ from the saved config (to continue after divergence): ``cfg.lr`` from
+    the checkpoint resumed on (recorded in ``lr_changes.jsonl``), or with ``keep_lr`` the lr the run had at
+    that checkpoint (``run_lr``: a lowered one is kept, a change made after it is undone).
     ``stop_after_steps`` ends the process-local loop early (tests of interruption);
     ``progress_position`` is the progress bar's line (parallel runs).
 
@@ -750,7 +760,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, progress:
     with world.joined(device, wait), contextlib.ExitStack() as held:
         return _train(cfg, run_dir, resume, progress, stop_after_steps,
                       own=lambda: held.enter_context(owned(run_dir, wait, what="run folder")),
-                      progress_position=progress_position, world=world, device=device)
+                      progress_position=progress_position, world=world, device=device, keep_lr=keep_lr)
 
 
 def _refuse_out_inside_corpus(run_dir: Path, corpus: str) -> None:
@@ -767,15 +777,18 @@ def _refuse_out_inside_corpus(run_dir: Path, corpus: str) -> None:
 
 
 def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerprint: dict, own,
-                     processes: int = 1) -> Path | None:
+                     processes: int = 1, keep_lr: bool = False) -> tuple[Path | None, float]:
     """Take the run folder (lock, config, provenance, tokenizer) and return the checkpoint to continue
-    from (None: from the start); metrics after it are dropped. Rank 0 only; this start (``processes``:
-    the DDP world size, and the step it continues from) is appended to the provenance's ``invocations``."""
+    from (None: from the start) and the lr to train at (``_settle_lr``); metrics after it are dropped.
+    Rank 0 only; this start (``processes``: the DDP world size, and the step it continues from) is
+    appended to the provenance's ``invocations``."""
     try:  # mkdir too: a parent that is a regular file or read-only raises OSError here
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
+        probe = run_dir / f".write-test{temp_tag()}"  # before the lock: one name per process, never shared
+        try:
+            probe.write_text("")
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
         raise RunFolderError(f"cannot write to {run_dir} ({e}): choose a writable --out folder") from None
     own()  # from here on no other process writes this folder
@@ -793,10 +806,28 @@ def _prepare_run_dir(run_dir: Path, cfg: TrainConfig, resume: bool, tok, fingerp
         atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
     ckpt = resume_point(run_dir, cfg) if resume else _refuse_unverified(run_dir)
     start = int(ckpt.name.split("-")[1]) if ckpt is not None else 0
-    _record_lr_change(run_dir, cfg, start)  # after every refusal: a refused resume writes nothing
+    lr = _settle_lr(run_dir, cfg, start, keep_lr and resume)  # after every refusal: a refused resume writes nothing
+    _remove_leftovers(run_dir)
     _record_start(run_dir, cfg, fingerprint, start, processes)
     _truncate_metrics(run_dir / "metrics.jsonl", start if start else -1)
-    return ckpt
+    return ckpt, lr
+
+
+def _remove_leftovers(run_dir: Path) -> None:
+    """Delete the temporaries that writes killed mid-way left in the run folder (called holding its lock).
+
+    Files named with a pid: ``remove_leftovers`` (their writer is provably gone). The checkpoint folders
+    ``.tmp-step-N`` carry no pid; they are written only by the holder of the run's lock (``train``), an
+    flock the kernel drops when its holder dies, so while this process holds it no other process is
+    filling one (not without ``LOCKING``: then they are kept). ``.old-step-N`` (a copy being replaced)
+    goes only where ``step-N`` exists: else it is that step's one copy, removed when the step is rewritten."""
+    remove_leftovers(run_dir, locked=LOCKING)
+    root = run_dir / "checkpoints"
+    if not LOCKING or not root.is_dir():
+        return
+    for p in sorted(root.glob(".tmp-step-*")) + [p for p in sorted(root.glob(".old-step-*"))
+                                                  if (root / p.name.replace(".old-", "", 1)).is_dir()]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _record_start(run_dir: Path, cfg: TrainConfig, fingerprint: dict, from_step: int, processes: int) -> None:
@@ -849,7 +880,8 @@ def _check_same_corpus(run_dir: Path, fingerprint: dict, tok=None) -> None:
 
 
 def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, stop_after_steps: int | None,
-           own, progress_position: int | None = None, world=None, device: str | None = None) -> Path:
+           own, progress_position: int | None = None, world=None, device: str | None = None,
+           keep_lr: bool = False) -> Path:
     from .distributed import World
 
     world = world or World()
@@ -872,7 +904,9 @@ def _train(cfg: TrainConfig, run_dir: str | Path, resume: bool, progress: bool, 
                             lr=cfg.lr, betas=cfg.betas, fused=device.startswith("cuda") or None)
 
     # Rank 0 takes the folder and picks the checkpoint; every rank loads that same checkpoint.
-    ckpt = world.on_rank0(lambda: _prepare_run_dir(run_dir, cfg, resume, tok, fingerprint, own, world.size))
+    ckpt, lr = world.on_rank0(lambda: _prepare_run_dir(run_dir, cfg, resume, tok, fingerprint, own, world.size,
+                                                       keep_lr))
+    cfg = dataclasses.replace(cfg, lr=lr)  # the lr of the steps from here on (the schedule's base)
     start = 0
     if ckpt is not None:
         from safetensors.torch import load_file as load_st
@@ -1083,20 +1117,63 @@ def resume_point(run_dir: Path, cfg: TrainConfig | None = None) -> Path | None:
     return chosen
 
 
-def _record_lr_change(run_dir: Path, cfg: TrainConfig, from_step: int) -> None:
-    """On a resume with a new ``lr`` (the one option allowed to change) continuing from step ``from_step``:
-    append the change to ``lr_changes.jsonl`` and save the new config."""
-    if not (run_dir / "train_config.json").is_file():
-        return
-    saved = read_train_config_dict(run_dir)
-    if saved.get("lr") == cfg.lr:
-        return
-    change = {"from_step": from_step, "lr_before": saved.get("lr"), "lr": cfg.lr}
-    with (run_dir / "lr_changes.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(change) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    atomic_write_text(run_dir / "train_config.json", json.dumps(cfg.to_dict()))
+UNDONE = "undone_by_resume_from"  # an lr_changes.jsonl entry whose steps a resume from this step retrained
+
+
+def read_lr_changes(run_dir: str | Path) -> list[dict]:
+    """The entries of a run's ``lr_changes.jsonl``, in the order written ([] if none): ``from_step``,
+    ``lr_before``, ``lr``, and ``UNDONE`` on one whose steps a resume from an earlier checkpoint retrained.
+    A torn last line (older versions appended: a kill mid-append) is dropped, as that change never took
+    effect; a damaged other line raises ``RunFolderError``."""
+    path = Path(run_dir) / "lr_changes.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            ok = (isinstance(rec, dict) and type(rec.get("from_step")) is int
+                  and all(type(rec.get(k)) in (int, float) and rec[k] > 0 for k in ("lr_before", "lr")))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            ok = False
+        if ok:
+            out.append(rec)
+        elif i < len(lines) - 1:  # the last line, without its newline, was cut short: never acted on
+            raise RunFolderError(f"{path} line {i + 1} is damaged (not an lr change: {line[:40]!r}); nothing was "
+                                 "changed. Restore or delete that line, then run the same command again")
+    return out
+
+
+def run_lr(run_dir: str | Path, step: int) -> float:
+    """The lr (``TrainConfig.lr``) a run trained at from ``step`` on: the last change at or before ``step``
+    not undone (``read_lr_changes``), else the lr it started with (the first change's ``lr_before``, or
+    ``train_config.json``'s when it never changed)."""
+    changes = read_lr_changes(run_dir)
+    live = [c["lr"] for c in changes if UNDONE not in c and c["from_step"] <= step]
+    return float(live[-1] if live else changes[0]["lr_before"] if changes else
+                 read_train_config_dict(run_dir).get("lr", TrainConfig.lr))
+
+
+def _settle_lr(run_dir: Path, cfg: TrainConfig, start: int, keep: bool) -> float:
+    """The lr to train at from step ``start`` on, made the run's record: ``keep`` (a resume naming no lr)
+    the one in effect at ``start`` (``run_lr``), else ``cfg.lr`` (a change from ``start``, appended to
+    ``lr_changes.jsonl``). Entries after ``start`` are marked ``UNDONE`` (those steps are retrained), then
+    ``train_config.json`` gets this lr; each file is written atomically, the log first (it alone says
+    which lr each step had: a kill in between leaves a config that the next start corrects)."""
+    changes = read_lr_changes(run_dir)
+    before = run_lr(run_dir, start)
+    lr = before if keep else cfg.lr
+    new = [{**c, UNDONE: start} if UNDONE not in c and c["from_step"] > start else c for c in changes]
+    if lr != before:
+        new.append({"from_step": start, "lr_before": before, "lr": lr})
+    if new != changes:
+        atomic_write_text(run_dir / "lr_changes.jsonl", "".join(json.dumps(c) + "\n" for c in new))
+    if read_train_config_dict(run_dir).get("lr") != lr:
+        atomic_write_text(run_dir / "train_config.json", json.dumps(dataclasses.replace(cfg, lr=lr).to_dict()))
+    return lr
 
 
 def _diverged_advice(last_ckpt: Path | None) -> str:
