@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from interventions import (AttnOnlyConfig, AttnOnlyForCausalLM, PatternPreserving, ZeroAblation, ablation_sweep,
                            mean_loss_metric, patch_heads, per_token_loss)
-from interventions.primitives.patching import logit_diff, patch_residual
+from interventions.primitives.patching import logit_diff, patch_residual, path_patch
 
 
 def _models():
@@ -212,3 +212,147 @@ def test_padded_patching_matches_unpadded_prompts(arch, side):
         torch.testing.assert_close(got, patch_heads(model, c, k, mean_loss_metric), atol=1e-5, rtol=0)
     unmasked = patch_heads(model, clean, corrupted, mean_loss_metric)
     assert (unmasked - patch_heads(model, clean, corrupted, mean_loss_metric, attention_mask=mask)).abs().max() > 1e-3
+
+
+def _count_forwards(model):
+    """A list that grows by one per forward of ``model`` (a plain pre-hook) and the hook's handle."""
+    calls = []
+    return calls, model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+
+
+def test_padding_between_real_tokens_refused_before_any_run():
+    """A mask with padding *between* a row's real tokens is refused (ValueError naming the row, the
+    column and the fix) before any forward by patch_heads, patch_residual and path_patch. It ran: the
+    runs drop the gap (position ids skip it) but mean_loss_metric drops the loss across it too, so
+    patch_heads on this GPT-2 gave 0.05 nats off the row's real tokens run unpadded, silently. A row
+    padded at both ends (one run of real tokens) is accepted and equals the prompts run unpadded."""
+    model = _models()["gpt2"]
+    g = torch.Generator().manual_seed(11)
+    clean, corrupted = torch.randint(1, 50, (2, 8), generator=g), torch.randint(1, 50, (2, 8), generator=g)
+    gap = torch.ones(2, 8, dtype=torch.long)
+    gap[1, 3] = 0
+    calls, handle = _count_forwards(model)
+    try:
+        for call in (lambda m: patch_heads(model, clean, corrupted, m, attention_mask=gap),
+                     lambda m: patch_heads(model, clean, corrupted, m, by="head_pos", attention_mask=gap),
+                     lambda m: patch_residual(model, clean, corrupted, m, attention_mask=gap),
+                     lambda m: path_patch(model, clean, corrupted, m, "L0H0", "L1H1", attention_mask=gap)):
+            for metric in (mean_loss_metric, logit_diff(1, 2)):
+                with pytest.raises(ValueError, match=r"row 1 has padding between real tokens \(column 3\).*left or "
+                                                     "the right"):
+                    call(metric)
+        assert calls == []
+    finally:
+        handle.remove()
+    # the loss the gap would drop: per_token_loss of the row's real tokens run unpadded has it, the
+    # gapped row's has NaN there (the reason for the refusal)
+    keep = gap[1].bool()
+    alone = per_token_loss(model, clean[1:, keep])[0]
+    gapped = per_token_loss(model, clean[1:], attention_mask=gap[1:])[0]
+    assert not alone.isnan().any() and gapped[2:4].isnan().all()
+    # padding at both ends of a row is one run of real tokens: accepted, equal to the prompts alone
+    ends = torch.ones(2, 8, dtype=torch.long)
+    ends[0, :2] = ends[0, -1] = 0
+    prompts = [(clean[i:i + 1, ends[i].bool()], corrupted[i:i + 1, ends[i].bool()]) for i in range(2)]
+    for fn, kwargs, per_position in ((patch_heads, {}, False), (patch_residual, {}, True)):
+        got = fn(model, clean, corrupted, mean_loss_metric, attention_mask=ends, **kwargs)
+        each = [fn(model, c, k, mean_loss_metric, **kwargs) for c, k in prompts]
+        want = by_column(each, ends) if per_position else torch.stack(each).mean(0)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_metric_that_requires_the_mask_is_taken():
+    """On a padded batch the metric is called metric(logits, tokens, attention_mask=mask), so one whose
+    attention_mask parameter is required (positional or keyword-only), or that takes **kwargs, fits:
+    each gives the prompts' unpadded mean (patch_heads by head; patch_residual by column). A required
+    mask parameter was refused as a metric that does not take (logits, tokens). Without a mask a metric
+    that requires one is refused, naming the mask."""
+    model = _models()["attn_only"]
+    g = torch.Generator().manual_seed(12)
+    prompts = [tuple(torch.randint(1, 50, (1, n), generator=g) for _ in range(2)) for n in (7, 4)]
+    clean, corrupted, mask = padded_pairs(prompts, "left", width=8)
+
+    def required(logits, tokens, attention_mask):
+        return mean_loss_metric(logits, tokens, attention_mask)
+
+    def keyword_only(logits, tokens, *, attention_mask):
+        return mean_loss_metric(logits, tokens, attention_mask)
+
+    def forwarding(logits, tokens, **kwargs):
+        return mean_loss_metric(logits, tokens, **kwargs)
+
+    by_head = torch.stack([patch_heads(model, c, k, mean_loss_metric) for c, k in prompts]).mean(0)
+    by_pos = by_column([patch_residual(model, c, k, mean_loss_metric) for c, k in prompts], mask)
+    for metric in (required, keyword_only, forwarding):
+        torch.testing.assert_close(patch_heads(model, clean, corrupted, metric, attention_mask=mask), by_head,
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(patch_residual(model, clean, corrupted, metric, attention_mask=mask), by_pos,
+                                   atol=1e-5, rtol=0, equal_nan=True)
+    for metric in (required, keyword_only):
+        with pytest.raises(ValueError, match="requires attention_mask.*pass attention_mask="):
+            patch_heads(model, *prompts[0], metric)
+
+
+def test_logit_diff_called_on_a_padded_batch_refuses_pos_outside_a_row():
+    """logit_diff called directly with a mask reads, for each row, its real token number pos; a pos
+    outside some row's real tokens is refused (ValueError naming the row) instead of silently reading
+    column 0 (a padding column: no real token matched). In range it equals each row's real tokens
+    indexed by hand (plain tensor indexing), for pos >= 0 and < 0, left and right padding."""
+    g = torch.Generator().manual_seed(13)
+    logits = torch.randn(2, 5, 7, generator=g)
+    correct, wrong = torch.tensor([1, 3]), torch.tensor([2, 4])
+    for mask in (torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])):
+        for pos in (0, 2, -1, -3):
+            got = logit_diff(correct, wrong, pos=pos)(logits, None, mask)
+            want = torch.stack([logits[i, mask[i].bool()][pos, correct[i]] - logits[i, mask[i].bool()][pos, wrong[i]]
+                                for i in range(2)])
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        for pos in (3, 4, -4, -5):
+            with pytest.raises(ValueError, match=f"pos={pos} is out of range for row 0, which has 3 real tokens"):
+                logit_diff(correct, wrong, pos=pos)(logits, None, mask)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_noising_on_llama_gqa_matches_unpadded_prompts(side):
+    """direction="corrupted_to_clean" on a Llama with grouped-query attention (rotary positions are
+    shift-invariant: GPT-2 above tests absolute ones), patch_heads by="head_pos" at z and at the
+    key/value heads' k, with logit_diff at a pos >= 0 and < 0 (each row's real tokens) and
+    mean_loss_metric, several patches per pass: each column the mean over the prompts with a real
+    token there of the same call on each prompt pair run unpadded (1e-5)."""
+    from .test_ablation import VOCAB, build
+
+    model = build("llama")
+    g = torch.Generator().manual_seed(14)
+    prompts = [tuple(torch.randint(1, VOCAB, (1, n), generator=g) for _ in range(2)) for n in (7, 4, 6)]
+    clean, corrupted, mask = padded_pairs(prompts, side, width=8, vocab=VOCAB)
+    correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    metrics = [(mean_loss_metric, lambda i: mean_loss_metric)] + [
+        (logit_diff(correct, wrong, pos=p), lambda i, p=p: logit_diff(correct[i], wrong[i], pos=p)) for p in (2, -3)]
+    for site in ("z", "k"):
+        for metric, alone_metric in metrics:
+            got = patch_heads(model, clean, corrupted, metric, by="head_pos", site=site, direction="corrupted_to_clean",
+                              heads_per_pass=5, attention_mask=mask)
+            alone = [patch_heads(model, c, k, alone_metric(i), by="head_pos", site=site,
+                                 direction="corrupted_to_clean") for i, (c, k) in enumerate(prompts)]
+            torch.testing.assert_close(got, by_column(alone, mask), atol=1e-5, rtol=0, equal_nan=True)
+            assert got.nan_to_num(0).std() > 1e-3  # the patches move the metric
+
+
+def test_patching_takes_a_mask_of_any_0_1_dtype():
+    """A mask of dtype bool, int32 or float (0/1) gives what the long mask gives, exactly, in patch_heads
+    by position and patch_residual (logit_diff's columns, mean_loss_metric's real losses, the rows a
+    column counts) and path_patch; the long mask's results equal the prompts run unpadded (test above),
+    and differ from the unmasked call here."""
+    model = _models()["gpt2"]
+    g = torch.Generator().manual_seed(15)
+    prompts = [tuple(torch.randint(1, 50, (1, n), generator=g) for _ in range(2)) for n in (6, 3)]
+    clean, corrupted, mask = padded_pairs(prompts, "right", width=7)
+    calls = [lambda m, metric: patch_heads(model, clean, corrupted, metric, by="head_pos", attention_mask=m),
+             lambda m, metric: patch_residual(model, clean, corrupted, metric, attention_mask=m),
+             lambda m, metric: path_patch(model, clean, corrupted, metric, ["L0H0", "L0H1"], "L1H1", attention_mask=m)]
+    for metric in (mean_loss_metric, logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]), pos=-2)):
+        for call in calls:
+            want = call(mask, metric)
+            assert not torch.allclose(want, call(None, metric), equal_nan=True)
+            for dtype in (torch.bool, torch.int32, torch.float32):
+                torch.testing.assert_close(call(mask.to(dtype), metric), want, atol=0, rtol=0, equal_nan=True)

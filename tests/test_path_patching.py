@@ -224,6 +224,33 @@ def test_path_patch_padded_matches_unpadded_prompts(arch, side):
         assert (alone[0] - base).abs().max() > 1e-4  # some path moves the loss
 
 
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_path_patch_padded_noising_senders_in_two_layers(arch):
+    """direction="corrupted_to_clean" on a left-padded batch, senders in layers 0 and 1 and receivers in
+    layer 2 (step 2 skips two layers: the prefix is the masked target run's), 2 patches per pass (blocks
+    of repeated rows and mask), logit_diff at a pos >= 0 (each row's real tokens) and a mask-aware metric
+    of one's own: every entry equals the mean over the prompt pairs run unpadded one at a time (1e-5)."""
+    from .test_padding import last_logsumexp
+    from interventions.primitives.patching import logit_diff
+
+    model = _build3(arch, n_kv=2)
+    senders, receivers = [(0, 1), (1, 2), (0, 2)], [(2, 0), (2, 3)]
+    g = torch.Generator().manual_seed(9)
+    prompts = [tuple(torch.randint(0, VOCAB, (1, n), generator=g) for _ in range(2)) for n in (8, 5, 6)]
+    clean, corrupted, mask = padded_pairs(prompts, "left", width=9, vocab=VOCAB)
+    correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    metrics = [(logit_diff(correct, wrong, pos=1), lambda i: logit_diff(correct[i], wrong[i], pos=1)),
+               (last_logsumexp, lambda i: last_logsumexp)]
+    for kind in "kv":
+        for metric, alone_metric in metrics:
+            got = path_patch(model, clean, corrupted, metric, senders, receivers, receiver_input=kind,
+                             direction="corrupted_to_clean", patches_per_pass=2, attention_mask=mask)
+            alone = torch.stack([path_patch(model, c, k, alone_metric(i), senders, receivers, receiver_input=kind,
+                                            direction="corrupted_to_clean") for i, (c, k) in enumerate(prompts)])
+            torch.testing.assert_close(got, alone.mean(0), atol=1e-5, rtol=0)
+            assert got.std() > 1e-3  # the paths differ
+
 def test_circuit_k_composition_by_path_patching():
     """On repeated random tokens, replacing the previous-token head's output on the path into the
     induction head's *keys* by its output on unrepeated tokens destroys induction (second-copy loss

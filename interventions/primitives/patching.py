@@ -26,9 +26,10 @@ batched: the target tokens are repeated k times along the batch and patch j is w
 is first evaluated on the source run's logits, so one that returns the wrong shape is refused before
 any patched run.
 
-Padded batches: ``attention_mask`` (batch, pos; 1 = real token, left or right padding) is *one* mask
-for both runs, so clean and corrupted must be padded identically (each pair of prompts of one length,
-padded at the same columns; only the shapes can be checked). Every run takes it (each real token at
+Padded batches: ``attention_mask`` (batch, pos; 1 = real token, left or right padding: a gap between a
+row's real tokens is refused) is *one* mask for both runs, so clean and corrupted must be padded
+identically (each pair of prompts of one length, padded at the same columns; only the shapes can be
+checked). Every run takes it (each real token at
 its unpadded position), and so does the metric, which is then called
 ``metric(logits, tokens, attention_mask=mask)`` and must leave padding out: a metric without that
 parameter is refused before any run. The built-ins do: ``mean_loss_metric`` averages the losses whose
@@ -123,12 +124,16 @@ class LogitDiff:
             raise ValueError(f"logit_diff pos={self.pos!r} out of range for {pos} positions: pass a position "
                              f"in [-{pos}, {pos})")
         if attention_mask is not None:
-            n = attention_mask.sum(-1)
-            short = ((self.pos >= n) | (self.pos < -n)).nonzero().flatten().tolist()
-            if short:
-                raise ValueError(f"logit_diff pos={self.pos} is out of range for row {short[0]}, which has "
-                                 f"{int(n[short[0]])} real tokens: on a padded batch pos counts each row's real "
-                                 f"tokens; pass a position in [-{int(n.min())}, {int(n.min())})")
+            self._check_rows(attention_mask)
+
+    def _check_rows(self, attention_mask: torch.Tensor) -> None:
+        """Raise ValueError unless ``pos`` lies in every row's real tokens."""
+        n = attention_mask.bool().sum(-1)
+        short = ((self.pos >= n) | (self.pos < -n)).nonzero().flatten().tolist()
+        if short:
+            raise ValueError(f"logit_diff pos={self.pos} is out of range for row {short[0]}, which has "
+                             f"{int(n[short[0]])} real tokens: on a padded batch pos counts each row's real "
+                             f"tokens; pass a position in [-{int(n.min())}, {int(n.min())})")
 
     def columns(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """(batch,) column of each row's real token number ``pos`` (counted as in an unpadded row)."""
@@ -141,7 +146,8 @@ class LogitDiff:
                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if attention_mask is None:
             last = logits[:, self.pos].float()  # (batch, vocab)
-        else:
+        else:  # (a pos outside a row's real tokens matches no column: argmax would read column 0)
+            self._check_rows(attention_mask)
             cols = self.columns(attention_mask).to(logits.device)
             last = logits[torch.arange(logits.shape[0], device=logits.device), cols].float()
         pair = last.gather(-1, self.ids(last.shape[0]).to(last.device))  # (batch, 2)
@@ -222,11 +228,28 @@ def _check_pair(model, clean, corrupted, direction, remote: Remote = False, atte
                          "patching copies activations position by position, so pass token-aligned pairs of "
                          "the same (batch, pos) (pad or truncate both to the same length)")
     check_mask(attention_mask, clean)  # one mask for both: they are padded identically (not checkable)
+    _check_no_gap(attention_mask)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is unknown: use 'clean_to_corrupted' (run corrupted, patch "
                          "in clean activations) or 'corrupted_to_clean'")
     source, target = (clean, corrupted) if direction == "clean_to_corrupted" else (corrupted, clean)
     return engine, source, target
+
+
+def _check_no_gap(attention_mask: torch.Tensor | None) -> None:
+    """Padding only at a row's ends (left, right or both): a gap between real tokens would be dropped by
+    the runs (position ids skip it) but also drop the loss across it in ``mean_loss_metric``, which the
+    prompt run unpadded has."""
+    if attention_mask is None:
+        return
+    real = attention_mask.bool()
+    count = real.long().cumsum(-1)  # real tokens up to each column
+    gap = ~real & (count > 0) & (count < count[:, -1:])
+    if bool(gap.any()):
+        row, col = gap.nonzero()[0].tolist()
+        raise ValueError(f"attention_mask row {row} has padding between real tokens (column {col}): the patching "
+                         "functions take each prompt padded on the left or the right (or both), one run of real "
+                         "tokens per row; remove the gap")
 
 
 def check_metric(metric, engine: Engine | None = None, target: torch.Tensor | None = None,
@@ -236,22 +259,29 @@ def check_metric(metric, engine: Engine | None = None, target: torch.Tensor | No
     the model's vocabulary (checked before any run, so nothing is sent first)."""
     if not callable(metric):
         raise ValueError(f"metric must be a function (logits, tokens) -> (batch,), got {type(metric).__name__}")
-    try:
-        inspect.signature(metric).bind(None, None)
-    except TypeError:
-        raise ValueError("metric must take (logits, tokens): the patching functions pass the tokens of the "
-                         "run being measured; e.g. def metric(logits, tokens): ...") from None
-    except ValueError:  # no signature (builtins): trust it
-        pass
-    if attention_mask is not None:
+
+    def fits(*args, **kwargs) -> bool:  # whether metric can be called so (no signature, e.g. builtins: trust it)
         try:
-            inspect.signature(metric).bind(None, None, attention_mask=None)
+            inspect.signature(metric).bind(*args, **kwargs)
         except TypeError:
-            raise ValueError("on a padded batch (attention_mask) the metric is given the mask, as metric(logits, "
-                             "tokens, attention_mask=mask), so that it can leave padding out; add the parameter: "
-                             "def metric(logits, tokens, attention_mask=None): ...") from None
-        except ValueError:  # no signature: trust it
+            return False
+        except ValueError:
             pass
+        return True
+
+    if attention_mask is not None and fits(None, None, attention_mask=None):
+        pass  # called metric(logits, tokens, attention_mask=mask): a required mask parameter is fine
+    elif not fits(None, None):
+        if fits(None, None, attention_mask=None):
+            raise ValueError("the metric requires attention_mask, which is given only on a padded batch: pass "
+                             "attention_mask= to the patching function, or give the parameter a default "
+                             "(attention_mask=None)")
+        raise ValueError("metric must take (logits, tokens): the patching functions pass the tokens of the "
+                         "run being measured; e.g. def metric(logits, tokens): ...")
+    elif attention_mask is not None:
+        raise ValueError("on a padded batch (attention_mask) the metric is given the mask, as metric(logits, "
+                         "tokens, attention_mask=mask), so that it can leave padding out; add the parameter: "
+                         "def metric(logits, tokens, attention_mask=None): ...")
     if isinstance(metric, LogitDiff) and engine is not None:
         metric.check(target.shape[0], target.shape[1], engine.adapter.vocab_size, attention_mask)
     if metric is mean_loss_metric and target is not None:  # reduced in the trace: checked here, before any run
