@@ -244,12 +244,18 @@ def test_padding_between_real_tokens_refused_before_any_run():
         assert calls == []
     finally:
         handle.remove()
-    # the loss the gap would drop: per_token_loss of the row's real tokens run unpadded has it, the
-    # gapped row's has NaN there (the reason for the refusal)
-    keep = gap[1].bool()
-    alone = per_token_loss(model, clean[1:, keep])[0]
-    gapped = per_token_loss(model, clean[1:], attention_mask=gap[1:])[0]
-    assert not alone.isnan().any() and gapped[2:4].isnan().all()
+    # every primitive refuses it, before any forward (the engine's one mask check): per_token_loss ran it
+    # and gave NaN for the losses across the gap, which the row's real tokens run unpadded have
+    calls, handle = _count_forwards(model)
+    try:
+        for call in (lambda: per_token_loss(model, clean, attention_mask=gap),
+                     lambda: per_token_loss(model, clean, ZeroAblation("L0H0"), attention_mask=gap),
+                     lambda: ablation_sweep(model, clean, attention_mask=gap)):
+            with pytest.raises(ValueError, match=r"row 1 has padding between real tokens \(column 3\)"):
+                call()
+        assert calls == []
+    finally:
+        handle.remove()
     # padding at both ends of a row is one run of real tokens: accepted, equal to the prompts alone
     ends = torch.ones(2, 8, dtype=torch.long)
     ends[0, :2] = ends[0, -1] = 0

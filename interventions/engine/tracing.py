@@ -186,7 +186,10 @@ def check_value(value, shape: tuple[int, ...], label: str, full: tuple[int, ...]
 
 
 def check_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> None:
-    """An attention mask must match the tokens' shape and hold 0/1 (1 = real token)."""
+    """An attention mask must match the tokens' shape, hold 0/1 (1 = real token) and give each row one run
+    of real tokens (padding on the left, the right or both): a gap between real tokens would be dropped
+    by the runs (position ids skip it) but not by every measure of them (a loss across it; a smeared key
+    after it), so no result could equal the prompt's unpadded one."""
     if attention_mask is None:
         return
     if not torch.is_tensor(attention_mask) or attention_mask.shape != tokens.shape:
@@ -200,6 +203,13 @@ def check_mask(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> Non
         empty = (attention_mask == 0).all(-1).nonzero().flatten().tolist()
         rows = "" if len(empty) == 1 else f" (rows {empty})"
         raise ValueError(f"attention_mask row {empty[0]} has no real token{rows}: drop sequences that are all padding")
+    count = attention_mask.long().cumsum(-1)  # real tokens up to each column
+    gap = (attention_mask == 0) & (count > 0) & (count < count[:, -1:])
+    if bool(gap.any()):
+        row, col = gap.nonzero()[0].tolist()
+        raise ValueError(f"attention_mask row {row} has padding between real tokens (column {col}): pass each "
+                         "prompt padded on the left or the right (or both), one run of real tokens per row; "
+                         "remove the gap")
 
 
 def position_ids(attention_mask: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:

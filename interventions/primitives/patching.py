@@ -228,28 +228,11 @@ def _check_pair(model, clean, corrupted, direction, remote: Remote = False, atte
                          "patching copies activations position by position, so pass token-aligned pairs of "
                          "the same (batch, pos) (pad or truncate both to the same length)")
     check_mask(attention_mask, clean)  # one mask for both: they are padded identically (not checkable)
-    _check_no_gap(attention_mask)
     if direction not in DIRECTIONS:
         raise ValueError(f"direction={direction!r} is unknown: use 'clean_to_corrupted' (run corrupted, patch "
                          "in clean activations) or 'corrupted_to_clean'")
     source, target = (clean, corrupted) if direction == "clean_to_corrupted" else (corrupted, clean)
     return engine, source, target
-
-
-def _check_no_gap(attention_mask: torch.Tensor | None) -> None:
-    """Padding only at a row's ends (left, right or both): a gap between real tokens would be dropped by
-    the runs (position ids skip it) but also drop the loss across it in ``mean_loss_metric``, which the
-    prompt run unpadded has."""
-    if attention_mask is None:
-        return
-    real = attention_mask.bool()
-    count = real.long().cumsum(-1)  # real tokens up to each column
-    gap = ~real & (count > 0) & (count < count[:, -1:])
-    if bool(gap.any()):
-        row, col = gap.nonzero()[0].tolist()
-        raise ValueError(f"attention_mask row {row} has padding between real tokens (column {col}): the patching "
-                         "functions take each prompt padded on the left or the right (or both), one run of real "
-                         "tokens per row; remove the gap")
 
 
 def check_metric(metric, engine: Engine | None = None, target: torch.Tensor | None = None,
