@@ -13,7 +13,9 @@ Commands:
 
 Exit codes: 0 success; 2 bad input (usage, options, corpus, a damaged or stale result, an output
 folder in use by another process); 1 a run that failed for a known reason (diverged training, disk
-full, read-only folder, out of memory: one line, no traceback); a bug raises with a traceback.
+full, read-only folder, out of memory: one line, no traceback); 128 + N interrupted by signal N (130
+Ctrl-C; 143 SIGTERM, 129 SIGHUP while worker processes run: they are stopped first), one line saying how to
+resume; a bug raises with a traceback.
 Usage errors are found before the heavy imports (torch, transformers) and leave no folders.
 """
 
@@ -24,6 +26,7 @@ import errno
 import json
 import os
 import re
+import signal
 import stat
 import sys
 from pathlib import Path
@@ -503,9 +506,10 @@ def main(argv: list[str] | None = None) -> int:
 
             set_lock_wait(args.wait)
         return args.func(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal while workers ran (experiments.common.Interrupted)
         advice = _RESUME_ADVICE.get(args.command, "rerun the same command: finished tables are kept")
-        parser.exit(130, f"interrupted: {advice}\n")
+        signum = getattr(e, "signum", signal.SIGINT)
+        parser.exit(128 + signum, f"interrupted by {signal.Signals(signum).name}: {advice}\n")
     except Exception as e:
         known = _known_failure(e)
         if known is None:

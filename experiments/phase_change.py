@@ -30,6 +30,7 @@ Tables (``results/<run>/phase_change/``): ``checkpoints``, ``loss_by_index``, ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -43,7 +44,7 @@ from interventions.primitives.loss import loss_by_position, loss_from_logits
 from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, list_checkpoints, load_model,
                                      load_train_config)
 
-from .common import ResultError, Results, owns_results, run_fingerprint
+from .common import ResultError, Results, owns_results, run_fingerprint, worker_pool
 from .zoo import RUN_THREADS, smear_twins, split_run_name
 
 N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows
@@ -270,9 +271,7 @@ def _pool_iter(fn, jobs: list, workers: int, progress: bool, desc: str, total: i
                 bar.update(len(r))
                 yield r
         else:
-            import multiprocessing as mp
-
-            with mp.get_context("spawn").Pool(workers) as pool:
+            with worker_pool(workers) as pool:  # SIGTERM/Ctrl-C: the workers stop with the parent
                 for r in pool.imap(fn, jobs):
                     bar.update(len(r))
                     yield r
@@ -337,12 +336,14 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     # at the first model not written
     chunks: dict[str, list] = {name: [] for name in todo}
     left = {name: owners.count(name) for name in todo}
-    for owner, chunk in zip(owners, _pool_iter(_eval_chunk, jobs, workers, progress, "evaluate checkpoints",
-                                               sum(len(j[1]) for j in jobs))):
-        chunks[owner].append(chunk)
-        left[owner] -= 1
-        if left[owner] == 0:
-            _write_evaluated(res, owner, [r for c in chunks.pop(owner) for r in c], keys[owner])
+    # closing: an error or a signal here stops the workers before the results folder's lock is released
+    with contextlib.closing(_pool_iter(_eval_chunk, jobs, workers, progress, "evaluate checkpoints",
+                                       sum(len(j[1]) for j in jobs))) as evaluated:
+        for owner, chunk in zip(owners, evaluated):
+            chunks[owner].append(chunk)
+            left[owner] -= 1
+            if left[owner] == 0:
+                _write_evaluated(res, owner, [r for c in chunks.pop(owner) for r in c], keys[owner])
     ck = pd.concat([res.read(f"checkpoints_{n}") for n in runs])
     hs = pd.concat([res.read(f"head_scores_{n}") for n in runs])
     res.write("checkpoints", ck)

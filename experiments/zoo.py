@@ -15,7 +15,8 @@ each run folder is named ``<model>-s<seed>``.
 Models train in parallel worker processes (one per core by default, each with one torch thread: on
 the 2-core CPU two single-threaded runs give ~1.2-1.3x the tokens/s of one run on both cores, and a
 fixed thread count keeps results bit-identical on any machine; on a GPU up to 8 processes share the
-card: small models are launch-bound, so parallel runs fill it).
+card: small models are launch-bound, so parallel runs fill it). The workers never outlive the parent:
+Ctrl-C, SIGTERM or SIGHUP stops them first (``common.worker_pool``), and the same command resumes.
 """
 
 from __future__ import annotations
@@ -174,9 +175,9 @@ def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: b
         for job in jobs:
             _train_one(job)
         return out
-    import multiprocessing as mp
+    from .common import worker_pool
 
-    with mp.get_context("spawn").Pool(workers, maxtasksperchild=1) as pool:
+    with worker_pool(workers, maxtasksperchild=1) as pool:  # SIGTERM/Ctrl-C: the workers stop with the parent
         for _ in pool.imap_unordered(_train_one, jobs):
             pass
     return out

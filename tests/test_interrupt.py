@@ -1,0 +1,211 @@
+"""A stop signal to a parent running worker processes (SIGTERM from a scheduler, ``kill``, ``timeout``;
+Ctrl-C): the workers stop with it, its locks are released, it exits 128 + N with one line saying how to
+resume, no file is left half-written, and rerunning the same command resumes.
+
+Before: SIGTERM killed the parent outright and its spawned workers went on training (writing into the
+run folders and holding their locks) until their model was done; a rerun meanwhile was refused.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments.common import Interrupted, stop_on_signal
+from experiments.presets import get_preset
+from interventions.zoo import train as T
+from interventions.zoo.ownership import owned
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds worker processes in /proc")
+
+# `reproduce --scale tiny --workers 2` with two models of a few seconds each, stopped once trained (what
+# follows is not what these tests check). Run with -c: spawned workers do not re-run a -c script.
+REPRODUCE = r'''
+import sys
+import experiments.phase_change
+from experiments import zoo
+from experiments.__main__ import main
+
+zoo.SCALES["tiny"] = {"attn-1l": 400_000, "attn-2l": 400_000}
+
+
+def trained(*args, **kwargs):
+    print("trained", flush=True)
+    raise SystemExit(0)
+
+
+experiments.phase_change.run_phase_change = trained
+sys.exit(main(["reproduce", "--scale", "tiny", "--workers", "2", "--quiet", "--out", sys.argv[1]]))
+'''
+
+
+def workers_of(pid: int) -> list[int]:
+    """Pids of the live multiprocessing workers spawned by ``pid`` (its resource tracker left out)."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):  # a process that ended while we looked
+            if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                if b"multiprocessing.spawn" in (d / "cmdline").read_bytes() and alive(int(d.name)):
+                    found.append(int(d.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the command ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {what} within {timeout} s")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def started(argv: list[str]):
+    """The command in a new process group, killed with any process it left when the test ends."""
+    proc = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # its group: orphaned workers stay in it
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def stopped(proc: subprocess.Popen, sig: int, group: bool = False) -> tuple[int, str, list[int]]:
+    """Send ``sig`` (to the whole process group, as Ctrl-C does, with ``group``) once the workers run;
+    (exit code, last stderr line, workers still running 1 s after the parent exited)."""
+    workers = workers_of(proc.pid)
+    os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 1  # stopped and joined by the parent before it exits: already gone
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in workers if alive(p)]
+    if left:  # stopped here, or reading stderr (theirs too) would wait for them to finish
+        os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, (proc.communicate(timeout=30)[1].strip().splitlines() or [""])[-1], left
+
+
+def assert_nothing_half_written(root: Path) -> None:
+    """Every checkpoint verifies, every JSON file parses and every whole metrics line parses (a kill
+    mid-write leaves a temp file or folder, or a torn last line that resume drops; never more)."""
+    final = [f for f in root.rglob("*") if not any(part.startswith(".") for part in f.relative_to(root).parts)]
+    for ckpt in (f for f in final if f.name.startswith("step-")):
+        assert T.verify_checkpoint(ckpt), ckpt
+    for f in (f for f in final if f.suffix == ".json" or f.name == "metrics.jsonl"):
+        lines = f.read_text().splitlines(keepends=True) if f.suffix == ".jsonl" else [f.read_text() + "\n"]
+        for line in (line for line in lines if line.endswith("\n")):
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                pytest.fail(f"{f} is half-written: {e}")
+
+
+@pytest.mark.slow  # 15-30 s on a 2-core CPU: two launches, each spawning two workers that import torch
+def test_sigterm_stops_the_training_workers_and_the_rerun_resumes(tmp_path):
+    """SIGTERM to `reproduce` while its workers train: exit 143 with the advice, no worker left, nothing
+    half-written, and the same command again resumes the interrupted runs from their checkpoints."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-c", REPRODUCE, str(out)]
+    with started(argv) as proc:
+        wait_for(lambda: len(workers_of(proc.pid)) >= 2 and any(out.glob("runs/*/checkpoints/step-*")), proc,
+                 "checkpoint written by the workers")
+        code, last, left = stopped(proc, signal.SIGTERM)
+    assert not left, f"workers {left} outlived the parent"
+    assert code == 128 + signal.SIGTERM, last
+    assert last == "interrupted by SIGTERM: rerun the same command: reproduce resumes where it stopped"
+    assert_nothing_half_written(out)
+    runs = [out / "runs" / name for name in ("attn-1l", "attn-2l")]
+    final = f"step-{T.TrainConfig.from_dict({**get_preset('tiny'), 'tokens': 400_000}).total_steps:08d}"
+    assert not all((r / "checkpoints" / final).is_dir() for r in runs), "both finished before the signal"
+
+    with started(argv) as proc:
+        stdout, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "trained" in stdout, err[-2000:]
+    starts = []
+    for run in runs:
+        assert T.latest_checkpoint(run).name == final, run
+        starts += [inv["from_step"] for inv in json.loads((run / "provenance.json").read_text())["invocations"][1:]]
+    assert starts and max(starts) > 0, f"no run resumed from a checkpoint: {starts}"
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="phase-change evaluates in this process on one core")
+@pytest.mark.parametrize("sig, group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["sigterm", "ctrl-c"])
+def test_a_stop_signal_stops_the_evaluation_workers(tmp_path, sig, group):
+    """SIGTERM to `phase-change`, or Ctrl-C to its process group, while its workers evaluate checkpoints:
+    exit 128 + N with the advice, no worker left, and the results folder free for the rerun."""
+    cfg = T.TrainConfig.from_dict({**get_preset("tiny"), "tokens": 4_000})
+    T.train(cfg, tmp_path / "a", progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns(".lock"))
+    res = tmp_path / "res"
+    argv = [sys.executable, "-m", "experiments", "phase-change", str(tmp_path / "a"), str(tmp_path / "b"),
+            "--out", str(res), "--windows", "16", "--quiet"]
+    with started(argv) as proc:
+        wait_for(lambda: len(workers_of(proc.pid)) >= 2, proc, "evaluation workers")  # just spawned: busy for seconds
+        code, last, left = stopped(proc, sig, group)
+    assert not left, f"workers {left} outlived the parent"
+    name = signal.Signals(sig).name
+    assert code == 128 + sig and last == f"interrupted by {name}: rerun the same command: finished tables are kept"
+    assert_nothing_half_written(res)
+    with owned(res):  # released: a rerun is not refused
+        pass
+
+
+def test_stop_on_signal_raises_once_defers_and_restores():
+    """Inside the block SIGTERM raises ``Interrupted`` (once: a second signal during the cleanup is dropped);
+    in ``deferred`` it is raised at the end of it; an ignored signal stays ignored; the previous handlers
+    are back after; off the main thread nothing is installed."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    before_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with pytest.raises(Interrupted) as e, stop_on_signal():
+            assert signal.getsignal(signal.SIGTERM) != before[signal.SIGTERM]  # else the kill below ends pytest
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            finally:
+                os.kill(os.getpid(), signal.SIGTERM)  # dropped: the first is unwinding
+                time.sleep(0.1)
+        assert e.value.signum == signal.SIGTERM and isinstance(e.value, KeyboardInterrupt)
+        done = []
+        with pytest.raises(Interrupted), stop_on_signal() as deferred, deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            done.append(True)
+        assert done
+        assert {s: signal.getsignal(s) for s in before} == before
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before_hup)
+    seen = []
+
+    def off_main():
+        with stop_on_signal():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    t = threading.Thread(target=off_main)
+    t.start()
+    t.join()
+    assert seen == [before[signal.SIGTERM]]
