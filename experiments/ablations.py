@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from interventions import PatternPreserving, ZeroAblation, observable, per_token_loss
+from interventions import PatternPreserving, ZeroAblation
+from interventions.primitives.loss import per_token_loss_sets
 from interventions.engine.heads import Head
 from interventions.analysis.metrics import icl_band, icl_band_losses, icl_indices
 from interventions.engine.adapters import get_adapter
@@ -65,15 +66,15 @@ def share_removed(clean: np.ndarray, ablated: np.ndarray, seed: int = 0) -> tupl
     return float(share(clean, ablated)), float(np.std(boots, ddof=1))
 
 
-def set_losses(model, windows: torch.Tensor, sets: dict[str, list]) -> dict[str, torch.Tensor]:
+def set_losses(model, windows: torch.Tensor, sets: dict[str, list], progress: bool | None = None
+               ) -> dict[str, torch.Tensor]:
     """Per-token losses (n_windows, pos - 1) with each set's heads pattern-preservingly zero-ablated together
     (an empty set: the clean run). All on the eager attention path that pattern preservation runs on
     (``observable``), the clean run included: SDPA's clean loss differs from it in low precision, so a
-    change from it would mix the two paths."""
-    with observable(model):
-        clean = per_token_loss(model, windows, batch_size=64)
-        return {name: per_token_loss(model, windows, [PatternPreserving(ZeroAblation(heads))], batch_size=64)
-                if heads else clean for name, heads in sets.items()}
+    change from it would mix the two paths (``per_token_loss_sets``, which also reads each chunk's clean
+    patterns once for all sets)."""
+    return per_token_loss_sets(model, windows, {name: [PatternPreserving(ZeroAblation(heads))] if heads else []
+                                                for name, heads in sets.items()}, batch_size=64, progress=progress)
 
 
 def _sem(x: np.ndarray) -> float:
@@ -147,7 +148,7 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                 pick = g.choice(len(others), size=len(ind), replace=False)
                 sets[f"random {r}"] = [others[i] for i in sorted(pick)]
         rows, by_index = [], []
-        all_losses = set_losses(model, windows, sets)
+        all_losses = set_losses(model, windows, sets, progress)
         c = per_window_icl(all_losses["clean"])
         for set_name, heads in sets.items():
             losses = all_losses[set_name]

@@ -564,7 +564,7 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
     points on the same windows ("*_minus_*" rows) have their own, smaller s.e. Also attn-1l at attn-2l's
     "before" tokens and the paired difference there (``_one_layer_at_before``), and each smeared run with
     its vanilla twin at equal tokens (``_smeared_vs_vanilla``)."""
-    rows, before = [], {}
+    rows, before, seen = [], {}, {}  # seen: the points evaluated, by checkpoint (``_point_icl``)
     for name, run in runs.items():
         cfg = run_config(run)
         ckpts = list_checkpoints(run)
@@ -578,7 +578,7 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
         wins = eval_windows(cfg, n)
         per_window = {}
         for point, ckpt in points.items():
-            r, per_window[point] = _point_icl(ckpt, wins, device)  # per window: paired differences use these
+            r, per_window[point] = _point_icl(ckpt, wins, device, seen)  # per window: paired differences use these
             rows.append({"model": name, "point": point, "step": step_tokens(ckpt, cfg)[0],
                          "tokens": step_tokens(ckpt, cfg)[1], "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n})
         for a, b in (("after", "before"), ("final", "at_80pct")):
@@ -587,21 +587,32 @@ def precise_icl(runs: dict[str, Path], windows: pd.DataFrame, n: int, device: st
                 rows.append({"model": name, "point": f"{a}_minus_{b}", "step": -1, "tokens": -1,
                              "icl_score": float(d.mean()), "icl_sem": float(d.std() / math.sqrt(len(d))), "n": n})
         before[name] = per_window.get("before"), points.get("before"), cfg
-    rows += _one_layer_at_before(runs, before, n, device)
-    rows += _smeared_vs_vanilla(runs, n, device)
+    rows += _one_layer_at_before(runs, before, n, device, seen)
+    rows += _smeared_vs_vanilla(runs, n, device, seen)
     return pd.DataFrame(rows)
 
 
-def _point_icl(ckpt: Path, wins: torch.Tensor, device: str) -> tuple[dict, torch.Tensor]:
+def _point_icl(ckpt: Path, wins: torch.Tensor, device: str, seen: dict | None = None) -> tuple[dict, torch.Tensor]:
     """ICL score (``icl_from_losses``: score, s.e.) of a checkpoint on ``wins``, and the (n,) per-window
-    scores (late band minus early band) that paired differences between points are taken of."""
+    scores (late band minus early band) that paired differences between points are taken of. ``seen``:
+    {checkpoint: (windows, score, per window)} of the points already evaluated, reused on equal windows."""
+    if seen is not None and str(ckpt) in seen and torch.equal(seen[str(ckpt)][0], wins):
+        return seen[str(ckpt)][1:]
+    out = _evaluate_point(ckpt, wins, device)
+    if seen is not None:
+        seen[str(ckpt)] = (wins, *out)
+    return out
+
+
+def _evaluate_point(ckpt: Path, wins: torch.Tensor, device: str) -> tuple[dict, torch.Tensor]:
     losses = window_losses(load_model(ckpt, device), wins)
     pos = losses.shape[1] + 1
     early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
     return icl_from_losses(losses, *icl_indices(pos), icl_band(pos)), late - early
 
 
-def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: str) -> list[dict]:
+def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: str, seen: dict | None = None
+                         ) -> list[dict]:
     """The 1-layer control (attn-1l) at the tokens of attn-2l's "before" point, on the same windows, and
     the paired difference attn-2l minus attn-1l there: how much of the ICL score before the window a
     model that cannot form induction heads also has (point ``attn1l_at_before``). Each seed's attn-2l
@@ -617,7 +628,7 @@ def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: st
         wins = eval_windows(cfg, n)
         if not torch.equal(wins, eval_windows(cfg2, n)):
             continue  # different corpora or seeds: no paired comparison
-        r, per1 = _point_icl(ckpt, wins, device)
+        r, per1 = _point_icl(ckpt, wins, device, seen)
         d = per2 - per1
         rows += [{"model": one, "point": "attn1l_at_before", "step": step_tokens(ckpt, cfg)[0],
                   "tokens": step_tokens(ckpt, cfg)[1], "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n},
@@ -626,7 +637,7 @@ def _one_layer_at_before(runs: dict[str, Path], before: dict, n: int, device: st
     return rows
 
 
-def _smeared_vs_vanilla(runs: dict[str, Path], n: int, device: str) -> list[dict]:
+def _smeared_vs_vanilla(runs: dict[str, Path], n: int, device: str, seen: dict | None = None) -> list[dict]:
     """Each smeared run and its vanilla twin (``smear_twins``) at the largest token count both were
     checkpointed at (one schedule, so the longer run's prefix is comparable), on the same ``n`` windows:
     each model's ICL there (point ``smear_compare``) and the paired difference smeared minus vanilla
@@ -641,7 +652,7 @@ def _smeared_vs_vanilla(runs: dict[str, Path], n: int, device: str) -> list[dict
             continue  # no common checkpoint, or different corpora or seeds: no paired comparison
         t, per = common[-1], {}
         for m in (a, b):
-            r, per[m] = _point_icl(at[m][t], wins, device)
+            r, per[m] = _point_icl(at[m][t], wins, device, seen)
             rows.append({"model": m, "point": "smear_compare", "step": step_tokens(at[m][t], cfgs[m])[0],
                          "tokens": t, "icl_score": r["icl_score"], "icl_sem": r["sem"], "n": n})
         d = per[b] - per[a]

@@ -10,7 +10,7 @@ from torch import nn
 from interventions import (ArchSpec, AttnOnlyConfig, AttnOnlyForCausalLM, InterventionError,
                            MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation,
                            ablation_sweep, per_token_loss, register_adapter, run_with_ablations)
-from interventions.engine.adapters import ARCHS, get_adapter
+from interventions.engine.adapters import ARCHS, get_adapter, observable
 from interventions.engine.heads import Head
 from interventions.engine.sites import Site
 from interventions.engine.tracing import Run, Write, execute
@@ -644,3 +644,37 @@ def test_reference_ablation_not_stale_after_data_edits(make):
     assert torch.equal(run_with_ablations(model, tokens, abl), run_with_ablations(model, tokens, make("L1H0", reference)))
     reference.data[:, 0] = (reference[:, 0] + 1) % VOCAB
     assert torch.equal(run_with_ablations(model, tokens, abl), run_with_ablations(model, tokens, make("L1H0", reference)))
+
+
+@pytest.mark.parametrize("arch", ["attn_only", "llama"])
+def test_loss_sets_equal_one_call_per_set_with_one_clean_pass_per_chunk(arch):
+    """``per_token_loss_sets`` gives, for each set, exactly what ``per_token_loss`` gives for it on the eager
+    path (``observable``), on chunks of a left-padded batch, for pattern-preserving zero and mean sets, a
+    plain zero set and the clean run; and it runs k + 1 forwards per chunk for k ablated sets (the clean
+    patterns read once), where one call per set runs 2 per pattern-preserving set."""
+    from interventions.primitives.loss import per_token_loss_sets
+
+    model = build(arch)
+    tokens = _tokens(batch=5, pos=12)
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = mask[4, :1] = 0
+    reference = _tokens(batch=4, pos=12, seed=7)
+    sets = {"clean": [], "pp zero": PatternPreserving(ZeroAblation(["L1H0", "L0H2"])),
+            "pp mean": [PatternPreserving(MeanAblation("L1H1", reference))], "zero": ZeroAblation("L0H1")}
+    got = per_token_loss_sets(model, tokens, sets, batch_size=2, attention_mask=mask, progress=False)
+    calls = []  # counted on a second call: the take-effect probes run once per model and site
+    handle = model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        again = per_token_loss_sets(model, tokens, sets, batch_size=2, attention_mask=mask, progress=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 3 * 4 + 1  # 3 chunks x (clean + 3 sets), and the mean's reference run
+    assert all(torch.equal(again[k].nan_to_num(), got[k].nan_to_num()) for k in sets)
+    with observable(model):
+        for name, abl in sets.items():
+            want = per_token_loss(model, tokens, abl or None, batch_size=2, attention_mask=mask)
+            assert torch.equal(got[name].isnan(), want.isnan()), name
+            assert torch.equal(got[name].nan_to_num(), want.nan_to_num()), (name, (got[name] - want).nan_to_num().abs().max())
+    assert not torch.allclose(got["pp zero"].nan_to_num(), got["clean"].nan_to_num())  # the ablations bite
+    with pytest.raises(ValueError, match="non-empty dict"):
+        per_token_loss_sets(model, tokens, {})

@@ -13,14 +13,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from .ablation import Ablation, ablation_run, as_ablations, prepare_ablations
-from ..engine.adapters import get_adapter
+from .ablation import Ablation, PatternPreserving, ablation_run, as_ablations, head_writes, prepare_ablations
+from .progress import passes
+from ..engine.adapters import get_adapter, observable
 from ..engine.remote import Remote, check_remote
-from ..engine.tracing import check_mask, check_tokens, pad_to_nan, unwrap, without_grad
+from ..engine.sites import Site
+from ..engine.tracing import (Engine, Run, Write, check_mask, check_positive, check_tokens, pad_to_nan, position_ids,
+                              unwrap, without_grad)
 
 
 LOSS_CHUNK_ELEMENTS = 2 ** 28  # float32 elements of logits converted at once (1 GiB)
@@ -65,6 +69,75 @@ def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ab
                             returns="loss", prepared=True).loss
         parts.append(pad_to_nan(loss.cpu(), mask))
     return torch.cat(parts)
+
+
+@without_grad
+def per_token_loss_sets(model, tokens: torch.Tensor, sets: Mapping[str, Ablation | Sequence[Ablation]],
+                        batch_size: int | None = None, attention_mask: torch.Tensor | None = None,
+                        progress: bool | None = None) -> dict[str, torch.Tensor]:
+    """``per_token_loss`` of ``tokens`` under each of several ablation sets: {name: (batch, pos - 1)}; an
+    empty set is the clean run.
+
+    Where any set holds a ``PatternPreserving`` ablation, every set runs on ``observable``'s eager path,
+    the clean run included (so a change from it compares one path), and each chunk's clean patterns are
+    read once, by the clean run, for all sets (``per_token_loss`` reads them again for each call): k
+    pattern-preserving sets cost k + 1 forward passes, not 2k + 1. Each result equals ``with
+    observable(model): per_token_loss(model, tokens, set, batch_size, attention_mask)`` (tested; without
+    a pattern-preserving set, the same without ``observable``). ``progress``: a bar over forward passes
+    (``interventions.primitives.progress``).
+
+    Example:
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM, ZeroAblation
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20)).eval()
+        >>> out = per_token_loss_sets(model, torch.randint(0, 20, (3, 10)),
+        ...                           {"clean": [], "L0H1": PatternPreserving(ZeroAblation("L0H1"))})
+        >>> {name: tuple(loss.shape) for name, loss in out.items()}
+        {'clean': (3, 9), 'L0H1': (3, 9)}
+    """
+    engine = Engine(model)
+    check_tokens(tokens, engine.adapter)
+    check_mask(attention_mask, tokens)
+    check_positive(batch_size, "batch_size", allow_none=True)
+    if not isinstance(sets, Mapping) or not sets:
+        raise ValueError("sets must be a non-empty dict {name: ablation or list of ablations} ([] for the clean run)")
+    sets = {name: as_ablations(abl) for name, abl in sets.items()}
+    step = tokens.shape[0] if batch_size is None else batch_size
+    frozen_by = {name: any(isinstance(a, PatternPreserving) for a in abl) for name, abl in sets.items()}
+    eager = any(frozen_by.values())
+    need_clean = eager or any(not abl for abl in sets.values())
+    chunks = range(0, tokens.shape[0], step)
+    bar = passes(len(chunks) * (sum(1 for abl in sets.values() if abl) + need_clean), "ablation sets", progress)
+    sites = [Site(layer, "pattern") for layer in range(engine.adapter.n_layers)]
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
+    try:
+        with observable(engine.inner) if eager else contextlib.nullcontext():
+            for ablations in sets.values():  # once for all chunks (reference runs, on the sets' path)
+                prepare_ablations(ablations, model, tokens, False, attention_mask, rows=step)
+            for i in chunks:
+                toks = tokens[i:i + step]
+                mask = None if attention_mask is None else attention_mask[i:i + step]
+                frozen, clean = [], None
+                if need_clean:  # the clean run, reading the patterns that pattern-preserving sets freeze
+                    result = engine.run(Run(toks, reads=sites if eager else [], attention_mask=mask, returns="loss"))
+                    clean = result.loss
+                    frozen = [Write(s, result.acts[str(s)]) for s in sites] if eager else []
+                    if bar is not None:
+                        bar.update(1)
+                positions = None if mask is None else position_ids(mask, toks)
+                for name, ablations in sets.items():
+                    if not ablations:
+                        loss = clean
+                    else:
+                        writes = head_writes(ablations, toks, i, positions)
+                        loss = engine.run(Run(toks, writes=(frozen if frozen_by[name] else []) + writes,
+                                              attention_mask=mask, returns="loss")).loss
+                        if bar is not None:
+                            bar.update(1)
+                    parts[name].append(pad_to_nan(loss.cpu(), mask))
+    finally:
+        if bar is not None:
+            bar.close()
+    return {name: torch.cat(p) for name, p in parts.items()}
 
 
 def check_aligned(losses: torch.Tensor, name: str) -> None:
