@@ -1087,3 +1087,27 @@ def test_a_corpus_edited_after_training_is_refused_before_evaluation(tmp_path, m
     assert not (tmp_path / "results" / "phase_change").exists()  # no table, no provenance (only the folder's lock)
     with pytest.raises(ResultError, match="has changed since"):
         run_source(run)
+
+
+def test_disk_full_inside_safetensors_gives_one_line(tmp_path, capsys, monkeypatch):
+    """A full disk while a checkpoint is written surfaces from safetensors as a ``SafetensorError`` ("... (os
+    error 28)"), not an OSError: it gave a traceback (seen on a full dev disk). Now the one line of an
+    environment failure, exit 1, naming the checkpoint folder; a safetensors error without an OS error is
+    still a bug (traceback)."""
+    from safetensors import SafetensorError
+
+    import interventions.zoo.train as TT
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(TT, "save_file", full)
+    got, err = cli(train_argv(tmp_path / "out"), capsys)
+    assert got == 1 and "disk is full" in err and ".tmp-step-" in err and len(err.strip().splitlines()) == 1, err
+
+    def other(*a, **k):
+        raise SafetensorError("Error while serializing: a shape mismatch")
+
+    monkeypatch.setattr(TT, "save_file", other)
+    with pytest.raises(SafetensorError, match="shape mismatch"):
+        cli_main(train_argv(tmp_path / "out2"))

@@ -432,6 +432,30 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     return tensors, scalars
 
 
+@contextlib.contextmanager
+def os_errors_of_safetensors(path: str | Path | None = None):
+    """Re-raise a safetensors failure that reports an OS error ("... No space left on device (os error 28)",
+    a ``SafetensorError``, not an ``OSError``) as that ``OSError`` (on ``path``), so a full disk or a
+    read-only folder is the environment failure it is (the CLI's one line) and not a traceback; anything
+    else passes unchanged.
+
+    >>> from safetensors import SafetensorError
+    >>> with os_errors_of_safetensors("run/checkpoints"):
+    ...     raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    Traceback (most recent call last):
+    ...
+    OSError: [Errno 28] No space left on device: 'run/checkpoints'
+    """
+    try:
+        yield
+    except Exception as e:
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m is None or isinstance(e, OSError) or not type(e).__module__.startswith("safetensors"):
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), None if path is None else str(path)) from e
+
+
 def save_checkpoint(run_dir: Path, step: int, model, opt, tokens: int) -> Path:
     """Write checkpoint ``step`` atomically: temp folder, manifest last, then rename."""
     ckpt_root = run_dir / "checkpoints"
@@ -443,9 +467,10 @@ def save_checkpoint(run_dir: Path, step: int, model, opt, tokens: int) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # HF's per-save "Writing model shards" bar drowns ours
-    model.save_pretrained(tmp)
     tensors, scalars = _optimizer_tensors(opt)
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    with os_errors_of_safetensors(tmp):
+        model.save_pretrained(tmp)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "tokens": tokens, **scalars}))
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
