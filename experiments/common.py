@@ -45,9 +45,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from interventions.zoo.ownership import LOCKING, owned, remove_leftovers, temp_tag
+from interventions.zoo.ownership import LOCKING, owned, remove_leftovers
 from interventions.zoo.provenance import provenance
-from interventions.zoo.train import atomic_write_text, sha256_file
+from interventions.zoo.train import atomic_write_bytes, atomic_write_text, sha256_file
 
 SETTINGS_KEY = "__settings__"  # manifest entry: fingerprint and copy of the settings of the tables
 _lock_wait = 0.0  # seconds to wait for a results folder another process owns (CLI --wait)
@@ -257,15 +257,7 @@ class Results:
         with owned(self.root, _lock_wait, what="results folder"):
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.dir, locked=LOCKING)  # of writes killed mid-way (their writer is gone)
-            tmp = path.with_name(f".{path.name}{temp_tag()}")
-            try:
-                with tmp.open("wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write_bytes(path, data)
             self._record(key, path, inputs)
         return path
 
