@@ -406,9 +406,15 @@ def ablation_run(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Abl
     writes = head_writes(ablations, tokens, row_offset, positions)
     if not any(isinstance(a, PatternPreserving) for a in ablations):
         return engine.run(Run(tokens, writes=writes, attention_mask=attention_mask, returns=returns))
-    n_layers = engine.adapter.n_layers
     with observable(engine.inner):
-        sites = [Site(layer, "pattern") for layer in range(n_layers)]
-        clean = engine.run(Run(tokens, reads=sites, attention_mask=attention_mask, returns="none")).acts
-        frozen = [Write(s, clean[str(s)]) for s in sites]
+        _, frozen = frozen_patterns(engine, tokens, attention_mask)
         return engine.run(Run(tokens, writes=frozen + writes, attention_mask=attention_mask, returns=returns))
+
+
+def frozen_patterns(engine: Engine, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    returns="none") -> tuple[Result, list[Write]]:
+    """Inside ``observable``: the clean run of ``tokens`` (returning ``returns``) and the writes that freeze
+    every layer's attention pattern to it (what ``PatternPreserving`` runs under)."""
+    sites = [Site(layer, "pattern") for layer in range(engine.adapter.n_layers)]
+    clean = engine.run(Run(tokens, reads=sites, attention_mask=attention_mask, returns=returns))
+    return clean, [Write(s, clean.acts[str(s)]) for s in sites]

@@ -18,13 +18,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .ablation import Ablation, PatternPreserving, ablation_run, as_ablations, head_writes, prepare_ablations
+from .ablation import (Ablation, PatternPreserving, ablation_run, as_ablations, frozen_patterns, head_writes,
+                       prepare_ablations)
 from .progress import passes
 from ..engine.adapters import get_adapter, observable
 from ..engine.remote import Remote, check_remote
-from ..engine.sites import Site
-from ..engine.tracing import (Engine, Run, Write, check_mask, check_positive, check_tokens, pad_to_nan, position_ids,
-                              unwrap, without_grad)
+from ..engine.tracing import (Engine, Run, check_mask, check_positive, check_tokens, pad_to_nan, position_ids, unwrap,
+                              without_grad)
 
 
 LOSS_CHUNK_ELEMENTS = 2 ** 28  # float32 elements of logits converted at once (1 GiB)
@@ -107,7 +107,6 @@ def per_token_loss_sets(model, tokens: torch.Tensor, sets: Mapping[str, Ablation
     need_clean = eager or any(not abl for abl in sets.values())
     chunks = range(0, tokens.shape[0], step)
     bar = passes(len(chunks) * (sum(1 for abl in sets.values() if abl) + need_clean), "ablation sets", progress)
-    sites = [Site(layer, "pattern") for layer in range(engine.adapter.n_layers)]
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in sets}
     try:
         with observable(engine.inner) if eager else contextlib.nullcontext():
@@ -117,12 +116,13 @@ def per_token_loss_sets(model, tokens: torch.Tensor, sets: Mapping[str, Ablation
                 toks = tokens[i:i + step]
                 mask = None if attention_mask is None else attention_mask[i:i + step]
                 frozen, clean = [], None
-                if need_clean:  # the clean run, reading the patterns that pattern-preserving sets freeze
-                    result = engine.run(Run(toks, reads=sites if eager else [], attention_mask=mask, returns="loss"))
+                if eager:  # the clean run, reading the patterns that pattern-preserving sets freeze
+                    result, frozen = frozen_patterns(engine, toks, mask, returns="loss")
                     clean = result.loss
-                    frozen = [Write(s, result.acts[str(s)]) for s in sites] if eager else []
-                    if bar is not None:
-                        bar.update(1)
+                elif need_clean:
+                    clean = engine.run(Run(toks, attention_mask=mask, returns="loss")).loss
+                if need_clean and bar is not None:
+                    bar.update(1)
                 positions = None if mask is None else position_ids(mask, toks)
                 for name, ablations in sets.items():
                     if not ablations:

@@ -32,7 +32,6 @@ import re
 import shutil
 import stat
 import sys
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .model import AttnOnlyConfig, AttnOnlyForCausalLM
-from .ownership import HOST, LOCKING, remove_leftovers, temp_tag
+from .ownership import LOCKING, remove_leftovers, temp_tag
 
 
 DEFAULT_N_CTX = 256  # AttnOnlyConfig's default context (read per step: no config object built)
@@ -688,8 +687,8 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
     if not (cache / "done").is_file():
         cache.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(cache.parent)  # entries of tokenisations killed mid-way (their writer is gone)
-        # one per writer, named for remove_leftovers: .tmp<pid>-<machine>-<random>
-        tmp = Path(tempfile.mkdtemp(prefix=f"{cache.name}.tmp{os.getpid()}-{HOST}-", dir=cache.parent))
+        tmp = cache.parent / f"{cache.name}{temp_tag()}"  # one per writer, named for remove_leftovers
+        tmp.mkdir()
         tok.save_pretrained(tmp / "tokenizer")
         sep = tok.eos_token_id
         for split, split_docs in (("train", train_docs), ("val", val_docs)):
@@ -1181,7 +1180,11 @@ def run_lr(run_dir: str | Path, step: int) -> float:
     """The lr (``TrainConfig.lr``) a run trained at from ``step`` on: the last change at or before ``step``
     not undone (``read_lr_changes``), else the lr it started with (the first change's ``lr_before``, or
     ``train_config.json``'s when it never changed)."""
-    changes = read_lr_changes(run_dir)
+    return _lr_at(run_dir, read_lr_changes(run_dir), step)
+
+
+def _lr_at(run_dir: str | Path, changes: list[dict], step: int) -> float:
+    """``run_lr`` from the run's ``read_lr_changes`` entries."""
     live = [c["lr"] for c in changes if UNDONE not in c and c["from_step"] <= step]
     return float(live[-1] if live else changes[0]["lr_before"] if changes else
                  read_train_config_dict(run_dir).get("lr", TrainConfig.lr))
@@ -1194,7 +1197,7 @@ def _settle_lr(run_dir: Path, cfg: TrainConfig, start: int, keep: bool) -> float
     ``train_config.json`` gets this lr; each file is written atomically, the log first (it alone says
     which lr each step had: a kill in between leaves a config that the next start corrects)."""
     changes = read_lr_changes(run_dir)
-    before = run_lr(run_dir, start)
+    before = _lr_at(run_dir, changes, start)
     lr = before if keep else cfg.lr
     new = [{**c, UNDONE: start} if UNDONE not in c and c["from_step"] > start else c for c in changes]
     if lr != before:
