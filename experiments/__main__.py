@@ -288,9 +288,14 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _add_wait(sp) -> None:
+def _command(sp, func, quiet: str | None = "no progress bars") -> None:
+    """The options every command that writes results shares (``--quiet`` where it draws progress bars,
+    ``--wait``), and the function it runs."""
+    if quiet:
+        sp.add_argument("--quiet", action="store_true", help=quiet)
     sp.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
                     help="if another process is using the output folder, wait up to this long (default: fail at once)")
+    sp.set_defaults(func=func)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,9 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=_positive_int, default=None,
                     help="torch threads (default: 1, as `reproduce`'s runs: the numbers then do not depend on the "
                          "machine; another count changes them)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_wait(sp)
-    sp.set_defaults(func=cmd_train)
+    _command(sp, cmd_train, "no progress bar")
 
     sp = sub.add_parser("reproduce", help="the default reproduction on the embedded corpus")
     sp.add_argument("--out", default="results/default", help="results folder")
@@ -340,9 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--figures", default=None, metavar="DIR",
                     help="where figures, REPORT.md and headline.json go (default: figures/ at cpu scale, "
                          "else OUT/figures)")
-    sp.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_wait(sp)
-    sp.set_defaults(func=cmd_reproduce)
+    _command(sp, cmd_reproduce)
 
     sp = sub.add_parser("phase-change", help="evaluate every checkpoint of runs (Argument 1, per-token-loss PCA)")
     sp.add_argument("runs", nargs="+", help="run folders")
@@ -351,9 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="validation windows per checkpoint (default 512; the main job uses 256 at cpu scale: "
                          "pass --windows 256 to rerun its numbers)")
     sp.add_argument("--device", default="cpu")
-    sp.add_argument("--quiet", action="store_true", help="no progress bars")
-    _add_wait(sp)
-    sp.set_defaults(func=cmd_phase_change)
+    _command(sp, cmd_phase_change)
 
     for name, fn, helptext in (("ablations", cmd_ablations, "per-head and head-set ablations (Argument 3)"),
                                ("circuit", cmd_circuit, "activation patching and path patching (K-composition)")):
@@ -361,13 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("run", help="a run folder")
         sp.add_argument("--out", default="results/custom")
         sp.add_argument("--device", default="cpu")
-        _add_wait(sp)
         if name == "ablations":
             sp.add_argument("--windows", type=_positive_int, default=256,
                             help="evaluation windows (default 256; the main job uses 2048 at cpu scale: pass "
                                  "--windows 2048 to rerun its numbers)")
-            sp.add_argument("--quiet", action="store_true", help="no progress bars")
-        sp.set_defaults(func=fn)
+        _command(sp, fn, "no progress bars" if name == "ablations" else None)
 
     sp = sub.add_parser("figures", help="make every figure from result tables")
     sp.add_argument("--results", default="results/default", help="the results folder (default: results/default)")
@@ -395,9 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--remote", action="store_true",
                     help="refused for now (exit 2, before any work): the induction score reads attention "
                     "patterns, which need an edited model, and a remote server's model is shared")
-    sp.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_wait(sp)
-    sp.set_defaults(func=cmd_survey)
+    _command(sp, cmd_survey, "no progress bar")
     return p
 
 

@@ -8,6 +8,16 @@ from experiments.common import ResultError, Results
 from experiments.reproduce import reproduce
 
 
+@pytest.fixture
+def drawn(monkeypatch) -> dict:
+    """The figures that ``experiments.figures``' functions draw, by name, kept instead of saved."""
+    from experiments import figures
+
+    saved = {}
+    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+    return saved
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny")
@@ -418,7 +428,7 @@ def test_smear_vs_vanilla_pairs_each_seed_with_its_twin():
     assert set(one) == {"smear-1l_vs_attn-1l", "smear-2l_vs_attn-2l"}  # one seed: names without suffix
 
 
-def _smear_axes(tmp_path, monkeypatch, **seeded):
+def _smear_axes(tmp_path, drawn, **seeded):
     """The smeared-vs-vanilla figure's first axes, drawn from ``_seeded_tables(**seeded)``."""
     from experiments import figures
 
@@ -426,16 +436,14 @@ def _smear_axes(tmp_path, monkeypatch, **seeded):
     res = Results(tmp_path, "phase_change")
     res.write("checkpoints", ck)
     res.write("head_scores", hs)
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_smear(tmp_path, tmp_path / "figures")
-    return saved["smeared_vs_vanilla"].axes[0]
+    return drawn["smeared_vs_vanilla"].axes[0]
 
 
-def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, monkeypatch):
+def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, drawn):
     """The smeared-vs-vanilla figure's hue is the number of layers (1l, 2l) also for runs named MODEL-sK
     (not the seed suffix, which would average 1- and 2-layer models into one line)."""
-    ax = _smear_axes(tmp_path, monkeypatch)
+    ax = _smear_axes(tmp_path, drawn)
     labels = {t.get_text() for t in ax.get_legend().get_texts()}
     assert {"1l", "2l"} <= labels and not any(t.startswith("s") and t[1:].isdigit() for t in labels), labels
     means = {round(y, 6) for line in ax.get_lines() for y in line.get_ydata()}
@@ -443,7 +451,7 @@ def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, monkeypatch):
 
 
 
-def test_seed_lines_draw_only_the_tokens_every_seed_has(tmp_path, monkeypatch):
+def test_seed_lines_draw_only_the_tokens_every_seed_has(tmp_path, drawn):
     """With several seeds, a model's line is the mean over all its seeds: a token count that only some
     seeds reached (one seed trained longer) is not drawn as a "mean" of fewer seeds with a zero band."""
     import pandas as pd
@@ -454,14 +462,12 @@ def test_seed_lines_draw_only_the_tokens_every_seed_has(tmp_path, monkeypatch):
     ck = pd.DataFrame([{"model": f"attn-2l-s{s}", "step": t // 100, "tokens": t, "icl_score": -1.0 - s,
                         "icl_sem": 0.01, "val_loss": 3.0 + s} for s, ts in grid.items() for t in ts])
     Results(tmp_path, "phase_change").write("checkpoints", ck)
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_loss_curves(tmp_path, tmp_path / "figures")
-    line = next(x for x in saved["loss_curves"].axes[0].get_lines() if len(x.get_xdata()))
+    line = next(x for x in drawn["loss_curves"].axes[0].get_lines() if len(x.get_xdata()))
     assert list(line.get_xdata()) == [1000, 2000, 3000] and set(line.get_ydata()) == {4.0}
 
 
-def test_pca_figure_marks_each_trajectory_end_without_text_on_the_markers(tmp_path, monkeypatch):
+def test_pca_figure_marks_each_trajectory_end_without_text_on_the_markers(tmp_path, drawn):
     """Each run's last checkpoint is a marker named in the legend beside every model; no text is drawn
     on the markers (an "end" label sat on each trajectory's last marker, and on the other run's label
     where two runs end close together)."""
@@ -474,10 +480,8 @@ def test_pca_figure_marks_each_trajectory_end_without_text_on_the_markers(tmp_pa
                          "pc2": y + (3 - s) / 3, "var_pc1": 0.4, "var_pc2": 0.2}
                         for m, (x, y) in ends.items() for s in range(4)])
     Results(tmp_path, "phase_change").write("pca", pca)
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_pca(tmp_path, tmp_path / "figures")
-    fig = saved["per_token_loss_pca"]
+    fig = drawn["per_token_loss_pca"]
     ax = fig.axes[0]
     assert {t.get_text() for t in ax.get_legend().get_texts()} == set(ends) | {figures.END_LABEL}
     for model, (x, y) in ends.items():
@@ -492,7 +496,7 @@ def test_pca_figure_marks_each_trajectory_end_without_text_on_the_markers(tmp_pa
         assert not any(box.contains(px, py) for px, py in points), f"{text.get_text()!r} on a marker"
 
 
-def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, monkeypatch):
+def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, drawn):
     """Runs evaluated on different PCA pairs (other corpus or context) have PCs of separate fits: never
     drawn on one pair of axes under the first fit's variance, but one panel per fit."""
     import numpy as np
@@ -506,10 +510,8 @@ def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, monkeypat
     ck = pd.DataFrame([{"model": m, "step": s, "tokens": 10 ** (s + 5)} for m in vectors for s in range(4)])
     pca = pca_by_pairs(vectors, ck, {"attn-2l": "p", "attn-1l": "p", "other": "q"})
     Results(tmp_path, "phase_change").write("pca", pca)
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_pca(tmp_path, tmp_path / "figures")
-    axes = [ax for ax in saved["per_token_loss_pca"].axes if ax.get_lines()]
+    axes = [ax for ax in drawn["per_token_loss_pca"].axes if ax.get_lines()]
     assert len(axes) == 2
     for ax, fp in zip(axes, ("p", "q")):
         var = pca[pca.pairs == fp].var_pc1.iloc[0]
@@ -647,7 +649,7 @@ def test_smeared_minus_vanilla_is_paired_over_the_same_windows(tiny_run):
         assert f"{b} minus {a}" in report.read_text() and "paired s.e. over the same" in report.read_text()
 
 
-def test_loss_curves_mark_a_bump_of_one_checkpoint(tmp_path, monkeypatch):
+def test_loss_curves_mark_a_bump_of_one_checkpoint(tmp_path, drawn):
     """The loss-bump overlay shows every model's bump, also one whose stretch is a single checkpoint
     (start == end, as attn-1l's and attn-2l's in the main job): a line through one point draws nothing."""
     import math
@@ -664,15 +666,13 @@ def test_loss_curves_mark_a_bump_of_one_checkpoint(tmp_path, monkeypatch):
     res = Results(tmp_path, "phase_change")
     res.write("checkpoints", ck)
     res.write("windows", win)
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_loss_curves(tmp_path, tmp_path / "figures")
-    overlay = [x for x in saved["loss_curves"].axes[0].get_lines() if x.get_color() == "k" and len(x.get_xdata())]
+    overlay = [x for x in drawn["loss_curves"].axes[0].get_lines() if x.get_color() == "k" and len(x.get_xdata())]
     assert len(overlay) == 1 and list(overlay[0].get_xdata()) == [2000]
     assert overlay[0].get_marker() not in (None, "", "None", " ")  # visible as a point
 
 
-def test_loss_by_index_figure_draws_one_row_per_model_with_seeds(tmp_path, monkeypatch):
+def test_loss_by_index_figure_draws_one_row_per_model_with_seeds(tmp_path, drawn):
     """With several seeds the loss-by-index heatmap has one row per model (its lowest seed, named in the
     row's label), not one per run (21 rows, a 38-inch figure, at the gpu scale); every model is drawn."""
     import pandas as pd
@@ -682,26 +682,24 @@ def test_loss_by_index_figure_draws_one_row_per_model_with_seeds(tmp_path, monke
     rows = [{"model": f"{m}-s{s}", "step": t // 100, "tokens": t, "token_index": i, "loss": 3.0 - i / 100 - s,
              "sem": 0.1} for s in (1, 0, 2) for m in ("attn-1l", "attn-2l") for t in (2e5, 4e5, 8e5) for i in range(1, 64)]
     Results(tmp_path, "phase_change").write("loss_by_index", pd.DataFrame(rows))
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_loss_heatmap(tmp_path, tmp_path / "figures")
-    labels = [ax.get_ylabel() for ax in saved["loss_by_index_over_training"].axes if ax.get_ylabel().endswith("token index")]
+    labels = [ax.get_ylabel() for ax in drawn["loss_by_index_over_training"].axes if ax.get_ylabel().endswith("token index")]
     assert labels == ["attn-1l-s0\ntoken index", "attn-2l-s0\ntoken index"]
 
 
-def test_smear_figure_band_is_the_seed_range_and_says_so(tmp_path, monkeypatch):
+def test_smear_figure_band_is_the_seed_range_and_says_so(tmp_path, drawn):
     """With several seeds the smeared-vs-vanilla band is the seed min-max and the panel says so (it was
     seaborn's unlabelled default, a bootstrap 95% CI over the seeds, narrower than their range)."""
     from experiments import figures
 
-    ax = _smear_axes(tmp_path, monkeypatch, seeds=range(5))
+    ax = _smear_axes(tmp_path, drawn, seeds=range(5))
     assert ax.get_title() == figures.SEED_BANDS
     bands = {(round(v[v[:, 0] == 1000][:, 1].min(), 6), round(v[v[:, 0] == 1000][:, 1].max(), 6))
              for c in ax.collections for p in c.get_paths() for v in [p.vertices] if (v[:, 0] == 1000).any()}
     assert (-0.41, -0.01) in bands, bands  # attn-1l at 1000 tokens: seeds 0..4 give -0.01 .. -0.41
 
 
-def test_training_curves_wall_clock_axis_has_only_its_minute_ticks(tmp_path, monkeypatch):
+def test_training_curves_wall_clock_axis_has_only_its_minute_ticks(tmp_path, drawn):
     """The top axis of wall-clock minutes carries only its labelled minute ticks, not the token axis's log
     minor ticks (2..9 x 10^k tokens), which mean nothing in minutes."""
     import pandas as pd
@@ -711,14 +709,12 @@ def test_training_curves_wall_clock_axis_has_only_its_minute_ticks(tmp_path, mon
     tr = pd.DataFrame([{"model": "attn-2l", "tokens": t, "val_loss": 3.0, "repeat_loss_first": 5.0,
                         "repeat_loss_second": 4.0, "wall_s": t / 1e4} for t in (1e3, 1e4, 1e5, 1e6, 1e7)])
     Results(tmp_path, "phase_change").write("training", tr)
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_training_curves(tmp_path, tmp_path / "figures", "attn-2l")
-    top = saved["training_curves_attn-2l"].axes[0].child_axes[0]
+    top = drawn["training_curves_attn-2l"].axes[0].child_axes[0]
     assert len(top.get_xticks()) > 1 and len(top.xaxis.get_minorticklocs()) == 0
 
 
-def test_patching_and_head_score_figures_name_the_model_and_do_not_overlap(tmp_path, monkeypatch):
+def test_patching_and_head_score_figures_name_the_model_and_do_not_overlap(tmp_path, drawn):
     """The per-model figures say which model they show (not only the file name), the head-score legend
     and panels are named in words, and the patching figure's head axis label clears its head labels
     (it was drawn on top of them)."""
@@ -734,18 +730,16 @@ def test_patching_and_head_score_figures_name_the_model_and_do_not_overlap(tmp_p
     Results(tmp_path, "phase_change").write("head_scores", pd.DataFrame(
         [{"model": "attn-2l", "step": t // 100, "tokens": t, "layer": la, "head": h, "score": s, "value": 0.1}
          for t in (1000, 2000) for la, h in heads for s in ("induction", "previous_token", "prefix_matching")]))
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
     figures.fig_patching(tmp_path, tmp_path / "figures", "attn-2l")
     figures.fig_head_scores(tmp_path, tmp_path / "figures", "attn-2l")
-    fig = saved["patching_attn-2l"]
+    fig = drawn["patching_attn-2l"]
     assert "attn-2l" in fig.axes[0].get_title()
     fig.canvas.draw()
     r = fig.canvas.get_renderer()
     label = fig.axes[1].yaxis.label.get_window_extent(r)
     assert not any(label.overlaps(t.get_window_extent(r)) for t in fig.axes[1].get_yticklabels()), "label on the heads"
     assert not label.overlaps(fig.axes[0].get_window_extent(r))
-    g = saved["head_scores_attn-2l"]
+    g = drawn["head_scores_attn-2l"]
     assert "attn-2l" in g._suptitle.get_text()
     assert g.legends[0].get_title().get_text() == "head"
     assert "previous token score" in {ax.get_title() for ax in g.axes}
