@@ -29,16 +29,10 @@ def hook_path_patch(model, clean, corrupted, metric, senders, receivers):
     d = model.config.d_head
     cols = lambda h: slice(h * d, (h + 1) * d)  # noqa: E731  head h's columns of z / of the keys
 
-    def z_of(tokens):  # every layer's per-head outputs (the input of attn.c_proj)
-        z = {}
-        hs = [b.attn.c_proj.register_forward_pre_hook(lambda m, a, l=l: z.__setitem__(l, a[0].clone()))
-              for l, b in enumerate(blocks)]
-        model(tokens)
-        for h in hs:
-            h.remove()
-        return z
+    from tests.oracle import inputs_of
 
-    src, tgt = z_of(clean), z_of(corrupted)
+    o_projs = [b.attn.c_proj for b in blocks]  # their inputs: every layer's per-head outputs z
+    src, tgt = inputs_of(model, o_projs, clean), inputs_of(model, o_projs, corrupted)
     out = torch.empty(len(senders), len(receivers), device=corrupted.device)
     for i, s in enumerate(senders):
         def freeze(m, a, s=s):

@@ -42,3 +42,19 @@ def to_hooked_transformer(model):
     real_missing = [k for k in missing if not k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos"))]
     assert not real_missing and not unexpected, (real_missing, unexpected)
     return tl.eval()
+
+
+@torch.no_grad()
+def inputs_of(model, modules, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The first input of each of ``modules`` (by index) in one forward of ``model`` on ``tokens``,
+    recorded with plain PyTorch forward pre-hooks (e.g. every layer's per-head output ``z``: the
+    output projection's input, (batch, pos, n_heads * d_head))."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: seen.__setitem__(i, args[0].clone()))
+             for i, m in enumerate(modules)]
+    try:
+        model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen

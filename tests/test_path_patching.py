@@ -10,6 +10,7 @@ import torch
 from interventions import mean_loss_metric, path_patch
 from interventions.analysis.scores import repeated_random_tokens
 
+from .oracle import inputs_of
 from .test_ablation import VOCAB, build
 from .test_engine import D_HEAD, PATHS
 from .test_padding import padded_pairs, row_only
@@ -84,16 +85,7 @@ def _oracle(model, target, source, sender, receiver, kind):
     o_projs = [model.get_submodule(PATHS[cfg.model_type]["o"].format(l)) for l in range(n_layers)]
     cols = lambda h: slice(h * D_HEAD, (h + 1) * D_HEAD)  # noqa: E731  head h's columns of z
 
-    def z_of(tokens):
-        rec = {}
-        hs = [m.register_forward_pre_hook(lambda mod, args, l=l: rec.__setitem__(l, args[0].clone()))
-              for l, m in enumerate(o_projs)]
-        model(tokens)
-        for h in hs:
-            h.remove()
-        return rec
-
-    tz, sz = z_of(target), z_of(source)
+    tz, sz = inputs_of(model, o_projs, target), inputs_of(model, o_projs, source)
 
     def freeze(l):
         def hook(mod, args):
