@@ -174,13 +174,16 @@ def fingerprint(inputs) -> str:
 
 
 def run_fingerprint(run: str | Path) -> str:
-    """Content hash of a training run: its config and every verified checkpoint's manifest (which holds
-    the sha256 of each checkpoint file), so retraining, resuming further or editing changes it."""
+    """Content hash of a training run: its config, every verified checkpoint's manifest (which holds
+    the sha256 of each checkpoint file) and its saved ``tokenizer/`` where it has one (the head scores
+    take their probe tokens from it), so retraining, resuming further or editing changes it."""
     from interventions.zoo.train import list_checkpoints
 
     run = Path(run)
     parts = [(run / "train_config.json").read_bytes()]
     parts += [c.name.encode() + (c / "manifest.json").read_bytes() for c in list_checkpoints(run)]
+    if (run / "tokenizer").is_dir():  # a byte-level run has none: its key is what it always was
+        parts.append(b"tokenizer" + _folder_hash(run / "tokenizer").encode())
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 

@@ -1111,3 +1111,23 @@ def test_disk_full_inside_safetensors_gives_one_line(tmp_path, capsys, monkeypat
     monkeypatch.setattr(TT, "save_file", other)
     with pytest.raises(SafetensorError, match="shape mismatch"):
         cli_main(train_argv(tmp_path / "out2"))
+
+
+def test_run_fingerprint_covers_the_runs_tokenizer(tmp_path):
+    """The head scores read their probe tokens from a run's saved ``tokenizer/``: a tokenizer changed in
+    place gives the run a new key, so tables keyed on it are recomputed, not served stale. A run without
+    one (byte level) keeps its key."""
+    from experiments.common import run_fingerprint
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    bytes_only = run_fingerprint(run)
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    with_tok = run_fingerprint(run)
+    (run / "tokenizer" / "tokenizer.json").write_text('{"model": {"vocab": {"b": 0}}}')
+    edited = run_fingerprint(run)
+    assert len({bytes_only, with_tok, edited}) == 3
+    (run / "tokenizer" / "README.md").write_text("notes")  # documentation changes no score
+    assert run_fingerprint(run) == edited
