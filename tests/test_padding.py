@@ -248,6 +248,30 @@ def test_padded_patch_patterns_matches_unpadded_prompts(arch, side):
     assert (patch_patterns(model, clean, corrupted, mean_loss_metric) - masked).abs().max() > 1e-3
 
 
+def test_padded_patch_patterns_fp16_left_padding_has_no_nan():
+    """In fp16 a left-padded query row has no real key: observable's eager attention added the mask's
+    dtype minimum to its scores in fp16, where it overflows to -inf once scores are below -16, so that
+    row's pattern was NaN, and the padded keys' values (0 * NaN) carried it to every real query of the
+    next layer: patch_patterns gave NaN everywhere. The mask is now added in float32 (where the softmax
+    runs): the result equals the prompt pairs run unpadded (fp16 rounding)."""
+    from .test_ablation import VOCAB, build
+
+    model = build("gpt2")
+    d = model.config.n_embd
+    with torch.no_grad():  # every score about -16 * 8 / sqrt(8): below fp16's overflow for a masked key
+        for block in model.transformer.h:
+            block.attn.c_attn.bias[:d] += 4.0
+            block.attn.c_attn.bias[d:2 * d] -= 4.0
+    model = model.half()
+    g = torch.Generator().manual_seed(17)
+    prompts = [tuple(torch.randint(1, VOCAB, (1, n), generator=g) for _ in range(2)) for n in (9, 5, 7)]
+    clean, corrupted, mask = padded_pairs(prompts, "left", width=10, vocab=VOCAB)
+    got = patch_patterns(model, clean, corrupted, mean_loss_metric, attention_mask=mask)
+    want = torch.stack([patch_patterns(model, c, k, mean_loss_metric) for c, k in prompts]).mean(0)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
 def _count_forwards(model):
     """A list that grows by one per forward of ``model`` (a plain pre-hook) and the hook's handle."""
     calls = []
