@@ -7,7 +7,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from interventions import (AttnOnlyConfig, AttnOnlyForCausalLM, PatternPreserving, ZeroAblation, ablation_sweep,
                            mean_loss_metric, patch_heads, per_token_loss)
-from interventions.primitives.patching import logit_diff, patch_residual, path_patch
+from interventions.primitives.patching import DIRECTIONS, logit_diff, patch_patterns, patch_residual, path_patch
 
 
 def _models():
@@ -214,6 +214,64 @@ def test_padded_patching_matches_unpadded_prompts(arch, side):
     assert (unmasked - patch_heads(model, clean, corrupted, mean_loss_metric, attention_mask=mask)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["attn_only", "gpt2", "llama"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_patch_patterns_matches_unpadded_prompts(arch, side):
+    """patch_patterns on a padded batch (one mask for clean and corrupted; padding ids differ between the
+    runs; 3 patches per pass) equals, to 1e-5, the same call on each prompt pair run unpadded on its own:
+    the mean over the prompts (and each prompt alone, through a metric of one row), in both directions,
+    with mean_loss_metric, a per-row logit_diff (pos -2: each row's real tokens) and a mask-aware metric
+    of one's own; our model, GPT-2 (learned positions: ids from the mask) and Llama with grouped-query
+    attention (rotary). Without the mask the result differs."""
+    from .test_ablation import VOCAB, build
+
+    model = build(arch)
+    g = torch.Generator().manual_seed(16)
+    prompts = [tuple(torch.randint(1, VOCAB, (1, n), generator=g) for _ in range(2)) for n in (9, 5, 7)]
+    clean, corrupted, mask = padded_pairs(prompts, side, width=10, vocab=VOCAB)
+    correct, wrong = torch.tensor([3, 4, 5]), torch.tensor([6, 7, 8])
+    metrics = [(mean_loss_metric, lambda i: mean_loss_metric),
+               (logit_diff(correct, wrong, pos=-2), lambda i: logit_diff(correct[i], wrong[i], pos=-2)),
+               (last_logsumexp, lambda i: last_logsumexp)]
+    for direction in DIRECTIONS:
+        for metric, alone_metric in metrics:
+            got = patch_patterns(model, clean, corrupted, metric, direction=direction, heads_per_pass=3,
+                                 attention_mask=mask)  # (n_layers, n_heads)
+            alone = [patch_patterns(model, c, k, alone_metric(i), direction=direction)
+                     for i, (c, k) in enumerate(prompts)]
+            torch.testing.assert_close(got, torch.stack(alone).mean(0), atol=1e-5, rtol=0)
+            assert got.std() > 1e-3  # the heads' patterns move the metric differently
+    for i, (c, k) in enumerate(prompts):
+        got = patch_patterns(model, clean, corrupted, row_only(i, 3), attention_mask=mask)
+        torch.testing.assert_close(got, patch_patterns(model, c, k, mean_loss_metric), atol=1e-5, rtol=0)
+    masked = patch_patterns(model, clean, corrupted, mean_loss_metric, attention_mask=mask)
+    assert (patch_patterns(model, clean, corrupted, mean_loss_metric) - masked).abs().max() > 1e-3
+
+
+def test_padded_patch_patterns_fp16_left_padding_has_no_nan():
+    """In fp16 a left-padded query row has no real key: observable's eager attention added the mask's
+    dtype minimum to its scores in fp16, where it overflows to -inf once scores are below -16, so that
+    row's pattern was NaN, and the padded keys' values (0 * NaN) carried it to every real query of the
+    next layer: patch_patterns gave NaN everywhere. The mask is now added in float32 (where the softmax
+    runs): the result equals the prompt pairs run unpadded (fp16 rounding)."""
+    from .test_ablation import VOCAB, build
+
+    model = build("gpt2")
+    d = model.config.n_embd
+    with torch.no_grad():  # every score about -16 * 8 / sqrt(8): below fp16's overflow for a masked key
+        for block in model.transformer.h:
+            block.attn.c_attn.bias[:d] += 4.0
+            block.attn.c_attn.bias[d:2 * d] -= 4.0
+    model = model.half()
+    g = torch.Generator().manual_seed(17)
+    prompts = [tuple(torch.randint(1, VOCAB, (1, n), generator=g) for _ in range(2)) for n in (9, 5, 7)]
+    clean, corrupted, mask = padded_pairs(prompts, "left", width=10, vocab=VOCAB)
+    got = patch_patterns(model, clean, corrupted, mean_loss_metric, attention_mask=mask)
+    want = torch.stack([patch_patterns(model, c, k, mean_loss_metric) for c, k in prompts]).mean(0)
+    assert got.isfinite().all()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)
+
+
 def _count_forwards(model):
     """A list that grows by one per forward of ``model`` (a plain pre-hook) and the hook's handle."""
     calls = []
@@ -222,7 +280,8 @@ def _count_forwards(model):
 
 def test_padding_between_real_tokens_refused_before_any_run():
     """A mask with padding *between* a row's real tokens is refused (ValueError naming the row, the
-    column and the fix) before any forward by patch_heads, patch_residual and path_patch. It ran: the
+    column and the fix) before any forward by patch_heads, patch_residual, path_patch and patch_patterns
+    (which leaves the model's attention implementation as it was). It ran: the
     runs drop the gap (position ids skip it) but mean_loss_metric drops the loss across it too, so
     patch_heads on this GPT-2 gave 0.05 nats off the row's real tokens run unpadded, silently. A row
     padded at both ends (one run of real tokens) is accepted and equals the prompts run unpadded."""
@@ -231,17 +290,19 @@ def test_padding_between_real_tokens_refused_before_any_run():
     clean, corrupted = torch.randint(1, 50, (2, 8), generator=g), torch.randint(1, 50, (2, 8), generator=g)
     gap = torch.ones(2, 8, dtype=torch.long)
     gap[1, 3] = 0
+    impl = model.config._attn_implementation
     calls, handle = _count_forwards(model)
     try:
         for call in (lambda m: patch_heads(model, clean, corrupted, m, attention_mask=gap),
                      lambda m: patch_heads(model, clean, corrupted, m, by="head_pos", attention_mask=gap),
                      lambda m: patch_residual(model, clean, corrupted, m, attention_mask=gap),
-                     lambda m: path_patch(model, clean, corrupted, m, "L0H0", "L1H1", attention_mask=gap)):
+                     lambda m: path_patch(model, clean, corrupted, m, "L0H0", "L1H1", attention_mask=gap),
+                     lambda m: patch_patterns(model, clean, corrupted, m, attention_mask=gap)):
             for metric in (mean_loss_metric, logit_diff(1, 2)):
                 with pytest.raises(ValueError, match=r"row 1 has padding between real tokens \(column 3\).*left or "
                                                      "the right"):
                     call(metric)
-        assert calls == []
+        assert calls == [] and model.config._attn_implementation == impl
     finally:
         handle.remove()
     # every primitive refuses it, before any forward (the engine's one mask check): per_token_loss ran it
@@ -347,15 +408,16 @@ def test_padded_noising_on_llama_gqa_matches_unpadded_prompts(side):
 def test_patching_takes_a_mask_of_any_0_1_dtype():
     """A mask of dtype bool, int32 or float (0/1) gives what the long mask gives, exactly, in patch_heads
     by position and patch_residual (logit_diff's columns, mean_loss_metric's real losses, the rows a
-    column counts) and path_patch; the long mask's results equal the prompts run unpadded (test above),
-    and differ from the unmasked call here."""
+    column counts), path_patch and patch_patterns; the long mask's results equal the prompts run
+    unpadded (tests above), and differ from the unmasked call here."""
     model = _models()["gpt2"]
     g = torch.Generator().manual_seed(15)
     prompts = [tuple(torch.randint(1, 50, (1, n), generator=g) for _ in range(2)) for n in (6, 3)]
     clean, corrupted, mask = padded_pairs(prompts, "right", width=7)
     calls = [lambda m, metric: patch_heads(model, clean, corrupted, metric, by="head_pos", attention_mask=m),
              lambda m, metric: patch_residual(model, clean, corrupted, metric, attention_mask=m),
-             lambda m, metric: path_patch(model, clean, corrupted, metric, ["L0H0", "L0H1"], "L1H1", attention_mask=m)]
+             lambda m, metric: path_patch(model, clean, corrupted, metric, ["L0H0", "L0H1"], "L1H1", attention_mask=m),
+             lambda m, metric: patch_patterns(model, clean, corrupted, metric, attention_mask=m)]
     for metric in (mean_loss_metric, logit_diff(torch.tensor([3, 4]), torch.tensor([5, 6]), pos=-2)):
         for call in calls:
             want = call(mask, metric)

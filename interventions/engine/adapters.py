@@ -339,12 +339,16 @@ def observable_attention(module, query, key, value, attention_mask, scaling=None
     softcap = kwargs.get("softcap")
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    # masked in float32, where the softmax runs: in fp16 a score plus the mask's dtype minimum overflows
+    # to -inf, and a query with no real key (left padding) got NaN, which padded keys' values carry on
+    # to real queries (0 * NaN); every query with a real key gets what HF's eager attention gives
+    scores = scores.float()
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask[..., : key.shape[-2]]
-    weights = scores.float().softmax(dim=-1).to(value.dtype)
+    weights = scores.softmax(dim=-1).to(value.dtype)
     hook = getattr(module, "hook_pattern", None)
     if hook is not None:
         weights = hook(weights)

@@ -64,6 +64,8 @@ Example:
     >>> mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # row 0: a 4-token prompt, left-padded
     >>> patch_residual(model, clean, corrupted, mean_loss_metric, attention_mask=mask)[:, :2].isnan().any().item()
     False
+    >>> patch_patterns(model, clean, corrupted, mean_loss_metric, attention_mask=mask).shape  # one mask, both runs
+    torch.Size([2, 4])
 """
 
 from __future__ import annotations
@@ -455,12 +457,15 @@ def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
 @torch.no_grad()
 def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metric,
                    direction: Direction = "clean_to_corrupted", heads_per_pass: int = 8,
-                   progress: bool | None = None, remote: Remote = False) -> torch.Tensor:
+                   progress: bool | None = None, remote: Remote = False,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Metric with one head's attention pattern (all query positions) patched from the source run.
 
     Runs the model on its eager attention path (``observable``) for both runs; the model is restored
     afterwards. Returns (n_layers, n_heads). Cannot run remotely (``remote`` raises ``NotRemotable``):
-    ``observable`` edits the model, and a server's model is shared."""
+    ``observable`` edits the model, and a server's model is shared. ``attention_mask``: as
+    ``patch_heads`` (one mask for both runs, so a real query's source pattern is zero on the padded keys
+    the target masks too, and the whole (q_pos, k_pos) pattern is copied)."""
     check_progress(progress)
     if remote is not None and remote is not False and remote is not True and remote != "local":
         check_remote(model, remote)  # an unknown value: named as such
@@ -468,15 +473,17 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
         raise NotRemotable("patch_patterns cannot run remotely: patterns need observable(), which adds a module to "
                            "every attention layer and switches the attention implementation, and a server's model is "
                            "shared and cannot be edited; patch z, q, k or v with patch_heads(..., remote=...) instead")
-    engine, source, target = _check_pair(model, clean, corrupted, direction)
-    metric = check_metric(metric, engine, target)
+    engine, source, target = _check_pair(model, clean, corrupted, direction, attention_mask=attention_mask)
+    metric = check_metric(metric, engine, target, attention_mask)
     check_positive(heads_per_pass, "heads_per_pass")
     n_layers, n_heads = engine.adapter.n_layers, engine.adapter.n_heads
     with observable(engine.inner):
-        src = _source_run(engine, source, [Site(layer, "pattern") for layer in range(n_layers)], metric, None)
+        src = _source_run(engine, source, [Site(layer, "pattern") for layer in range(n_layers)], metric,
+                          attention_mask)
         patches = [Write(Site(layer, "pattern"), src[f"L{layer}.pattern"][:, head], head=head)  # (batch, q, k)
                    for layer in range(n_layers) for head in range(n_heads)]
-        return _measure(engine, target, patches, metric, heads_per_pass, progress).view(n_layers, n_heads)
+        return _measure(engine, target, patches, metric, heads_per_pass, progress,
+                        mask=attention_mask).view(n_layers, n_heads)
 
 
 @torch.no_grad()
