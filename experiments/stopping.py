@@ -1,0 +1,108 @@
+"""Stopping cleanly: a stop signal unwinds a command as Ctrl-C does, and worker processes never outlive it.
+
+* ``stop_on_signal``: for the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` (a ``KeyboardInterrupt``)
+  in the main thread. The CLI runs every command in one, with or without workers: each exits 128 + N with one
+  line saying how to resume (``experiments.__main__``), its locks released on the way out.
+* ``worker_pool``: spawned workers, terminated and joined however the block is left, so none goes on writing
+  into a run folder, holding its lock. A worker stopped mid-write leaves a temporary, never a half-written
+  file (the next start removes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import signal
+import threading
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # those stop_on_signal turns into Interrupted
+_active: list = []  # the deferred of the stop_on_signal block in force in the main thread
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal received in a ``stop_on_signal`` block. A ``KeyboardInterrupt``, so it unwinds as
+    Ctrl-C does; ``signum``: the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signal():
+    """For the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread (SIGTERM and SIGHUP
+    otherwise kill the process outright, skipping every cleanup); the previous handlers are restored after.
+    Only the first signal raises: a later one would cut short the cleanup the first one started. Yields
+    ``deferred``, a context manager whose body no signal interrupts: one received meanwhile is raised at its
+    end (``deferred(raise_pending=False)``: dropped, for a cleanup under way for another error).
+    A block inside another (a pool's inside the CLI's) is that one: a command raises once, however nested.
+    Off the main thread (Python runs handlers there only) it installs nothing; an ignored signal (``nohup``,
+    a background job's SIGINT) stays ignored."""
+    main = threading.current_thread() is threading.main_thread()
+    if main and _active:
+        yield _active[-1]
+        return
+    state = {"raised": False, "pending": None, "defer": 0}
+
+    def handler(signum, frame):
+        if state["raised"]:
+            return
+        if state["defer"]:
+            state["pending"] = state["pending"] or signum
+            return
+        state["raised"] = True
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(raise_pending: bool = True):
+        state["defer"] += 1
+        try:
+            yield
+        finally:
+            state["defer"] -= 1
+        pending, state["pending"] = state["pending"], None
+        if pending is not None and raise_pending and not state["raised"]:
+            state["raised"] = True
+            raise Interrupted(pending)
+
+    before = {}
+    try:
+        if main:
+            _active.append(deferred)
+            for name in STOP_SIGNALS:
+                signum = getattr(signal, name, None)  # no SIGHUP on Windows
+                if signum is not None and signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                    before[signum] = signal.signal(signum, handler)
+        yield deferred
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+        if main:
+            _active.remove(deferred)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, **kwargs):
+    """A pool of ``workers`` spawned processes (``kwargs``: as ``multiprocessing.Pool``'s) that never outlives
+    the block: however it is left (an error, Ctrl-C, SIGTERM, SIGHUP: ``stop_on_signal``) the workers are
+    terminated and joined, so none goes on writing into a run folder, and holding its lock, after the parent
+    has gone. Starting and stopping the pool are not interrupted (a signal then is raised once they are done).
+
+        >>> with worker_pool(2) as pool:
+        ...     sorted(pool.imap_unordered(abs, [-1, 2]))
+        [1, 2]
+    """
+    with stop_on_signal() as deferred:
+        with deferred():  # Ctrl-C reaches the whole process group: the workers leave it to the parent
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=signal.signal,
+                                                             initargs=(signal.SIGINT, signal.SIG_IGN), **kwargs)
+        failed = False
+        try:
+            yield pool
+        except Exception:
+            failed = True  # its traceback is shown, not a signal received while the pool stops
+            raise
+        finally:
+            with deferred(raise_pending=not failed):
+                pool.terminate()
+                pool.join()
