@@ -3,19 +3,26 @@
 * ``stop_on_signal``: for the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` (a ``KeyboardInterrupt``)
   in the main thread. The CLI runs every command in one, with or without workers: each exits 128 + N with one
   line saying how to resume (``experiments.__main__``), its locks released on the way out.
-* ``worker_pool``: spawned workers, terminated and joined however the block is left, so none goes on writing
-  into a run folder, holding its lock. A worker stopped mid-write leaves a temporary, never a half-written
-  file (the next start removes it).
+* ``worker_pool``: spawned workers, terminated and joined however the block is left. A worker leaves SIGINT
+  (Ctrl-C reaches the whole process group) to the parent, and ends itself within a fraction of a second once
+  the parent is gone (killed outright: SIGKILL, the OOM killer), so none goes on writing into a run folder,
+  holding its lock. A worker stopped mid-write leaves a temporary, never a half-written file (the next start
+  removes it).
+
+Only the standard library: a worker imports it (the pool's initializer) before its task's modules (torch).
 """
 
 from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import signal
 import threading
+import time
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # those stop_on_signal turns into Interrupted
+PARENT_POLL_S = 0.2  # how often a worker looks whether its parent is still there
 _active: list = []  # the deferred of the stop_on_signal block in force in the main thread
 
 
@@ -86,7 +93,8 @@ def worker_pool(workers: int, **kwargs):
     """A pool of ``workers`` spawned processes (``kwargs``: as ``multiprocessing.Pool``'s) that never outlives
     the block: however it is left (an error, Ctrl-C, SIGTERM, SIGHUP: ``stop_on_signal``) the workers are
     terminated and joined, so none goes on writing into a run folder, and holding its lock, after the parent
-    has gone. Starting and stopping the pool are not interrupted (a signal then is raised once they are done).
+    has gone; and a worker whose parent was killed outright ends itself (``worker_started``). Starting and
+    stopping the pool are not interrupted (a signal then is raised once they are done).
 
         >>> with worker_pool(2) as pool:
         ...     sorted(pool.imap_unordered(abs, [-1, 2]))
@@ -94,8 +102,7 @@ def worker_pool(workers: int, **kwargs):
     """
     with stop_on_signal() as deferred:
         with deferred():  # Ctrl-C reaches the whole process group: the workers leave it to the parent
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=signal.signal,
-                                                             initargs=(signal.SIGINT, signal.SIG_IGN), **kwargs)
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=worker_started, **kwargs)
         failed = False
         try:
             yield pool
@@ -106,3 +113,23 @@ def worker_pool(workers: int, **kwargs):
             with deferred(raise_pending=not failed):
                 pool.terminate()
                 pool.join()
+
+
+def worker_started() -> None:
+    """Pool initializer, a worker's first code: ignore SIGINT (the parent handles Ctrl-C and stops the workers)
+    and end as soon as the parent is gone (``exit_with_parent``, in a thread: it works whatever the worker is
+    doing)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
+def exit_with_parent(poll: float = PARENT_POLL_S) -> None:
+    """In a worker: wait until its parent is gone (POSIX: the worker is then another process's child), then
+    end this process at once, as the parent's ``terminate`` would have: a write under way is left as a
+    temporary, never a half-written file or checkpoint, and the kernel releases the worker's locks."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    while os.getppid() == parent.pid:
+        time.sleep(poll)
+    os._exit(1)

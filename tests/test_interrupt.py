@@ -1,10 +1,12 @@
 """A stop signal to a command (SIGTERM from a scheduler, ``kill``, ``timeout``; SIGHUP; Ctrl-C), with or
 without worker processes: the workers stop with it, its locks are released, it exits 128 + N with one line
-saying how to resume, no file is left half-written, and rerunning the same command resumes.
+saying how to resume, no file is left half-written, and rerunning the same command resumes. A parent
+killed outright (SIGKILL) takes its workers with it.
 
 Each test failed before its fix: SIGTERM killed the parent outright and its spawned workers went on
 training (writing into the run folders and holding their locks) until their model was done, a rerun
-meanwhile refused; `train` and `reproduce --workers 1` died on SIGTERM/SIGHUP with no line and no 128 + N.
+meanwhile refused; `train` and `reproduce --workers 1` died on SIGTERM/SIGHUP with no line and no 128 + N;
+SIGKILL of the parent left its workers running.
 """
 
 import contextlib
@@ -50,6 +52,28 @@ experiments.phase_change.run_phase_change = trained
 sys.exit(main(["reproduce", "--scale", "tiny", "--workers", sys.argv[2], "--quiet", "--out", sys.argv[1]]))
 '''
 
+# A pool of two workers, each touching DIR/<i> once its task runs, then sleeping.
+POOL = r'''
+import sys
+import time
+from pathlib import Path
+
+
+def task(i):
+    Path(sys.argv[1], str(i)).touch()
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    from experiments.stopping import worker_pool
+
+    try:
+        with worker_pool(2) as pool:
+            pool.map(task, [0, 1])
+    except KeyboardInterrupt:
+        sys.exit(130)
+'''
+
 
 def workers_of(pid: int) -> list[int]:
     """Pids of the live multiprocessing workers spawned by ``pid`` (its resource tracker left out)."""
@@ -93,13 +117,13 @@ def started(argv: list[str]):
         proc.communicate()
 
 
-def stopped(proc: subprocess.Popen, sig: int, group: bool = False) -> tuple[int, str, list[int]]:
+def stopped(proc: subprocess.Popen, sig: int, group: bool = False, grace: float = 1) -> tuple[int, str, list[int]]:
     """Send ``sig`` (to the whole process group, as Ctrl-C does, with ``group``) once the workers run;
-    (exit code, last stderr line, workers still running 1 s after the parent exited)."""
+    (exit code, last stderr line, workers still running ``grace`` s after the parent exited)."""
     workers = workers_of(proc.pid)
     os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 1  # stopped and joined by the parent before it exits: already gone
+    deadline = time.monotonic() + grace  # stopped and joined by the parent before it exits: already gone
     while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     left = [p for p in workers if alive(p)]
@@ -142,13 +166,28 @@ def test_a_stop_signal_stops_the_training_and_the_rerun_resumes(tmp_path, worker
     assert_rerun_resumes(argv, out)
 
 
+@pytest.mark.slow  # 15-30 s on a 2-core CPU, as above
+def test_sigkill_of_the_parent_stops_its_training_workers_and_the_rerun_resumes(tmp_path):
+    """SIGKILL to `reproduce` while its workers train (no handler runs): the workers notice their parent is
+    gone and exit within seconds, releasing their run folders; nothing is half-written and the rerun resumes."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-c", REPRODUCE, str(out), "2"]
+    with started(argv) as proc:
+        wait_for(lambda: len(workers_of(proc.pid)) >= 2 and any(out.glob("runs/*/checkpoints/step-*")), proc,
+                 "checkpoint written by the workers")
+        _, _, left = stopped(proc, signal.SIGKILL, grace=5)
+    assert not left, f"workers {left} outlived their killed parent by 5 s"
+    assert_rerun_resumes(argv, out)
+
+
 def assert_rerun_resumes(argv: list[str], out: Path) -> None:
     """Nothing under ``out`` is half-written, some run is unfinished, and ``argv`` again finishes every run,
     some resumed from a checkpoint."""
     assert_nothing_half_written(out)
     runs = [out / "runs" / name for name in ("attn-1l", "attn-2l")]
     final = f"step-{T.TrainConfig.from_dict({**get_preset('tiny'), 'tokens': 400_000}).total_steps:08d}"
-    assert not all((r / "checkpoints" / final).is_dir() for r in runs), "both finished before the signal"
+    assert not all((r / "checkpoints" / final).is_dir() for r in runs), \
+        "both runs finished: before the signal, or their workers went on training after it"
 
     with started(argv) as proc:
         stdout, err = proc.communicate(timeout=120)
@@ -178,6 +217,17 @@ def test_sigterm_stops_train_and_resume_continues(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert T.latest_checkpoint(out).name == final
     assert json.loads((out / "provenance.json").read_text())["invocations"][-1]["from_step"] > 0
+
+
+def test_sigkill_of_the_parent_ends_its_workers(tmp_path):
+    """SIGKILL to a parent whose pool workers are busy: no handler runs in it, yet the workers notice it is
+    gone and exit within seconds (before: they ran their task to its end, holding their locks)."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    with started([sys.executable, str(script), str(tmp_path)]) as proc:
+        wait_for(lambda: (tmp_path / "0").exists() and (tmp_path / "1").exists(), proc, "tasks running")
+        _, _, left = stopped(proc, signal.SIGKILL, grace=5)
+    assert not left, f"workers {left} outlived their killed parent by 5 s"
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="phase-change evaluates in this process on one core")
