@@ -4,10 +4,10 @@
   in the main thread. The CLI runs every command in one, with or without workers: each exits 128 + N with one
   line saying how to resume (``experiments.__main__``), its locks released on the way out.
 * ``worker_pool``: spawned workers, terminated and joined however the block is left. A worker leaves SIGINT
-  (Ctrl-C reaches the whole process group) to the parent, and ends itself within a fraction of a second once
-  the parent is gone (killed outright: SIGKILL, the OOM killer), so none goes on writing into a run folder,
-  holding its lock. A worker stopped mid-write leaves a temporary, never a half-written file (the next start
-  removes it).
+  (Ctrl-C reaches the whole process group) to the parent from its first instruction on, and ends itself
+  within a fraction of a second once the parent is gone (killed outright: SIGKILL, the OOM killer), so none
+  goes on writing into a run folder, holding its lock. A worker stopped mid-write leaves a temporary, never
+  a half-written file (the next start removes it).
 
 Only the standard library: a worker imports it (the pool's initializer) before its task's modules (torch).
 """
@@ -101,7 +101,7 @@ def worker_pool(workers: int, **kwargs):
         [1, 2]
     """
     with stop_on_signal() as deferred:
-        with deferred():  # Ctrl-C reaches the whole process group: the workers leave it to the parent
+        with deferred(), sigint_blocked():  # the workers, and the pool's thread that replaces them, inherit it
             pool = multiprocessing.get_context("spawn").Pool(workers, initializer=worker_started, **kwargs)
         failed = False
         try:
@@ -115,11 +115,32 @@ def worker_pool(workers: int, **kwargs):
                 pool.join()
 
 
+@contextlib.contextmanager
+def sigint_blocked():
+    """SIGINT blocked in this thread for the block. Processes and threads started in it inherit the mask, so
+    Ctrl-C cannot interrupt a worker's start-up (a KeyboardInterrupt traceback) before ``worker_started`` ignores
+    it: the stdlib starts its resource tracker so. The parent still gets Ctrl-C (another thread takes it, or
+    it waits for the block's end)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # before: starting it unblocks SIGINT in this thread
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def worker_started() -> None:
-    """Pool initializer, a worker's first code: ignore SIGINT (the parent handles Ctrl-C and stops the workers)
-    and end as soon as the parent is gone (``exit_with_parent``, in a thread: it works whatever the worker is
-    doing)."""
+    """Pool initializer, a worker's first code: ignore SIGINT (the parent handles Ctrl-C and stops the workers;
+    one that came while it was blocked, ``sigint_blocked``, is dropped) and end as soon as the parent is gone
+    (``exit_with_parent``, in a thread: it works whatever the worker is doing)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 

@@ -1,12 +1,12 @@
 """A stop signal to a command (SIGTERM from a scheduler, ``kill``, ``timeout``; SIGHUP; Ctrl-C), with or
 without worker processes: the workers stop with it, its locks are released, it exits 128 + N with one line
 saying how to resume, no file is left half-written, and rerunning the same command resumes. A parent
-killed outright (SIGKILL) takes its workers with it.
+killed outright (SIGKILL) takes its workers with it; Ctrl-C while a worker starts prints no traceback.
 
 Each test failed before its fix: SIGTERM killed the parent outright and its spawned workers went on
 training (writing into the run folders and holding their locks) until their model was done, a rerun
 meanwhile refused; `train` and `reproduce --workers 1` died on SIGTERM/SIGHUP with no line and no 128 + N;
-SIGKILL of the parent left its workers running.
+SIGKILL of the parent left its workers running; Ctrl-C during a worker's start-up printed its traceback.
 """
 
 import contextlib
@@ -52,11 +52,15 @@ experiments.phase_change.run_phase_change = trained
 sys.exit(main(["reproduce", "--scale", "tiny", "--workers", sys.argv[2], "--quiet", "--out", sys.argv[1]]))
 '''
 
-# A pool of two workers, each touching DIR/<i> once its task runs, then sleeping.
+# A pool of two workers, each touching DIR/<i> once its task runs, then sleeping. A script file: spawn runs
+# it in each worker at start-up (as __mp_main__), where MODE slow-start stalls it, before the pool's initializer.
 POOL = r'''
 import sys
 import time
 from pathlib import Path
+
+if __name__ == "__mp_main__" and sys.argv[2] == "slow-start":
+    time.sleep(5)
 
 
 def task(i):
@@ -224,10 +228,25 @@ def test_sigkill_of_the_parent_ends_its_workers(tmp_path):
     gone and exit within seconds (before: they ran their task to its end, holding their locks)."""
     script = tmp_path / "pool.py"
     script.write_text(POOL)
-    with started([sys.executable, str(script), str(tmp_path)]) as proc:
+    with started([sys.executable, str(script), str(tmp_path), "run"]) as proc:
         wait_for(lambda: (tmp_path / "0").exists() and (tmp_path / "1").exists(), proc, "tasks running")
         _, _, left = stopped(proc, signal.SIGKILL, grace=5)
     assert not left, f"workers {left} outlived their killed parent by 5 s"
+
+
+def test_ctrl_c_while_the_workers_start_prints_no_traceback(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while the workers are still starting (here: stalled in the
+    script spawn runs before the pool's initializer): the parent stops them, and no worker prints a
+    KeyboardInterrupt traceback."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    with started([sys.executable, str(script), str(tmp_path), "slow-start"]) as proc:
+        wait_for(lambda: len(workers_of(proc.pid)) >= 2, proc, "workers")
+        time.sleep(1)  # in their start-up's 5 s stall
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert not (tmp_path / "0").exists()  # the stall was still on: no task ran
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="phase-change evaluates in this process on one core")
