@@ -14,8 +14,8 @@ Commands:
 Exit codes: 0 success; 2 bad input (usage, options, corpus, a damaged or stale result, an output
 folder in use by another process); 1 a run that failed for a known reason (diverged training, disk
 full, read-only folder, out of memory: one line, no traceback); 128 + N interrupted by signal N (130
-Ctrl-C; 143 SIGTERM, 129 SIGHUP while worker processes run: they are stopped first), one line saying how to
-resume; a bug raises with a traceback.
+Ctrl-C, 143 SIGTERM, 129 SIGHUP; worker processes are stopped first), one line saying how to resume; a bug
+raises with a traceback.
 Usage errors are found before the heavy imports (torch, transformers) and leave no folders.
 """
 
@@ -495,13 +495,16 @@ def main(argv: list[str] | None = None) -> int:
         _precheck(args)
     except UsageError as e:
         parser.exit(2, f"error: {e}\n")
+    from .stopping import stop_on_signal
+
     try:
         if getattr(args, "wait", None):
             from .common import set_lock_wait
 
             set_lock_wait(args.wait)
-        return args.func(args)
-    except KeyboardInterrupt as e:  # Ctrl-C, or a stop signal while workers ran (experiments.common.Interrupted)
+        with stop_on_signal():  # SIGTERM, SIGHUP: as Ctrl-C, with or without worker processes
+            return args.func(args)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (experiments.stopping.Interrupted)
         advice = _RESUME_ADVICE.get(args.command, "rerun the same command: finished tables are kept")
         signum = getattr(e, "signum", signal.SIGINT)
         parser.exit(128 + signum, f"interrupted by {signal.Signals(signum).name}: {advice}\n")

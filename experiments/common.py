@@ -15,9 +15,7 @@ next run recompute it). Results that cannot go stale:
   which invocation made it (``res.made_by()``).
 * A results root is owned by one process at a time (``owns_results``; OS lock, see
   ``interventions.zoo.ownership``); ``Results`` creates nothing until it writes.
-* Worker processes never outlive their pool (``worker_pool``): SIGTERM or SIGHUP to the parent raises
-  ``Interrupted`` there, as Ctrl-C raises ``KeyboardInterrupt``, and the pool is terminated and joined on the
-  way out (a worker killed mid-write leaves a temp file, never a half-written one; its lock goes with it).
+* Stop signals and worker processes: ``experiments.stopping`` (a worker never outlives its parent).
 
 Example:
     >>> import tempfile, pandas as pd
@@ -31,15 +29,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
 import io
 import json
 import os
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -59,92 +54,6 @@ class ResultError(RuntimeError):
 
 class InputError(ValueError):
     """Bad input found by an experiment (a run, a model, an option): the CLI exits with code 2."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal received while worker processes ran (``stop_on_signal``). A ``KeyboardInterrupt``,
-    so it unwinds as Ctrl-C does; ``signum``: the signal."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # those stop_on_signal turns into Interrupted
-
-
-@contextlib.contextmanager
-def stop_on_signal():
-    """For the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread (SIGTERM and SIGHUP
-    otherwise kill the process outright, skipping every cleanup); the previous handlers are restored after.
-    Only the first signal raises: a later one would cut short the cleanup the first one started. Yields
-    ``deferred``, a context manager whose body no signal interrupts: one received meanwhile is raised at its
-    end (``deferred(raise_pending=False)``: dropped, for a cleanup under way for another error).
-    Off the main thread (Python runs handlers there only) it installs nothing; an ignored signal (``nohup``,
-    a background job's SIGINT) stays ignored."""
-    state = {"raised": False, "pending": None, "defer": 0}
-
-    def handler(signum, frame):
-        if state["raised"]:
-            return
-        if state["defer"]:
-            state["pending"] = state["pending"] or signum
-            return
-        state["raised"] = True
-        raise Interrupted(signum)
-
-    @contextlib.contextmanager
-    def deferred(raise_pending: bool = True):
-        state["defer"] += 1
-        try:
-            yield
-        finally:
-            state["defer"] -= 1
-        pending, state["pending"] = state["pending"], None
-        if pending is not None and raise_pending and not state["raised"]:
-            state["raised"] = True
-            raise Interrupted(pending)
-
-    before = {}
-    try:
-        if threading.current_thread() is threading.main_thread():
-            for name in STOP_SIGNALS:
-                signum = getattr(signal, name, None)  # no SIGHUP on Windows
-                if signum is not None and signal.getsignal(signum) not in (signal.SIG_IGN, None):
-                    before[signum] = signal.signal(signum, handler)
-        yield deferred
-    finally:
-        for signum, previous in before.items():
-            signal.signal(signum, previous)
-
-
-@contextlib.contextmanager
-def worker_pool(workers: int, **kwargs):
-    """A pool of ``workers`` spawned processes (``kwargs``: as ``multiprocessing.Pool``'s) that never outlives
-    the block: however it is left (an error, Ctrl-C, SIGTERM, SIGHUP: ``stop_on_signal``) the workers are
-    terminated and joined, so none goes on writing into a run folder, and holding its lock, after the parent
-    has gone. Starting and stopping the pool are not interrupted (a signal then is raised once they are done).
-
-        >>> with worker_pool(2) as pool:
-        ...     sorted(pool.imap_unordered(abs, [-1, 2]))
-        [1, 2]
-    """
-    import multiprocessing as mp
-
-    with stop_on_signal() as deferred:
-        with deferred():  # Ctrl-C reaches the whole process group: the workers leave it to the parent
-            pool = mp.get_context("spawn").Pool(workers, initializer=signal.signal,
-                                                initargs=(signal.SIGINT, signal.SIG_IGN), **kwargs)
-        failed = False
-        try:
-            yield pool
-        except Exception:
-            failed = True  # its traceback is shown, not a signal received while the pool stops
-            raise
-        finally:
-            with deferred(raise_pending=not failed):
-                pool.terminate()
-                pool.join()
 
 
 def set_lock_wait(seconds: float) -> None:

@@ -44,7 +44,8 @@ from interventions.primitives.loss import loss_by_position, loss_from_logits
 from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, list_checkpoints, load_model,
                                      load_train_config)
 
-from .common import ResultError, Results, owns_results, run_fingerprint, worker_pool
+from .common import ResultError, Results, owns_results, run_fingerprint
+from .stopping import worker_pool
 from .zoo import RUN_THREADS, smear_twins, split_run_name
 
 N_PCA_PAIRS = 2048  # (example, token) pairs, one token from each of this many separate windows

@@ -16,7 +16,8 @@ Models train in parallel worker processes (one per core by default, each with on
 the 2-core CPU two single-threaded runs give ~1.2-1.3x the tokens/s of one run on both cores, and a
 fixed thread count keeps results bit-identical on any machine; on a GPU up to 8 processes share the
 card: small models are launch-bound, so parallel runs fill it). The workers never outlive the parent:
-Ctrl-C, SIGTERM or SIGHUP stops them first (``common.worker_pool``), and the same command resumes.
+Ctrl-C, SIGTERM or SIGHUP stops them first, and a worker whose parent was killed outright ends itself
+(``stopping.worker_pool``); the same command resumes.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: b
         for job in jobs:
             _train_one(job)
         return out
-    from .common import worker_pool
+    from .stopping import worker_pool
 
     with worker_pool(workers, maxtasksperchild=1) as pool:  # SIGTERM/Ctrl-C: the workers stop with the parent
         for _ in pool.imap_unordered(_train_one, jobs):

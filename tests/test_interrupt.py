@@ -1,9 +1,12 @@
-"""A stop signal to a parent running worker processes (SIGTERM from a scheduler, ``kill``, ``timeout``;
-Ctrl-C): the workers stop with it, its locks are released, it exits 128 + N with one line saying how to
-resume, no file is left half-written, and rerunning the same command resumes.
+"""A stop signal to a command (SIGTERM from a scheduler, ``kill``, ``timeout``; SIGHUP; Ctrl-C), with or
+without worker processes: the workers stop with it, its locks are released, it exits 128 + N with one line
+saying how to resume, no file is left half-written, and rerunning the same command resumes. A parent
+killed outright (SIGKILL) takes its workers with it; Ctrl-C while a worker starts prints no traceback.
 
-Before: SIGTERM killed the parent outright and its spawned workers went on training (writing into the
-run folders and holding their locks) until their model was done; a rerun meanwhile was refused.
+Each test failed before its fix: SIGTERM killed the parent outright and its spawned workers went on
+training (writing into the run folders and holding their locks) until their model was done, a rerun
+meanwhile refused; `train` and `reproduce --workers 1` died on SIGTERM/SIGHUP with no line and no 128 + N;
+SIGKILL of the parent left its workers running; Ctrl-C during a worker's start-up printed its traceback.
 """
 
 import contextlib
@@ -19,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.common import Interrupted, stop_on_signal
 from experiments.presets import get_preset
+from experiments.stopping import Interrupted, stop_on_signal
 from interventions.zoo import train as T
 from interventions.zoo.ownership import owned
 
@@ -29,7 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH"
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds worker processes in /proc")
 
-# `reproduce --scale tiny --workers 2` with two models of a few seconds each, stopped once trained (what
+# `reproduce --scale tiny --workers N` with two models of a few seconds each, stopped once trained (what
 # follows is not what these tests check). Run with -c: spawned workers do not re-run a -c script.
 REPRODUCE = r'''
 import sys
@@ -46,7 +49,33 @@ def trained(*args, **kwargs):
 
 
 experiments.phase_change.run_phase_change = trained
-sys.exit(main(["reproduce", "--scale", "tiny", "--workers", "2", "--quiet", "--out", sys.argv[1]]))
+sys.exit(main(["reproduce", "--scale", "tiny", "--workers", sys.argv[2], "--quiet", "--out", sys.argv[1]]))
+'''
+
+# A pool of two workers, each touching DIR/<i> once its task runs, then sleeping. A script file: spawn runs
+# it in each worker at start-up (as __mp_main__), where MODE slow-start stalls it, before the pool's initializer.
+POOL = r'''
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__mp_main__" and sys.argv[2] == "slow-start":
+    time.sleep(5)
+
+
+def task(i):
+    Path(sys.argv[1], str(i)).touch()
+    time.sleep(60)
+
+
+if __name__ == "__main__":
+    from experiments.stopping import worker_pool
+
+    try:
+        with worker_pool(2) as pool:
+            pool.map(task, [0, 1])
+    except KeyboardInterrupt:
+        sys.exit(130)
 '''
 
 
@@ -92,13 +121,13 @@ def started(argv: list[str]):
         proc.communicate()
 
 
-def stopped(proc: subprocess.Popen, sig: int, group: bool = False) -> tuple[int, str, list[int]]:
+def stopped(proc: subprocess.Popen, sig: int, group: bool = False, grace: float = 1) -> tuple[int, str, list[int]]:
     """Send ``sig`` (to the whole process group, as Ctrl-C does, with ``group``) once the workers run;
-    (exit code, last stderr line, workers still running 1 s after the parent exited)."""
+    (exit code, last stderr line, workers still running ``grace`` s after the parent exited)."""
     workers = workers_of(proc.pid)
     os.killpg(proc.pid, sig) if group else proc.send_signal(sig)
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 1  # stopped and joined by the parent before it exits: already gone
+    deadline = time.monotonic() + grace  # stopped and joined by the parent before it exits: already gone
     while any(alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.05)
     left = [p for p in workers if alive(p)]
@@ -122,23 +151,47 @@ def assert_nothing_half_written(root: Path) -> None:
                 pytest.fail(f"{f} is half-written: {e}")
 
 
-@pytest.mark.slow  # 15-30 s on a 2-core CPU: two launches, each spawning two workers that import torch
-def test_sigterm_stops_the_training_workers_and_the_rerun_resumes(tmp_path):
-    """SIGTERM to `reproduce` while its workers train: exit 143 with the advice, no worker left, nothing
-    half-written, and the same command again resumes the interrupted runs from their checkpoints."""
+@pytest.mark.slow  # 15-30 s on a 2-core CPU: two launches of `reproduce`, each training two models
+@pytest.mark.parametrize("workers, sig", [(2, signal.SIGTERM), (1, signal.SIGHUP)], ids=["pool", "no-pool"])
+def test_a_stop_signal_stops_the_training_and_the_rerun_resumes(tmp_path, workers, sig):
+    """SIGTERM to `reproduce` while its workers train, or SIGHUP to `reproduce --workers 1` training in its own
+    process: exit 128 + N with the advice, no worker left, nothing half-written, and the same command again
+    resumes the interrupted runs from their checkpoints."""
     out = tmp_path / "out"
-    argv = [sys.executable, "-c", REPRODUCE, str(out)]
+    argv = [sys.executable, "-c", REPRODUCE, str(out), str(workers)]
+    with started(argv) as proc:
+        wait_for(lambda: len(workers_of(proc.pid)) >= (workers if workers > 1 else 0)
+                 and any(out.glob("runs/*/checkpoints/step-*")), proc, "checkpoint written by the training")
+        code, last, left = stopped(proc, sig)
+    assert not left, f"workers {left} outlived the parent"
+    assert code == 128 + sig, last
+    name = signal.Signals(sig).name
+    assert last == f"interrupted by {name}: rerun the same command: reproduce resumes where it stopped"
+    assert_rerun_resumes(argv, out)
+
+
+@pytest.mark.slow  # 15-30 s on a 2-core CPU, as above
+def test_sigkill_of_the_parent_stops_its_training_workers_and_the_rerun_resumes(tmp_path):
+    """SIGKILL to `reproduce` while its workers train (no handler runs): the workers notice their parent is
+    gone and exit within seconds, releasing their run folders; nothing is half-written and the rerun resumes."""
+    out = tmp_path / "out"
+    argv = [sys.executable, "-c", REPRODUCE, str(out), "2"]
     with started(argv) as proc:
         wait_for(lambda: len(workers_of(proc.pid)) >= 2 and any(out.glob("runs/*/checkpoints/step-*")), proc,
                  "checkpoint written by the workers")
-        code, last, left = stopped(proc, signal.SIGTERM)
-    assert not left, f"workers {left} outlived the parent"
-    assert code == 128 + signal.SIGTERM, last
-    assert last == "interrupted by SIGTERM: rerun the same command: reproduce resumes where it stopped"
+        _, _, left = stopped(proc, signal.SIGKILL, grace=5)
+    assert not left, f"workers {left} outlived their killed parent by 5 s"
+    assert_rerun_resumes(argv, out)
+
+
+def assert_rerun_resumes(argv: list[str], out: Path) -> None:
+    """Nothing under ``out`` is half-written, some run is unfinished, and ``argv`` again finishes every run,
+    some resumed from a checkpoint."""
     assert_nothing_half_written(out)
     runs = [out / "runs" / name for name in ("attn-1l", "attn-2l")]
     final = f"step-{T.TrainConfig.from_dict({**get_preset('tiny'), 'tokens': 400_000}).total_steps:08d}"
-    assert not all((r / "checkpoints" / final).is_dir() for r in runs), "both finished before the signal"
+    assert not all((r / "checkpoints" / final).is_dir() for r in runs), \
+        "both runs finished: before the signal, or their workers went on training after it"
 
     with started(argv) as proc:
         stdout, err = proc.communicate(timeout=120)
@@ -148,6 +201,52 @@ def test_sigterm_stops_the_training_workers_and_the_rerun_resumes(tmp_path):
         assert T.latest_checkpoint(run).name == final, run
         starts += [inv["from_step"] for inv in json.loads((run / "provenance.json").read_text())["invocations"][1:]]
     assert starts and max(starts) > 0, f"no run resumed from a checkpoint: {starts}"
+
+
+def test_sigterm_stops_train_and_resume_continues(tmp_path):
+    """SIGTERM to `train` (one process, no pool) after its first checkpoint: exit 143 with the advice to
+    rerun with --resume, every checkpoint verifies, and that rerun continues from the last one."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "experiments", "train", "--preset", "tiny", "--tokens", "400000", "--quiet",
+            "--out", str(out)]
+    with started(argv) as proc:
+        wait_for(lambda: any(out.glob("checkpoints/step-*")), proc, "first checkpoint")
+        code, last, _ = stopped(proc, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, last
+    assert last == "interrupted by SIGTERM: rerun the same command with --resume to continue"
+    assert_nothing_half_written(out)
+    final = f"step-{T.TrainConfig.from_dict({**get_preset('tiny'), 'tokens': 400_000}).total_steps:08d}"
+    assert T.latest_checkpoint(out).name != final, "finished before the signal"
+    res = subprocess.run(argv + ["--resume"], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert T.latest_checkpoint(out).name == final
+    assert json.loads((out / "provenance.json").read_text())["invocations"][-1]["from_step"] > 0
+
+
+def test_sigkill_of_the_parent_ends_its_workers(tmp_path):
+    """SIGKILL to a parent whose pool workers are busy: no handler runs in it, yet the workers notice it is
+    gone and exit within seconds (before: they ran their task to its end, holding their locks)."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    with started([sys.executable, str(script), str(tmp_path), "run"]) as proc:
+        wait_for(lambda: (tmp_path / "0").exists() and (tmp_path / "1").exists(), proc, "tasks running")
+        _, _, left = stopped(proc, signal.SIGKILL, grace=5)
+    assert not left, f"workers {left} outlived their killed parent by 5 s"
+
+
+def test_ctrl_c_while_the_workers_start_prints_no_traceback(tmp_path):
+    """Ctrl-C (SIGINT to the process group) while the workers are still starting (here: stalled in the
+    script spawn runs before the pool's initializer): the parent stops them, and no worker prints a
+    KeyboardInterrupt traceback."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    with started([sys.executable, str(script), str(tmp_path), "slow-start"]) as proc:
+        wait_for(lambda: len(workers_of(proc.pid)) >= 2, proc, "workers")
+        time.sleep(1)  # in their start-up's 5 s stall
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert not (tmp_path / "0").exists()  # the stall was still on: no task ran
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="phase-change evaluates in this process on one core")
@@ -209,3 +308,22 @@ def test_stop_on_signal_raises_once_defers_and_restores():
     t.start()
     t.join()
     assert seen == [before[signal.SIGTERM]]
+
+
+def test_a_stop_on_signal_block_inside_another_is_that_block():
+    """Nested (a pool's block inside the CLI's): the inner block installs nothing and yields the outer's
+    ``deferred``, so a command raises once: a second signal, during the unwinding, is dropped."""
+    with stop_on_signal() as outer:
+        installed = signal.getsignal(signal.SIGTERM)
+        with stop_on_signal() as inner:
+            assert inner is outer and signal.getsignal(signal.SIGTERM) is installed
+        assert signal.getsignal(signal.SIGTERM) is installed
+    with pytest.raises(Interrupted) as e, stop_on_signal():
+        try:
+            with stop_on_signal():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)  # dropped: the first is unwinding
+            time.sleep(0.1)
+    assert e.value.__context__ is None  # not a second Interrupted raised while the first unwound

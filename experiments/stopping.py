@@ -1,0 +1,156 @@
+"""Stopping cleanly: a stop signal unwinds a command as Ctrl-C does, and worker processes never outlive it.
+
+* ``stop_on_signal``: for the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` (a ``KeyboardInterrupt``)
+  in the main thread. The CLI runs every command in one, with or without workers: each exits 128 + N with one
+  line saying how to resume (``experiments.__main__``), its locks released on the way out.
+* ``worker_pool``: spawned workers, terminated and joined however the block is left. A worker leaves SIGINT
+  (Ctrl-C reaches the whole process group) to the parent from its first instruction on, and ends itself
+  within a fraction of a second once the parent is gone (killed outright: SIGKILL, the OOM killer), so none
+  goes on writing into a run folder, holding its lock. A worker stopped mid-write leaves a temporary, never
+  a half-written file (the next start removes it).
+
+Only the standard library: a worker imports it (the pool's initializer) before its task's modules (torch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import threading
+import time
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # those stop_on_signal turns into Interrupted
+PARENT_POLL_S = 0.2  # how often a worker looks whether its parent is still there
+_active: list = []  # the deferred of the stop_on_signal block in force in the main thread
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal received in a ``stop_on_signal`` block. A ``KeyboardInterrupt``, so it unwinds as
+    Ctrl-C does; ``signum``: the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signal():
+    """For the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread (SIGTERM and SIGHUP
+    otherwise kill the process outright, skipping every cleanup); the previous handlers are restored after.
+    Only the first signal raises: a later one would cut short the cleanup the first one started. Yields
+    ``deferred``, a context manager whose body no signal interrupts: one received meanwhile is raised at its
+    end (``deferred(raise_pending=False)``: dropped, for a cleanup under way for another error).
+    A block inside another (a pool's inside the CLI's) is that one: a command raises once, however nested.
+    Off the main thread (Python runs handlers there only) it installs nothing; an ignored signal (``nohup``,
+    a background job's SIGINT) stays ignored."""
+    main = threading.current_thread() is threading.main_thread()
+    if main and _active:
+        yield _active[-1]
+        return
+    state = {"raised": False, "pending": None, "defer": 0}
+
+    def handler(signum, frame):
+        if state["raised"]:
+            return
+        if state["defer"]:
+            state["pending"] = state["pending"] or signum
+            return
+        state["raised"] = True
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def deferred(raise_pending: bool = True):
+        state["defer"] += 1
+        try:
+            yield
+        finally:
+            state["defer"] -= 1
+        pending, state["pending"] = state["pending"], None
+        if pending is not None and raise_pending and not state["raised"]:
+            state["raised"] = True
+            raise Interrupted(pending)
+
+    before = {}
+    try:
+        if main:
+            _active.append(deferred)
+            for name in STOP_SIGNALS:
+                signum = getattr(signal, name, None)  # no SIGHUP on Windows
+                if signum is not None and signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                    before[signum] = signal.signal(signum, handler)
+        yield deferred
+    finally:
+        for signum, previous in before.items():
+            signal.signal(signum, previous)
+        if main:
+            _active.remove(deferred)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, **kwargs):
+    """A pool of ``workers`` spawned processes (``kwargs``: as ``multiprocessing.Pool``'s) that never outlives
+    the block: however it is left (an error, Ctrl-C, SIGTERM, SIGHUP: ``stop_on_signal``) the workers are
+    terminated and joined, so none goes on writing into a run folder, and holding its lock, after the parent
+    has gone; and a worker whose parent was killed outright ends itself (``worker_started``). Starting and
+    stopping the pool are not interrupted (a signal then is raised once they are done).
+
+        >>> with worker_pool(2) as pool:
+        ...     sorted(pool.imap_unordered(abs, [-1, 2]))
+        [1, 2]
+    """
+    with stop_on_signal() as deferred:
+        with deferred(), sigint_blocked():  # the workers, and the pool's thread that replaces them, inherit it
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=worker_started, **kwargs)
+        failed = False
+        try:
+            yield pool
+        except Exception:
+            failed = True  # its traceback is shown, not a signal received while the pool stops
+            raise
+        finally:
+            with deferred(raise_pending=not failed):
+                pool.terminate()
+                pool.join()
+
+
+@contextlib.contextmanager
+def sigint_blocked():
+    """SIGINT blocked in this thread for the block. Processes and threads started in it inherit the mask, so
+    Ctrl-C cannot interrupt a worker's start-up (a KeyboardInterrupt traceback) before ``worker_started`` ignores
+    it: the stdlib starts its resource tracker so. The parent still gets Ctrl-C (another thread takes it, or
+    it waits for the block's end)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # before: starting it unblocks SIGINT in this thread
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def worker_started() -> None:
+    """Pool initializer, a worker's first code: ignore SIGINT (the parent handles Ctrl-C and stops the workers;
+    one that came while it was blocked, ``sigint_blocked``, is dropped) and end as soon as the parent is gone
+    (``exit_with_parent``, in a thread: it works whatever the worker is doing)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
+def exit_with_parent(poll: float = PARENT_POLL_S) -> None:
+    """In a worker: wait until its parent is gone (POSIX: the worker is then another process's child), then
+    end this process at once, as the parent's ``terminate`` would have: a write under way is left as a
+    temporary, never a half-written file or checkpoint, and the kernel releases the worker's locks."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    while os.getppid() == parent.pid:
+        time.sleep(poll)
+    os._exit(1)
