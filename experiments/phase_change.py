@@ -41,8 +41,8 @@ import torch
 
 from interventions.analysis.metrics import icl_band, icl_band_losses, icl_from_losses, icl_indices
 from interventions.primitives.loss import loss_by_position, loss_from_logits
-from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, list_checkpoints, load_model,
-                                     load_train_config)
+from interventions.zoo.train import (RunFolderError, TrainConfig, build_source, latest_checkpoint, list_checkpoints,
+                                     load_model, load_train_config)
 
 from .common import ResultError, Results, owns_results, run_fingerprint
 from .stopping import worker_pool
@@ -311,6 +311,10 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     for run in runs.values():  # every run's config parses (a garbled one is named) before any work
         run_config(run)
     check_corpora(runs)  # and a corpus edited since a run was trained is refused, before anything is written
+    for run in runs.values():  # and so is a run with nothing to evaluate
+        if latest_checkpoint(run) is None:
+            raise RunFolderError(f"{run} has no complete checkpoint (none with a verified manifest): train it "
+                                 "first, or resume it with `train --resume`")
     settings = {"n_windows": n_windows, "n_precise": n_precise, "n_pca_pairs": n_pca_pairs,
                 "pca_pairs_seed": PCA_PAIRS_SEED}
     res.write_provenance(settings, runs={k: str(v) for k, v in runs.items()})
@@ -321,10 +325,7 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     jobs, owners = [], []
     threads = RUN_THREADS  # as the training: --workers changes no number
     for name in todo:
-        ckpts = [str(c) for c in list_checkpoints(runs[name])]
-        if not ckpts:
-            raise RunFolderError(f"{runs[name]} has no complete checkpoint (none with a verified manifest): train it "
-                                 "first, or resume it with `train --resume`")
+        ckpts = [str(c) for c in list_checkpoints(runs[name])]  # at least one (checked above)
         cfg = run_config(runs[name])
         steps = [step_tokens(Path(c), cfg) for c in ckpts]
         pca_steps = {steps[i][0] for i in pca_checkpoints([t for _, t in steps])}

@@ -755,12 +755,15 @@ def test_ablation_sets_compare_with_a_clean_run_on_the_same_path():
 
 
 def test_run_without_checkpoints_names_the_run(tmp_path, capsys):
-    """phase-change on a run with no complete checkpoint: exit 2 naming the run, not a pandas error."""
+    """phase-change on a run with no complete checkpoint: exit 2 naming the run, not a pandas error, and
+    nothing written (it wrote the results folder's provenance.json and manifest first: an invocation
+    recorded for tables it never made)."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "train_config.json").write_text(json.dumps(tiny_cfg().to_dict()))
     code, err = cli(["phase-change", run, "--out", tmp_path / "res", "--windows", "4", "--quiet"], capsys)
     assert code == 2 and str(run) in err and "no complete checkpoint" in err, err
+    assert not (tmp_path / "res" / "phase_change").exists()
 
 
 def test_garbled_train_config_names_the_file(tmp_path, capsys):

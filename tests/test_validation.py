@@ -333,6 +333,16 @@ CLI_CASES = {
                                           "not empty"),
     "figures from a folder without tables": (["figures", "--results", "{tmp}/res", "--out", "{tmp}/figs"], None,
                                              "run `python -m experiments reproduce --out {tmp}/res` first"),
+    # README "Corpus": --set tokenizer=<hub name or folder>; one that cannot be loaded is bad input (it was a
+    # transformers traceback: OSError for a missing folder, ValueError for a folder without tokenizer files)
+    "tokenizer: a missing folder": (["train", "--preset", "attn-1l", "--out", "{tmp}/out", "--corpus", "{tmp}/c.txt",
+                                     "--set", "tokenizer={tmp}/nowhere", "--quiet"],
+                                    lambda d: _write(d / "c.txt", "some text\n" * 100), "tokenizer '{tmp}/nowhere'"),
+    "tokenizer: a folder without tokenizer files": (["train", "--preset", "attn-1l", "--out", "{tmp}/out", "--corpus",
+                                                     "{tmp}/c.txt", "--set", "tokenizer={tmp}/tok", "--quiet"],
+                                                    lambda d: _write(d / "c.txt", "some text\n" * 100)
+                                                    and _write(d / "tok" / "notes.txt", "not a tokenizer"),
+                                                    "tokenizer '{tmp}/tok'"),
 }
 
 

@@ -649,6 +649,22 @@ def _publish_cache(tmp: Path, cache: Path) -> None:
         shutil.rmtree(tmp)
 
 
+def _named_tokenizer(name: str):
+    """The ``tokenizer`` option's tokenizer, or ``ConfigError`` naming it where it cannot be loaded (a missing
+    folder, one without tokenizer files, a hub name that does not resolve): bad input, not a traceback. An
+    OSError with an errno (a disk or permission failure reading the folder) is raised as it is."""
+    from .tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"tokenizer {name!r} cannot be loaded ({first}): pass a saved tokenizer folder (with "
+                          "tokenizer.json or tokenizer_config.json) or, online, a hub name") from None
+
+
 def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path | None = None,
                  progress: bool = False):
     """(token source, tokenizer or None, corpus fingerprint) for a config. The tokenised corpus is
@@ -679,7 +695,7 @@ def build_source(cfg: TrainConfig, run_dir: Path | None = None, cache_dir: Path 
     if (cache / "done").is_file():
         tok = load_tokenizer(str(tok_dir))
     else:
-        tok = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(
+        tok = _named_tokenizer(cfg.tokenizer) if cfg.tokenizer else train_tokenizer(
             (t for _, t in train_docs), cfg.vocab_size)
     if tok.eos_token_id is None:  # id 0 used to join the documents: a real token of some tokenizers
         raise ConfigError(f"tokenizer {cfg.tokenizer!r} has no end-of-text (eos) token to separate the documents "
