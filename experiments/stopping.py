@@ -41,7 +41,8 @@ def stop_on_signal():
     otherwise kill the process outright, skipping every cleanup); the previous handlers are restored after.
     Only the first signal raises: a later one would cut short the cleanup the first one started. Yields
     ``deferred``, a context manager whose body no signal interrupts: one received meanwhile is raised at its
-    end (``deferred(raise_pending=False)``: dropped, for a cleanup under way for another error).
+    end (``deferred(raise_pending=False)``: dropped, for a cleanup under way for another error; one inside
+    another: at the outer one's end).
     A block inside another (a pool's inside the CLI's) is that one: a command raises once, however nested.
     Off the main thread (Python runs handlers there only) it installs nothing; an ignored signal (``nohup``,
     a background job's SIGINT) stays ignored."""
@@ -67,6 +68,8 @@ def stop_on_signal():
             yield
         finally:
             state["defer"] -= 1
+        if state["defer"]:  # inside another deferred block: raised at its end, not in the middle of its body
+            return
         pending, state["pending"] = state["pending"], None
         if pending is not None and raise_pending and not state["raised"]:
             state["raised"] = True
@@ -101,18 +104,20 @@ def worker_pool(workers: int, **kwargs):
         [1, 2]
     """
     with stop_on_signal() as deferred:
-        with deferred(), sigint_blocked():  # the workers, and the pool's thread that replaces them, inherit it
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=worker_started, **kwargs)
-        failed = False
+        pool, failed = None, False
         try:
+            # a signal received while the pool starts is raised at the end of this, with the pool made: stopped below
+            with deferred(), sigint_blocked():  # the workers, and the pool's thread that replaces them, inherit it
+                pool = multiprocessing.get_context("spawn").Pool(workers, initializer=worker_started, **kwargs)
             yield pool
         except Exception:
             failed = True  # its traceback is shown, not a signal received while the pool stops
             raise
         finally:
-            with deferred(raise_pending=not failed):
-                pool.terminate()
-                pool.join()
+            if pool is not None:
+                with deferred(raise_pending=not failed):
+                    pool.terminate()
+                    pool.join()
 
 
 @contextlib.contextmanager

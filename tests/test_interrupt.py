@@ -327,3 +327,42 @@ def test_a_stop_on_signal_block_inside_another_is_that_block():
             os.kill(os.getpid(), signal.SIGTERM)  # dropped: the first is unwinding
             time.sleep(0.1)
     assert e.value.__context__ is None  # not a second Interrupted raised while the first unwound
+
+
+def test_a_deferred_block_inside_another_raises_at_the_outer_end():
+    """``deferred`` nested in another: a signal received in the inner block is raised at the end of the
+    outer one, never in the middle of the outer body (before: at the inner block's end)."""
+    done = []
+    with pytest.raises(Interrupted), stop_on_signal() as deferred:
+        with deferred():
+            with deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+            done.append("the rest of the outer block")
+    assert done == ["the rest of the outer block"]
+
+
+def test_a_stop_signal_while_the_pool_starts_stops_its_workers(monkeypatch):
+    """A signal received while ``worker_pool`` starts its workers (deferred to the end of the start) is
+    raised with the workers terminated and joined (before: raised before the block that stops them, so
+    they ran on, idle, for as long as the exception's traceback was kept)."""
+    import multiprocessing
+
+    from experiments import stopping
+
+    real = stopping.sigint_blocked
+
+    @contextlib.contextmanager
+    def signalled():
+        with real():
+            yield
+            os.kill(os.getpid(), signal.SIGTERM)  # while the pool is being made
+
+    before = {p.pid for p in multiprocessing.active_children()}
+    monkeypatch.setattr(stopping, "sigint_blocked", signalled)
+    with pytest.raises(Interrupted) as e:
+        with stopping.worker_pool(1):
+            pytest.fail("the block ran")
+    left = [p for p in multiprocessing.active_children() if p.pid not in before]
+    assert not left, f"workers {left} outlived the pool's block ({e.value!r})"
+
