@@ -15,7 +15,8 @@ next run recompute it). Results that cannot go stale:
   which invocation made it (``res.made_by()``).
 * A results root is owned by one process at a time (``owns_results``; OS lock, see
   ``interventions.zoo.ownership``); ``Results`` creates nothing until it writes.
-* Stop signals and worker processes: ``experiments.stopping`` (a worker never outlives its parent).
+* Stop signals and worker processes: ``experiments.stopping`` (a worker never outlives its parent). A stop
+  signal (Ctrl-C, SIGTERM, SIGHUP) received while a file is written waits until the manifest records it.
 
 Example:
     >>> import tempfile, pandas as pd
@@ -43,6 +44,8 @@ import pandas as pd
 from interventions.zoo.ownership import LOCKING, owned, remove_leftovers
 from interventions.zoo.provenance import provenance
 from interventions.zoo.train import atomic_write_bytes, atomic_write_text, sha256_file
+
+from .stopping import stop_on_signal
 
 SETTINGS_KEY = "__settings__"  # manifest entry: fingerprint and copy of the settings of the tables
 _lock_wait = 0.0  # seconds to wait for a results folder another process owns (CLI --wait)
@@ -169,8 +172,9 @@ class Results:
         with owned(self.root, _lock_wait, what="results folder"):
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.dir, locked=LOCKING)  # of writes killed mid-way (their writer is gone)
-            atomic_write_bytes(path, data)
-            self._record(key, path, inputs)
+            with stop_on_signal() as deferred, deferred():  # a stop signal waits until the manifest records it
+                atomic_write_bytes(path, data)
+                self._record(key, path, inputs)
         return path
 
     def _verified(self, key: str, path: Path, inputs=None) -> Path:
@@ -273,11 +277,12 @@ class Results:
             if prior is not None:  # the same settings again: the record of the tables already here is kept
                 record = {**prior, "invocations": prior.get("invocations") or [_invocation(prior)]}
             record["invocations"] = record.get("invocations", []) + [this]
-            atomic_write_text(path, json.dumps(record, indent=1, default=str))
-            manifest[SETTINGS_KEY] = {"sha256": sha256_file(path), "inputs": fingerprint(config),  # read_provenance
-                                      "settings": json.loads(json.dumps(config, default=str)),
-                                      "invocation": len(record["invocations"]) - 1}
-            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
+            with stop_on_signal() as deferred, deferred():  # a stop signal waits until the manifest records it
+                atomic_write_text(path, json.dumps(record, indent=1, default=str))
+                manifest[SETTINGS_KEY] = {"sha256": sha256_file(path), "inputs": fingerprint(config),  # read_provenance
+                                          "settings": json.loads(json.dumps(config, default=str)),
+                                          "invocation": len(record["invocations"]) - 1}
+                atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def made_by(self) -> list[dict]:
         """The invocations (entries of ``provenance.json``'s ``invocations``: git, machine, created,

@@ -366,3 +366,62 @@ def test_a_stop_signal_while_the_pool_starts_stops_its_workers(monkeypatch):
     left = [p for p in multiprocessing.active_children() if p.pid not in before]
     assert not left, f"workers {left} outlived the pool's block ({e.value!r})"
 
+
+def signal_after_writing(monkeypatch, module, name: str) -> None:
+    """SIGTERM to this process right after ``module``'s atomic writes put a file named ``name`` in place
+    (before anything else is written: its record in the manifest)."""
+    for fn in ("atomic_write_bytes", "atomic_write_text"):
+        real = getattr(module, fn)
+
+        def write(path, data, real=real):
+            real(path, data)
+            if Path(path).name == name:
+                os.kill(os.getpid(), signal.SIGTERM)
+        monkeypatch.setattr(module, fn, write)
+
+
+@pytest.mark.parametrize("name", ["timings.json", "provenance.json"])
+def test_a_stop_signal_while_a_result_is_written_stops_after_its_record(tmp_path, monkeypatch, name):
+    """SIGTERM just after a result file (a JSON file, provenance.json) replaced the previous one, before the
+    manifest recorded its checksum: the signal waits for the record, so the file reads back (before: a
+    checksum error naming it, and provenance's earlier invocations dropped by the next start)."""
+    from experiments import common
+
+    res = common.Results(tmp_path, "report")
+    res.write_json("timings", [1])
+    res.write_provenance({"n": 1})
+    signal_after_writing(monkeypatch, common, name)
+    with pytest.raises(Interrupted), stop_on_signal():
+        res.write_json("timings", [1, 2]) if name == "timings.json" else res.write_provenance({"n": 1})
+    monkeypatch.undo()
+    assert res.read_json("timings") == ([1, 2] if name == "timings.json" else [1])
+    assert len(res.read_provenance()["invocations"]) == (2 if name == "provenance.json" else 1)
+
+
+def test_reproduce_stopped_while_it_records_its_timings_resumes(tmp_path, monkeypatch, capsys):
+    """`reproduce` stopped by SIGTERM just after it rewrote report/timings.json, before its manifest recorded
+    it: exit 143 with "rerun the same command", and that rerun gets past it to the training (before: it
+    refused with exit 2, timings.json "does not match its recorded checksum")."""
+    from experiments import common, zoo
+    from experiments.__main__ import main
+
+    def stopped_in_training(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        pytest.fail("SIGTERM did not stop the training")
+
+    monkeypatch.setattr(zoo, "train_zoo", stopped_in_training)
+    argv = ["reproduce", "--scale", "tiny", "--quiet", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        main(argv)  # a first invocation, stopped in training: timings.json records it
+    assert e.value.code == 128 + signal.SIGTERM
+    with monkeypatch.context() as m:
+        signal_after_writing(m, common, "timings.json")
+        with pytest.raises(SystemExit) as e:
+            main(argv)  # the second, stopped as it records its start
+    assert e.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "interrupted by SIGTERM: rerun the same command: reproduce resumes where it stopped"
+    with pytest.raises(SystemExit) as e:
+        main(argv)  # the rerun: stopped in training again, so it got there
+    assert e.value.code == 128 + signal.SIGTERM, capsys.readouterr().err[-2000:]
