@@ -507,7 +507,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM/SIGHUP (experiments.stopping.Interrupted)
         advice = _RESUME_ADVICE.get(args.command, "rerun the same command: finished tables are kept")
         signum = getattr(e, "signum", signal.SIGINT)
-        parser.exit(128 + signum, f"interrupted by {signal.Signals(signum).name}: {advice}\n")
+        message = f"interrupted by {signal.Signals(signum).name}: {advice}\n"
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # a torchrun rank: exits without the teardown
+            # a rank stopped out of step with the others can leave a failed collective in flight; torch's gloo
+            # process group, freed as the interpreter exits, then deadlocks (its destructor joins a thread that
+            # waits for the GIL) until torchrun kills it 30 s later. Nothing is left to clean up: its lock and
+            # files were released on the way here
+            sys.stdout.flush()
+            sys.stderr.write(message)
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        parser.exit(128 + signum, message)
     except Exception as e:
         known = _known_failure(e)
         if known is None:
