@@ -320,6 +320,34 @@ def test_training_mode_with_dropout_runs_in_eval_mode_with_a_warning():
     assert model.training and all(m.training for m in model.modules())
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_submodule_left_in_training_mode_runs_in_eval_mode_with_a_warning(arch):
+    """``model.eval()`` then one block's ``.train()`` (or the base model's: ``model.model.train()``) leaves
+    the model's own flag False but that block's dropout active: GPT-2's ``nn.Dropout`` modules, Llama's
+    functional attention dropout (``config.attention_dropout``). Every run used to drop out at random,
+    silently (two calls gave different losses); it runs in eval mode with a warning, the modes put back."""
+    from interventions import ZeroAblation, per_token_loss
+
+    model = build(arch)
+    if arch == "llama":
+        model.config.attention_dropout = 0.5
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    want = per_token_loss(model, tokens, ZeroAblation("L0H0"))
+    block = get_block(model, 1)
+    block.train()
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="eval mode"):
+            got = per_token_loss(model, tokens, ZeroAblation("L0H0"))
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not model.training and all(m.training for m in block.modules())
+
+
+def get_block(model, layer):
+    from interventions.engine.adapters import get_adapter
+
+    return get_adapter(model).module(model, layer, "layer")
+
+
 def test_register_adapter_advice_works():
     """The ArchSpec the unsupported-architecture error suggests (no pattern path) supports zero and
     pattern-preserving ablation on a Llama model registered under a new name."""

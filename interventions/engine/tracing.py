@@ -9,8 +9,9 @@ It owns, for every primitive alike:
 
 * execution order (sites visited in the order of ``interventions.engine.sites.LAYER_KINDS``),
 * attention mask and position ids of padded batches (each real token at its unpadded position),
-* ``use_cache=False``, and eval mode (a model left in training mode with active dropout runs in eval
-  mode, with a warning, and is put back; not with ``remote=True``, where the server runs its own model),
+* ``use_cache=False``, and eval mode (a model, or any of its modules, left in training mode with active
+  dropout runs in eval mode, with a warning, and is put back; not with ``remote=True``, where the server
+  runs its own model),
 * placement of each written tensor on its site's device and dtype, of ``prefix`` / ``attn_outputs`` on
   their module's device, and the refusal of layers left on the meta device (multi-device models:
   ``interventions.engine.devices``),
@@ -280,12 +281,22 @@ _VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _dropout_active(inner: nn.Module) -> bool:
-    if not inner.training:
-        return False
-    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in inner.modules()):
-        return True
+    """Whether a forward of ``inner`` would drop out: a module in training mode that is an active
+    ``nn.Dropout``, or any module in training mode where the config sets an attention dropout (HF's
+    attention modules apply it functionally, in their own training mode). Every module is looked at, not
+    only the model: ``model.eval()`` followed by ``model.model.train()`` (or one layer's) leaves the
+    model's own flag False and its dropout active."""
     c = getattr(inner, "config", None)
-    return any(float(getattr(c, name, 0) or 0) > 0 for name in ("attention_dropout", "attn_pdrop"))
+    functional = any(float(getattr(c, name, 0) or 0) > 0 for name in ("attention_dropout", "attn_pdrop"))
+    stack = [inner]  # a walk over ``_modules``: several times faster than ``modules()`` (no names, no memo)
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        if m.training and (functional or (isinstance(m, nn.Dropout) and m.p > 0)):
+            return True
+        stack.extend(m._modules.values())
+    return False
 
 
 @contextlib.contextmanager
@@ -294,8 +305,8 @@ def _eval_mode(inner: nn.Module):
     if not _dropout_active(inner):
         yield
         return
-    warnings.warn("the model is in training mode with dropout: running it in eval mode for this call "
-                  "(call model.eval() to silence this)", stacklevel=4)
+    warnings.warn("the model (or one of its modules) is in training mode with dropout: running it in eval mode "
+                  "for this call (call model.eval() to silence this)", stacklevel=4)
     modes = [(m, m.training) for m in inner.modules()]
     inner.eval()
     try:
