@@ -71,6 +71,42 @@ def test_sweep_default_reference_refused_on_padded_tokens(tiny_model, kind):
     ablation_sweep(tiny_model, tokens, kind=kind, attention_mask=mask, reference=tokens[[0, 2]])
 
 
+def test_padded_tokens_given_as_the_reference_are_refused_before_any_run(tiny_model):
+    """The same mistake with the reference given explicitly (the module docstring's factory
+    ``lambda heads: MeanAblation(heads, tokens)``, ``per_token_loss(..., MeanAblation(h, tokens))``) ran: the
+    pad ids were run as tokens and entered the means (the sweep's delta moved by 0.04 nats when the pad ids
+    changed). Refused in every primitive, the padded rows found also in a chunk (row_offset) and under
+    PatternPreserving, before any forward; a reference of other rows, or no padding, works."""
+    from interventions import ResampleAblation, run_with_ablations
+    from interventions.primitives.loss import per_token_loss_sets
+
+    tokens = torch.randint(0, 50, (3, 8), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :3] = 0
+    calls = []
+    hook = tiny_model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        for call in (
+                lambda: ablation_sweep(tiny_model, tokens, kind=lambda hs: MeanAblation(hs, tokens), attention_mask=mask),
+                lambda: ablation_sweep(tiny_model, tokens, kind=lambda hs: PatternPreserving(ResampleAblation(hs, tokens)),
+                                       attention_mask=mask),
+                lambda: per_token_loss(tiny_model, tokens, MeanAblation("L1H0", tokens.clone()), attention_mask=mask),
+                lambda: per_token_loss(tiny_model, tokens, [ZeroAblation("L0H0"), ResampleAblation("L1H0", tokens)],
+                                       attention_mask=mask, batch_size=1),
+                lambda: run_with_ablations(tiny_model, tokens[1:], MeanAblation("L1H0", tokens), attention_mask=mask[1:],
+                                           row_offset=1),
+                lambda: per_token_loss_sets(tiny_model, tokens, {"mean": MeanAblation("L1H0", tokens)},
+                                            attention_mask=mask)):
+            with pytest.raises(ValueError, match="holds row 1 of the tokens, which is padded"):
+                call()
+    finally:
+        hook.remove()
+    assert not calls
+    per_token_loss(tiny_model, tokens, MeanAblation("L1H0", tokens), attention_mask=torch.ones_like(mask))
+    per_token_loss(tiny_model, tokens, MeanAblation("L1H0", tokens[[0, 2]]), attention_mask=mask)
+    run_with_ablations(tiny_model, tokens[2:], MeanAblation("L1H0", tokens), attention_mask=mask[2:], row_offset=2)
+
+
 def test_sweep_heads_per_pass_invariant(tiny_model):
     """The result does not depend on how many heads share a forward pass."""
     tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(4))

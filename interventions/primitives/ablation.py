@@ -15,7 +15,8 @@
 
 On a left-padded batch (``attention_mask``) mean and resample ablation index their reference by each
 token's *unpadded* position, so a padded run equals the unpadded runs at every real token (tested).
-References themselves are unpadded sequences.
+References themselves are unpadded sequences (a reference holding the run's padded rows, e.g. the
+padded tokens themselves, is refused).
 
 Remotely (``remote=True`` on NDIF, or ``"local"``, see ``interventions.engine.remote``) zero, mean and
 resample ablations run (a mean or resample reference is one more remote run, its activations come back
@@ -50,8 +51,8 @@ from ..engine.devices import output_device
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site
 from ..engine.remote import NotRemotable, Remote
-from ..engine.tracing import (Engine, Result, Run, Write, check_tokens, check_value, position_ids, unwrap,
-                              without_grad)
+from ..engine.tracing import (Engine, Result, Run, Write, check_mask, check_tokens, check_value, position_ids,
+                              unwrap, without_grad)
 
 
 class Ablation:
@@ -121,6 +122,7 @@ def prepare_ablations(ablations: Sequence[Ablation], model, tokens: torch.Tensor
     leaves torch's CPU generator as it was (a value drawing noise from it gives the same draws)."""
     check_remotable(ablations, remote)
     check_ablations(ablations, model, tokens)
+    check_unpadded_references(ablations, tokens, attention_mask, row_offset)
     custom = [abl for abl in ablations if remote and _own_value(abl)]
     for abl in custom:
         prepare_ablation(abl, model, tokens, remote)
@@ -162,6 +164,36 @@ def check_ablations(ablations: Sequence[Ablation], model, tokens: torch.Tensor) 
         if isinstance(abl, _ReferenceAblation):
             check_tokens(abl.reference, a, name="reference")
             abl.check_length(tokens)
+
+
+def check_unpadded_references(ablations: Sequence[Ablation], tokens: torch.Tensor,
+                              attention_mask: torch.Tensor | None, row_offset: int = 0) -> None:
+    """Refuse a mean or resample reference that holds a padded row of this call's ``tokens`` (the row of the
+    same index: e.g. ``MeanAblation(heads, tokens)`` on a padded batch). A reference is run as unpadded
+    sequences, so its pad ids would be taken for tokens, at the wrong positions (left padding): the
+    replacement at a row's position t would average pad tokens' outputs in."""
+    if attention_mask is None:
+        return
+    check_mask(attention_mask, tokens)
+    padded = ~attention_mask.bool().all(-1).cpu()  # (batch,) rows with padding
+    if not bool(padded.any()):
+        return
+    b, p = tokens.shape
+    for abl in ablations:
+        inner = abl.inner if isinstance(abl, PatternPreserving) else abl
+        if not isinstance(inner, _ReferenceAblation) or not torch.is_tensor(inner.reference):
+            continue
+        ref = inner.reference
+        n = min(b, ref.shape[0] - row_offset)
+        if ref.dim() != 2 or n <= 0 or ref.shape[1] < p:
+            continue
+        same = (ref[row_offset:row_offset + n, :p] == tokens[:n].to(ref.device, ref.dtype)).all(-1).cpu() & padded[:n]
+        if bool(same.any()):
+            row = int(same.nonzero()[0])
+            raise ValueError(f"{abl!r}: its reference holds row {row_offset + row} of the tokens, which is padded "
+                             "(attention_mask has zeros there), but a reference is run as unpadded sequences: its pad "
+                             "ids would count as tokens; pass reference= unpadded sequences at least as long as the "
+                             "tokens")
 
 
 def _value_params(method) -> frozenset[str]:
