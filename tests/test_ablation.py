@@ -224,6 +224,31 @@ def test_resample_against_its_own_tokens_never_draws_the_row_itself():
     assert _unchanged(model, before)
 
 
+def test_resample_excludes_self_row_by_row_whatever_the_chunks():
+    """A reference equal to the tokens in some rows only (here all but the last: the tokens, one row
+    edited) was tested for "is the tokens" chunk by chunk: on the whole batch it was not, so with the
+    default seed row 0 drew reference row 0, itself, and came back unablated (delta exactly 0), while
+    batch_size=1 excluded it (the results depended on batch_size, documented as the same). Decided row by
+    row: every row equal to its reference row takes another row's output (plain hooks: the loss of row i
+    is that of some other reference row's output), whole or in chunks of 1 or 3."""
+    model = build("attn_only")
+    tokens = _tokens(batch=4, pos=10)
+    reference = tokens.clone()
+    reference[3] = (reference[3] + 1) % VOCAB
+    layer, head = 1, 2
+    sl = get_adapter(model).head_slice(head)
+    z = _record_o_proj_inputs(model, reference, layer)[:, :, sl]  # (4, pos, d_head)
+    logp = [_run_replacing(model, tokens, layer, sl, z[[j] * 4]).log_softmax(-1) for j in range(4)]
+    by_source = torch.stack([-lp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1) for lp in logp])  # (src, row, t)
+    results = [per_token_loss(model, tokens, ResampleAblation(Head(layer, head), reference), batch_size=bs)
+               for bs in (None, 1, 3)]
+    for got in results[1:]:
+        torch.testing.assert_close(got, results[0], atol=0, rtol=0)
+    for i in range(4):
+        sources = [j for j in range(4) if (results[0][i] - by_source[j, i]).abs().max() < 1e-5]
+        assert sources and (i == 3 or i not in sources), (i, sources)
+
+
 # ----------------------------------------------------------------------------- 3. per-token loss
 
 @pytest.mark.parametrize("arch", ["attn_only", "gpt2"])

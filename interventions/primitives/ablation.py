@@ -317,32 +317,43 @@ class ResampleAblation(_ReferenceAblation):
             raise ValueError(f"reference has {self.reference.shape[1]} positions, fewer than the tokens' "
                              f"{tokens.shape[1]}: pass reference sequences at least as long")
 
-    def rows(self, batch: int, offset: int = 0, exclude_self: bool = False) -> torch.Tensor:
+    def rows(self, batch: int, offset: int = 0, exclude_self: bool | torch.Tensor = False) -> torch.Tensor:
         """Reference row (batch,) used for rows ``offset .. offset + batch - 1`` of the input batch:
         a seeded draw for the whole batch, so chunking a batch does not change any row's choice.
         ``exclude_self``: batch row i *is* reference row i (the reference is the tokens themselves), so
-        each row draws from the other rows: a row resampled from itself would not be ablated at all."""
+        each row draws from the other rows: a row resampled from itself would not be ablated at all. A
+        (batch,) bool tensor says it row by row (rows marked False draw as without it)."""
         n = self.reference.shape[0]
+        own = torch.as_tensor(exclude_self, dtype=torch.bool).expand(batch)
         g = torch.Generator().manual_seed(self.seed)
-        if not exclude_self:
+        if not bool(own.any()):
             return torch.randint(0, n, (offset + batch,), generator=g)[offset:]
         if n < 2:
             raise ValueError("the reference is the ablated sequence itself and holds no other: resampling would "
                              "replace the head's output by itself; pass reference= other sequences")
         r = torch.randint(0, n - 1, (offset + batch,), generator=g)[offset:]
-        return r + (r >= torch.arange(offset, offset + batch))  # every row but its own
+        other = r + (r >= torch.arange(offset, offset + batch))  # every row but its own
+        if bool(own.all()):
+            return other
+        free = torch.randint(0, n, (offset + batch,), generator=torch.Generator().manual_seed(self.seed))[offset:]
+        return torch.where(own, other, free)
 
-    def _is_own(self, tokens: torch.Tensor, row_offset: int) -> bool:
-        """Whether batch rows ``row_offset ..`` are the reference's rows of the same index (e.g. the
-        reference is the tokens, as ``ablation_sweep(kind="resample")`` uses by default)."""
+    def _own_rows(self, tokens: torch.Tensor, row_offset: int) -> torch.Tensor:
+        """(batch,) bool: which batch rows (at ``row_offset ..``) are the reference's row of the same index
+        (e.g. the reference is the tokens, as ``ablation_sweep(kind="resample")`` uses by default). Row by
+        row, so that the choice of a row depends neither on the other rows nor on how the batch is chunked
+        (a whole-chunk test excluded self-draws in chunks of equal rows only)."""
         ref, (b, p) = self.reference, tokens.shape
-        return (row_offset + b <= ref.shape[0] and p <= ref.shape[1]
-                and torch.equal(ref[row_offset:row_offset + b, :p], tokens.to(ref.device, ref.dtype)))
+        own = torch.zeros(b, dtype=torch.bool)
+        n = min(b, ref.shape[0] - row_offset)
+        if n > 0 and p <= ref.shape[1]:
+            own[:n] = (ref[row_offset:row_offset + n, :p] == tokens[:n].to(ref.device, ref.dtype)).all(-1).cpu()
+        return own
 
     def value(self, head, tokens, row_offset=0, positions=None):
         acts = self._acts[head]  # (n, pos_ref, d_head)
         b = tokens.shape[0]
-        rows = self.rows(b, row_offset, self._is_own(tokens, row_offset)).to(acts.device)
+        rows = self.rows(b, row_offset, self._own_rows(tokens, row_offset)).to(acts.device)
         return acts[rows[:, None], self._positions(tokens, positions, acts.device)]  # (batch, pos, d_head)
 
 
