@@ -703,3 +703,29 @@ def test_loss_sets_equal_one_call_per_set_with_one_clean_pass_per_chunk(arch):
     assert not torch.allclose(got["pp zero"].nan_to_num(), got["clean"].nan_to_num())  # the ablations bite
     with pytest.raises(ValueError, match="non-empty dict"):
         per_token_loss_sets(model, tokens, {})
+
+
+def test_loss_sets_validate_every_set_before_any_run():
+    """A bad head, a too-short reference or padded tokens as the reference in a later set was found only
+    after an earlier set's reference run (each set is prepared in turn); ``None`` as a set raised a bare
+    TypeError. All refused with a ValueError naming the fix before any forward."""
+    from interventions.primitives.loss import per_token_loss_sets
+
+    model = build("gpt2")
+    tokens = _tokens(batch=2, pos=8)
+    reference = _tokens(batch=3, pos=8, seed=3)
+    mask = torch.ones_like(tokens)
+    mask[1, :2] = 0
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        for later, match in ((ZeroAblation("L7H0"), "layer 7 out of range"),
+                             (MeanAblation("L1H0", reference[:, :4]), "per-position means need a reference"),
+                             (ResampleAblation("L1H0", tokens), "which is padded"),
+                             (None, "not an ablation or a list of them")):
+            with pytest.raises(ValueError, match=match):
+                per_token_loss_sets(model, tokens, {"first": MeanAblation("L0H0", reference), "later": later},
+                                    attention_mask=mask, progress=False)
+    finally:
+        handle.remove()
+    assert not calls

@@ -394,6 +394,9 @@ def as_ablations(ablations) -> list[Ablation]:
     """
     if isinstance(ablations, Ablation):
         ablations = [ablations]
+    if not isinstance(ablations, Iterable):
+        raise ValueError(f"{ablations!r} is not an ablation or a list of them: pass ZeroAblation, MeanAblation, "
+                         "ResampleAblation, FunctionAblation or PatternPreserving objects ([] for none)")
     out = list(ablations)
     owner: dict = {}
     for abl in out:

@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .ablation import (Ablation, PatternPreserving, ablation_run, as_ablations, frozen_patterns, head_writes,
-                       prepare_ablations)
+from .ablation import (Ablation, PatternPreserving, ablation_run, as_ablations, check_ablations,
+                       check_unpadded_references, frozen_patterns, head_writes, prepare_ablations)
 from .progress import passes
 from ..engine.adapters import get_adapter, observable
 from ..engine.remote import Remote, check_remote
@@ -101,6 +101,10 @@ def per_token_loss_sets(model, tokens: torch.Tensor, sets: Mapping[str, Ablation
     if not isinstance(sets, Mapping) or not sets:
         raise ValueError("sets must be a non-empty dict {name: ablation or list of ablations} ([] for the clean run)")
     sets = {name: as_ablations(abl) for name, abl in sets.items()}
+    # every set's input validated before the first set's reference runs (a set is prepared in turn)
+    every = [abl for ablations in sets.values() for abl in ablations]
+    check_ablations(every, model, tokens)
+    check_unpadded_references(every, tokens, attention_mask)
     step = tokens.shape[0] if batch_size is None else batch_size
     frozen_by = {name: any(isinstance(a, PatternPreserving) for a in abl) for name, abl in sets.items()}
     eager = any(frozen_by.values())
