@@ -166,6 +166,8 @@ class Results:
         manifest[key] = {"sha256": sha256_file(path), "inputs": None if inputs is None else fingerprint(inputs),
                          # which of provenance.json's invocations made it (the latest to write provenance)
                          "invocation": (self._entry(manifest, SETTINGS_KEY) or {}).get("invocation")}
+        if isinstance(inputs, dict) and isinstance(inputs.get("run"), str):  # the run_fingerprint it came from,
+            manifest[key]["run"] = inputs["run"]  # in the clear: tables of one run in other folders are compared
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def _write_bytes(self, key: str, path: Path, data: bytes, inputs) -> Path:
@@ -203,6 +205,11 @@ class Results:
     def has_all(self, tables, inputs=None) -> bool:
         """``has`` for every table of a unit of work (so deleting any one of them recomputes the unit)."""
         return all(self.has(t, inputs) for t in tables)
+
+    def run_of(self, table: str) -> str | None:
+        """The ``run_fingerprint`` the table was computed from (its ``inputs``' ``"run"``), None if it records none
+        (not keyed on one run, never written, or written before runs were recorded)."""
+        return (self._entry(self._manifest(), table) or {}).get("run")
 
     def write(self, table: str, df: pd.DataFrame, inputs=None) -> Path:
         return self._write_bytes(table, self.dir / f"{table}.csv", df.to_csv(index=False).encode(), inputs)
@@ -328,6 +335,16 @@ def run_setting(res: Results, run: str | Path) -> str:
     except OSError:  # the recorded folder is gone (moved, deleted) or ``run`` does not exist
         pass
     return str(run)
+
+
+def made_from_another_run(root: str | Path, folder: str, model: str, tables) -> bool:
+    """Whether any of ``tables`` of the experiment folder ``folder`` of run ``model`` (``ablations_<model>``,
+    ``circuit_<model>``) was computed from another state of that run than the phase-change tables under
+    ``root`` (their recorded ``run_of`` differ: the run retrained, resumed or edited since, or another run
+    folder of that name evaluated); False where either records none (tables written before runs were)."""
+    evaluated = Results(root, "phase_change").run_of(f"checkpoints_{model}")
+    res = Results(root, folder)
+    return evaluated is not None and any(res.run_of(t) not in (None, evaluated) for t in tables)
 
 
 def verify_tables(root: str | Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import ResultError, Results
+from .common import ResultError, Results, made_from_another_run
 
 COLUMN_WIDTH = 3.4  # inches: a paper column
 
@@ -372,6 +372,10 @@ def fig_loss_heatmap(root: Path, out: Path):
         return []
     models = list(lbi.model.unique())
     several = _families(pd.Series(models)) is not None
+    # drawn from 1e5 tokens on, a derivative over at least two checkpoints there
+    models = [m for m in models if lbi[(lbi.model == m) & (lbi.tokens >= 1e5)].tokens.nunique() >= 2]
+    if not models:  # shorter runs: nothing to draw (an empty panel raised IndexError)
+        return []
     if several:  # one row per model, its lowest seed (a row per run made the gpu scale's 21 rows, 38 inches)
         from .zoo import split_run_name
 
@@ -610,6 +614,9 @@ ALL = [fig_icl_over_training, fig_loss_curves, fig_pca, fig_smear, fig_loss_heat
 PER_MODEL = [fig_training_curves, fig_head_scores]  # every model in the phase-change tables
 PER_ABLATED = [fig_ablation_by_index, fig_ablation_heatmap, fig_attribution]  # every model with ablation tables
 PER_CIRCUIT = [fig_patching, fig_path_patching]
+# the tables of each run's experiment folders that the figures and the report read
+RUN_TABLES = {"ablations": ("per_head", "per_head_by_index", "sets", "sets_by_index", "attribution"),
+              "circuit": ("patch_heads", "patch_head_pos", "path_patch")}
 
 
 def _models_with(root: Path, prefix: str) -> list[str]:
@@ -672,6 +679,11 @@ def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
             if ck is not None and model not in models:  # left by an earlier invocation of other runs
                 print(f"figures: {root / f'{prefix}_{model}'} is left out: its run {model} is not in the phase-change "
                       "tables (an earlier invocation's; delete the folder to silence this)", file=sys.stderr)
+                continue
+            if made_from_another_run(root, f"{prefix}_{model}", model, RUN_TABLES[prefix]):
+                print(f"figures: {root / f'{prefix}_{model}'} is left out: it was computed from another state of run "
+                      f"{model} than the phase-change tables (retrained or resumed since, or another folder of that "
+                      f"name): run `{prefix}` on the run again to draw it, or delete the folder", file=sys.stderr)
                 continue
             for fn in fns:
                 paths += fn(root, out, model)

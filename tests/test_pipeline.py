@@ -299,6 +299,25 @@ def test_report_refuses_an_attribution_made_at_other_windows(tiny_run, tmp_path)
         redraw(copy, "tiny", copy / "figures")
 
 
+def test_report_refuses_experiments_of_another_state_of_a_run(tiny_run, tmp_path):
+    """``report`` on tables put together from two states of a run (e.g. a circuit folder left from an earlier
+    training of attn-2l beside the phase change of the present one): the report's path-patching section and
+    figures would describe another run than its phase-change sections. Refused, naming the folder, before
+    anything is written."""
+    import shutil
+
+    from experiments.reproduce import redraw
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures"))
+    res = Results(copy, "circuit_attn-2l")
+    res.write("path_patch", res.read("path_patch"), inputs={"run": "0" * 20, "n_prompts": 16})
+    with pytest.raises(ResultError, match="circuit_attn-2l was computed from another state of run attn-2l"):
+        redraw(copy, "tiny", copy / "figures")
+    assert not (copy / "figures").exists()
+
+
 def test_figures_leave_out_experiments_of_runs_not_in_the_tables(tiny_run, tmp_path, capsys):
     """An ablation / circuit folder of a run the phase-change tables no longer hold (left by an earlier
     invocation with other runs, e.g. before --seeds 2) is not drawn as if it were part of them; it is

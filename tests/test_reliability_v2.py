@@ -1134,3 +1134,63 @@ def test_run_fingerprint_covers_the_runs_tokenizer(tmp_path):
     assert len({bytes_only, with_tok, edited}) == 3
     (run / "tokenizer" / "README.md").write_text("notes")  # documentation changes no score
     assert run_fingerprint(run) == edited
+
+
+
+def test_figures_leave_out_experiments_of_another_state_of_the_run(tmp_path, capsys, monkeypatch, finished):
+    """`ablations` and `circuit` of a run, then the run retrained in place and `phase-change` run again into the
+    same --out: `figures` drew the earlier run's ablation and circuit beside the new run's phase change as one
+    run's (and the attribution under the new run's window). They are left out, named on stderr, until
+    `ablations` / `circuit` are run again, as the line says."""
+    import matplotlib.pyplot as plt
+
+    import experiments.phase_change as P
+    from experiments import figures
+    from experiments.ablations import run_ablations
+    from experiments.circuit import run_circuit
+
+    def stub(fig, out, name):  # no rendering
+        plt.close(fig)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.png").write_bytes(b"")
+        return [out / f"{name}.png"]
+
+    monkeypatch.setattr(figures, "_save", stub)
+    res, fig = tmp_path / "res", tmp_path / "fig"
+
+    def evaluate():
+        return P.run_phase_change({"run": finished}, res, n_windows=4, progress=False, workers=1, n_precise=8,
+                                  n_pca_pairs=16)
+
+    def experiments(pc):
+        run_ablations(finished, "run", None, res, windows_table=pc.read("windows"), n_windows=8, progress=False)
+        run_circuit(finished, "run", pc.read("head_scores"), res, n_prompts=2)
+
+    def draw():
+        figures.make_figures(res, fig)
+        return sorted(p.stem for p in fig.glob("*.png")), capsys.readouterr().err
+
+    experiments(evaluate())
+    names, err = draw()
+    assert "ablation_icl_share_run" in names and "patching_run" in names and "left out" not in err
+    shutil.rmtree(finished)
+    T.train(tiny_cfg(seed=1), finished, progress=False)  # retrained: another run in the same folder
+    pc = evaluate()
+    names, err = draw()
+    assert "ablations_run is left out" in err and "circuit_run is left out" in err, err
+    assert not [n for n in names if "ablation" in n or "patching" in n], names
+    experiments(pc)
+    names, err = draw()
+    assert "ablation_icl_share_run" in names and "patching_run" in names and "left out" not in err
+
+
+def test_figures_of_runs_shorter_than_the_loss_heatmap_draw_the_rest(tmp_path):
+    """The loss-by-index heatmap is drawn from 100k tokens on: a run with fewer checkpoints there (a short run,
+    as `train --tokens 20000`) made `figures` fail with an IndexError; that figure is left out instead."""
+    from experiments.figures import fig_loss_heatmap
+
+    lbi = pd.DataFrame({"model": "run", "token_index": [1, 2, 1, 2], "loss": [3.0, 2.0, 2.5, 1.5],
+                        "tokens": [10_000, 10_000, 20_000, 20_000]})
+    Results(tmp_path, "phase_change").write("loss_by_index", lbi)
+    assert fig_loss_heatmap(tmp_path, tmp_path / "fig") == []
+    assert not (tmp_path / "fig").exists()
