@@ -31,9 +31,9 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
               progress: bool = True, figures_dir: Path | None = None, workers: int | None = None,
               seeds: int | None = None, corpus: str | None = None) -> Path:
     """The main job (module docstring). Bad input (scale, seeds, corpus, device, an unwritable ``out``, a
-    damaged figures manifest) raises before anything is written, the results folder and its lock included."""
+    damaged figures manifest, a run folder of other options) raises before anything is written, the results folder and its lock included."""
     from .figures import drawn_before
-    from .zoo import SCALES, zoo_configs
+    from .zoo import SCALES, check_zoo_runs, zoo_configs
 
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
@@ -42,6 +42,7 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
         cfg.validate()
     check_writable(out)
     drawn_before(default_figures_dir(Path(out), scale, figures_dir))
+    check_zoo_runs(scale, Path(out) / "runs", device, seeds, corpus)  # a run of other options (another scale)
     return _reproduce(Path(out), scale, device, progress, figures_dir, workers, seeds, corpus)
 
 

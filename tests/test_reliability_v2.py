@@ -1194,3 +1194,17 @@ def test_figures_of_runs_shorter_than_the_loss_heatmap_draw_the_rest(tmp_path):
     Results(tmp_path, "phase_change").write("loss_by_index", lbi)
     assert fig_loss_heatmap(tmp_path, tmp_path / "fig") == []
     assert not (tmp_path / "fig").exists()
+
+
+def test_reproduce_refuses_a_run_of_other_options_before_writing(tmp_path, reference):
+    """`reproduce --scale cpu --out X` after `--scale tiny --out X` (a run of the same name trained with other
+    options) is refused, exit 2, as before, but it first wrote an interrupted invocation into
+    report/timings.json (and took the folder's lock): bad input writes nothing."""
+    from experiments.reproduce import reproduce
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "runs" / "attn-1l", ignore=shutil.ignore_patterns(".lock"))
+    before = snapshot(out)
+    with pytest.raises(T.RunFolderError, match="other options"):
+        reproduce(out=out, scale="tiny", progress=False)
+    assert snapshot(out) == before and not (out / ".lock").exists()
