@@ -199,7 +199,7 @@ def _runs(paths: list[str]) -> dict:
         if not (path / "train_config.json").is_file():
             raise UsageError(f"{p} is not a training run folder (no train_config.json): pass folders made by "
                              "`python -m experiments train`")
-        runs[path.name] = path
+        runs[Path(os.path.abspath(path)).name] = path  # the folder's own name: `.` and `..` resolved
     return runs
 
 
@@ -451,7 +451,7 @@ def _precheck(args) -> None:
         if not (Path(run) / "train_config.json").is_file():
             raise UsageError(f"{run} is not a training run folder (no train_config.json): pass folders made by "
                              "`python -m experiments train`")
-    names = [Path(run).name for run in getattr(args, "runs", None) or []]
+    names = [Path(os.path.abspath(run)).name for run in getattr(args, "runs", None) or []]
     if len(set(names)) < len(names):  # tables are keyed by the folder's name: one would replace the other
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"two run folders are named {dup}: pass each run once, or give them different names")

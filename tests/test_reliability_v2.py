@@ -1208,3 +1208,15 @@ def test_reproduce_refuses_a_run_of_other_options_before_writing(tmp_path, refer
     with pytest.raises(T.RunFolderError, match="other options"):
         reproduce(out=out, scale="tiny", progress=False)
     assert snapshot(out) == before and not (out / ".lock").exists()
+
+
+def test_a_run_folder_named_by_dot_is_named_by_its_own_name(tmp_path, capsys, monkeypatch, finished):
+    """`phase-change .` from inside a run folder: the run was named "" (``Path(".").name``), its tables
+    ``checkpoints_.csv``, and the empty model label read back as NaN: a traceback after the tables were
+    written. The folder's own name is used, as `survey` does; `ablations .` finds those results."""
+    monkeypatch.chdir(finished)
+    code, err = cli(["phase-change", ".", "--out", tmp_path / "res", "--windows", "4", "--quiet"], capsys)
+    assert code == 0, err
+    assert Results(tmp_path / "res", "phase_change").read("windows").model.tolist() == ["run"]
+    assert cli(["circuit", ".", "--out", tmp_path / "res"], capsys)[0] == 0
+    assert (tmp_path / "res" / "circuit_run").is_dir()
