@@ -149,12 +149,23 @@ class Results:
             return {}
         try:
             m = json.loads(self.manifest_path.read_text())
-            if not isinstance(m, dict):
+            if not isinstance(m, dict) or not all(self._well_formed(k, e) for k, e in m.items()):
                 raise ValueError
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
             raise ResultError(f"{self.manifest_path} is corrupted: delete the folder {self.dir} and re-run "
                               "the experiment") from None
         return m
+
+    @staticmethod
+    def _well_formed(key: str, e) -> bool:
+        """A manifest entry as ``_record`` / ``write_provenance`` write it (a bare checksum, or settings without
+        the checksum of provenance.json: older manifests)."""
+        if isinstance(e, str):
+            return key != SETTINGS_KEY
+        return (isinstance(e, dict) and (isinstance(e.get("sha256"), str) or key == SETTINGS_KEY and e.get("sha256") is None)
+                and isinstance(e.get("inputs"), (str, type(None)))
+                and (e.get("invocation") is None or type(e.get("invocation")) is int)
+                and isinstance(e.get("run"), (str, type(None))))
 
     @staticmethod
     def _entry(m: dict, key: str) -> dict | None:

@@ -1220,3 +1220,20 @@ def test_a_run_folder_named_by_dot_is_named_by_its_own_name(tmp_path, capsys, mo
     assert Results(tmp_path / "res", "phase_change").read("windows").model.tolist() == ["run"]
     assert cli(["circuit", ".", "--out", tmp_path / "res"], capsys)[0] == 0
     assert (tmp_path / "res" / "circuit_run").is_dir()
+
+
+@pytest.mark.parametrize("key, entry", [("windows", 5), ("windows", [1]), ("windows", {"inputs": None}),
+                                        ("windows", {"sha256": "0" * 64, "run": 5}), ("__settings__", 5),
+                                        ("__settings__", "0" * 64)])
+def test_an_edited_manifest_entry_is_refused_naming_the_folder(tmp_path, capsys, entry, key):
+    """A manifest.json edited into valid JSON whose entries are not checksum records (a number, a list, a
+    record without its checksum) made `figures` and `report` fail with a traceback (TypeError, KeyError,
+    exit 1); it is a damaged result: exit 2, naming the folder to delete."""
+    _phase_change_tables(tmp_path)
+    path = tmp_path / "phase_change" / "manifest.json"
+    m = json.loads(path.read_text())
+    m[key] = entry
+    path.write_text(json.dumps(m))
+    code, err = cli(["figures", "--results", tmp_path, "--out", tmp_path / "figs"], capsys)
+    assert code == 2 and "manifest.json is corrupted" in err and "delete the folder" in err, err
+    assert not (tmp_path / "figs").exists()
