@@ -233,8 +233,17 @@ class Results:
 
     def read_optional(self, table: str) -> pd.DataFrame | None:
         """The table, or None if it was never written; a damaged or deleted table still raises ``ResultError``
-        (one the manifest records but whose file is gone is missing, not never written)."""
-        return self.read(table) if self._entry(self._manifest(), table) is not None else None
+        (one the manifest records but whose file is gone is missing, not never written; one whose file is there
+        but that the manifest does not record, as after the manifest was deleted, is unverifiable)."""
+        if self._entry(self._manifest(), table) is not None:
+            return self.read(table)
+        self._refuse_unrecorded(self.dir / f"{table}.csv")
+        return None
+
+    def _refuse_unrecorded(self, path: Path) -> None:
+        if path.is_file():
+            raise ResultError(f"result {path} is not recorded in {self.manifest_path} (deleted or edited): it cannot "
+                              f"be verified; delete the folder {self.dir} and re-run the experiment")
 
     # -- arrays and JSON
     def write_array(self, name: str, array: np.ndarray, inputs=None) -> Path:
@@ -258,10 +267,18 @@ class Results:
         return self._write_bytes(f"{name}.json", self.dir / f"{name}.json", data, None)
 
     def read_json(self, name: str, default=None):
-        """A JSON file written by ``write_json`` (``default`` if never written), checksum verified."""
-        if not self._has(f"{name}.json", self.dir / f"{name}.json"):
+        """A JSON file written by ``write_json`` (``default`` if never written), checksum verified; one recorded
+        whose file is gone, or there but unrecorded, raises ``ResultError`` as in ``read_optional``."""
+        path = self.dir / f"{name}.json"
+        if self._entry(self._manifest(), f"{name}.json") is None:
+            self._refuse_unrecorded(path)
             return default
-        return json.loads(self._verified(f"{name}.json", self.dir / f"{name}.json").read_text())
+        # missing or edited: rerunning what writes it reads it first, so its record must go with it (the folder)
+        if not path.is_file() or sha256_file(path) != self._entry(self._manifest(), f"{name}.json")["sha256"]:
+            raise ResultError(f"result {path} is {'not' if path.is_file() else 'missing though'} as {self.manifest_path} "
+                              f"records it (truncated, edited or deleted): delete the folder {self.dir} and re-run "
+                              "the experiment")
+        return json.loads(path.read_text())
 
     # -- provenance
     def settings(self) -> dict | None:
@@ -360,16 +377,19 @@ def made_from_another_run(root: str | Path, folder: str, model: str, tables) -> 
 
 def verify_tables(root: str | Path) -> None:
     """Every table present under the results root ``root`` matches its recorded checksum (``ResultError``
-    naming the first that does not): commands that draw from tables (``figures``, ``report``) check this
-    before they write anything, so a damaged table never leaves figures half redrawn."""
+    naming the first that does not, or one its experiment folder's manifest does not record, as after the
+    manifest was deleted): commands that draw from tables (``figures``, ``report``) check this before they
+    write anything, so a damaged table never leaves figures half redrawn."""
     root = Path(root)
-    for manifest in sorted(root.glob("*/manifest.json")):
-        res = Results(root, manifest.parent.name)
+    for folder in sorted(p.parent for p in [*root.glob("*/manifest.json"), *root.glob("*/provenance.json")]):
+        res = Results(root, folder.name)
         res.read_provenance()
-        for key in res._manifest():
-            path = res.dir / f"{key}.csv"
-            if key != SETTINGS_KEY and not key.endswith((".npy", ".json")) and path.is_file():
-                res._verified(key, path)
+        recorded = res._manifest()
+        for path in sorted(folder.glob("*.csv")):
+            if path.stem in recorded:
+                res._verified(path.stem, path)
+            else:
+                res._refuse_unrecorded(path)
 
 
 def check_writable(path: str | Path) -> None:

@@ -1237,3 +1237,37 @@ def test_an_edited_manifest_entry_is_refused_naming_the_folder(tmp_path, capsys,
     code, err = cli(["figures", "--results", tmp_path, "--out", tmp_path / "figs"], capsys)
     assert code == 2 and "manifest.json is corrupted" in err and "delete the folder" in err, err
     assert not (tmp_path / "figs").exists()
+
+
+def test_a_folder_whose_manifest_was_deleted_is_refused_not_left_out(tmp_path, capsys):
+    """An experiment folder whose manifest.json was deleted still holds its tables: they were read as never
+    written, so `report` dropped the ablation section (and `figures` its figures) without a word. They are
+    unverifiable: exit 2 naming the folder to delete; deleting it, as advised, leaves the section out."""
+    from experiments.reproduce import headline
+
+    _phase_change_tables(tmp_path)
+    Results(tmp_path, "ablations_attn-2l").write_provenance({"n_windows": 8})
+    assert "ablation" in headline(tmp_path)
+    (tmp_path / "ablations_attn-2l" / "manifest.json").unlink()
+    with pytest.raises(ResultError, match="ablations_attn-2l"):
+        headline(tmp_path)
+    code, err = cli(["figures", "--results", tmp_path, "--out", tmp_path / "figs"], capsys)
+    assert code == 2 and "delete the folder" in err and "ablations_attn-2l" in err, err
+    assert not (tmp_path / "figs").exists()  # refused before the first figure
+    shutil.rmtree(tmp_path / "ablations_attn-2l")
+    assert "ablation" not in headline(tmp_path)
+
+
+def test_report_timings_deleted_or_edited_name_the_folder_to_delete(tmp_path):
+    """report/timings.json recorded but deleted was read as no invocation (the next reproduce counted only
+    itself in the wall-clock); edited, the advice to delete the file led to that. Either is an error whose
+    advice (delete the folder) works."""
+    res = Results(tmp_path, "report")
+    res.write_json("timings", [{"total_s": 5.0}])
+    path = tmp_path / "report" / "timings.json"
+    for damage in (lambda: path.write_text("[]"), path.unlink):
+        damage()
+        with pytest.raises(ResultError, match="delete the folder"):
+            res.read_json("timings", default=[])
+    shutil.rmtree(tmp_path / "report")
+    assert res.read_json("timings", default=[]) == []
