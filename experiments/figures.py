@@ -619,6 +619,18 @@ RUN_TABLES = {"ablations": ("per_head", "per_head_by_index", "sets", "sets_by_in
               "circuit": ("patch_heads", "patch_head_pos", "path_patch")}
 
 
+def attribution_at_other_windows(root: Path, model: str) -> bool:
+    """Whether the attribution of ``ablations_<model>`` marks other checkpoints as inside the ICL window than
+    the phase-change ``windows`` table's window of ``model`` holds (made at windows of an older rule or of
+    another run state): drawn under these windows' shading, it would contradict it."""
+    at, win = _read(root, f"ablations_{model}", "attribution"), _read(root, "phase_change", "windows")
+    w = win[win.model == model] if win is not None else ()
+    if at is None or not len(at) or not len(w):
+        return False
+    return not (at.in_window == at.tokens.between(w.icl_window_start_tokens.iloc[0],
+                                                  w.icl_window_end_tokens.iloc[0])).all()
+
+
 def _models_with(root: Path, prefix: str) -> list[str]:
     """Models that have an experiment folder ``<prefix>_<model>`` (read only: nothing is created)."""
     return sorted(p.name[len(prefix) + 1:] for p in root.glob(f"{prefix}_*") if p.is_dir())
@@ -686,6 +698,11 @@ def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
                       f"name): run `{prefix}` on the run again to draw it, or delete the folder", file=sys.stderr)
                 continue
             for fn in fns:
+                if fn is fig_attribution and attribution_at_other_windows(root, model):
+                    print(f"figures: {root / f'{prefix}_{model}' / 'attribution.csv'} is left out: it was made at other "
+                          f"ICL windows than the phase-change tables': run `ablations` on the run again to draw it",
+                          file=sys.stderr)
+                    continue
                 paths += fn(root, out, model)
     if paths:
         _record_drawing(out, before, paths)

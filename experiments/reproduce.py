@@ -100,7 +100,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     recorded with the options of the last (``same_job``); machine: the one that evaluated the checkpoints; ``git``: the commit the tables were made
     with (default: the phase change's provenance). Bad input raises before anything is written."""
     from .common import InputError, made_from_another_run, verify_tables
-    from .figures import RUN_TABLES, drawn_before, make_figures
+    from .figures import RUN_TABLES, attribution_at_other_windows, drawn_before, make_figures
     from .phase_change import derive_windows
 
     out = Path(out)
@@ -127,17 +127,15 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
         git = Results(out, "phase_change").read_provenance()["git"]
     verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
     drawn_before(Path(figures_dir))  # and so is a damaged figures manifest
+    for model in Results(out, "phase_change").read("checkpoints").model.unique():  # an experiment of another
+        for prefix, tables in RUN_TABLES.items():  # state of a run would be reported as of this one
+            if made_from_another_run(out, f"{prefix}_{model}", model, tables):
+                raise ResultError(f"{out}/{prefix}_{model} was computed from another state of run {model} than "
+                                  f"the phase-change tables: run `{prefix}` on {model} again (or `reproduce`), or "
+                                  f"delete {out}/{prefix}_{model}")
     win = derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
-    for r in win.itertuples():  # an experiment of another state of a run would be reported as of this one
-        for prefix, tables in RUN_TABLES.items():
-            if made_from_another_run(out, f"{prefix}_{r.model}", r.model, tables):
-                raise ResultError(f"{out}/{prefix}_{r.model} was computed from another state of run {r.model} than "
-                                  f"the phase-change tables: run `{prefix}` on {r.model} again (or `reproduce`), or "
-                                  f"delete {out}/{prefix}_{r.model}")
     for r in win.itertuples():  # an attribution made at other windows would be drawn under these
-        at = Results(out, f"ablations_{r.model}").read_optional("attribution")
-        if at is not None and len(at) and not (at.in_window == at.tokens.between(r.icl_window_start_tokens,
-                                                                                  r.icl_window_end_tokens)).all():
+        if attribution_at_other_windows(out, r.model):
             raise ResultError(f"{out}/ablations_{r.model}/attribution.csv was made at other ICL windows than "
                               f"these: run `ablations` on {r.model} again (or `reproduce`)")
     make_figures(out, Path(figures_dir))

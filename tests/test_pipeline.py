@@ -318,6 +318,28 @@ def test_report_refuses_experiments_of_another_state_of_a_run(tiny_run, tmp_path
     assert not (copy / "figures").exists()
 
 
+def test_figures_leave_out_an_attribution_made_at_other_windows(tiny_run, tmp_path, drawn, capsys):
+    """`figures` (as `report` does) leaves out an attribution whose in-window checkpoints are not the windows
+    table's (made before the windows were derived again by another rule): it drew it under the new window's
+    shading, contradicting it; the line on stderr names it."""
+    import shutil
+
+    from experiments.figures import make_figures
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    make_figures(copy, tmp_path / "fig")
+    assert "attribution_over_training_attn-2l" in drawn and "attribution.csv" not in capsys.readouterr().err
+    drawn.clear()
+    res = Results(copy, "ablations_attn-2l")
+    at = res.read("attribution")
+    res.write("attribution", at.assign(in_window=~at.in_window), inputs={"run": res.run_of("attribution")})
+    make_figures(copy, tmp_path / "fig")
+    assert "attribution_over_training_attn-2l" not in drawn and "ablation_icl_share_attn-2l" in drawn
+    assert "ablations_attn-2l/attribution.csv is left out" in capsys.readouterr().err
+
+
 def test_figures_leave_out_experiments_of_runs_not_in_the_tables(tiny_run, tmp_path, capsys):
     """An ablation / circuit folder of a run the phase-change tables no longer hold (left by an earlier
     invocation with other runs, e.g. before --seeds 2) is not drawn as if it were part of them; it is
