@@ -154,10 +154,14 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from .common import verify_tables
+    from .common import Results, verify_tables
     from .figures import make_figures
+    from .phase_change import evaluation_interrupted
 
     verify_tables(Path(args.results))  # a damaged table: exit 2 before any figure is written
+    if evaluation_interrupted(Results(Path(args.results), "phase_change")):  # and tables of two evaluations
+        raise UsageError(f"the phase-change tables under {args.results} are partial (the last `phase-change` into it "
+                         "was interrupted): rerun that `phase-change` command to completion first")
     paths = make_figures(Path(args.results), Path(args.out))
     if not paths:
         raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "
@@ -223,6 +227,7 @@ def _run_with_phase_change(args):
     """(run name, run folder, its head scores, its phase_change windows) for the single-run commands:
     only results that `phase-change` made from this run in its present state (its content hash)."""
     from .common import Results, run_fingerprint
+    from .phase_change import evaluation_interrupted
 
     _check_device(args.device)
     name, run = next(iter(_runs([args.run]).items()))
@@ -230,7 +235,8 @@ def _run_with_phase_change(args):
     settings = pc.settings()
     key = None if settings is None else {"run": run_fingerprint(run), **settings}
     windows = pc.read("windows") if pc.has("windows") else None
-    if key is None or not pc.has(f"head_scores_{name}", key) or windows is None or name not in set(windows.model):
+    if key is None or not pc.has(f"head_scores_{name}", key) or windows is None or name not in set(windows.model) \
+            or evaluation_interrupted(pc):  # its windows then of the run as it was
         raise UsageError(f"no phase-change results of {run} as it is now under {args.out}/phase_change: run "
                          f"`phase-change {run} --out {args.out}` first")
     return name, run, pc.read(f"head_scores_{name}", key), windows

@@ -217,6 +217,15 @@ class Results:
         """``has`` for every table of a unit of work (so deleting any one of them recomputes the unit)."""
         return all(self.has(t, inputs) for t in tables)
 
+    def tables(self) -> list[str]:
+        """The names of the files recorded here (tables; arrays and JSON files with their suffix)."""
+        return [k for k in self._manifest() if k != SETTINGS_KEY]
+
+    def invocation_of(self, table: str) -> int | None:
+        """Which of ``provenance.json``'s invocations wrote the table last (None: not recorded, or by a manifest
+        older than invocations)."""
+        return (self._entry(self._manifest(), table) or {}).get("invocation")
+
     def run_of(self, table: str) -> str | None:
         """The ``run_fingerprint`` the table was computed from (its ``inputs``' ``"run"``), None if it records none
         (not keyed on one run, never written, or written before runs were recorded)."""

@@ -1271,3 +1271,45 @@ def test_report_timings_deleted_or_edited_name_the_folder_to_delete(tmp_path):
             res.read_json("timings", default=[])
     shutil.rmtree(tmp_path / "report")
     assert res.read_json("timings", default=[]) == []
+
+
+def test_tables_of_an_interrupted_phase_change_are_not_drawn_or_used(tmp_path, capsys, monkeypatch, finished):
+    """`phase-change` of a run changed since its last one (here a checkpoint fewer), stopped after it wrote the
+    run's checkpoint tables and before it derived the windows: `figures` drew the new checkpoints under the old
+    windows, and `ablations` took the old windows as the run's. Both exit 2 until the phase change is rerun
+    to completion, as the line says."""
+    import matplotlib.pyplot as plt
+
+    import experiments.phase_change as P
+    from experiments import figures
+
+    def stub(fig, out, name):  # no rendering
+        plt.close(fig)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.png").write_bytes(b"")
+        return [out / f"{name}.png"]
+
+    monkeypatch.setattr(figures, "_save", stub)
+    res = tmp_path / "res"
+
+    def evaluate():
+        P.run_phase_change({"run": finished}, res, n_windows=4, progress=False, workers=1, n_precise=8, n_pca_pairs=16)
+
+    evaluate()
+    shutil.rmtree(max((finished / "checkpoints").glob("step-*")))
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    real = P.precise_icl
+    monkeypatch.setattr(P, "precise_icl", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate()
+    for argv in (["figures", "--results", res, "--out", tmp_path / "fig"],
+                 ["ablations", finished, "--out", res, "--windows", "8", "--quiet"]):
+        code, err = cli(argv, capsys)
+        assert code == 2 and "phase-change" in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "fig").exists() and not (res / "ablations_run").exists()
+    monkeypatch.setattr(P, "precise_icl", real)
+    evaluate()
+    assert cli(["figures", "--results", res, "--out", tmp_path / "fig"], capsys)[0] == 0
