@@ -154,14 +154,20 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from .common import Results, verify_tables
-    from .figures import make_figures
+    from .common import Results, tables_fingerprint, verify_tables
+    from .figures import drawn_from, make_figures
     from .phase_change import evaluation_interrupted
 
     verify_tables(Path(args.results))  # a damaged table: exit 2 before any figure is written
     if evaluation_interrupted(Results(Path(args.results), "phase_change")):  # and tables of two evaluations
         raise UsageError(f"the phase-change tables under {args.results} are partial (the last `phase-change` into it "
                          "was interrupted): rerun that `phase-change` command to completion first")
+    report = [n for n in ("REPORT.md", "headline.json") if (Path(args.out) / n).is_file()]
+    drawn = drawn_from(Path(args.out))
+    if report and drawn is not None and drawn != tables_fingerprint(Path(args.results)):
+        raise UsageError(f"{args.out} holds the {' and '.join(report)} of other tables than those under {args.results} "
+                         "now: these figures would sit beside a report they do not match; pass another --out, or "
+                         f"redraw both with `report --results {args.results} --figures {args.out}`")
     paths = make_figures(Path(args.results), Path(args.out))
     if not paths:
         raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "

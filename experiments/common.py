@@ -384,6 +384,17 @@ def made_from_another_run(root: str | Path, folder: str, model: str, tables) -> 
     return evaluated is not None and any(res.run_of(t) not in (None, evaluated) for t in tables)
 
 
+def tables_fingerprint(root: str | Path) -> str:
+    """A hash of the recorded checksums of every result under the results root ``root`` (the ``report``
+    folder's aside: it holds what is drawn from them): equal for the same tables wherever they lie."""
+    parts = []
+    for manifest in sorted(Path(root).glob("*/manifest.json")):
+        if manifest.parent.name != "report":
+            m = Results(root, manifest.parent.name)._manifest()
+            parts.append([manifest.parent.name, sorted((k, Results._entry(m, k)["sha256"]) for k in m)])
+    return fingerprint(parts)
+
+
 def verify_tables(root: str | Path) -> None:
     """Every table present under the results root ``root`` matches its recorded checksum (``ResultError``
     naming the first that does not, or one its experiment folder's manifest does not record, as after the

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import ResultError, Results, made_from_another_run
+from .common import ResultError, Results, made_from_another_run, tables_fingerprint
 
 COLUMN_WIDTH = 3.4  # inches: a paper column
 
@@ -654,7 +654,16 @@ def drawn_before(out: Path) -> list[str]:
     return names
 
 
-def _record_drawing(out: Path, before: list[str], paths: list[Path]) -> None:
+def drawn_from(out: Path) -> str | None:
+    """The ``tables_fingerprint`` of the tables the last ``make_figures`` into ``out`` drew (None: none
+    recorded); ``REPORT.md`` and ``headline.json`` there were written from the same tables."""
+    drawn_before(out)  # a damaged manifest raises
+    path = out / DRAWN
+    tables = json.loads(path.read_text()).get("tables") if path.is_file() else None
+    return tables if isinstance(tables, str) else None
+
+
+def _record_drawing(out: Path, before: list[str], paths: list[Path], tables: str) -> None:
     """Remove the figures the previous drawing into ``out`` wrote that this one did not (their tables no
     longer make them), then record this drawing's files. Only files a drawing recorded are removed (plain
     ``.png``/``.pdf`` names in ``out``), never a file the tool did not write."""
@@ -668,7 +677,7 @@ def _record_drawing(out: Path, before: list[str], paths: list[Path]) -> None:
     if stale:
         print(f"figures: removed {len(stale)} figure file(s) of an earlier drawing into {out} that these tables no "
               f"longer make: {', '.join(stale)}", file=sys.stderr)
-    atomic_write_text(out / DRAWN, json.dumps({"files": now}, indent=1) + "\n")
+    atomic_write_text(out / DRAWN, json.dumps({"files": now, "tables": tables}, indent=1) + "\n")
 
 
 def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
@@ -705,5 +714,5 @@ def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
                     continue
                 paths += fn(root, out, model)
     if paths:
-        _record_drawing(out, before, paths)
+        _record_drawing(out, before, paths, tables_fingerprint(root))
     return paths

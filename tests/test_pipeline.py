@@ -340,6 +340,32 @@ def test_figures_leave_out_an_attribution_made_at_other_windows(tiny_run, tmp_pa
     assert "ablations_attn-2l/attribution.csv is left out" in capsys.readouterr().err
 
 
+def test_figures_refuse_to_draw_beside_a_report_of_other_tables(tiny_run, tmp_path, monkeypatch, capsys):
+    """`figures --out DIR` where DIR holds the REPORT.md and headline.json of a reproduction (e.g. the default
+    --out figures, which the cpu-scale main job draws into) whose tables have changed since (another
+    phase change, ablation, ...) or are other results: the figures were replaced and the report kept, so the
+    folder described two sets of tables. Refused (exit 2, nothing written); the same tables, wherever they
+    were copied to, are drawn again."""
+    import shutil
+
+    from experiments import figures
+    from experiments.__main__ import main
+
+    monkeypatch.setattr(figures, "_save", _draw_stub)
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs"))
+    assert main(["figures", "--results", str(copy), "--out", str(copy / "figures")]) == 0  # the same tables
+    res = Results(copy, "circuit_attn-2l")
+    pp = res.read("path_patch")
+    res.write("path_patch", pp.assign(effect=pp.effect + 1), inputs={"run": res.run_of("path_patch")})
+    before = {p: p.read_bytes() for p in (copy / "figures").iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main(["figures", "--results", str(copy), "--out", str(copy / "figures")])
+    assert e.value.code == 2 and "REPORT.md" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (copy / "figures").iterdir()} == before
+
+
 def test_figures_leave_out_experiments_of_runs_not_in_the_tables(tiny_run, tmp_path, capsys):
     """An ablation / circuit folder of a run the phase-change tables no longer hold (left by an earlier
     invocation with other runs, e.g. before --seeds 2) is not drawn as if it were part of them; it is
