@@ -124,7 +124,7 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
                          f"--scale {fits[0]} or leave --scale out")
     scale = scale or fits[0]
     if git is None:
-        git = Results(out, "phase_change").read_provenance()["git"]
+        git = evaluated_by(Results(out, "phase_change"))["git"]
     verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
     drawn_before(Path(figures_dir))  # and so is a damaged figures manifest
     for model in Results(out, "phase_change").read("checkpoints").model.unique():  # an experiment of another
@@ -231,7 +231,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     turn = pc.read_optional("pca_turn")  # None: the PCA was left out of these tables
     prov = provenance(config={}, timings=timings or {})
     pc_prov = pc.read_provenance() or {}  # checksum verified
-    m = pc_prov.get("machine") or prov["machine"]  # the machine that evaluated the checkpoints, not the drawer's
+    m = evaluated_by(pc).get("machine") or prov["machine"]  # the machine that evaluated the checkpoints, not the drawer's
     h: dict = {"machine": f"{m['platform']}, {m['threads']} threads, GPU: {m['cuda'] or 'none'}",
                "git_commit": (git or prov["git"])["commit"], "git_dirty": (git or prov["git"])["dirty"]}
     made: dict = {}  # (commit, machine) of each invocation that computed tables here -> their folders
@@ -309,6 +309,17 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     if spread:
         h["seed_spread"] = spread
     return h
+
+
+def evaluated_by(pc: Results) -> dict:
+    """The invocation (``provenance.json``'s, with its git and machine) that evaluated the checkpoints of the
+    phase-change tables ``pc``: the one that wrote the per-run ``checkpoints_<run>`` tables, the earliest where
+    several did (the report's note names the others). Not the record's first invocation as such: one stopped
+    before it evaluated anything, at another commit or on another machine, made none of these tables."""
+    prov = pc.read_provenance() or {}
+    inv = prov.get("invocations") or [prov]
+    made = sorted({pc.invocation_of(t) or 0 for t in pc.tables() if t.startswith("checkpoints_")})
+    return inv[made[0]] if made and made[0] < len(inv) else prov
 
 
 def _fit_size(r, which: str) -> float | None:

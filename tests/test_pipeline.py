@@ -366,6 +366,37 @@ def test_figures_refuse_to_draw_beside_a_report_of_other_tables(tiny_run, tmp_pa
     assert {p: p.read_bytes() for p in (copy / "figures").iterdir()} == before
 
 
+def test_report_names_the_commit_and_machine_that_evaluated_the_checkpoints(tiny_run, tmp_path, monkeypatch):
+    """A reproduction stopped before its phase change wrote a table, then rerun at another commit on another
+    machine, which made every table: `report` named the first invocation's commit and machine (the record's
+    first), which made none of them (and its note said the tables were computed by the other)."""
+    import hashlib
+    import shutil
+
+    from experiments import figures
+    from experiments.reproduce import redraw
+
+    monkeypatch.setattr(figures, "_save", _draw_stub)
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures"))
+    folder = copy / "phase_change"
+    prov = json.loads((folder / "provenance.json").read_text())
+    real = prov["invocations"][-1]
+    stopped = {**real, "git": {"commit": "a" * 40, "dirty": True}, "machine": {**real["machine"], "platform": "other"}}
+    prov = {**prov, **stopped, "invocations": [stopped, real]}  # the record kept from the stopped invocation
+    (folder / "provenance.json").write_text(json.dumps(prov))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest.values():
+        entry["invocation"] = 1  # every table made by the rerun
+    manifest["__settings__"]["sha256"] = hashlib.sha256((folder / "provenance.json").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    redraw(copy, "tiny", copy / "figures")
+    head = json.loads((copy / "figures" / "headline.json").read_text())
+    assert head["git_commit"] == real["git"]["commit"] and "other" not in head["machine"], head["machine"]
+    assert "Tables computed by" not in (copy / "report.md").read_text()
+
+
 def test_figures_leave_out_experiments_of_runs_not_in_the_tables(tiny_run, tmp_path, capsys):
     """An ablation / circuit folder of a run the phase-change tables no longer hold (left by an earlier
     invocation with other runs, e.g. before --seeds 2) is not drawn as if it were part of them; it is
