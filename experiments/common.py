@@ -386,12 +386,14 @@ def made_from_another_run(root: str | Path, folder: str, model: str, tables) -> 
 
 def tables_fingerprint(root: str | Path) -> str:
     """A hash of the recorded checksums of every result under the results root ``root`` (the ``report``
-    folder's aside: it holds what is drawn from them): equal for the same tables wherever they lie."""
+    folder's aside: it holds what is drawn from them; and provenance, which a rerun that recomputes nothing
+    extends): equal for the same tables wherever they lie."""
     parts = []
     for manifest in sorted(Path(root).glob("*/manifest.json")):
         if manifest.parent.name != "report":
             m = Results(root, manifest.parent.name)._manifest()
-            parts.append([manifest.parent.name, sorted((k, Results._entry(m, k)["sha256"]) for k in m)])
+            parts.append([manifest.parent.name, sorted((k, Results._entry(m, k)["sha256"]) for k in m
+                                                       if k != SETTINGS_KEY)])
     return fingerprint(parts)
 
 
