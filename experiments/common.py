@@ -162,7 +162,8 @@ class Results:
         the checksum of provenance.json: older manifests)."""
         if isinstance(e, str):
             return key != SETTINGS_KEY
-        return (isinstance(e, dict) and (isinstance(e.get("sha256"), str) or key == SETTINGS_KEY and e.get("sha256") is None)
+        checksum = e.get("sha256") if isinstance(e, dict) else None
+        return (isinstance(e, dict) and (isinstance(checksum, str) or key == SETTINGS_KEY and checksum is None)
                 and isinstance(e.get("inputs"), (str, type(None)))
                 and (e.get("invocation") is None or type(e.get("invocation")) is int)
                 and isinstance(e.get("run"), (str, type(None))))
@@ -284,9 +285,9 @@ class Results:
             return default
         # missing or edited: rerunning what writes it reads it first, so its record must go with it (the folder)
         if not path.is_file() or sha256_file(path) != self._entry(self._manifest(), f"{name}.json")["sha256"]:
-            raise ResultError(f"result {path} is {'not' if path.is_file() else 'missing though'} as {self.manifest_path} "
-                              f"records it (truncated, edited or deleted): delete the folder {self.dir} and re-run "
-                              "the experiment")
+            how = "does not match its recorded checksum (truncated or edited)" if path.is_file() else \
+                f"is missing though {self.manifest_path} records it"
+            raise ResultError(f"result {path} {how}: delete the folder {self.dir} and re-run the experiment")
         return json.loads(path.read_text())
 
     # -- provenance

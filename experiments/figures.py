@@ -708,9 +708,9 @@ def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
                 continue
             for fn in fns:
                 if fn is fig_attribution and attribution_at_other_windows(root, model):
-                    print(f"figures: {root / f'{prefix}_{model}' / 'attribution.csv'} is left out: it was made at other "
-                          f"ICL windows than the phase-change tables': run `ablations` on the run again to draw it",
-                          file=sys.stderr)
+                    print(f"figures: {root / f'{prefix}_{model}' / 'attribution.csv'} is left out: it was made at "
+                          "other ICL windows than the phase-change tables: run `ablations` on the run again to draw "
+                          "it", file=sys.stderr)
                     continue
                 paths += fn(root, out, model)
     if paths:

@@ -31,7 +31,8 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
               progress: bool = True, figures_dir: Path | None = None, workers: int | None = None,
               seeds: int | None = None, corpus: str | None = None) -> Path:
     """The main job (module docstring). Bad input (scale, seeds, corpus, device, an unwritable ``out``, a
-    damaged figures manifest, a run folder of other options) raises before anything is written, the results folder and its lock included."""
+    damaged figures manifest, a run folder of other options) raises before anything is written, the results
+    folder and its lock included."""
     from .figures import drawn_before
     from .zoo import SCALES, check_zoo_runs, zoo_configs
 
@@ -231,7 +232,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     turn = pc.read_optional("pca_turn")  # None: the PCA was left out of these tables
     prov = provenance(config={}, timings=timings or {})
     pc_prov = pc.read_provenance() or {}  # checksum verified
-    m = evaluated_by(pc).get("machine") or prov["machine"]  # the machine that evaluated the checkpoints, not the drawer's
+    m = evaluated_by(pc).get("machine") or prov["machine"]  # the machine that evaluated the checkpoints
     h: dict = {"machine": f"{m['platform']}, {m['threads']} threads, GPU: {m['cuda'] or 'none'}",
                "git_commit": (git or prov["git"])["commit"], "git_dirty": (git or prov["git"])["dirty"]}
     made: dict = {}  # (commit, machine) of each invocation that computed tables here -> their folders
