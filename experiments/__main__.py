@@ -154,10 +154,20 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_figures(args) -> int:
-    from .common import verify_tables
-    from .figures import make_figures
+    from .common import Results, tables_fingerprint, verify_tables
+    from .figures import drawn_from, make_figures
+    from .phase_change import evaluation_interrupted
 
     verify_tables(Path(args.results))  # a damaged table: exit 2 before any figure is written
+    if evaluation_interrupted(Results(Path(args.results), "phase_change")):  # and tables of two evaluations
+        raise UsageError(f"the phase-change tables under {args.results} are partial (the last `phase-change` into it "
+                         "was interrupted): rerun that `phase-change` command to completion first")
+    report = [n for n in ("REPORT.md", "headline.json") if (Path(args.out) / n).is_file()]
+    drawn = drawn_from(Path(args.out))
+    if report and drawn is not None and drawn != tables_fingerprint(Path(args.results)):
+        raise UsageError(f"{args.out} holds the {' and '.join(report)} of other tables than those under {args.results} "
+                         "now: these figures would sit beside a report they do not match; pass another --out, or "
+                         f"redraw both with `report --results {args.results} --figures {args.out}`")
     paths = make_figures(Path(args.results), Path(args.out))
     if not paths:
         raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "
@@ -199,7 +209,7 @@ def _runs(paths: list[str]) -> dict:
         if not (path / "train_config.json").is_file():
             raise UsageError(f"{p} is not a training run folder (no train_config.json): pass folders made by "
                              "`python -m experiments train`")
-        runs[path.name] = path
+        runs[Path(os.path.abspath(path)).name] = path  # the folder's own name: `.` and `..` resolved
     return runs
 
 
@@ -223,6 +233,7 @@ def _run_with_phase_change(args):
     """(run name, run folder, its head scores, its phase_change windows) for the single-run commands:
     only results that `phase-change` made from this run in its present state (its content hash)."""
     from .common import Results, run_fingerprint
+    from .phase_change import evaluation_interrupted
 
     _check_device(args.device)
     name, run = next(iter(_runs([args.run]).items()))
@@ -230,7 +241,8 @@ def _run_with_phase_change(args):
     settings = pc.settings()
     key = None if settings is None else {"run": run_fingerprint(run), **settings}
     windows = pc.read("windows") if pc.has("windows") else None
-    if key is None or not pc.has(f"head_scores_{name}", key) or windows is None or name not in set(windows.model):
+    if key is None or not pc.has(f"head_scores_{name}", key) or windows is None or name not in set(windows.model) \
+            or evaluation_interrupted(pc):  # its windows then of the run as it was
         raise UsageError(f"no phase-change results of {run} as it is now under {args.out}/phase_change: run "
                          f"`phase-change {run} --out {args.out}` first")
     return name, run, pc.read(f"head_scores_{name}", key), windows
@@ -451,7 +463,7 @@ def _precheck(args) -> None:
         if not (Path(run) / "train_config.json").is_file():
             raise UsageError(f"{run} is not a training run folder (no train_config.json): pass folders made by "
                              "`python -m experiments train`")
-    names = [Path(run).name for run in getattr(args, "runs", None) or []]
+    names = [Path(os.path.abspath(run)).name for run in getattr(args, "runs", None) or []]
     if len(set(names)) < len(names):  # tables are keyed by the folder's name: one would replace the other
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"two run folders are named {dup}: pass each run once, or give them different names")

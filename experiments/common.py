@@ -149,12 +149,24 @@ class Results:
             return {}
         try:
             m = json.loads(self.manifest_path.read_text())
-            if not isinstance(m, dict):
+            if not isinstance(m, dict) or not all(self._well_formed(k, e) for k, e in m.items()):
                 raise ValueError
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
             raise ResultError(f"{self.manifest_path} is corrupted: delete the folder {self.dir} and re-run "
                               "the experiment") from None
         return m
+
+    @staticmethod
+    def _well_formed(key: str, e) -> bool:
+        """A manifest entry as ``_record`` / ``write_provenance`` write it (a bare checksum, or settings without
+        the checksum of provenance.json: older manifests)."""
+        if isinstance(e, str):
+            return key != SETTINGS_KEY
+        checksum = e.get("sha256") if isinstance(e, dict) else None
+        return (isinstance(e, dict) and (isinstance(checksum, str) or key == SETTINGS_KEY and checksum is None)
+                and isinstance(e.get("inputs"), (str, type(None)))
+                and (e.get("invocation") is None or type(e.get("invocation")) is int)
+                and isinstance(e.get("run"), (str, type(None))))
 
     @staticmethod
     def _entry(m: dict, key: str) -> dict | None:
@@ -166,6 +178,8 @@ class Results:
         manifest[key] = {"sha256": sha256_file(path), "inputs": None if inputs is None else fingerprint(inputs),
                          # which of provenance.json's invocations made it (the latest to write provenance)
                          "invocation": (self._entry(manifest, SETTINGS_KEY) or {}).get("invocation")}
+        if isinstance(inputs, dict) and isinstance(inputs.get("run"), str):  # the run_fingerprint it came from,
+            manifest[key]["run"] = inputs["run"]  # in the clear: tables of one run in other folders are compared
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def _write_bytes(self, key: str, path: Path, data: bytes, inputs) -> Path:
@@ -204,6 +218,20 @@ class Results:
         """``has`` for every table of a unit of work (so deleting any one of them recomputes the unit)."""
         return all(self.has(t, inputs) for t in tables)
 
+    def tables(self) -> list[str]:
+        """The names of the files recorded here (tables; arrays and JSON files with their suffix)."""
+        return [k for k in self._manifest() if k != SETTINGS_KEY]
+
+    def invocation_of(self, table: str) -> int | None:
+        """Which of ``provenance.json``'s invocations wrote the table last (None: not recorded, or by a manifest
+        older than invocations)."""
+        return (self._entry(self._manifest(), table) or {}).get("invocation")
+
+    def run_of(self, table: str) -> str | None:
+        """The ``run_fingerprint`` the table was computed from (its ``inputs``' ``"run"``), None if it records none
+        (not keyed on one run, never written, or written before runs were recorded)."""
+        return (self._entry(self._manifest(), table) or {}).get("run")
+
     def write(self, table: str, df: pd.DataFrame, inputs=None) -> Path:
         return self._write_bytes(table, self.dir / f"{table}.csv", df.to_csv(index=False).encode(), inputs)
 
@@ -215,8 +243,17 @@ class Results:
 
     def read_optional(self, table: str) -> pd.DataFrame | None:
         """The table, or None if it was never written; a damaged or deleted table still raises ``ResultError``
-        (one the manifest records but whose file is gone is missing, not never written)."""
-        return self.read(table) if self._entry(self._manifest(), table) is not None else None
+        (one the manifest records but whose file is gone is missing, not never written; one whose file is there
+        but that the manifest does not record, as after the manifest was deleted, is unverifiable)."""
+        if self._entry(self._manifest(), table) is not None:
+            return self.read(table)
+        self._refuse_unrecorded(self.dir / f"{table}.csv")
+        return None
+
+    def _refuse_unrecorded(self, path: Path) -> None:
+        if path.is_file():
+            raise ResultError(f"result {path} is not recorded in {self.manifest_path} (deleted or edited): it cannot "
+                              f"be verified; delete the folder {self.dir} and re-run the experiment")
 
     # -- arrays and JSON
     def write_array(self, name: str, array: np.ndarray, inputs=None) -> Path:
@@ -240,10 +277,18 @@ class Results:
         return self._write_bytes(f"{name}.json", self.dir / f"{name}.json", data, None)
 
     def read_json(self, name: str, default=None):
-        """A JSON file written by ``write_json`` (``default`` if never written), checksum verified."""
-        if not self._has(f"{name}.json", self.dir / f"{name}.json"):
+        """A JSON file written by ``write_json`` (``default`` if never written), checksum verified; one recorded
+        whose file is gone, or there but unrecorded, raises ``ResultError`` as in ``read_optional``."""
+        path = self.dir / f"{name}.json"
+        if self._entry(self._manifest(), f"{name}.json") is None:
+            self._refuse_unrecorded(path)
             return default
-        return json.loads(self._verified(f"{name}.json", self.dir / f"{name}.json").read_text())
+        # missing or edited: rerunning what writes it reads it first, so its record must go with it (the folder)
+        if not path.is_file() or sha256_file(path) != self._entry(self._manifest(), f"{name}.json")["sha256"]:
+            how = "does not match its recorded checksum (truncated or edited)" if path.is_file() else \
+                f"is missing though {self.manifest_path} records it"
+            raise ResultError(f"result {path} {how}: delete the folder {self.dir} and re-run the experiment")
+        return json.loads(path.read_text())
 
     # -- provenance
     def settings(self) -> dict | None:
@@ -330,18 +375,44 @@ def run_setting(res: Results, run: str | Path) -> str:
     return str(run)
 
 
+def made_from_another_run(root: str | Path, folder: str, model: str, tables) -> bool:
+    """Whether any of ``tables`` of the experiment folder ``folder`` of run ``model`` (``ablations_<model>``,
+    ``circuit_<model>``) was computed from another state of that run than the phase-change tables under
+    ``root`` (their recorded ``run_of`` differ: the run retrained, resumed or edited since, or another run
+    folder of that name evaluated); False where either records none (tables written before runs were)."""
+    evaluated = Results(root, "phase_change").run_of(f"checkpoints_{model}")
+    res = Results(root, folder)
+    return evaluated is not None and any(res.run_of(t) not in (None, evaluated) for t in tables)
+
+
+def tables_fingerprint(root: str | Path) -> str:
+    """A hash of the recorded checksums of every result under the results root ``root`` (the ``report``
+    folder's aside: it holds what is drawn from them; and provenance, which a rerun that recomputes nothing
+    extends): equal for the same tables wherever they lie."""
+    parts = []
+    for manifest in sorted(Path(root).glob("*/manifest.json")):
+        if manifest.parent.name != "report":
+            m = Results(root, manifest.parent.name)._manifest()
+            parts.append([manifest.parent.name, sorted((k, Results._entry(m, k)["sha256"]) for k in m
+                                                       if k != SETTINGS_KEY)])
+    return fingerprint(parts)
+
+
 def verify_tables(root: str | Path) -> None:
     """Every table present under the results root ``root`` matches its recorded checksum (``ResultError``
-    naming the first that does not): commands that draw from tables (``figures``, ``report``) check this
-    before they write anything, so a damaged table never leaves figures half redrawn."""
+    naming the first that does not, or one its experiment folder's manifest does not record, as after the
+    manifest was deleted): commands that draw from tables (``figures``, ``report``) check this before they
+    write anything, so a damaged table never leaves figures half redrawn."""
     root = Path(root)
-    for manifest in sorted(root.glob("*/manifest.json")):
-        res = Results(root, manifest.parent.name)
+    for folder in sorted(p.parent for p in [*root.glob("*/manifest.json"), *root.glob("*/provenance.json")]):
+        res = Results(root, folder.name)
         res.read_provenance()
-        for key in res._manifest():
-            path = res.dir / f"{key}.csv"
-            if key != SETTINGS_KEY and not key.endswith((".npy", ".json")) and path.is_file():
-                res._verified(key, path)
+        recorded = res._manifest()
+        for path in sorted(folder.glob("*.csv")):
+            if path.stem in recorded:
+                res._verified(path.stem, path)
+            else:
+                res._refuse_unrecorded(path)
 
 
 def check_writable(path: str | Path) -> None:

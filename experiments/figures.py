@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .common import ResultError, Results
+from .common import ResultError, Results, made_from_another_run, tables_fingerprint
 
 COLUMN_WIDTH = 3.4  # inches: a paper column
 
@@ -372,6 +372,10 @@ def fig_loss_heatmap(root: Path, out: Path):
         return []
     models = list(lbi.model.unique())
     several = _families(pd.Series(models)) is not None
+    # drawn from 1e5 tokens on, a derivative over at least two checkpoints there
+    models = [m for m in models if lbi[(lbi.model == m) & (lbi.tokens >= 1e5)].tokens.nunique() >= 2]
+    if not models:  # shorter runs: nothing to draw (an empty panel raised IndexError)
+        return []
     if several:  # one row per model, its lowest seed (a row per run made the gpu scale's 21 rows, 38 inches)
         from .zoo import split_run_name
 
@@ -610,6 +614,21 @@ ALL = [fig_icl_over_training, fig_loss_curves, fig_pca, fig_smear, fig_loss_heat
 PER_MODEL = [fig_training_curves, fig_head_scores]  # every model in the phase-change tables
 PER_ABLATED = [fig_ablation_by_index, fig_ablation_heatmap, fig_attribution]  # every model with ablation tables
 PER_CIRCUIT = [fig_patching, fig_path_patching]
+# the tables of each run's experiment folders that the figures and the report read
+RUN_TABLES = {"ablations": ("per_head", "per_head_by_index", "sets", "sets_by_index", "attribution"),
+              "circuit": ("patch_heads", "patch_head_pos", "path_patch")}
+
+
+def attribution_at_other_windows(root: Path, model: str) -> bool:
+    """Whether the attribution of ``ablations_<model>`` marks other checkpoints as inside the ICL window than
+    the phase-change ``windows`` table's window of ``model`` holds (made at windows of an older rule or of
+    another run state): drawn under these windows' shading, it would contradict it."""
+    at, win = _read(root, f"ablations_{model}", "attribution"), _read(root, "phase_change", "windows")
+    w = win[win.model == model] if win is not None else ()
+    if at is None or not len(at) or not len(w):
+        return False
+    return not (at.in_window == at.tokens.between(w.icl_window_start_tokens.iloc[0],
+                                                  w.icl_window_end_tokens.iloc[0])).all()
 
 
 def _models_with(root: Path, prefix: str) -> list[str]:
@@ -635,7 +654,16 @@ def drawn_before(out: Path) -> list[str]:
     return names
 
 
-def _record_drawing(out: Path, before: list[str], paths: list[Path]) -> None:
+def drawn_from(out: Path) -> str | None:
+    """The ``tables_fingerprint`` of the tables the last ``make_figures`` into ``out`` drew (None: none
+    recorded); ``REPORT.md`` and ``headline.json`` there were written from the same tables."""
+    drawn_before(out)  # a damaged manifest raises
+    path = out / DRAWN
+    tables = json.loads(path.read_text()).get("tables") if path.is_file() else None
+    return tables if isinstance(tables, str) else None
+
+
+def _record_drawing(out: Path, before: list[str], paths: list[Path], tables: str) -> None:
     """Remove the figures the previous drawing into ``out`` wrote that this one did not (their tables no
     longer make them), then record this drawing's files. Only files a drawing recorded are removed (plain
     ``.png``/``.pdf`` names in ``out``), never a file the tool did not write."""
@@ -649,7 +677,7 @@ def _record_drawing(out: Path, before: list[str], paths: list[Path]) -> None:
     if stale:
         print(f"figures: removed {len(stale)} figure file(s) of an earlier drawing into {out} that these tables no "
               f"longer make: {', '.join(stale)}", file=sys.stderr)
-    atomic_write_text(out / DRAWN, json.dumps({"files": now}, indent=1) + "\n")
+    atomic_write_text(out / DRAWN, json.dumps({"files": now, "tables": tables}, indent=1) + "\n")
 
 
 def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
@@ -673,8 +701,18 @@ def make_figures(results_root: str | Path, out: str | Path) -> list[Path]:
                 print(f"figures: {root / f'{prefix}_{model}'} is left out: its run {model} is not in the phase-change "
                       "tables (an earlier invocation's; delete the folder to silence this)", file=sys.stderr)
                 continue
+            if made_from_another_run(root, f"{prefix}_{model}", model, RUN_TABLES[prefix]):
+                print(f"figures: {root / f'{prefix}_{model}'} is left out: it was computed from another state of run "
+                      f"{model} than the phase-change tables (retrained or resumed since, or another folder of that "
+                      f"name): run `{prefix}` on the run again to draw it, or delete the folder", file=sys.stderr)
+                continue
             for fn in fns:
+                if fn is fig_attribution and attribution_at_other_windows(root, model):
+                    print(f"figures: {root / f'{prefix}_{model}' / 'attribution.csv'} is left out: it was made at "
+                          "other ICL windows than the phase-change tables: run `ablations` on the run again to draw "
+                          "it", file=sys.stderr)
+                    continue
                 paths += fn(root, out, model)
     if paths:
-        _record_drawing(out, before, paths)
+        _record_drawing(out, before, paths, tables_fingerprint(root))
     return paths

@@ -371,6 +371,16 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     return res
 
 
+def evaluation_interrupted(res: Results) -> bool:
+    """Whether the last ``run_phase_change`` into ``res`` stopped after it wrote tables and before it derived
+    the windows from them (a table but ``pca_turn`` and ``transient``, written after it, is newer than
+    ``windows``): the tables are then of two evaluations (e.g. the checkpoints of a run as it is now, the
+    windows of it as it was)."""
+    w = res.invocation_of("windows")
+    return w is not None and any((res.invocation_of(t) or 0) > w for t in res.tables()
+                                 if t not in ("windows", "pca_turn", "transient"))
+
+
 def derive_windows(res: Results) -> pd.DataFrame:
     """The tables derived from the evaluated ones alone, (re)written: ``windows`` (with the plateau test)
     and ``pca_turn``. Refuses when the precise ICL points were taken at other windows than these (they

@@ -31,9 +31,10 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
               progress: bool = True, figures_dir: Path | None = None, workers: int | None = None,
               seeds: int | None = None, corpus: str | None = None) -> Path:
     """The main job (module docstring). Bad input (scale, seeds, corpus, device, an unwritable ``out``, a
-    damaged figures manifest) raises before anything is written, the results folder and its lock included."""
+    damaged figures manifest, a run folder of other options) raises before anything is written, the results
+    folder and its lock included."""
     from .figures import drawn_before
-    from .zoo import SCALES, zoo_configs
+    from .zoo import SCALES, check_zoo_runs, zoo_configs
 
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: choose one of {', '.join(SCALES)}")
@@ -42,6 +43,7 @@ def reproduce(out: Path = Path("results/default"), scale: str = "cpu", device: s
         cfg.validate()
     check_writable(out)
     drawn_before(default_figures_dir(Path(out), scale, figures_dir))
+    check_zoo_runs(scale, Path(out) / "runs", device, seeds, corpus)  # a run of other options (another scale)
     return _reproduce(Path(out), scale, device, progress, figures_dir, workers, seeds, corpus)
 
 
@@ -98,8 +100,8 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     ``tables_scales``; one they contradict is refused). Timings: the sum of the invocations ``out``
     recorded with the options of the last (``same_job``); machine: the one that evaluated the checkpoints; ``git``: the commit the tables were made
     with (default: the phase change's provenance). Bad input raises before anything is written."""
-    from .common import InputError, verify_tables
-    from .figures import drawn_before, make_figures
+    from .common import InputError, made_from_another_run, verify_tables
+    from .figures import RUN_TABLES, attribution_at_other_windows, drawn_before, make_figures
     from .phase_change import derive_windows
 
     out = Path(out)
@@ -123,14 +125,18 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
                          f"--scale {fits[0]} or leave --scale out")
     scale = scale or fits[0]
     if git is None:
-        git = Results(out, "phase_change").read_provenance()["git"]
+        git = evaluated_by(Results(out, "phase_change"))["git"]
     verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
     drawn_before(Path(figures_dir))  # and so is a damaged figures manifest
+    for model in Results(out, "phase_change").read("checkpoints").model.unique():  # an experiment of another
+        for prefix, tables in RUN_TABLES.items():  # state of a run would be reported as of this one
+            if made_from_another_run(out, f"{prefix}_{model}", model, tables):
+                raise ResultError(f"{out}/{prefix}_{model} was computed from another state of run {model} than "
+                                  f"the phase-change tables: run `{prefix}` on {model} again (or `reproduce`), or "
+                                  f"delete {out}/{prefix}_{model}")
     win = derive_windows(Results(out, "phase_change"))  # windows and PCA turns by this code's rules
     for r in win.itertuples():  # an attribution made at other windows would be drawn under these
-        at = Results(out, f"ablations_{r.model}").read_optional("attribution")
-        if at is not None and len(at) and not (at.in_window == at.tokens.between(r.icl_window_start_tokens,
-                                                                                  r.icl_window_end_tokens)).all():
+        if attribution_at_other_windows(out, r.model):
             raise ResultError(f"{out}/ablations_{r.model}/attribution.csv was made at other ICL windows than "
                               f"these: run `ablations` on {r.model} again (or `reproduce`)")
     make_figures(out, Path(figures_dir))
@@ -226,7 +232,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     turn = pc.read_optional("pca_turn")  # None: the PCA was left out of these tables
     prov = provenance(config={}, timings=timings or {})
     pc_prov = pc.read_provenance() or {}  # checksum verified
-    m = pc_prov.get("machine") or prov["machine"]  # the machine that evaluated the checkpoints, not the drawer's
+    m = evaluated_by(pc).get("machine") or prov["machine"]  # the machine that evaluated the checkpoints
     h: dict = {"machine": f"{m['platform']}, {m['threads']} threads, GPU: {m['cuda'] or 'none'}",
                "git_commit": (git or prov["git"])["commit"], "git_dirty": (git or prov["git"])["dirty"]}
     made: dict = {}  # (commit, machine) of each invocation that computed tables here -> their folders
@@ -304,6 +310,17 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
     if spread:
         h["seed_spread"] = spread
     return h
+
+
+def evaluated_by(pc: Results) -> dict:
+    """The invocation (``provenance.json``'s, with its git and machine) that evaluated the checkpoints of the
+    phase-change tables ``pc``: the one that wrote the per-run ``checkpoints_<run>`` tables, the earliest where
+    several did (the report's note names the others). Not the record's first invocation as such: one stopped
+    before it evaluated anything, at another commit or on another machine, made none of these tables."""
+    prov = pc.read_provenance() or {}
+    inv = prov.get("invocations") or [prov]
+    made = sorted({pc.invocation_of(t) or 0 for t in pc.tables() if t.startswith("checkpoints_")})
+    return inv[made[0]] if made and made[0] < len(inv) else prov
 
 
 def _fit_size(r, which: str) -> float | None:

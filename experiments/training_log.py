@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -121,11 +122,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for training_curves.csv, training_windows.csv, "
                                                 "seed_spread.json, provenance.json and the figure")
     args = p.parse_args(argv)
-    names = [Path(r).name for r in args.runs]
+    names = [Path(os.path.abspath(r)).name for r in args.runs]  # the folder's own name: `.` and `..` resolved
     if len(set(names)) < len(names):  # runs are told apart by folder name (tables, figure)
         dup = next(n for n in names if names.count(n) > 1)
         p.error(f"two run folders are named {dup}: pass each run once, or rename one (<model>-s<seed>)")
-    runs = {Path(r).name: Path(r) for r in args.runs}
+    runs = {n: Path(r) for n, r in zip(names, args.runs)}
     for run in runs.values():  # not "metrics.jsonl is missing: train --resume" for a folder that is no run
         if not (run / "train_config.json").is_file():
             p.error(f"{run} is not a training run folder (no train_config.json): pass folders made by "

@@ -184,6 +184,14 @@ def train_zoo(scale: str, runs_dir: str | Path, device: str = "cpu", progress: b
     return out
 
 
+def check_zoo_runs(scale: str, runs_dir: str | Path, device: str = "cpu", seeds: int | None = None,
+                   corpus: str | None = None) -> None:
+    """``train_zoo``'s first check, alone: ``RunFolderError`` if a run folder under ``runs_dir`` holds a run
+    trained with other options than the scale's (``reproduce`` checks it before it writes anything)."""
+    for name, cfg in zoo_configs(scale, device, seeds, corpus).items():
+        _check_same_run(Path(runs_dir) / name, cfg)
+
+
 def _check_same_run(run: Path, cfg: TrainConfig) -> None:
     """Refuse (``RunFolderError``) a run folder trained with other options than ``cfg`` (corpus, seed,
     tokens, ...): ``_finished`` looks at the step count only, so it would reuse it as if it were this run.

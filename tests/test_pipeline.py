@@ -299,6 +299,105 @@ def test_report_refuses_an_attribution_made_at_other_windows(tiny_run, tmp_path)
         redraw(copy, "tiny", copy / "figures")
 
 
+def test_report_refuses_experiments_of_another_state_of_a_run(tiny_run, tmp_path):
+    """``report`` on tables put together from two states of a run (e.g. a circuit folder left from an earlier
+    training of attn-2l beside the phase change of the present one): the report's path-patching section and
+    figures would describe another run than its phase-change sections. Refused, naming the folder, before
+    anything is written."""
+    import shutil
+
+    from experiments.reproduce import redraw
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures"))
+    res = Results(copy, "circuit_attn-2l")
+    res.write("path_patch", res.read("path_patch"), inputs={"run": "0" * 20, "n_prompts": 16})
+    with pytest.raises(ResultError, match="circuit_attn-2l was computed from another state of run attn-2l"):
+        redraw(copy, "tiny", copy / "figures")
+    assert not (copy / "figures").exists()
+
+
+def test_figures_leave_out_an_attribution_made_at_other_windows(tiny_run, tmp_path, drawn, capsys):
+    """`figures` (as `report` does) leaves out an attribution whose in-window checkpoints are not the windows
+    table's (made before the windows were derived again by another rule): it drew it under the new window's
+    shading, contradicting it; the line on stderr names it."""
+    import shutil
+
+    from experiments.figures import make_figures
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    make_figures(copy, tmp_path / "fig")
+    assert "attribution_over_training_attn-2l" in drawn and "attribution.csv" not in capsys.readouterr().err
+    drawn.clear()
+    res = Results(copy, "ablations_attn-2l")
+    at = res.read("attribution")
+    res.write("attribution", at.assign(in_window=~at.in_window), inputs={"run": res.run_of("attribution")})
+    make_figures(copy, tmp_path / "fig")
+    assert "attribution_over_training_attn-2l" not in drawn and "ablation_icl_share_attn-2l" in drawn
+    assert "ablations_attn-2l/attribution.csv is left out" in capsys.readouterr().err
+
+
+def test_figures_refuse_to_draw_beside_a_report_of_other_tables(tiny_run, tmp_path, monkeypatch, capsys):
+    """`figures --out DIR` where DIR holds the REPORT.md and headline.json of a reproduction (e.g. the default
+    --out figures, which the cpu-scale main job draws into) whose tables have changed since (another
+    phase change, ablation, ...) or are other results: the figures were replaced and the report kept, so the
+    folder described two sets of tables. Refused (exit 2, nothing written); the same tables, wherever they
+    were copied to, are drawn again."""
+    import shutil
+
+    from experiments import figures
+    from experiments.__main__ import main
+
+    monkeypatch.setattr(figures, "_save", _draw_stub)
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs"))
+    res = Results(copy, "circuit_attn-2l")
+    res.write_provenance(res.settings())  # a rerun that recomputes nothing: the same tables
+    assert main(["figures", "--results", str(copy), "--out", str(copy / "figures")]) == 0
+    pp = res.read("path_patch")
+    res.write("path_patch", pp.assign(effect=pp.effect + 1), inputs={"run": res.run_of("path_patch")})
+    before = {p: p.read_bytes() for p in (copy / "figures").iterdir()}
+    with pytest.raises(SystemExit) as e:
+        main(["figures", "--results", str(copy), "--out", str(copy / "figures")])
+    assert e.value.code == 2 and "REPORT.md" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (copy / "figures").iterdir()} == before
+
+
+def test_report_names_the_commit_and_machine_that_evaluated_the_checkpoints(tiny_run, tmp_path, monkeypatch):
+    """A reproduction stopped before its phase change wrote a table, then rerun at another commit on another
+    machine, which made every table: `report` named the first invocation's commit and machine (the record's
+    first), which made none of them (and its note said the tables were computed by the other)."""
+    import hashlib
+    import shutil
+
+    from experiments import figures
+    from experiments.reproduce import redraw
+
+    monkeypatch.setattr(figures, "_save", _draw_stub)
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures"))
+    folder = copy / "phase_change"
+    prov = json.loads((folder / "provenance.json").read_text())
+    real = prov["invocations"][-1]
+    stopped = {**real, "git": {"commit": "a" * 40, "dirty": True}, "machine": {**real["machine"], "platform": "other"}}
+    prov = {**prov, **stopped, "invocations": [stopped, real]}  # the record kept from the stopped invocation
+    (folder / "provenance.json").write_text(json.dumps(prov))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for entry in manifest.values():
+        entry["invocation"] = 1  # every table made by the rerun
+    manifest["__settings__"]["sha256"] = hashlib.sha256((folder / "provenance.json").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    redraw(copy, "tiny", copy / "figures")
+    head = json.loads((copy / "figures" / "headline.json").read_text())
+    assert head["git_commit"] == real["git"]["commit"] and "other" not in head["machine"], head["machine"]
+    assert "Tables computed by" not in (copy / "report.md").read_text()
+
+
 def test_figures_leave_out_experiments_of_runs_not_in_the_tables(tiny_run, tmp_path, capsys):
     """An ablation / circuit folder of a run the phase-change tables no longer hold (left by an earlier
     invocation with other runs, e.g. before --seeds 2) is not drawn as if it were part of them; it is

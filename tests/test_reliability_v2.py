@@ -1134,3 +1134,182 @@ def test_run_fingerprint_covers_the_runs_tokenizer(tmp_path):
     assert len({bytes_only, with_tok, edited}) == 3
     (run / "tokenizer" / "README.md").write_text("notes")  # documentation changes no score
     assert run_fingerprint(run) == edited
+
+
+
+def test_figures_leave_out_experiments_of_another_state_of_the_run(tmp_path, capsys, monkeypatch, finished):
+    """`ablations` and `circuit` of a run, then the run retrained in place and `phase-change` run again into the
+    same --out: `figures` drew the earlier run's ablation and circuit beside the new run's phase change as one
+    run's (and the attribution under the new run's window). They are left out, named on stderr, until
+    `ablations` / `circuit` are run again, as the line says."""
+    import matplotlib.pyplot as plt
+
+    import experiments.phase_change as P
+    from experiments import figures
+    from experiments.ablations import run_ablations
+    from experiments.circuit import run_circuit
+
+    def stub(fig, out, name):  # no rendering
+        plt.close(fig)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.png").write_bytes(b"")
+        return [out / f"{name}.png"]
+
+    monkeypatch.setattr(figures, "_save", stub)
+    res, fig = tmp_path / "res", tmp_path / "fig"
+
+    def evaluate():
+        return P.run_phase_change({"run": finished}, res, n_windows=4, progress=False, workers=1, n_precise=8,
+                                  n_pca_pairs=16)
+
+    def experiments(pc):
+        run_ablations(finished, "run", None, res, windows_table=pc.read("windows"), n_windows=8, progress=False)
+        run_circuit(finished, "run", pc.read("head_scores"), res, n_prompts=2)
+
+    def draw():
+        figures.make_figures(res, fig)
+        return sorted(p.stem for p in fig.glob("*.png")), capsys.readouterr().err
+
+    experiments(evaluate())
+    names, err = draw()
+    assert "ablation_icl_share_run" in names and "patching_run" in names and "left out" not in err
+    shutil.rmtree(finished)
+    T.train(tiny_cfg(seed=1), finished, progress=False)  # retrained: another run in the same folder
+    pc = evaluate()
+    names, err = draw()
+    assert "ablations_run is left out" in err and "circuit_run is left out" in err, err
+    assert not [n for n in names if "ablation" in n or "patching" in n], names
+    experiments(pc)
+    names, err = draw()
+    assert "ablation_icl_share_run" in names and "patching_run" in names and "left out" not in err
+
+
+def test_figures_of_runs_shorter_than_the_loss_heatmap_draw_the_rest(tmp_path):
+    """The loss-by-index heatmap is drawn from 100k tokens on: a run with fewer checkpoints there (a short run,
+    as `train --tokens 20000`) made `figures` fail with an IndexError; that figure is left out instead."""
+    from experiments.figures import fig_loss_heatmap
+
+    lbi = pd.DataFrame({"model": "run", "token_index": [1, 2, 1, 2], "loss": [3.0, 2.0, 2.5, 1.5],
+                        "tokens": [10_000, 10_000, 20_000, 20_000]})
+    Results(tmp_path, "phase_change").write("loss_by_index", lbi)
+    assert fig_loss_heatmap(tmp_path, tmp_path / "fig") == []
+    assert not (tmp_path / "fig").exists()
+
+
+def test_reproduce_refuses_a_run_of_other_options_before_writing(tmp_path, reference):
+    """`reproduce --scale cpu --out X` after `--scale tiny --out X` (a run of the same name trained with other
+    options) is refused, exit 2, as before, but it first wrote an interrupted invocation into
+    report/timings.json (and took the folder's lock): bad input writes nothing."""
+    from experiments.reproduce import reproduce
+
+    out = tmp_path / "out"
+    shutil.copytree(reference, out / "runs" / "attn-1l", ignore=shutil.ignore_patterns(".lock"))
+    before = snapshot(out)
+    with pytest.raises(T.RunFolderError, match="other options"):
+        reproduce(out=out, scale="tiny", progress=False)
+    assert snapshot(out) == before and not (out / ".lock").exists()
+
+
+def test_a_run_folder_named_by_dot_is_named_by_its_own_name(tmp_path, capsys, monkeypatch, finished):
+    """`phase-change .` from inside a run folder: the run was named "" (``Path(".").name``), its tables
+    ``checkpoints_.csv``, and the empty model label read back as NaN: a traceback after the tables were
+    written. The folder's own name is used, as `survey` does; `ablations .` finds those results."""
+    monkeypatch.chdir(finished)
+    code, err = cli(["phase-change", ".", "--out", tmp_path / "res", "--windows", "4", "--quiet"], capsys)
+    assert code == 0, err
+    assert Results(tmp_path / "res", "phase_change").read("windows").model.tolist() == ["run"]
+    assert cli(["circuit", ".", "--out", tmp_path / "res"], capsys)[0] == 0
+    assert (tmp_path / "res" / "circuit_run").is_dir()
+
+
+@pytest.mark.parametrize("key, entry", [("windows", 5), ("windows", [1]), ("windows", {"inputs": None}),
+                                        ("windows", {"sha256": "0" * 64, "run": 5}), ("__settings__", 5),
+                                        ("__settings__", "0" * 64)])
+def test_an_edited_manifest_entry_is_refused_naming_the_folder(tmp_path, capsys, entry, key):
+    """A manifest.json edited into valid JSON whose entries are not checksum records (a number, a list, a
+    record without its checksum) made `figures` and `report` fail with a traceback (TypeError, KeyError,
+    exit 1); it is a damaged result: exit 2, naming the folder to delete."""
+    _phase_change_tables(tmp_path)
+    path = tmp_path / "phase_change" / "manifest.json"
+    m = json.loads(path.read_text())
+    m[key] = entry
+    path.write_text(json.dumps(m))
+    code, err = cli(["figures", "--results", tmp_path, "--out", tmp_path / "figs"], capsys)
+    assert code == 2 and "manifest.json is corrupted" in err and "delete the folder" in err, err
+    assert not (tmp_path / "figs").exists()
+
+
+def test_a_folder_whose_manifest_was_deleted_is_refused_not_left_out(tmp_path, capsys):
+    """An experiment folder whose manifest.json was deleted still holds its tables: they were read as never
+    written, so `report` dropped the ablation section (and `figures` its figures) without a word. They are
+    unverifiable: exit 2 naming the folder to delete; deleting it, as advised, leaves the section out."""
+    from experiments.reproduce import headline
+
+    _phase_change_tables(tmp_path)
+    Results(tmp_path, "ablations_attn-2l").write_provenance({"n_windows": 8})
+    assert "ablation" in headline(tmp_path)
+    (tmp_path / "ablations_attn-2l" / "manifest.json").unlink()
+    with pytest.raises(ResultError, match="ablations_attn-2l"):
+        headline(tmp_path)
+    code, err = cli(["figures", "--results", tmp_path, "--out", tmp_path / "figs"], capsys)
+    assert code == 2 and "delete the folder" in err and "ablations_attn-2l" in err, err
+    assert not (tmp_path / "figs").exists()  # refused before the first figure
+    shutil.rmtree(tmp_path / "ablations_attn-2l")
+    assert "ablation" not in headline(tmp_path)
+
+
+def test_report_timings_deleted_or_edited_name_the_folder_to_delete(tmp_path):
+    """report/timings.json recorded but deleted was read as no invocation (the next reproduce counted only
+    itself in the wall-clock); edited, the advice to delete the file led to that. Either is an error whose
+    advice (delete the folder) works."""
+    res = Results(tmp_path, "report")
+    res.write_json("timings", [{"total_s": 5.0}])
+    path = tmp_path / "report" / "timings.json"
+    for damage in (lambda: path.write_text("[]"), path.unlink):
+        damage()
+        with pytest.raises(ResultError, match="delete the folder"):
+            res.read_json("timings", default=[])
+    shutil.rmtree(tmp_path / "report")
+    assert res.read_json("timings", default=[]) == []
+
+
+def test_tables_of_an_interrupted_phase_change_are_not_drawn_or_used(tmp_path, capsys, monkeypatch, finished):
+    """`phase-change` of a run changed since its last one (here a checkpoint fewer), stopped after it wrote the
+    run's checkpoint tables and before it derived the windows: `figures` drew the new checkpoints under the old
+    windows, and `ablations` took the old windows as the run's. Both exit 2 until the phase change is rerun
+    to completion, as the line says."""
+    import matplotlib.pyplot as plt
+
+    import experiments.phase_change as P
+    from experiments import figures
+
+    def stub(fig, out, name):  # no rendering
+        plt.close(fig)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.png").write_bytes(b"")
+        return [out / f"{name}.png"]
+
+    monkeypatch.setattr(figures, "_save", stub)
+    res = tmp_path / "res"
+
+    def evaluate():
+        P.run_phase_change({"run": finished}, res, n_windows=4, progress=False, workers=1, n_precise=8, n_pca_pairs=16)
+
+    evaluate()
+    shutil.rmtree(max((finished / "checkpoints").glob("step-*")))
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    real = P.precise_icl
+    monkeypatch.setattr(P, "precise_icl", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate()
+    for argv in (["figures", "--results", res, "--out", tmp_path / "fig"],
+                 ["ablations", finished, "--out", res, "--windows", "8", "--quiet"]):
+        code, err = cli(argv, capsys)
+        assert code == 2 and "phase-change" in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "fig").exists() and not (res / "ablations_run").exists()
+    monkeypatch.setattr(P, "precise_icl", real)
+    evaluate()
+    assert cli(["figures", "--results", res, "--out", tmp_path / "fig"], capsys)[0] == 0

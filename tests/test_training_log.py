@@ -109,3 +109,16 @@ def test_cli_refuses_an_out_that_is_a_file(tmp_path, capsys):
         main([str(tmp_path / "attn-2l"), "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "is a file" in capsys.readouterr().err
     assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_cli_names_a_run_given_as_dot_by_its_folder(tmp_path, monkeypatch):
+    """`python -m experiments.training_log .` inside a run folder: the run was named "" (``Path(".").name``), so
+    its tables had an empty run and model; it is named by its folder, as phase-change and survey name it."""
+    import pandas as pd
+
+    run = tmp_path / "attn-2l-s1"
+    _planted_run(run, 1, 7.0)
+    monkeypatch.chdir(run)
+    assert main([".", "--out", str(tmp_path / "out")]) == 0
+    w = pd.read_csv(tmp_path / "out" / "training_windows.csv")
+    assert w.run.tolist() == ["attn-2l-s1"] and w.model.tolist() == ["attn-2l"]
