@@ -1142,20 +1142,12 @@ def test_figures_leave_out_experiments_of_another_state_of_the_run(tmp_path, cap
     same --out: `figures` drew the earlier run's ablation and circuit beside the new run's phase change as one
     run's (and the attribution under the new run's window). They are left out, named on stderr, until
     `ablations` / `circuit` are run again, as the line says."""
-    import matplotlib.pyplot as plt
-
     import experiments.phase_change as P
     from experiments import figures
     from experiments.ablations import run_ablations
     from experiments.circuit import run_circuit
 
-    def stub(fig, out, name):  # no rendering
-        plt.close(fig)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.png").write_bytes(b"")
-        return [out / f"{name}.png"]
-
-    monkeypatch.setattr(figures, "_save", stub)
+    monkeypatch.setattr(figures, "_save", empty_png)
     res, fig = tmp_path / "res", tmp_path / "fig"
 
     def evaluate():
@@ -1278,18 +1270,10 @@ def test_tables_of_an_interrupted_phase_change_are_not_drawn_or_used(tmp_path, c
     run's checkpoint tables and before it derived the windows: `figures` drew the new checkpoints under the old
     windows, and `ablations` took the old windows as the run's. Both exit 2 until the phase change is rerun
     to completion, as the line says."""
-    import matplotlib.pyplot as plt
-
     import experiments.phase_change as P
     from experiments import figures
 
-    def stub(fig, out, name):  # no rendering
-        plt.close(fig)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.png").write_bytes(b"")
-        return [out / f"{name}.png"]
-
-    monkeypatch.setattr(figures, "_save", stub)
+    monkeypatch.setattr(figures, "_save", empty_png)
     res = tmp_path / "res"
 
     def evaluate():
@@ -1313,3 +1297,13 @@ def test_tables_of_an_interrupted_phase_change_are_not_drawn_or_used(tmp_path, c
     monkeypatch.setattr(P, "precise_icl", real)
     evaluate()
     assert cli(["figures", "--results", res, "--out", tmp_path / "fig"], capsys)[0] == 0
+
+
+def empty_png(fig, out, name):
+    """A stand-in for ``experiments.figures._save``: no rendering, an empty ``NAME.png`` in ``out``."""
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.png").write_bytes(b"")
+    return [out / f"{name}.png"]
