@@ -191,13 +191,19 @@ class Results:
                 self._record(key, path, inputs)
         return path
 
-    def _verified(self, key: str, path: Path, inputs=None) -> Path:
+    def _verified(self, key: str, path: Path, inputs=None, whole_folder: bool = False) -> Path:
+        """``path``, checked against its record. ``whole_folder``: a file that rerunning its experiment reads
+        before it rewrites it, so the advice for one missing or edited is to delete its record too (the folder)."""
         e = self._entry(self._manifest(), key)
+        if whole_folder and e is not None and not path.is_file():
+            raise ResultError(f"result {path} is missing though {self.manifest_path} records it: delete the folder "
+                              f"{self.dir} and re-run the experiment")
         if e is None or not path.is_file():
             raise ResultError(f"result {path} is missing: run the experiment that writes it first")
         if sha256_file(path) != e["sha256"]:
             raise ResultError(f"result {path} does not match its recorded checksum (truncated or edited): "
-                              f"delete {path} and re-run the experiment to recompute it")
+                              f"delete {f'the folder {self.dir}' if whole_folder else path} and re-run the "
+                              "experiment to recompute it")
         if inputs is not None and e.get("inputs") != fingerprint(inputs):
             raise ResultError(f"result {path} was computed from other inputs than asked for (stale): "
                               f"delete {path} and re-run the experiment to recompute it")
@@ -283,12 +289,7 @@ class Results:
         if self._entry(self._manifest(), f"{name}.json") is None:
             self._refuse_unrecorded(path)
             return default
-        # missing or edited: rerunning what writes it reads it first, so its record must go with it (the folder)
-        if not path.is_file() or sha256_file(path) != self._entry(self._manifest(), f"{name}.json")["sha256"]:
-            how = "does not match its recorded checksum (truncated or edited)" if path.is_file() else \
-                f"is missing though {self.manifest_path} records it"
-            raise ResultError(f"result {path} {how}: delete the folder {self.dir} and re-run the experiment")
-        return json.loads(path.read_text())
+        return json.loads(self._verified(f"{name}.json", path, whole_folder=True).read_text())
 
     # -- provenance
     def settings(self) -> dict | None:

@@ -178,16 +178,11 @@ def check_unpadded_references(ablations: Sequence[Ablation], tokens: torch.Tenso
     padded = ~attention_mask.bool().all(-1).cpu()  # (batch,) rows with padding
     if not bool(padded.any()):
         return
-    b, p = tokens.shape
     for abl in ablations:
         inner = abl.inner if isinstance(abl, PatternPreserving) else abl
         if not isinstance(inner, _ReferenceAblation) or not torch.is_tensor(inner.reference):
             continue
-        ref = inner.reference
-        n = min(b, ref.shape[0] - row_offset)
-        if ref.dim() != 2 or n <= 0 or ref.shape[1] < p:
-            continue
-        same = (ref[row_offset:row_offset + n, :p] == tokens[:n].to(ref.device, ref.dtype)).all(-1).cpu() & padded[:n]
+        same = inner.own_rows(tokens, row_offset) & padded
         if bool(same.any()):
             row = int(same.nonzero()[0])
             raise ValueError(f"{abl!r}: its reference holds row {row_offset + row} of the tokens, which is padded "
@@ -272,6 +267,17 @@ class _ReferenceAblation(Ablation):
         acts = Engine(model, remote).run(run).acts
         self._acts = {h: acts[f"L{h.layer}.z"][:, :, h.head] for h in self.heads}  # (n, pos_ref, d_head)
 
+    def own_rows(self, tokens: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
+        """(batch,) bool: which batch rows (at ``row_offset ..``) are the reference's row of the same index
+        (e.g. the reference is the tokens, as ``ablation_sweep(kind="resample")`` uses by default). Row by
+        row, so that the answer for a row depends neither on the other rows nor on how the batch is chunked."""
+        ref, (b, p) = self.reference, tokens.shape
+        own = torch.zeros(b, dtype=torch.bool)
+        n = min(b, ref.shape[0] - row_offset)
+        if ref.dim() == 2 and n > 0 and p <= ref.shape[1]:
+            own[:n] = (ref[row_offset:row_offset + n, :p] == tokens[:n].to(ref.device, ref.dtype)).all(-1).cpu()
+        return own
+
     def check_length(self, tokens: torch.Tensor) -> None:
         """Raise if the reference is too short for ``tokens`` (before any reference run)."""
 
@@ -338,22 +344,11 @@ class ResampleAblation(_ReferenceAblation):
         free = torch.randint(0, n, (offset + batch,), generator=torch.Generator().manual_seed(self.seed))[offset:]
         return torch.where(own, other, free)
 
-    def _own_rows(self, tokens: torch.Tensor, row_offset: int) -> torch.Tensor:
-        """(batch,) bool: which batch rows (at ``row_offset ..``) are the reference's row of the same index
-        (e.g. the reference is the tokens, as ``ablation_sweep(kind="resample")`` uses by default). Row by
-        row, so that the choice of a row depends neither on the other rows nor on how the batch is chunked
-        (a whole-chunk test excluded self-draws in chunks of equal rows only)."""
-        ref, (b, p) = self.reference, tokens.shape
-        own = torch.zeros(b, dtype=torch.bool)
-        n = min(b, ref.shape[0] - row_offset)
-        if n > 0 and p <= ref.shape[1]:
-            own[:n] = (ref[row_offset:row_offset + n, :p] == tokens[:n].to(ref.device, ref.dtype)).all(-1).cpu()
-        return own
 
     def value(self, head, tokens, row_offset=0, positions=None):
         acts = self._acts[head]  # (n, pos_ref, d_head)
         b = tokens.shape[0]
-        rows = self.rows(b, row_offset, self._own_rows(tokens, row_offset)).to(acts.device)
+        rows = self.rows(b, row_offset, self.own_rows(tokens, row_offset)).to(acts.device)
         return acts[rows[:, None], self._positions(tokens, positions, acts.device)]  # (batch, pos, d_head)
 
 
