@@ -108,11 +108,19 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 90.0
         time.sleep(0.05)
 
 
+def default_stop_signals() -> None:
+    """In the child before it runs: SIGINT, SIGTERM and SIGHUP at their defaults, whatever this process inherited
+    (pytest under ``nohup`` or as a background job ignores SIGHUP / SIGINT, and an ignored signal stays ignored by
+    design, so the command would not see the signals these tests send)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def started(argv: list[str]):
     """The command in a new process group, killed with any process it left when the test ends."""
     proc = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_stop_signals)
     try:
         yield proc
     finally:
