@@ -729,3 +729,50 @@ def test_loss_sets_validate_every_set_before_any_run():
     finally:
         handle.remove()
     assert not calls
+
+
+@pytest.mark.parametrize("shape", [(6, 8), (6, 8, 1), (1, 6, 8), (6, 6, 1, 8)])
+def test_custom_value_of_another_shape_is_refused_on_every_path(shape, monkeypatch):
+    """A custom ``Ablation`` whose tensor value is not exactly (batch, pos, d_head) raises ValueError naming
+    the shape to return, on every path that takes ablations (run_with_ablations, per_token_loss and its
+    sets, pattern-preserving, ablation_sweep with and without its shortcuts), and changes nothing. With
+    batch == pos a (batch, d_head) value used to broadcast silently as (pos, d_head), the wrong layout."""
+    import interventions.primitives.sweep as S
+    from interventions.primitives.ablation import Ablation
+    from interventions.primitives.loss import per_token_loss_sets
+
+    class PerRow(Ablation):
+        def value(self, head, tokens, row_offset=0, positions=None):
+            return torch.ones(shape)
+
+    model = build("attn_only")  # d_head 8
+    tokens = _tokens(batch=6, pos=6)
+    t0, before = tokens.clone(), _state(model)
+    match = r"PerRow\(L1H0\)\)?\.value for L1H0: a value of shape .* does not fit .* \(6, 6, 8\): return a tensor of exactly"
+    calls = [lambda: run_with_ablations(model, tokens, PerRow("L1H0")),
+             lambda: per_token_loss(model, tokens, PerRow("L1H0")),
+             lambda: per_token_loss(model, tokens, PatternPreserving(PerRow("L1H0"))),
+             lambda: per_token_loss_sets(model, tokens, {"a": PerRow("L1H0")}, progress=False),
+             lambda: ablation_sweep(model, tokens, kind=PerRow("L1H0"), progress=False)]
+    for call in calls:
+        with pytest.raises(ValueError, match=match):
+            call()
+    for shortcut, one_pass in ((False, ()), (True, ("cpu",))):
+        monkeypatch.setattr(S, "_ATTN_SHORTCUT", shortcut)
+        monkeypatch.setattr(S, "ONE_PASS_DEVICES", one_pass)
+        with pytest.raises(ValueError, match=match):
+            ablation_sweep(model, tokens, kind=PerRow("L1H0"), progress=False)
+    assert torch.equal(tokens, t0) and _unchanged(model, before)
+
+
+def test_custom_value_of_exactly_its_shape_runs():
+    """The documented shape still runs: a (batch, pos, d_head) zero tensor equals ZeroAblation."""
+    from interventions.primitives.ablation import Ablation
+
+    class Zeros(Ablation):
+        def value(self, head, tokens):
+            return torch.zeros(*tokens.shape, 8)
+
+    model, tokens = build("attn_only"), _tokens(batch=6, pos=6)
+    torch.testing.assert_close(per_token_loss(model, tokens, Zeros("L1H0")),
+                               per_token_loss(model, tokens, ZeroAblation("L1H0")), atol=0, rtol=0)

@@ -24,7 +24,8 @@ and the replacements are computed here), and so does your own ``Ablation`` whose
 None; ``PatternPreserving``, ``FunctionAblation`` and an ``Ablation`` whose ``value`` is a function of the
 activation are refused before anything is sent (``prepare_ablations``).
 
-Subclass ``Ablation`` and override ``value`` for your own kind; sweeps accept it too.
+Subclass ``Ablation`` and override ``value`` for your own kind; sweeps accept it too. A tensor it returns
+must be exactly (batch, pos, d_head) (anything else is refused with ValueError before the ablated run).
 
 Example:
     >>> import torch
@@ -70,8 +71,9 @@ class Ablation:
         check_heads(self.heads, a.n_layers, a.n_heads)
 
     def value(self, head: Head, tokens: torch.Tensor, row_offset: int = 0, positions: torch.Tensor | None = None):
-        """Replacement for ``head`` on ``tokens`` (batch, pos): a (batch, pos, d_head) tensor, ``None``
-        for zero, or a function of the head's current output (batch, pos, d_head) returning one.
+        """Replacement for ``head`` on ``tokens`` (batch, pos): a tensor of exactly (batch, pos, d_head)
+        (no broadcasting: a (batch, d_head) tensor is refused, not read as (pos, d_head)), ``None`` for
+        zero, or a function of the head's current output (batch, pos, d_head) returning one.
 
         ``row_offset``: index of ``tokens``' first row in the whole batch, when a batch is run in chunks
         (so a per-row choice, as in resampling, does not depend on how the batch was split).
@@ -143,7 +145,7 @@ def _check_values(abl: Ablation, d_head: int, tokens: torch.Tensor, row_offset: 
     """Raise unless every head's value of ``abl`` on ``tokens`` can be sent: zero or a tensor that fits."""
     with torch.random.fork_rng(devices=[]):
         for h in abl.heads:
-            value = ablation_value(abl, h, tokens, row_offset, positions)
+            value = ablation_value(abl, h, tokens, row_offset, positions, d_head=d_head)
             if callable(value) and not torch.is_tensor(value):
                 raise NotRemotable(f"{abl!r}.value returned a function of the activation for {h}: it cannot run "
                                    "remotely (it would run inside the trace on the server, which has neither this "
@@ -217,9 +219,24 @@ _VALUE_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # func
 
 
 def ablation_value(abl: Ablation, head: Head, tokens: torch.Tensor, row_offset: int = 0,
-                   positions: torch.Tensor | None = None):
+                   positions: torch.Tensor | None = None, *, d_head: int):
     """``abl.value`` called with the arguments its signature takes (subclasses written for
-    ``value(head, tokens)`` keep working)."""
+    ``value(head, tokens)`` keep working); a tensor must have exactly the documented shape (batch, pos,
+    d_head): a broadcastable one (e.g. (batch, d_head) when batch == pos) would be taken silently for
+    another layout. ValueError naming the fix otherwise."""
+    value = _called_value(abl, head, tokens, row_offset, positions)
+    want = (*tokens.shape, d_head)
+    if torch.is_tensor(value) and tuple(value.shape) != want:
+        raise ValueError(f"{abl!r}.value for {head}: a value of shape {tuple(value.shape)} does not fit the head's "
+                         f"output (batch, pos, d_head) = {want}: return a tensor of exactly that shape (e.g. a "
+                         "per-row (batch, d_head) value as value[:, None].expand(-1, pos, -1)), None (zero) or a "
+                         "function of the activation")
+    return value
+
+
+def _called_value(abl: Ablation, head: Head, tokens: torch.Tensor, row_offset: int, positions):
+    """``abl.value`` with the arguments its signature takes, unchecked (``PatternPreserving`` passes its
+    inner ablation's value on; ``ablation_value`` checks it)."""
     params = _value_params(abl.value)
     kwargs = {}
     if "row_offset" in params:
@@ -371,7 +388,7 @@ class PatternPreserving(Ablation):
         prepare_ablation(self.inner, model, tokens, remote)
 
     def value(self, head, tokens, row_offset=0, positions=None):
-        return ablation_value(self.inner, head, tokens, row_offset, positions)
+        return _called_value(self.inner, head, tokens, row_offset, positions)
 
     def __repr__(self) -> str:
         return f"PatternPreserving({self.inner!r})"
@@ -406,10 +423,12 @@ def as_ablations(ablations) -> list[Ablation]:
     return out
 
 
-def head_writes(ablations: Sequence[Ablation], tokens: torch.Tensor, row_offset: int = 0,
+def head_writes(ablations: Sequence[Ablation], tokens: torch.Tensor, d_head: int, row_offset: int = 0,
                 positions: torch.Tensor | None = None, rows: slice | None = None) -> list[Write]:
-    """The ``z`` writes of ``ablations`` on ``tokens`` (optionally into batch ``rows`` of a larger run)."""
-    return [Write(Site(h.layer, "z"), ablation_value(abl, h, tokens, row_offset, positions), rows=rows, head=h.head)
+    """The ``z`` writes of ``ablations`` on ``tokens`` (optionally into batch ``rows`` of a larger run),
+    each value checked by ``ablation_value``."""
+    return [Write(Site(h.layer, "z"), ablation_value(abl, h, tokens, row_offset, positions, d_head=d_head),
+                  rows=rows, head=h.head)
             for abl in ablations for h in abl.heads]
 
 
@@ -444,7 +463,7 @@ def ablation_run(model, tokens: torch.Tensor, ablations: Ablation | Sequence[Abl
     if not prepared:
         prepare_ablations(ablations, model, tokens, engine.remote, attention_mask, row_offset=row_offset)
     positions = None if attention_mask is None else position_ids(attention_mask, tokens)
-    writes = head_writes(ablations, tokens, row_offset, positions)
+    writes = head_writes(ablations, tokens, engine.adapter.d_head, row_offset, positions)
     if not any(isinstance(a, PatternPreserving) for a in ablations):
         return engine.run(Run(tokens, writes=writes, attention_mask=attention_mask, returns=returns))
     with observable(engine.inner):

@@ -132,7 +132,7 @@ def per_token_loss_sets(model, tokens: torch.Tensor, sets: Mapping[str, Ablation
                     if not ablations:
                         loss = clean
                     else:
-                        writes = head_writes(ablations, toks, i, positions)
+                        writes = head_writes(ablations, toks, engine.adapter.d_head, i, positions)
                         loss = engine.run(Run(toks, writes=(frozen if frozen_by[name] else []) + writes,
                                               attention_mask=mask, returns="loss")).loss
                         if bar is not None:

@@ -219,7 +219,8 @@ def _sweep_one_pass(engine: Engine, tokens, ablation: Ablation, heads: Sequence[
     (at its ``z``). No prefix sharing: on a launch-bound device one larger pass costs less than several."""
     b, k = tokens.shape[0], len(heads)
     positions = None if mask is None else position_ids(mask, tokens)
-    writes = [Write(Site(h.layer, "z"), ablation_value(ablation, h, tokens, row_offset, positions),
+    d_head = engine.adapter.d_head
+    writes = [Write(Site(h.layer, "z"), ablation_value(ablation, h, tokens, row_offset, positions, d_head=d_head),
                     rows=slice((j + 1) * b, (j + 2) * b), head=h.head) for j, h in enumerate(heads)]
     rep = tokens.repeat(k + 1, 1)  # ((k + 1) * batch, pos)
     loss = engine.run(Run(rep, writes=writes, attention_mask=None if mask is None else mask.repeat(k + 1, 1),
@@ -258,7 +259,7 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
     for group in groups:
         k, layer = len(group), group[0][1].layer
         rows = [slice(j * b, (j + 1) * b) for j in range(k)]
-        values = [ablation_value(ablation, h, tokens, row_offset, positions) for _, h in group]
+        values = [ablation_value(ablation, h, tokens, row_offset, positions, d_head=a.d_head) for _, h in group]
         writes, attn_outputs = [], {}
         if shortcut:  # apply the edits to the clean z here; skip the layer's attention
             o_proj = a.module(engine.inner, layer, "o_proj")
