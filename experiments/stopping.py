@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # those stop_on_signal turns into Interrupted
 PARENT_POLL_S = 0.2  # how often a worker looks whether its parent is still there
@@ -39,7 +40,10 @@ class Interrupted(KeyboardInterrupt):
 def stop_on_signal():
     """For the block, SIGINT, SIGTERM and SIGHUP raise ``Interrupted`` in the main thread (SIGTERM and SIGHUP
     otherwise kill the process outright, skipping every cleanup); the previous handlers are restored after.
-    Only the first signal raises: a later one would cut short the cleanup the first one started. Yields
+    A later signal is dropped while the ``Interrupted`` it raised is alive (unwinding, being handled, or the
+    context of another exception): it would cut short the cleanup that one started. One that Python swallowed
+    ("Exception ignored in": raised in a ``__del__`` or a weakref callback) is gone, and the command went on:
+    the next signal raises again, rather than leaving only SIGKILL to stop it. Yields
     ``deferred``, a context manager whose body no signal interrupts: one received meanwhile is raised at its
     end (``deferred(raise_pending=False)``: dropped, for a cleanup under way for another error; one inside
     another: at the outer one's end).
@@ -50,16 +54,24 @@ def stop_on_signal():
     if main and _active:
         yield _active[-1]
         return
-    state = {"raised": False, "pending": None, "defer": 0}
+    state = {"raised": None, "pending": None, "defer": 0}  # raised: a weak reference to the last Interrupted
+
+    def unwinding() -> bool:
+        return state["raised"] is not None and state["raised"]() is not None
+
+    def interrupted(signum: int) -> Interrupted:
+        # no local of the raising frame holds it (its traceback holds that frame: a cycle would keep it alive)
+        e = Interrupted(signum)
+        state["raised"] = weakref.ref(e)
+        return e
 
     def handler(signum, frame):
-        if state["raised"]:
+        if unwinding():
             return
         if state["defer"]:
             state["pending"] = state["pending"] or signum
             return
-        state["raised"] = True
-        raise Interrupted(signum)
+        raise interrupted(signum)
 
     @contextlib.contextmanager
     def deferred(raise_pending: bool = True):
@@ -71,9 +83,8 @@ def stop_on_signal():
         if state["defer"]:  # inside another deferred block: raised at its end, not in the middle of its body
             return
         pending, state["pending"] = state["pending"], None
-        if pending is not None and raise_pending and not state["raised"]:
-            state["raised"] = True
-            raise Interrupted(pending)
+        if pending is not None and raise_pending and not unwinding():
+            raise interrupted(pending)
 
     before = {}
     try:

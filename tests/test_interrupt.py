@@ -318,6 +318,46 @@ def test_stop_on_signal_raises_once_defers_and_restores():
     assert seen == [before[signal.SIGTERM]]
 
 
+# A stop signal whose Interrupted Python swallows (raised in a __del__: "Exception ignored in"), then another.
+SWALLOWED = r'''
+import os
+import signal
+import sys
+import time
+
+from experiments.stopping import stop_on_signal
+
+
+class Swallows:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the Interrupted is raised here, and ignored
+
+
+try:
+    with stop_on_signal():
+        Swallows()
+        print("went on", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(20)
+        print("not stopped", flush=True)
+except KeyboardInterrupt as e:
+    print("stopped by", e.signum, flush=True)
+    sys.exit(128 + e.signum)
+'''
+
+
+def test_a_stop_signal_after_one_python_swallowed_stops_the_command():
+    """A first signal whose ``Interrupted`` Python swallows (raised inside a ``__del__``: "Exception ignored")
+    leaves the command running; the next signal stops it (before: every later signal was dropped, so only
+    SIGKILL could stop the command)."""
+    proc = subprocess.run([sys.executable, "-c", SWALLOWED], env=ENV, cwd=REPO, capture_output=True, text=True,
+                          timeout=60, preexec_fn=default_stop_signals)
+    assert "Exception ignored" in proc.stderr and "Interrupted: SIGTERM" in proc.stderr, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["went on", f"stopped by {int(signal.SIGTERM)}"], proc.stdout
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
 def test_a_stop_on_signal_block_inside_another_is_that_block():
     """Nested (a pool's block inside the CLI's): the inner block installs nothing and yields the outer's
     ``deferred``, so a command raises once: a second signal, during the unwinding, is dropped."""
