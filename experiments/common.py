@@ -299,7 +299,9 @@ class Results:
 
     def write_provenance(self, config: dict, seed: int | None = None, **extra) -> None:
         """Record the settings of this folder's tables and write ``provenance.json``. Refuses
-        (ResultError) if the folder already holds tables made with other settings."""
+        (ResultError) if the folder already holds tables made with other settings. With the same settings
+        the record is kept and this invocation appended to its ``invocations``; the top-level ``extra``
+        fields (e.g. the runs evaluated) are this, the latest, invocation's."""
         with owned(self.root, _lock_wait, what="results folder"):
             manifest = self._manifest()
             old = self._entry(manifest, SETTINGS_KEY)
@@ -320,8 +322,11 @@ class Results:
                     prior = self.read_provenance()
                 except ResultError:  # damaged: rewritten afresh (as the checksum error advises re-running)
                     pass
-            if prior is not None:  # the same settings again: the record of the tables already here is kept
-                record = {**prior, "invocations": prior.get("invocations") or [_invocation(prior)]}
+            if prior is not None:  # the same settings again: the record of the tables already here is kept,
+                # but its extras (phase_change's runs, survey's models) become this invocation's: the tables over
+                # all of them are rewritten from this invocation's (the first's stayed at the top, wrongly)
+                record = {**prior, **{k: record[k] for k in extra},
+                          "invocations": prior.get("invocations") or [_invocation(prior)]}
             record["invocations"] = record.get("invocations", []) + [this]
             with stop_on_signal() as deferred, deferred():  # a stop signal waits until the manifest records it
                 atomic_write_text(path, json.dumps(record, indent=1, default=str))

@@ -1027,6 +1027,21 @@ def test_a_rerun_keeps_the_provenance_of_the_tables_it_did_not_make(tmp_path, mo
     assert "commit aaaaaaa on m" in _made_by_note({"git_commit": "b" * 40, "machine": machine, "tables_made_by": made})
 
 
+def test_a_rerun_on_other_runs_names_them_at_the_top_of_the_provenance(tmp_path):
+    """``phase-change`` on runs a, then (same settings) on run b: the tables over all runs are rewritten from
+    b, so the record's top-level ``runs`` names b (it kept a's, the first invocation's); each invocation keeps
+    its own, and the first invocation's machine and commit stay at the top (the tables they made)."""
+    res = Results(tmp_path, "phase_change")
+    res.write_provenance({"n_windows": 64}, runs={"attn-1l": "/x/attn-1l"})
+    res.write("checkpoints", pd.DataFrame({"x": [1]}))
+    first = res.read_provenance()
+    Results(tmp_path, "phase_change").write_provenance({"n_windows": 64}, runs={"attn-2l": "/y/attn-2l"})
+    prov = res.read_provenance()
+    assert prov["runs"] == {"attn-2l": "/y/attn-2l"}
+    assert [i["runs"] for i in prov["invocations"]] == [{"attn-1l": "/x/attn-1l"}, {"attn-2l": "/y/attn-2l"}]
+    assert prov["created"] == first["created"] and prov["git"] == first["git"]
+
+
 def test_an_interrupted_figure_save_keeps_the_previous_figure_whole(tmp_path, monkeypatch):
     """A save killed mid-write (here: the PDF backend raising) leaves the earlier PNG/PDF as they were
     and no temporary file: figures are written via a temporary file and a rename."""
