@@ -185,7 +185,7 @@ def cmd_report(args) -> int:
     figures = Path(args.figures or out / "figures")
     if figures.exists() and not figures.is_dir():
         raise UsageError(f"{figures} is a file, not a folder: pass --figures DIR")
-    git = {"commit": args.commit, "dirty": False} if args.commit else None
+    git = {"commit": args.commit, "dirty": None} if args.commit else None  # by hand: dirty is not known
     print(redraw(out, args.scale, figures, git=git))
     return 0
 
@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--figures", default=None, metavar="DIR", help="default: RESULTS/figures")
     sp.add_argument("--commit", default=None,
                     help="the commit the tables were made with, where their provenance cannot know it (a copied "
-                         "working tree); default: the phase change's provenance")
+                         "working tree; whether it was dirty is then recorded as unknown); default: the phase "
+                         "change's provenance")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("survey", help="induction mosaic over models (hub names, model folders, runs), one model "

@@ -586,7 +586,8 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
     h = headline(out, timings, git)
     Results(out, "report").write_json("headline", h)
     lines = [f"# Reproduction report ({scale} scale)", "",
-             f"Machine: {h['machine']}. Commit {h['git_commit']} (dirty: {h['git_dirty']}). Wall-clock: "
+             f"Machine: {h['machine']}. Commit {h['git_commit']} (dirty: "
+             f"{'unknown' if h['git_dirty'] is None else h['git_dirty']}). Wall-clock: "
              f"{timings['total_s'] / 60:.1f} min (training {timings['train_s'] / 60:.1f} min), over "
              f"{timings.get('invocations', 1)} invocation(s)"
              + (f", {timings['interrupted']} of them interrupted (counted up to their last finished stage)"

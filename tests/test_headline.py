@@ -161,3 +161,20 @@ def test_transient_gives_the_highest_scores_se_and_says_when_none_is_resolved(tm
     assert "is seen in 0 of these 1 models; without one there is no transient here to explain" in text
     t_up = {**t, "icl_score": 0.3}
     assert "is seen in 1 of these 1 models." in _report(tmp_path, monkeypatch, {}, transient={"attn-2l": t_up})
+
+
+def test_report_commit_by_hand_records_dirty_as_unknown(tmp_path, monkeypatch):
+    """``report --commit X`` names a commit its tables' provenance cannot know; whether the tree was dirty
+    is not known either: the headline records ``git_dirty`` null and the report says "dirty: unknown" (it
+    recorded ``dirty: False``, which nothing backed up)."""
+    from experiments import __main__ as cli
+
+    (tmp_path / "phase_change").mkdir()
+    (tmp_path / "phase_change" / "provenance.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(rp, "redraw", lambda out, scale, figures, git=None: seen.append(git) or "redrawn")
+    assert cli.main(["report", "--results", str(tmp_path), "--commit", "abc"]) == 0
+    assert seen == [{"commit": "abc", "dirty": None}]
+    text = _report(tmp_path, monkeypatch, {"attn-2l": _model(True)}, git_dirty=None)
+    assert "Commit c (dirty: unknown)." in text
+    assert "(dirty: False)." in _report(tmp_path, monkeypatch, {"attn-2l": _model(True)})
