@@ -31,6 +31,8 @@ import stat
 import sys
 from pathlib import Path
 
+from .naming import folder_name
+
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")  # as interventions.zoo.train.check_device
 
 
@@ -209,7 +211,7 @@ def _runs(paths: list[str]) -> dict:
         if not (path / "train_config.json").is_file():
             raise UsageError(f"{p} is not a training run folder (no train_config.json): pass folders made by "
                              "`python -m experiments train`")
-        runs[Path(os.path.abspath(path)).name] = path  # the folder's own name: `.` and `..` resolved
+        runs[folder_name(path)] = path
     return runs
 
 
@@ -464,7 +466,7 @@ def _precheck(args) -> None:
         if not (Path(run) / "train_config.json").is_file():
             raise UsageError(f"{run} is not a training run folder (no train_config.json): pass folders made by "
                              "`python -m experiments train`")
-    names = [Path(os.path.abspath(run)).name for run in getattr(args, "runs", None) or []]
+    names = [folder_name(run) for run in getattr(args, "runs", None) or []]
     if len(set(names)) < len(names):  # tables are keyed by the folder's name: one would replace the other
         dup = next(n for n in names if names.count(n) > 1)
         raise UsageError(f"two run folders are named {dup}: pass each run once, or give them different names")

@@ -26,19 +26,19 @@ import gc
 import hashlib
 import inspect
 import json
-import os
 import weakref
 from pathlib import Path
 
 import pandas as pd
 
 from .common import InputError, Results, model_fingerprint, owns_results
+from .naming import folder_name
 
 
 def model_labels(specs: list[str]) -> dict[str, str]:
     """label -> spec: a folder's basename (``.`` and ``..`` resolved: the folder's own name), or its whole path
     where two folders share a basename."""
-    names = [Path(os.path.abspath(s)).name if Path(s).exists() else s for s in specs]
+    names = [folder_name(s) if Path(s).exists() else s for s in specs]
     return {(n if names.count(n) == 1 else s): s for n, s in zip(names, specs)}
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .naming import folder_name
 
 GAP_THRESHOLDS = (0.3, 1.0)  # nats: the calibration table's "gap >= 0.3" and "gap >= 1.0"
 MIN_GAP_RISE = 0.3  # nats: a smaller fitted rise of the repeat gap is not called a window
@@ -122,7 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="folder for training_curves.csv, training_windows.csv, "
                                                 "seed_spread.json, provenance.json and the figure")
     args = p.parse_args(argv)
-    names = [Path(os.path.abspath(r)).name for r in args.runs]  # the folder's own name: `.` and `..` resolved
+    names = [folder_name(r) for r in args.runs]
     if len(set(names)) < len(names):  # runs are told apart by folder name (tables, figure)
         dup = next(n for n in names if names.count(n) > 1)
         p.error(f"two run folders are named {dup}: pass each run once, or rename one (<model>-s<seed>)")

@@ -660,6 +660,37 @@ except SystemExit as e:
 '''
 
 
+def test_run_folders_are_named_by_one_helper(tmp_path):
+    """One stdlib helper, ``experiments.naming.folder_name``, names a run or model folder by its own name
+    (``.`` and ``..`` resolved) for the CLI (usage check and the runs it passes on), ``training_log`` and
+    ``survey`` (each had its own copy of ``Path(os.path.abspath(x)).name``); the CLI imports it before torch:
+    ``--help`` and a usage error for two runs of one name still exit without importing torch."""
+    from experiments import training_log
+    from experiments.__main__ import _runs
+    from experiments.naming import folder_name
+    from experiments.survey import model_labels
+
+    code = [p.relative_to(REPO).as_posix() for d in ("experiments", "interventions")
+            for p in sorted((REPO / d).rglob("*.py")) if "abspath" in p.read_text()]
+    assert code == ["experiments/naming.py"]
+    for d in ("a", "b"):
+        (tmp_path / d / "run").mkdir(parents=True)
+        (tmp_path / d / "run" / "train_config.json").write_text("{}")
+    dot, up = str(tmp_path / "a" / "run" / "."), str(tmp_path / "a" / "run" / "..")
+    assert folder_name(dot) == "run" and folder_name(up) == "a"
+    assert list(_runs([dot])) == ["run"] and model_labels([dot, up]) == {"run": dot, "a": up}
+    with pytest.raises(SystemExit) as e:
+        training_log.main([dot, str(tmp_path / "b" / "run"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    dup = subprocess.run([sys.executable, "-c", PRE_IMPORT, "phase-change", dot, str(tmp_path / "b" / "run"),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert dup.stdout.split() == ["2", "False"] and "two run folders are named run" in dup.stderr, dup.stderr
+    usage = subprocess.run([sys.executable, "-c", PRE_IMPORT, "--help"], capture_output=True, text=True, cwd=REPO,
+                           env=ENV, timeout=120)
+    assert usage.stdout.splitlines()[-1] == "0 False", usage.stdout[-500:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "x").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--preset", "tiny", "--out", "{tmp}/file"], "is a file"),
     (["train", "--preset", "nope", "--out", "{tmp}/x"], "unknown preset"),
