@@ -164,3 +164,22 @@ def test_share_removed_by_hand_and_undefined_without_clean_icl():
     near -= near.mean() + 0.01
     share, se = share_removed(near, near + 0.005)
     assert share == pytest.approx(0.5) and math.isnan(se)
+
+
+def test_no_plateau_test_when_the_80pct_point_is_the_final_checkpoint():
+    """A run with no checkpoint in its last 20% takes the final checkpoint as its 80% point: the paired
+    change is 0 +- 0 by construction and was reported as "not plateaued" (|0| < 2 * 0 is false); it is no
+    test (NaN change and s.e.). Two distinct checkpoints keep the test: |0.01| < 2 * 0.02."""
+    from experiments.phase_change import add_plateau
+
+    win = pd.DataFrame({"model": ["same", "distinct"]})
+    rows = []
+    for model, at80 in (("same", 9), ("distinct", 8)):
+        d = 0.0 if model == "same" else 0.01
+        rows += [{"model": model, "point": "at_80pct", "step": at80, "icl_score": -0.4, "icl_sem": 0.02},
+                 {"model": model, "point": "final", "step": 9, "icl_score": -0.4 + d, "icl_sem": 0.02},
+                 {"model": model, "point": "final_minus_at_80pct", "step": -1, "icl_score": d,
+                  "icl_sem": 0.0 if model == "same" else 0.02}]
+    out = add_plateau(win, pd.DataFrame(rows)).set_index("model")
+    assert math.isnan(out.loc["same", "plateau_change"]) and math.isnan(out.loc["same", "plateau_sem"])
+    assert out.loc["distinct", "plateau_change"] == pytest.approx(0.01) and bool(out.loc["distinct", "plateaued"])
