@@ -56,14 +56,19 @@ def per_window_icl(losses: torch.Tensor) -> np.ndarray:
 
 
 def share_removed(clean: np.ndarray, ablated: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """(share, bootstrap s.e.): the fraction of the (negative) clean ICL score an ablation removes."""
-    def share(c, a):
-        return (a.mean() - c.mean()) / -c.mean()
+    """(share, bootstrap s.e.): the fraction of the (negative) clean ICL score an ablation removes.
 
+    The share is only defined while the clean score is negative (there is ICL to remove): NaN for both
+    when the clean mean is >= 0 (a positive one flipped the share's sign, zero divided by zero), and a
+    NaN s.e. when any bootstrap resample's clean mean is >= 0 (those resamples divide by about 0)."""
+    if not clean.mean() < 0:
+        return math.nan, math.nan
     g = np.random.default_rng(seed)
     idx = g.integers(0, len(clean), size=(N_BOOT, len(clean)))
-    boots = (ablated[idx].mean(1) - clean[idx].mean(1)) / -clean[idx].mean(1)
-    return float(share(clean, ablated)), float(np.std(boots, ddof=1))
+    c = clean[idx].mean(1)
+    boots = (ablated[idx].mean(1) - c) / -c
+    se = float(np.std(boots, ddof=1)) if (c < 0).all() else math.nan
+    return float((ablated.mean() - clean.mean()) / -clean.mean()), se
 
 
 def set_losses(model, windows: torch.Tensor, sets: dict[str, list], progress: bool | None = None

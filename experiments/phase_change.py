@@ -675,12 +675,14 @@ def _smeared_vs_vanilla(runs: dict[str, Path], n: int, device: str, seen: dict |
 
 def add_plateau(win: pd.DataFrame, precise: pd.DataFrame) -> pd.DataFrame:
     """Plateau test per model: the last 20% of the run moves the ICL score by less than 2 s.e.
-    (the s.e. of the paired change between the 80% checkpoint and the end)."""
+    (the s.e. of the paired change between the 80% checkpoint and the end). No test (NaN) when the 80%
+    point is the final checkpoint itself (a run with no checkpoint in its last 20%): its change is 0 +- 0."""
     win = win.copy()
     win["plateau_change"], win["plateau_sem"], win["plateaued"] = math.nan, math.nan, False
     for i, r in win.iterrows():
         p = precise[(precise.model == r.model) & (precise.point == "final_minus_at_80pct")]
-        if len(p):
+        steps = [precise[(precise.model == r.model) & (precise.point == q)].step.tolist() for q in ("at_80pct", "final")]
+        if len(p) and steps[0] != steps[1]:
             win.loc[i, ["plateau_change", "plateau_sem"]] = [p.icl_score.iloc[0], p.icl_sem.iloc[0]]
             win.loc[i, "plateaued"] = bool(abs(p.icl_score.iloc[0]) < 2 * p.icl_sem.iloc[0])
     return win

@@ -566,6 +566,11 @@ def _fitted(v, what: str, unit: str, sep: str = "; ") -> str:
     return "" if v is None else f"{what} {v:.2f}{unit}{sep}"
 
 
+def _nan(v) -> float:
+    """A headline number for formatting: None (NaN in the tables, e.g. a share without clean ICL) as NaN."""
+    return math.nan if v is None else v
+
+
 def _pm(v, s, unit=" nats") -> str:
     return "n/a" if v is None else f"{v:+.3f} ± {s:.3f}{unit}" if s is not None else f"{v:+.3f}{unit}"
 
@@ -665,10 +670,10 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                   f"{_pm(a['icl_clean'], a['icl_clean_sem'])}. Share = (ICL_ablated - ICL_clean) / -ICL_clean, "
                   "bootstrap s.e. over windows.", "",
                   f"- Induction heads by `classify_induction_heads` ({', '.join(a['induction_heads']) or 'none'}): "
-                  + (f"remove **{100 * a['icl_share_removed']:.0f}% ± {100 * a['icl_share_removed_sem']:.0f}%** of the ICL "
+                  + (f"remove **{100 * a['icl_share_removed']:.0f}% ± {100 * _nan(a['icl_share_removed_sem']):.0f}%** of the ICL "
                      f"score ({_pm(a['icl_change_nats'], None)})." if a["icl_share_removed"] is not None else "n/a."),
-                  f"- Each other head alone: shares from {100 * a['other_heads_single_share_min']:.0f}% to "
-                  f"{100 * a['other_heads_single_share_max']:.0f}% (s.e. each at most "
+                  f"- Each other head alone: shares from {100 * _nan(a['other_heads_single_share_min']):.0f}% to "
+                  f"{100 * _nan(a['other_heads_single_share_max']):.0f}% (s.e. each at most "
                   f"{100 * (a.get('other_heads_single_share_sem_max') or float('nan')):.0f}%); {a['other_heads_single_larger_icl']} of "
                   f"{a['other_heads_n']} make the ICL score larger (negative share), the paper's observation.",
                   f"- Random control, {a['random_control_draws']} draws of a set of the same size from the non-induction "

@@ -178,3 +178,17 @@ def test_report_commit_by_hand_records_dirty_as_unknown(tmp_path, monkeypatch):
     text = _report(tmp_path, monkeypatch, {"attn-2l": _model(True)}, git_dirty=None)
     assert "Commit c (dirty: unknown)." in text
     assert "(dirty: False)." in _report(tmp_path, monkeypatch, {"attn-2l": _model(True)})
+
+
+def test_report_states_an_ablation_whose_shares_are_undefined(tmp_path, monkeypatch):
+    """Shares without clean ICL to remove are NaN in the tables (``share_removed``), None in the headline:
+    the report writes them as nan instead of crashing on 100 * None."""
+    a = {"model": "attn-2l", "induction_heads": ["L1H0"], "icl_clean": 0.01, "icl_clean_sem": 0.02,
+         "icl_share_removed": 0.4, "icl_share_removed_sem": None, "icl_change_nats": 0.1,
+         "other_heads_single_share_min": None, "other_heads_single_share_max": None,
+         "other_heads_single_share_sem_max": None, "other_heads_single_larger_icl": 0, "other_heads_n": 3,
+         "windows": 64, "other_heads_single_windows": 32, "random_control_share": None,
+         "random_control_share_sem": None, "random_control_draws": 2, "random_control_distinct_sets": 2,
+         "all_other_heads_icl_change_nats": 0.2, "all_other_heads_icl_change_sem": 0.05}
+    text = _report(tmp_path, monkeypatch, {"attn-2l": _model(True)}, ablation=a)
+    assert "remove **40% ± nan%**" in text and "shares from nan% to nan%" in text

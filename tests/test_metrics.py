@@ -129,3 +129,27 @@ def test_icl_score_checks_band_before_running_the_model(monkeypatch):
         icl_score(_uniform_model(), w, early=5, late=15, band=5)
     with pytest.raises(ValueError, match="non-negative integer"):
         icl_score(_uniform_model(), w, band=-1)
+
+
+def test_icl_refuses_losses_of_a_left_padded_batch():
+    """Losses of a left-padded batch (NaN at the padding, each padded row's tokens shifted right) raise
+    ValueError instead of reading column k - 2 as the k-th token: with 3 tokens of padding the score was
+    a finite, wrong -0.015 where the rows aligned by hand give the unpadded -0.040."""
+    from interventions.primitives.loss import per_token_loss
+
+    torch.manual_seed(0)
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20, n_ctx=64)).eval()
+    x = torch.randint(1, 20, (4, 64))
+    padded, mask = x.clone(), torch.ones_like(x)
+    padded[:2] = torch.cat([torch.zeros(2, 3, dtype=torch.long), x[:2, :-3]], 1)  # 3 pads, same tokens after
+    mask[:2, :3] = 0
+    losses = per_token_loss(model, padded, attention_mask=mask)
+    # independent: row r's k-th real token sits at column k - 2 + pad_r
+    aligned = torch.cat([losses[:2, 38 + 3] - losses[:2, 4 + 3], losses[2:, 38] - losses[2:, 4]]).double()
+    clean = icl_from_losses(per_token_loss(model, x), 6, 40)["icl_score"]
+    assert aligned.mean().item() == pytest.approx(clean, abs=1e-5)
+    for band in (0, 1):
+        with pytest.raises(ValueError, match="NaN"):
+            icl_from_losses(losses, 6, 40, band)
+        with pytest.raises(ValueError, match="NaN"):
+            metrics.icl_band_losses(losses, 6, 40, band)

@@ -137,3 +137,49 @@ def test_pca_refuses_vectors_on_different_pairs_instead_of_truncating_or_joining
     shifted = pd.concat([ck.iloc[1:], pd.DataFrame([{"model": "b", "step": 9, "tokens": 10 ** 14}])])
     with pytest.raises(ValueError, match="checkpoint rows"):  # 3 + 5 rows for 4 + 4 vectors: tokens misaligned
         pca_trajectories({"a": g.normal(size=(4, 8)), "b": g.normal(size=(4, 8))}, shifted)
+
+
+def test_share_removed_by_hand_and_undefined_without_clean_icl():
+    """share = (mean ablated - mean clean) / -mean clean, its s.e. the std (ddof 1) of that ratio over
+    window resamples shared by clean and ablated (paired). Without ICL to remove (clean mean >= 0) both
+    are NaN: a clean +0.05 and an ablation to -0.10 gave share +3.0 ("removes 300%" of ICL it added),
+    a clean mean of 0 a share of -inf (a mean of -1e-18, -3.6e17), silently; where resamples reach a
+    clean mean >= 0 the s.e. is NaN."""
+    from experiments.ablations import N_BOOT, share_removed
+
+    g = np.random.default_rng(1)
+    clean = -0.4 + g.normal(0, 0.2, 300)
+    abl = clean + 0.3 + g.normal(0, 0.1, 300)
+    share, se = share_removed(clean, abl, seed=3)
+    idx = np.random.default_rng(3).integers(0, 300, size=(N_BOOT, 300))
+    boots = [(abl[i].mean() - clean[i].mean()) / -clean[i].mean() for i in idx]
+    assert share == pytest.approx((abl.mean() - clean.mean()) / -clean.mean(), abs=1e-12)
+    assert se == pytest.approx(np.std(boots, ddof=1), abs=1e-12)
+    positive = 0.05 + g.normal(0, 0.02, 200)
+    centred = np.tile([0.02, -0.02], 100)  # mean exactly 0
+    for c, a in ((positive, positive - 0.15), (centred, centred + 0.1)):
+        assert all(math.isnan(v) for v in share_removed(c, a))
+    # a clean mean below 0 that resamples can push to >= 0: the share stands, its bootstrap s.e. does not
+    near = g.normal(0, 0.5, 20)
+    near -= near.mean() + 0.01
+    share, se = share_removed(near, near + 0.005)
+    assert share == pytest.approx(0.5) and math.isnan(se)
+
+
+def test_no_plateau_test_when_the_80pct_point_is_the_final_checkpoint():
+    """A run with no checkpoint in its last 20% takes the final checkpoint as its 80% point: the paired
+    change is 0 +- 0 by construction and was reported as "not plateaued" (|0| < 2 * 0 is false); it is no
+    test (NaN change and s.e.). Two distinct checkpoints keep the test: |0.01| < 2 * 0.02."""
+    from experiments.phase_change import add_plateau
+
+    win = pd.DataFrame({"model": ["same", "distinct"]})
+    rows = []
+    for model, at80 in (("same", 9), ("distinct", 8)):
+        d = 0.0 if model == "same" else 0.01
+        rows += [{"model": model, "point": "at_80pct", "step": at80, "icl_score": -0.4, "icl_sem": 0.02},
+                 {"model": model, "point": "final", "step": 9, "icl_score": -0.4 + d, "icl_sem": 0.02},
+                 {"model": model, "point": "final_minus_at_80pct", "step": -1, "icl_score": d,
+                  "icl_sem": 0.0 if model == "same" else 0.02}]
+    out = add_plateau(win, pd.DataFrame(rows)).set_index("model")
+    assert math.isnan(out.loc["same", "plateau_change"]) and math.isnan(out.loc["same", "plateau_sem"])
+    assert out.loc["distinct", "plateau_change"] == pytest.approx(0.01) and bool(out.loc["distinct", "plateaued"])

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import torch
 
-from ..primitives.loss import loss_by_position, per_token_loss
+from ..primitives.loss import check_aligned, loss_by_position, per_token_loss
 
 PAPER_EARLY, PAPER_LATE, PAPER_CTX = 50, 500, 512
 
@@ -118,11 +118,16 @@ def check_icl_band(band, early: int, late: int) -> int:
 
 
 def _as_losses(losses) -> torch.Tensor:
-    """(n, pos - 1) per-token losses as float64, with n >= 1."""
+    """(n, pos - 1) per-token losses as float64, with n >= 1 and no NaN.
+
+    NaN is refused (``check_aligned``): ``per_token_loss`` of a left-padded batch puts NaN at the padding
+    and shifts each padded row's tokens right, so column k - 2 is not the k-th token there; a row padded
+    by fewer than ``early - band - 1`` tokens gave a finite, wrong score."""
     losses = torch.as_tensor(losses if torch.is_tensor(losses) else np.asarray(losses)).double()
     if losses.dim() != 2 or losses.shape[0] == 0:
         raise ValueError(f"losses must have shape (n_windows, pos - 1) with at least one window, got "
                          f"{tuple(losses.shape)}: one window's losses are losses[None]")
+    check_aligned(losses, "losses")
     return losses
 
 
