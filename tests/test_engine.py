@@ -209,6 +209,33 @@ def test_write_selecting_nothing_raises(write):
         execute(model, Run(tokens, writes=[write]))
 
 
+@pytest.mark.parametrize("rows, pos", [([0, 1], [1, 3]), (torch.tensor([0, 1]), (2, 4)),
+                                       (torch.tensor([True, True]), torch.tensor([1, 5]))])
+def test_write_with_rows_and_pos_both_lists_raises(rows, pos):
+    """rows and pos both index lists would be paired element by element by torch (rows=[0, 1], pos=[1, 3]
+    writes (0, 1) and (1, 3), not the grid of four, differing from a plain hook zeroing the grid):
+    refused with ValueError; one list with the other a slice or an int writes exactly what a plain hook
+    writes at those indices."""
+    model = build("attn_only")
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="both lists.*slice or an int"):
+        execute(model, Run(tokens, writes=[Write("L1.z", None, rows=rows, pos=pos, head=0)]))
+
+    def zero(mod, args):  # z[rows 0, 1][positions 1, 3] of head 0, as a plain hook on the output projection
+        z = args[0].clone().view(2, POS, N_HEADS, D_HEAD)
+        z[:, [1, 3], 0] = 0
+        return (z.flatten(2),)
+
+    handle = model.get_submodule(PATHS["attn_only"]["o"].format(1)).register_forward_pre_hook(zero)
+    try:
+        with torch.no_grad():
+            want = model(tokens).logits
+    finally:
+        handle.remove()
+    got = execute(model, Run(tokens, writes=[Write("L1.z", None, pos=[1, 3], head=0)])).logits
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------- reliability
 
 def test_no_reference_kept_to_the_model():

@@ -473,6 +473,14 @@ class Engine:
                          if site.kind in KV_KINDS and a.n_kv_heads != a.n_heads else "")
                 raise ValueError(f"write to {site}: {what} {w.head!r} out of range: layer {site.layer} has "
                                  f"{what}s 0-{n - 1}{extra}")
+        # torch pairs several index lists element by element: rows=[0, 2], pos=[1, 3] would write (0, 1) and
+        # (2, 3) only, not the grid of four a reader expects
+        lists = [name for name, part in (("rows", w.rows), ("pos", w.pos))
+                 if isinstance(part, (list, tuple)) or (torch.is_tensor(part) and part.dim() > 0)]
+        if len(lists) > 1:
+            raise ValueError(f"write to {site}: rows {w.rows!r} and pos {w.pos!r} are both lists: torch would pair "
+                             "them element by element, not select every row at every position; give one as a slice "
+                             "or an int, or write once per row")
         try:
             shape = indexed_shape(full, w.index(site.kind))
         except IndexError as e:
