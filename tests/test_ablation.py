@@ -242,8 +242,9 @@ def test_resample_excludes_self_row_by_row_whatever_the_chunks():
     by_source = torch.stack([-lp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1) for lp in logp])  # (src, row, t)
     results = [per_token_loss(model, tokens, ResampleAblation(Head(layer, head), reference), batch_size=bs)
                for bs in (None, 1, 3)]
-    for got in results[1:]:
-        torch.testing.assert_close(got, results[0], atol=0, rtol=0)
+    for got in results[1:]:  # the same draw whatever the chunks (float rounding may differ by batch size: a
+        # row left unablated in one chunking would differ by far more, see the sources check below)
+        torch.testing.assert_close(got, results[0], atol=1e-5, rtol=0)
     for i in range(4):
         sources = [j for j in range(4) if (results[0][i] - by_source[j, i]).abs().max() < 1e-5]
         assert sources and (i == 3 or i not in sources), (i, sources)

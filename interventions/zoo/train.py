@@ -737,9 +737,11 @@ def quick_eval(model, windows: torch.Tensor, induction_tokens: torch.Tensor, bat
     ind = loss_from_logits(model(x).logits, x).cpu()
     half = x.shape[1] // 2
     model.train()
+    finite = bool(torch.isfinite(loss).all())  # else NaN: the divergence guard stops on the validation loss
     return {"val_loss": loss.mean().item(),
             # the experiments' definition (banded; see analysis.metrics), so the log and the report agree
-            "icl_score": icl_from_losses(loss, *icl_indices(windows.shape[1]), icl_band(windows.shape[1]))["icl_score"],
+            "icl_score": icl_from_losses(loss, *icl_indices(windows.shape[1]), icl_band(windows.shape[1]))["icl_score"]
+            if finite else math.nan,
             "repeat_loss_first": ind[:, : half - 1].mean().item(),
             "repeat_loss_second": ind[:, half:].mean().item()}
 
