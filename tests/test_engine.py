@@ -606,6 +606,17 @@ def test_observable_missing_an_attention_module_leaves_the_model_as_it_was():
     assert model.config._attn_implementation == impl
 
 
+@pytest.mark.parametrize("name, here", [
+    ("blocks.0.attn.hook_z", "L0.z"), ("blocks.3.hook_resid_pre", "L3.resid_pre"), ("blocks.1.attn.hook_pattern",
+    "L1.pattern"), ("blocks.0.hook_attn_out", "L0.attn_out"), ("L2.hook_k", "L2.k"), ("ln_final.hook_normalized", "final"),
+])
+def test_a_transformer_lens_hook_name_is_refused_naming_the_site(name, here):
+    """A TransformerLens hook name is not a site (one vocabulary), but the error names the site it means
+    (it used to list the valid forms only, leaving the translation to the README's table)."""
+    with pytest.raises(ValueError, match=f"is '{here}' here"):
+        parse_site(name)
+
+
 def test_site_names_round_trip():
     """Every kind parses from its name and prints back to it."""
     for kind in LAYER_KINDS:
