@@ -122,7 +122,7 @@ API_CASES = {
                                  "unsupported architecture"),
     "induction score on 2 repeated tokens": (lambda m, t: induction_score(m, seq_len=2, bos_id=0), ">= 3"),
     "prefix matching on 1 repeated token": (lambda m, t: iv.head_scores(m, prefix_tokens=1, seq_len=5, bos_id=0),
-                                            "n_tokens=1"),
+                                            "prefix_tokens=1"),  # head_scores' own name (was n_tokens=1)
     "duplicate-token score on 1 token": (lambda m, t: duplicate_token_score(m, seq_len=1, bos_id=0), "seq_len=1"),
     "head_scores batch_size 0": (lambda m, t: iv.head_scores(m, seq_len=5, prefix_tokens=3, bos_id=0, batch_size=0),
                                  "batch_size=0"),
