@@ -81,6 +81,7 @@ API_CASES = {
     "empty batch": (lambda m, t: iv.per_token_loss(m, t[:0]), "empty"),
     "zero positions": (lambda m, t: iv.per_token_loss(m, t[:, :0]), "empty"),
     "list instead of tensor": (lambda m, t: iv.per_token_loss(m, t.tolist()), "torch.LongTensor"),
+    "numpy array instead of tensor": (lambda m, t: iv.per_token_loss(m, t.numpy()), "torch.as_tensor(tokens)"),
     "too-long sequence": (lambda m, t: iv.per_token_loss(m, torch.zeros(1, CTX + 1, dtype=torch.long)),
                           f"context of {CTX}"),
     "id = vocab size": (lambda m, t: iv.per_token_loss(m, torch.full((1, 4), V)), "outside the vocabulary"),
