@@ -33,7 +33,10 @@ induct from).
    ``effect`` = second-copy loss with that one path resampled minus the clean loss (nats; positive:
    the path carries what induction needs), mean over prompts with its standard error over prompts
    (one path patch per prompt); ``share`` = effect / (unrepeated loss - clean loss), the fraction of
-   the induction benefit the path carries.
+   the induction benefit the path carries. ``sender_is_previous_token`` and ``receiver_is_induction`` mark
+   *the* previous-token head and *the* induction head the table is about (``circuit_heads``: the sender with
+   the highest previous-token score, the receiver with the highest induction score among the heads the rule
+   classifies), so another head the rule also calls an induction head is False there.
 """
 
 from __future__ import annotations

@@ -347,6 +347,27 @@ def test_training_mode_with_dropout_runs_in_eval_mode_with_a_warning():
     assert model.training and all(m.training for m in model.modules())
 
 
+def test_an_eval_model_with_attention_dropout_runs_pattern_preserving_without_the_training_warning():
+    """``observable``'s added ``hook_pattern`` modules take their attention module's mode. They were
+    ``nn.Identity()`` in training mode, so on a GPT-2 put in eval mode (its config's attention dropout
+    0.1) every pattern-preserving ablation, sweep and head score warned "training mode with dropout ...
+    call model.eval()" although the caller had."""
+    import warnings
+
+    from interventions import PatternPreserving, ZeroAblation, per_token_loss
+
+    model = build("gpt2").eval()
+    assert model.config.attn_pdrop > 0
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    with observable(model):
+        hooks = [m for name, m in model.named_modules() if name.endswith("hook_pattern")]
+        assert hooks and not any(m.training for m in hooks)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        per_token_loss(model, tokens, PatternPreserving(ZeroAblation("L1H0")))
+    assert not [w for w in caught if "training mode" in str(w.message)]
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_submodule_left_in_training_mode_runs_in_eval_mode_with_a_warning(arch):
     """``model.eval()`` then one block's ``.train()`` (or the base model's: ``model.model.train()``) leaves
@@ -610,6 +631,17 @@ def test_observable_missing_an_attention_module_leaves_the_model_as_it_was():
             pass
     assert not hasattr(model.model.layers[0].self_attn, "hook_pattern")
     assert model.config._attn_implementation == impl
+
+
+@pytest.mark.parametrize("name, here", [
+    ("blocks.0.attn.hook_z", "L0.z"), ("blocks.3.hook_resid_pre", "L3.resid_pre"), ("blocks.1.attn.hook_pattern",
+    "L1.pattern"), ("blocks.0.hook_attn_out", "L0.attn_out"), ("L2.hook_k", "L2.k"), ("ln_final.hook_normalized", "final"),
+])
+def test_a_transformer_lens_hook_name_is_refused_naming_the_site(name, here):
+    """A TransformerLens hook name is not a site (one vocabulary), but the error names the site it means
+    (it used to list the valid forms only, leaving the translation to the README's table)."""
+    with pytest.raises(ValueError, match=f"is '{here}' here"):
+        parse_site(name)
 
 
 def test_site_names_round_trip():

@@ -452,3 +452,24 @@ def test_the_unsupported_architecture_hint_registers_a_working_adapter():
         pd.testing.assert_frame_equal(got, want)
     finally:
         ARCHS.pop("hint_llama", None)
+
+
+def test_head_scores_on_a_short_context_suggests_arguments_that_fit():
+    """head_scores on a context too short for its probes is refused before any forward pass, naming
+    head_scores' own arguments (the prefix-matching check used to say "seq_len=25" for prefix_tokens, and a
+    too-long seq_len was found only after the prefix-matching and copying passes had run) with values that
+    fit: the call it suggests runs."""
+    import re
+
+    model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=60, n_ctx=64)).eval()
+    for kwargs in ({}, {"prefix_tokens": 15}):
+        with pytest.raises(ValueError) as e:
+            head_scores(model, **kwargs)
+        msg = str(e.value)
+        assert "context is 64" in msg and "seq_len=50" in msg and "classify_induction_heads" in msg
+        assert ("prefix_tokens=25" in msg) == (not kwargs)
+        suggested = re.search(r"head_scores\(model, (prefix_tokens=\d+, n_repeats=\d+, seq_len=\d+)\)", msg)
+        assert suggested, msg
+        fit = {k: int(v) for k, v in (p.split("=") for p in suggested.group(1).split(", "))}
+        assert fit == {"prefix_tokens": kwargs.get("prefix_tokens", 15), "n_repeats": 4, "seq_len": 31}
+        assert len(head_scores(model, **fit)) == 2

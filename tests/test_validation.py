@@ -81,6 +81,7 @@ API_CASES = {
     "empty batch": (lambda m, t: iv.per_token_loss(m, t[:0]), "empty"),
     "zero positions": (lambda m, t: iv.per_token_loss(m, t[:, :0]), "empty"),
     "list instead of tensor": (lambda m, t: iv.per_token_loss(m, t.tolist()), "torch.LongTensor"),
+    "numpy array instead of tensor": (lambda m, t: iv.per_token_loss(m, t.numpy()), "torch.as_tensor(tokens)"),
     "too-long sequence": (lambda m, t: iv.per_token_loss(m, torch.zeros(1, CTX + 1, dtype=torch.long)),
                           f"context of {CTX}"),
     "id = vocab size": (lambda m, t: iv.per_token_loss(m, torch.full((1, 4), V)), "outside the vocabulary"),
@@ -122,7 +123,7 @@ API_CASES = {
                                  "unsupported architecture"),
     "induction score on 2 repeated tokens": (lambda m, t: induction_score(m, seq_len=2, bos_id=0), ">= 3"),
     "prefix matching on 1 repeated token": (lambda m, t: iv.head_scores(m, prefix_tokens=1, seq_len=5, bos_id=0),
-                                            "n_tokens=1"),
+                                            "prefix_tokens=1"),  # head_scores' own name (was n_tokens=1)
     "duplicate-token score on 1 token": (lambda m, t: duplicate_token_score(m, seq_len=1, bos_id=0), "seq_len=1"),
     "head_scores batch_size 0": (lambda m, t: iv.head_scores(m, seq_len=5, prefix_tokens=3, bos_id=0, batch_size=0),
                                  "batch_size=0"),

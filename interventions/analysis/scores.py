@@ -567,13 +567,30 @@ def copying_score(model, n_samples: int = 200, seed: int = 0, bos_id: int | None
 
 # ----------------------------------------------------------------------------- all scores
 
+def _check_scores_fit(model, prefix_tokens: int, n_repeats: int, seq_len: int) -> None:
+    """Refuse, before any forward pass, probe sequences longer than the model's context, naming
+    ``head_scores``' own arguments and values that fit (the score functions' checks name theirs)."""
+    n_ctx = get_adapter(unwrap(model)).n_ctx
+    needs = {f"prefix matching: BOS + prefix_tokens={prefix_tokens} x n_repeats={n_repeats}": 1 + prefix_tokens * n_repeats,
+             f"induction and duplicate-token: BOS + 2 x seq_len={seq_len}": 1 + 2 * seq_len}
+    over = [f"{what} = {need}" for what, need in needs.items() if n_ctx is not None and need > n_ctx]
+    if over:
+        raise ValueError(f"the model's context is {n_ctx} positions, fewer than head_scores' probe sequences need "
+                         f"({'; '.join(over)}): pass e.g. head_scores(model, prefix_tokens="
+                         f"{min(prefix_tokens, (n_ctx - 1) // n_repeats)}, n_repeats={n_repeats}, "
+                         f"seq_len={min(seq_len, (n_ctx - 1) // 2)}) (classify_induction_heads takes that table "
+                         "instead of the model)")
+
+
 def head_scores(model, windows=None, *, n_examples: int = 10, seed: int = 0, bos_id: int | None = None,
                 prefix_tokens: int = 25, n_repeats: int = 4, seq_len: int = 50,
                 exclude_top: float = EXCLUDE_FRACTION, vocab_range: tuple[int, int] | None = None,
                 token_pool=None, token_counts=None, batch_size: int = 16):
     """All scores of every head in one wide DataFrame: layer, head, prefix_matching, copying,
     copying_raw, induction, duplicate_token and (when ``windows`` of text are given) previous_token.
-    Arguments are passed to the score functions (same seed and probe tokens for all).
+    Arguments are passed to the score functions (same seed and probe tokens for all). The probes need
+    ``1 + prefix_tokens * n_repeats`` and ``1 + 2 * seq_len`` positions (101 by default): for a shorter
+    context pass smaller ones (checked before any forward pass, the error suggests values that fit).
 
     Example:
         >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
@@ -581,6 +598,10 @@ def head_scores(model, windows=None, *, n_examples: int = 10, seed: int = 0, bos
         >>> head_scores(model).columns.tolist()  # one row per head
         ['layer', 'head', 'prefix_matching', 'copying', 'copying_raw', 'induction', 'duplicate_token']
     """
+    _check_probe_length(prefix_tokens, "prefix_tokens")
+    _check_probe_length(seq_len, "seq_len")
+    check_positive(n_repeats, "n_repeats")
+    _check_scores_fit(model, prefix_tokens, n_repeats, seq_len)
     common = dict(bos_id=bos_id, exclude_top=exclude_top, vocab_range=vocab_range, token_pool=token_pool,
                   token_counts=token_counts)
     df = prefix_matching_score(model, prefix_tokens, n_repeats, n_examples, seed, batch_size=batch_size,

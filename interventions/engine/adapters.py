@@ -420,7 +420,9 @@ def observable(model):
                                  "(ArchSpec(attn=...))") from None
         for attn in attns:
             if not hasattr(attn, "hook_pattern"):
-                attn.hook_pattern = nn.Identity()
+                # in its attention module's mode: a new module trains by default, and one in training mode
+                # made every run of an eval-mode model with attention dropout (GPT-2) warn "call model.eval()"
+                attn.hook_pattern = nn.Identity().train(attn.training)
                 added.append(attn)
         for m in inner.modules():
             cfg = getattr(m, "config", None)

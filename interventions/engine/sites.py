@@ -51,6 +51,21 @@ RESID_KINDS = ("resid_pre", "attn_out", "mlp_out", "resid_post", "final")  # (ba
 
 _SITE = re.compile(r"^L(\d+)\.([a-z_]+)$")
 VALID_FORMS = ("'L<layer>.<kind>' with kind one of " + ", ".join(LAYER_KINDS) + " (e.g. 'L0.z'), or 'final'")
+# a TransformerLens hook name ("blocks.0.attn.hook_z") or one half translated ("L0.hook_z"): named in the
+# error, not accepted, so there stays one vocabulary
+_TL_SITE = re.compile(r"^(?:blocks\.(\d+)|L(\d+))\.(?:attn\.)?hook_([a-z_]+)$")
+
+
+def _tl_hint(site) -> str:
+    """' (here: 'L0.z')' when ``site`` is a TransformerLens hook name of a site kind, else ''."""
+    if not isinstance(site, str):
+        return ""
+    if site.strip() == "ln_final.hook_normalized":
+        return " (TransformerLens' 'ln_final.hook_normalized' is 'final' here)"
+    m = _TL_SITE.match(site.strip())
+    if m is None or m.group(3) not in LAYER_KINDS:
+        return ""
+    return f" (TransformerLens' {site.strip()!r} is 'L{m.group(1) or m.group(2)}.{m.group(3)}' here)"
 
 
 class Site(NamedTuple):
@@ -84,10 +99,10 @@ def _parse_site(site, n_layers):
     else:
         m = _SITE.match(site.strip()) if isinstance(site, str) else None
         if m is None:
-            raise ValueError(f"malformed site {site!r}: write sites as {VALID_FORMS}")
+            raise ValueError(f"malformed site {site!r}: write sites as {VALID_FORMS}{_tl_hint(site)}")
         layer, kind = int(m.group(1)), m.group(2)
     if kind not in SITE_KINDS or (kind == "final") != (layer is None):
-        raise ValueError(f"unknown site {site!r}: write sites as {VALID_FORMS}")
+        raise ValueError(f"unknown site {site!r}: write sites as {VALID_FORMS}{_tl_hint(site)}")
     if layer is not None and type(layer) is not int:  # a bool is an int to isinstance: (True, "z") is no layer
         raise ValueError(f"site {site!r}: layer {layer!r} is not an integer: pass an int layer (e.g. int(x) of a "
                          "numpy or torch number)")

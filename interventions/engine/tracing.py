@@ -147,7 +147,8 @@ def check_tokens(tokens, adapter: Adapter, name: str = "tokens") -> torch.Tensor
             and last[3] == adapter.n_ctx):  # the same tensor, unchanged since (in-place edits bump _version)
         return tokens
     if not torch.is_tensor(tokens):
-        raise ValueError(f"{name} must be a torch.LongTensor of shape (batch, pos), got {type(tokens).__name__}")
+        raise ValueError(f"{name} must be a torch.LongTensor of shape (batch, pos), got {type(tokens).__name__}: "
+                         f"convert it with torch.as_tensor({name})")
     if tokens.dim() == 1:
         raise ValueError(f"{name} has shape {tuple(tokens.shape)}: add a batch dimension (tokens[None])")
     if tokens.dim() != 2:

@@ -406,7 +406,8 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
 
     Returns:
         (n_layers, n_heads) for by="head", (n_layers, n_heads, pos) for by="head_pos": the metric
-        (mean over the batch) with that one patch applied; n_heads is n_kv_heads for k and v.
+        (mean over the batch) with that one patch applied (subtract the unpatched target run's metric
+        for an effect); n_heads is n_kv_heads for k and v.
     """
     check_progress(progress)
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote, attention_mask)
@@ -507,8 +508,16 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
     input is the target run's), so the path ends in r alone, as without grouped-query attention.
 
     Args:
+        clean, corrupted: (batch, pos) token ids of the same shape.
+        metric: ``metric(logits, tokens) -> (batch,)`` or scalar, called with the target run's tokens.
         senders, receivers: heads ("L0H1", Head(0, 1) or (0, 1); one or a list).
         receiver_input: "q", "k" or "v": which input of the receiver the path ends in.
+        direction: "clean_to_corrupted" (default: the target run is ``corrupted``, the sender's output
+            comes from ``clean``) or "corrupted_to_clean" (target ``clean``, sender output from
+            ``corrupted``). For K-composition on repeated prompts use the latter with ``corrupted`` another
+            prompt of the same kind (a resampled sender): patched into an unrelated prompt, the keys can
+            point the receiver at the right positions while its values carry the wrong tokens
+            (``experiments.circuit``).
         patches_per_pass: (sender or sender x receiver) patches per forward pass.
         progress: a tqdm bar over the forward passes of step 2: None (default) once they have lasted a few
             seconds, True always, False never.
@@ -518,7 +527,9 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
             padded identically; every run of both steps takes it (module docstring).
 
     Returns:
-        (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched.
+        (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched. It is
+        not an effect: subtract the metric of the unpatched target run. For a standard error over prompts
+        call it once per prompt (``experiments.circuit.path_patch_table`` does).
     """
     check_progress(progress)
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote, attention_mask)
