@@ -225,9 +225,14 @@ def cmd_phase_change(args) -> int:
     from .phase_change import run_phase_change
 
     _check_device(args.device)
-    res = run_phase_change(_runs(args.runs), Path(args.out), n_windows=args.windows, device=args.device,
+    from .reproduce import headline, phase_change_lines
+
+    out = Path(args.out)
+    res = run_phase_change(_runs(args.runs), out, n_windows=args.windows, device=args.device,
                            progress=not args.quiet)
-    print(res.read("windows").to_string(index=False))
+    # the report's sentences (a window, or why none: the fit's size against the minimum), not the 35-column table
+    print("\n".join(phase_change_lines(headline(out))))
+    print(f"Every column: {res.dir / 'windows.csv'}")
     return 0
 
 

@@ -585,26 +585,12 @@ def _made_by_note(h: dict) -> str:
         f"commit {str(m['git_commit'])[:7]} on {m['machine']} ({', '.join(m['folders'])})" for m in made) + "."
 
 
-def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: dict | None = None) -> Path:
+def phase_change_lines(h: dict) -> list[str]:
+    """The report's lines on each model's windows, ICL points, plateau and bump, from a ``headline``
+    (also what ``phase-change`` prints)."""
     from .phase_change import FIT_FROM_TOKENS, MIN_ICL_DROP, MIN_INDUCTION_RISE
 
-    h = headline(out, timings, git)
-    Results(out, "report").write_json("headline", h)
-    lines = [f"# Reproduction report ({scale} scale)", "",
-             f"Machine: {h['machine']}. Commit {h['git_commit']} (dirty: "
-             f"{'unknown' if h['git_dirty'] is None else h['git_dirty']}). Wall-clock: "
-             f"{timings['total_s'] / 60:.1f} min (training {timings['train_s'] / 60:.1f} min), over "
-             f"{timings.get('invocations', 1)} invocation(s)"
-             + (f", {timings['interrupted']} of them interrupted (counted up to their last finished stage)"
-                if timings.get("interrupted") else "") + "." + _made_by_note(h), "",
-             f"ICL score: {h['icl_definition']}. Negative = later tokens predicted better.", "",
-             "## Phase change (Argument 1)", "",
-             "Windows: where the logistic part of a least-squares fit (a logistic in log tokens on a linear trend) "
-             "passes 10% and 90% of its fall (ICL score) or rise (best head's induction score); \"fall\" and "
-             "\"rise\" below are that part's fitted size. One fit to one run's checkpoints: the windows carry no "
-             "standard error (the seed spread, where several seeds were run, shows how far they move). A window "
-             "ends inside the run when its 90% point lies at least half its own width (in log tokens) before "
-             "the last checkpoint.", ""]
+    lines: list[str] = []
     for name, d in h["models"].items():
         fall, rise = d.get("icl_window_fitted_fall"), d.get("induction_window_fitted_rise")
         w = (f"ICL window {_tok(d['icl_window_start_tokens'])} - {_tok(d['icl_window_end_tokens'])} tokens "
@@ -643,6 +629,28 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                       f"{'< 2 s.e.: no change detected, called plateaued' if d['icl_plateaued'] else '>= 2 s.e.: still moving'})."]
         one_point = d["bump"] and d["bump_start_tokens"] == d["bump_end_tokens"]  # a "stretch" of one checkpoint
         lines += [f"  - Loss-bump detector: {'fires at ' + (_tok(d['bump_start_tokens']) + ' (one checkpoint)' if one_point else _tok(d['bump_start_tokens']) + ' - ' + _tok(d['bump_end_tokens'])) if d['bump'] else 'no non-convex stretch'}."]
+    return lines
+
+
+def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: dict | None = None) -> Path:
+    h = headline(out, timings, git)
+    Results(out, "report").write_json("headline", h)
+    lines = [f"# Reproduction report ({scale} scale)", "",
+             f"Machine: {h['machine']}. Commit {h['git_commit']} (dirty: "
+             f"{'unknown' if h['git_dirty'] is None else h['git_dirty']}). Wall-clock: "
+             f"{timings['total_s'] / 60:.1f} min (training {timings['train_s'] / 60:.1f} min), over "
+             f"{timings.get('invocations', 1)} invocation(s)"
+             + (f", {timings['interrupted']} of them interrupted (counted up to their last finished stage)"
+                if timings.get("interrupted") else "") + "." + _made_by_note(h), "",
+             f"ICL score: {h['icl_definition']}. Negative = later tokens predicted better.", "",
+             "## Phase change (Argument 1)", "",
+             "Windows: where the logistic part of a least-squares fit (a logistic in log tokens on a linear trend) "
+             "passes 10% and 90% of its fall (ICL score) or rise (best head's induction score); \"fall\" and "
+             "\"rise\" below are that part's fitted size. One fit to one run's checkpoints: the windows carry no "
+             "standard error (the seed spread, where several seeds were run, shows how far they move). A window "
+             "ends inside the run when its 90% point lies at least half its own width (in log tokens) before "
+             "the last checkpoint.", ""]
+    lines += phase_change_lines(h)
     lines += ["", "The bump detector marks the most concave stretch of validation loss against log tokens after "
               "5% of the run. It fires on any model whose loss curve bends downwards anywhere (noise included), "
               "so a bump means something only where it coincides with the window; compare attn-1l's line.", ""]

@@ -87,6 +87,9 @@ def test_single_experiment_commands(tiny_run, capsys):
     out, _ = tiny_run
     run = str(out / "runs" / "attn-2l")
     assert main(["phase-change", run, "--out", str(out / "single"), "--windows", "8", "--quiet"]) == 0
+    printed = capsys.readouterr().out  # the report's sentences, a window or why there is none (not the wide table)
+    assert printed.startswith("- **attn-2l** (") and "ICL window" in printed and "induction window" in printed
+    assert f"Every column: {out / 'single' / 'phase_change' / 'windows.csv'}" in printed
     # the settings of the tables already in `out` (reproduce --scale tiny): other settings are refused
     assert main(["ablations", run, "--out", str(out), "--windows", "64", "--quiet"]) == 0
     assert main(["circuit", run, "--out", str(out)]) == 0
