@@ -15,7 +15,8 @@ On a trained model's final checkpoint, over fixed validation windows (the run's 
 
 Standard errors: every ICL number here is a mean over windows of a per-window difference; a share's
 s.e. comes from a bootstrap over windows (``N_BOOT`` resamples, fixed seed), which keeps the pairing
-of clean and ablated losses on the same window.
+of clean and ablated losses on the same window. Both are the library's
+(``interventions.analysis.icl_ablation``); ``icl_share`` fixes this experiment's tokens and bands.
 
 * **before-and-after attribution** over training, at checkpoints inside the ICL window (>= 5) and a
   few outside: each head's ablation change in per-token losses projected on the change across the
@@ -35,6 +36,7 @@ import torch
 from interventions import PatternPreserving, ZeroAblation
 from interventions.primitives.loss import per_token_loss_sets
 from interventions.engine.heads import Head
+from interventions.analysis.icl_ablation import icl_share_from_losses
 from interventions.analysis.metrics import icl_band, icl_band_losses, icl_indices
 from interventions.engine.adapters import get_adapter
 from interventions.zoo.train import RunFolderError, TrainConfig, list_checkpoints, load_model
@@ -48,27 +50,12 @@ N_BOOT = 1000
 MIN_WINDOWS = 8  # the zero / mean sweeps run on a quarter of the windows: at least 2 each, for a standard error
 
 
-def per_window_icl(losses: torch.Tensor) -> np.ndarray:
-    """(n,) each window's banded ICL score (late band minus early band), nats."""
-    pos = losses.shape[1] + 1
-    early, late = icl_band_losses(losses, *icl_indices(pos), icl_band(pos))
-    return (late - early).numpy()
-
-
-def share_removed(clean: np.ndarray, ablated: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """(share, bootstrap s.e.): the fraction of the (negative) clean ICL score an ablation removes.
-
-    The share is only defined while the clean score is negative (there is ICL to remove): NaN for both
-    when the clean mean is >= 0 (a positive one flipped the share's sign, zero divided by zero), and a
-    NaN s.e. when any bootstrap resample's clean mean is >= 0 (those resamples divide by about 0)."""
-    if not clean.mean() < 0:
-        return math.nan, math.nan
-    g = np.random.default_rng(seed)
-    idx = g.integers(0, len(clean), size=(N_BOOT, len(clean)))
-    c = clean[idx].mean(1)
-    boots = (ablated[idx].mean(1) - c) / -c
-    se = float(np.std(boots, ddof=1)) if (c < 0).all() else math.nan
-    return float((ablated.mean() - clean.mean()) / -clean.mean()), se
+def icl_share(clean: torch.Tensor, ablated: torch.Tensor, seed: int) -> dict:
+    """The library's ``icl_share_from_losses`` with the experiments' ICL tokens and bands
+    (``icl_indices(pos)``, ``icl_band(pos)``) and ``N_BOOT`` resamples: clean and ablated (n_windows,
+    pos - 1) losses of the same windows -> share removed, ICL change (nats) and their paired s.e."""
+    pos = clean.shape[1] + 1
+    return icl_share_from_losses(clean, ablated, *icl_indices(pos), icl_band(pos), N_BOOT, seed)
 
 
 def set_losses(model, windows: torch.Tensor, sets: dict[str, list], progress: bool | None = None
@@ -80,10 +67,6 @@ def set_losses(model, windows: torch.Tensor, sets: dict[str, list], progress: bo
     patterns once for all sets)."""
     return per_token_loss_sets(model, windows, {name: [PatternPreserving(ZeroAblation(heads))] if heads else []
                                                 for name, heads in sets.items()}, batch_size=64, progress=progress)
-
-
-def _sem(x: np.ndarray) -> float:
-    return float(np.std(x, ddof=1) / math.sqrt(len(x))) if len(x) > 1 else math.nan
 
 
 @owns_results()
@@ -126,15 +109,13 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
             clean, delta = ablation_sweep(model, sub, kind=kind,
                                           reference=reference if kind == "mean" else None,
                                           progress=progress)
-            c = per_window_icl(clean)
             for i, head in enumerate(all_heads):
-                abl = per_window_icl(clean + delta[i])
-                share, share_se = share_removed(c, abl, cfg.seed)
+                r = icl_share(clean, clean + delta[i], cfg.seed)
                 rows.append({"model": name, "kind": kind, "layer": head.layer, "head": head.head,
                              "head_name": str(head), "is_induction": head in ind,
-                             "icl_clean": float(c.mean()), "icl_ablated": float(abl.mean()),
-                             "icl_change": float((abl - c).mean()), "icl_change_sem": _sem(abl - c),
-                             "icl_share": share, "icl_share_sem": share_se,
+                             "icl_clean": r["icl_clean"], "icl_ablated": r["icl_ablated"],
+                             "icl_change": r["icl_change"], "icl_change_sem": r["icl_change_sem"],
+                             "icl_share": r["share_removed"], "icl_share_sem": r["share_removed_sem"],
                              "mean_delta_loss": delta[i].mean().item(),
                              "late_delta_loss": float(icl_band_losses(delta[i], *icl_indices(windows.shape[1]),
                                                                       icl_band(windows.shape[1]))[1].mean())})
@@ -154,15 +135,15 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                 sets[f"random {r}"] = [others[i] for i in sorted(pick)]
         rows, by_index = [], []
         all_losses = set_losses(model, windows, sets, progress)
-        c = per_window_icl(all_losses["clean"])
         for set_name, heads in sets.items():
             losses = all_losses[set_name]
-            abl = per_window_icl(losses)
-            share, share_se = share_removed(c, abl, cfg.seed) if heads else (0.0, 0.0)
+            r = icl_share(all_losses["clean"], losses, cfg.seed)
+            share, share_se = (r["share_removed"], r["share_removed_sem"]) if heads else (0.0, 0.0)
             group = "random (non-induction)" if set_name.startswith("random") else set_name
             rows.append({"model": name, "set": set_name, "group": group, "n_heads": len(heads),
-                         "heads": " ".join(map(str, heads)), "icl_score": float(abl.mean()), "icl_sem": _sem(abl),
-                         "icl_change": float((abl - c).mean()), "icl_change_sem": _sem(abl - c),
+                         "heads": " ".join(map(str, heads)), "icl_score": r["icl_ablated"],
+                         "icl_sem": r["icl_ablated_sem"], "icl_change": r["icl_change"],
+                         "icl_change_sem": r["icl_change_sem"],
                          "icl_share_removed": share, "icl_share_removed_sem": share_se,
                          "val_loss": losses.mean().item()})
             n = losses.shape[0]

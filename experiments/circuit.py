@@ -3,7 +3,7 @@
 Prompts (the library's probe sequences, ``interventions.analysis.scores.probe_sequences``, with the
 experiments' probe settings ``probe_kwargs``): BOS + L distinct random tokens repeated twice (clean).
 Metric: mean loss (nats) on the second copy, from its second token on (the first has nothing to
-induct from).
+induct from): the library's ``second_copy_loss(L)``.
 
 1. **Activation patching** (tables ``patch_heads``, ``patch_head_pos``). The *unrepeated* prompt
    replaces the first copy with other random tokens, so nothing earlier predicts the second copy.
@@ -32,7 +32,7 @@ induct from).
 
    ``effect`` = second-copy loss with that one path resampled minus the clean loss (nats; positive:
    the path carries what induction needs), mean over prompts with its standard error over prompts
-   (one path patch per prompt); ``share`` = effect / (unrepeated loss - clean loss), the fraction of
+   (``path_patch(..., reduce=False)``); ``share`` = effect / (unrepeated loss - clean loss), the fraction of
    the induction benefit the path carries. ``sender_is_previous_token`` and ``receiver_is_induction`` mark
    *the* previous-token head and *the* induction head the table is about (``circuit_heads``: the sender with
    the highest previous-token score, the receiver with the highest induction score among the heads the rule
@@ -50,7 +50,7 @@ import torch
 from interventions.analysis.scores import classify_induction_heads, probe_sequences
 from interventions.engine.adapters import get_adapter
 from interventions.engine.heads import Head
-from interventions.primitives.loss import loss_from_logits
+from interventions.primitives.patching import path_patch, second_copy_loss
 from interventions.zoo.train import RunFolderError, list_checkpoints, load_model, load_train_config
 
 from .common import Results, owns_results, run_fingerprint, run_setting
@@ -74,14 +74,6 @@ def circuit_prompts(model, n_prompts: int, seed: int) -> tuple[torch.Tensor, tor
     return clean, unrepeated, resampled, length
 
 
-def second_copy_loss(length: int):
-    """Metric: mean loss (nats) of each prompt's second copy from its second token on: (batch,).
-    Prompts are BOS + L tokens twice; token 1 + L + j is predicted at position L + j."""
-    def metric(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return loss_from_logits(logits, tokens)[:, length + 1:].mean(-1)  # (batch,)
-    return metric
-
-
 @torch.no_grad()
 def path_patch_table(model, clean: torch.Tensor, resampled: torch.Tensor, length: int, senders: list[Head],
                      receivers: list[Head]) -> pd.DataFrame:
@@ -96,16 +88,15 @@ def path_patch_table(model, clean: torch.Tensor, resampled: torch.Tensor, length
         >>> len(df), list(df.columns[:4])
         (6, ['sender', 'receiver', 'receiver_input', 'effect'])
     """
-    from interventions.primitives.patching import path_patch
-
     metric = second_copy_loss(length)
     base = metric(model(clean).logits, clean).cpu()  # (n,)
     rows = []
     for kind in RECEIVER_INPUTS:
-        # one path patch per prompt, so the effect has a standard error over prompts
-        per = torch.stack([path_patch(model, clean[i:i + 1], resampled[i:i + 1], metric, senders, receivers,
-                                      receiver_input=kind, direction="corrupted_to_clean", progress=False).cpu()
-                           for i in range(clean.shape[0])])  # (n, senders, receivers)
+        # each prompt's path patch, so the effect has a standard error over prompts (the same numbers, bit for
+        # bit, as one call per prompt on the default run's model and prompts)
+        per = path_patch(model, clean, resampled, metric, senders, receivers, receiver_input=kind,
+                         direction="corrupted_to_clean", progress=False, reduce=False)  # (senders, receivers, n)
+        per = per.permute(2, 0, 1)  # (n, senders, receivers)
         eff = (per - base[:, None, None]).double()
         n = eff.shape[0]
         se = eff.std(0, unbiased=True) / math.sqrt(n) if n > 1 else torch.full(eff.shape[1:], float("nan"))

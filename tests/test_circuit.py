@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments.circuit import circuit_heads, path_patch_table, second_copy_loss
+from experiments.circuit import circuit_heads, path_patch_table
+from interventions.primitives.patching import second_copy_loss
 from interventions import path_patch
 from interventions.analysis.scores import probe_sequences
 from interventions.engine.heads import Head

@@ -281,3 +281,78 @@ def test_path_patch_bad_input():
         path_patch(model, t, t, lambda logits: logits[:, -1, 0], "L0H0", "L1H1")
     with pytest.raises(ValueError, match="heads 0-3"):
         path_patch(model, t, t, _metric, "L0H0", "L1H7")
+
+
+def test_second_copy_loss_by_hand_and_on_padded_rows():
+    """second_copy_loss(L) is the mean loss of the last L - 1 tokens (the second copy from its second
+    token on), by log-softmax by hand, with or without BOS; on a left- or right-padded batch each row's
+    value is its unpadded one; a length or prompt that cannot hold two copies is refused naming the fix."""
+    from interventions.primitives.patching import second_copy_loss
+
+    model = circuit_model(2)
+    clean = repeated_random_tokens(POOL, 20, 2, 3, BOS, seed=0)  # (3, 41): BOS + 20 tokens, twice
+    with torch.no_grad():
+        logits = model(clean).logits
+    logp = logits[:, 21:-1].double().log_softmax(-1)
+    hand = -logp.gather(-1, clean[:, 22:, None]).squeeze(-1).mean(-1)
+    assert torch.allclose(second_copy_loss(20)(logits, clean).double(), hand, atol=1e-6)
+    no_bos = clean[:, 1:]  # A + A
+    with torch.no_grad():
+        logits_nb = model(no_bos).logits
+    logp = logits_nb[:, 20:-1].double().log_softmax(-1)
+    hand = -logp.gather(-1, no_bos[:, 21:, None]).squeeze(-1).mean(-1)
+    assert torch.allclose(second_copy_loss(20)(logits_nb, no_bos).double(), hand, atol=1e-6)
+    # padding: row 0 shifted right by 3 (left padding), row 1 left by 0 with 3 pad columns after (right padding)
+    pad = torch.zeros(2, 44, dtype=torch.long)
+    mask = torch.zeros(2, 44, dtype=torch.long)
+    pad[0, 3:], mask[0, 3:] = clean[0], 1
+    pad[1, :41], mask[1, :41] = clean[1], 1
+    with torch.no_grad():
+        padded = torch.zeros(2, 44, logits.shape[-1])
+        padded[0, 3:], padded[1, :41] = logits[0], logits[1]
+    got = second_copy_loss(20)(padded, pad, attention_mask=mask)
+    assert torch.allclose(got, second_copy_loss(20)(logits, clean)[:2], atol=1e-6)
+    for bad in (1, 0, 2.0, True):
+        with pytest.raises(ValueError, match="integer >= 2"):
+            second_copy_loss(bad)
+    with pytest.raises(ValueError, match="length of the repeated"):
+        second_copy_loss(21)(logits, clean)
+    with pytest.raises(ValueError, match="tokens of the run"):
+        second_copy_loss(20)(logits, clean[:, :-1])
+
+
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+def test_path_patch_reduce_false_equals_one_call_per_prompt(kind):
+    """path_patch(reduce=False) gives (senders, receivers, batch): each prompt's entry is what a call on
+    that prompt alone gives (built-in and own metrics), and their mean the reduced result."""
+    from interventions.primitives.patching import logit_diff, second_copy_loss
+
+    model = circuit_model(2)
+    clean = repeated_random_tokens(POOL, 20, 2, 4, BOS, seed=0)
+    resampled = repeated_random_tokens(POOL, 20, 2, 4, BOS, seed=1)
+    metrics = {"second copy": lambda rows: second_copy_loss(20), "mean loss": lambda rows: mean_loss_metric,
+               "logit diff": lambda rows: logit_diff(clean[rows, -1], resampled[rows, -1])}  # ids for those rows
+    for name, metric_for in metrics.items():
+        metric = metric_for(slice(None))
+        out = path_patch(model, clean, resampled, metric, ["L0H0", "L0H1"], ["L1H0", "L1H1"], receiver_input=kind,
+                         direction="corrupted_to_clean", reduce=False)
+        assert out.shape == (2, 2, 4)
+        for i in range(4):
+            one = path_patch(model, clean[i:i + 1], resampled[i:i + 1], metric_for(slice(i, i + 1)), ["L0H0", "L0H1"],
+                             ["L1H0", "L1H1"], receiver_input=kind, direction="corrupted_to_clean")
+            assert torch.allclose(out[..., i], one, atol=1e-5), (name, i)
+        mean = path_patch(model, clean, resampled, metric, ["L0H0", "L0H1"], ["L1H0", "L1H1"], receiver_input=kind,
+                          direction="corrupted_to_clean")
+        assert torch.allclose(out.mean(-1), mean, atol=1e-5)
+
+
+def test_path_patch_reduce_false_refuses_a_scalar_metric():
+    """A metric that returns one number for the batch cannot be split by prompt: reduce=False refuses it
+    before any patched run, naming both fixes; reduce must be a bool."""
+    model = circuit_model(2)
+    t = repeated_random_tokens(POOL, 5, 2, 2, BOS, seed=0)
+    with pytest.raises(ValueError, match=r"return a \(batch,\) tensor.*reduce=True"):
+        path_patch(model, t, t.flip(0), lambda logits, tokens: _metric(logits, tokens).mean(), "L0H0", "L1H0",
+                   reduce=False)
+    with pytest.raises(ValueError, match="reduce="):
+        path_patch(model, t, t.flip(0), mean_loss_metric, "L0H0", "L1H0", reduce="none")

@@ -145,7 +145,7 @@ def test_share_removed_by_hand_and_undefined_without_clean_icl():
     are NaN: a clean +0.05 and an ablation to -0.10 gave share +3.0 ("removes 300%" of ICL it added),
     a clean mean of 0 a share of -inf (a mean of -1e-18, -3.6e17), silently; where resamples reach a
     clean mean >= 0 the s.e. is NaN."""
-    from experiments.ablations import N_BOOT, share_removed
+    from interventions.analysis.icl_ablation import N_BOOT, share_removed
 
     g = np.random.default_rng(1)
     clean = -0.4 + g.normal(0, 0.2, 300)

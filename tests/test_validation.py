@@ -89,6 +89,12 @@ API_CASES = {
     "batch_size 0": (lambda m, t: iv.per_token_loss(m, t, batch_size=0), "positive integer"),
     "batch_size True": (lambda m, t: iv.per_token_loss(m, t, batch_size=True), "positive integer"),
     "icl_score batch_size True": (lambda m, t: iv.icl_score(m, t, batch_size=True), "positive integer"),
+    "icl_score ablation a number": (lambda m, t: iv.icl_score(m, t, ablation=3), "neither an ablation"),
+    "icl_share_removed no heads": (lambda m, t: iv.icl_share_removed(m, t, []), "ablation is empty"),
+    "icl_share_removed head out of range": (lambda m, t: iv.icl_share_removed(m, t, "L9H0"), "out of range"),
+    "icl_share_removed n_boot 0": (lambda m, t: iv.icl_share_removed(m, t, "L1H0", n_boot=0), "n_boot=0"),
+    "path_patch reduce=False scalar metric": (lambda m, t: iv.path_patch(
+        m, t, t.flip(0), lambda logits, tokens: logits.mean(), "L0H0", "L1H0", reduce=False), "reduce=True"),
     "heads given as a bare int": (lambda m, t: iv.ZeroAblation(1), "cannot read 1 as heads"),
     "cache sites not names": (lambda m, t: iv.run_with_cache(m, t, 3), "sites must be"),
     "resample seed not an int": (lambda m, t: iv.ResampleAblation("L0H0", reference=t, seed=0.5), "seed=0.5"),

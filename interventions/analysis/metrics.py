@@ -3,8 +3,10 @@
 * ``icl_score(model, windows)``: mean loss of the late token minus mean loss of the early token
   (paper: 500th and 50th of 512), with its paired standard error.
 * ``loss_by_token_index(model, windows)``: the loss-vs-context curve (token_index, loss, sem, n).
-* ``icl_from_losses(losses, early, late)``: the same score from a per-token-loss array you already have
-  (e.g. under an ablation).
+* ``icl_from_losses(losses, early, late)``: the same score from a per-token-loss array you already have.
+* ``icl_per_window(losses, early, late, band)``: each window's score, (n,), for paired statistics.
+* ``icl_score(model, windows, ablation=...)``: the score with heads ablated (the share of it an ablation
+  removes: ``interventions.analysis.icl_ablation``).
 
 Token numbering: the k-th token of a window (1-indexed) is predicted from the k-1 tokens before
 it; in a per-token loss array of shape (batch, pos - 1) it is entry k - 2.
@@ -27,6 +29,8 @@ import math
 import numpy as np
 import torch
 
+from ..engine.heads import parse_heads
+from ..primitives.ablation import Ablation, ZeroAblation, as_ablations
 from ..primitives.loss import check_aligned, loss_by_position, per_token_loss
 
 PAPER_EARLY, PAPER_LATE, PAPER_CTX = 50, 500, 512
@@ -146,6 +150,43 @@ def icl_band_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) 
     return band_mean(early), band_mean(late)
 
 
+def icl_per_window(losses: torch.Tensor, early: int | None = None, late: int | None = None,
+                   band: int = 0) -> np.ndarray:
+    """(n,) float64: each window's ICL score (late band minus early band), nats, from (n, pos - 1) losses;
+    early and late default to ``icl_indices(pos)``. Its mean is ``icl_from_losses``' score.
+
+        >>> icl_per_window(torch.tensor([[3.0, 1.0, 2.0], [1.0, 1.0, 0.5]]), early=2, late=4).tolist()
+        [-1.0, -0.5]
+    """
+    e, l_ = icl_band_losses(losses, early, late, band)  # (n,), (n,)
+    return (l_ - e).numpy()
+
+
+def resolve_ablation(ablation) -> list[Ablation]:
+    """The ablations an ``ablation=`` argument names: an ``Ablation``, a list of them, or heads
+    ("L1H3", ``Head(1, 3)``, (1, 3) or a list of them), which mean ``ZeroAblation(heads)``, as
+    ``ablation_sweep``'s default kind (the paper's kind is ``PatternPreserving(ZeroAblation(heads))``).
+    None or [] is no ablation ([]).
+
+        >>> resolve_ablation("L1H3, L0H0")
+        [ZeroAblation(L1H3, L0H0)]
+    """
+    if ablation is None:
+        return []
+    if isinstance(ablation, Ablation) or (isinstance(ablation, (list, tuple)) and ablation
+                                          and all(isinstance(a, Ablation) for a in ablation)):
+        return as_ablations(ablation)
+    if isinstance(ablation, (list, tuple)) and not ablation:
+        return []
+    try:
+        heads = parse_heads(ablation)
+    except ValueError:
+        raise ValueError(f"ablation={ablation!r} is neither an ablation, a list of ablations nor heads: pass e.g. "
+                         "iv.PatternPreserving(iv.ZeroAblation('L1H3')), a list of such objects, or heads "
+                         "('L1H3', Head(1, 3), (1, 3) or a list of them: zero ablation)") from None
+    return [ZeroAblation(heads)]
+
+
 def icl_from_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) -> dict:
     """The ICL score from a (n, pos - 1) per-token-loss array (entry k - 2 is the k-th token's loss).
 
@@ -170,8 +211,9 @@ def icl_from_losses(losses: torch.Tensor, early: int, late: int, band: int = 0) 
 
 
 def icl_score(model, windows, early: int | None = None, late: int | None = None, batch_size: int = 16,
-              band: int = 0) -> dict:
-    """In-context-learning score of ``model`` on evaluation ``windows`` (Olsson et al. 2022).
+              band: int = 0, ablation=None) -> dict:
+    """In-context-learning score of ``model`` on evaluation ``windows`` (Olsson et al. 2022), optionally
+    with heads ablated.
 
     icl_score = mean loss of the ``late``-th token - mean loss of the ``early``-th token (1-indexed),
     by default ``icl_indices(pos)`` (the paper: 500th and 50th of 512). Sign: late minus early, so a
@@ -184,6 +226,10 @@ def icl_score(model, windows, early: int | None = None, late: int | None = None,
         batch_size: windows per forward pass (same result for any value).
         band: average each window's loss over ``band`` tokens either side of early and late (0: the
             paper's single tokens; ``icl_band(pos)`` is the experiments' choice).
+        ablation: None (the clean model), an ``Ablation``, a list of them (applied together), or heads
+            (zero ablation; ``resolve_ablation``): the score of the ablated run on the same windows. For
+            the share of the clean score it removes, with paired standard errors, use
+            ``interventions.analysis.icl_ablation.icl_share_removed``.
 
     Returns:
         dict with ``icl_score``, ``sem`` (paired standard error), ``n``, ``early``, ``late``, ``band``,
@@ -196,13 +242,20 @@ def icl_score(model, windows, early: int | None = None, late: int | None = None,
         >>> r = icl_score(model, torch.randint(0, 20, (4, 64)))  # a trained model scores negative
         >>> r["early"], r["late"], r["n"], r["icl_score"] == r["loss_late"] - r["loss_early"]
         (6, 62, 4, True)
+        >>> without = icl_score(model, torch.randint(0, 20, (4, 64)), ablation="L0H1")  # zero-ablated head
+        >>> without["n"]
+        4
     """
     windows = as_windows(windows)
     if windows.shape[0] == 0:
         raise ValueError("windows holds no window (shape (0, pos)): pass at least one")
     early, late = check_icl_indices(windows.shape[1], early, late)
     check_icl_band(band, early, late)  # before the forward passes
-    losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos - 1)
+    ablations = resolve_ablation(ablation)
+    if ablations:
+        losses = per_token_loss(model, windows, ablations, batch_size=batch_size)  # (n, pos - 1)
+    else:  # the clean run
+        losses = per_token_loss(model, windows, batch_size=batch_size)  # (n, pos - 1)
     return icl_from_losses(losses, early, late, band)
 
 

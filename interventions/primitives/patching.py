@@ -17,7 +17,9 @@ Sites (names and shapes in ``interventions.engine.sites``):
     recomputed, so sender -> MLP -> receiver counts as part of the path; under grouped-query
     attention a k or v path ends in the receiver query head alone.
 
-A metric is a function ``metric(logits, tokens) -> (batch,)`` (or a scalar tensor). The patching
+A metric is a function ``metric(logits, tokens) -> (batch,)`` (or a scalar tensor); here:
+``mean_loss_metric`` (every position), ``second_copy_loss(length)`` (the second copy of a repeated
+prompt, for induction) and ``logit_diff(correct, wrong)``. The patching
 functions call it with the logits *and the tokens of the run being measured* (the target run), so a
 loss cannot be computed against the wrong tokens. Results are its mean over the batch. Patches are
 batched: the target tokens are repeated k times along the batch and patch j is written only into rows
@@ -32,16 +34,18 @@ identically (each pair of prompts of one length, padded at the same columns; onl
 checked). Every run takes it (each real token at
 its unpadded position), and so does the metric, which is then called
 ``metric(logits, tokens, attention_mask=mask)`` and must leave padding out: a metric without that
-parameter is refused before any run. The built-ins do: ``mean_loss_metric`` averages the losses whose
-context and target are real tokens, and ``logit_diff``'s ``pos`` counts each row's real tokens (-1: its
-last real token). A patch at one position (``by="head_pos"``, ``patch_residual``) counts only the rows
-with a real token there (a patch on padding changes nothing); positions are the padded batch's columns
+parameter is refused before any run. The metrics here do: ``mean_loss_metric`` averages the losses whose
+context and target are real tokens, ``second_copy_loss`` takes each row's last real tokens, and
+``logit_diff``'s ``pos`` counts each row's real tokens (-1: its last real token). A patch at one
+position (``by="head_pos"``, ``patch_residual``) counts only the rows with a real token there (a patch
+on padding changes nothing); positions are the padded batch's columns
 (left padding aligns the prompts' ends, right padding their starts), and a column of padding only gives
 NaN. So every entry is the mean over the prompts it patched of what each gives run unpadded on its own
 (tested).
 
 The two built-in metrics are reduced where the model runs: ``mean_loss_metric`` from the per-token
-loss, ``logit_diff`` from the two logits it compares. That matters remotely: ``patch_heads``,
+loss, ``logit_diff`` from the two logits it compares (``second_copy_loss`` is called on the logits, as
+your own metric is). That matters remotely: ``patch_heads``,
 ``patch_residual`` and ``path_patch`` take ``remote=True`` (NDIF, ``model`` an ``nnsight.LanguageModel``
 made from a hub id) or ``"local"`` (nnsight's offline simulation; see ``interventions.engine.remote``),
 one job per forward pass, and with a built-in metric only (batch, pos - 1) losses or (batch, 2) logits per
@@ -195,6 +199,47 @@ def mean_loss_metric(logits: torch.Tensor, tokens: torch.Tensor,
     return _real_mean(loss_from_logits(logits, tokens), attention_mask)
 
 
+def second_copy_loss(length: int) -> Metric:
+    """Metric: mean next-token loss (nats) of each prompt's second copy of a repeated sequence, from its
+    second token on: (batch,). For prompts ending in ``length`` tokens repeated (BOS + A + A, or A + A):
+    the last ``length - 1`` tokens, which an induction head can predict from the first copy (the second
+    copy's first token cannot be predicted from it). ``mean_loss_metric`` averages every position, so on
+    such prompts an effect on the second copy is diluted by the first copy's unpredictable tokens.
+
+    Returns ``metric(logits, tokens, attention_mask=None) -> (batch,)``; with a mask (left or right
+    padding) each row's last ``length - 1`` real tokens count.
+
+    Example:
+        >>> tokens = torch.tensor([[0, 5, 6, 7, 5, 6, 7]])  # BOS + A + A, length 3
+        >>> logits = torch.zeros(1, 7, 10); logits[0, 4, 6] = logits[0, 5, 7] = 100.0  # copies 6, 7 perfectly
+        >>> second_copy_loss(3)(logits, tokens).tolist()  # tokens 6 and 7 of the second copy: no loss
+        [0.0]
+    """
+    if not isinstance(length, int) or isinstance(length, bool) or length < 2:
+        raise ValueError(f"length={length!r} must be an integer >= 2: the number of tokens repeated (the second copy "
+                         "from its second token on is measured)")
+
+    def metric(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not torch.is_tensor(tokens) or tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
+            raise ValueError("second_copy_loss(length)(logits, tokens) needs the (batch, pos) tokens of the run the "
+                             "logits come from; pass the metric itself to the patching functions")
+        check_mask(attention_mask, tokens)
+        real = tokens.shape[1] if attention_mask is None else int(attention_mask.bool().sum(-1).min())
+        if real < 2 * length:
+            raise ValueError(f"second_copy_loss({length}) needs prompts that end in {length} tokens repeated (at least "
+                             f"{2 * length} real tokens), but a row has {real}: pass the length of the repeated "
+                             "sequence")
+        losses = loss_from_logits(logits, tokens)  # (batch, pos - 1)
+        if attention_mask is None:
+            return losses[:, -(length - 1):].mean(-1)  # (batch,)
+        m = attention_mask.to(losses.device).bool()
+        after = m.flip(-1).long().cumsum(-1).flip(-1)  # (batch, pos): real tokens at or after each column
+        second = m[:, :-1] & m[:, 1:] & (after[:, 1:] <= length - 1)  # (batch, pos - 1): last length - 1 targets
+        return losses.where(second, 0).sum(-1) / (length - 1)
+
+    return metric
+
+
 def _real_mean(losses: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """(batch, pos - 1) per-token losses -> (batch,) mean over the entries whose context and target are
     real tokens (all entries without a mask)."""
@@ -280,16 +325,19 @@ def _builtin(metric: Metric) -> bool:
 
 
 def _evaluate(metric: Metric, logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
-             one_position: bool = False) -> torch.Tensor:
+             one_position: bool = False, per_row: bool = False) -> torch.Tensor:
     """``metric`` on one block of rows (given the mask when there is one), its shape checked: (batch,)
     or a scalar; a scalar is refused when ``one_position`` patches on a padded batch must leave out
-    the rows that are padding there."""
+    the rows that are padding there, and when ``per_row`` results are asked for (``reduce=False``)."""
     batch = tokens.shape[0]
     value = metric(logits, tokens) if mask is None else metric(logits, tokens, attention_mask=mask)
     if not torch.is_tensor(value) or value.dim() > 1 or (value.dim() == 1 and value.shape[0] != batch):
         shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
         raise ValueError(f"the metric returned {shape}: it must map logits (batch, pos, vocab) to a "
                          f"(batch,) tensor (batch={batch}) or a scalar tensor")
+    if per_row and value.dim() == 0:
+        raise ValueError("reduce=False needs one value per prompt, but the metric returned a scalar: return a "
+                         f"(batch,) tensor (batch={batch}), or pass reduce=True for the mean over the batch")
     if one_position and value.dim() == 0 and mask is not None and not bool(mask.all()):
         raise ValueError("the metric returned a scalar, but on this padded batch a patch at one position must "
                          "count only the rows with a real token there: return one value per row, a "
@@ -309,6 +357,12 @@ def _mean(values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return (values if rows is None else values[rows.to(values.device)]).float().mean().cpu()
 
 
+def _rows_or_nan(values: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """(batch,) values on the CPU as float32 (as ``_mean``), NaN at the rows a patch does not count."""
+    values = values.float().cpu()
+    return values if rows is None else values.where(rows.cpu(), float("nan"))
+
+
 def _patched_rows(patch: Write | tuple[Write, ...], mask: torch.Tensor | None) -> torch.Tensor | None:
     """The rows a patch at one position counts on a padded batch (bool (batch,): those with a real token
     there); None: every row (no mask, a patch at every position, or no padding at that position)."""
@@ -321,13 +375,14 @@ def _patched_rows(patch: Write | tuple[Write, ...], mask: torch.Tensor | None) -
 
 
 def _source_run(engine: Engine, source: torch.Tensor, reads: list[Site], metric: Metric,
-                mask: torch.Tensor | None, one_position: bool = False) -> dict[str, torch.Tensor]:
+                mask: torch.Tensor | None, one_position: bool = False,
+                per_row: bool = False) -> dict[str, torch.Tensor]:
     """The source run's activations at ``reads``. A metric of your own is evaluated once on its logits,
-    so one that returns the wrong shape is refused before any patched run."""
+    so one that returns the wrong shape (or a scalar when ``per_row``) is refused before any patched run."""
     own = not _builtin(metric)
     result = engine.run(Run(source, reads=reads, attention_mask=mask, returns="logits" if own else "none"))
     if own:
-        _evaluate(metric, result.logits, source, mask, one_position)
+        _evaluate(metric, result.logits, source, mask, one_position, per_row)
     return result.acts
 
 
@@ -335,16 +390,18 @@ def _source_run(engine: Engine, source: torch.Tensor, reads: list[Site], metric:
 
 def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tuple[Write, ...]], metric: Metric,
              per_pass: int, progress: bool | None = None, from_layer: int = 0,
-             prefix: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+             prefix: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+             reduce: bool = True) -> torch.Tensor:
     """Metric (mean over batch) of ``target`` with each patch (a ``Write`` without rows, or a tuple of
     them applied together) applied alone: a (len(patches),) tensor. Up to ``per_pass`` patches share
     one forward pass on ``target`` repeated along the batch. The built-in metrics are reduced in the trace (module docstring).
     ``from_layer``/``prefix``: every patch lies in that layer or above, and ``prefix`` (batch, pos,
     d_model) is the target run's residual entering it: the blocks below are skipped (they compute what
     the target run computed). ``mask``: the batch's attention mask; a patch at one position counts
-    only the rows with a real token there (module docstring)."""
+    only the rows with a real token there (module docstring). ``reduce=False``: each row's metric, a
+    (len(patches), batch) tensor (NaN at rows a patch does not count)."""
     b = target.shape[0]
-    out = torch.empty(len(patches))
+    out = torch.empty(len(patches)) if reduce else torch.empty(len(patches), b)
     starts = range(0, len(patches), per_pass)
     bar = passes(len(starts), "patching", progress)
     if isinstance(metric, LogitDiff):
@@ -361,16 +418,23 @@ def _measure(engine: Engine, target: torch.Tensor, patches: Sequence[Write | tup
                         attention_mask=None if mask is None else mask.repeat(k, 1))
             if metric is mean_loss_metric:
                 loss = engine.run(Run(rep, writes=writes, returns="loss", **skip)).loss  # (k * batch, pos - 1)
-                values = _block_means(_real_mean(loss, skip["attention_mask"]), k, b, rows)
+                per_row = _real_mean(loss, skip["attention_mask"])  # (k * batch,)
             elif isinstance(metric, LogitDiff):
                 where = metric.pos if mask is None else metric.columns(mask).repeat(k)  # each row's column
                 pair = engine.run(Run(rep, writes=writes, returns=Gather(where, metric.ids(b).repeat(k, 1)),
                                       **skip)).gathered
-                values = _block_means(pair[:, 0] - pair[:, 1], k, b, rows)
+                per_row = pair[:, 0] - pair[:, 1]  # (k * batch,)
             else:  # your metric, on the logits of each block of rows
                 logits = engine.run(Run(rep, writes=writes, **skip)).logits  # (k * batch, pos, vocab)
-                values = [_mean(_evaluate(metric, logits[j * b:(j + 1) * b], target, mask, rows[j] is not None),
-                                rows[j]) for j in range(k)]
+                blocks = [_evaluate(metric, logits[j * b:(j + 1) * b], target, mask, rows[j] is not None,
+                                    per_row=not reduce) for j in range(k)]  # k x (batch,) or scalars
+                per_row = None if reduce else torch.cat(blocks)
+                if reduce:
+                    values = [_mean(v, rows[j]) for j, v in enumerate(blocks)]
+            if not reduce:
+                values = [_rows_or_nan(per_row[j * b:(j + 1) * b], rows[j]) for j in range(k)]  # k x (batch,)
+            elif per_row is not None:
+                values = _block_means(per_row, k, b, rows)
             out[start:start + k] = torch.stack(values)
             if bar is not None:
                 bar.update(1)
@@ -492,7 +556,7 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
                senders: HeadLike | Sequence[HeadLike], receivers: HeadLike | Sequence[HeadLike],
                receiver_input: Literal["q", "k", "v"] = "k", direction: Direction = "clean_to_corrupted",
                patches_per_pass: int = 8, remote: Remote = False, progress: bool | None = None,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+               attention_mask: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
     """Path patching: the metric when only the path sender -> receiver's ``receiver_input`` carries
     the source run's sender output (Wang et al. 2022; Goldowsky-Dill et al. 2023).
 
@@ -525,11 +589,22 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
             ceil(senders / patches_per_pass) + ceil(senders x receivers / patches_per_pass) jobs.
         attention_mask: (batch, pos), 1 = real token: one mask for clean and corrupted, which must be
             padded identically; every run of both steps takes it (module docstring).
+        reduce: True (default) averages the metric over the batch; False keeps each prompt's value, for a
+            standard error over prompts (the metric must then return (batch,), not a scalar).
 
     Returns:
-        (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched. It is
-        not an effect: subtract the metric of the unpatched target run. For a standard error over prompts
-        call it once per prompt (``experiments.circuit.path_patch_table`` does).
+        (len(senders), len(receivers)): the metric (mean over the batch) with that one path patched;
+        with ``reduce=False`` (len(senders), len(receivers), batch), each prompt's, equal to one call per
+        prompt up to float rounding (the batch is run together). It is not an effect: subtract the metric
+        of the unpatched target run.
+
+    Example:
+        >>> from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+        >>> model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=2, n_heads=2, d_model=16, vocab_size=20)).eval()
+        >>> prompts = torch.randint(1, 20, (3, 4)).repeat(1, 2)  # A + A, length 4
+        >>> path_patch(model, prompts, prompts.roll(1, 0), second_copy_loss(4), ["L0H0", "L0H1"], "L1H0",
+        ...            direction="corrupted_to_clean", reduce=False).shape  # (senders, receivers, batch)
+        torch.Size([2, 1, 3])
     """
     check_progress(progress)
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote, attention_mask)
@@ -537,6 +612,8 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
     check_positive(patches_per_pass, "patches_per_pass")
     if receiver_input not in ("q", "k", "v"):
         raise ValueError(f"receiver_input={receiver_input!r} is unknown: use 'q', 'k' or 'v'")
+    if reduce is not True and reduce is not False:
+        raise ValueError(f"reduce={reduce!r} must be True (mean over the batch) or False (one value per prompt)")
     a = engine.adapter
     senders, receivers = parse_heads(senders), parse_heads(receivers)
     for role, heads in (("senders", senders), ("receivers", receivers)):
@@ -555,7 +632,7 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
     top = max(r_layers)
     z_sites = [Site(layer, "z") for layer in range(top)]
     mask = attention_mask
-    src = _source_run(engine, source, [Site(s.layer, "z") for s in senders], metric, mask)
+    src = _source_run(engine, source, [Site(s.layer, "z") for s in senders], metric, mask, per_row=not reduce)
     # step 2 patches nothing below the first receiver layer: those blocks are the target run's (locally
     # skipped; remotely recomputed, as sending their output for every block of rows would cost more)
     first = 0 if engine.remote else min(r_layers)
@@ -585,6 +662,6 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
                 + tuple(Write(Site(r.layer, "z"), tgt[f"L{r.layer}.z"][:, :, h], head=h) for h in others))
 
     patches = [patch(s, r) for s in senders for r in receivers]
-    return _measure(engine, target, patches, metric, patches_per_pass, progress, from_layer=first,
-                    prefix=tgt[f"L{first}.resid_pre"] if first > 0 else None,
-                    mask=mask).view(len(senders), len(receivers))
+    out = _measure(engine, target, patches, metric, patches_per_pass, progress, from_layer=first,
+                   prefix=tgt[f"L{first}.resid_pre"] if first > 0 else None, mask=mask, reduce=reduce)
+    return out.view(len(senders), len(receivers)) if reduce else out.view(len(senders), len(receivers), b)
