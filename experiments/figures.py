@@ -223,7 +223,7 @@ def fig_icl_over_training(root: Path, out: Path):
     _log_axis(ax)
     ax.set_xlabel("training tokens")
     ax.set_title("in-context learning score over training")
-    _legend_below(fig, ax, ncol=3, title=SEED_BANDS if seeded else None)
+    _legend_below(fig, ax, ncol=2 if seeded else 3, title=SEED_BANDS if seeded else None)
     return _save(fig, out, "icl_over_training")
 
 
@@ -254,7 +254,7 @@ def fig_loss_curves(root: Path, out: Path):
     _log_axis(ax)
     ax.set_xlabel("training tokens")
     ax.set_title("validation loss over training")
-    _legend_below(fig, ax, ncol=3, title=SEED_BANDS if seeded else None)
+    _legend_below(fig, ax, ncol=2 if seeded else 3, title=SEED_BANDS if seeded else None)
     return _save(fig, out, "loss_curves")
 
 
@@ -319,7 +319,8 @@ def fig_pca(root: Path, out: Path):
         return []
     several = "pairs" in pca and pca.pairs.nunique(dropna=False) > 1
     sets = list(pca.groupby("pairs", sort=False, dropna=False)) if several else [(None, pca)]
-    fig, axes = plt.subplots(1, len(sets), figsize=(COLUMN_WIDTH * len(sets), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(COLUMN_WIDTH * len(sets), 2.6), squeeze=False,
+                             layout="constrained")
     win = _read(root, "phase_change", "windows")
     for ax, (pairs, p) in zip(axes[0], sets):
         _pca_panel(ax, p, win, None if pairs is None else f"PCA pairs {pairs}")
@@ -357,7 +358,9 @@ def _pca_panel(ax, pca: pd.DataFrame, win: pd.DataFrame | None, fit: str | None)
     ax.plot([], [], END_MARKER, color="0.7", markersize=5, mec="k", mew=0.5, label=END_LABEL)
     ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
     ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
-    if fam is not None:
+    if fam is not None and len(ax.figure.axes) == 1:  # under the figure: at the right it made it 4.4 in wide
+        _legend_below(ax.figure, ax, ncol=3, title="one line per seed")
+    elif fam is not None:
         _legend_outside(ax, "one line per seed")
     else:
         ax.legend(frameon=False)
@@ -429,7 +432,7 @@ def fig_attribution(root: Path, out: Path, model: str = "attn-2l"):
     ax.set_ylabel("before-and-after attribution\n(fraction of phase-change loss drop)")
     ax.set_title(f"{model}: each head's share of the loss drop\n({int(at[at.in_window].tokens.nunique())} "
                  "checkpoints inside the ICL window)", fontsize=8)
-    _legend_below(fig, ax, ncol=5)
+    _legend_below(fig, ax, ncol=4)
     return _save(fig, out, f"attribution_over_training_{model}")
 
 
@@ -539,7 +542,8 @@ def fig_smear(root: Path, out: Path):
     axes[0].set_ylabel("ICL score (nats)")
     axes[1].set_ylabel("best head's induction score\n(attention share)")
     _legend_below(fig, axes[0], ncol=4)
-    axes[1].get_legend().remove()
+    if axes[1].get_legend() is not None:
+        axes[1].get_legend().remove()
     fig.suptitle("smeared keys (dashed) against vanilla attention (solid) over training", fontsize=9)
     return _save(fig, out, "smeared_vs_vanilla")
 
