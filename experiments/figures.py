@@ -717,7 +717,8 @@ def mosaic_figure(sv: pd.DataFrame):
         ax.axis("off")
     fig.supxlabel("head", fontsize=8)
     fig.supylabel("layer", fontsize=8)
-    fig.colorbar(im, ax=axes, label="induction score", shrink=min(1.0, 4.0 / (rows * panel_h + 0.5)))
+    fig.colorbar(im, ax=axes, label="induction score (attention share)", shrink=min(1.0, 4.0 / (rows * panel_h + 0.5)))
+    fig.suptitle("induction score of every head, one panel per model", fontsize=9)
     return fig
 
 
