@@ -75,24 +75,26 @@ def write_tables(root) -> None:
          for m in MODELS for la, h in HEADS[: 4 if m.endswith("1l") else 8]]))
 
 
-@pytest.fixture
-def figures_drawn(tmp_path, monkeypatch):
-    """Every figure of ``write_tables``' tables, by name, drawn (not saved)."""
-    from experiments import figures
-
-    write_tables(tmp_path)
-    saved = {}
-    monkeypatch.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
-    for fn in figures.ALL:
-        fn(tmp_path, tmp_path / "figures")
-    for model in MODELS:
-        for fn in figures.PER_MODEL:
-            fn(tmp_path, tmp_path / "figures", model)
-    for fn in figures.PER_ABLATED + figures.PER_CIRCUIT:
-        fn(tmp_path, tmp_path / "figures", "attn-2l")
-    yield saved
+@pytest.fixture(scope="module")
+def figures_drawn(tmp_path_factory):
+    """Every figure of ``write_tables``' tables, by name, drawn (not saved); drawn once for the module."""
     import matplotlib.pyplot as plt
 
+    from experiments import figures
+
+    root = tmp_path_factory.mktemp("tables")
+    write_tables(root)
+    saved = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(figures, "_save", lambda fig, out, name: saved.setdefault(name, fig) and [])
+        for fn in figures.ALL:
+            fn(root, root / "figures")
+        for model in MODELS:
+            for fn in figures.PER_MODEL:
+                fn(root, root / "figures", model)
+        for fn in figures.PER_ABLATED + figures.PER_CIRCUIT:
+            fn(root, root / "figures", "attn-2l")
+    yield saved
     for fig in saved.values():
         plt.close(fig)
 
