@@ -279,8 +279,15 @@ def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
     w = d.dropna(subset=["wall_s"])
     if len(w) > 1:  # a top axis of wall-clock minutes (interpolated between checkpoints)
         minutes = [m for m in (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 240) if m <= w.wall_s.max() / 60]
+        at = np.interp(minutes, w.wall_s / 60, w.tokens)
+        lo, hi = ax.get_xlim()
+        keep = []  # each tick at least 8% of the axis from the last (20 and 30 min ran together as "2030")
+        for i, t in enumerate(at):
+            if not keep or np.log(t / at[keep[-1]]) >= 0.08 * np.log(hi / lo):
+                keep.append(i)
+        minutes, at = [minutes[i] for i in keep], at[keep]
         top = ax.secondary_xaxis("top")
-        top.set_xticks(np.interp(minutes, w.wall_s / 60, w.tokens))
+        top.set_xticks(at)
         top.set_xticklabels([f"{m:g}" for m in minutes], fontsize=6)
         top.xaxis.set_minor_locator(NullLocator())  # else the token axis's log minor ticks, meaningless in minutes
         top.set_xlabel("wall-clock of training (min)", fontsize=7)

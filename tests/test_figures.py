@@ -27,7 +27,7 @@ def write_tables(root) -> None:
             ck.append({"model": model, "step": j, "tokens": t, "icl_score": icl + 0.02 * g.normal(),
                        "icl_sem": 0.03, "val_loss": 2 + fall[j] - 0.1 * np.log10(t / 1e3)})
             tr.append({"model": model, "tokens": t, "val_loss": ck[-1]["val_loss"], "repeat_loss_first": 5.8,
-                       "repeat_loss_second": 5.8 - 1.5 * (rise[j] if np.ndim(rise) else 0), "wall_s": t / 3e4})
+                       "repeat_loss_second": 5.8 - 1.5 * (rise[j] if np.ndim(rise) else 0), "wall_s": t / 1e4})
             for la, h in HEADS[: 4 if model.endswith("1l") else 8]:
                 top = (la, h) == ((1, 3) if model == "attn-2l" else (0, 0))
                 for score in ("induction", "previous_token", "prefix_matching"):
