@@ -31,6 +31,79 @@ def style():
     return sns
 
 
+# One colour per model in every figure (a model's seeds share it): the reproduction's four models first, in
+# the colours the figures gave them before there was this table; any other model (a survey's, a custom
+# run) takes the next palette colours in order of appearance.
+MODEL_ORDER = ("attn-1l", "attn-2l", "smear-1l", "smear-2l")
+
+
+def model_colors(models) -> dict[str, tuple]:
+    """Colour of each name in ``models`` (runs ``attn-2l-s1`` get their model's), the same in every figure.
+
+        >>> c = model_colors(["smear-2l-s1", "gpt2", "attn-1l"])
+        >>> c["smear-2l-s1"] == model_colors(["smear-2l"])["smear-2l"], c["gpt2"] == c["attn-1l"]
+        (True, False)
+    """
+    import seaborn as sns
+
+    from .zoo import split_run_name
+
+    palette = sns.color_palette("deep", 10)
+    fams = list(dict.fromkeys(split_run_name(str(m))[0] for m in models))
+    others = [f for f in fams if f not in MODEL_ORDER]
+    index = {f: i for i, f in enumerate(MODEL_ORDER)} | {f: len(MODEL_ORDER) + i for i, f in enumerate(others)}
+    return {m: palette[index[split_run_name(str(m))[0]] % len(palette)] for m in models}
+
+
+def _si(value: float, _pos=None) -> str:
+    """A token count as the report writes it: 2e5 -> "200k", 6e6 -> "6M" (not 10^6: the report's numbers)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values of a log axis from ``lo`` to ``hi``: the powers of ten, or 1-2-5 / 1-3 steps where fewer
+    than three powers of ten lie inside (a run of under two decades had one lone tick label, "10^6").
+
+        >>> _log_ticks(1e3, 2e7), _log_ticks(1e5, 6e6), _log_ticks(2e6, 9e6)
+        ([1000.0, 10000.0, 100000.0, 1000000.0, 10000000.0], [100000.0, 300000.0, 1000000.0, 3000000.0], [2000000.0, 5000000.0])
+    """
+    ticks: list[float] = []
+    for subs in ((1,), (1, 3), (1, 2, 5), (1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [float(s * 10.0 ** k) for k in range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+                 for s in subs if lo <= s * 10.0 ** k <= hi]
+        if len(ticks) >= 3 or (len(ticks) >= 2 and len(subs) > 1):
+            break
+    return ticks
+
+
+def _log_axis(ax, which: str = "x", tokens: bool = True) -> None:
+    """Make ``ax``'s ``which`` axis logarithmic with at least two labelled ticks (``_log_ticks`` of its
+    current limits: call after plotting), labelled ``_si`` for tokens, plainly (1, 10, 100) otherwise;
+    unlabelled minor ticks in between."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    lo, hi = sorted(ax.get_xlim() if which == "x" else ax.get_ylim())
+    axis.set_major_locator(FixedLocator(_log_ticks(max(lo, 1e-12), hi)))
+    axis.set_major_formatter(FuncFormatter(_si if tokens else lambda v, _pos=None: f"{v:g}"))
+    axis.set_minor_locator(LogLocator(subs="auto"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _legend_below(fig, ax, ncol: int = 2, title: str | None = None) -> None:
+    """``ax``'s legend under the figure (``fig`` made with ``layout="constrained"``), where it can cover no
+    data: inside the axes it sat on curves (training curves of attn-1l) or bands."""
+    handles, labels = ax.get_legend_handles_labels()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, frameon=False, title=title,
+               title_fontsize=7, columnspacing=1.2, handlelength=1.8)
+
+
 def save_figure(fig, out: Path, name: str) -> list[Path]:
     """Save ``fig`` as ``out/name.png`` and ``.pdf`` and close it."""
     return _save(fig, out, name)
@@ -118,8 +191,10 @@ def _seed_lines(ax, sns, d: pd.DataFrame, y: str, ylabel: str) -> None:
     n = d.groupby("family").model.nunique()
     shared = d.groupby(["family", "tokens"]).model.transform("nunique") == d.family.map(n)
     d = d[shared]
+    colors = model_colors(list(d.family.unique()))
     d = d.assign(family=d.family.map(lambda f: f"{f} ({n[f]} seeds)"))
-    sns.lineplot(data=d, x="tokens", y=y, hue="family", errorbar=("pi", 100), lw=1, ax=ax, seed=0)
+    palette = {f"{f} ({n[f]} seeds)": c for f, c in colors.items()}
+    sns.lineplot(data=d, x="tokens", y=y, hue="family", palette=palette, errorbar=("pi", 100), lw=1, ax=ax, seed=0)
     ax.set_ylabel(ylabel)
 
 
@@ -130,27 +205,25 @@ def fig_icl_over_training(root: Path, out: Path):
     ck, win = _read(root, "phase_change", "checkpoints"), _read(root, "phase_change", "windows")
     if ck is None:
         return []
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.7), layout="constrained")
     ck = ck[ck.tokens > 0]
-    if _families(ck.model) is not None:
+    seeded = _families(ck.model) is not None
+    if seeded:
         _seed_lines(ax, sns, ck, "icl_score", "ICL score (nats)\nloss[late] - loss[early]")
-        _shade_window(ax, win)  # seed 0's attn-2l window
-        ax.axhline(0, color="k", lw=0.5)
-        ax.set_xscale("log")
-        ax.set_xlabel("training tokens")
-        _legend_outside(ax, SEED_BANDS)
-        return _save(fig, out, "icl_over_training")
-    colors = dict(zip(ck.model.unique(), sns.color_palette(n_colors=ck.model.nunique())))
-    for model, d in ck.groupby("model", sort=False):
-        d = d.sort_values("tokens")
-        ax.plot(d.tokens, d.icl_score, color=colors[model], lw=1, label=model)
-        ax.fill_between(d.tokens, d.icl_score - d.icl_sem, d.icl_score + d.icl_sem, color=colors[model], alpha=0.2, lw=0)
-    _shade_window(ax, win)
+    else:
+        colors = model_colors(list(ck.model.unique()))
+        for model, d in ck.groupby("model", sort=False):
+            d = d.sort_values("tokens")
+            ax.plot(d.tokens, d.icl_score, color=colors[model], lw=1, label=model)
+            ax.fill_between(d.tokens, d.icl_score - d.icl_sem, d.icl_score + d.icl_sem, color=colors[model],
+                            alpha=0.2, lw=0)
+        ax.set_ylabel("ICL score (nats; band: 1 s.e.)\nloss[late] - loss[early]")
+    _shade_window(ax, win)  # seed 0's attn-2l window where several seeds ran
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xscale("log")
+    _log_axis(ax)
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("ICL score (nats; band = 1 s.e.)\nloss[late] - loss[early]")
-    ax.legend(frameon=False, ncol=2)
+    ax.set_title("in-context learning score over training")
+    _legend_below(fig, ax, ncol=2 if seeded else 3, title=SEED_BANDS if seeded else None)
     return _save(fig, out, "icl_over_training")
 
 
@@ -162,26 +235,26 @@ def fig_loss_curves(root: Path, out: Path):
     if ck is None:
         return []
     ck = ck[ck.tokens > 0]
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
-    if _families(ck.model) is not None:
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.7), layout="constrained")
+    seeded = _families(ck.model) is not None
+    if seeded:
         _seed_lines(ax, sns, ck, "val_loss", "validation loss (nats/token)")
-        ax.set_xscale("log")
-        ax.set_xlabel("training tokens")
-        ax.set_title("validation loss by model")
-        _legend_outside(ax, SEED_BANDS)
-        return _save(fig, out, "loss_curves")
-    sns.lineplot(data=ck, x="tokens", y="val_loss", hue="model", ax=ax, seed=0)
-    if win is not None:
-        for r in win.itertuples():
+    else:
+        sns.lineplot(data=ck, x="tokens", y="val_loss", hue="model", palette=model_colors(list(ck.model.unique())),
+                     ax=ax, seed=0)
+        marked = False
+        for r in (win.itertuples() if win is not None else ()):
             if r.bump and np.isfinite(r.bump_start_tokens):
                 sub = ck[(ck.model == r.model) & (ck.tokens >= r.bump_start_tokens) & (ck.tokens <= r.bump_end_tokens)]
                 # a marker too: a stretch of one checkpoint (start == end) is a point, which a line alone omits
-                ax.plot(sub.tokens, sub.val_loss, color="k", lw=2.5, alpha=0.35, marker="o", markersize=4)
-    ax.set_xscale("log")
+                ax.plot(sub.tokens, sub.val_loss, color="k", lw=2.5, alpha=0.35, marker="o", markersize=4,
+                        label=None if marked else "loss-bump detector")
+                marked = True
+        ax.set_ylabel("validation loss (nats/token)")
+    _log_axis(ax)
     ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("loss curves (grey overlay: non-convex stretch)")
-    ax.legend(frameon=False)
+    ax.set_title("validation loss over training")
+    _legend_below(fig, ax, ncol=2 if seeded else 3, title=SEED_BANDS if seeded else None)
     return _save(fig, out, "loss_curves")
 
 
@@ -195,23 +268,31 @@ def fig_training_curves(root: Path, out: Path, model: str = "attn-2l"):
     if tr is None or tr[tr.model == model].empty:
         return []
     d = tr[(tr.model == model) & (tr.tokens > 0)]
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
-    ax.plot(d.tokens, d.val_loss, label="validation loss (corpus)")
-    ax.plot(d.tokens, d.repeat_loss_first, label="random tokens, 1st copy", ls=":")
-    ax.plot(d.tokens, d.repeat_loss_second, label="random tokens, 2nd copy")
-    ax.set_xscale("log")
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.1), layout="constrained")
+    # neutral colours: in the other figures a colour names a model, and these lines are not models
+    ax.plot(d.tokens, d.val_loss, color="k", label="validation loss (corpus)")
+    ax.plot(d.tokens, d.repeat_loss_first, color="0.55", ls=":", label="random tokens, 1st copy")
+    ax.plot(d.tokens, d.repeat_loss_second, color="0.45", ls="--", label="random tokens, 2nd copy")
+    _log_axis(ax)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
     w = d.dropna(subset=["wall_s"])
     if len(w) > 1:  # a top axis of wall-clock minutes (interpolated between checkpoints)
-        minutes = [m for m in (0.5, 1, 2, 5, 10, 20, 30, 60) if m <= w.wall_s.max() / 60]
+        minutes = [m for m in (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 240) if m <= w.wall_s.max() / 60]
+        at = np.interp(minutes, w.wall_s / 60, w.tokens)
+        lo, hi = ax.get_xlim()
+        keep = []  # each tick at least 8% of the axis from the last (20 and 30 min ran together as "2030")
+        for i, t in enumerate(at):
+            if not keep or np.log(t / at[keep[-1]]) >= 0.08 * np.log(hi / lo):
+                keep.append(i)
+        minutes, at = [minutes[i] for i in keep], at[keep]
         top = ax.secondary_xaxis("top")
-        top.set_xticks(np.interp(minutes, w.wall_s / 60, w.tokens))
+        top.set_xticks(at)
         top.set_xticklabels([f"{m:g}" for m in minutes], fontsize=6)
         top.xaxis.set_minor_locator(NullLocator())  # else the token axis's log minor ticks, meaningless in minutes
         top.set_xlabel("wall-clock of training (min)", fontsize=7)
-    ax.set_title(model, fontsize=8)
-    ax.legend(frameon=False)
+    ax.set_title(f"{model}: loss over training", fontsize=8)
+    _legend_below(fig, ax, ncol=1)
     return _save(fig, out, f"training_curves_{model}")
 
 
@@ -224,7 +305,8 @@ def fig_head_scores(root: Path, out: Path, model: str = "attn-2l"):
     hs = hs.assign(head_name="L" + hs.layer.astype(str) + "H" + hs["head"].astype(str))
     g = sns.relplot(data=hs, x="tokens", y="value", hue="head_name", col="score", kind="line",
                     height=2.0, aspect=1.0, facet_kws={"sharey": True})
-    g.set(xscale="log")
+    for ax in g.axes.flat:
+        _log_axis(ax)
     g.set_axis_labels("training tokens", "score (attention share)")
     for ax, name in zip(g.axes.flat, g.col_names):  # the score's name, not the table's column value
         ax.set_title(name.replace("_", " ") + " score")
@@ -244,7 +326,8 @@ def fig_pca(root: Path, out: Path):
         return []
     several = "pairs" in pca and pca.pairs.nunique(dropna=False) > 1
     sets = list(pca.groupby("pairs", sort=False, dropna=False)) if several else [(None, pca)]
-    fig, axes = plt.subplots(1, len(sets), figsize=(COLUMN_WIDTH * len(sets), 2.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(sets), figsize=(COLUMN_WIDTH * len(sets), 2.6), squeeze=False,
+                             layout="constrained")
     win = _read(root, "phase_change", "windows")
     for ax, (pairs, p) in zip(axes[0], sets):
         _pca_panel(ax, p, win, None if pairs is None else f"PCA pairs {pairs}")
@@ -258,7 +341,7 @@ def _pca_panel(ax, pca: pd.DataFrame, win: pd.DataFrame | None, fit: str | None)
     """One PCA fit's trajectories on ``ax`` (``fit``: its name in the title where there are several)."""
     fam = _families(pd.Series(pca.model.unique()))  # several seeds: one colour per model, one legend entry
     family = dict(zip(pca.model.unique(), fam if fam is not None else pca.model.unique()))
-    colors = dict(zip(dict.fromkeys(family.values()), style().color_palette(n_colors=len(set(family.values())))))
+    colors = model_colors(list(dict.fromkeys(family.values())))
     labelled = set()
     for model, d in pca.groupby("model", sort=False):
         d = d[d.tokens > 0].sort_values("step")
@@ -282,7 +365,9 @@ def _pca_panel(ax, pca: pd.DataFrame, win: pd.DataFrame | None, fit: str | None)
     ax.plot([], [], END_MARKER, color="0.7", markersize=5, mec="k", mew=0.5, label=END_LABEL)
     ax.set_xlabel(f"PC1 of per-token losses ({100 * pca.var_pc1.iloc[0]:.0f}% var., nats)")
     ax.set_ylabel(f"PC2 ({100 * pca.var_pc2.iloc[0]:.0f}% var., nats)")
-    if fam is not None:
+    if fam is not None and len(ax.figure.axes) == 1:  # under the figure: at the right it made it 4.4 in wide
+        _legend_below(ax.figure, ax, ncol=3, title="one line per seed")
+    elif fam is not None:
         _legend_outside(ax, "one line per seed")
     else:
         ax.legend(frameon=False)
@@ -295,7 +380,7 @@ def fig_ablation_by_index(root: Path, out: Path, model: str = "attn-2l"):
     sets = _read(root, f"ablations_{model}", "sets_by_index")
     if sets is None:
         return []
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.9), layout="constrained")
     sub = sets[sets.group.isin(["clean", "induction heads", "random (non-induction)"])].copy()
     # single-token losses are noisy: average within ~24 log-spaced bins of token index
     edges = np.unique(np.round(np.logspace(0, np.log10(sub.token_index.max() + 1), 25)).astype(int))
@@ -304,12 +389,13 @@ def fig_ablation_by_index(root: Path, out: Path, model: str = "attn-2l"):
                                                                    loss=("loss", "mean"))
     sns.lineplot(data=sub, x="token_index", y="loss", hue="group", ax=ax, errorbar=("ci", 95), marker="o",
                  markersize=3, seed=0)  # seeded bootstrap: the same band every time
-    ax.set_xscale("log")
+    _log_axis(ax, tokens=False)
     ax.set_xlabel("token index (tokens of context)")
-    ax.set_ylabel("loss (nats, log-binned)")
+    ax.set_ylabel("loss (nats/token, log-binned)")
     n_random = sets[sets.group == "random (non-induction)"].set.nunique()
-    ax.set_title(f"{model}: pattern-preserving ablation (random: {n_random} draws, 95% CI)")
-    ax.legend(frameon=False)
+    ax.set_title(f"{model}: loss by token index, heads ablated\n(pattern-preserving; random: {n_random} draws, "
+                 "95% CI)", fontsize=8)
+    _legend_below(fig, ax, ncol=3)
     return _save(fig, out, f"ablation_loss_by_index_{model}")
 
 
@@ -321,16 +407,19 @@ def fig_ablation_heatmap(root: Path, out: Path, model: str = "attn-2l"):
     if ph is None:
         return []
     kinds = list(ph.kind.unique())
-    fig, axes = plt.subplots(1, len(kinds), figsize=(2 * COLUMN_WIDTH, 1.2 + 0.35 * ph.layer.nunique()))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(2 * COLUMN_WIDTH, 1.5 + 0.35 * ph.layer.nunique()),
+                             layout="constrained")
     axes = np.atleast_1d(axes)
     vmax = max(0.05, ph.icl_share.abs().max())
     for ax, kind in zip(axes, kinds):
         m = ph[ph.kind == kind].pivot(index="layer", columns="head", values="icl_share")
         sns.heatmap(m, ax=ax, cmap="RdBu_r", center=0, vmin=-vmax, vmax=vmax, annot=True, fmt=".2f",
                     annot_kws={"size": 6}, cbar=ax is axes[-1], cbar_kws={"label": "share of ICL score removed"})
-        ax.set_title({"pattern": "pattern-preserving zero"}.get(kind, kind) + " ablation")
+        ax.set_title({"pattern": "pattern-preserving zero"}.get(kind, kind) + " ablation", fontsize=8)
         ax.set_xlabel("head")
         ax.set_ylabel("layer" if ax is axes[0] else "")
+        ax.tick_params(axis="y", rotation=0)
+    fig.suptitle(f"{model}: share of the ICL score removed by ablating one head (negative: ICL grows)", fontsize=9)
     return _save(fig, out, f"ablation_icl_share_{model}")
 
 
@@ -341,15 +430,16 @@ def fig_attribution(root: Path, out: Path, model: str = "attn-2l"):
     at, win = _read(root, f"ablations_{model}", "attribution"), _read(root, "phase_change", "windows")
     if at is None or at.empty:
         return []
-    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 2.4))
+    fig, ax = plt.subplots(figsize=(COLUMN_WIDTH, 3.0), layout="constrained")
     _shade_window(ax, win, model)
     sns.lineplot(data=at, x="tokens", y="attribution", hue="head_name", ax=ax, marker="o", markersize=3, seed=0)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xscale("log")
+    _log_axis(ax)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("before-and-after attribution\n(fraction of phase-change loss drop)")
-    ax.set_title(f"{model}: {int(at[at.in_window].tokens.nunique())} checkpoints inside the ICL window")
-    ax.legend(frameon=False, ncol=2)
+    ax.set_title(f"{model}: each head's share of the loss drop\n({int(at[at.in_window].tokens.nunique())} "
+                 "checkpoints inside the ICL window)", fontsize=8)
+    _legend_below(fig, ax, ncol=4)
     return _save(fig, out, f"attribution_over_training_{model}")
 
 
@@ -364,7 +454,6 @@ def _smooth_log(z: np.ndarray, x: np.ndarray, sigma: float = 0.05) -> np.ndarray
 def fig_loss_heatmap(root: Path, out: Path):
     """Loss by token index over training (the paper's heatmap) and its derivative against log tokens."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
     style()
     lbi, win = _read(root, "phase_change", "loss_by_index"), _read(root, "phase_change", "windows")
@@ -384,7 +473,7 @@ def fig_loss_heatmap(root: Path, out: Path):
             lowest.setdefault(split_run_name(name)[0], name)
         models = [name for name in models if name in lowest.values()]
     fig, axes = plt.subplots(len(models), 2, figsize=(2 * COLUMN_WIDTH, 1.8 * len(models)), squeeze=False,
-                             constrained_layout=True)
+                             layout="constrained")
     for row, model in zip(axes, models):
         d = lbi[(lbi.model == model) & (lbi.tokens >= 1e5)]
         edges = np.unique(np.round(np.logspace(0, np.log10(d.token_index.max() + 1), 30)).astype(int))
@@ -396,24 +485,36 @@ def fig_loss_heatmap(root: Path, out: Path):
         y = m.index.to_numpy(dtype=float)
         late = tok >= min(1e6, tok[len(tok) // 2])  # colour range from after warm-up: the fall from uniform saturates
         v = np.nanpercentile(np.abs(deriv[:, late]), 98)
+        # the fall from uniform loss (the leading checkpoints before `late` whose median |derivative| is off
+        # this scale) is masked: drawn, it was one saturated block that drew the eye from the window
+        off = (np.nanmedian(np.abs(deriv), axis=0) > v) & ~late
+        fall = int(np.argmin(off)) if not off.all() else len(off)
+        deriv = np.where(np.arange(len(tok)) < fall, np.nan, deriv)
         for ax, z, label, cmap, kw in ((row[0], m.to_numpy(), "loss (nats)", "viridis", {}),
-                                       (row[1], deriv, "d loss / d log10 tokens\n(nats per decade)", "RdBu_r",
-                                        dict(vmin=-v, vmax=v))):
-            im = ax.pcolormesh(tok, y, z, cmap=cmap, shading="nearest", **kw)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.xaxis.set_minor_formatter(NullFormatter())
+                                       (row[1], deriv, "nats per decade\nof tokens", "RdBu_r", dict(vmin=-v, vmax=v))):
+            im = ax.pcolormesh(tok, y, np.ma.masked_invalid(z), cmap=cmap, shading="nearest", **kw)
             ax.grid(False)
-            fig.colorbar(im, ax=ax, label=label, shrink=0.9)
+            _log_axis(ax, "x")
+            _log_axis(ax, "y", tokens=False)
+            fig.colorbar(im, ax=ax, label=label, shrink=0.9, extend="both" if kw else "neither")
             if win is not None:
                 for r in win[win.model == model].itertuples():
                     for t in (r.icl_window_start_tokens, r.icl_window_end_tokens):
                         if np.isfinite(t):
                             ax.axvline(t, color="w" if cmap == "viridis" else "k", lw=0.8, ls="--")
             ax.set_xlabel("training tokens")
+        if fall:
+            lo = row[1].get_xlim()[0]
+            hi = np.sqrt(tok[fall - 1] * tok[fall]) if fall < len(tok) else row[1].get_xlim()[1]
+            row[1].axvspan(lo, hi, facecolor="0.9", edgecolor="0.75", hatch="////", lw=0, zorder=0)
+            if np.log(hi / lo) > 0.2 * np.log(np.divide(*row[1].get_xlim()[::-1])):
+                row[1].text(np.sqrt(lo * hi), np.sqrt(y[0] * y[-1]), "initial fall\n(off scale)", ha="center",
+                            va="center", fontsize=6, bbox=dict(fc="0.9", ec="none", pad=1))
         row[0].set_ylabel(f"{model}\ntoken index")
-    axes[0][0].set_title("loss by token index (dashed: ICL window)" + ("\nlowest seed of each model" if several else ""))
-    axes[0][1].set_title("its derivative over training (smoothed 0.05 decades)")
+    axes[0][0].set_title("loss by token index\n(dashed: ICL window)")
+    axes[0][1].set_title("d loss / d log$_{10}$ training tokens\n(smoothed over 0.05 decades)")
+    if several:
+        fig.suptitle("lowest seed of each model", fontsize=8)
     return _save(fig, out, "loss_by_index_over_training")
 
 
@@ -429,19 +530,28 @@ def fig_smear(root: Path, out: Path):
 
     d = ck.merge(ind, on=["model", "tokens"])
     family = d.model.map(lambda name: split_run_name(name)[0])  # attn-2l-s1 -> attn-2l (seeds averaged)
-    d = d.assign(layers=family.str[-2:], keys=np.where(family.str.startswith("smear"), "smeared", "vanilla"))
+    d = d.assign(family=family)
     d = d[(d.tokens > 0) & family.isin(["attn-1l", "attn-2l", "smear-1l", "smear-2l"])]
     seeded = _families(d.model) is not None  # several seeds: mean over them, band from the lowest to the highest
-    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.4))
+    fig, axes = plt.subplots(1, 2, figsize=(2 * COLUMN_WIDTH, 2.8), layout="constrained")
+    # each model in its colour of the other figures (the hue was the layer count: smear-2l orange here, red
+    # there); smeared keys dashed, so each smeared model still reads against its vanilla twin
+    order = [m for m in MODEL_ORDER if m in set(d.family)]
+    dashes = {m: (4, 1.5) if m.startswith("smear") else "" for m in order}
     for ax, y in zip(axes, ("icl_score", "max_induction")):  # no seaborn default band (a 95% bootstrap CI over 3 seeds)
-        sns.lineplot(data=d, x="tokens", y=y, hue="layers", style="keys", ax=ax, seed=0,
+        sns.lineplot(data=d, x="tokens", y=y, hue="family", hue_order=order, palette=model_colors(order),
+                     style="family", style_order=order, dashes=dashes, ax=ax, seed=0,
                      errorbar=("pi", 100) if seeded else None)
-        ax.set_xscale("log")
+        _log_axis(ax)
         ax.set_xlabel("training tokens")
         if seeded:
             ax.set_title(SEED_BANDS, fontsize=7)
     axes[0].set_ylabel("ICL score (nats)")
     axes[1].set_ylabel("best head's induction score\n(attention share)")
+    _legend_below(fig, axes[0], ncol=4)
+    if axes[1].get_legend() is not None:
+        axes[1].get_legend().remove()
+    fig.suptitle("smeared keys (dashed) against vanilla attention (solid) over training", fontsize=9)
     return _save(fig, out, "smeared_vs_vanilla")
 
 
@@ -456,11 +566,17 @@ def fig_patching(root: Path, out: Path, model: str = "attn-2l"):
                              layout="constrained")  # room for the right panel's head labels and axis label
     sns.heatmap(ph.pivot(index="layer", columns="head", values="restored"), ax=axes[0], cmap="Blues",
                 annot=True, fmt=".2f", annot_kws={"size": 6}, cbar=False)
-    axes[0].set_title(f"{model}: head patched (all positions)")
+    axes[0].set_title(f"{model}: one head patched\n(all positions)", fontsize=8)
+    axes[0].tick_params(axis="y", rotation=0)
     m = pp.assign(row=pp.head_name).pivot(index="row", columns="position", values="restored")
-    sns.heatmap(m, ax=axes[1], cmap="Blues", cbar_kws={"label": "fraction of loss gap restored"})
-    axes[1].set_title("head x position patched")
-    axes[1].set_xlabel("position (second copy starts halfway)")
+    sns.heatmap(m, ax=axes[1], cmap="Blues", cbar_kws={"label": "fraction of\nloss gap restored"})
+    axes[1].set_title("one head at one position patched\n(dashed: the second copy starts)", fontsize=8)
+    # every position labelled made ~34 rotated 5-pt labels: label about ten, upright
+    cols = list(m.columns)
+    xs = _ticks(len(cols), 11)
+    axes[1].set_xticks([i + 0.5 for i in xs], [str(cols[i]) for i in xs], rotation=0)
+    axes[1].axvline((len(cols) + 1) / 2, color="k", lw=0.8, ls="--")  # BOS + L + L positions: the 2nd copy from 1 + L
+    axes[1].set_xlabel("position in the prompt (BOS + first copy + second copy)")
     axes[1].set_ylabel("head")
     axes[1].tick_params(axis="y", rotation=0)
     return _save(fig, out, f"patching_{model}")
@@ -485,7 +601,8 @@ def fig_path_patching(root: Path, out: Path, model: str = "attn-2l"):
         return []
     senders, receivers = list(dict.fromkeys(pp.sender)), list(dict.fromkeys(pp.receiver))
     vmax = max(float(pp.effect.abs().max()), 1e-9)
-    fig, axes = plt.subplots(1, 3, figsize=(2 * COLUMN_WIDTH, 0.9 + 0.32 * len(senders)), sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(2 * COLUMN_WIDTH, 1.5 + 0.32 * len(senders)), sharey=True,
+                             layout="constrained")
     names = {"q": "queries (Q)", "k": "keys (K)", "v": "values (V)"}
     im = None
     for ax, kind in zip(axes, ("q", "k", "v")):
@@ -501,15 +618,16 @@ def fig_path_patching(root: Path, out: Path, model: str = "attn-2l"):
         for r in key.itertuples():
             ax.add_patch(Rectangle((receivers.index(r.receiver) - 0.5, senders.index(r.sender) - 0.5), 1, 1,
                                    fill=False, lw=1.5, ec="k"))
-        ax.set_xticks(range(len(receivers)), receivers, rotation=90)
+        ax.set_xticks(range(len(receivers)), receivers, rotation=0 if len(receivers) <= 6 else 90)
         ax.set_yticks(range(len(senders)), senders)
         ax.set_title(names[kind])
         ax.set_xlabel("receiver head")
         ax.grid(False)
     axes[0].set_ylabel("sender head (output resampled)")
-    fig.suptitle("path from sender into the receiver's ... (outlined: previous-token head -> induction head)",
-                 fontsize=8, y=1.02)
-    fig.colorbar(im, ax=list(axes), label="second-copy loss increase (nats)", shrink=0.9)
+    fig.suptitle(f"{model}: path patching, the sender's output resampled on its path into the receiver's\n"
+                 "queries, keys or values (outlined: previous-token head \u2192 induction head; \u00b1 1 s.e.)",
+                 fontsize=8)
+    fig.colorbar(im, ax=list(axes), label="second-copy loss\nincrease (nats)", shrink=0.9)
     return _save(fig, out, f"path_patching_{model}")
 
 
@@ -606,7 +724,8 @@ def mosaic_figure(sv: pd.DataFrame):
         ax.axis("off")
     fig.supxlabel("head", fontsize=8)
     fig.supylabel("layer", fontsize=8)
-    fig.colorbar(im, ax=axes, label="induction score", shrink=min(1.0, 4.0 / (rows * panel_h + 0.5)))
+    fig.colorbar(im, ax=axes, label="induction score (attention share)", shrink=min(1.0, 4.0 / (rows * panel_h + 0.5)))
+    fig.suptitle("induction score of every head, one panel per model", fontsize=9)
     return fig
 
 

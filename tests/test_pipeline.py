@@ -543,11 +543,12 @@ def _smear_axes(tmp_path, drawn, **seeded):
 
 
 def test_smear_figure_groups_seeded_runs_by_layers(tmp_path, drawn):
-    """The smeared-vs-vanilla figure's hue is the number of layers (1l, 2l) also for runs named MODEL-sK
-    (not the seed suffix, which would average 1- and 2-layer models into one line)."""
+    """The smeared-vs-vanilla figure's lines are the models (attn-1l, ..., each in its colour of the other
+    figures) also for runs named MODEL-sK (not the runs, nor the seed suffix, which would average models
+    into one line)."""
     ax = _smear_axes(tmp_path, drawn)
-    labels = {t.get_text() for t in ax.get_legend().get_texts()}
-    assert {"1l", "2l"} <= labels and not any(t.startswith("s") and t[1:].isdigit() for t in labels), labels
+    labels = {t.get_text() for t in ax.figure.legends[0].get_texts()}
+    assert labels == {"attn-1l", "attn-2l", "smear-1l", "smear-2l"}, labels
     means = {round(y, 6) for line in ax.get_lines() for y in line.get_ydata()}
     assert round(-(0 + 0.05 + 0.01), 6) in means  # attn-1l at 1000 tokens, mean of its two seeds only
 
