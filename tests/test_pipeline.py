@@ -468,6 +468,8 @@ def test_several_seeds_report_their_spread(tmp_path, monkeypatch):
     mean and s.d. (two models only, to stay fast)."""
     import statistics
 
+    import pandas as pd
+
     from experiments import zoo
 
     monkeypatch.setitem(zoo.SCALES, "tiny", {k: v for k, v in zoo.SCALES["tiny"].items() if k in ("attn-1l", "attn-2l")})
@@ -476,21 +478,29 @@ def test_several_seeds_report_their_spread(tmp_path, monkeypatch):
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["attn-1l-s0", "attn-1l-s1", "attn-2l-s0", "attn-2l-s1"]
     head = json.loads((out / "figures" / "headline.json").read_text())
     spread = head["seed_spread"]
+    pc = Results(out, "phase_change")
+    win = pc.read("windows").set_index("model")
+    # which tiny seeds change phase within 1.5M tokens depends on the CPU's rounding (seed 1 does on AVX-512
+    # machines, not on AVX2 ones): the spread is over the seeds that have the number, and one seed at least has it
+    with_window = {m for m in ("attn-2l-s0", "attn-2l-s1") if pd.notna(win.loc[m, "icl_window_start_tokens"])}
+    assert with_window
     for key in ("final_induction_score", "final_icl", "icl_before"):
-        vals = [head["models"][f"attn-2l-s{k}"][key] for k in (0, 1)]
-        assert spread["attn-2l"][key]["mean"] == pytest.approx(statistics.mean(vals))
-        assert spread["attn-2l"][key]["sd"] == pytest.approx(statistics.stdev(vals))
-        assert spread["attn-2l"][key]["n"] == 2
+        nums = [v for k in (0, 1) if (v := head["models"][f"attn-2l-s{k}"].get(key)) is not None]
+        assert len(nums) == (len(with_window) if key == "icl_before" else 2)
+        assert spread["attn-2l"][key]["mean"] == pytest.approx(statistics.mean(nums))
+        assert spread["attn-2l"][key]["sd"] == (pytest.approx(statistics.stdev(nums)) if len(nums) > 1 else None)
+        assert spread["attn-2l"][key]["n"] == len(nums)
     assert set(head["ablation_by_seed"]) == {"attn-2l-s0", "attn-2l-s1"}
     assert head["ablation"]["model"] == "attn-2l-s0"
     shares = [head["ablation_by_seed"][f"attn-2l-s{k}"]["icl_share_removed"] for k in (0, 1)]
     assert spread["attn-2l"]["ablation_icl_share_removed"]["mean"] == pytest.approx(statistics.mean(shares))
-    pc = Results(out, "phase_change")
     prec = pc.read("icl_precise")
-    assert set(prec[prec.point == "before_minus_attn1l"].model) == {"attn-2l-s0", "attn-2l-s1"}
+    assert set(prec[prec.point == "before_minus_attn1l"].model) == with_window
     assert pc.read("pca").pairs.nunique() == 1  # every seed's runs on the same PCA pairs: one joint fit
-    win = pc.read("windows").set_index("model")
-    for row in pc.read("pca_turn").itertuples():  # each run's reference is its own seed's attn-2l window
+    turns = pc.read("pca_turn")
+    # a turn for each run of the seeds whose attn-2l has a window, at that seed's window
+    assert set(turns.model) == {f"attn-{n}l-s{m[-1]}" for m in with_window for n in (1, 2)}
+    for row in turns.itertuples():
         assert row.window_start_tokens == win.loc["attn-2l-s" + row.model[-1], "icl_window_start_tokens"]
     assert "Spread across seeds" in report.read_text()
 
