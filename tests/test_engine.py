@@ -236,6 +236,59 @@ def test_write_with_rows_and_pos_both_lists_raises(rows, pos):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("rows, pos, match", [
+    (None, [True, False, True, False, False, False, False, False], "pos is a list of bools: pass the positions as ints"),
+    (None, (True, False), "pos is a list of bools"),
+    (None, np.array([True] * POS), "pos is a list of bools"),
+    (None, [0, True], "pos is a list of bools"),
+    ([True, False], None, r"rows is a list of bools: pass the rows as ints, e.g. rows=torch.nonzero\(mask\)"),
+    (None, True, r"pos=True is a bool, not an index: pass pos=int\(i\)"),
+    (None, torch.tensor(True), "is a bool, not an index"),
+    (np.bool_(True), None, "rows=.*True_? is a bool, not an index"),
+])
+def test_write_with_bool_rows_or_pos_raises_naming_the_fix(rows, pos, match):
+    """A list (or numpy array) of bools as rows / pos crashed inside torch with NotImplementedError, and a
+    bool scalar (True) silently wrote every position: refused with ValueError naming the fix, before the run."""
+    model = build("attn_only")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, VOCAB, (2, POS))
+    with pytest.raises(ValueError, match=match):
+        execute(model, Run(tokens, writes=[Write("L1.z", None, rows=rows, pos=pos, head=0)]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("site", ["L1.z", "L1.resid_pre"])
+def test_write_with_a_torch_bool_mask_equals_its_int_positions(site):
+    """A torch bool tensor as rows / pos is a mask over that axis: it writes exactly what the int
+    indices of its True entries write."""
+    model = build("attn_only")
+    tokens = torch.randint(0, VOCAB, (3, POS), generator=torch.Generator().manual_seed(0))
+    head = dict(head=0) if site.endswith(".z") else {}
+    mask = torch.zeros(POS, dtype=torch.bool)
+    mask[[1, 4]] = True
+    for masked, ints in ((dict(pos=mask), dict(pos=[1, 4])),
+                         (dict(rows=torch.tensor([True, False, True])), dict(rows=[0, 2]))):
+        got = execute(model, Run(tokens, writes=[Write(site, None, **masked, **head)])).logits
+        want = execute(model, Run(tokens, writes=[Write(site, None, **ints, **head)])).logits
+        plain = execute(model, Run(tokens)).logits
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert not torch.equal(got, plain)
+
+
+def test_a_bool_position_for_gather_or_logit_diff_raises_naming_it():
+    """Gather(True, ids) and logit_diff(..., pos=True) passed the int check (a bool is an int) and failed
+    inside the trace (logits[:, True] adds an axis): refused with ValueError before any run."""
+    from interventions.engine.tracing import Gather
+    from interventions.primitives.patching import logit_diff
+
+    model = build("attn_only")
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="Gather pos=True is a bool, not a position"):
+        execute(model, Run(tokens, returns=Gather(True, torch.tensor([1, 2]))))
+    with pytest.raises(ValueError, match="logit_diff pos=True is a bool, not a position"):
+        patch_heads(model, tokens, tokens.roll(1, 0), logit_diff([1, 2], [3, 4], pos=True), progress=False)
+
+
 # ----------------------------------------------------------------------------- reliability
 
 def test_no_reference_kept_to_the_model():

@@ -70,7 +70,8 @@ Value = torch.Tensor | None | Callable[[torch.Tensor], torch.Tensor]
 class Write:
     """Write ``value`` into ``site`` (``"L1.z"`` or ``Site``), at batch ``rows``, head ``head`` (query head
     for q / z / pattern, key/value head for k / v) and position ``pos`` (the query position for a
-    pattern); ``None`` for any of them means all.
+    pattern); ``None`` for any of them means all. ``rows`` / ``pos``: an int, a slice, a list or tensor of
+    ints, or a torch bool tensor (a mask over that axis); bools and lists of bools are refused.
 
     ``value``: a tensor broadcastable to the indexed part of the site (shapes in
     ``interventions.engine.sites``), ``None`` for zero, or a function of the current activation there
@@ -275,6 +276,32 @@ def check_positive(value, name: str, allow_none: bool = False) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
 
 
+def is_bool(x) -> bool:
+    """A Python, numpy or 0-d torch bool."""
+    return isinstance(x, bool) or (str(getattr(x, "dtype", "")) in ("bool", "torch.bool") and getattr(x, "ndim", 1) == 0)
+
+
+def holds_bools(x) -> bool:
+    """A list / tuple (nested or not) of bools, or a numpy bool array."""
+    if isinstance(x, (list, tuple)):
+        return any(is_bool(v) or holds_bools(v) for v in x)
+    return type(x).__module__ == "numpy" and str(getattr(x, "dtype", "")) == "bool"
+
+
+def check_index(part, name: str, label: str, size: int) -> None:
+    """Refuse bools as a write's ``rows`` / ``pos``: a bool scalar indexes as a new axis (True would write
+    everywhere), a list or numpy array of bools fails inside torch's shape check. A (size,) torch bool
+    tensor is a mask and is kept."""
+    what = "row" if name == "rows" else "position"
+    if is_bool(part):
+        raise ValueError(f"{label}: {name}={part!r} is a bool, not an index: pass {name}=int(i) for one {what}, "
+                         f"or None for all")
+    if holds_bools(part):
+        raise ValueError(f"{label}: {name} is a list of bools: pass the {what}s as ints, e.g. "
+                         f"{name}=torch.nonzero(mask).flatten().tolist(), or the mask as a torch bool tensor of "
+                         f"length {size}")
+
+
 # ----------------------------------------------------------------------------- the engine
 
 # model -> {(spec, layer, kind)} whose consumption by the forward was proven (weak keys: no reference)
@@ -474,6 +501,8 @@ class Engine:
                          if site.kind in KV_KINDS and a.n_kv_heads != a.n_heads else "")
                 raise ValueError(f"write to {site}: {what} {w.head!r} out of range: layer {site.layer} has "
                                  f"{what}s 0-{n - 1}{extra}")
+        check_index(w.rows, "rows", f"write to {site}", full[0])
+        check_index(w.pos, "pos", f"write to {site}", full[2 if site.kind == "pattern" else 1])
         # torch pairs several index lists element by element: rows=[0, 2], pos=[1, 3] would write (0, 1) and
         # (2, 3) only, not the grid of four a reader expects
         lists = [name for name, part in (("rows", w.rows), ("pos", w.pos))
@@ -780,6 +809,8 @@ def check_returns(returns, batch: int, pos: int, vocab_size: int):
         if lo < -pos or hi >= pos:
             raise ValueError(f"Gather pos holds {lo if lo < -pos else hi}, out of range for {pos} positions")
         where = (torch.arange(batch), where.long().cpu())
+    elif is_bool(where):  # (an int to isinstance: logits[:, True] would add an axis, failing in the trace)
+        raise ValueError(f"Gather pos={where!r} is a bool, not a position: pass an int or a (batch,) tensor of ints")
     elif not isinstance(where, int) or not -pos <= where < pos:
         raise ValueError(f"Gather pos={where!r} out of range for {pos} positions")
     ids = torch.as_tensor(returns.ids).long()

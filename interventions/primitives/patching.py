@@ -85,7 +85,7 @@ from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site, kv_head_of
 from .progress import check_progress, passes
 from ..engine.remote import NotRemotable, Remote, check_remote
-from ..engine.tracing import Engine, Gather, Run, Write, check_mask, check_positive, check_tokens
+from ..engine.tracing import Engine, Gather, Run, Write, check_mask, check_positive, check_tokens, is_bool
 from .loss import loss_from_logits
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,6 +126,8 @@ class LogitDiff:
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
                 raise ValueError(f"{name} {ids.tolist()} has ids outside the vocabulary [0, {vocab_size}): "
                                  "pass token ids of this model's tokenizer")
+        if is_bool(self.pos):  # an int to isinstance: logits[:, True] adds an axis and fails inside the trace
+            raise ValueError(f"logit_diff pos={self.pos!r} is a bool, not a position: pass an int in [-{pos}, {pos})")
         if not isinstance(self.pos, int) or not -pos <= self.pos < pos:
             raise ValueError(f"logit_diff pos={self.pos!r} out of range for {pos} positions: pass a position "
                              f"in [-{pos}, {pos})")
