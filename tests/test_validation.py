@@ -159,6 +159,33 @@ def test_api_rejects_bad_input(case, tiny_model):
     assert all(torch.equal(v, after[k]) for k, v in before_weights.items())
 
 
+def test_check_positive_takes_a_minimum_and_numpy_integers():
+    """One count check serves the engine (positive) and the ICL share (n_boot >= 2, seed >= 0): numpy
+    integers pass and come back as ints, bools and floats are refused, each message names the bound."""
+    from interventions.engine.tracing import check_positive
+
+    got = check_positive(np.int64(3), "n_boot", minimum=2)
+    assert got == 3 and type(got) is int
+    assert check_positive(0, "seed", minimum=0) == 0 and check_positive(None, "b", allow_none=True) is None
+    for value, kw, match in ((1, dict(minimum=2), "n=1 must be an integer >= 2"),
+                             (True, dict(minimum=0), "n=True must be an integer >= 0"),
+                             (-1, dict(minimum=0), "n=-1 must be an integer >= 0"),
+                             (0, {}, "n=0 must be a positive integer"),
+                             (2.0, dict(allow_none=True), "n=2.0 must be a positive integer or None")):
+        with pytest.raises(ValueError, match=match):
+            check_positive(value, "n", **kw)
+
+
+def test_patching_takes_a_numpy_integer_per_pass(tiny_model):
+    """heads_per_pass=np.int64(2) (e.g. from a numpy computation) gives what heads_per_pass=2 gives (it
+    was refused as not a positive integer, while n_boot accepted numpy integers)."""
+    clean = good()
+    want = iv.patch_heads(tiny_model, clean, clean.flip(0), iv.mean_loss_metric, heads_per_pass=2, progress=False)
+    got = iv.patch_heads(tiny_model, clean, clean.flip(0), iv.mean_loss_metric, heads_per_pass=np.int64(2),
+                         progress=False)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 # ----------------------------------------------------------------------------- API: corpora, configs, folders
 
 def _write(path: Path, data: bytes | str) -> Path:

@@ -27,16 +27,11 @@ import math
 import numpy as np
 import torch
 
+from ..engine.tracing import check_positive
 from ..primitives.loss import per_token_loss_sets
 from .metrics import as_windows, check_icl_band, check_icl_indices, icl_per_window, resolve_ablation
 
 N_BOOT = 1000  # bootstrap resamples: the s.e. of a s.e. of ~2% (1 / sqrt(2 * 1000))
-
-
-def _check_count(value, name: str, minimum: int) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
-    return int(value)
 
 
 def _per_window(values, name: str) -> np.ndarray:
@@ -68,8 +63,8 @@ def share_removed(clean_icl, ablated_icl, n_boot: int = N_BOOT, seed: int = 0) -
     if clean.shape != ablated.shape:
         raise ValueError(f"clean_icl has {clean.shape[0]} windows but ablated_icl {ablated.shape[0]}: pass the scores "
                          "of the same windows, in the same order (the share is paired)")
-    n_boot = _check_count(n_boot, "n_boot", 2)
-    _check_count(seed, "seed", 0)
+    n_boot = check_positive(n_boot, "n_boot", minimum=2)
+    seed = check_positive(seed, "seed", minimum=0)
     if not clean.mean() < 0:
         return math.nan, math.nan
     share = float((ablated.mean() - clean.mean()) / -clean.mean())
@@ -154,8 +149,8 @@ def icl_share_removed(model, windows, ablation, early: int | None = None, late: 
         raise ValueError("windows holds no window (shape (0, pos)): pass at least one")
     early, late = check_icl_indices(windows.shape[1], early, late)
     check_icl_band(band, early, late)  # every argument before the forward passes
-    _check_count(n_boot, "n_boot", 2)
-    _check_count(seed, "seed", 0)
+    check_positive(n_boot, "n_boot", minimum=2)
+    check_positive(seed, "seed", minimum=0)
     ablations = resolve_ablation(ablation)
     if not ablations:
         raise ValueError("ablation is empty: nothing would be removed; pass heads ('L1H3') or an ablation, e.g. "

@@ -310,7 +310,7 @@ def attention_score(model, tokens: torch.Tensor, target: torch.Tensor, n_queries
     divided by (n_examples * n_queries). ``target`` is (n_examples or 1, pos, pos), zero on rows that
     are not scored queries; ``n_queries`` is the number of scored queries per example. Patterns come
     read inside ``observable(model)`` in batches of ``batch_size``."""
-    check_positive(batch_size, "batch_size")
+    batch_size = check_positive(batch_size, "batch_size")
     a = get_adapter(unwrap(model))
     n = tokens.shape[0]
     totals = torch.zeros(a.n_layers, a.n_heads, dtype=torch.float64)
@@ -600,7 +600,7 @@ def head_scores(model, windows=None, *, n_examples: int = 10, seed: int = 0, bos
     """
     _check_probe_length(prefix_tokens, "prefix_tokens")
     _check_probe_length(seq_len, "seq_len")
-    check_positive(n_repeats, "n_repeats")
+    n_repeats = check_positive(n_repeats, "n_repeats")
     _check_scores_fit(model, prefix_tokens, n_repeats, seq_len)
     common = dict(bos_id=bos_id, exclude_top=exclude_top, vocab_range=vocab_range, token_pool=token_pool,
                   token_counts=token_counts)

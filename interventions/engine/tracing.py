@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -269,11 +270,15 @@ def without_grad(fn):
     return wrapper
 
 
-def check_positive(value, name: str, allow_none: bool = False) -> None:
+def check_positive(value, name: str, allow_none: bool = False, minimum: int = 1) -> int | None:
+    """``value`` (an int or numpy integer, not a bool) >= ``minimum`` as an int; None passes with
+    ``allow_none``; ValueError otherwise."""
     if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer" + (" or None" if allow_none else ""))
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name}={value!r} must be {what}" + (" or None" if allow_none else ""))
+    return int(value)
 
 
 def is_bool(x) -> bool:

@@ -97,7 +97,7 @@ def per_token_loss_sets(model, tokens: torch.Tensor, sets: Mapping[str, Ablation
     engine = Engine(model)
     check_tokens(tokens, engine.adapter)
     check_mask(attention_mask, tokens)
-    check_positive(batch_size, "batch_size", allow_none=True)
+    batch_size = check_positive(batch_size, "batch_size", allow_none=True)
     if not isinstance(sets, Mapping) or not sets:
         raise ValueError("sets must be a non-empty dict {name: ablation or list of ablations} ([] for the clean run)")
     sets = {name: as_ablations(abl) for name, abl in sets.items()}

@@ -483,7 +483,7 @@ def patch_heads(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Met
                          "(one head at one position)")
     if site not in HEAD_SITES:
         raise ValueError(f"site={site!r} is unknown: use one of {', '.join(HEAD_SITES)}")
-    check_positive(heads_per_pass, "heads_per_pass")
+    heads_per_pass = check_positive(heads_per_pass, "heads_per_pass")
     a = engine.adapter
     n_layers, n_heads, pos = a.n_layers, a.n_site_heads(site), source.shape[1]
     src = _source_run(engine, source, [Site(layer, site) for layer in range(n_layers)], metric, attention_mask,
@@ -511,7 +511,7 @@ def patch_residual(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
     check_progress(progress)
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote, attention_mask)
     metric = check_metric(metric, engine, target, attention_mask)
-    check_positive(patches_per_pass, "patches_per_pass")
+    patches_per_pass = check_positive(patches_per_pass, "patches_per_pass")
     n_layers, pos = engine.adapter.n_layers, source.shape[1]
     src = _source_run(engine, source, [Site(layer, "resid_pre") for layer in range(n_layers)], metric,
                       attention_mask, one_position=True)
@@ -542,7 +542,7 @@ def patch_patterns(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: 
                            "shared and cannot be edited; patch z, q, k or v with patch_heads(..., remote=...) instead")
     engine, source, target = _check_pair(model, clean, corrupted, direction, attention_mask=attention_mask)
     metric = check_metric(metric, engine, target, attention_mask)
-    check_positive(heads_per_pass, "heads_per_pass")
+    heads_per_pass = check_positive(heads_per_pass, "heads_per_pass")
     n_layers, n_heads = engine.adapter.n_layers, engine.adapter.n_heads
     with observable(engine.inner):
         src = _source_run(engine, source, [Site(layer, "pattern") for layer in range(n_layers)], metric,
@@ -611,7 +611,7 @@ def path_patch(model, clean: torch.Tensor, corrupted: torch.Tensor, metric: Metr
     check_progress(progress)
     engine, source, target = _check_pair(model, clean, corrupted, direction, remote, attention_mask)
     metric = check_metric(metric, engine, target, attention_mask)
-    check_positive(patches_per_pass, "patches_per_pass")
+    patches_per_pass = check_positive(patches_per_pass, "patches_per_pass")
     if receiver_input not in ("q", "k", "v"):
         raise ValueError(f"receiver_input={receiver_input!r} is unknown: use 'q', 'k' or 'v'")
     if reduce is not True and reduce is not False:

@@ -153,8 +153,8 @@ def ablation_sweep(model, tokens: torch.Tensor, kind: SweepKind | Ablation | Cal
                          "is run as unpadded sequences, but these tokens are padded (attention_mask has zeros): "
                          "pass reference= unpadded sequences at least as long as the tokens")
     auto = heads_per_pass is None
-    check_positive(heads_per_pass, "heads_per_pass", allow_none=True)
-    check_positive(batch_size, "batch_size", allow_none=True)
+    heads_per_pass = check_positive(heads_per_pass, "heads_per_pass", allow_none=True)
+    batch_size = check_positive(batch_size, "batch_size", allow_none=True)
     budget = PASS_TOKENS["remote" if engine.remote else "cuda" if engine.device().type == "cuda" else "cpu"]
     budget = min(budget, LOGITS_BYTES // (adapter.vocab_size * engine.dtype_size()))  # a pass's logits
     if batch_size is None:  # rows per chunk: a pass of one head holds at most the budget's tokens
