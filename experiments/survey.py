@@ -11,8 +11,10 @@ A survey scales to many models:
 * every model's table is written atomically the moment it is scored, keyed on the model's
   identity: the hub name and the commit its revision resolves to (read from the hub's ``config.json``,
   no weights downloaded), or the content hash of a local model (``common.model_fingerprint``: its
-  files and the tokenizer beside it). An interrupted survey rerun with the same command skips every
-  finished model without loading it, and a model whose weights or tokenizer changed is scored again;
+  files and the tokenizer beside it), and the device the scores were computed on (scores differ
+  slightly by device). An interrupted survey rerun with the same command skips every finished model
+  without loading it; a model whose weights or tokenizer changed, or a rerun with another ``--device``,
+  is scored again;
 * every model is checked (exists, resolves on the hub, has a supported architecture; a folder's
   safetensors weights are present and readable) before any is loaded;
 * ``remote=True`` is refused (``InputError``, before any work) while the induction score needs
@@ -155,6 +157,19 @@ def load_remote(spec: str, commit: str):
     return nnsight.TransformersModel(hub_name(spec)[0], task="text-generation", revision=commit)
 
 
+def score_device(device: str, remote: bool = False) -> str:
+    """Where the scores are computed, as a model's table is keyed on it: ``"remote"``, or the device in
+    torch's spelling (``"cuda"`` and ``"cuda:0"`` stay apart: a rerun on another device scores again)."""
+    import torch
+
+    if remote:
+        return "remote"
+    try:
+        return str(torch.device(device))
+    except (RuntimeError, TypeError):
+        raise InputError(f"device={device!r} is not a known device: use cpu, cuda, cuda:N or mps") from None
+
+
 def remote_supported(score_fn) -> bool:
     """Whether ``score_fn`` (a head-score function) takes ``remote=`` (remote execution through nnsight)."""
     return "remote" in inspect.signature(score_fn).parameters
@@ -206,7 +221,8 @@ def run_survey(models: dict[str, str], results_root: Path, seq_len: int = 50, n_
             raise InputError(f"--remote scores hub models only; {local[0]} is a local folder: drop it or run "
                              "without --remote")
     settings = {"seq_len": seq_len, "n_examples": n_examples}
-    keys = {label: {**model_identity(spec), **settings} for label, spec in models.items()}
+    where = {"device": score_device(device, remote)}  # scores differ by device: another one scores again
+    keys = {label: {**model_identity(spec), **settings, **where} for label, spec in models.items()}
     return _survey(models, keys, results_root, settings, device, allow_pickle, remote, progress)
 
 

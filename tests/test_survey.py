@@ -129,6 +129,32 @@ def test_an_interrupted_survey_resumes_without_reloading_finished_models(dozen, 
     assert loads.labels == ["gpt2-2l"]
 
 
+def test_a_rerun_on_another_device_scores_every_model_again(dozen, tmp_path, monkeypatch):
+    """A model's table is keyed on the device its scores were computed on (they differ slightly by device):
+    a rerun with the same device loads nothing, one with another device loads and scores every model again
+    (its old rows are not served), and an unknown device is refused before any work."""
+    models = {label: dozen[label] for label in ("gpt2-1l", "llama-1l")}
+    root = tmp_path / "res"
+    S.run_survey(models, root, device="cpu", **KW)
+    seen = []
+
+    def load(spec, device, *args, **kwargs):
+        seen.append((Path(spec).name, device))
+        return REAL_LOAD(spec, "cpu", *args, **kwargs)  # the key is under test, not an accelerator
+
+    monkeypatch.setattr(S, "load_any", load)
+    S.run_survey(models, root, device="cpu", **KW)
+    assert seen == []
+    S.run_survey(models, root, device="cuda", **KW)
+    assert seen == [("gpt2-1l", "cuda"), ("llama-1l", "cuda")]
+    S.run_survey(models, root, device="cuda", **KW)
+    assert len(seen) == 2
+    assert S.score_device("cuda:1") != S.score_device("cuda") != S.score_device("cpu")
+    with pytest.raises(InputError, match="not a known device"):
+        S.run_survey(models, tmp_path / "other", device="gpu", **KW)
+    assert not (tmp_path / "other").exists() and len(seen) == 2
+
+
 def _fake_hub(tmp_path, monkeypatch, commits: dict):
     """``hf_hub_download`` answering from ``commits`` (revision -> commit) with a tiny GPT-2's config,
     and ``from_pretrained`` of a hub name building that model: the hub path without the network."""
