@@ -370,6 +370,35 @@ def test_probes_inferred_from_a_run_folder(tmp_path):
     assert pool and all(33 <= t <= 126 for t in pool) and len(pool) >= 50
 
 
+@pytest.mark.parametrize("vocab, tokenizer_beside, says", [
+    (100, False, r"50256 \(the model's config.bos_token_id\) is outside the vocabulary \[0, 100\): pass bos_id=ID, "
+                 r"the BOS id of the model's own tokenizer \(tokenizer.bos_token_id"),
+    (257, False, r"vocabulary of 257 is byte-level: pass bos_id=256 \(the separator of byte_tokenizer\(\)\)"),
+    (100, True, r"256 \(the model's tokenizer.bos_token_id\).*the tokenizer found beside the model .* does not fit it"),
+])
+def test_a_bos_id_outside_the_vocabulary_is_told_the_fix_of_its_case(tmp_path, monkeypatch, vocab, tokenizer_beside,
+                                                                      says):
+    """An inferred BOS id outside the vocabulary names where it came from and that case's fix: a GPT-2
+    config's 50256 over a smaller vocabulary, or a tokenizer beside the model that does not fit it, is
+    not told to use byte_tokenizer()'s 256 (wrong advice there); a byte-level vocabulary of 257 is."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from interventions.analysis.scores import probe_sequences
+    from interventions.zoo.tokenizer import byte_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=0, eos_token_id=0) if tokenizer_beside else {}
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=vocab, **ids)).eval()
+    if tokenizer_beside:  # a byte tokenizer (BOS 256) saved beside a model of 100 ids
+        model.save_pretrained(tmp_path / "model")
+        byte_tokenizer().save_pretrained(tmp_path / "model")
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    with pytest.raises(ValueError, match=says) as e:
+        probe_sequences(model, 5, 2)
+    assert ("byte_tokenizer" in str(e.value)) == (vocab == 257)
+
+
 def test_printable_ids_leave_out_added_special_tokens():
     """Tokens added as special (AddedToken(special=True), as Llama 3's reserved and chat tokens are)
     but not named in the special-tokens map are missing from all_special_ids; they are special all

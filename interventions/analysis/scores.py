@@ -215,6 +215,19 @@ def inferred_pool(model, exclude_top: float = EXCLUDE_FRACTION, bos_id: int | No
     return ids[order[int(round(exclude_top * ids.numel())):]].sort().values
 
 
+def bos_hint(where: str, tok, vocab_size: int) -> str:
+    """The fix for an inferred BOS id outside the vocabulary, by where it came from."""
+    from ..zoo.tokenizer import N_BYTES
+
+    if where.startswith("tokenizer"):
+        return (f"the tokenizer found beside the model ({getattr(tok, 'name_or_path', '?')}) does not fit it: pass "
+                "bos_id=ID, the BOS id of the tokenizer the model was trained with")
+    if vocab_size == N_BYTES + 1:  # our byte-level vocabulary: 256 bytes + the separator
+        return "its vocabulary of 257 is byte-level: pass bos_id=256 (the separator of byte_tokenizer())"
+    return (f"pass bos_id=ID, the BOS id of the model's own tokenizer (tokenizer.bos_token_id, in [0, {vocab_size})), "
+            "or set model.config.bos_token_id to it")
+
+
 def _bos(model, bos_id: int | None) -> int:
     """``bos_id``, else the tokenizer's BOS/EOS (``find_tokenizer``), else the config's BOS/EOS id, else 0."""
     inner = unwrap(model)
@@ -222,8 +235,11 @@ def _bos(model, bos_id: int | None) -> int:
     if bos_id is None:
         tok = find_tokenizer(model)
         c = inner.config
-        for v in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None),
-                  getattr(c, "bos_token_id", None), getattr(c, "eos_token_id", None)):
+        where = None
+        for where, v in (("tokenizer.bos_token_id", getattr(tok, "bos_token_id", None)),
+                         ("tokenizer.eos_token_id", getattr(tok, "eos_token_id", None)),
+                         ("config.bos_token_id", getattr(c, "bos_token_id", None)),
+                         ("config.eos_token_id", getattr(c, "eos_token_id", None))):
             if isinstance(v, (list, tuple)):
                 v = v[0] if v else None
             if v is not None:
@@ -232,10 +248,8 @@ def _bos(model, bos_id: int | None) -> int:
         else:
             bos_id = 0
         if not 0 <= bos_id < a.vocab_size:
-            named = (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None))
-            source = "tokenizer's" if bos_id in named else "config's"
-            raise ValueError(f"the {source} BOS id {bos_id} is outside the vocabulary [0, {a.vocab_size}): "
-                             "pass bos_id (e.g. the tokenizer's separator, 256 for byte_tokenizer())")
+            raise ValueError(f"the BOS id {bos_id} (the model's {where}) is outside the vocabulary "
+                             f"[0, {a.vocab_size}): {bos_hint(where, tok, a.vocab_size)}")
     if not 0 <= int(bos_id) < a.vocab_size:
         raise ValueError(f"bos_id={bos_id} is outside the vocabulary [0, {a.vocab_size})")
     return int(bos_id)
