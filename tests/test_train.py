@@ -332,6 +332,38 @@ def test_rewriting_a_checkpoint_killed_mid_delete_keeps_a_verified_one(tmp_path,
     assert torch.equal(next(T.load_model(last).parameters()), next(model.parameters()))  # the new copy
 
 
+def test_a_rewrite_leaves_no_old_copy_and_one_killed_between_its_renames_recovers(tmp_path, monkeypatch):
+    """The ``.old-step-N`` copy of a rewritten checkpoint is a crash-safety step, not a leftover: a rewrite
+    that succeeds removes it; one killed after moving step-N aside but before the new copy's rename
+    leaves step-N missing, and the resume trains from the checkpoint before it, writes step-N again and
+    leaves no temporary behind."""
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    T.train(cfg, run, progress=False)
+    ckpts = run / "checkpoints"
+    steps = sorted(p.name for p in ckpts.iterdir())
+    last = T.latest_checkpoint(run)
+    step = int(last.name.split("-")[1])
+    model = T.load_model(last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    T.save_checkpoint(run, step, model, opt, 123)
+    assert sorted(p.name for p in ckpts.iterdir()) == steps
+    real, calls = os.replace, []
+
+    def killed_replace(src, dst):  # the second rename (the new copy into place) never happens
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(T.os, "replace", killed_replace)
+    with pytest.raises(KeyboardInterrupt):
+        T.save_checkpoint(run, step, model, opt, 123)
+    monkeypatch.setattr(T.os, "replace", real)
+    assert last.name not in {p.name for p in ckpts.iterdir()} and T.latest_checkpoint(run).name == steps[-2]
+    T.train(cfg, run, progress=False, resume=True)
+    assert sorted(p.name for p in ckpts.iterdir()) == steps and T.verify_checkpoint(last)
+
+
 def test_out_inside_a_folder_corpus_is_refused(tmp_path):
     """An --out inside the corpus folder is refused before anything is written: the run's own files
     (train_config.json, tokenizer/*.json, manifests) would join the corpus, so its --resume would always be
