@@ -4,7 +4,9 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# pytest-xdist workers (pyproject addopts: one per core) run one torch thread each, so they do not
+# oversubscribe the cores; a single process uses two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture
