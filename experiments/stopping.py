@@ -4,7 +4,8 @@
   in the main thread. The CLI runs every command in one, with or without workers: each exits 128 + N with one
   line saying how to resume (``experiments.__main__``), its locks released on the way out.
 * ``worker_pool``: spawned workers, terminated and joined however the block is left. A worker leaves SIGINT
-  (Ctrl-C reaches the whole process group) to the parent from its first instruction on, and ends itself
+  (Ctrl-C reaches the whole process group) to the parent from its first instruction on, stops on the parent's
+  SIGTERM (``terminate``) even when the command was started with SIGTERM ignored, and ends itself
   within a fraction of a second once the parent is gone (killed outright: SIGKILL, the OOM killer), so none
   goes on writing into a run folder, holding its lock. A worker stopped mid-write leaves a temporary, never
   a half-written file (the next start removes it).
@@ -118,7 +119,7 @@ def worker_pool(workers: int, **kwargs):
         pool, failed = None, False
         try:
             # a signal received while the pool starts is raised at the end of this, with the pool made: stopped below
-            with deferred(), sigint_blocked():  # the workers, and the pool's thread that replaces them, inherit it
+            with deferred(), start_signals_blocked():  # inherited by the workers and the thread replacing them
                 pool = multiprocessing.get_context("spawn").Pool(workers, initializer=worker_started, **kwargs)
             yield pool
         except Exception:
@@ -132,18 +133,22 @@ def worker_pool(workers: int, **kwargs):
 
 
 @contextlib.contextmanager
-def sigint_blocked():
-    """SIGINT blocked in this thread for the block. Processes and threads started in it inherit the mask, so
-    Ctrl-C cannot interrupt a worker's start-up (a KeyboardInterrupt traceback) before ``worker_started`` ignores
-    it: the stdlib starts its resource tracker so. The parent still gets Ctrl-C (another thread takes it, or
-    it waits for the block's end)."""
+def start_signals_blocked():
+    """SIGINT, and SIGTERM if this process ignores it, blocked in this thread for the block. Processes and
+    threads started in it inherit the mask, so Ctrl-C cannot interrupt a worker's start-up (a KeyboardInterrupt
+    traceback) before ``worker_started`` ignores it: the stdlib starts its resource tracker so. A worker also
+    inherits an ignored SIGTERM, which would discard the parent's ``terminate`` during its start-up (the
+    parent then waits for it forever); blocked, that SIGTERM stays pending (Linux) until ``worker_started``
+    restores its default and ends the worker. The parent still gets Ctrl-C (another thread takes it, or it
+    waits for the block's end)."""
     if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
         yield
         return
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # before: starting it unblocks SIGINT in this thread
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    blocked = {signal.SIGINT} | ({signal.SIGTERM} if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN else set())
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
     try:
         yield
     finally:
@@ -152,11 +157,14 @@ def sigint_blocked():
 
 def worker_started() -> None:
     """Pool initializer, a worker's first code: ignore SIGINT (the parent handles Ctrl-C and stops the workers;
-    one that came while it was blocked, ``sigint_blocked``, is dropped) and end as soon as the parent is gone
+    one that came while it was blocked, ``start_signals_blocked``, is dropped), take SIGTERM's default (the
+    parent's ``terminate`` sends it: an ignored one, inherited from a parent started so, would leave the parent
+    waiting forever; one pending since the start ends the worker here), and end as soon as the parent is gone
     (``exit_with_parent``, in a thread: it works whatever the worker is doing)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
 
 

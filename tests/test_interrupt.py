@@ -108,19 +108,20 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 90.0
         time.sleep(0.05)
 
 
-def default_stop_signals() -> None:
+def default_stop_signals(ignored: tuple = ()) -> None:
     """In the child before it runs: SIGINT, SIGTERM and SIGHUP at their defaults, whatever this process inherited
     (pytest under ``nohup`` or as a background job ignores SIGHUP / SIGINT, and an ignored signal stays ignored by
-    design, so the command would not see the signals these tests send)."""
+    design, so the command would not see the signals these tests send), but those in ``ignored`` ignored."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+        signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
-def started(argv: list[str]):
-    """The command in a new process group, killed with any process it left when the test ends."""
+def started(argv: list[str], ignored: tuple = ()):
+    """The command in a new process group (``ignored``: signals it starts with ignored), killed with any process
+    it left when the test ends."""
     proc = subprocess.Popen(argv, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=default_stop_signals)
+                            start_new_session=True, preexec_fn=lambda: default_stop_signals(ignored))
     try:
         yield proc
     finally:
@@ -255,6 +256,32 @@ def test_ctrl_c_while_the_workers_start_prints_no_traceback(tmp_path):
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert not (tmp_path / "0").exists()  # the stall was still on: no task ran
+
+
+@pytest.mark.parametrize("mode", ["run", "slow-start"])
+def test_ctrl_c_stops_the_workers_of_a_command_started_with_sigterm_ignored(tmp_path, mode):
+    """A command started with SIGTERM ignored (`trap '' TERM`, or a parent's SIG_IGN: its spawned workers inherit
+    it), Ctrl-C while its workers run their tasks or while they start: the workers stop, the parent exits 130
+    within seconds (before: the workers ignored the SIGTERM of the parent's terminate, and it waited for them
+    forever, well past their 60 s task)."""
+    script = tmp_path / "pool.py"
+    script.write_text(POOL)
+    with started([sys.executable, str(script), str(tmp_path), mode], ignored=(signal.SIGTERM,)) as proc:
+        if mode == "run":
+            wait_for(lambda: (tmp_path / "0").exists() and (tmp_path / "1").exists(), proc, "tasks running")
+        else:
+            wait_for(lambda: len(workers_of(proc.pid)) >= 2, proc, "workers")
+            time.sleep(1)  # in their start-up's 5 s stall
+        workers = workers_of(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the parent still waits for its workers 30 s after Ctrl-C")
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert workers and not [p for p in workers if alive(p)]
+    if mode == "slow-start":
+        assert not (tmp_path / "0").exists()  # the stall was still on: no task ran
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="phase-change evaluates in this process on one core")
@@ -398,7 +425,7 @@ def test_a_stop_signal_while_the_pool_starts_stops_its_workers(monkeypatch):
 
     from experiments import stopping
 
-    real = stopping.sigint_blocked
+    real = stopping.start_signals_blocked
 
     @contextlib.contextmanager
     def signalled():
@@ -407,7 +434,7 @@ def test_a_stop_signal_while_the_pool_starts_stops_its_workers(monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)  # while the pool is being made
 
     before = {p.pid for p in multiprocessing.active_children()}
-    monkeypatch.setattr(stopping, "sigint_blocked", signalled)
+    monkeypatch.setattr(stopping, "start_signals_blocked", signalled)
     with pytest.raises(Interrupted) as e:
         with stopping.worker_pool(1):
             pytest.fail("the block ran")

@@ -4,6 +4,8 @@ The oracles never touch nnsight or the toolkit's adapters: they hook modules by 
 (``transformer.h[L]``, ``transformer.h[L].attn.c_proj``, ...) with ``register_forward_pre_hook`` /
 ``register_forward_hook``, or recompute attention by hand."""
 
+import re
+
 import pytest
 import torch
 
@@ -333,6 +335,25 @@ def forwards(tiny_model):
     handle = tiny_model.register_forward_pre_hook(lambda mod, args: calls.append(1))
     yield calls
     handle.remove()
+
+
+def test_logit_diff_pos_takes_a_numpy_integer_and_refuses_several_positions(tiny_model, pair, forwards):
+    """A numpy integer pos is that int position; a list (or another non-int) is refused before any forward
+    as not one position, saying how to measure several (before: both were reported "out of range")."""
+    import numpy as np
+
+    clean, corrupted = pair
+    for pos in ([1, 2], (3,), 2.0, np.array([1])):
+        forwards.clear()
+        match = rf"pos={re.escape(repr(pos))} is not one position: pass an int in \[-6, 6\) \(for several positions, "
+        with pytest.raises(ValueError, match=match + "measure each with its own logit_diff"):
+            patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=pos), progress=False)
+        assert forwards == []
+    for pos in (np.int64(2), np.int32(-1)):
+        assert logit_diff(1, 2, pos=pos).pos == int(pos) and type(logit_diff(1, 2, pos=pos).pos) is int
+        torch.testing.assert_close(patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=pos), progress=False),
+                                   patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=int(pos)),
+                                               progress=False), atol=0, rtol=0)
 
 
 def test_metric_of_the_wrong_shape_refused_before_any_patched_run(tiny_model, pair, forwards):

@@ -20,6 +20,7 @@ the weights below; it never changes which key wins.
 """
 
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -150,6 +151,20 @@ def test_scores_seeded_and_batch_invariant(circuit):
     assert not torch.equal(t1, repeated_random_tokens(POOL, 8, 2, 5, BOS, seed=4))
     assert (t1[:, 0] == BOS).all() and torch.equal(t1[:, 1:9], t1[:, 9:])
     assert all(len(set(row[1:9].tolist())) == 8 for row in t1)  # distinct within a copy
+
+
+def test_repeated_random_tokens_refuses_bool_counts_and_takes_numpy_integers():
+    """A bool count is refused naming the argument (before: n_tokens=True passed as 1, an int subclass);
+    a numpy integer count draws what the int does; counts below the minimum are still refused."""
+    for kw, match in ((dict(n_tokens=True), "n_tokens=True must be a positive integer"),
+                      (dict(n_repeats=True), "n_repeats=True must be an integer >= 2"),
+                      (dict(n_examples=False), "n_examples=False must be a positive integer"),
+                      (dict(n_repeats=1), "n_repeats=1 must be an integer >= 2"),
+                      (dict(n_tokens=2.0), r"n_tokens=2\.0 must be a positive integer")):
+        with pytest.raises(ValueError, match=match):
+            repeated_random_tokens(POOL, **{**dict(n_tokens=3, n_repeats=2, n_examples=2), **kw}, bos_id=BOS)
+    t = repeated_random_tokens(POOL, np.int64(3), np.int32(2), np.int64(2), BOS, distinct=False)
+    assert torch.equal(t, repeated_random_tokens(POOL, 3, 2, 2, BOS, distinct=False)) and t.shape == (2, 7)
 
 
 def test_copying_sign(circuit):

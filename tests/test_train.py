@@ -1,5 +1,6 @@
 """Trainer: checkpoints, bit-identical resume, run-folder safety, NaN guard, CLI errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -362,6 +363,40 @@ def test_a_rewrite_leaves_no_old_copy_and_one_killed_between_its_renames_recover
     assert last.name not in {p.name for p in ckpts.iterdir()} and T.latest_checkpoint(run).name == steps[-2]
     T.train(cfg, run, progress=False, resume=True)
     assert sorted(p.name for p in ckpts.iterdir()) == steps and T.verify_checkpoint(last)
+
+
+def test_an_old_copy_left_by_a_killed_rewrite_is_not_restored(tmp_path, monkeypatch):
+    """``.old-step-N`` is not renamed back to step-N by the next resume: a step is rewritten only by a resume
+    from before it (here: step N's metrics line lost, and a new lr), which logs the retrained step N before
+    saving it, so the old copy is the superseded trajectory (trained at the old lr). Restored, the run would
+    continue from weights that its metrics line N and lr record do not describe; the resume retrains it."""
+    cfg, run = tiny_cfg(), tmp_path / "r"
+    T.train(cfg, run, progress=False)
+    ckpts = run / "checkpoints"
+    name = sorted(p.name for p in ckpts.iterdir())[-2]
+    step = int(name.split("-")[1])
+    old_weights = (ckpts / name / "model.safetensors").read_bytes()
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(x for x in lines if json.loads(x)["step"] != step))
+    real = os.replace
+
+    def killed_replace(src, dst):  # the retrained step-N's rename into place never happens
+        if Path(dst).name == name:
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    new_lr = dataclasses.replace(cfg, lr=cfg.lr / 10)
+    monkeypatch.setattr(T.os, "replace", killed_replace)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(new_lr, run, progress=False, resume=True)
+    monkeypatch.setattr(T.os, "replace", real)
+    assert (ckpts / f".old-{name}").is_dir() and not (ckpts / name).exists()
+    assert step in [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    T.train(new_lr, run, progress=False, resume=True)
+    assert not (ckpts / f".old-{name}").exists() and T.verify_checkpoint(ckpts / name)
+    assert (ckpts / name / "model.safetensors").read_bytes() != old_weights  # retrained at the new lr
+    starts = [inv["from_step"] for inv in json.loads((run / "provenance.json").read_text())["invocations"]]
+    assert starts[-1] < step, starts  # resumed from before step N, not from its old copy
 
 
 def test_out_inside_a_folder_corpus_is_refused(tmp_path):

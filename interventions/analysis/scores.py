@@ -266,9 +266,9 @@ def repeated_random_tokens(pool: torch.Tensor, n_tokens: int, n_repeats: int, n_
     >>> repeated_random_tokens(torch.arange(10, 20), 3, 2, 1, bos_id=0, seed=0).shape
     torch.Size([1, 7])
     """
-    for name, v, lo in (("n_tokens", n_tokens, 1), ("n_repeats", n_repeats, 2), ("n_examples", n_examples, 1)):
-        if not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name}={v!r} must be an integer >= {lo}")
+    n_tokens = check_positive(n_tokens, "n_tokens")  # numpy integers pass, bools do not
+    n_repeats = check_positive(n_repeats, "n_repeats", minimum=2)
+    n_examples = check_positive(n_examples, "n_examples")
     if distinct and pool.numel() < n_tokens:
         raise ValueError(f"cannot draw {n_tokens} distinct tokens from a pool of {pool.numel()}: "
                          "use fewer tokens or a larger pool")

@@ -75,6 +75,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -107,7 +108,8 @@ class LogitDiff:
     def __init__(self, correct_ids, wrong_ids, pos: int = -1):
         self.correct = torch.as_tensor(correct_ids).long().reshape(-1)
         self.wrong = torch.as_tensor(wrong_ids).long().reshape(-1)
-        self.pos = pos
+        # a numpy integer is that int; anything else but an int is refused by ``check``
+        self.pos = int(pos) if isinstance(pos, numbers.Integral) and not is_bool(pos) else pos
 
     def ids(self, batch: int) -> torch.Tensor:
         """(batch, 2) ids: each row's correct and wrong token."""
@@ -128,7 +130,10 @@ class LogitDiff:
                                  "pass token ids of this model's tokenizer")
         if is_bool(self.pos):  # an int to isinstance: logits[:, True] adds an axis and fails inside the trace
             raise ValueError(f"logit_diff pos={self.pos!r} is a bool, not a position: pass an int in [-{pos}, {pos})")
-        if not isinstance(self.pos, int) or not -pos <= self.pos < pos:
+        if not isinstance(self.pos, int):
+            raise ValueError(f"logit_diff pos={self.pos!r} is not one position: pass an int in [-{pos}, {pos}) (for "
+                             "several positions, measure each with its own logit_diff(correct_ids, wrong_ids, pos=p))")
+        if not -pos <= self.pos < pos:
             raise ValueError(f"logit_diff pos={self.pos!r} out of range for {pos} positions: pass a position "
                              f"in [-{pos}, {pos})")
         if attention_mask is not None:

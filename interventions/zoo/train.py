@@ -867,7 +867,9 @@ def _remove_leftovers(run_dir: Path) -> None:
     ``.tmp-step-N`` carry no pid; they are written only by the holder of the run's lock (``train``), an
     flock the kernel drops when its holder dies, so while this process holds it no other process is
     filling one (not without ``LOCKING``: then they are kept). ``.old-step-N`` (a copy being replaced)
-    goes only where ``step-N`` exists: else it is that step's one copy, removed when the step is rewritten."""
+    goes only where ``step-N`` exists: else it is that step's one copy, removed when the step is rewritten. It is
+    never renamed back to ``step-N``: a step is rewritten only by a resume from before it, whose metrics line N
+    (logged before the save) and lr describe the retrained weights, not that superseded copy."""
     remove_leftovers(run_dir, locked=LOCKING)
     root = run_dir / "checkpoints"
     if not LOCKING or not root.is_dir():
