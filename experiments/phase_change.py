@@ -446,6 +446,20 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(y, 1, mode="edge"), np.ones(3) / 3, mode="valid") if len(y) >= 3 else y
 
 
+def _grid_sse(x: np.ndarray, y: np.ndarray, ws: np.ndarray, cs: np.ndarray) -> np.ndarray:
+    """(len(ws) * len(cs),) residual sum of squares of the least-squares fit of y = a + b x + r s(x) for each
+    sigmoid s = sigmoid((x - c) / w) of the grid (w outer, c inner): y and s with the line (1, x)
+    projected out, the best r removes <s, y>^2 / <s, s> of y's sum of squares (none where s is a line)."""
+    q, _ = np.linalg.qr(np.stack([np.ones_like(x), x - x[0]], 1))  # (n, 2) orthonormal basis of the line
+    s = 1 / (1 + np.exp(-(x[None, None, :] - cs[None, :, None]) / ws[:, None, None]))  # (w, c, n)
+    s = s.reshape(-1, len(x))
+    s = s - (s @ q) @ q.T
+    yp = y - q @ (q.T @ y)
+    num, den = s @ yp, (s ** 2).sum(1)
+    ok = den > 1e-12 * len(x)
+    return float(yp @ yp) - np.where(ok, num ** 2 / np.where(ok, den, 1.0), 0.0)
+
+
 def logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, float, float]:
     """Least-squares fit of y = a + b (x - x0) + r * sigmoid((x - c) / w), x0 = x[0]:
     a sharp rise r at c of width w on top of a slow linear trend b (learning goes on before and after
@@ -453,22 +467,20 @@ def logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, flo
 
     Grid over (c, w) with (a, b, r) solved in closed form (y is linear in them), then polished by
     scipy's least squares from the grid's best (kept only if it improves the fit): the optimiser
-    cannot start badly."""
-    best = (math.inf, 0.0, 0.0, 0.0, x[0], 0.1)
+    cannot start badly. The grid's residuals come in one pass (``_grid_sse``); its best point is
+    solved again with ``lstsq``."""
     dx = x - x[0]
 
     def design(c, w):
         return np.stack([np.ones_like(x), dx, 1 / (1 + np.exp(-(x - c) / w))], 1)
 
     span = x[-1] - x[0]
-    for w in np.geomspace(0.005, 0.3, 30):
-        for c in np.linspace(x[0], x[-1], 100):
-            A = design(c, w)
-            coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-            sse = float(((A @ coef - y) ** 2).sum())
-            if sse < best[0]:
-                best = (sse, *map(float, coef), float(c), float(w))
-    sse, a, b, r, c, w = best
+    ws, cs = np.geomspace(0.005, 0.3, 30), np.linspace(x[0], x[-1], 100)
+    k = int(np.argmin(_grid_sse(x, y, ws, cs)))  # the first of equal ones, in (w, c) order
+    c, w = float(cs[k % len(cs)]), float(ws[k // len(cs)])
+    A = design(c, w)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    (a, b, r), sse = map(float, coef), float(((A @ coef - y) ** 2).sum())
     from scipy.optimize import least_squares
 
     def resid(p):
