@@ -265,6 +265,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
         d = {"run_tokens": int(r.run_tokens),
              "icl_window_start_tokens": _f(r.icl_window_start_tokens), "icl_window_end_tokens": _f(r.icl_window_end_tokens),
              "icl_window_fitted_fall": _fit_size(r, "icl"),  # nats, window or not
+             "icl_window_p_value": _f(getattr(r, "icl_window_p_value", None)),  # the fall's F-test (rise_window)
              "icl_window_ends_inside": bool(r.icl_window_ends_inside) if icl_win else None,
              "icl_window_width_ratio": _f(r.icl_window_end_tokens / r.icl_window_start_tokens),
              "icl_window_end_fraction_of_run": _f(r.icl_window_end_tokens / r.run_tokens),
@@ -273,6 +274,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
              "induction_window_end_tokens": _f(r.induction_window_end_tokens),
              "checkpoints_in_induction_window": int(r.induction_window_n_checkpoints),
              "induction_window_fitted_rise": _fit_size(r, "induction"),
+             "induction_window_p_value": _f(getattr(r, "induction_window_p_value", None)),
              "induction_window_ends_inside": bool(r.induction_window_ends_inside) if ind_win else None,
              "induction_window_end_fraction_of_run": _f(r.induction_window_end_tokens / r.run_tokens),
              "final_induction_score": _f(r.final_induction_score), "final_icl": _f(r.final_icl),
@@ -566,6 +568,16 @@ def _fitted(v, what: str, unit: str, sep: str = "; ") -> str:
     return "" if v is None else f"{what} {v:.2f}{unit}{sep}"
 
 
+def _pval(p) -> str:
+    """", p = <p>" of a window's F-test (``rise_window``'s ``p_value``), or "" when the tables do not hold it.
+
+        >>> _pval(0.0039), _pval(3e-5), _pval(1e-31), _pval(None), _pval(float("nan"))
+        (', p = 0.0039', ', p = 3e-05', ', p < 1e-16', '', '')
+    """
+    p = _f(p)
+    return "" if p is None else f", p = {p:.2g}" if p >= 1e-16 else ", p < 1e-16"
+
+
 def _nan(v) -> float:
     """A headline number for formatting: None (NaN in the tables, e.g. a share without clean ICL) as NaN."""
     return math.nan if v is None else v
@@ -588,26 +600,29 @@ def _made_by_note(h: dict) -> str:
 def phase_change_lines(h: dict) -> list[str]:
     """The report's lines on each model's windows, ICL points, plateau and bump, from a ``headline``
     (also what ``phase-change`` prints)."""
-    from .phase_change import FIT_FROM_TOKENS, MIN_ICL_DROP, MIN_INDUCTION_RISE
+    from .phase_change import FIT_FROM_TOKENS, MIN_ICL_DROP, MIN_INDUCTION_RISE, WINDOW_P
 
     lines: list[str] = []
     for name, d in h["models"].items():
         fall, rise = d.get("icl_window_fitted_fall"), d.get("induction_window_fitted_rise")
+        p_icl, p_ind = _pval(d.get("icl_window_p_value")), _pval(d.get("induction_window_p_value"))
         w = (f"ICL window {_tok(d['icl_window_start_tokens'])} - {_tok(d['icl_window_end_tokens'])} tokens "
-             f"({_fitted(fall, 'fall', ' nats')}{d['icl_window_width_ratio']:.2f}x wide, ends at "
+             f"({_fitted(fall, 'fall', ' nats' + p_icl)}{d['icl_window_width_ratio']:.2f}x wide, ends at "
              f"{100 * d['icl_window_end_fraction_of_run']:.0f}% of the "
              f"run, {'inside' if d['icl_window_ends_inside'] else 'NOT inside'} it, {d['checkpoints_in_window']} "
              f"checkpoints inside)" if d["icl_window_start_tokens"] else f"no ICL window (the logistic fit to the "
              f"checkpoints from {_tok(FIT_FROM_TOKENS)} tokens on, at least 5, has no fall of the ICL score of at "
-             f"least {MIN_ICL_DROP} nats whose 10% point lies inside them{_fitted(fall, '; its fitted fall', ' nats', '')})")
+             f"least {MIN_ICL_DROP} nats, significant against the trend alone (F-test, p < {WINDOW_P}), whose 10% "
+             f"point lies inside them{_fitted(fall, '; its fitted fall', ' nats' + p_icl, '')})")
         end = d.get("induction_window_end_fraction_of_run")
         iw = (f"induction window {_tok(d['induction_window_start_tokens'])} - {_tok(d['induction_window_end_tokens'])}"
-              + (f" ({_fitted(rise, 'rise', '')}ends at {100 * end:.0f}% of the run, "
+              + (f" ({_fitted(rise, 'rise', p_ind)}ends at {100 * end:.0f}% of the run, "
                  f"{'inside' if d['induction_window_ends_inside'] else 'NOT inside'} it, "
                  f"{d['checkpoints_in_induction_window']} checkpoints inside)"
                  if end is not None and d.get("induction_window_ends_inside") is not None else "")
               if d["induction_window_start_tokens"] else "no induction window (likewise, no rise of the best induction "
-              f"score of at least {MIN_INDUCTION_RISE}{_fitted(rise, '; its fitted rise', '', '')})")
+              f"score of at least {MIN_INDUCTION_RISE}, significant at p < {WINDOW_P}"
+              f"{_fitted(rise, '; its fitted rise', p_ind, '')})")
         lines += [f"- **{name}** ({_tok(d['run_tokens'])} tokens): {w}; {iw}; final best induction score "
                   f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} ({_count(h['evaluation']['windows_per_checkpoint'])} windows)."]
         if "icl_before" in d:

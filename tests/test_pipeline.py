@@ -865,7 +865,8 @@ def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
     non-induction heads: an s.e. over them of 0 would be no s.e.), each as the tables hold it."""
     import pandas as pd
 
-    from experiments.phase_change import MIN_ICL_DROP, MIN_INDUCTION_RISE
+    from experiments.phase_change import MIN_ICL_DROP, MIN_INDUCTION_RISE, WINDOW_P
+    from experiments.reproduce import _pval
 
     out, report = tiny_run
     text = report.read_text()
@@ -873,12 +874,15 @@ def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
     lines = {m: next(x for x in text.splitlines() if x.startswith(f"- **{m}**")) for m in win.model}
     for r in win.itertuples():  # with the fitted size that missed the threshold, where a fit was made
         if not pd.notna(r.icl_window_start_tokens):
-            fall = f"; its fitted fall {r.icl_window_rise:.2f} nats" if pd.notna(r.icl_window_fit_rms) else ""
-            assert (f"from 0.5M tokens on, at least 5, has no fall of the ICL score of at least {MIN_ICL_DROP} nats "
-                    f"whose 10% point lies inside them{fall})") in lines[r.model]
+            fall = (f"; its fitted fall {r.icl_window_rise:.2f} nats{_pval(r.icl_window_p_value)}"
+                    if pd.notna(r.icl_window_fit_rms) else "")
+            assert (f"from 0.5M tokens on, at least 5, has no fall of the ICL score of at least {MIN_ICL_DROP} nats, "
+                    f"significant against the trend alone (F-test, p < {WINDOW_P}), whose 10% point lies inside "
+                    f"them{fall})") in lines[r.model]
         if not pd.notna(r.induction_window_start_tokens):
-            rise = f"; its fitted rise {r.induction_window_rise:.2f}" if pd.notna(r.induction_window_fit_rms) else ""
-            assert f"score of at least {MIN_INDUCTION_RISE}{rise})" in lines[r.model]
+            rise = (f"; its fitted rise {r.induction_window_rise:.2f}{_pval(r.induction_window_p_value)}"
+                    if pd.notna(r.induction_window_fit_rms) else "")
+            assert f"score of at least {MIN_INDUCTION_RISE}, significant at p < {WINDOW_P}{rise})" in lines[r.model]
     one = win[win.bump & (win.bump_start_tokens == win.bump_end_tokens)]
     assert len(one) and text.count("(one checkpoint)") == len(one)
     assert "(paired, 64 windows; " in text
