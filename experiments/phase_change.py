@@ -17,8 +17,8 @@ fixed set of (example, token) pairs, one token per example. Then, per model:
 * **PCA** of the per-token-loss vectors, all models' checkpoints projected jointly, fit on
   checkpoints after warm-up (before it, PC1 is just the fall from the uniform distribution), and
   the angle by which each trajectory turns at attn-2l's ICL window.
-* **transient**: attention entropy and previous-token attention of early and late query positions at
-  the checkpoints between 0.3M and 5M tokens, where the ICL score can turn positive (+0.18 nats in one
+* **transient**: attention entropy and previous-token attention of the query positions that predict the
+  ICL score's early and late bands of tokens (``transient_bands``) at the checkpoints between 0.3M and 5M tokens, where the ICL score can turn positive (+0.18 nats in one
   calibration seed; not resolved in every run): what would cause such a bump.
 
 ICL score: ``analysis.metrics.icl_from_losses`` with ``icl_band`` (mean loss of tokens 245-255 minus
@@ -369,8 +369,10 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(steps[n].step)] for n in runs])
     res.write("pca", pca_by_pairs(vectors, pca_ck, {n: steps[n].pairs.iloc[0] for n in runs if len(steps[n])}))
     derive_windows(res)
-    if not res.has("transient", all_key):
-        res.write("transient", transient_table(runs, ck, device), inputs=all_key)
+    # keyed on the query positions too: tables of the old bands (positions < early + 5, >= late - 5) recompute
+    transient_key = all_key | {"transient_bands": {n: transient_bands(run_config(r).n_ctx) for n, r in runs.items()}}
+    if not res.has("transient", transient_key):
+        res.write("transient", transient_table(runs, ck, device), inputs=transient_key)
     return res
 
 
@@ -838,24 +840,32 @@ def attention_entropy(model, windows: torch.Tensor) -> pd.DataFrame:
     return pd.concat(rows)
 
 
-def transient_bands(n_ctx: int) -> tuple[int, int]:
-    """(early_below, late_from): the query positions ``attention_by_band`` calls early (< early_below) and
-    late (>= late_from), 5 either side of the ICL score's early and late tokens.
+def transient_bands(n_ctx: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((early_lo, early_hi), (late_lo, late_hi)): the 0-based query positions, both ends included, whose
+    next-token predictions the ICL score's early and late bands average (``icl_band_losses``: tokens
+    k - b .. k + b, 1-indexed, b = ``icl_band(n_ctx)``, clipped to 2 .. n_ctx; token t is predicted at
+    position t - 2). ``attention_by_band`` calls them "early" and "late".
 
-        >>> transient_bands(256)
-        (30, 245)
+        >>> transient_bands(256)  # tokens 20-30 and 245-255
+        ((18, 28), (243, 253))
     """
+    band = icl_band(n_ctx)
+
+    def positions(k: int) -> tuple[int, int]:
+        return max(2, k - band) - 2, min(n_ctx, k + band) - 2
+
     early, late = icl_indices(n_ctx)
-    return early + 5, late - 5
+    return positions(early), positions(late)
 
 
 def attention_by_band(model, windows: torch.Tensor) -> pd.DataFrame:
-    """Per layer, at early and late query positions of the ICL score (``transient_bands``): mean attention
-    entropy, uniform attention's entropy there, and attention on the previous token."""
-    early_below, late_from = transient_bands(windows.shape[1])
+    """Per layer, at the query positions that predict the ICL score's early and late bands of tokens
+    (``transient_bands`` of windows (n, n_ctx)): mean attention entropy, uniform attention's entropy there,
+    and attention on the previous token."""
+    (e_lo, e_hi), (l_lo, l_hi) = transient_bands(windows.shape[1])
     ent = attention_entropy(model, windows)
-    ent = ent.assign(band=np.where(ent.position < early_below, "early",
-                                   np.where(ent.position >= late_from, "late", "mid")))
+    ent = ent.assign(band=np.select([ent.position.between(e_lo, e_hi), ent.position.between(l_lo, l_hi)],
+                                    ["early", "late"], "mid"))
     return (ent[ent.band != "mid"].groupby(["layer", "band"])
             .agg(entropy=("entropy", "mean"), uniform_entropy=("uniform_entropy", "mean"),
                  prev_token_attention=("prev_token_attention", "mean")).reset_index())

@@ -335,15 +335,16 @@ def _fit_size(r, which: str) -> float | None:
 
 def icl_positions(n_ctx: int) -> dict:
     """The ICL score's early and late token and band half-width at context ``n_ctx`` (``icl_indices``,
-    ``icl_band``), and the query positions the transient's "early" / "late" attention bands cover."""
+    ``icl_band``), and the query positions the transient's "early" / "late" attention bands cover
+    ([first, last], 0-based: those predicting the ICL score's bands, ``transient_bands``)."""
     from interventions.analysis.metrics import icl_band, icl_indices
 
     from .phase_change import transient_bands
 
     early, late = icl_indices(n_ctx)
-    early_below, late_from = transient_bands(n_ctx)
+    e, l_ = transient_bands(n_ctx)
     return {"n_ctx": n_ctx, "early": early, "late": late, "band": icl_band(n_ctx),
-            "transient_early_below": early_below, "transient_late_from": late_from}
+            "transient_early": list(e), "transient_late": list(l_)}
 
 
 def icl_definition(n_ctx: int | None) -> str:
@@ -742,8 +743,10 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         lines += [""]
     if "transient" in h:
         pos = h.get("icl_positions")  # the bands attention_by_band uses (transient_bands)
-        early, late = (f"< {pos['transient_early_below']}", f">= {pos['transient_late_from']}") if pos else \
-            ("< early + 5", ">= late - 5")
+        early, late = ((f"positions {a}-{b}, which predict tokens {a + 2}-{b + 2}" for a, b in
+                        (pos["transient_early"], pos["transient_late"]))
+                       if pos and "transient_early" in pos else ("those predicting the ICL score's early band",
+                                                                 "its late band"))
         lines += ["## The early transient", "",
                   "At the checkpoint between 0.3M and 5M tokens where each model's ICL score is highest: mean "
                   f"attention entropy of late ({late}) vs early ({early}) query positions, as a fraction of uniform "

@@ -222,3 +222,40 @@ def test_a_window_needs_a_significant_rise_not_only_min_rise():
     from experiments.phase_change import WINDOW_P
 
     assert all(w["p_value"] < WINDOW_P for w in found)
+
+
+@pytest.mark.parametrize("n_ctx", [64, 256, 512])
+def test_transient_bands_are_the_query_positions_whose_losses_make_the_icl_score(n_ctx):
+    """The transient's "early" / "late" query positions are exactly those whose next-token loss enters the ICL
+    score's early / late band: a loss of 1 at one column of the (1, n_ctx - 1) losses moves
+    ``icl_band_losses``' early (late) band iff that column is in the band, and column q of the losses is the
+    prediction made at query position q (a logit raised for the true next token at position q lowers
+    column q alone). ``attention_by_band`` averages over those positions (its uniform entropy, log(q + 1),
+    is their mean)."""
+    from experiments.phase_change import attention_by_band, transient_bands
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+    from interventions.analysis.metrics import icl_band_losses, icl_indices
+    from interventions.primitives.loss import loss_from_logits
+
+    x = torch.randint(0, 7, (1, n_ctx))
+    for q in (0, n_ctx // 2, n_ctx - 2):
+        logits = torch.zeros(1, n_ctx, 7)
+        logits[0, q, x[0, q + 1]] = 5.0
+        low = loss_from_logits(logits, x)[0]
+        assert torch.nonzero(low < low.max()).flatten().tolist() == [q]
+    in_band = {"early": [], "late": []}
+    for q in range(n_ctx - 1):
+        one = torch.zeros(1, n_ctx - 1)
+        one[0, q] = 1.0
+        e, l_ = icl_band_losses(one, *icl_indices(n_ctx), icl_band(n_ctx))
+        for name, v in (("early", e), ("late", l_)):
+            if v.item() > 0:
+                in_band[name].append(q)
+    if n_ctx == 256:
+        model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20, n_ctx=n_ctx)).eval()
+        got = attention_by_band(model, torch.randint(0, 20, (2, n_ctx))).set_index("band")
+        for name in ("early", "late"):
+            assert got.loc[name, "uniform_entropy"] == pytest.approx(np.log(np.array(in_band[name]) + 1).mean())
+    bands = dict(zip(("early", "late"), transient_bands(n_ctx)))
+    for name, (lo, hi) in bands.items():
+        assert list(range(lo, hi + 1)) == in_band[name]

@@ -636,12 +636,13 @@ def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, drawn):
 def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, band):
     """The report's ICL definition names the token numbers of the runs' own context (the paper's 50th and
     500th of 512 scaled, band 10/512 of the context), not 256's at every scale; the transient's bands are
-    5 tokens inside them."""
+    the query positions that predict those bands of tokens (token t at position t - 2)."""
     from experiments.reproduce import icl_definition, icl_positions
 
     assert f"(early, late = {early}, {late} of {n_ctx}; b = {band})" in icl_definition(n_ctx)
     p = icl_positions(n_ctx)
-    assert (p["transient_early_below"], p["transient_late_from"]) == (early + 5, late - 5)
+    assert (p["transient_early"], p["transient_late"]) == ([early - band - 2, early + band - 2],
+                                                           [late - band - 2, late + band - 2])
 
 
 def test_an_interrupted_invocation_keeps_its_finished_stages_in_the_wall_clock(tmp_path, monkeypatch):
