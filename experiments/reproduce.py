@@ -415,6 +415,7 @@ def ablation_summary(out: Path, name: str) -> dict | None:
     others = pat[~pat.is_induction]
     rnd = sets[sets.group == "random (non-induction)"]
     allo = sets[sets.group == "all other heads"]
+    size = len(ind.heads.iloc[0].split()) if len(ind) and isinstance(ind.heads.iloc[0], str) else 0
     return {
         "kind": "pattern-preserving zero ablation, final attn-2l checkpoint",
         "induction_heads": ind.heads.iloc[0].split() if len(ind) and isinstance(ind.heads.iloc[0], str) else [],
@@ -431,6 +432,9 @@ def ablation_summary(out: Path, name: str) -> dict | None:
         "random_control_share": _f(rnd.icl_share_removed.mean()) if len(rnd) else None,
         "random_control_share_sem": _f(rnd.icl_share_removed.std(ddof=1) / math.sqrt(len(rnd))) if len(rnd) > 1 else None,
         "random_control_draws": int(len(rnd)), "random_control_distinct_sets": int(rnd.heads.nunique()),
+        # the sets' size and how many there are (``random_head_sets``: every one of them when <= n_random)
+        "random_control_set_size": size if len(rnd) else None,
+        "random_control_possible_sets": math.comb(len(others), size) if len(rnd) else None,
         "all_other_heads_icl_change_nats": _f(allo.icl_change.iloc[0]) if len(allo) else None,
         "all_other_heads_icl_change_sem": _f(allo.icl_change_sem.iloc[0]) if len(allo) else None,
     }
@@ -569,6 +573,27 @@ def _fitted(v, what: str, unit: str, sep: str = "; ") -> str:
     return "" if v is None else f"{what} {v:.2f}{unit}{sep}"
 
 
+def random_control_sets(a: dict) -> str:
+    """What the random control of an ablation headline ablated: how many distinct sets, of how many heads, out
+    of how many possible (``random_head_sets``); a headline without the sets' size, its draws.
+
+        >>> random_control_sets({"random_control_draws": 6, "random_control_set_size": 1,
+        ...                      "random_control_possible_sets": 7, "other_heads_n": 7})
+        '6 distinct single heads from the 7 non-induction heads (seeded draws without repeats, of 7 possible)'
+        >>> random_control_sets({"random_control_draws": 1, "random_control_set_size": 2,
+        ...                      "random_control_possible_sets": 1, "other_heads_n": 2})
+        '1 distinct set of 2 heads from the 2 non-induction heads (every possible one)'
+    """
+    n, size, possible = (a.get(k) for k in ("random_control_draws", "random_control_set_size",
+                                             "random_control_possible_sets"))
+    if size is None or possible is None:
+        return (f"{n} draws of a set of the same size from the non-induction heads "
+                f"({a.get('random_control_distinct_sets', '?')} distinct)")
+    what = (f"single head{'s' * (n != 1)}" if size == 1 else f"set{'s' * (n != 1)} of {size} heads")
+    how = "every possible one" if n == possible else f"seeded draws without repeats, of {possible:,} possible"
+    return f"{n} distinct {what} from the {a.get('other_heads_n', '?')} non-induction heads ({how})"
+
+
 def _pval(p) -> str:
     """", p = <p>" of a window's F-test (``rise_window``'s ``p_value``), or "" when the tables do not hold it.
 
@@ -700,12 +725,11 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                   f"{100 * _nan(a['other_heads_single_share_max']):.0f}% (s.e. each at most "
                   f"{100 * (a.get('other_heads_single_share_sem_max') or float('nan')):.0f}%); {a['other_heads_single_larger_icl']} of "
                   f"{a['other_heads_n']} make the ICL score larger (negative share), the paper's observation.",
-                  f"- Random control, {a['random_control_draws']} draws of a set of the same size from the non-induction "
-                  f"heads ({a.get('random_control_distinct_sets', '?')} distinct): mean share "
+                  f"- Random control, {random_control_sets(a)}: mean share "
                   f"{100 * (a['random_control_share'] or float('nan')):.0f}%"
-                  + (f" ± {100 * a['random_control_share_sem']:.0f}% (s.e. over the draws)"
+                  + (f" ± {100 * a['random_control_share_sem']:.0f}% (s.e. over the sets)"
                      if a.get("random_control_share_sem") is not None and (a.get("random_control_distinct_sets") or 0) > 1
-                     else " (one distinct set: no spread over draws to give an s.e.)") + ".",
+                     else " (one distinct set: no spread over sets to give an s.e.)") + ".",
                   f"- All other heads together: ICL changes by "
                   f"{_pm(a['all_other_heads_icl_change_nats'], a['all_other_heads_icl_change_sem'])} (nats only: ablating "
                   "most of the model breaks it).", ""]

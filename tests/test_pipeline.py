@@ -862,8 +862,11 @@ def test_patching_and_head_score_figures_name_the_model_and_do_not_overlap(tmp_p
 def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
     """The report's "no window" names the rule's numbers (fit range, least fall or rise), a bump of one
     checkpoint is called that (not "X - X"), the plateau's s.e. is paired over the precise windows, and the
-    random control says how many of its draws are distinct sets (at tiny scale all 6 draw the same 2 of 2
-    non-induction heads: an s.e. over them of 0 would be no s.e.), each as the tables hold it."""
+    random control says how many distinct sets it ablated, of how many heads, out of how many possible (at
+    tiny scale the only set of 2 of 2 non-induction heads, once: draws with repeats ablated it 6 times, whose
+    s.e. of 0 would be no s.e.), each as the tables hold it."""
+    import math
+
     import pandas as pd
 
     from experiments.phase_change import MIN_ICL_DROP, MIN_INDUCTION_RISE, WINDOW_P
@@ -888,9 +891,15 @@ def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
     assert len(one) and text.count("(one checkpoint)") == len(one)
     assert "(paired, 64 windows; " in text
     sets = pd.read_csv(out / "ablations_attn-2l" / "sets.csv")
-    distinct = sets[sets.group == "random (non-induction)"].heads.nunique()
-    assert f"6 draws of a set of the same size from the non-induction heads ({distinct} distinct)" in text
-    assert distinct > 1 or "one distinct set: no spread over draws" in text
+    rnd = sets[sets.group == "random (non-induction)"]
+    size = sets[sets.group == "induction heads"].n_heads.iloc[0]
+    n_others = sets[sets.group == "all other heads"].n_heads.iloc[0]
+    possible = math.comb(n_others, size)
+    assert len(rnd) == rnd.heads.nunique() == min(6, possible) and (rnd.n_heads == size).all()
+    what = "single head" if size == 1 else f"set of {size} heads" if len(rnd) == 1 else f"sets of {size} heads"
+    assert f"Random control, {len(rnd)} distinct {what}" in text
+    assert f"from the {n_others} non-induction heads" in text
+    assert len(rnd) > 1 or "one distinct set: no spread over sets" in text
 
 
 def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
