@@ -59,8 +59,11 @@ N_PRECISE = 2048  # windows for the before/after/plateau ICL points (s.e. ~0.02-
 PRECISE_POINTS = ("before", "after", "at_80pct", "final", "attn1l_at_before", "smear_compare")
 MIN_INDUCTION_RISE = 0.1  # best induction score (attention share) must rise this much for a window
 MIN_ICL_DROP = 0.15  # nats: smaller ICL changes are not called a phase change (cf. the paper's ~0.4)
-# a window's rise must also be significant: the logistic fit against the trend alone, F-test at this level
-WINDOW_P = 0.01
+# a window's rise must also be significant: the logistic fit against the trend alone, F-test at this level.
+# 0.05, not 0.01: the short runs' windows (19 checkpoints in the fit) had p = 0.004-0.007 in the GPU run, the
+# tiny preset's (9) p = 0.05; noise about a trend (60 checkpoints, s.d. 0.03) passes it with a fitted rise of at
+# least MIN_ICL_DROP in 1 of 40 seeded trials (3 of 40 without the test)
+WINDOW_P = 0.05
 PCA_FIT_FROM_TOKENS = 1_000_000  # PCs fit on checkpoints after warm-up
 # windows are fit to checkpoints from here on: before it the loss is still falling from uniform and the
 # ICL score swings with it (the smeared models change phase right after, at ~1.3M tokens)
@@ -509,7 +512,7 @@ def rise_significance(x: np.ndarray, y: np.ndarray, rms: float) -> float:
 
     The sigmoid's centre and width are chosen by the fit and are undefined under the null, so F's
     reference distribution is only approximate and slightly liberal (on noise about a linear trend, 60
-    log-spaced points, p < 0.01 in ~2% of 300 trials).
+    log-spaced points, p < 0.01 in ~2% of 300 trials, p < 0.05 in ~13%: a window also needs its rise).
 
     >>> x = np.linspace(6, 7, 20); s = 1 / (1 + np.exp(-(x - 6.5) / 0.05))
     >>> rise_significance(x, s, logistic_fit(x, s)[-1]), rise_significance(x, 2 * x, 0.0), rise_significance(x[:5], x[:5], 0.0)
@@ -541,7 +544,7 @@ def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tok
     the s.e. of one checkpoint's ICL score swamps the difference to the next), and apart from the slow
     learning before and after. Not padded to checkpoints. No window (NaNs) when the fitted rise is
     below ``min_rise`` (or is a fall), when it is not significant (``p_value``: ``rise_significance``,
-    the logistic fit against the linear trend alone, F-test; a window needs p < ``p_level``, 0.01:
+    the logistic fit against the linear trend alone, F-test; a window needs p < ``p_level``, 0.05:
     ``min_rise`` alone let noise through), or when its 10% point comes before the first fitted checkpoint
     (the rise began before the data, or the fit traded a slow trend for an extrapolated rise: on one
     1-layer run it claimed 0.15M - 116M tokens from data at 0.55M - 20M). ``ends_inside``: the 90% point comes before

@@ -201,7 +201,7 @@ def _window_trials(rise: float, min_rise: float, n: int = 40) -> tuple[list[dict
 
 def test_a_window_needs_a_significant_rise_not_only_min_rise():
     """Noise about a trend gives a window in <= 1 of 40 seeded trials at the ICL window's least fall
-    (``MIN_ICL_DROP``; with ``min_rise`` alone, 3 of these 40), while a real rise of 0.16 nats (5x the noise's
+    (``MIN_ICL_DROP``; with ``min_rise`` alone, 3 of these 40; 1 with the test at p < 0.05), while a real rise of 0.16 nats (5x the noise's
     s.d.) is still found, in its place, in >= 38 of 40 (with no least rise, so that only the significance
     test can lose it). ``p_value`` is the F-test of the logistic fit against a straight line fit
     independently (``np.polyfit``), on (3, n - 5) degrees of freedom."""
