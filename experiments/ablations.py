@@ -9,7 +9,8 @@ On a trained model's final checkpoint, over fixed validation windows (the run's 
   head carries all of it, negative = ablating it makes the ICL score larger);
 * head **sets** (pattern-preserving zero ablation, the paper's kind): the induction heads chosen by
   the library's rule (``classify_induction_heads``: prefix matching and copying), random control
-  sets of the same size drawn from the non-induction heads only, and all other heads together
+  sets of the same size from the non-induction heads only (distinct sets: ``random_head_sets``), and all
+  other heads together
   (reported in nats only: ablating most of a model breaks it, so a share of the ICL score means
   little there).
 
@@ -26,6 +27,7 @@ of clean and ablated losses on the same window. Both are the library's
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -56,6 +58,29 @@ def icl_share(clean: torch.Tensor, ablated: torch.Tensor, seed: int) -> dict:
     pos - 1) losses of the same windows -> share removed, ICL change (nats) and their paired s.e."""
     pos = clean.shape[1] + 1
     return icl_share_from_losses(clean, ablated, *icl_indices(pos), icl_band(pos), N_BOOT, seed)
+
+
+def random_head_sets(others: list, size: int, n: int, seed: int) -> list[list]:
+    """The random control's head sets: ``n`` distinct sets of ``size`` heads from ``others`` (the
+    non-induction heads), each in ``others``' order. Every possible set (``itertools.combinations``' order)
+    when there are at most ``n`` (``math.comb(len(others), size)``), so fewer than ``n`` then; else ``n``
+    drawn by a generator seeded ``seed``, a set drawn again rejected. No set ([]) when ``size`` is 0 or
+    exceeds ``len(others)``.
+
+        >>> random_head_sets(["a", "b", "c"], 2, 6, seed=0)
+        [['a', 'b'], ['a', 'c'], ['b', 'c']]
+    """
+    if size <= 0 or size > len(others):
+        return []
+    if math.comb(len(others), size) <= n:
+        return [list(c) for c in itertools.combinations(others, size)]
+    g = np.random.default_rng(seed)
+    picks: list[tuple] = []
+    while len(picks) < n:  # one seeded choice per draw, as before; a repeated set is drawn again
+        pick = tuple(sorted(g.choice(len(others), size=size, replace=False).tolist()))
+        if pick not in picks:
+            picks.append(pick)
+    return [[others[i] for i in pick] for pick in picks]
 
 
 def set_losses(model, windows: torch.Tensor, sets: dict[str, list], progress: bool | None = None
@@ -125,14 +150,13 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
         res.write("per_head_by_index", pd.concat(by_index), inputs=key)
         res.write("per_head", pd.DataFrame(rows), inputs=key)
 
-    if not res.has_all(["sets", "sets_by_index"], key):
+    # tables of random sets drawn with repeats (before ``random_head_sets``) are recomputed
+    skey = {**key, "random_sets": "distinct"}
+    if not res.has_all(["sets", "sets_by_index"], skey):
         others = [h for h in all_heads if h not in ind]
-        g = np.random.default_rng(cfg.seed)
         sets: dict[str, list] = {"clean": [], "induction heads": ind, "all other heads": others}
-        if ind and len(others) >= len(ind):
-            for r in range(n_random):
-                pick = g.choice(len(others), size=len(ind), replace=False)
-                sets[f"random {r}"] = [others[i] for i in sorted(pick)]
+        for r, heads in enumerate(random_head_sets(others, len(ind), n_random, cfg.seed)):
+            sets[f"random {r}"] = heads
         rows, by_index = [], []
         all_losses = set_losses(model, windows, sets, progress)
         for set_name, heads in sets.items():
@@ -151,8 +175,8 @@ def run_ablations(run: Path, name: str, head_scores: pd.DataFrame | None, result
                                           "token_index": np.arange(1, losses.shape[1] + 1),
                                           "loss": losses.mean(0).numpy(),
                                           "sem": (losses.std(0) / math.sqrt(n)).numpy()}))
-        res.write("sets_by_index", pd.concat(by_index), inputs=key)
-        res.write("sets", pd.DataFrame(rows), inputs=key)
+        res.write("sets_by_index", pd.concat(by_index), inputs=skey)
+        res.write("sets", pd.DataFrame(rows), inputs=skey)
 
     akey = {**key, "n_attribution_inside": n_attribution_inside,
             "windows": None if windows_table is None else fingerprint(windows_table[windows_table.model == name]

@@ -393,7 +393,7 @@ def fig_ablation_by_index(root: Path, out: Path, model: str = "attn-2l"):
     ax.set_xlabel("token index (tokens of context)")
     ax.set_ylabel("loss (nats/token, log-binned)")
     n_random = sets[sets.group == "random (non-induction)"].set.nunique()
-    ax.set_title(f"{model}: loss by token index, heads ablated\n(pattern-preserving; random: {n_random} draws, "
+    ax.set_title(f"{model}: loss by token index, heads ablated\n(pattern-preserving; random: {n_random} distinct sets, "
                  "95% CI)", fontsize=8)
     _legend_below(fig, ax, ncol=3)
     return _save(fig, out, f"ablation_loss_by_index_{model}")

@@ -5,7 +5,8 @@ loss, ICL score with its standard error, loss by token index, head scores, and p
 fixed set of (example, token) pairs, one token per example. Then, per model:
 
 * **windows** of the phase change, each the 10% -> 90% stretch of one rise (no padding) of a logistic
-  fit in log tokens (``rise_window``): ``icl_*`` from the ICL score (the paper's definition: where it
+  fit in log tokens, significant against the trend alone (F-test, p < ``WINDOW_P``; ``rise_window``):
+  ``icl_*`` from the ICL score (the paper's definition: where it
   falls, i.e. where its derivative is large) and ``induction_*`` from the best head's induction score.
   Each says whether it ends inside the run and how many checkpoints it holds.
 * **precise ICL** (``icl_precise``): the ICL score on ``N_PRECISE`` windows at the checkpoints just
@@ -16,8 +17,8 @@ fixed set of (example, token) pairs, one token per example. Then, per model:
 * **PCA** of the per-token-loss vectors, all models' checkpoints projected jointly, fit on
   checkpoints after warm-up (before it, PC1 is just the fall from the uniform distribution), and
   the angle by which each trajectory turns at attn-2l's ICL window.
-* **transient**: attention entropy and previous-token attention of early and late query positions at
-  the checkpoints between 0.3M and 5M tokens, where the ICL score can turn positive (+0.18 nats in one
+* **transient**: attention entropy and previous-token attention of the query positions that predict the
+  ICL score's early and late bands of tokens (``transient_bands``) at the checkpoints between 0.3M and 5M tokens, where the ICL score can turn positive (+0.18 nats in one
   calibration seed; not resolved in every run): what would cause such a bump.
 
 ICL score: ``analysis.metrics.icl_from_losses`` with ``icl_band`` (mean loss of tokens 245-255 minus
@@ -58,6 +59,11 @@ N_PRECISE = 2048  # windows for the before/after/plateau ICL points (s.e. ~0.02-
 PRECISE_POINTS = ("before", "after", "at_80pct", "final", "attn1l_at_before", "smear_compare")
 MIN_INDUCTION_RISE = 0.1  # best induction score (attention share) must rise this much for a window
 MIN_ICL_DROP = 0.15  # nats: smaller ICL changes are not called a phase change (cf. the paper's ~0.4)
+# a window's rise must also be significant: the logistic fit against the trend alone, F-test at this level.
+# 0.05, not 0.01: the short runs' windows (19 checkpoints in the fit) had p = 0.004-0.007 in the GPU run, the
+# tiny preset's (9) p = 0.05; noise about a trend (60 checkpoints, s.d. 0.03) passes it with a fitted rise of at
+# least MIN_ICL_DROP in 1 of 40 seeded trials (3 of 40 without the test)
+WINDOW_P = 0.05
 PCA_FIT_FROM_TOKENS = 1_000_000  # PCs fit on checkpoints after warm-up
 # windows are fit to checkpoints from here on: before it the loss is still falling from uniform and the
 # ICL score swings with it (the smeared models change phase right after, at ~1.3M tokens)
@@ -366,8 +372,10 @@ def run_phase_change(runs: dict[str, Path], results_root: Path, n_windows: int =
     pca_ck = pd.concat([ck[(ck.model == n) & ck.step.isin(steps[n].step)] for n in runs])
     res.write("pca", pca_by_pairs(vectors, pca_ck, {n: steps[n].pairs.iloc[0] for n in runs if len(steps[n])}))
     derive_windows(res)
-    if not res.has("transient", all_key):
-        res.write("transient", transient_table(runs, ck, device), inputs=all_key)
+    # keyed on the query positions too: tables of the old bands (positions < early + 5, >= late - 5) recompute
+    transient_key = all_key | {"transient_bands": {n: transient_bands(run_config(r).n_ctx) for n, r in runs.items()}}
+    if not res.has("transient", transient_key):
+        res.write("transient", transient_table(runs, ck, device), inputs=transient_key)
     return res
 
 
@@ -446,6 +454,20 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(y, 1, mode="edge"), np.ones(3) / 3, mode="valid") if len(y) >= 3 else y
 
 
+def _grid_sse(x: np.ndarray, y: np.ndarray, ws: np.ndarray, cs: np.ndarray) -> np.ndarray:
+    """(len(ws) * len(cs),) residual sum of squares of the least-squares fit of y = a + b x + r s(x) for each
+    sigmoid s = sigmoid((x - c) / w) of the grid (w outer, c inner): y and s with the line (1, x)
+    projected out, the best r removes <s, y>^2 / <s, s> of y's sum of squares (none where s is a line)."""
+    q, _ = np.linalg.qr(np.stack([np.ones_like(x), x - x[0]], 1))  # (n, 2) orthonormal basis of the line
+    s = 1 / (1 + np.exp(-(x[None, None, :] - cs[None, :, None]) / ws[:, None, None]))  # (w, c, n)
+    s = s.reshape(-1, len(x))
+    s = s - (s @ q) @ q.T
+    yp = y - q @ (q.T @ y)
+    num, den = s @ yp, (s ** 2).sum(1)
+    ok = den > 1e-12 * len(x)
+    return float(yp @ yp) - np.where(ok, num ** 2 / np.where(ok, den, 1.0), 0.0)
+
+
 def logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, float, float, float]:
     """Least-squares fit of y = a + b (x - x0) + r * sigmoid((x - c) / w), x0 = x[0]:
     a sharp rise r at c of width w on top of a slow linear trend b (learning goes on before and after
@@ -453,22 +475,20 @@ def logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, flo
 
     Grid over (c, w) with (a, b, r) solved in closed form (y is linear in them), then polished by
     scipy's least squares from the grid's best (kept only if it improves the fit): the optimiser
-    cannot start badly."""
-    best = (math.inf, 0.0, 0.0, 0.0, x[0], 0.1)
+    cannot start badly. The grid's residuals come in one pass (``_grid_sse``); its best point is
+    solved again with ``lstsq``."""
     dx = x - x[0]
 
     def design(c, w):
         return np.stack([np.ones_like(x), dx, 1 / (1 + np.exp(-(x - c) / w))], 1)
 
     span = x[-1] - x[0]
-    for w in np.geomspace(0.005, 0.3, 30):
-        for c in np.linspace(x[0], x[-1], 100):
-            A = design(c, w)
-            coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-            sse = float(((A @ coef - y) ** 2).sum())
-            if sse < best[0]:
-                best = (sse, *map(float, coef), float(c), float(w))
-    sse, a, b, r, c, w = best
+    ws, cs = np.geomspace(0.005, 0.3, 30), np.linspace(x[0], x[-1], 100)
+    k = int(np.argmin(_grid_sse(x, y, ws, cs)))  # the first of equal ones, in (w, c) order
+    c, w = float(cs[k % len(cs)]), float(ws[k // len(cs)])
+    A = design(c, w)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    (a, b, r), sse = map(float, coef), float(((A @ coef - y) ** 2).sum())
     from scipy.optimize import least_squares
 
     def resid(p):
@@ -484,7 +504,37 @@ def logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, flo
     return a, b, r, c, w, math.sqrt(sse / len(x))
 
 
-def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tokens: float = 0.0) -> dict:
+def rise_significance(x: np.ndarray, y: np.ndarray, rms: float) -> float:
+    """p-value of the F-test of ``logistic_fit`` (5 parameters, residual rms ``rms``) against the trend alone
+    (y = a + b x, 2 parameters, least squares) on the same n points: F = ((SSE_trend - SSE_fit) / 3) /
+    (SSE_fit / (n - 5)) on (3, n - 5) degrees of freedom. NaN with fewer than 6 points (a 5-parameter fit
+    of 5 points leaves no residual to judge it by).
+
+    The sigmoid's centre and width are chosen by the fit and are undefined under the null, so F's
+    reference distribution is only approximate and slightly liberal (on noise about a linear trend, 60
+    log-spaced points, p < 0.01 in ~2% of 300 trials, p < 0.05 in ~13%: a window also needs its rise).
+
+    >>> x = np.linspace(6, 7, 20); s = 1 / (1 + np.exp(-(x - 6.5) / 0.05))
+    >>> rise_significance(x, s, logistic_fit(x, s)[-1]), rise_significance(x, 2 * x, 0.0), rise_significance(x[:5], x[:5], 0.0)
+    (0.0, 1.0, nan)
+    """
+    from scipy import stats
+
+    n = len(x)
+    if n < 6:
+        return math.nan
+    A = np.stack([np.ones_like(x), x - x[0]], 1)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    sse0, sse1 = float(((A @ coef - y) ** 2).sum()), n * rms ** 2
+    if sse0 <= 1e-20 * float(((y - y.mean()) ** 2).sum() + (y ** 2).sum()):  # the trend alone fits exactly
+        return 1.0
+    if sse1 <= 1e-12 * sse0:  # the logistic fits exactly where the trend does not
+        return 0.0
+    return float(stats.f.sf(max(sse0 - sse1, 0.0) / 3 / (sse1 / (n - 5)), 3, n - 5))
+
+
+def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tokens: float = 0.0,
+                p_level: float = WINDOW_P) -> dict:
     """The 10% -> 90% stretch of the sharp rise of ``y`` against log tokens, from a fit.
 
     ``logistic_fit`` (a logistic in log10 tokens on top of a linear trend) is fit by least squares to
@@ -493,7 +543,9 @@ def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tok
     off a fit rather than off differences of noisy neighbouring checkpoints (at 0.2M-token spacing,
     the s.e. of one checkpoint's ICL score swamps the difference to the next), and apart from the slow
     learning before and after. Not padded to checkpoints. No window (NaNs) when the fitted rise is
-    below ``min_rise`` (or is a fall), or when its 10% point comes before the first fitted checkpoint
+    below ``min_rise`` (or is a fall), when it is not significant (``p_value``: ``rise_significance``,
+    the logistic fit against the linear trend alone, F-test; a window needs p < ``p_level``, 0.05:
+    ``min_rise`` alone let noise through), or when its 10% point comes before the first fitted checkpoint
     (the rise began before the data, or the fit traded a slow trend for an extrapolated rise: on one
     1-layer run it claimed 0.15M - 116M tokens from data at 0.55M - 20M). ``ends_inside``: the 90% point comes before
     the last checkpoint by at least half the window's own width in log tokens (a plateau after it was
@@ -505,21 +557,22 @@ def rise_window(tokens: np.ndarray, y: np.ndarray, min_rise: float, fit_from_tok
     """
     nan = {"start_tokens": math.nan, "end_tokens": math.nan, "peak_tokens": math.nan, "rise": 0.0,
            "trend_per_decade": math.nan, "from": math.nan, "to": math.nan, "n_checkpoints": 0,
-           "ends_inside": False, "fit_rms": math.nan}
+           "ends_inside": False, "fit_rms": math.nan, "p_value": math.nan}
     keep = tokens >= fit_from_tokens
     t, y = tokens[keep].astype(float), np.asarray(y, dtype=float)[keep]
     if len(t) < 5:
         return nan
     x = np.log10(t)
     a, b, r, c, w, rms = logistic_fit(x, y)
+    p = rise_significance(x, y, rms)
     start, end = c - w * math.log(9), c + w * math.log(9)
-    if r < min_rise or start < x[0]:
-        return {**nan, "rise": float(r), "fit_rms": rms}
+    if r < min_rise or not p < p_level or start < x[0]:
+        return {**nan, "rise": float(r), "fit_rms": rms, "p_value": p}
     return {"start_tokens": 10 ** start, "end_tokens": 10 ** end, "peak_tokens": 10 ** c, "rise": float(r),
             "trend_per_decade": float(b), "from": float(a + b * (start - x[0]) + 0.1 * r),
             "to": float(a + b * (end - x[0]) + 0.9 * r),
             "n_checkpoints": int(((x >= start) & (x <= end)).sum()),
-            "ends_inside": bool(x[-1] - end >= 0.5 * (end - start)), "fit_rms": rms}
+            "ends_inside": bool(x[-1] - end >= 0.5 * (end - start)), "fit_rms": rms, "p_value": p}
 
 
 def detect_bump(tokens: np.ndarray, loss: np.ndarray, after_fraction: float = 0.05) -> dict:
@@ -790,24 +843,32 @@ def attention_entropy(model, windows: torch.Tensor) -> pd.DataFrame:
     return pd.concat(rows)
 
 
-def transient_bands(n_ctx: int) -> tuple[int, int]:
-    """(early_below, late_from): the query positions ``attention_by_band`` calls early (< early_below) and
-    late (>= late_from), 5 either side of the ICL score's early and late tokens.
+def transient_bands(n_ctx: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((early_lo, early_hi), (late_lo, late_hi)): the 0-based query positions, both ends included, whose
+    next-token predictions the ICL score's early and late bands average (``icl_band_losses``: tokens
+    k - b .. k + b, 1-indexed, b = ``icl_band(n_ctx)``, clipped to 2 .. n_ctx; token t is predicted at
+    position t - 2). ``attention_by_band`` calls them "early" and "late".
 
-        >>> transient_bands(256)
-        (30, 245)
+        >>> transient_bands(256)  # tokens 20-30 and 245-255
+        ((18, 28), (243, 253))
     """
+    band = icl_band(n_ctx)
+
+    def positions(k: int) -> tuple[int, int]:
+        return max(2, k - band) - 2, min(n_ctx, k + band) - 2
+
     early, late = icl_indices(n_ctx)
-    return early + 5, late - 5
+    return positions(early), positions(late)
 
 
 def attention_by_band(model, windows: torch.Tensor) -> pd.DataFrame:
-    """Per layer, at early and late query positions of the ICL score (``transient_bands``): mean attention
-    entropy, uniform attention's entropy there, and attention on the previous token."""
-    early_below, late_from = transient_bands(windows.shape[1])
+    """Per layer, at the query positions that predict the ICL score's early and late bands of tokens
+    (``transient_bands`` of windows (n, n_ctx)): mean attention entropy, uniform attention's entropy there,
+    and attention on the previous token."""
+    (e_lo, e_hi), (l_lo, l_hi) = transient_bands(windows.shape[1])
     ent = attention_entropy(model, windows)
-    ent = ent.assign(band=np.where(ent.position < early_below, "early",
-                                   np.where(ent.position >= late_from, "late", "mid")))
+    ent = ent.assign(band=np.select([ent.position.between(e_lo, e_hi), ent.position.between(l_lo, l_hi)],
+                                    ["early", "late"], "mid"))
     return (ent[ent.band != "mid"].groupby(["layer", "band"])
             .agg(entropy=("entropy", "mean"), uniform_entropy=("uniform_entropy", "mean"),
                  prev_token_attention=("prev_token_attention", "mean")).reset_index())

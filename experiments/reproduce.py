@@ -265,6 +265,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
         d = {"run_tokens": int(r.run_tokens),
              "icl_window_start_tokens": _f(r.icl_window_start_tokens), "icl_window_end_tokens": _f(r.icl_window_end_tokens),
              "icl_window_fitted_fall": _fit_size(r, "icl"),  # nats, window or not
+             "icl_window_p_value": _f(getattr(r, "icl_window_p_value", None)),  # the fall's F-test (rise_window)
              "icl_window_ends_inside": bool(r.icl_window_ends_inside) if icl_win else None,
              "icl_window_width_ratio": _f(r.icl_window_end_tokens / r.icl_window_start_tokens),
              "icl_window_end_fraction_of_run": _f(r.icl_window_end_tokens / r.run_tokens),
@@ -273,6 +274,7 @@ def headline(out: Path, timings: dict | None = None, git: dict | None = None) ->
              "induction_window_end_tokens": _f(r.induction_window_end_tokens),
              "checkpoints_in_induction_window": int(r.induction_window_n_checkpoints),
              "induction_window_fitted_rise": _fit_size(r, "induction"),
+             "induction_window_p_value": _f(getattr(r, "induction_window_p_value", None)),
              "induction_window_ends_inside": bool(r.induction_window_ends_inside) if ind_win else None,
              "induction_window_end_fraction_of_run": _f(r.induction_window_end_tokens / r.run_tokens),
              "final_induction_score": _f(r.final_induction_score), "final_icl": _f(r.final_icl),
@@ -333,15 +335,16 @@ def _fit_size(r, which: str) -> float | None:
 
 def icl_positions(n_ctx: int) -> dict:
     """The ICL score's early and late token and band half-width at context ``n_ctx`` (``icl_indices``,
-    ``icl_band``), and the query positions the transient's "early" / "late" attention bands cover."""
+    ``icl_band``), and the query positions the transient's "early" / "late" attention bands cover
+    ([first, last], 0-based: those predicting the ICL score's bands, ``transient_bands``)."""
     from interventions.analysis.metrics import icl_band, icl_indices
 
     from .phase_change import transient_bands
 
     early, late = icl_indices(n_ctx)
-    early_below, late_from = transient_bands(n_ctx)
+    e, l_ = transient_bands(n_ctx)
     return {"n_ctx": n_ctx, "early": early, "late": late, "band": icl_band(n_ctx),
-            "transient_early_below": early_below, "transient_late_from": late_from}
+            "transient_early": list(e), "transient_late": list(l_)}
 
 
 def icl_definition(n_ctx: int | None) -> str:
@@ -412,6 +415,7 @@ def ablation_summary(out: Path, name: str) -> dict | None:
     others = pat[~pat.is_induction]
     rnd = sets[sets.group == "random (non-induction)"]
     allo = sets[sets.group == "all other heads"]
+    size = len(ind.heads.iloc[0].split()) if len(ind) and isinstance(ind.heads.iloc[0], str) else 0
     return {
         "kind": "pattern-preserving zero ablation, final attn-2l checkpoint",
         "induction_heads": ind.heads.iloc[0].split() if len(ind) and isinstance(ind.heads.iloc[0], str) else [],
@@ -428,6 +432,9 @@ def ablation_summary(out: Path, name: str) -> dict | None:
         "random_control_share": _f(rnd.icl_share_removed.mean()) if len(rnd) else None,
         "random_control_share_sem": _f(rnd.icl_share_removed.std(ddof=1) / math.sqrt(len(rnd))) if len(rnd) > 1 else None,
         "random_control_draws": int(len(rnd)), "random_control_distinct_sets": int(rnd.heads.nunique()),
+        # the sets' size and how many there are (``random_head_sets``: every one of them when <= n_random)
+        "random_control_set_size": size if len(rnd) else None,
+        "random_control_possible_sets": math.comb(len(others), size) if len(rnd) else None,
         "all_other_heads_icl_change_nats": _f(allo.icl_change.iloc[0]) if len(allo) else None,
         "all_other_heads_icl_change_sem": _f(allo.icl_change_sem.iloc[0]) if len(allo) else None,
     }
@@ -566,6 +573,37 @@ def _fitted(v, what: str, unit: str, sep: str = "; ") -> str:
     return "" if v is None else f"{what} {v:.2f}{unit}{sep}"
 
 
+def random_control_sets(a: dict) -> str:
+    """What the random control of an ablation headline ablated: how many distinct sets, of how many heads, out
+    of how many possible (``random_head_sets``); a headline without the sets' size, its draws.
+
+        >>> random_control_sets({"random_control_draws": 6, "random_control_set_size": 1,
+        ...                      "random_control_possible_sets": 7, "other_heads_n": 7})
+        '6 distinct single heads from the 7 non-induction heads (seeded draws without repeats, of 7 possible)'
+        >>> random_control_sets({"random_control_draws": 1, "random_control_set_size": 2,
+        ...                      "random_control_possible_sets": 1, "other_heads_n": 2})
+        '1 distinct set of 2 heads from the 2 non-induction heads (every possible one)'
+    """
+    n, size, possible = (a.get(k) for k in ("random_control_draws", "random_control_set_size",
+                                             "random_control_possible_sets"))
+    if size is None or possible is None:
+        return (f"{n} draws of a set of the same size from the non-induction heads "
+                f"({a.get('random_control_distinct_sets', '?')} distinct)")
+    what = (f"single head{'s' * (n != 1)}" if size == 1 else f"set{'s' * (n != 1)} of {size} heads")
+    how = "every possible one" if n == possible else f"seeded draws without repeats, of {possible:,} possible"
+    return f"{n} distinct {what} from the {a.get('other_heads_n', '?')} non-induction heads ({how})"
+
+
+def _pval(p) -> str:
+    """", p = <p>" of a window's F-test (``rise_window``'s ``p_value``), or "" when the tables do not hold it.
+
+        >>> _pval(0.0039), _pval(3e-5), _pval(1e-31), _pval(None), _pval(float("nan"))
+        (', p = 0.0039', ', p = 3e-05', ', p < 1e-16', '', '')
+    """
+    p = _f(p)
+    return "" if p is None else f", p = {p:.2g}" if p >= 1e-16 else ", p < 1e-16"
+
+
 def _nan(v) -> float:
     """A headline number for formatting: None (NaN in the tables, e.g. a share without clean ICL) as NaN."""
     return math.nan if v is None else v
@@ -588,26 +626,29 @@ def _made_by_note(h: dict) -> str:
 def phase_change_lines(h: dict) -> list[str]:
     """The report's lines on each model's windows, ICL points, plateau and bump, from a ``headline``
     (also what ``phase-change`` prints)."""
-    from .phase_change import FIT_FROM_TOKENS, MIN_ICL_DROP, MIN_INDUCTION_RISE
+    from .phase_change import FIT_FROM_TOKENS, MIN_ICL_DROP, MIN_INDUCTION_RISE, WINDOW_P
 
     lines: list[str] = []
     for name, d in h["models"].items():
         fall, rise = d.get("icl_window_fitted_fall"), d.get("induction_window_fitted_rise")
+        p_icl, p_ind = _pval(d.get("icl_window_p_value")), _pval(d.get("induction_window_p_value"))
         w = (f"ICL window {_tok(d['icl_window_start_tokens'])} - {_tok(d['icl_window_end_tokens'])} tokens "
-             f"({_fitted(fall, 'fall', ' nats')}{d['icl_window_width_ratio']:.2f}x wide, ends at "
+             f"({_fitted(fall, 'fall', ' nats' + p_icl)}{d['icl_window_width_ratio']:.2f}x wide, ends at "
              f"{100 * d['icl_window_end_fraction_of_run']:.0f}% of the "
              f"run, {'inside' if d['icl_window_ends_inside'] else 'NOT inside'} it, {d['checkpoints_in_window']} "
              f"checkpoints inside)" if d["icl_window_start_tokens"] else f"no ICL window (the logistic fit to the "
              f"checkpoints from {_tok(FIT_FROM_TOKENS)} tokens on, at least 5, has no fall of the ICL score of at "
-             f"least {MIN_ICL_DROP} nats whose 10% point lies inside them{_fitted(fall, '; its fitted fall', ' nats', '')})")
+             f"least {MIN_ICL_DROP} nats, significant against the trend alone (F-test, p < {WINDOW_P}), whose 10% "
+             f"point lies inside them{_fitted(fall, '; its fitted fall', ' nats' + p_icl, '')})")
         end = d.get("induction_window_end_fraction_of_run")
         iw = (f"induction window {_tok(d['induction_window_start_tokens'])} - {_tok(d['induction_window_end_tokens'])}"
-              + (f" ({_fitted(rise, 'rise', '')}ends at {100 * end:.0f}% of the run, "
+              + (f" ({_fitted(rise, 'rise', p_ind)}ends at {100 * end:.0f}% of the run, "
                  f"{'inside' if d['induction_window_ends_inside'] else 'NOT inside'} it, "
                  f"{d['checkpoints_in_induction_window']} checkpoints inside)"
                  if end is not None and d.get("induction_window_ends_inside") is not None else "")
               if d["induction_window_start_tokens"] else "no induction window (likewise, no rise of the best induction "
-              f"score of at least {MIN_INDUCTION_RISE}{_fitted(rise, '; its fitted rise', '', '')})")
+              f"score of at least {MIN_INDUCTION_RISE}, significant at p < {WINDOW_P}"
+              f"{_fitted(rise, '; its fitted rise', p_ind, '')})")
         lines += [f"- **{name}** ({_tok(d['run_tokens'])} tokens): {w}; {iw}; final best induction score "
                   f"{d['final_induction_score']:.2f}; final ICL {_pm(d['final_icl'], d['final_icl_sem'])} ({_count(h['evaluation']['windows_per_checkpoint'])} windows)."]
         if "icl_before" in d:
@@ -684,12 +725,11 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
                   f"{100 * _nan(a['other_heads_single_share_max']):.0f}% (s.e. each at most "
                   f"{100 * (a.get('other_heads_single_share_sem_max') or float('nan')):.0f}%); {a['other_heads_single_larger_icl']} of "
                   f"{a['other_heads_n']} make the ICL score larger (negative share), the paper's observation.",
-                  f"- Random control, {a['random_control_draws']} draws of a set of the same size from the non-induction "
-                  f"heads ({a.get('random_control_distinct_sets', '?')} distinct): mean share "
+                  f"- Random control, {random_control_sets(a)}: mean share "
                   f"{100 * (a['random_control_share'] or float('nan')):.0f}%"
-                  + (f" ± {100 * a['random_control_share_sem']:.0f}% (s.e. over the draws)"
+                  + (f" ± {100 * a['random_control_share_sem']:.0f}% (s.e. over the sets)"
                      if a.get("random_control_share_sem") is not None and (a.get("random_control_distinct_sets") or 0) > 1
-                     else " (one distinct set: no spread over draws to give an s.e.)") + ".",
+                     else " (one distinct set: no spread over sets to give an s.e.)") + ".",
                   f"- All other heads together: ICL changes by "
                   f"{_pm(a['all_other_heads_icl_change_nats'], a['all_other_heads_icl_change_sem'])} (nats only: ablating "
                   "most of the model breaks it).", ""]
@@ -727,8 +767,10 @@ def write_report(out: Path, scale: str, timings: dict, figures_dir: Path, git: d
         lines += [""]
     if "transient" in h:
         pos = h.get("icl_positions")  # the bands attention_by_band uses (transient_bands)
-        early, late = (f"< {pos['transient_early_below']}", f">= {pos['transient_late_from']}") if pos else \
-            ("< early + 5", ">= late - 5")
+        early, late = ((f"positions {a}-{b}, which predict tokens {a + 2}-{b + 2}" for a, b in
+                        (pos["transient_early"], pos["transient_late"]))
+                       if pos and "transient_early" in pos else ("those predicting the ICL score's early band",
+                                                                 "its late band"))
         lines += ["## The early transient", "",
                   "At the checkpoint between 0.3M and 5M tokens where each model's ICL score is highest: mean "
                   f"attention entropy of late ({late}) vs early ({early}) query positions, as a fraction of uniform "

@@ -192,3 +192,27 @@ def test_report_states_an_ablation_whose_shares_are_undefined(tmp_path, monkeypa
          "all_other_heads_icl_change_nats": 0.2, "all_other_heads_icl_change_sem": 0.05}
     text = _report(tmp_path, monkeypatch, {"attn-2l": _model(True)}, ablation=a)
     assert "remove **40% ± nan%**" in text and "shares from nan% to nan%" in text
+
+
+def test_report_says_how_many_distinct_random_sets_of_how_many_possible(tmp_path, monkeypatch):
+    """The random control names its sets as ``random_head_sets`` made them: distinct, their size, and all of
+    the possible ones or seeded draws of C(non-induction heads, size) possible."""
+    import math
+
+    base = {"model": "attn-2l", "induction_heads": ["L1H0"], "icl_clean": -0.4, "icl_clean_sem": 0.02,
+            "icl_share_removed": 0.4, "icl_share_removed_sem": 0.1, "icl_change_nats": 0.1,
+            "other_heads_single_share_min": 0.0, "other_heads_single_share_max": 0.1,
+            "other_heads_single_share_sem_max": 0.05, "other_heads_single_larger_icl": 0, "other_heads_n": 7,
+            "windows": 64, "other_heads_single_windows": 32, "random_control_share": 0.05,
+            "random_control_share_sem": 0.02, "all_other_heads_icl_change_nats": 0.2,
+            "all_other_heads_icl_change_sem": 0.05}
+    for size, n in ((1, 6), (2, 6), (6, 6)):
+        possible = math.comb(7, size)
+        a = base | {"random_control_draws": min(n, possible), "random_control_distinct_sets": min(n, possible),
+                    "random_control_set_size": size, "random_control_possible_sets": possible}
+        text = _report(tmp_path, monkeypatch, {"attn-2l": _model(True)}, ablation=a)
+        line = next(x for x in text.splitlines() if x.startswith("- Random control"))
+        what = "single heads" if size == 1 else f"sets of {size} heads"
+        how = "every possible one" if possible <= n else f"seeded draws without repeats, of {possible} possible"
+        assert line.startswith(f"- Random control, {min(n, possible)} distinct {what} from the 7 non-induction "
+                               f"heads ({how}): mean share 5% ± 2% (s.e. over the sets)")

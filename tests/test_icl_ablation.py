@@ -153,3 +153,34 @@ def test_bad_input_names_the_fix(induction):
         share_removed([-1.0, float("nan")], [-1.0, -1.0])
     with pytest.raises(ValueError, match="per-window"):
         share_removed(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+@pytest.mark.parametrize("n_others, size", [(7, 1), (2, 2), (4, 2), (7, 2), (12, 3)])
+def test_random_control_sets_are_distinct_and_every_one_when_few(n_others, size):
+    """The random control (``random_head_sets``) ablates min(n, C(len(others), size)) distinct sets of the
+    induction heads' size, none holding an induction head, the same for a seed: when there are at most n
+    possible sets, exactly those (checked against ``itertools.combinations``); otherwise the seeded draws
+    of before (one ``choice`` each, sorted) with repeated sets skipped, in the order drawn."""
+    import itertools
+
+    from experiments.ablations import random_head_sets
+    from interventions.engine.heads import Head
+
+    heads = [Head(layer, h) for layer in range(3) for h in range(8)]
+    ind, others = heads[-size:], heads[:n_others]  # induction heads last, the others from the first
+    n = 6
+    sets = random_head_sets(others, size, n, seed=3)
+    possible = {frozenset(c) for c in itertools.combinations(others, size)}
+    assert len(sets) == min(n, len(possible)) == len({frozenset(s) for s in sets})
+    assert all(len(s) == size and frozenset(s) in possible and not set(s) & set(ind) for s in sets)
+    assert random_head_sets(others, size, n, seed=3) == sets
+    if len(possible) <= n:
+        assert {frozenset(s) for s in sets} == possible
+    else:
+        g, drawn = np.random.default_rng(3), []
+        while len(drawn) < n:
+            pick = [others[i] for i in sorted(g.choice(len(others), size=size, replace=False))]
+            if pick not in drawn:
+                drawn.append(pick)
+        assert sets == drawn
+    assert random_head_sets(others, 0, n, seed=3) == [] and random_head_sets(others[:1], 2, n, seed=3) == []

@@ -183,3 +183,79 @@ def test_no_plateau_test_when_the_80pct_point_is_the_final_checkpoint():
     out = add_plateau(win, pd.DataFrame(rows)).set_index("model")
     assert math.isnan(out.loc["same", "plateau_change"]) and math.isnan(out.loc["same", "plateau_sem"])
     assert out.loc["distinct", "plateau_change"] == pytest.approx(0.01) and bool(out.loc["distinct", "plateaued"])
+
+
+def _window_trials(rise: float, min_rise: float, n: int = 40) -> tuple[list[dict], np.ndarray]:
+    """``rise_window`` on ``n`` seeded curves at 60 log-spaced checkpoints (0.5M - 20M tokens): a linear
+    trend in log tokens, plus a logistic ``rise`` centred at 10^6.5 tokens (0.1 decades wide), plus noise of
+    s.d. 0.03 on each checkpoint."""
+    t = np.geomspace(5e5, 2e7, 60)
+    x = np.log10(t)
+    out = []
+    for seed in range(n):
+        g = np.random.default_rng([seed, 11])
+        y = 0.03 * (x - x[0]) + rise / (1 + np.exp(-(x - 6.5) / 0.1)) + g.normal(0, 0.03, len(t))
+        out.append((rise_window(t, y, min_rise), y))
+    return out, x
+
+
+def test_a_window_needs_a_significant_rise_not_only_min_rise():
+    """Noise about a trend gives a window in <= 1 of 40 seeded trials at the ICL window's least fall
+    (``MIN_ICL_DROP``; with ``min_rise`` alone, 3 of these 40; 1 with the test at p < 0.05), while a real rise of 0.16 nats (5x the noise's
+    s.d.) is still found, in its place, in >= 38 of 40 (with no least rise, so that only the significance
+    test can lose it). ``p_value`` is the F-test of the logistic fit against a straight line fit
+    independently (``np.polyfit``), on (3, n - 5) degrees of freedom."""
+    from scipy import stats
+
+    from experiments.phase_change import MIN_ICL_DROP
+
+    noise, x = _window_trials(0.0, MIN_ICL_DROP)
+    assert sum(np.isfinite(w["start_tokens"]) for w, _ in noise) <= 1
+    real, _ = _window_trials(0.16, 0.0)
+    found = [w for w, _ in real if np.isfinite(w["start_tokens"]) and abs(math.log10(w["peak_tokens"]) - 6.5) < 0.2]
+    assert len(found) >= 38
+    for w, y in noise[:3] + real[:3]:  # the p-value by hand
+        sse_line = float(((np.polyval(np.polyfit(x, y, 1), x) - y) ** 2).sum())
+        sse_fit = len(x) * w["fit_rms"] ** 2
+        f = ((sse_line - sse_fit) / 3) / (sse_fit / (len(x) - 5))
+        assert w["p_value"] == pytest.approx(stats.f.sf(f, 3, len(x) - 5), rel=1e-6, abs=1e-12)
+    from experiments.phase_change import WINDOW_P
+
+    assert all(w["p_value"] < WINDOW_P for w in found)
+
+
+@pytest.mark.parametrize("n_ctx", [64, 256, 512])
+def test_transient_bands_are_the_query_positions_whose_losses_make_the_icl_score(n_ctx):
+    """The transient's "early" / "late" query positions are exactly those whose next-token loss enters the ICL
+    score's early / late band: a loss of 1 at one column of the (1, n_ctx - 1) losses moves
+    ``icl_band_losses``' early (late) band iff that column is in the band, and column q of the losses is the
+    prediction made at query position q (a logit raised for the true next token at position q lowers
+    column q alone). ``attention_by_band`` averages over those positions (its uniform entropy, log(q + 1),
+    is their mean)."""
+    from experiments.phase_change import attention_by_band, transient_bands
+    from interventions import AttnOnlyConfig, AttnOnlyForCausalLM
+    from interventions.analysis.metrics import icl_band_losses, icl_indices
+    from interventions.primitives.loss import loss_from_logits
+
+    x = torch.randint(0, 7, (1, n_ctx))
+    for q in (0, n_ctx // 2, n_ctx - 2):
+        logits = torch.zeros(1, n_ctx, 7)
+        logits[0, q, x[0, q + 1]] = 5.0
+        low = loss_from_logits(logits, x)[0]
+        assert torch.nonzero(low < low.max()).flatten().tolist() == [q]
+    in_band = {"early": [], "late": []}
+    for q in range(n_ctx - 1):
+        one = torch.zeros(1, n_ctx - 1)
+        one[0, q] = 1.0
+        e, l_ = icl_band_losses(one, *icl_indices(n_ctx), icl_band(n_ctx))
+        for name, v in (("early", e), ("late", l_)):
+            if v.item() > 0:
+                in_band[name].append(q)
+    if n_ctx == 256:
+        model = AttnOnlyForCausalLM(AttnOnlyConfig(n_layers=1, n_heads=2, d_model=16, vocab_size=20, n_ctx=n_ctx)).eval()
+        got = attention_by_band(model, torch.randint(0, 20, (2, n_ctx))).set_index("band")
+        for name in ("early", "late"):
+            assert got.loc[name, "uniform_entropy"] == pytest.approx(np.log(np.array(in_band[name]) + 1).mean())
+    bands = dict(zip(("early", "late"), transient_bands(n_ctx)))
+    for name, (lo, hi) in bands.items():
+        assert list(range(lo, hi + 1)) == in_band[name]

@@ -636,12 +636,13 @@ def test_pca_figure_draws_each_set_of_pairs_in_its_own_panel(tmp_path, drawn):
 def test_report_states_the_icl_tokens_of_the_runs_context(n_ctx, early, late, band):
     """The report's ICL definition names the token numbers of the runs' own context (the paper's 50th and
     500th of 512 scaled, band 10/512 of the context), not 256's at every scale; the transient's bands are
-    5 tokens inside them."""
+    the query positions that predict those bands of tokens (token t at position t - 2)."""
     from experiments.reproduce import icl_definition, icl_positions
 
     assert f"(early, late = {early}, {late} of {n_ctx}; b = {band})" in icl_definition(n_ctx)
     p = icl_positions(n_ctx)
-    assert (p["transient_early_below"], p["transient_late_from"]) == (early + 5, late - 5)
+    assert (p["transient_early"], p["transient_late"]) == ([early - band - 2, early + band - 2],
+                                                           [late - band - 2, late + band - 2])
 
 
 def test_an_interrupted_invocation_keeps_its_finished_stages_in_the_wall_clock(tmp_path, monkeypatch):
@@ -861,11 +862,15 @@ def test_patching_and_head_score_figures_name_the_model_and_do_not_overlap(tmp_p
 def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
     """The report's "no window" names the rule's numbers (fit range, least fall or rise), a bump of one
     checkpoint is called that (not "X - X"), the plateau's s.e. is paired over the precise windows, and the
-    random control says how many of its draws are distinct sets (at tiny scale all 6 draw the same 2 of 2
-    non-induction heads: an s.e. over them of 0 would be no s.e.), each as the tables hold it."""
+    random control says how many distinct sets it ablated, of how many heads, out of how many possible (at
+    tiny scale the only set of 2 of 2 non-induction heads, once: draws with repeats ablated it 6 times, whose
+    s.e. of 0 would be no s.e.), each as the tables hold it."""
+    import math
+
     import pandas as pd
 
-    from experiments.phase_change import MIN_ICL_DROP, MIN_INDUCTION_RISE
+    from experiments.phase_change import MIN_ICL_DROP, MIN_INDUCTION_RISE, WINDOW_P
+    from experiments.reproduce import _pval
 
     out, report = tiny_run
     text = report.read_text()
@@ -873,19 +878,28 @@ def test_report_says_what_no_window_and_the_random_control_are(tiny_run):
     lines = {m: next(x for x in text.splitlines() if x.startswith(f"- **{m}**")) for m in win.model}
     for r in win.itertuples():  # with the fitted size that missed the threshold, where a fit was made
         if not pd.notna(r.icl_window_start_tokens):
-            fall = f"; its fitted fall {r.icl_window_rise:.2f} nats" if pd.notna(r.icl_window_fit_rms) else ""
-            assert (f"from 0.5M tokens on, at least 5, has no fall of the ICL score of at least {MIN_ICL_DROP} nats "
-                    f"whose 10% point lies inside them{fall})") in lines[r.model]
+            fall = (f"; its fitted fall {r.icl_window_rise:.2f} nats{_pval(r.icl_window_p_value)}"
+                    if pd.notna(r.icl_window_fit_rms) else "")
+            assert (f"from 0.5M tokens on, at least 5, has no fall of the ICL score of at least {MIN_ICL_DROP} nats, "
+                    f"significant against the trend alone (F-test, p < {WINDOW_P}), whose 10% point lies inside "
+                    f"them{fall})") in lines[r.model]
         if not pd.notna(r.induction_window_start_tokens):
-            rise = f"; its fitted rise {r.induction_window_rise:.2f}" if pd.notna(r.induction_window_fit_rms) else ""
-            assert f"score of at least {MIN_INDUCTION_RISE}{rise})" in lines[r.model]
+            rise = (f"; its fitted rise {r.induction_window_rise:.2f}{_pval(r.induction_window_p_value)}"
+                    if pd.notna(r.induction_window_fit_rms) else "")
+            assert f"score of at least {MIN_INDUCTION_RISE}, significant at p < {WINDOW_P}{rise})" in lines[r.model]
     one = win[win.bump & (win.bump_start_tokens == win.bump_end_tokens)]
     assert len(one) and text.count("(one checkpoint)") == len(one)
     assert "(paired, 64 windows; " in text
     sets = pd.read_csv(out / "ablations_attn-2l" / "sets.csv")
-    distinct = sets[sets.group == "random (non-induction)"].heads.nunique()
-    assert f"6 draws of a set of the same size from the non-induction heads ({distinct} distinct)" in text
-    assert distinct > 1 or "one distinct set: no spread over draws" in text
+    rnd = sets[sets.group == "random (non-induction)"]
+    size = sets[sets.group == "induction heads"].n_heads.iloc[0]
+    n_others = sets[sets.group == "all other heads"].n_heads.iloc[0]
+    possible = math.comb(n_others, size)
+    assert len(rnd) == rnd.heads.nunique() == min(6, possible) and (rnd.n_heads == size).all()
+    what = "single head" if size == 1 else f"set of {size} heads" if len(rnd) == 1 else f"sets of {size} heads"
+    assert f"Random control, {len(rnd)} distinct {what}" in text
+    assert f"from the {n_others} non-induction heads" in text
+    assert len(rnd) > 1 or "one distinct set: no spread over sets" in text
 
 
 def test_rerun_skips_and_corruption_is_detected(tiny_run):  # last: it corrupts a shared table
