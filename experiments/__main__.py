@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("reproduce", help="the default reproduction on the embedded corpus")
     sp.add_argument("--out", default="results/default", help="results folder")
     sp.add_argument("--scale", default="cpu", choices=["tiny", "cpu", "gpu"],
-                    help="tiny: about a minute (smoke test); cpu: the default (~14 min on a 2-core AVX-512 CPU, ~25 "
+                    help="tiny: about a minute (smoke test); cpu: the default (~14 min on a 2-core AVX-512 CPU, ~27 "
                          "on an AVX2-only one); gpu: the whole family, 3 seeds each, on CUDA")
     sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --scale gpu)")
     sp.add_argument("--seeds", type=_seed_count, default=None,
