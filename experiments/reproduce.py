@@ -415,10 +415,11 @@ def ablation_summary(out: Path, name: str) -> dict | None:
     others = pat[~pat.is_induction]
     rnd = sets[sets.group == "random (non-induction)"]
     allo = sets[sets.group == "all other heads"]
-    size = len(ind.heads.iloc[0].split()) if len(ind) and isinstance(ind.heads.iloc[0], str) else 0
+    heads = ind.heads.iloc[0].split() if len(ind) and isinstance(ind.heads.iloc[0], str) else []
+    size = len(heads)
     return {
         "kind": "pattern-preserving zero ablation, final attn-2l checkpoint",
-        "induction_heads": ind.heads.iloc[0].split() if len(ind) and isinstance(ind.heads.iloc[0], str) else [],
+        "induction_heads": heads,
         "icl_clean": _f(sets[sets.group == "clean"].icl_score.iloc[0]),
         "icl_clean_sem": _f(sets[sets.group == "clean"].icl_sem.iloc[0]),
         "icl_share_removed": _f(ind.icl_share_removed.iloc[0]) if len(ind) else None,

@@ -297,6 +297,8 @@ def check_index(part, name: str, label: str, size: int) -> None:
     """Refuse bools as a write's ``rows`` / ``pos``: a bool scalar indexes as a new axis (True would write
     everywhere), a list or numpy array of bools fails inside torch's shape check. A (size,) torch bool
     tensor is a mask and is kept."""
+    if part is None or type(part) in (int, slice):  # the common cases, on every write: nothing to refuse
+        return
     what = "row" if name == "rows" else "position"
     if is_bool(part):
         raise ValueError(f"{label}: {name}={part!r} is a bool, not an index: pass {name}=int(i) for one {what}, "
