@@ -1,6 +1,6 @@
 """Calibration: train a grid of small configs in parallel and record when the phase change comes.
 
-Used to pick the presets' defaults (README, "Choosing the defaults"). Each grid entry is a
+Used to pick the presets' defaults (docs/calibration.md, "Choosing the defaults"). Each grid entry is a
 TrainConfig dict; runs go in parallel processes; the metrics of all runs are gathered into one JSON.
 
     python benchmarks/calibrate_phase_change.py grid.json out_dir --device cuda --parallel 8

@@ -1,7 +1,7 @@
 """Training presets: the paper's small-model family, scaled down for a 2-core CPU.
 
-Shared defaults (the calibration table in README "Choosing the defaults" measured them with this
-trainer on this corpus):
+Shared defaults (the calibration table in docs/calibration.md, "Choosing the defaults", measured them
+with this trainer on this corpus):
   * byte-level tokens (vocab 257): with a 2048-token BPE the vanilla phase change needs hundreds
     of millions of tokens on this corpus; with bytes it comes within ~10M.
   * d_model 96, 4 heads of 24: the vanilla 2-layer model forms its induction head as early (in tokens)

@@ -4,7 +4,7 @@ Every checkpoint the trainer logs (``metrics.jsonl``) the ICL score (the report'
 windows) and the loss on the first and second copy of repeated random tokens. From those alone this
 gives, per run, the ICL window and the window of the repeat gap (first-copy minus second-copy loss, the
 calibration's "gap"; it rises when induction heads form), both by ``rise_window``, and the first
-checkpoint where the gap reaches 0.3 and 1.0 nats (the README calibration's columns); then the spread
+checkpoint where the gap reaches 0.3 and 1.0 nats (the calibration's columns, docs/calibration.md); then the spread
 across seeds (``seed_spread``) and one figure. No model is loaded: seconds for any number of runs.
 
     python -m experiments.training_log RUN_FOLDER... --out DIR

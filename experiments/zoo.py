@@ -31,8 +31,8 @@ from interventions.zoo.train import TrainConfig, list_checkpoints, read_metrics,
 
 from .presets import get_preset
 
-# tokens per model at each scale. cpu: attn-2l's ICL window ends by ~12-15M tokens (README
-# calibration), so 20M leaves the last 20%+ of the run to show the plateau.
+# tokens per model at each scale. cpu: attn-2l's ICL window ends by ~12-15M tokens (the
+# calibration, docs/calibration.md), so 20M leaves the last 20%+ of the run to show the plateau.
 SCALES: dict[str, dict[str, int]] = {
     "tiny": {"attn-1l": 1_500_000, "attn-2l": 1_500_000, "smear-1l": 600_000, "smear-2l": 600_000},
     "cpu": {"attn-1l": 20_000_000, "attn-2l": 20_000_000, "smear-1l": 6_000_000, "smear-2l": 6_000_000},

@@ -5,7 +5,7 @@ exits, however it exits (SIGKILL included), so there are no stale locks to clean
 writes its pid into the file so a second process can name it. Within one process the lock is
 re-entrant (a results folder locked by ``reproduce`` is written by the experiments it calls).
 
-Only stdlib: ``fcntl`` is POSIX; on other systems the lock is a no-op (documented in the README).
+Only stdlib: ``fcntl`` is POSIX; on other systems the lock is a no-op (documented in docs/reliability-log.md).
 
 Temporary files and folders (written, then renamed into place) are named with ``temp_tag``: the writer's
 pid and machine, so that ``remove_leftovers`` can tell one whose writer died mid-write from one being filled.
