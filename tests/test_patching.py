@@ -356,6 +356,28 @@ def test_logit_diff_pos_takes_a_numpy_integer_and_refuses_several_positions(tiny
                                                progress=False), atol=0, rtol=0)
 
 
+def test_logit_diff_pos_takes_a_0d_integer_tensor(tiny_model, pair, forwards):
+    """A 0-d integer tensor pos (e.g. an argmax) is that int position, as a numpy integer is (it was refused
+    as not one position); a 0-d bool or float tensor and a 1-d tensor are still refused before any forward."""
+    clean, corrupted = pair
+    logits = torch.randn(3, POS, 50, generator=torch.Generator().manual_seed(0))
+    for pos in (torch.tensor(2), torch.tensor(-1, dtype=torch.int32), torch.tensor(3, dtype=torch.uint8)):
+        metric = logit_diff(1, 2, pos=pos)
+        assert metric.pos == int(pos) and type(metric.pos) is int
+        torch.testing.assert_close(metric(logits, None), logits[:, int(pos), 1] - logits[:, int(pos), 2],
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(patch_heads(tiny_model, clean, corrupted, metric, progress=False),
+                                   patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=int(pos)),
+                                               progress=False), atol=0, rtol=0)
+    for pos, match in ((torch.tensor(True), r"pos=tensor\(True\) is a bool, not a position"),
+                       (torch.tensor(2.0), r"pos=tensor\(2\.\) is not one position"),
+                       (torch.tensor([2]), r"pos=tensor\(\[2\]\) is not one position")):
+        forwards.clear()
+        with pytest.raises(ValueError, match=match):
+            patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=pos), progress=False)
+        assert forwards == []
+
+
 def test_metric_of_the_wrong_shape_refused_before_any_patched_run(tiny_model, pair, forwards):
     """A metric of one's own that returns the wrong shape is refused, naming the expected (batch,)
     shape, after the source run alone (one forward): it was refused only after the first pass of
