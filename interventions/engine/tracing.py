@@ -270,14 +270,15 @@ def without_grad(fn):
     return wrapper
 
 
-def check_positive(value, name: str, allow_none: bool = False, minimum: int = 1) -> int | None:
+def check_positive(value, name: str, allow_none: bool = False, minimum: int = 1, why: str = "") -> int | None:
     """``value`` (an int or numpy integer, not a bool) >= ``minimum`` as an int; None passes with
-    ``allow_none``; ValueError otherwise."""
+    ``allow_none``; ValueError otherwise (``why``, if given, follows the message after a colon)."""
     if value is None and allow_none:
         return None
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name}={value!r} must be {what}" + (" or None" if allow_none else ""))
+        raise ValueError(f"{name}={value!r} must be {what}" + (" or None" if allow_none else "")
+                         + (f": {why}" if why else ""))
     return int(value)
 
 

@@ -216,9 +216,8 @@ def second_copy_loss(length: int) -> Metric:
         >>> second_copy_loss(3)(logits, tokens).tolist()  # tokens 6 and 7 of the second copy: no loss
         [0.0]
     """
-    if not isinstance(length, int) or isinstance(length, bool) or length < 2:
-        raise ValueError(f"length={length!r} must be an integer >= 2: the number of tokens repeated (the second copy "
-                         "from its second token on is measured)")
+    length = check_positive(length, "length", minimum=2, why="the number of tokens repeated (the second copy from "
+                            "its second token on is measured)")
 
     def metric(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not torch.is_tensor(tokens) or tokens.dim() != 2 or logits.shape[:2] != tokens.shape:
