@@ -454,12 +454,19 @@ def _smooth(y: np.ndarray) -> np.ndarray:
     return np.convolve(np.pad(y, 1, mode="edge"), np.ones(3) / 3, mode="valid") if len(y) >= 3 else y
 
 
+def _sigmoid(z: np.ndarray, r: float = 1.0) -> np.ndarray:
+    """r * sigmoid(z) as r / (1 + exp(-z)) with the exponent capped at 700: exp overflowed (a RuntimeWarning)
+    past ~709.8 on steep sigmoids, where this is 0 to within 1e-304 |r|. Elsewhere the plain formula's bits:
+    r * expit(z) rounds differently, which moved least_squares' fits by up to 2e-7."""
+    return r / (1 + np.exp(np.minimum(-z, 700.0)))
+
+
 def _grid_sse(x: np.ndarray, y: np.ndarray, ws: np.ndarray, cs: np.ndarray) -> np.ndarray:
     """(len(ws) * len(cs),) residual sum of squares of the least-squares fit of y = a + b x + r s(x) for each
     sigmoid s = sigmoid((x - c) / w) of the grid (w outer, c inner): y and s with the line (1, x)
     projected out, the best r removes <s, y>^2 / <s, s> of y's sum of squares (none where s is a line)."""
     q, _ = np.linalg.qr(np.stack([np.ones_like(x), x - x[0]], 1))  # (n, 2) orthonormal basis of the line
-    s = 1 / (1 + np.exp(-(x[None, None, :] - cs[None, :, None]) / ws[:, None, None]))  # (w, c, n)
+    s = _sigmoid((x[None, None, :] - cs[None, :, None]) / ws[:, None, None])  # (w, c, n)
     s = s.reshape(-1, len(x))
     s = s - (s @ q) @ q.T
     yp = y - q @ (q.T @ y)
@@ -480,7 +487,7 @@ def logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, flo
     dx = x - x[0]
 
     def design(c, w):
-        return np.stack([np.ones_like(x), dx, 1 / (1 + np.exp(-(x - c) / w))], 1)
+        return np.stack([np.ones_like(x), dx, _sigmoid((x - c) / w)], 1)
 
     span = x[-1] - x[0]
     ws, cs = np.geomspace(0.005, 0.3, 30), np.linspace(x[0], x[-1], 100)
@@ -492,7 +499,7 @@ def logistic_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float, flo
     from scipy.optimize import least_squares
 
     def resid(p):
-        return p[0] + p[1] * dx + p[2] / (1 + np.exp(-(x - p[3]) / p[4])) - y
+        return p[0] + p[1] * dx + _sigmoid((x - p[3]) / p[4], p[2]) - y
 
     try:
         fit = least_squares(resid, [a, b, r, c, w], bounds=([-np.inf, -np.inf, -np.inf, x[0] - 0.1 * span, 2e-3],

@@ -27,6 +27,7 @@ import os
 import re
 from pathlib import Path
 
+from interventions.engine.tracing import check_positive
 from interventions.zoo.train import TrainConfig, list_checkpoints, read_metrics, train
 
 from .presets import get_preset
@@ -52,9 +53,7 @@ def scale_seeds(scale: str, seeds: int | None = None) -> tuple[int, ...]:
     """The seeds a scale trains: its own (``SEEDS``), or 0..seeds-1."""
     if seeds is None:
         return SEEDS[scale]
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds={seeds!r} must be a positive integer (the number of seeds per model)")
-    return tuple(range(seeds))
+    return tuple(range(check_positive(seeds, "seeds", why="the number of seeds per model")))
 
 
 def run_name(model: str, seed: int, seeds: tuple[int, ...]) -> str:

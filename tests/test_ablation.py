@@ -269,6 +269,22 @@ def test_per_token_loss_matches_hf_and_hand(arch):
     assert (per_token_loss(model, tokens, batch_size=2) - ours).abs().max().item() < 1e-6
 
 
+def test_per_token_loss_batch_size_is_checked_as_every_count_is():
+    """batch_size takes a numpy integer (it was refused while per_token_loss_sets took one) and gives the
+    hand loss; 0, a bool and a float are refused with the library's count message."""
+    import numpy as np
+
+    model = build("attn_only")
+    tokens = _tokens(batch=3, pos=8)
+    with torch.no_grad():
+        logp = model(tokens).logits[:, :-1].log_softmax(-1)
+    hand = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(per_token_loss(model, tokens, batch_size=np.int64(2)), hand, atol=1e-5, rtol=0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match=rf"batch_size={bad!r} must be a positive integer or None"):
+            per_token_loss(model, tokens, batch_size=bad)
+
+
 # ----------------------------------------------------------------------------- 4. TransformerLens
 
 def test_transformer_lens_agrees_on_attn_only():

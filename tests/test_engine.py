@@ -289,6 +289,33 @@ def test_a_bool_position_for_gather_or_logit_diff_raises_naming_it():
         patch_heads(model, tokens, tokens.roll(1, 0), logit_diff([1, 2], [3, 4], pos=True), progress=False)
 
 
+def test_gather_and_logit_diff_share_one_position_check():
+    """Gather's pos is checked as logit_diff's is (one check): a numpy integer or a 0-d integer tensor is that
+    int (Gather called a numpy integer "out of range" and a 0-d tensor not (batch,)), a float is "not one
+    position" (Gather said "out of range"), a bool of any kind is refused by both, before any run."""
+    from interventions.engine.tracing import Gather
+    from interventions.primitives.patching import logit_diff
+
+    model = build("attn_only")
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([1, 2])
+    with torch.no_grad():
+        want = model(tokens).logits[:, 2, ids]  # independent: the plain forward's logits
+    for pos in (2, np.int64(2), np.int32(2 - POS), torch.tensor(2), torch.tensor(2 - POS, dtype=torch.int32)):
+        torch.testing.assert_close(execute(model, Run(tokens, returns=Gather(pos, ids))).gathered, want,
+                                   atol=1e-6, rtol=0)
+    for bad, match in ((2.0, rf"pos=2.0 is not one position: pass an int in \[-{POS}, {POS}\)"),
+                       (np.bool_(True), "pos=(np.)?True_? is a bool, not a position"),
+                       (torch.tensor(True), r"pos=tensor\(True\) is a bool, not a position"),
+                       (POS, f"pos={POS} out of range for {POS} positions")):
+        with pytest.raises(ValueError, match="Gather " + match):
+            execute(model, Run(tokens, returns=Gather(bad, ids)))
+        with pytest.raises(ValueError, match="logit_diff " + match):
+            patch_heads(model, tokens, tokens.roll(1, 0), logit_diff([1, 2], [3, 4], pos=bad), progress=False)
+    with pytest.raises(ValueError, match=r"Gather pos=2.0 is not one position: .* \(or a \(batch=2,\) tensor"):
+        execute(model, Run(tokens, returns=Gather(2.0, ids)))
+
+
 # ----------------------------------------------------------------------------- reliability
 
 def test_no_reference_kept_to_the_model():

@@ -121,6 +121,18 @@ def test_bad_losses_and_n_ctx_raise():
     assert icl_from_losses(losses.tolist(), 10, 50)["icl_score"] == pytest.approx(d.mean(), abs=1e-12)
 
 
+def test_n_ctx_is_checked_as_every_count_is():
+    """n_ctx shares the library's count check: the message says why after a colon, a numpy integer is that
+    int (icl_indices and icl_band return ints), a bool is refused."""
+    import numpy as np
+
+    for f in (metrics.icl_band, icl_indices):
+        with pytest.raises(ValueError, match=r"^n_ctx=True must be a positive integer: the windows' length in tokens$"):
+            f(True)
+    early, late = icl_indices(np.int64(600))
+    assert (early, late) == (50, 500) and type(early) is int and type(metrics.icl_band(np.int64(600))) is int
+
+
 def test_icl_score_checks_band_before_running_the_model(monkeypatch):
     """A band that overlaps (or is not an integer) raises before any forward pass."""
     monkeypatch.setattr(metrics, "per_token_loss", lambda *a, **k: pytest.fail("ran the model"))

@@ -122,6 +122,25 @@ def test_bad_config(kwargs, fix):
         AttnOnlyConfig(**kwargs)
 
 
+def test_config_sizes_are_checked_as_every_count_is():
+    """Sizes take numpy integers, stored as ints (the config saves as JSON), and d_mlp=True is refused (it
+    passed as a width of 1, a bool being an int) with the library's count message."""
+    import json
+
+    import numpy as np
+
+    cfg = AttnOnlyConfig(n_layers=np.int64(1), n_heads=np.int32(2), d_model=np.int64(8), d_head=np.int64(4),
+                         n_ctx=np.int64(16), vocab_size=np.int64(10), d_mlp=np.int64(12))
+    sizes = (cfg.n_layers, cfg.n_heads, cfg.d_model, cfg.d_head, cfg.n_ctx, cfg.vocab_size, cfg.d_mlp)
+    assert sizes == (1, 2, 8, 4, 16, 10, 12) and all(type(v) is int for v in sizes)
+    assert json.loads(cfg.to_json_string())["d_mlp"] == 12
+    for kw, match in ((dict(d_mlp=True), "d_mlp=True must be a positive integer or None: None is attention-only"),
+                      (dict(d_mlp=0), "d_mlp=0 must be a positive integer or None"),
+                      (dict(d_head=True), "d_head=True must be a positive integer or None")):
+        with pytest.raises(ValueError, match=match):
+            AttnOnlyConfig(**kw)
+
+
 def test_hf_alias_names_set_the_field_and_d_head():
     """HF's names (hidden_size, num_attention_heads, ...) set our fields before d_head is derived: d_head is
     d_model // n_heads of the values used (it used to come from the defaults: hidden_size=64 gave d_head 32)."""

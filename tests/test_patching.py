@@ -12,7 +12,7 @@ import torch
 from interventions import InterventionError, observable
 from interventions.primitives.cache import cache_activations
 from interventions.primitives.patching import (logit_diff, mean_loss_metric, patch_heads, patch_patterns,
-                                    patch_residual, path_patch)
+                                    patch_residual, path_patch, second_copy_loss)
 
 N_LAYERS, N_HEADS, D_HEAD, POS = 2, 4, 8, 6
 
@@ -354,6 +354,42 @@ def test_logit_diff_pos_takes_a_numpy_integer_and_refuses_several_positions(tiny
         torch.testing.assert_close(patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=pos), progress=False),
                                    patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=int(pos)),
                                                progress=False), atol=0, rtol=0)
+
+
+def test_logit_diff_pos_takes_a_0d_integer_tensor(tiny_model, pair, forwards):
+    """A 0-d integer tensor pos (e.g. an argmax) is that int position, as a numpy integer is (it was refused
+    as not one position); a 0-d bool or float tensor and a 1-d tensor are still refused before any forward."""
+    clean, corrupted = pair
+    logits = torch.randn(3, POS, 50, generator=torch.Generator().manual_seed(0))
+    for pos in (torch.tensor(2), torch.tensor(-1, dtype=torch.int32), torch.tensor(3, dtype=torch.uint8)):
+        metric = logit_diff(1, 2, pos=pos)
+        assert metric.pos == int(pos) and type(metric.pos) is int
+        torch.testing.assert_close(metric(logits, None), logits[:, int(pos), 1] - logits[:, int(pos), 2],
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(patch_heads(tiny_model, clean, corrupted, metric, progress=False),
+                                   patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=int(pos)),
+                                               progress=False), atol=0, rtol=0)
+    for pos, match in ((torch.tensor(True), r"pos=tensor\(True\) is a bool, not a position"),
+                       (torch.tensor(2.0), r"pos=tensor\(2\.\) is not one position"),
+                       (torch.tensor([2]), r"pos=tensor\(\[2\]\) is not one position")):
+        forwards.clear()
+        with pytest.raises(ValueError, match=match):
+            patch_heads(tiny_model, clean, corrupted, logit_diff(1, 2, pos=pos), progress=False)
+        assert forwards == []
+
+
+def test_second_copy_loss_length_is_checked_as_every_count_is():
+    """second_copy_loss takes a numpy integer length (it was refused), giving the hand loss of the second copy,
+    and refuses a bool (an int subclass) and lengths below 2 with the library's count message and its reason."""
+    import numpy as np
+
+    tokens = torch.tensor([[0, 5, 6, 7, 5, 6, 7]])  # BOS + A + A, length 3
+    logits = torch.randn(1, 7, 10, generator=torch.Generator().manual_seed(0))
+    hand = -(logits[0, 4].log_softmax(-1)[6] + logits[0, 5].log_softmax(-1)[7]) / 2  # tokens 6, 7 of the copy
+    torch.testing.assert_close(second_copy_loss(np.int64(3))(logits, tokens), hand[None], atol=1e-6, rtol=0)
+    for bad in (True, 1, 3.0):
+        with pytest.raises(ValueError, match=rf"length={bad!r} must be an integer >= 2: the number of tokens repeated"):
+            second_copy_loss(bad)
 
 
 def test_metric_of_the_wrong_shape_refused_before_any_patched_run(tiny_model, pair, forwards):

@@ -1,6 +1,7 @@
 """The measurement definitions of the reproduction, checked against hand computations."""
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,41 @@ def test_rise_window_finds_the_10_to_90_percent_points_of_a_noisy_logistic():
     fall = rise_window(t, -y, 0.2)
     assert math.isnan(fall["start_tokens"])
     assert math.isnan(flat["start_tokens"]) and flat["n_checkpoints"] == 0
+
+
+def test_logistic_fit_warns_no_overflow_on_a_steep_rise_and_is_the_plain_formulas_fit(monkeypatch):
+    """On a step (a rise steeper than the grid) the plain sigmoid 1 / (1 + exp(-z)) overflowed with a
+    RuntimeWarning; the fit's sigmoid (its exponent capped) warns nothing and finds the step, and on seeded noisy
+    rises where the plain formula does not overflow it gives the plain formula's fits (to 1e-9)."""
+    from experiments import phase_change
+
+    x = np.linspace(5, 9, 60)  # 4 decades: the grid's narrowest sigmoid (w = 0.005) spans 800 units of z
+    step = 2 - 1.5 * (x > 7.03) + np.random.default_rng(0).normal(0, 0.01, len(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, b, r, c, w, rms = phase_change.logistic_fit(x, step)
+    assert r == pytest.approx(-1.5, abs=0.02) and 6.98 < c < 7.07 and rms < 0.02
+
+    def plain(z, r=1.0):  # the formula before: exp(-z) overflows past z = -709.8
+        return r / (1 + np.exp(-z))
+
+    with monkeypatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.setattr(phase_change, "_sigmoid", plain)
+        phase_change.logistic_fit(x, step)
+    assert any("overflow" in str(c.message) for c in caught)
+    x = np.log10(np.geomspace(1e6, 1e8, 60))
+    for seed in range(4):
+        g = np.random.default_rng(seed)
+        c, w, r = g.uniform(6.3, 7.7), g.uniform(0.02, 0.3), g.uniform(-2, -0.2)
+        y = 3 - 0.1 * (x - x[0]) + r / (1 + np.exp(-(x - c) / w)) + g.normal(0, 0.02, len(x))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = phase_change.logistic_fit(x, y)
+            with monkeypatch.context() as m:
+                m.setattr(phase_change, "_sigmoid", plain)
+                want = phase_change.logistic_fit(x, y)  # no overflow here (it would raise)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
 
 
 def test_a_rise_that_began_before_the_data_is_no_window():

@@ -167,6 +167,19 @@ def test_repeated_random_tokens_refuses_bool_counts_and_takes_numpy_integers():
     assert torch.equal(t, repeated_random_tokens(POOL, 3, 2, 2, BOS, distinct=False)) and t.shape == (2, 7)
 
 
+def test_probe_lengths_take_numpy_integers(circuit):
+    """A numpy integer probe length scores what the int does (it was refused, while the probe's counts took
+    one); a bool and a length below 3 are still refused, with the reason."""
+    kw = dict(n_examples=3, bos_id=BOS, token_pool=POOL)
+    want = induction_score(circuit, seq_len=8, **kw)
+    pd.testing.assert_frame_equal(induction_score(circuit, seq_len=np.int64(8), **kw), want)
+    pd.testing.assert_frame_equal(duplicate_token_score(circuit, seq_len=np.int32(8), **kw),
+                                  duplicate_token_score(circuit, seq_len=8, **kw))
+    for bad in (True, 2):
+        with pytest.raises(ValueError, match=rf"seq_len={bad!r} must be an integer >= 3: with 1 or 2 repeated"):
+            induction_score(circuit, seq_len=bad, **kw)
+
+
 def test_copying_sign(circuit):
     """Flipping the OV circuit of the copying head (writing -token) turns copying 1 into -1."""
     flipped = circuit_model(2)

@@ -475,6 +475,20 @@ def test_corpus_cache_finished_by_another_process_is_kept(tmp_path, monkeypatch)
     assert src.train.ids.tolist() == src2.train.ids.tolist()
 
 
+def test_zoo_seeds_take_a_numpy_integer():
+    """scale_seeds(scale, n) takes a numpy integer (it was refused) and refuses a bool or 0 with the library's
+    count message and its reason."""
+    import numpy as np
+
+    from experiments import zoo
+
+    assert zoo.scale_seeds("cpu", np.int64(3)) == (0, 1, 2) == zoo.scale_seeds("cpu", 3)
+    assert zoo.scale_seeds("gpu") == zoo.SEEDS["gpu"]
+    for bad in (True, 0, 2.0):
+        with pytest.raises(ValueError, match=rf"seeds={bad!r} must be a positive integer: the number of seeds"):
+            zoo.scale_seeds("cpu", bad)
+
+
 def test_zoo_resume_keeps_a_lowered_lr(tmp_path, monkeypatch):
     """`reproduce` (the zoo) resuming a run continued with `train --resume --lr <lower>` keeps the lowered
     lr, as `train --resume` does: it used to put the preset's lr (the one that diverged) back, silently

@@ -176,6 +176,18 @@ def test_check_positive_takes_a_minimum_and_numpy_integers():
             check_positive(value, "n", **kw)
 
 
+def test_check_positive_says_why_after_its_message():
+    """``why`` follows the count message after a colon (the probe lengths, n_ctx, second_copy_loss's length,
+    the config's widths and the zoo's seeds keep their reasons while sharing the one check)."""
+    from interventions.engine.tracing import check_positive
+
+    with pytest.raises(ValueError, match=r"^n=2 must be an integer >= 3: three tokens at least$"):
+        check_positive(2, "n", minimum=3, why="three tokens at least")
+    with pytest.raises(ValueError, match=r"^n=True must be a positive integer or None: None is all$"):
+        check_positive(True, "n", allow_none=True, why="None is all")
+    assert check_positive(np.int64(3), "n", minimum=3, why="unused") == 3
+
+
 def test_patching_takes_a_numpy_integer_per_pass(tiny_model):
     """heads_per_pass=np.int64(2) (e.g. from a numpy computation) gives what heads_per_pass=2 gives (it
     was refused as not a positive integer, while n_boot accepted numpy integers)."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..engine.heads import parse_heads
+from ..engine.tracing import check_positive
 from ..primitives.ablation import Ablation, ZeroAblation, as_ablations
 from ..primitives.loss import check_aligned, loss_by_position, per_token_loss
 
@@ -42,7 +43,7 @@ def icl_indices(n_ctx: int) -> tuple[int, int]:
     The paper uses the 50th and 500th tokens of 512-token contexts. A shorter context keeps the
     paper's proportions (early = 50/512, late = 500/512 of the context), so the score still compares
     "little context" with "nearly all of it"."""
-    _check_n_ctx(n_ctx)
+    n_ctx = _check_n_ctx(n_ctx)
     if n_ctx >= PAPER_CTX:
         return PAPER_EARLY, PAPER_LATE
     early = max(2, round(n_ctx * PAPER_EARLY / PAPER_CTX))
@@ -60,13 +61,12 @@ def icl_band(n_ctx: int) -> int:
         >>> icl_band(64), icl_band(256), icl_band(512), icl_band(4096)
         (1, 5, 10, 10)
     """
-    _check_n_ctx(n_ctx)
+    n_ctx = _check_n_ctx(n_ctx)
     return round(min(n_ctx, PAPER_CTX) * 10 / PAPER_CTX)
 
 
-def _check_n_ctx(n_ctx) -> None:
-    if not isinstance(n_ctx, (int, np.integer)) or isinstance(n_ctx, bool) or n_ctx < 1:
-        raise ValueError(f"n_ctx={n_ctx!r} must be a positive integer (the windows' length in tokens)")
+def _check_n_ctx(n_ctx) -> int:
+    return check_positive(n_ctx, "n_ctx", why="the windows' length in tokens")
 
 
 def as_windows(windows) -> torch.Tensor:

@@ -283,13 +283,12 @@ def repeated_random_tokens(pool: torch.Tensor, n_tokens: int, n_repeats: int, n_
     return torch.cat([torch.full((n_examples, 1), bos_id, dtype=torch.long), seg], dim=1)
 
 
-def _check_probe_length(value, name: str) -> None:
+def _check_probe_length(value, name: str) -> int:
     """Repeated sequences need >= 3 distinct tokens for the induction target (offset 1 - L) to differ
     from attending to the token itself (L = 1) or to the previous token (L = 2)."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < 3:
-        raise ValueError(f"{name}={value!r} must be an integer >= 3: with 1 or 2 repeated tokens the token after "
-                         "an earlier occurrence is the query itself or the previous token, so the score would "
-                         "measure self- or previous-token attention")
+    return check_positive(value, name, minimum=3, why="with 1 or 2 repeated tokens the token after an earlier "
+                          "occurrence is the query itself or the previous token, so the score would measure self- "
+                          "or previous-token attention")
 
 
 def _check_length(model, length: int, what: str) -> None:
@@ -374,7 +373,7 @@ def prefix_matching_score(model, n_tokens: int = 25, n_repeats: int = 4, n_examp
     ``vocab_range``, ``token_counts``); ``bos_id`` defaults to the config's BOS/EOS id, else 0.
 
     Returns a DataFrame: layer, head, score."""
-    _check_probe_length(n_tokens, "n_tokens")
+    n_tokens = _check_probe_length(n_tokens, "n_tokens")
     tokens = probe_sequences(model, n_tokens, n_examples, seed, n_repeats, bos_id, exclude_top, vocab_range,
                              token_pool, token_counts)
     target = induction_targets(tokens)
@@ -415,7 +414,7 @@ def induction_score(model, seq_len: int = 50, n_examples: int = 10, seed: int = 
 
     ``transformer_lens.head_detector.detect_head(..., "induction_head")`` on the same sequence gives
     L / (2L + 1) times this (it divides by all 2L + 1 query rows)."""
-    _check_probe_length(seq_len, "seq_len")
+    seq_len = _check_probe_length(seq_len, "seq_len")
     tokens = probe_sequences(model, seq_len, n_examples, seed, 2, bos_id, exclude_top, vocab_range, token_pool,
                              token_counts)
     target = _diagonal_target(tokens.shape[1], 1 - seq_len, range(seq_len + 1, 2 * seq_len + 1))
@@ -429,7 +428,7 @@ def duplicate_token_score(model, seq_len: int = 50, n_examples: int = 10, seed: 
     """Duplicate-token score: on the induction score's sequences, mean attention from each token of
     the second copy to the same token in the first copy (pattern[q, q - L], q = L+1..2L).
     Returns layer, head, score."""
-    _check_probe_length(seq_len, "seq_len")
+    seq_len = _check_probe_length(seq_len, "seq_len")
     tokens = probe_sequences(model, seq_len, n_examples, seed, 2, bos_id, exclude_top, vocab_range, token_pool,
                              token_counts)
     target = _diagonal_target(tokens.shape[1], -seq_len, range(seq_len + 1, 2 * seq_len + 1))
@@ -612,8 +611,8 @@ def head_scores(model, windows=None, *, n_examples: int = 10, seed: int = 0, bos
         >>> head_scores(model).columns.tolist()  # one row per head
         ['layer', 'head', 'prefix_matching', 'copying', 'copying_raw', 'induction', 'duplicate_token']
     """
-    _check_probe_length(prefix_tokens, "prefix_tokens")
-    _check_probe_length(seq_len, "seq_len")
+    prefix_tokens = _check_probe_length(prefix_tokens, "prefix_tokens")
+    seq_len = _check_probe_length(seq_len, "seq_len")
     n_repeats = check_positive(n_repeats, "n_repeats")
     _check_scores_fit(model, prefix_tokens, n_repeats, seq_len)
     common = dict(bos_id=bos_id, exclude_top=exclude_top, vocab_range=vocab_range, token_pool=token_pool,

@@ -270,20 +270,46 @@ def without_grad(fn):
     return wrapper
 
 
-def check_positive(value, name: str, allow_none: bool = False, minimum: int = 1) -> int | None:
+def check_positive(value, name: str, allow_none: bool = False, minimum: int = 1, why: str = "") -> int | None:
     """``value`` (an int or numpy integer, not a bool) >= ``minimum`` as an int; None passes with
-    ``allow_none``; ValueError otherwise."""
+    ``allow_none``; ValueError otherwise (``why``, if given, follows the message after a colon)."""
     if value is None and allow_none:
         return None
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"{name}={value!r} must be {what}" + (" or None" if allow_none else ""))
+        raise ValueError(f"{name}={value!r} must be {what}" + (" or None" if allow_none else "")
+                         + (f": {why}" if why else ""))
     return int(value)
 
 
 def is_bool(x) -> bool:
     """A Python, numpy or 0-d torch bool."""
     return isinstance(x, bool) or (str(getattr(x, "dtype", "")) in ("bool", "torch.bool") and getattr(x, "ndim", 1) == 0)
+
+
+def as_position(pos):
+    """``pos`` as an int when it is one integer position: an int, a numpy integer or a 0-d integer torch
+    tensor (a bool of any kind is not); anything else unchanged, for ``check_position`` to refuse."""
+    if is_bool(pos):
+        return pos
+    if torch.is_tensor(pos) and pos.dim() == 0 and not (pos.is_floating_point() or pos.is_complex()):
+        return int(pos)
+    return int(pos) if isinstance(pos, numbers.Integral) else pos
+
+
+def check_position(pos, size: int, label: str, several: str = "") -> int:
+    """``pos`` (as ``as_position`` takes it) as an int in [-size, size); ValueError naming ``label`` (e.g.
+    "logit_diff pos") otherwise, with ``several`` added where ``pos`` is not one position. A bool is refused:
+    an int to isinstance, it indexes as a new axis (logits[:, True]) and fails inside the trace."""
+    where = as_position(pos)
+    fix = f"pass an int in [-{size}, {size})"
+    if is_bool(where):
+        raise ValueError(f"{label}={pos!r} is a bool, not a position: {fix}")
+    if not isinstance(where, int):
+        raise ValueError(f"{label}={pos!r} is not one position: {fix}" + (f" ({several})" if several else ""))
+    if not -size <= where < size:
+        raise ValueError(f"{label}={pos!r} out of range for {size} positions: {fix}")
+    return where
 
 
 def holds_bools(x) -> bool:
@@ -808,7 +834,7 @@ def check_returns(returns, batch: int, pos: int, vocab_size: int):
     if not isinstance(returns, Gather):
         raise ValueError(f"returns={returns!r} is unknown: use 'logits', 'loss', 'none' or Gather(pos, ids)")
     where = returns.pos
-    if torch.is_tensor(where):  # one position per row: the trace indexes logits[rows, where]
+    if torch.is_tensor(where) and where.dim() > 0:  # one position per row: the trace indexes logits[rows, where]
         if where.shape != (batch,) or where.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"Gather pos must be an int or a (batch={batch},) tensor of integer positions, got "
                              f"shape {tuple(where.shape)} and dtype {where.dtype}")
@@ -816,10 +842,9 @@ def check_returns(returns, batch: int, pos: int, vocab_size: int):
         if lo < -pos or hi >= pos:
             raise ValueError(f"Gather pos holds {lo if lo < -pos else hi}, out of range for {pos} positions")
         where = (torch.arange(batch), where.long().cpu())
-    elif is_bool(where):  # (an int to isinstance: logits[:, True] would add an axis, failing in the trace)
-        raise ValueError(f"Gather pos={where!r} is a bool, not a position: pass an int or a (batch,) tensor of ints")
-    elif not isinstance(where, int) or not -pos <= where < pos:
-        raise ValueError(f"Gather pos={where!r} out of range for {pos} positions")
+    else:
+        where = check_position(where, pos, "Gather pos",
+                               several=f"or a (batch={batch},) tensor of positions, one per row")
     ids = torch.as_tensor(returns.ids).long()
     if ids.dim() == 1:
         ids = ids[None].expand(batch, -1)

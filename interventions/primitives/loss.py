@@ -56,8 +56,7 @@ def per_token_loss(model, tokens: torch.Tensor, ablation: Ablation | Sequence[Ab
     remote = check_remote(model, remote)
     check_tokens(tokens, get_adapter(unwrap(model)))
     check_mask(attention_mask, tokens)
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or None for one batch)")
+    batch_size = check_positive(batch_size, "batch_size", allow_none=True)
     ablations = [] if ablation is None else as_ablations(ablation)
     step = tokens.shape[0] if batch_size is None else batch_size
     # once for all chunks (reference runs), on the whole batch as ablation_sweep does

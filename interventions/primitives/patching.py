@@ -75,7 +75,6 @@ Example:
 from __future__ import annotations
 
 import inspect
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -86,7 +85,8 @@ from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site, kv_head_of
 from .progress import check_progress, passes
 from ..engine.remote import NotRemotable, Remote, check_remote
-from ..engine.tracing import Engine, Gather, Run, Write, check_mask, check_positive, check_tokens, is_bool
+from ..engine.tracing import (Engine, Gather, Run, Write, as_position, check_mask, check_position, check_positive,
+                              check_tokens)
 from .loss import loss_from_logits
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -108,8 +108,8 @@ class LogitDiff:
     def __init__(self, correct_ids, wrong_ids, pos: int = -1):
         self.correct = torch.as_tensor(correct_ids).long().reshape(-1)
         self.wrong = torch.as_tensor(wrong_ids).long().reshape(-1)
-        # a numpy integer is that int; anything else but an int is refused by ``check``
-        self.pos = int(pos) if isinstance(pos, numbers.Integral) and not is_bool(pos) else pos
+        # a numpy integer or a 0-d integer tensor is that int; anything else but an int is refused by ``check``
+        self.pos = as_position(pos)
 
     def ids(self, batch: int) -> torch.Tensor:
         """(batch, 2) ids: each row's correct and wrong token."""
@@ -128,14 +128,8 @@ class LogitDiff:
             if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
                 raise ValueError(f"{name} {ids.tolist()} has ids outside the vocabulary [0, {vocab_size}): "
                                  "pass token ids of this model's tokenizer")
-        if is_bool(self.pos):  # an int to isinstance: logits[:, True] adds an axis and fails inside the trace
-            raise ValueError(f"logit_diff pos={self.pos!r} is a bool, not a position: pass an int in [-{pos}, {pos})")
-        if not isinstance(self.pos, int):
-            raise ValueError(f"logit_diff pos={self.pos!r} is not one position: pass an int in [-{pos}, {pos}) (for "
-                             "several positions, measure each with its own logit_diff(correct_ids, wrong_ids, pos=p))")
-        if not -pos <= self.pos < pos:
-            raise ValueError(f"logit_diff pos={self.pos!r} out of range for {pos} positions: pass a position "
-                             f"in [-{pos}, {pos})")
+        check_position(self.pos, pos, "logit_diff pos", several="for several positions, measure each with its own "
+                       "logit_diff(correct_ids, wrong_ids, pos=p)")
         if attention_mask is not None:
             self._check_rows(attention_mask)
 
@@ -222,9 +216,8 @@ def second_copy_loss(length: int) -> Metric:
         >>> second_copy_loss(3)(logits, tokens).tolist()  # tokens 6 and 7 of the second copy: no loss
         [0.0]
     """
-    if not isinstance(length, int) or isinstance(length, bool) or length < 2:
-        raise ValueError(f"length={length!r} must be an integer >= 2: the number of tokens repeated (the second copy "
-                         "from its second token on is measured)")
+    length = check_positive(length, "length", minimum=2, why="the number of tokens repeated (the second copy from "
+                            "its second token on is measured)")
 
     def metric(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not torch.is_tensor(tokens) or tokens.dim() != 2 or logits.shape[:2] != tokens.shape:

@@ -44,6 +44,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
+from ..engine.tracing import check_positive
+
 Positional = Literal["shortformer", "standard", "rotary"]
 POSITIONAL_KINDS = ("shortformer", "standard", "rotary")
 
@@ -94,10 +96,11 @@ class AttnOnlyConfig(PretrainedConfig):
         n_layers, n_heads, d_model, n_ctx = ours["n_layers"], ours["n_heads"], ours["d_model"], ours["n_ctx"]
         if positional not in POSITIONAL_KINDS:
             raise ValueError(f"positional={positional!r} is unknown: choose one of {POSITIONAL_KINDS}")
-        for name, value in dict(n_layers=n_layers, n_heads=n_heads, d_model=d_model, n_ctx=n_ctx,
-                                vocab_size=vocab_size, d_head=1 if d_head is None else d_head).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r} must be a positive integer")
+        n_layers, n_heads, d_model, n_ctx, vocab_size = (  # ints (a numpy integer would not save as JSON)
+            check_positive(value, name) for name, value in (("n_layers", n_layers), ("n_heads", n_heads),
+                                                              ("d_model", d_model), ("n_ctx", n_ctx),
+                                                              ("vocab_size", vocab_size)))
+        d_head = check_positive(d_head, "d_head", allow_none=True, why="None is d_model / n_heads")
         if not isinstance(smear_keys, bool):
             raise ValueError(f"smear_keys={smear_keys!r} must be True or False")
         for name, value, zero_ok in (("layer_norm_eps", layer_norm_eps, False), ("rotary_base", rotary_base, False),
@@ -113,8 +116,7 @@ class AttnOnlyConfig(PretrainedConfig):
             d_head = d_model // n_heads
         if positional == "rotary" and d_head % 2:
             raise ValueError(f"rotary positions need an even d_head, got {d_head}")
-        if d_mlp is not None and (not isinstance(d_mlp, int) or d_mlp < 1):
-            raise ValueError(f"d_mlp={d_mlp!r} must be None (attention-only) or a positive integer")
+        d_mlp = check_positive(d_mlp, "d_mlp", allow_none=True, why="None is attention-only")
         self.n_layers, self.n_heads, self.d_model, self.d_head = n_layers, n_heads, d_model, d_head
         self.n_ctx, self.positional, self.d_mlp = n_ctx, positional, d_mlp
         self.smear_keys, self.layer_norm_eps, self.init_range = smear_keys, layer_norm_eps, init_range
