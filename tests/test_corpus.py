@@ -71,6 +71,16 @@ def test_byte_tokenizer_roundtrip_and_bpe():
         train_tokenizer(["x"], vocab_size=100)
 
 
+def test_train_tokenizer_takes_numpy_sizes_and_refuses_bools():
+    """A numpy integer is a size like any int (it was reported as "too small"); a bool is not a size."""
+    texts = ["def f(x): return x\n" * 50, "class A: pass\n" * 50]
+    assert len(train_tokenizer(texts, vocab_size=np.int64(300))) == len(train_tokenizer(texts, vocab_size=300))
+    assert len(train_tokenizer(texts, vocab_size=np.int32(257))) == 257
+    for bad in (True, 256.0, "300"):
+        with pytest.raises(ValueError, match="vocab_size"):
+            train_tokenizer(texts, vocab_size=bad)
+
+
 def test_eval_windows_random_offsets_seeded():
     """Windows are seeded, full length, and (unless aligned) not at document starts."""
     docs = [(f"f{i}.py", "abcdefghij" * 30) for i in range(20)]

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from ..engine.tracing import check_positive
+
 SEP = "<|endoftext|>"
 N_BYTES = 256
 
@@ -52,9 +54,8 @@ def _gpt2_bytes_to_unicode() -> list[str]:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 257) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE with ``vocab_size`` tokens (>= 257: the 256 bytes plus the separator)."""
-    if not isinstance(vocab_size, int) or vocab_size < N_BYTES + 1:
-        raise ValueError(f"vocab_size={vocab_size} is too small for the byte alphabet: byte-level "
-                         f"tokenizers need at least {N_BYTES + 1} (256 bytes + separator)")
+    vocab_size = check_positive(vocab_size, "vocab_size", minimum=N_BYTES + 1,
+                                why="a byte-level tokenizer needs the byte alphabet (256) + the separator")
     if vocab_size == N_BYTES + 1:
         return byte_tokenizer()
     tok = Tokenizer(models.BPE())
