@@ -11,7 +11,7 @@ import torch
 
 from interventions import InterventionError, observable, patch_heads, run_with_cache
 from interventions.engine.sites import LAYER_KINDS, Site, kv_head_of, parse_site
-from interventions.engine.tracing import Run, Write, execute
+from interventions.engine.tracing import Read, Run, Write, execute
 
 from .test_ablation import ARCH_NAMES, VOCAB, build
 
@@ -163,6 +163,59 @@ def test_patterns_and_writes_through_engine():
     seen = []
     execute(model, Run(tokens, writes=[Write("L1.v", lambda v: seen.append(v.shape) or v, head=1)]))
     assert seen == [torch.Size([2, POS, D_HEAD])]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_narrowed_read_is_the_full_read_narrowed(arch):
+    """Read(site, heads, mean_rows) returns exactly the full read's heads (in the order given; kv heads for
+    k / v under grouped-query attention) and their mean over rows, with a write in the same run seen."""
+    model = build(arch)
+    tokens = torch.randint(0, VOCAB, (3, POS), generator=torch.Generator().manual_seed(4))
+    writes = [Write("L1.z", None, head=1)]
+    with observable(model):
+        full = execute(model, Run(tokens, reads=["L0.z", "L1.z", "L1.k", "L0.pattern"], writes=writes)).acts
+        got = execute(model, Run(tokens, reads=[Read("L0.z", heads=[3, 0]), Read("L1.z", heads=[1], mean_rows=True),
+                                                Read("L1.k", heads=[1]), Read("L0.pattern", heads=(2,), mean_rows=True)],
+                                 writes=writes)).acts
+    assert torch.equal(got["L0.z"], full["L0.z"][:, :, [3, 0]])
+    assert torch.equal(got["L1.z"], full["L1.z"][:, :, [1]].mean(0)) and not got["L1.z"].any()  # the write is seen
+    assert torch.equal(got["L1.k"], full["L1.k"][:, :, [1]])
+    torch.testing.assert_close(got["L0.pattern"], full["L0.pattern"][:, [2]].mean(0), rtol=0, atol=0)
+    assert got["L0.pattern"].shape == (1, POS, POS)
+
+
+@pytest.mark.parametrize("read, match", [
+    (Read("L0.z", heads=[4]), r"heads in 0-3"),
+    (Read("L0.z", heads=[]), r"non-empty list"),
+    (Read("L0.z", heads=[True]), r"non-empty list"),
+    (Read("L0.z", heads=1), r"non-empty list"),
+    (Read("L0.k", heads=[2]), r"key/value heads in 0-1"),
+    (Read("L0.resid_pre", heads=[0]), r"no head axis"),
+    (Read("L0.z", mean_rows=1), r"True or False"),
+])
+def test_a_bad_read_raises_naming_the_fix(read, match):
+    """Heads out of range (kv heads for k / v), not a list, on a site with no head axis, and a mean flag that
+    is not a bool: a ValueError naming the fix, before any forward."""
+    model = build("llama")  # 4 query heads, 2 key/value heads
+    with pytest.raises(ValueError, match=match):
+        execute(model, Run(torch.zeros(1, 4, dtype=torch.long), reads=[read]))
+
+
+def test_a_narrowed_read_refuses_a_padded_mean_a_second_differing_read_and_a_bare_read():
+    model = build("gpt2")
+    tokens = torch.ones(2, 4, dtype=torch.long)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mask[0, 0] = 0
+    with pytest.raises(ValueError, match="pads would enter the mean"):
+        execute(model, Run(tokens, reads=[Read("L0.z", mean_rows=True)], attention_mask=mask))
+    for reads in (["L0.z", Read("L0.z", heads=[0])], [Read("L0.z", heads=[0]), "L0.z"],
+                  [Read("L0.z", heads=[0]), Read("L0.z", heads=[1])]):
+        with pytest.raises(ValueError, match="read twice, differently"):
+            execute(model, Run(tokens, reads=reads))
+    with pytest.raises(ValueError, match=r"pass a list, reads=\[Read"):
+        execute(model, Run(tokens, reads=Read("L0.z")))
+    same = execute(model, Run(tokens, reads=[Read("L0.z", heads=[0]), Read("L0.z", heads=[0])])).acts["L0.z"]
+    assert same.shape == (2, 4, 1, 8)
 
 
 # ----------------------------------------------------------------------------- bad input

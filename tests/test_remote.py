@@ -31,7 +31,7 @@ import torch
 import interventions as iv
 from interventions.engine.adapters import ARCHS, module_at
 from interventions.engine.remote import NotRemotable
-from interventions.engine.tracing import Run, Write, compact, execute
+from interventions.engine.tracing import Engine, Read, Run, Write, compact, execute
 from interventions.primitives.ablation import Ablation
 from interventions.primitives.cache import cache_activations
 from interventions.primitives.patching import logit_diff, patch_patterns, patch_residual
@@ -212,6 +212,26 @@ def test_per_token_loss_and_ablations(pair, server):
           iv.per_token_loss(model, tokens, iv.ZeroAblation("L1H1"), attention_mask=mask, batch_size=2))
     abl = [iv.ZeroAblation("L0H0"), iv.ResampleAblation("L1H3", ref, seed=1)]
     close(iv.run_with_ablations(lm, tokens, abl, remote="local"), iv.run_with_ablations(model, tokens, abl))
+
+
+def test_narrowed_reads_come_back_narrowed(pair, server):
+    """A Read's heads and mean over rows are taken on the server: what comes back has the narrowed shape and
+    equals the local read; a mean / resample ablation's reference job reads only its heads (and, for a
+    mean, only their mean), so a reference over many sequences of a wide model does not travel whole."""
+    model, lm = pair
+    ref = toks(4, 8, seed=2)
+    reads = [Read("L0.z", heads=[2, 0], mean_rows=True), Read("L1.k", heads=[1]), "L1.z"]
+    far = Engine(lm, "local").run(Run(ref, reads=reads, returns="none")).acts
+    near = Engine(model).run(Run(ref, reads=reads, returns="none")).acts
+    d_head = near["L1.z"].shape[-1]
+    assert far["L0.z"].shape == (8, 2, d_head) and far["L1.k"].shape == (4, 8, 1, d_head)
+    for name in near:
+        close(far[name], near[name])
+    mean, resample = iv.MeanAblation(["L1H2", "L1H0"], ref), iv.ResampleAblation("L0H3", ref, seed=1)
+    for abl in (mean, resample):
+        abl.prepare(lm, ref, remote="local")
+    assert [tuple(a.shape) for a in mean._acts.values()] == [(8, d_head)] * 2
+    assert tuple(resample._acts[iv.Head(0, 3)].shape) == (4, 8, d_head)
 
 
 def test_ablation_sweep(pair, server):

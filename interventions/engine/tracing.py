@@ -1,6 +1,7 @@
 """The one trace engine: a run described as data, executed by one driver.
 
-A ``Run`` says what to read (sites), what to write (``Write``: a site, optionally restricted to batch
+A ``Run`` says what to read (sites, or ``Read``: a site narrowed to some heads and/or its mean over the
+batch rows, taken where the model runs), what to write (``Write``: a site, optionally restricted to batch
 rows, one head and a position, and the value: a tensor, ``None`` for zero, or a function of the current
 activation), and which layers the caller already computed (``start`` / ``prefix``: blocks below
 ``start`` are skipped and their output replaced; ``attn_outputs``: an attention module skipped and its
@@ -105,12 +106,26 @@ class Gather:
     ids: torch.Tensor
 
 
+@dataclass(frozen=True)
+class Read:
+    """Read ``site`` narrowed where the model runs, so that remotely only that much travels back:
+    ``heads`` (query heads for q / z / pattern, key/value heads for k / v; None: all) keeps those, in
+    the order given, on the site's head axis; ``mean_rows`` returns the mean over the batch rows (the
+    site's shape without its batch axis; refused on a padded run, whose pads would enter the mean).
+    ``Result.acts`` holds it under the site's name, e.g. ``Read("L1.z", heads=[0, 2], mean_rows=True)``
+    gives ``acts["L1.z"]`` of shape (pos, 2, d_head)."""
+
+    site: Site | str
+    heads: Sequence[int] | None = None
+    mean_rows: bool = False
+
+
 @dataclass
 class Run:
     """One forward pass described as data (see the module docstring)."""
 
     tokens: torch.Tensor  # (batch, pos)
-    reads: Sequence[Site | str] = ()
+    reads: Sequence[Site | str | Read] = ()
     writes: Sequence[Write] = ()
     attention_mask: torch.Tensor | None = None  # (batch, pos), 1 = real token
     start: int = 0  # blocks below are skipped ...
@@ -129,7 +144,7 @@ class Result:
     parameter's device."""
 
     logits: torch.Tensor | None  # (batch, pos, vocab) when the run returns "logits", else None
-    acts: dict[str, torch.Tensor]  # site name -> activation in the site's shape (after that site's writes)
+    acts: dict[str, torch.Tensor]  # site name -> activation in the site's shape (after that site's writes; a Read's narrowed)
     loss: torch.Tensor | None = None  # (batch, pos - 1) when the run returns "loss"
     gathered: torch.Tensor | None = None  # (batch, n) when the run returns a Gather
 
@@ -486,6 +501,43 @@ class Engine:
         return 4 if p is None else p.element_size()
 
     # ------------------------------------------------------------------ validation
+    def _reads(self, run: Run) -> tuple[list[Site], dict[Site, tuple]]:
+        """The run's read sites, and {site: (head index, mean over rows)} of those given as ``Read``."""
+        a = self.adapter
+        reads, narrow = [], {}
+        for r in run.reads:
+            if not isinstance(r, Read):
+                site = parse_site(r, a.n_layers)
+                if site in narrow:
+                    raise ValueError(f"site {site} is read twice, differently: read it once")
+                reads.append(site)
+                continue
+            site = parse_site(r.site, a.n_layers)
+            if not isinstance(r.mean_rows, bool):
+                raise ValueError(f"Read({site}): mean_rows={r.mean_rows!r} must be True or False")
+            if r.mean_rows and run.attention_mask is not None:
+                raise ValueError(f"Read({site}, mean_rows=True) on a padded run: the pads would enter the mean; "
+                                 "read the rows (mean_rows=False) and average the real tokens yourself")
+            index = None
+            if r.heads is not None:
+                if site.kind in RESID_KINDS:
+                    raise ValueError(f"Read({site}, heads=...): a {site.kind} site has no head axis; pass heads=None")
+                n = a.n_heads if site.kind == "pattern" else a.n_site_heads(site.kind)
+                heads = list(r.heads) if isinstance(r.heads, (list, tuple, range)) else None
+                if not heads or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and 0 <= h < n
+                                        for h in heads):
+                    what = "key/value heads" if site.kind in KV_KINDS else "heads"
+                    raise ValueError(f"Read({site}, heads={r.heads!r}): pass a non-empty list of {what} in 0-{n - 1}")
+                heads = [int(h) for h in heads]
+                index = (slice(None), heads) if site.kind == "pattern" else (slice(None), slice(None), heads)
+            spec = (index, r.mean_rows)
+            if narrow.get(site, spec) != spec or (site in reads and site not in narrow):
+                raise ValueError(f"site {site} is read twice, differently: read it once")
+            if site not in narrow:
+                reads.append(site)
+            narrow[site] = spec
+        return reads, narrow
+
     def _check_site(self, site: Site, batch: int, pos: int, tree: _Tree | None) -> tuple[int, ...]:
         """The site's full shape; raises if it does not exist on this model."""
         a = self.adapter
@@ -568,9 +620,11 @@ class Engine:
                                                           and run.reads[1] in SITE_KINDS) else None
         if one is not None:  # iterated, a site string reads as its characters ("malformed site 'L'")
             raise ValueError(f"reads={one!r} is one site: pass a list of sites, reads=[{one!r}]")
+        if isinstance(run.reads, Read):
+            raise ValueError("reads=Read(...) is one read: pass a list, reads=[Read(...)]")
         if isinstance(run.writes, Write):
             raise ValueError("writes=Write(...) is one write: pass a list of writes, writes=[Write(...)]")
-        reads = [parse_site(s, a.n_layers) for s in run.reads]
+        reads, narrow = self._reads(run)
         writes: dict[Site, list[Write]] = {}
         for w in run.writes:
             if not isinstance(w, Write):
@@ -608,7 +662,7 @@ class Engine:
             if verify and not self.remote:  # remotely: see interventions.engine.remote
                 for site in writes:
                     self._verify(site)
-            return self._trace(tree, tokens, run, reads, writes, returns)
+            return self._trace(tree, tokens, run, reads, writes, returns, narrow)
 
     def _check_remotable(self, reads: list[Site], writes: dict[Site, list[Write]]) -> None:
         """Refuse, before anything is sent, what cannot run on a server (``interventions.engine.remote``)."""
@@ -657,12 +711,13 @@ class Engine:
         _VERIFIED.setdefault(self.inner, set()).add(key)
 
     def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]],
-              tree: _Tree | None = None) -> list[tuple]:
+              tree: _Tree | None = None, narrow: dict | None = None) -> list[tuple]:
         """The run as plain data, in execution order: ``("skip", path, value, as_tuple, device)`` (a
         module not run, its output given; device None: the module's own, read in the trace) and
-        ``("point", path, io, entries)`` with entries ``(view_spec, [(index, value)], read name, label)``
-        (sites at one module point, e.g. fused q/k/v, share one access). Paths are dotted module paths
-        (with a ``tree``, its cached module points)."""
+        ``("point", path, io, entries)`` with entries ``(view_spec, [(index, value)], read, label)``, read
+        None or ``(name, head index or None, mean over rows)`` (sites at one module point, e.g. fused
+        q/k/v, share one access). Paths are dotted module paths (with a ``tree``, its cached module points).
+        ``narrow``: {site: (head index, mean)} of the reads given as ``Read``."""
         a, inner = self.adapter, self.inner
         remote = bool(self.remote)
 
@@ -682,8 +737,9 @@ class Engine:
         def visit(sites: list[Site]) -> None:
             for site in sorted(sites, key=lambda s: order.get(s.kind, len(order))):
                 path, io = point(site)
+                read = (str(site), *(narrow or {}).get(site, (None, False))) if site in read_set else None
                 entry = (a.view_spec(site.kind), [(w.index(site.kind), w.value) for w in writes.get(site, ())],
-                         str(site) if site in read_set else None, str(site))
+                         read, str(site))
                 if plan and plan[-1][0] == "point" and plan[-1][1] == path and plan[-1][2] == io:
                     plan[-1][3].append(entry)
                 else:
@@ -711,10 +767,10 @@ class Engine:
         return plan
 
     def _trace(self, tree: _Tree | None, tokens, run: Run, reads: list[Site], writes: dict[Site, list[Write]],
-               returns) -> Result:
+               returns, narrow: dict | None = None) -> Result:
         from nnsight.intervention.interleaver import OutOfOrderError
 
-        plan = self._plan(run, reads, writes, tree)
+        plan = self._plan(run, reads, writes, tree, narrow)
         by_path = bool(self.remote)  # modules named by path (the body finds them), else given as envoys
         if by_path:  # tensors stay here (the server places them); the wrapper names the server's model
             lm, trace_kwargs = self.model, {"remote": self.remote}
@@ -774,7 +830,7 @@ def _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, returns, is_instanc
             raw = env.input if step[2] == "input" else env.output
             if not is_instance(raw, tensor):
                 raw = raw[0]
-            for (lo, hi, shape, pick), site_writes, name, label in step[3]:
+            for (lo, hi, shape, pick), site_writes, read, label in step[3]:
                 view = raw if lo is None else raw[..., lo:hi]
                 if shape is not None:
                     view = view.view(raw.shape[0], raw.shape[1], *shape)
@@ -797,8 +853,13 @@ def _traced(lm, tokens, kwargs, trace_kwargs, by_path, plan, returns, is_instanc
                                              "floating-point values with data (e.g. computed from the activation "
                                              "it is given)")
                     view[idx] = value.to(device=view.device, dtype=view.dtype)
-                if name is not None:
-                    acts[name] = view.clone()
+                if read is not None:
+                    name, heads, mean = read
+                    if heads is not None:
+                        got = view[heads]  # a list index copies
+                    else:
+                        got = view if mean else view.clone()
+                    acts[name] = got.mean(0) if mean else got
         if returns != "none":
             # the model's logits, not its unembedding's output: a forward may change them after it (Cohere's
             # logit scale, Gemma 2's final softcap); without a loss the first field of HF's output is the logits

@@ -19,8 +19,9 @@ References themselves are unpadded sequences (a reference holding the run's padd
 padded tokens themselves, is refused).
 
 Remotely (``remote=True`` on NDIF, or ``"local"``, see ``interventions.engine.remote``) zero, mean and
-resample ablations run (a mean or resample reference is one more remote run, its activations come back
-and the replacements are computed here), and so does your own ``Ablation`` whose ``value`` is a tensor or
+resample ablations run (a mean or resample reference is one more remote run; only the ablated heads'
+outputs come back, for a mean only their mean over the reference sequences, and the replacements are
+computed here), and so does your own ``Ablation`` whose ``value`` is a tensor or
 None; ``PatternPreserving``, ``FunctionAblation`` and an ``Ablation`` whose ``value`` is a function of the
 activation are refused before anything is sent (``prepare_ablations``).
 
@@ -52,7 +53,7 @@ from ..engine.devices import output_device
 from ..engine.heads import Head, HeadLike, check_heads, parse_heads
 from ..engine.sites import Site
 from ..engine.remote import NotRemotable, Remote
-from ..engine.tracing import (Engine, Result, Run, Write, check_mask, check_tokens, check_value, position_ids,
+from ..engine.tracing import (Engine, Read, Result, Run, Write, check_mask, check_tokens, check_value, position_ids,
                               unwrap, without_grad)
 
 
@@ -264,6 +265,8 @@ class FunctionAblation(Ablation):
 
 
 class _ReferenceAblation(Ablation):
+    mean_rows = False  # prepare keeps each head's (n, pos_ref, d_head) outputs; True: their mean (pos_ref, d_head)
+
     def __init__(self, heads, reference: torch.Tensor):
         super().__init__(heads)
         if not torch.is_tensor(reference):
@@ -279,10 +282,14 @@ class _ReferenceAblation(Ablation):
         a = get_adapter(unwrap(model))
         check_tokens(self.reference, a, name="reference")
         self.check_length(tokens)
-        layers = sorted({h.layer for h in self.heads})
-        run = Run(self.reference, reads=[Site(layer, "z") for layer in layers], returns="none")
-        acts = Engine(model, remote).run(run).acts
-        self._acts = {h: acts[f"L{h.layer}.z"][:, :, h.head] for h in self.heads}  # (n, pos_ref, d_head)
+        by_layer: dict[int, list[int]] = {}
+        for h in self.heads:
+            if h.head not in by_layer.setdefault(h.layer, []):
+                by_layer[h.layer].append(h.head)
+        # only these heads, and for a mean only the mean, are read back (remotely, only that travels)
+        reads = [Read(Site(layer, "z"), heads=heads, mean_rows=self.mean_rows) for layer, heads in sorted(by_layer.items())]
+        acts = Engine(model, remote).run(Run(self.reference, reads=reads, returns="none")).acts
+        self._acts = {h: acts[f"L{h.layer}.z"][..., by_layer[h.layer].index(h.head), :] for h in self.heads}
 
     def own_rows(self, tokens: torch.Tensor, row_offset: int = 0) -> torch.Tensor:
         """(batch,) bool: which batch rows (at ``row_offset ..``) are the reference's row of the same index
@@ -306,6 +313,8 @@ class _ReferenceAblation(Ablation):
 class MeanAblation(_ReferenceAblation):
     """Replace each head's output by its mean over ``reference`` sequences (per position by default)."""
 
+    mean_rows = True
+
     def __init__(self, heads, reference: torch.Tensor, per_position: bool = True):
         super().__init__(heads, reference)
         if not isinstance(per_position, bool):
@@ -319,11 +328,11 @@ class MeanAblation(_ReferenceAblation):
                              "(or pass per_position=False)")
 
     def value(self, head, tokens, row_offset=0, positions=None):
-        acts = self._acts[head]  # (n, pos_ref, d_head)
+        mean = self._acts[head]  # (pos_ref, d_head): the mean over the reference sequences
         b, p = tokens.shape
         if self.per_position:
-            return acts.mean(0)[self._positions(tokens, positions, acts.device)]  # (batch, pos, d_head)
-        return acts.mean((0, 1))[None, None].expand(b, p, -1)
+            return mean[self._positions(tokens, positions, mean.device)]  # (batch, pos, d_head)
+        return mean.mean(0)[None, None].expand(b, p, -1)
 
 
 class ResampleAblation(_ReferenceAblation):
