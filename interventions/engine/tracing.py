@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .adapters import Adapter, get_adapter, has_pattern_site, module_at, unwrap
+from .adapters import BUILTIN_ARCHS, Adapter, get_adapter, has_pattern_site, module_at, unwrap
 from .remote import NotRemotable, Remote, check_remote, warn_unproven
 from .devices import check_placement, module_device, output_device
 from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, SITE_KINDS, Site, kv_head_of, parse_site
@@ -582,6 +582,8 @@ class Engine:
             if verify and not self.remote:  # remotely: see interventions.engine.remote
                 for site in writes:
                     self._verify(site)
+                    if site.kind in ("q", "k", "v") and any(w.head is not None for w in writes[site]):
+                        self._verify_heads(site)
             return self._trace(tree, tokens, run, reads, writes, returns)
 
     def _check_remotable(self, reads: list[Site], writes: dict[Site, list[Write]]) -> None:
@@ -628,6 +630,49 @@ class Engine:
                 raise InterventionError(f"a write to {site} did not take effect: the model's forward does not consume "
                                         f"{self.adapter.point(site, self.inner)} as the site's value; fix the adapter "
                                         "with interventions.register_adapter")
+        _VERIFIED.setdefault(self.inner, set()).add(key)
+
+    def _verify_heads(self, site: Site) -> None:
+        """Prove once per model and (layer, kind) that a write to one head of q, k or v reaches only the
+        query heads that read it: noise written to (kv) head 0 must leave every other query head's ``z``
+        as it was. A model that mixes heads after the site's point (OLMo2's q_norm / k_norm normalize
+        all heads' queries / keys together, after q_proj / k_proj) fails, and a per-head write or patch
+        there would silently change every head."""
+        key = (id(self.adapter.spec), site.layer, site.kind, "heads")
+        done = _VERIFIED.get(self.inner)
+        if done is not None and key in done:
+            return
+        a = self.adapter
+        if BUILTIN_ARCHS.get(a.model_type) is a.spec:  # proven per architecture by the tests (no extra passes)
+            return
+        fed = [h for h in range(a.n_heads) if (h if site.kind == "q" else kv_head_of(h, a.n_heads, a.n_kv_heads)) == 0]
+        others = [h for h in range(a.n_heads) if h not in fed]
+        if others:
+            g = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, a.vocab_size, (1, min(8, a.n_ctx or 8)), generator=g)
+            z = Site(site.layer, "z")
+
+            def noise(x):
+                return x + (1 + x.abs()) * torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+
+            clean = self.run(Run(tokens, reads=[z], returns="none"), verify=False).acts[str(z)]
+            moved = self.run(Run(tokens, reads=[z], writes=[Write(site, noise, head=0)], returns="none"),
+                             verify=False).acts[str(z)]
+            change = float((moved - clean)[:, :, others].abs().max())
+            tol = (1e-5 if clean.dtype in (torch.float32, torch.float64) else 1e-2) * max(1.0, float(clean.abs().max()))
+            if change > tol:
+                path = a.point(site, self.inner)[0]
+                attn = module_at(self.inner, a.path(site.layer, "attn"))
+                norms = [f"{c}_proj='{c}_norm'" for c in "qk" if isinstance(getattr(attn, f"{c}_norm", None), nn.Module)]
+                fix = (f"ArchSpec(..., {', '.join(norms)}) (this attention module's own norms)" if norms else
+                       "ArchSpec(q_proj=..., k_proj=...) naming the module after which the heads are separate")
+                what = "kv head" if site.kind in KV_KINDS else "head"
+                raise InterventionError(
+                    f"a write to one {what} of {site} reaches other heads (query heads {others} changed by a write to "
+                    f"{what} 0): this {a.model_type} model mixes heads after {path!r}, where the site is read (e.g. "
+                    f"OLMo2's q_norm / k_norm normalize all heads together), so a per-head write or patch there would "
+                    f"silently change every head. Read the site after that module: interventions.register_adapter("
+                    f"{a.model_type!r}, {fix}); or write every head at once (head=None)")
         _VERIFIED.setdefault(self.inner, set()).add(key)
 
     def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]],
