@@ -970,3 +970,38 @@ def test_a_per_head_write_that_reaches_other_heads_is_refused_naming_the_fix(kin
         execute(qwen, Run(clean, writes=[Write(f"L0.{kind}", None, head=1)]))
     finally:
         ARCHS.pop("qwen3", None)
+
+
+def test_a_fused_projection_registered_with_the_wrong_layout_refuses_per_head_writes():
+    """CodeGen fuses q, v and k in blocks of [q | v | k] (one block per model-parallel shard), not GPT-2's
+    [q | k | v]: registered with fused_qkv="gpt2", the q view's last head is a slice of another head's
+    values, so a patch of it would silently change that head (head 0's q slice happens to be right, so
+    every head is probed, not only head 0). Refused, naming the layout; a model whose fused projection
+    is [q | k | v] (GPT-BigCode, multi-query: one key/value head) takes per-head writes."""
+    import transformers as T
+
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    torch.manual_seed(0)
+    codegen = T.CodeGenForCausalLM(T.CodeGenConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
+                                                   n_positions=64, bos_token_id=1, eos_token_id=2)).eval()
+    bigcode = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4,
+                                                         n_positions=64, multi_query=True)).eval()
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    register_adapter("codegen", ArchSpec(layers="transformer.h", attn="attn", o_proj="out_proj", k_proj="qkv_proj",
+                                         fused_qkv="gpt2"))
+    register_adapter("gpt_bigcode", ArchSpec(layers="transformer.h", attn="attn", o_proj="c_proj", k_proj="c_attn",
+                                             fused_qkv="gpt2"))
+    try:
+        for kind in "qkv":
+            with pytest.raises(InterventionError, match=rf"one (kv )?head of L0\.{kind} reaches other heads.*"
+                                                        r"fused_qkv='gpt2'\) reads \[q \| k \| v\]"):
+                execute(codegen, Run(tokens, writes=[Write(f"L0.{kind}", None, head=0)]))
+        z = execute(bigcode, Run(tokens, reads=["L0.z"])).acts["L0.z"]
+        moved = execute(bigcode, Run(tokens, reads=["L0.z"], writes=[Write("L0.q", None, head=3)])).acts["L0.z"]
+        assert ((moved - z).abs().amax(dim=(0, 1, 3)) > 0).tolist() == [False, False, False, True]
+        execute(bigcode, Run(tokens, writes=[Write("L0.k", None, head=0)]))  # its one kv head: all query heads
+    finally:
+        ARCHS.pop("codegen", None)
+        ARCHS.pop("gpt_bigcode", None)
