@@ -964,6 +964,11 @@ def test_a_per_head_write_that_reaches_other_heads_is_refused_naming_the_fix(kin
     finally:
         ARCHS.pop("olmo2", None)
 
+    renamed = _qk_norm_model("olmo2")  # an OLMo2 passed off as a Llama (same module paths): refused too
+    renamed.config.model_type = "llama"
+    with pytest.raises(InterventionError, match=rf"this llama model mixes heads.*{kind}_proj='{kind}_norm'"):
+        execute(renamed, Run(clean, writes=[Write(f"L0.{kind}", None, head=1)]))
+
     qwen = _qk_norm_model("qwen3")
     register_adapter("qwen3", ArchSpec(k_proj="k_proj", **hint))
     try:  # per-head norms: each head's write stays its own

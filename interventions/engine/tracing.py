@@ -54,7 +54,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .adapters import BUILTIN_ARCHS, Adapter, get_adapter, has_pattern_site, module_at, unwrap
+from .adapters import Adapter, get_adapter, has_pattern_site, module_at, unwrap
 from .remote import NotRemotable, Remote, check_remote, warn_unproven
 from .devices import check_placement, module_device, output_device
 from .sites import KV_KINDS, LAYER_KINDS, RESID_KINDS, SITE_KINDS, Site, kv_head_of, parse_site
@@ -645,8 +645,7 @@ class Engine:
         if done is not None and key in done:
             return
         a = self.adapter
-        if BUILTIN_ARCHS.get(a.model_type) is a.spec:  # proven per architecture by the tests (no extra passes)
-            return
+        # built-in adapters too: a model renamed to a built-in type (an OLMo2 as "llama") has its module paths
         n = a.n_site_heads(site.kind)
         reads = [h if site.kind == "q" else kv_head_of(h, a.n_heads, a.n_kv_heads) for h in range(a.n_heads)]
         if n > 1:
