@@ -662,10 +662,25 @@ def _bert():
                                           num_attention_heads=4, intermediate_size=32)).eval()
 
 
-@pytest.mark.parametrize("make", [_Foo, _bert], ids=["foo", "bert"])
+def _hf_decoder(name):
+    """A tiny decoder transformers ships that is not built in: OLMo2 (q/k norms over all heads), Qwen3
+    (per-head q/k norms), Gemma 3 (per-head q/k norms, 1 + weight RMSNorm, sliding window)."""
+    def make():
+        import transformers as T
+
+        common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, head_dim=8)
+        model, config = {"olmo2": (T.Olmo2ForCausalLM, T.Olmo2Config), "qwen3": (T.Qwen3ForCausalLM, T.Qwen3Config),
+                         "gemma3": (T.Gemma3ForCausalLM, T.Gemma3TextConfig)}[name]
+        return model(config(**common)).eval()
+    return make
+
+
+@pytest.mark.parametrize("make", [_Foo, _bert, _hf_decoder("olmo2"), _hf_decoder("qwen3"), _hf_decoder("gemma3")],
+                         ids=["foo", "bert", "olmo2", "qwen3", "gemma3"])
 def test_unknown_architecture_raises(make):
     """An architecture without an adapter raises ValueError naming the supported ones and
-    register_adapter."""
+    register_adapter (decoders transformers ships included: none is taken for a built-in one)."""
     model = make()
     with pytest.raises(ValueError, match=r"unsupported architecture.*gpt2.*llama.*register_adapter"):
         run_with_ablations(model, torch.zeros(1, 4, dtype=torch.long), ZeroAblation("L0H0"))

@@ -963,3 +963,130 @@ def test_fused_qkv_under_grouped_query_attention(n_kv):
     expect = raw.clone()
     expect[..., lo:lo + D_HEAD] = 0
     torch.testing.assert_close(written[-1], expect, atol=0, rtol=0)  # (earlier: the take-effect probe)
+
+
+def _qk_norm_model(arch):
+    """A one-layer OLMo2 (q_norm / k_norm over all heads together, before the heads are split) or Qwen3 (one
+    q_norm / k_norm per head) with random norm weights, grouped-query attention (4 heads, 2 kv heads)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=64, max_position_embeddings=64, head_dim=8)
+    model = (T.Olmo2ForCausalLM(T.Olmo2Config(**common)) if arch == "olmo2"
+             else T.Qwen3ForCausalLM(T.Qwen3Config(**common))).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["q", "k"])
+def test_a_per_head_write_that_reaches_other_heads_is_refused_naming_the_fix(kind):
+    """OLMo2 normalizes q (and k) over all heads at once, *after* q_proj: registered as the
+    unsupported-architecture error suggests (q/k sites at the projections), a write to one head's q or k
+    rescales every head's, so patch_heads(site="q") would silently measure a patch of every head. Such a
+    write is refused, naming the fix (sites after the norm); a write to all heads (head=None) is not
+    per-head and runs. Registered with ArchSpec(q_proj="q_norm", k_proj="k_norm") the sites are read
+    after the norm (what a plain hook there sees) and a patch of one (kv) head reaches only its query
+    heads, equal to replacing that slice in a plain hook. Qwen3 (one norm per head) stays per-head at
+    the projections, so its writes there are not refused."""
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    g = torch.Generator().manual_seed(1)
+    clean, corrupted = torch.randint(0, VOCAB, (2, POS), generator=g), torch.randint(0, VOCAB, (2, POS), generator=g)
+
+    def metric(logits, tokens):
+        return logits[:, -1].log_softmax(-1)[torch.arange(len(tokens)), clean[:, -1]]
+
+    hint = dict(layers="model.layers", attn="self_attn", o_proj="o_proj", attn_is_o_proj=True, final_norm="model.norm")
+    olmo = _qk_norm_model("olmo2")
+    register_adapter("olmo2", ArchSpec(k_proj="k_proj", **hint))
+    try:
+        with pytest.raises(InterventionError, match=rf"one (kv )?head of L0\.{kind}.*{kind}_proj='{kind}_norm'"):
+            patch_heads(olmo, clean, corrupted, metric, site=kind)
+        with pytest.raises(InterventionError, match=rf"{kind}_norm"):
+            execute(olmo, Run(clean, writes=[Write(f"L0.{kind}", None, head=1)]))
+        execute(olmo, Run(clean, writes=[Write(f"L0.{kind}", lambda x: 2 * x)]))  # every head at once: no error
+
+        register_adapter("olmo2", ArchSpec(q_proj="q_norm", k_proj="k_norm", **hint))
+        norm = olmo.get_submodule(f"model.layers.0.self_attn.{kind}_norm")
+        n = 4 if kind == "q" else 2
+        seen = []
+        handle = norm.register_forward_hook(lambda mod, args, out: seen.append(out.clone()))
+        try:
+            with torch.no_grad():
+                olmo(clean)
+        finally:
+            handle.remove()
+        src = seen[0].reshape(2, POS, n, D_HEAD)
+        torch.testing.assert_close(run_with_cache(olmo, clean, [f"L0.{kind}"])[1][f"L0.{kind}"], src, atol=0, rtol=0)
+        got = patch_heads(olmo, clean, corrupted, metric, site=kind)
+        for head in range(n):
+            def edit(mod, args, out, head=head):
+                out = out.clone()
+                out.view(2, POS, n, D_HEAD)[:, :, head] = src[:, :, head]
+                return out
+
+            handle = norm.register_forward_hook(edit)
+            try:
+                with torch.no_grad():
+                    want = metric(olmo(corrupted).logits, corrupted).mean()
+            finally:
+                handle.remove()
+            torch.testing.assert_close(got[0, head], want, atol=1e-5, rtol=0)
+        z = execute(olmo, Run(corrupted, reads=["L0.z"])).acts["L0.z"]
+        moved = execute(olmo, Run(corrupted, reads=["L0.z"], writes=[Write(f"L0.{kind}", src[:, :, 1], head=1)])).acts["L0.z"]
+        changed = ((moved - z).abs().amax(dim=(0, 1, 3)) > 0).tolist()
+        assert changed == ([False, True, False, False] if kind == "q" else [False, False, True, True])
+    finally:
+        ARCHS.pop("olmo2", None)
+
+    renamed = _qk_norm_model("olmo2")  # an OLMo2 passed off as a Llama (same module paths): refused too
+    renamed.config.model_type = "llama"
+    with pytest.raises(InterventionError, match=rf"this llama model mixes heads.*{kind}_proj='{kind}_norm'"):
+        execute(renamed, Run(clean, writes=[Write(f"L0.{kind}", None, head=1)]))
+
+    qwen = _qk_norm_model("qwen3")
+    register_adapter("qwen3", ArchSpec(k_proj="k_proj", **hint))
+    try:  # per-head norms: each head's write stays its own
+        execute(qwen, Run(clean, writes=[Write(f"L0.{kind}", None, head=1)]))
+    finally:
+        ARCHS.pop("qwen3", None)
+
+
+def test_a_fused_projection_registered_with_the_wrong_layout_refuses_per_head_writes():
+    """CodeGen fuses q, v and k in blocks of [q | v | k] (one block per model-parallel shard), not GPT-2's
+    [q | k | v]: registered with fused_qkv="gpt2", the q view's last head is a slice of another head's
+    values, so a patch of it would silently change that head (head 0's q slice happens to be right, so
+    every head is probed, not only head 0). Refused, naming the layout; a model whose fused projection
+    is [q | k | v] (GPT-BigCode, multi-query: one key/value head) takes per-head writes."""
+    import transformers as T
+
+    from interventions import ArchSpec, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    torch.manual_seed(0)
+    codegen = T.CodeGenForCausalLM(T.CodeGenConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, rotary_dim=4,
+                                                   n_positions=64, bos_token_id=1, eos_token_id=2)).eval()
+    bigcode = T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4,
+                                                         n_positions=64, multi_query=True)).eval()
+    tokens = torch.randint(0, VOCAB, (2, POS), generator=torch.Generator().manual_seed(0))
+    register_adapter("codegen", ArchSpec(layers="transformer.h", attn="attn", o_proj="out_proj", k_proj="qkv_proj",
+                                         fused_qkv="gpt2"))
+    register_adapter("gpt_bigcode", ArchSpec(layers="transformer.h", attn="attn", o_proj="c_proj", k_proj="c_attn",
+                                             fused_qkv="gpt2"))
+    try:
+        for kind in "qkv":
+            with pytest.raises(InterventionError, match=rf"one (kv )?head of L0\.{kind} reaches other heads.*"
+                                                        r"fused_qkv='gpt2'\) reads \[q \| k \| v\]"):
+                execute(codegen, Run(tokens, writes=[Write(f"L0.{kind}", None, head=0)]))
+        z = execute(bigcode, Run(tokens, reads=["L0.z"])).acts["L0.z"]
+        moved = execute(bigcode, Run(tokens, reads=["L0.z"], writes=[Write("L0.q", None, head=3)])).acts["L0.z"]
+        assert ((moved - z).abs().amax(dim=(0, 1, 3)) > 0).tolist() == [False, False, False, True]
+        execute(bigcode, Run(tokens, writes=[Write("L0.k", None, head=0)]))  # its one kv head: all query heads
+    finally:
+        ARCHS.pop("codegen", None)
+        ARCHS.pop("gpt_bigcode", None)

@@ -8,7 +8,7 @@ kind          shape                           what it is (TransformerLens name)
 ============  ==============================  =====================================================
 resid_pre     (batch, pos, d_model)           residual stream entering the layer (hook_resid_pre)
 q             (batch, pos, head, d_head)      queries as the query projection writes them, before
-                                              rotary embeddings (attn.hook_q)
+                                              rotary embeddings and any q/k norm (attn.hook_q)
 k             (batch, pos, kv_head, d_head)   keys, per key/value head, before rotary embeddings
                                               and key smearing (attn.hook_k)
 v             (batch, pos, kv_head, d_head)   values, per key/value head (attn.hook_v)

@@ -662,6 +662,8 @@ class Engine:
             if verify and not self.remote:  # remotely: see interventions.engine.remote
                 for site in writes:
                     self._verify(site)
+                    if site.kind in ("q", "k", "v") and any(w.head is not None for w in writes[site]):
+                        self._verify_heads(site)
             return self._trace(tree, tokens, run, reads, writes, returns, narrow)
 
     def _check_remotable(self, reads: list[Site], writes: dict[Site, list[Write]]) -> None:
@@ -708,6 +710,60 @@ class Engine:
                 raise InterventionError(f"a write to {site} did not take effect: the model's forward does not consume "
                                         f"{self.adapter.point(site, self.inner)} as the site's value; fix the adapter "
                                         "with interventions.register_adapter")
+        _VERIFIED.setdefault(self.inner, set()).add(key)
+
+    def _verify_heads(self, site: Site) -> None:
+        """Prove once per model and (layer, kind) that a write to one head of q, k or v reaches only the
+        query heads that read it: noise written to (kv) head j, in its own row of one batched run, must
+        leave the ``z`` of every query head that does not read j as it was. A model that mixes heads after
+        the site's point (OLMo2's q_norm / k_norm normalize all heads' queries / keys together, after
+        q_proj / k_proj), or lays its heads out otherwise than the adapter reads them (a fused projection
+        registered with the wrong ``fused_qkv``, e.g. CodeGen's blocks of [q | v | k]), fails: a per-head
+        write or patch there would silently change other heads."""
+        key = (id(self.adapter.spec), site.layer, site.kind, "heads")
+        done = _VERIFIED.get(self.inner)
+        if done is not None and key in done:
+            return
+        a = self.adapter
+        # built-in adapters too: a model renamed to a built-in type (an OLMo2 as "llama") has its module paths
+        n = a.n_site_heads(site.kind)
+        reads = [h if site.kind == "q" else kv_head_of(h, a.n_heads, a.n_kv_heads) for h in range(a.n_heads)]
+        if n > 1:
+            g = torch.Generator().manual_seed(0)
+            tokens = torch.randint(0, a.vocab_size, (1, min(8, a.n_ctx or 8)), generator=g).repeat(n + 1, 1)
+            z = Site(site.layer, "z")
+
+            def noise(x):
+                return x + (1 + x.abs()) * torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+
+            # row 0 clean, row j + 1 with (kv) head j's value changed
+            acts = self.run(Run(tokens, reads=[z], writes=[Write(site, noise, rows=j + 1, head=j) for j in range(n)],
+                                returns="none"), verify=False).acts[str(z)]
+            change = (acts[1:] - acts[:1]).abs().amax(dim=(1, 3))  # (written head, query head)
+            tol = (1e-5 if acts.dtype in (torch.float32, torch.float64) else 1e-2) * max(1.0, float(acts.abs().max()))
+            for j in range(n):
+                others = [h for h in range(a.n_heads) if reads[h] != j and float(change[j, h]) > tol]
+                if not others:
+                    continue
+                path = a.point(site, self.inner)[0]
+                attn = module_at(self.inner, a.path(site.layer, "attn"))
+                norms = [f"{c}_proj='{c}_norm'" for c in "qk" if isinstance(getattr(attn, f"{c}_norm", None), nn.Module)]
+                if norms:
+                    fix = (f"the module after which the heads are separate: interventions.register_adapter("
+                           f"{a.model_type!r}, ArchSpec(..., {', '.join(norms)})) (this attention module's own norms)")
+                elif a.spec.fused_qkv:
+                    fix = (f"a layout that matches the projection: ArchSpec(fused_qkv={a.spec.fused_qkv!r}) reads "
+                           + ("[q | k | v] along the last dimension" if a.spec.fused_qkv == "gpt2" else
+                              "[q_h | k_h | v_h] per head") + ", which this projection's output is not")
+                else:
+                    fix = "the module after which the heads are separate: ArchSpec(q_proj=..., k_proj=..., v_proj=...)"
+                what = "kv head" if site.kind in KV_KINDS else "head"
+                raise InterventionError(
+                    f"a write to one {what} of {site} reaches other heads (query heads {others} changed by a write to "
+                    f"{what} {j}): this {a.model_type} model mixes heads after {path!r}, where the site is read "
+                    f"(OLMo2's q_norm / k_norm normalize all heads together), or lays them out otherwise than the "
+                    f"adapter reads them, so a per-head write or patch there would silently change other heads. "
+                    f"Read the site at {fix}; or write every head at once (head=None)")
         _VERIFIED.setdefault(self.inner, set()).add(key)
 
     def _plan(self, run: Run, reads: list[Site], writes: dict[Site, list[Write]],
