@@ -240,7 +240,8 @@ def test_sweep_shares_the_clean_prefix(tiny_model, monkeypatch, shortcut):
         forward = module.forward
 
         def f(x, *args, **kwargs):
-            if x.shape[1] != 2:  # not the engine's once-per-model take-effect probes (2 tokens)
+            # not the engine's once-per-model take-effect probes (2 tokens), nor the shortcut's check (1 row)
+            if x.shape[1] != 2 and x.shape[0] != 1:
                 rows[name].append(x.shape[0])
             return forward(x, *args, **kwargs)
         return f
@@ -297,3 +298,41 @@ def test_loss_from_logits_chunks_rows_bit_identically(monkeypatch):
     ref = F.cross_entropy(logits[:, :-1].float().reshape(-1, 11), tokens[:, 1:].reshape(-1), reduction="none")
     assert torch.equal(whole, chunked)
     torch.testing.assert_close(chunked.reshape(-1), ref)
+
+
+def test_an_adapter_claiming_attn_is_o_proj_wrongly_is_refused_not_swept_silently_wrong():
+    """A Llama whose attention adds a term after o_proj, registered as the unsupported-architecture hint
+    suggests (attn_is_o_proj=True), would get the shortcut's deltas, silently wrong: refused naming the fix,
+    once seen; registered with attn_is_o_proj=False the sweep equals per-head ablation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from interventions import ArchSpec, InterventionError, register_adapter
+    from interventions.engine.adapters import ARCHS
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         hidden_size=32, intermediate_size=64, vocab_size=50)).eval()
+
+    attention = type(model.model.layers[0].self_attn)
+
+    class Extra(attention):  # adds a term after the output projection in its forward, as some attention modules do
+        def forward(self, hidden_states, *args, **kwargs):
+            out = super().forward(hidden_states, *args, **kwargs)
+            return (out[0] + 0.3 * hidden_states, *out[1:])
+
+    for layer in model.model.layers:
+        layer.self_attn.__class__ = Extra
+    tokens = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(4))
+    model.config.model_type = "my_llama"
+    spec = dict(layers="model.layers", attn="self_attn", o_proj="o_proj", k_proj="k_proj", final_norm="model.norm")
+    try:
+        register_adapter("my_llama", ArchSpec(**spec, attn_is_o_proj=True))
+        with pytest.raises(InterventionError, match=r"attn_is_o_proj=False"):
+            ablation_sweep(model, tokens, heads=["L1H0", "L1H2"])
+        register_adapter("my_llama", ArchSpec(**spec, attn_is_o_proj=False))
+        clean, delta = ablation_sweep(model, tokens, heads=["L1H0", "L1H2"])
+        want_clean, want = _oracle(model, tokens, "zero", ["L1H0", "L1H2"], None)
+    finally:
+        ARCHS.pop("my_llama")
+    torch.testing.assert_close(clean, want_clean, atol=1e-5, rtol=0)
+    torch.testing.assert_close(delta, want, atol=1e-5, rtol=0)

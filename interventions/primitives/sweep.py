@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
@@ -53,7 +54,7 @@ from ..engine.heads import Head, HeadLike, all_heads, check_heads, parse_heads
 from ..engine.sites import Site
 from .progress import check_progress, passes
 from ..engine.remote import Remote
-from ..engine.tracing import Engine, Run, Write, check_mask, check_positive, check_tokens, check_value, pad_to_nan, position_ids
+from ..engine.tracing import Engine, InterventionError, Run, Write, check_mask, check_positive, check_tokens, check_value, pad_to_nan, position_ids
 from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value,
                        prepare_ablations)
 from .loss import check_aligned
@@ -63,6 +64,8 @@ SWEEP_KINDS = ("zero", "mean", "resample", "pattern")
 # Skip the ablated layer's attention where it is safe (see ``_sweep_chunk``); tests turn it off to check
 # the general path (edits at the per-head site inside the trace) against the same oracle.
 _ATTN_SHORTCUT = True
+# model -> {(adapter spec id, layer)} whose attention output was seen to equal its output projection's
+_SHORTCUT_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # tokens per forward pass that the default heads_per_pass aims at, by device (see ablation_sweep);
 # remote: a pass is one job on a shared server, whose memory must hold its tokens x vocab float32
@@ -247,6 +250,12 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
     local = not engine.remote
     shortcut = local and _ATTN_SHORTCUT and a.spec.attn_is_o_proj
     reads = [Site(layer, "z") for layer in layers] if shortcut else []
+    if shortcut:
+        checked = _SHORTCUT_CHECKED.setdefault(engine.inner, set())
+        for layer in layers:
+            if (id(a.spec), layer) not in checked:
+                _check_shortcut(engine, layer, tokens)
+                checked.add((id(a.spec), layer))
     if local:
         reads += [Site(layer, "resid_pre") for layer in layers if layer > 0]
     if frozen:
@@ -285,6 +294,28 @@ def _sweep_chunk(engine: Engine, tokens, ablation: Ablation, frozen: bool,
         if bar is not None:
             bar.update(1)
     return clean, delta
+
+
+def _check_shortcut(engine: Engine, layer: int, tokens: torch.Tensor) -> None:
+    """Raise unless skipping layer ``layer``'s attention module and giving its output as the output
+    projection of its ``z`` leaves the logits as they were (on the first row's first 8 tokens), as
+    ``ArchSpec.attn_is_o_proj`` claims and the sweep's attention shortcut assumes: an adapter registered with
+    it on a model whose attention adds anything after the projection would give silently wrong deltas."""
+    a = engine.adapter
+    t = tokens[:1, :8]
+    clean = engine.run(Run(t, reads=[Site(layer, "z")]))
+    o_proj = a.module(engine.inner, layer, "o_proj")
+    attn = o_proj(clean.acts[f"L{layer}.z"].to(engine.device(a.path(layer, "o_proj"))).flatten(2))
+    again = engine.run(Run(t, attn_outputs={layer: attn})).logits
+    want = clean.logits
+    diff = float((again.to(want.device) - want).abs().nan_to_num(0.0).max())
+    tol = (1e-5 if want.dtype in (torch.float32, torch.float64) else 1e-2) * max(1.0, float(want.abs().nan_to_num(0.0).max()))
+    if diff > tol:
+        raise InterventionError(
+            f"ablation_sweep: the {a.model_type} adapter says attn_is_o_proj=True, but layer {layer}'s attention "
+            f"module's output is not its output projection's ({a.path(layer, 'o_proj')!r}: the logits move by "
+            f"{diff:.3g} when it stands in): the module adds something after it, and the sweep's shortcut would "
+            "be silently wrong. Register the adapter with ArchSpec(..., attn_is_o_proj=False)")
 
 
 def _checked_value(value, current: torch.Tensor, label: str):
