@@ -1,6 +1,8 @@
 """What causes the early positive ICL score: per checkpoint (0.2M-9M tokens) of the given runs, the ICL
 score, the loss of the early and late bands, and each layer's attention entropy (fraction of uniform)
-and attention on the previous token at early (< 30) and late (>= 245) query positions.
+and attention on the previous token at the early and late query positions of
+``experiments.phase_change.transient_bands`` (18-28 and 243-253 at context 256: those that predict the
+ICL score's own bands).
 
     python benchmarks/transient_probe.py RUN [RUN ...] OUT.csv
 """
