@@ -407,10 +407,12 @@ def tables_fingerprint(root: str | Path) -> str:
 def verify_tables(root: str | Path) -> None:
     """Every table present under the results root ``root`` matches its recorded checksum (``ResultError``
     naming the first that does not, or one its experiment folder's manifest does not record, as after the
-    manifest was deleted): commands that draw from tables (``figures``, ``report``) check this before they
-    write anything, so a damaged table never leaves figures half redrawn."""
+    manifest was deleted, or one it records that is gone): commands that draw from tables (``figures``,
+    ``report``) check this before they write anything, so a damaged or deleted table never leaves figures half
+    redrawn. Arrays (``.npy``) and JSON results are left to their readers (figures and report read none of the
+    arrays: tables copied back from another machine may come without them)."""
     root = Path(root)
-    for folder in sorted(p.parent for p in [*root.glob("*/manifest.json"), *root.glob("*/provenance.json")]):
+    for folder in sorted({p.parent for p in [*root.glob("*/manifest.json"), *root.glob("*/provenance.json")]}):
         res = Results(root, folder.name)
         res.read_provenance()
         recorded = res._manifest()
@@ -419,6 +421,11 @@ def verify_tables(root: str | Path) -> None:
                 res._verified(path.stem, path)
             else:
                 res._refuse_unrecorded(path)
+        for key in sorted(recorded):  # a table the manifest records whose file was deleted: the figures read it
+            if key != SETTINGS_KEY and not key.endswith((".npy", ".json")) and not (folder / f"{key}.csv").is_file():
+                raise ResultError(f"result {folder / f'{key}.csv'} is missing though {res.manifest_path} records it: "
+                                  "re-run the experiment that wrote it to recompute it (or delete the folder "
+                                  f"{folder} and re-run it)")
 
 
 def check_writable(path: str | Path) -> None:

@@ -446,6 +446,28 @@ def test_provenance_is_checksummed(tmp_path):
     assert res.read_provenance()["config"] == {"n_windows": 64}
 
 
+def test_figures_refuse_a_deleted_table_before_drawing(tmp_path, capsys):
+    """A table the manifest records whose file was deleted: verify_tables passed it (it checked the files
+    present only), so `figures` drew every figure read before it, then stopped with "missing", leaving
+    figures of a partial folder. Now verify_tables names it and `figures` exits 2 with nothing written."""
+    from experiments.common import verify_tables
+
+    res = Results(tmp_path / "results", "phase_change")
+    res.write_provenance({"n_windows": 64})
+    res.write("checkpoints", pd.DataFrame({"model": ["m"], "tokens": [1]}))
+    res.write("windows", pd.DataFrame({"model": ["m"]}))
+    res.write_array("per_token_losses_m", np.zeros(3))
+    (res.dir / "per_token_losses_m.npy").unlink()  # arrays are not read by figures or report: not required
+    verify_tables(res.root)
+    (res.dir / "windows.csv").unlink()
+    with pytest.raises(ResultError, match=r"windows\.csv is missing though .*manifest\.json records it"):
+        verify_tables(res.root)
+    before = snapshot(tmp_path)
+    code, err = cli(["figures", "--results", str(res.root), "--out", str(tmp_path / "figs")], capsys)
+    assert code == 2 and "windows.csv is missing" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before and not (tmp_path / "figs").exists()
+
+
 def test_arrays_are_checksummed(tmp_path):
     """An edited or garbled .npy raises ResultError naming the file; deleting it makes it missing
     (so the experiment recomputes it)."""
