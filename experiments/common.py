@@ -347,11 +347,15 @@ class Results:
 
     def read_provenance(self) -> dict | None:
         """``provenance.json`` (None if never written), verified against the checksum ``write_provenance``
-        recorded: an edited or truncated one is a ``ResultError``, never a wrong machine or commit."""
+        recorded: an edited, truncated or deleted one is a ``ResultError``, never a wrong or missing machine or
+        commit."""
         path = self.dir / "provenance.json"
-        if not path.is_file():
-            return None
         e = self._entry(self._manifest(), SETTINGS_KEY) or {}
+        if not path.is_file():
+            if e.get("sha256") is not None:  # recorded, then deleted: the tables' commit and machine are lost
+                raise ResultError(f"{path} is missing though {self.manifest_path} records it: re-run the "
+                                  f"experiment that wrote it, or delete the folder {self.dir} and re-run it")
+            return None
         try:
             if e.get("sha256") is not None and sha256_file(path) != e["sha256"]:
                 raise ValueError

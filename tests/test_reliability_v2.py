@@ -446,6 +446,27 @@ def test_provenance_is_checksummed(tmp_path):
     assert res.read_provenance()["config"] == {"n_windows": 64}
 
 
+def test_a_deleted_provenance_is_refused(tmp_path):
+    """provenance.json deleted from a folder whose manifest records it: read_provenance returned None, so
+    verify_tables passed and the report left the folder out of "Tables computed by" without a word (the
+    tables' commit and machine lost). Now a ResultError naming it; re-running the experiment writes it again."""
+    from experiments.common import verify_tables
+
+    res = Results(tmp_path, "ablations_m")
+    res.write_provenance({"n_windows": 64})
+    res.write("sets", pd.DataFrame({"x": [1]}))
+    (res.dir / "provenance.json").unlink()
+    with pytest.raises(ResultError, match=r"provenance\.json is missing though .*manifest\.json records it"):
+        res.read_provenance()
+    with pytest.raises(ResultError, match="provenance.json is missing"):
+        verify_tables(tmp_path)
+    with pytest.raises(ResultError, match="provenance.json is missing"):
+        res.made_by()
+    res.write_provenance({"n_windows": 64})
+    assert res.read_provenance()["config"] == {"n_windows": 64}
+    verify_tables(tmp_path)
+
+
 def test_figures_refuse_a_deleted_table_before_drawing(tmp_path, capsys):
     """A table the manifest records whose file was deleted: verify_tables passed it (it checked the files
     present only), so `figures` drew every figure read before it, then stopped with "missing", leaving
