@@ -155,6 +155,24 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def _owning_results(fn):
+    """Run ``fn(args)`` holding the lock of ``--results`` (``figures``, ``report``): a process writing those
+    tables (``reproduce``, ``phase-change``, ... into the same folder) is refused as any second writer is
+    (exit 2, or ``--wait``), not drawn half-way through its work, and cannot rewrite a table mid-drawing."""
+    import functools
+
+    @functools.wraps(fn)
+    def inner(args) -> int:
+        from interventions.zoo.ownership import owned
+
+        from . import common
+
+        with owned(Path(args.results), common._lock_wait, what="results folder"):
+            return fn(args)
+    return inner
+
+
+@_owning_results
 def cmd_figures(args) -> int:
     from .common import Results, tables_fingerprint, verify_tables
     from .figures import drawn_from, make_figures
@@ -178,6 +196,7 @@ def cmd_figures(args) -> int:
     return 0
 
 
+@_owning_results
 def cmd_report(args) -> int:
     from .reproduce import redraw
 
@@ -388,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("figures", help="make every figure from result tables")
     sp.add_argument("--results", default="results/default", help="the results folder (default: results/default)")
     sp.add_argument("--out", default="figures", help="the figures folder (default: figures)")
-    sp.set_defaults(func=cmd_figures)
+    _command(sp, cmd_figures, None)
 
     sp = sub.add_parser("report", help="figures, report and headline again from a reproduction's tables (e.g. "
                                        "tables copied back from a GPU machine)")
@@ -400,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the commit the tables were made with, where their provenance cannot know it (a copied "
                          "working tree; whether it was dirty is then recorded as unknown); default: the phase "
                          "change's provenance")
-    sp.set_defaults(func=cmd_report)
+    _command(sp, cmd_report, None)
 
     sp = sub.add_parser("survey", help="induction mosaic over models (hub names, model folders, runs), one model "
                         "at a time, resumable")

@@ -158,6 +158,33 @@ def test_results_folder_is_owned(tmp_path):
     assert Results(root, "exp").read("t").x.tolist() == [1]
 
 
+def test_figures_and_report_refuse_a_results_folder_in_use(tmp_path, capsys):
+    """`figures` and `report` took no lock: while `reproduce` (or `phase-change`, `ablations`) was writing into the
+    results folder, `figures` drew whatever tables were there at that moment (e.g. an ablation folder with its
+    per-head table but not yet its sets), exit 0. Now they hold the folder's lock: exit 2 naming the holder,
+    nothing drawn; with --wait they go on once it is released."""
+    res = Results(tmp_path / "results", "phase_change")
+    res.write_provenance({"n_windows": 64})
+    res.write("checkpoints", pd.DataFrame({"model": ["m"], "tokens": [1]}))
+    holder = hold(res.root, 30)
+    try:
+        before = snapshot(tmp_path)
+        for argv in (["figures", "--results", res.root, "--out", tmp_path / "figs"], ["report", "--results", res.root]):
+            code, err = cli(argv, capsys)
+            assert code == 2 and f"in use by process {holder.pid}" in err, (argv, err)
+            assert snapshot(tmp_path) == before, argv
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = hold(res.root, 1.0)
+    try:
+        code, err = cli(["report", "--results", res.root, "--wait", "30"], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and "no recorded invocation that ran to completion" in err, err  # it waited, then went on
+
+
 # ----------------------------------------------------------------------------- 2. damaged logs and checkpoints
 
 def test_garbage_line_in_metrics_stops_resume_then_advice_works(finished, reference, capsys):
