@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -108,13 +109,13 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     runs = Results(out, "report").read_json("timings", default=[])  # first: a partial folder lacks tables
     if not any(r.get("complete", True) for r in runs):  # the tables of an unfinished run lack sections
         raise InputError(f"{out} has no recorded invocation that ran to completion (report/timings.json): run "
-                         f"`reproduce --out {out}` to completion instead (it resumes)")
+                         f"`reproduce --out {shlex.quote(str(out))}` to completion instead (it resumes)")
     # the last invocation that got past training (and so may have written tables) must have finished: one
     # killed mid-evaluation or mid-ablation left partial tables even when an earlier one completed
     last = next(r for r in reversed(runs) if r.get("complete", True) or "train_s" in r)
     if not last.get("complete", True):
         raise InputError(f"the last invocation that wrote tables under {out} was interrupted (report/timings.json): "
-                         f"its tables may be partial; run `reproduce --out {out}` with its options to completion "
+                         f"its tables may be partial; run `reproduce --out {shlex.quote(str(out))}` with its options to completion "
                          "instead (it resumes)")
     timings = sum_timings(same_job(runs, last.get("job")))  # the invocations that made these tables
     fits = tables_scales(Results(out, "phase_change").read("checkpoints"))

@@ -379,6 +379,12 @@ CLI_CASES = {
                                           "not empty"),
     "figures from a folder without tables": (["figures", "--results", "{tmp}/res", "--out", "{tmp}/figs"], None,
                                              "run `python -m experiments reproduce --out {tmp}/res` first"),
+    # a folder with a space: the suggested command is quoted (it was `... --out /tmp/my res`, two arguments)
+    "figures from a folder with a space, without tables": (["figures", "--results", "{tmp}/my res", "--out",
+                                                            "{tmp}/figs"], None, "reproduce --out '{tmp}/my res'` first"),
+    "ablations before phase-change, --out with a space": (["ablations", "{tmp}/run", "--out", "{tmp}/my out"],
+                                                          lambda d: _write(d / "run" / "train_config.json", "{}"),
+                                                          "`phase-change {tmp}/run --out '{tmp}/my out'` first"),
     # README "Corpus": --set tokenizer=<hub name or folder>; one that cannot be loaded is bad input (it was a
     # transformers traceback: OSError for a missing folder, ValueError for a folder without tokenizer files)
     "tokenizer: a missing folder": (["train", "--preset", "attn-1l", "--out", "{tmp}/out", "--corpus", "{tmp}/c.txt",
