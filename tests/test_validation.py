@@ -360,6 +360,9 @@ CLI_CASES = {
     "--tokens 0": (_train("--tokens", "0"), None, "tokens=0"),
     "--tokens not a number": (_train("--tokens", "lots"), None, "invalid int value"),
     "--batch-size 0": (_train("--batch-size", "0"), None, "batch_size=0"),
+    # a synthetic corpus of one token: a ValueError traceback from the source, after torch was loaded
+    "model.vocab_size=1 on a synthetic corpus": (_train("--set", "model.vocab_size=1"), None,
+                                                 "model.vocab_size=1 leaves a synthetic corpus fewer than 2"),
     "--lr negative": (_train("--lr", "-1"), None, "lr=-1"),
     "missing --out": (["train", "--preset", "tiny"], None, "--out"),
     "unknown command": (["fly"], None, "invalid choice"),
