@@ -388,6 +388,9 @@ CLI_CASES = {
     "ablations before phase-change, --out with a space": (["ablations", "{tmp}/run", "--out", "{tmp}/my out"],
                                                           lambda d: _write(d / "run" / "train_config.json", "{}"),
                                                           "`phase-change {tmp}/run --out '{tmp}/my out'` first"),
+    # a mistyped model folder was looked up on the hub (a network wait, then "could not resolve ... on the hub")
+    "survey of a model folder that does not exist": (["survey", "{tmp}/runs/atn-2l", "--out", "{tmp}/sv"], None,
+                                                    "'{tmp}/runs/atn-2l': no such folder"),
     # README "Corpus": --set tokenizer=<hub name or folder>; one that cannot be loaded is bad input (it was a
     # transformers traceback: OSError for a missing folder, ValueError for a folder without tokenizer files)
     "tokenizer: a missing folder": (["train", "--preset", "attn-1l", "--out", "{tmp}/out", "--corpus", "{tmp}/c.txt",
