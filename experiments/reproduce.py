@@ -77,10 +77,9 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
                           n_precise=n_precise, n_pca_pairs={"tiny": 256, "cpu": 2048, "gpu": 2048}[scale])
     clock.stage("phase_change_s")
     windows = pc.read("windows")
-    for name in runs:  # on the CPU only attn-2l (every seed): the headline's model (the main job within 15 min)
-        if _family(name) == "attn-2l" or (scale != "cpu" and name in ("smear-1l", "smear-1l-s0")):
-            run_ablations(runs[name], name, None, out, windows_table=windows,
-                          n_windows=ABLATION_WINDOWS[scale], device=device, progress=progress)
+    for name in ablated_runs(runs, scale):
+        run_ablations(runs[name], name, None, out, windows_table=windows,
+                      n_windows=ABLATION_WINDOWS[scale], device=device, progress=progress)
     clock.stage("ablations_s")
     main_2l = _main_2l(runs)
     if main_2l:
@@ -92,6 +91,21 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
     print(report.read_text())
     print(f"figures: {len(paths)} files in {figures_dir}")
     return report
+
+
+def ablated_runs(names, scale: str) -> list[str]:
+    """The runs ``reproduce`` ablates: on the CPU only attn-2l (every seed), the headline's model (the main job
+    within 15 min); at the other scales also smear-1l (seed 0)."""
+    return [n for n in names if _family(n) == "attn-2l" or (scale != "cpu" and n in ("smear-1l", "smear-1l-s0"))]
+
+
+def missing_experiments(out: Path, names, scale: str) -> list[str]:
+    """The experiment folders a complete ``reproduce`` of the runs ``names`` writes that ``out`` lacks (e.g.
+    left behind when the tables were copied back from another machine): their report sections would be
+    silently missing."""
+    main_2l = _main_2l(names)
+    wanted = [f"ablations_{n}" for n in ablated_runs(names, scale)] + ([f"circuit_{main_2l}"] if main_2l else [])
+    return [f for f in wanted + ["survey"] if not (Path(out) / f / "manifest.json").is_file()]
 
 
 def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = None) -> Path:
@@ -129,6 +143,11 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
         git = evaluated_by(Results(out, "phase_change"))["git"]
     verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
     drawn_before(Path(figures_dir))  # and so is a damaged figures manifest
+    missing = missing_experiments(out, Results(out, "phase_change").read("checkpoints").model.unique(), scale)
+    if missing:  # the report would leave their sections out without a word
+        raise InputError(f"{out} lacks the results of {', '.join(missing)}, which `reproduce` writes: copy them "
+                         f"back too, or run `reproduce --out {shlex.quote(str(out))}` with its options (it computes "
+                         "only what is missing)")
     for model in Results(out, "phase_change").read("checkpoints").model.unique():  # an experiment of another
         for prefix, tables in RUN_TABLES.items():  # state of a run would be reported as of this one
             if made_from_another_run(out, f"{prefix}_{model}", model, tables):
