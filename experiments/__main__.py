@@ -170,11 +170,18 @@ def _owning_results(fn):
 
     @functools.wraps(fn)
     def inner(args) -> int:
+        import contextlib
+
         from interventions.zoo.ownership import owned
 
         from . import common
 
-        with owned(Path(args.results), common._lock_wait, what="results folder"):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(owned(Path(args.results), common._lock_wait, what="results folder"))
+            except OSError as e:  # a results folder this user cannot write (read-only, someone else's): no writer
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # here either; `figures` draws elsewhere
+                    raise
             return fn(args)
     return inner
 

@@ -183,6 +183,18 @@ def test_figures_and_report_refuse_a_results_folder_in_use(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert code == 2 and "no recorded invocation that ran to completion" in err, err  # it waited, then went on
+    # a results folder the user cannot write (its lock cannot be made): read as before, no lock
+    import interventions.zoo.ownership as O
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied", str(res.root / ".lock"))
+
+    real, O.owned = O.owned, read_only
+    try:
+        code, err = cli(["report", "--results", res.root], capsys)
+    finally:
+        O.owned = real
+    assert code == 2 and "no recorded invocation that ran to completion" in err, err
 
 
 # ----------------------------------------------------------------------------- 2. damaged logs and checkpoints
