@@ -375,13 +375,20 @@ def run_setting(res: Results, run: str | Path) -> str:
     """``run`` as the settings of ``res`` (``write_provenance``) record a run folder: their own spelling when it
     names this same folder (``--out results/default`` after ``--out /abs/path/results/default``, or from another
     working directory: one job, one folder, never "other settings"), else ``str(run)`` (another run folder,
-    which ``write_provenance`` refuses over tables it did not make)."""
+    which ``write_provenance`` refuses over tables it did not make). A recorded folder that no longer exists is
+    this one when every table here was computed from this run's content (the folder moved, e.g. with its
+    results folder)."""
     old = (res.settings() or {}).get("run")
     try:
         if isinstance(old, str) and os.path.samefile(old, run):
             return old
     except OSError:  # the recorded folder is gone (moved, deleted) or ``run`` does not exist
-        pass
+        if isinstance(old, str) and not os.path.exists(old) and Path(run, "train_config.json").is_file():
+            # moved (e.g. the whole results folder renamed): the same run when the tables were made from this
+            # content (``run_of``); it was refused as "other settings", advising to delete the finished tables
+            made_from = {res.run_of(t) for t in res.tables()} - {None}
+            if made_from and made_from == {run_fingerprint(run)}:
+                return old
     return str(run)
 
 

@@ -843,6 +843,29 @@ def test_ablations_and_circuit_resume_with_the_run_folder_spelled_another_way(fi
     assert (res / "ablations_run" / "sets.csv").read_bytes() == abl
 
 
+def test_a_moved_results_folder_keeps_its_run_setting(tmp_path):
+    """A results folder moved with its runs (`mv results/a results/b`): the recorded run folder is gone, and
+    `reproduce --out results/b` was refused as "other settings (differing: ['run'])" over the finished ablations,
+    advising to delete them. Now a recorded folder that no longer exists is this one when the tables were made
+    from this run's content; another run (other content) is still refused."""
+    from experiments.common import run_fingerprint, run_setting
+
+    old = tmp_path / "a" / "runs" / "m"
+    old.mkdir(parents=True)
+    (old / "train_config.json").write_text('{"seed": 0}')
+    res = Results(tmp_path / "a", "ablations_m")
+    res.write_provenance({"run": run_setting(res, old)})
+    res.write("sets", pd.DataFrame({"x": [1]}), inputs={"run": run_fingerprint(old)})
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved, res = tmp_path / "b" / "runs" / "m", Results(tmp_path / "b", "ablations_m")
+    assert run_setting(res, moved) == str(old)
+    res.write_provenance({"run": run_setting(res, moved)})  # not refused
+    (moved / "train_config.json").write_text('{"seed": 1}')  # another run in its place
+    assert run_setting(res, moved) == str(moved)
+    with pytest.raises(ResultError, match="other settings"):
+        res.write_provenance({"run": run_setting(res, moved)})
+
+
 def test_ablation_sets_compare_with_a_clean_run_on_the_same_path():
     """The head sets' losses and their clean baseline come from one attention path (observable's eager, which
     pattern preservation needs): in bfloat16 a set whose heads write nothing (output-projection columns 0)
