@@ -129,8 +129,8 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     last = next(r for r in reversed(runs) if r.get("complete", True) or "train_s" in r)
     if not last.get("complete", True):
         raise InputError(f"the last invocation that wrote tables under {out} was interrupted (report/timings.json): "
-                         f"its tables may be partial; run `reproduce --out {shlex.quote(str(out))}` with its options to completion "
-                         "instead (it resumes)")
+                         f"its tables may be partial; run `reproduce --out {shlex.quote(str(out))}` with its options to "
+                         "completion instead (it resumes)")
     timings = sum_timings(same_job(runs, last.get("job")))  # the invocations that made these tables
     fits = tables_scales(Results(out, "phase_change").read("checkpoints"))
     if scale is None and len(fits) != 1:
