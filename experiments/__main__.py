@@ -36,6 +36,13 @@ from .naming import folder_name
 DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")  # as interventions.zoo.train.check_device
 
 
+def _q(path) -> str:
+    """A path as typed into a shell, for the commands the messages suggest (one with a space quoted)."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
 class UsageError(Exception):
     """Bad input from the command line: exit code 2, nothing written."""
 
@@ -155,6 +162,31 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def _owning_results(fn):
+    """Run ``fn(args)`` holding the lock of ``--results`` (``figures``, ``report``): a process writing those
+    tables (``reproduce``, ``phase-change``, ... into the same folder) is refused as any second writer is
+    (exit 2, or ``--wait``), not drawn half-way through its work, and cannot rewrite a table mid-drawing."""
+    import functools
+
+    @functools.wraps(fn)
+    def inner(args) -> int:
+        import contextlib
+
+        from interventions.zoo.ownership import owned
+
+        from . import common
+
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(owned(Path(args.results), common._lock_wait, what="results folder"))
+            except OSError as e:  # a results folder this user cannot write (read-only, someone else's): no writer
+                if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # here either; `figures` draws elsewhere
+                    raise
+            return fn(args)
+    return inner
+
+
+@_owning_results
 def cmd_figures(args) -> int:
     from .common import Results, tables_fingerprint, verify_tables
     from .figures import drawn_from, make_figures
@@ -169,21 +201,23 @@ def cmd_figures(args) -> int:
     if report and drawn is not None and drawn != tables_fingerprint(Path(args.results)):
         raise UsageError(f"{args.out} holds the {' and '.join(report)} of other tables than those under {args.results} "
                          "now: these figures would sit beside a report they do not match; pass another --out, or "
-                         f"redraw both with `report --results {args.results} --figures {args.out}`")
+                         f"redraw both with `report --results {_q(args.results)} --figures {_q(args.out)}`")
     paths = make_figures(Path(args.results), Path(args.out))
     if not paths:
         raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "
-                         f"{args.results}` first")
+                         f"{_q(args.results)}` first")
     print(f"{len(paths)} files written to {args.out}")
     return 0
 
 
+@_owning_results
 def cmd_report(args) -> int:
     from .reproduce import redraw
 
     out = Path(args.results)
     if not (out / "phase_change" / "provenance.json").is_file():
-        raise UsageError(f"no phase-change results under {out}: run `python -m experiments reproduce --out {out}` first")
+        raise UsageError(f"no phase-change results under {out}: run `python -m experiments reproduce --out {_q(out)}` "
+                         "first")
     figures = Path(args.figures or out / "figures")
     if figures.exists() and not figures.is_dir():
         raise UsageError(f"{figures} is a file, not a folder: pass --figures DIR")
@@ -251,7 +285,7 @@ def _run_with_phase_change(args):
     if key is None or not pc.has(f"head_scores_{name}", key) or windows is None or name not in set(windows.model) \
             or evaluation_interrupted(pc):  # its windows then of the run as it was
         raise UsageError(f"no phase-change results of {run} as it is now under {args.out}/phase_change: run "
-                         f"`phase-change {run} --out {args.out}` first")
+                         f"`phase-change {_q(run)} --out {_q(args.out)}` first")
     return name, run, pc.read(f"head_scores_{name}", key), windows
 
 
@@ -388,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("figures", help="make every figure from result tables")
     sp.add_argument("--results", default="results/default", help="the results folder (default: results/default)")
     sp.add_argument("--out", default="figures", help="the figures folder (default: figures)")
-    sp.set_defaults(func=cmd_figures)
+    _command(sp, cmd_figures, None)
 
     sp = sub.add_parser("report", help="figures, report and headline again from a reproduction's tables (e.g. "
                                        "tables copied back from a GPU machine)")
@@ -400,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the commit the tables were made with, where their provenance cannot know it (a copied "
                          "working tree; whether it was dirty is then recorded as unknown); default: the phase "
                          "change's provenance")
-    sp.set_defaults(func=cmd_report)
+    _command(sp, cmd_report, None)
 
     sp = sub.add_parser("survey", help="induction mosaic over models (hub names, model folders, runs), one model "
                         "at a time, resumable")
@@ -460,10 +494,10 @@ def _precheck(args) -> None:
                                  "device?): pass a text file, a folder or a .jsonl file")
     if args.command == "report" and not (Path(args.results) / "phase_change" / "provenance.json").is_file():
         raise UsageError(f"no phase-change results under {args.results}: run `python -m experiments reproduce --out "
-                         f"{args.results}` first")
+                         f"{_q(args.results)}` first")
     if args.command == "figures" and not list(Path(args.results).glob("*/manifest.json")):  # no table recorded
         raise UsageError(f"no result tables under {args.results}: run `python -m experiments reproduce --out "
-                         f"{args.results}` first")
+                         f"{_q(args.results)}` first")
     if args.command == "ablations" and args.windows < 8:  # experiments.ablations.MIN_WINDOWS (heavy import)
         raise UsageError(f"--windows {args.windows}: the ablations need at least 8 windows (the per-head sweeps use "
                          "a quarter and a half of them, at least 2 each for a standard error)")

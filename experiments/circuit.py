@@ -116,6 +116,16 @@ def _final_scores(head_scores: pd.DataFrame, name: str) -> pd.DataFrame:
     return classify_induction_heads(wide)
 
 
+def chosen_heads(head_scores: pd.DataFrame, name: str) -> list[str] | None:
+    """[previous-token head, induction head] that ``circuit_heads`` takes from ``name``'s final head scores, None
+    where it takes none (one layer)."""
+    scores = _final_scores(head_scores, name)
+    if scores.empty or scores.layer.max() < 1 or "previous_token" not in scores.columns:
+        return None
+    _, _, prev, induction = circuit_heads(scores, int(scores.layer.max()) + 1, int(scores["head"].max()) + 1)
+    return [str(prev), str(induction)]
+
+
 def circuit_heads(scores: pd.DataFrame, n_layers: int, n_heads: int) -> tuple[list[Head], list[Head], Head, Head]:
     """Senders (every head below the receivers' layer), receivers (every head of the layer of the
     strongest induction head: by the rule, else by induction score above layer 0), the previous-token
@@ -141,6 +151,9 @@ def run_circuit(run: Path, name: str, head_scores: pd.DataFrame, results_root: P
 
     res = Results(results_root, f"circuit_{name}")
     key = {"run": run_fingerprint(run), "n_prompts": n_prompts, "method": METHOD}  # recomputed when these change
+    heads = chosen_heads(head_scores, name)
+    if heads is not None:  # and when the head scores name another previous-token or induction head (the path
+        key["heads"] = heads  # patching's senders, receivers and labels: scores of other windows may)
     if res.has_all(["patch_heads", "patch_head_pos", "path_patch"], key):
         return res
     cfg = load_train_config(run)

@@ -347,11 +347,15 @@ class Results:
 
     def read_provenance(self) -> dict | None:
         """``provenance.json`` (None if never written), verified against the checksum ``write_provenance``
-        recorded: an edited or truncated one is a ``ResultError``, never a wrong machine or commit."""
+        recorded: an edited, truncated or deleted one is a ``ResultError``, never a wrong or missing machine or
+        commit."""
         path = self.dir / "provenance.json"
-        if not path.is_file():
-            return None
         e = self._entry(self._manifest(), SETTINGS_KEY) or {}
+        if not path.is_file():
+            if e.get("sha256") is not None:  # recorded, then deleted: the tables' commit and machine are lost
+                raise ResultError(f"{path} is missing though {self.manifest_path} records it: re-run the "
+                                  f"experiment that wrote it, or delete the folder {self.dir} and re-run it")
+            return None
         try:
             if e.get("sha256") is not None and sha256_file(path) != e["sha256"]:
                 raise ValueError
@@ -371,13 +375,20 @@ def run_setting(res: Results, run: str | Path) -> str:
     """``run`` as the settings of ``res`` (``write_provenance``) record a run folder: their own spelling when it
     names this same folder (``--out results/default`` after ``--out /abs/path/results/default``, or from another
     working directory: one job, one folder, never "other settings"), else ``str(run)`` (another run folder,
-    which ``write_provenance`` refuses over tables it did not make)."""
+    which ``write_provenance`` refuses over tables it did not make). A recorded folder that no longer exists is
+    this one when every table here was computed from this run's content (the folder moved, e.g. with its
+    results folder)."""
     old = (res.settings() or {}).get("run")
     try:
         if isinstance(old, str) and os.path.samefile(old, run):
             return old
     except OSError:  # the recorded folder is gone (moved, deleted) or ``run`` does not exist
-        pass
+        if isinstance(old, str) and not os.path.exists(old) and Path(run, "train_config.json").is_file():
+            # moved (e.g. the whole results folder renamed): the same run when the tables were made from this
+            # content (``run_of``); it was refused as "other settings", advising to delete the finished tables
+            made_from = {res.run_of(t) for t in res.tables()} - {None}
+            if made_from and made_from == {run_fingerprint(run)}:
+                return old
     return str(run)
 
 
@@ -407,10 +418,12 @@ def tables_fingerprint(root: str | Path) -> str:
 def verify_tables(root: str | Path) -> None:
     """Every table present under the results root ``root`` matches its recorded checksum (``ResultError``
     naming the first that does not, or one its experiment folder's manifest does not record, as after the
-    manifest was deleted): commands that draw from tables (``figures``, ``report``) check this before they
-    write anything, so a damaged table never leaves figures half redrawn."""
+    manifest was deleted, or one it records that is gone): commands that draw from tables (``figures``,
+    ``report``) check this before they write anything, so a damaged or deleted table never leaves figures half
+    redrawn. Arrays (``.npy``) and JSON results are left to their readers (figures and report read none of the
+    arrays: tables copied back from another machine may come without them)."""
     root = Path(root)
-    for folder in sorted(p.parent for p in [*root.glob("*/manifest.json"), *root.glob("*/provenance.json")]):
+    for folder in sorted({p.parent for p in [*root.glob("*/manifest.json"), *root.glob("*/provenance.json")]}):
         res = Results(root, folder.name)
         res.read_provenance()
         recorded = res._manifest()
@@ -419,6 +432,11 @@ def verify_tables(root: str | Path) -> None:
                 res._verified(path.stem, path)
             else:
                 res._refuse_unrecorded(path)
+        for key in sorted(recorded):  # a table the manifest records whose file was deleted: the figures read it
+            if key != SETTINGS_KEY and not key.endswith((".npy", ".json")) and not (folder / f"{key}.csv").is_file():
+                raise ResultError(f"result {folder / f'{key}.csv'} is missing though {res.manifest_path} records it: "
+                                  "re-run the experiment that wrote it to recompute it (or delete the folder "
+                                  f"{folder} and re-run it)")
 
 
 def check_writable(path: str | Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -76,10 +77,9 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
                           n_precise=n_precise, n_pca_pairs={"tiny": 256, "cpu": 2048, "gpu": 2048}[scale])
     clock.stage("phase_change_s")
     windows = pc.read("windows")
-    for name in runs:  # on the CPU only attn-2l (every seed): the headline's model (the main job within 15 min)
-        if _family(name) == "attn-2l" or (scale != "cpu" and name in ("smear-1l", "smear-1l-s0")):
-            run_ablations(runs[name], name, None, out, windows_table=windows,
-                          n_windows=ABLATION_WINDOWS[scale], device=device, progress=progress)
+    for name in ablated_runs(runs, scale):
+        run_ablations(runs[name], name, None, out, windows_table=windows,
+                      n_windows=ABLATION_WINDOWS[scale], device=device, progress=progress)
     clock.stage("ablations_s")
     main_2l = _main_2l(runs)
     if main_2l:
@@ -91,6 +91,21 @@ def _reproduce(out: Path, scale: str, device: str, progress: bool, figures_dir: 
     print(report.read_text())
     print(f"figures: {len(paths)} files in {figures_dir}")
     return report
+
+
+def ablated_runs(names, scale: str) -> list[str]:
+    """The runs ``reproduce`` ablates: on the CPU only attn-2l (every seed), the headline's model (the main job
+    within 15 min); at the other scales also smear-1l (seed 0)."""
+    return [n for n in names if _family(n) == "attn-2l" or (scale != "cpu" and n in ("smear-1l", "smear-1l-s0"))]
+
+
+def missing_experiments(out: Path, names, scale: str) -> list[str]:
+    """The experiment folders a complete ``reproduce`` of the runs ``names`` writes that ``out`` lacks (e.g.
+    left behind when the tables were copied back from another machine): their report sections would be
+    silently missing."""
+    main_2l = _main_2l(names)
+    wanted = [f"ablations_{n}" for n in ablated_runs(names, scale)] + ([f"circuit_{main_2l}"] if main_2l else [])
+    return [f for f in wanted + ["survey"] if not (Path(out) / f / "manifest.json").is_file()]
 
 
 def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = None) -> Path:
@@ -108,14 +123,14 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
     runs = Results(out, "report").read_json("timings", default=[])  # first: a partial folder lacks tables
     if not any(r.get("complete", True) for r in runs):  # the tables of an unfinished run lack sections
         raise InputError(f"{out} has no recorded invocation that ran to completion (report/timings.json): run "
-                         f"`reproduce --out {out}` to completion instead (it resumes)")
+                         f"`reproduce --out {shlex.quote(str(out))}` to completion instead (it resumes)")
     # the last invocation that got past training (and so may have written tables) must have finished: one
     # killed mid-evaluation or mid-ablation left partial tables even when an earlier one completed
     last = next(r for r in reversed(runs) if r.get("complete", True) or "train_s" in r)
     if not last.get("complete", True):
         raise InputError(f"the last invocation that wrote tables under {out} was interrupted (report/timings.json): "
-                         f"its tables may be partial; run `reproduce --out {out}` with its options to completion "
-                         "instead (it resumes)")
+                         f"its tables may be partial; run `reproduce --out {shlex.quote(str(out))}` with its options to "
+                         "completion instead (it resumes)")
     timings = sum_timings(same_job(runs, last.get("job")))  # the invocations that made these tables
     fits = tables_scales(Results(out, "phase_change").read("checkpoints"))
     if scale is None and len(fits) != 1:
@@ -128,6 +143,11 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
         git = evaluated_by(Results(out, "phase_change"))["git"]
     verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
     drawn_before(Path(figures_dir))  # and so is a damaged figures manifest
+    missing = missing_experiments(out, Results(out, "phase_change").read("checkpoints").model.unique(), scale)
+    if missing:  # the report would leave their sections out without a word
+        raise InputError(f"{out} lacks the results of {', '.join(missing)}, which `reproduce` writes: copy them "
+                         f"back too, or run `reproduce --out {shlex.quote(str(out))}` with its options (it computes "
+                         "only what is missing)")
     for model in Results(out, "phase_change").read("checkpoints").model.unique():  # an experiment of another
         for prefix, tables in RUN_TABLES.items():  # state of a run would be reported as of this one
             if made_from_another_run(out, f"{prefix}_{model}", model, tables):

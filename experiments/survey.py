@@ -59,6 +59,8 @@ def hub_config(spec: str) -> tuple[str, dict]:
     from transformers.utils.hub import extract_commit_hash
 
     name, revision = hub_name(spec)
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/"):  # never a hub name
+        raise InputError(f"model {spec!r}: no such folder (and not a hub name, NAME or ORG/NAME): check the path")
     try:
         path = hf_hub_download(name, "config.json", revision=revision)
     except Exception as e:  # offline, unknown repo or revision, gated, ...

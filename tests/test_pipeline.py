@@ -114,6 +114,28 @@ def test_circuit_path_patching_shows_k_composition(tiny_run):
     assert "path patching" in report.read_text()
 
 
+def test_circuit_is_recomputed_when_the_head_scores_choose_other_heads(tiny_run, tmp_path):
+    """The circuit tables were keyed on the run alone: with head scores that name another previous-token head
+    (e.g. a phase change recomputed at other --windows after its folder was deleted, as its refusal advises),
+    `circuit` kept the tables of the old choice (senders' labels, receivers) without a word. Now recomputed."""
+    import shutil
+
+    from experiments.circuit import run_circuit
+
+    out, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy"))
+    hs = Results(out, "phase_change").read("head_scores")
+    pp = Results(copy, "circuit_attn-2l").read("path_patch")
+    old_prev = pp[pp.sender_is_previous_token].sender.iloc[0]
+    final = (hs.model == "attn-2l") & (hs.step == hs[hs.model == "attn-2l"].step.max())
+    other = next(f"L0H{h}" for h in range(4) if f"L0H{h}" != old_prev)
+    hs.loc[final & (hs.layer == 0) & (hs["head"] == int(other[3:])) & (hs.score == "previous_token"), "value"] = 10.0
+    run_circuit(out / "runs" / "attn-2l", "attn-2l", hs, copy)
+    pp = Results(copy, "circuit_attn-2l").read("path_patch")
+    assert set(pp[pp.sender_is_previous_token].sender) == {other}
+
+
 def test_attribution_resumes_per_checkpoint(tiny_run, monkeypatch):
     """Each attribution checkpoint is kept as its own keyed table: with the assembled table lost (an
     interruption), a re-run reuses them (no sweep runs again) and rebuilds the same table."""
@@ -233,6 +255,28 @@ def test_report_and_figures_refuse_a_damaged_table_before_writing(tiny_run, tmp_
         assert e.value.code == 2, argv
         assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before, argv
     assert not (tmp_path / "new").exists()
+
+
+def test_report_refuses_a_folder_missing_an_experiment_of_the_job(tiny_run, tmp_path):
+    """Tables copied back without one experiment's folder (here the circuit's, or the survey's): `report`
+    redrew without a word, its path-patching section and headline numbers (or the mosaic) silently gone.
+    Now exit 2 naming the folder, nothing written; copying it back makes the report as before."""
+    import shutil
+
+    from experiments.__main__ import main
+
+    out, _ = tiny_run
+    for missing in ("circuit_attn-2l", "survey"):
+        copy = tmp_path / missing
+        shutil.copytree(out, copy, ignore=shutil.ignore_patterns("runs", "figures", "*.npy", missing))
+        before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+        with pytest.raises(SystemExit) as e:
+            main(["report", "--results", str(copy)])
+        assert e.value.code == 2, missing
+        assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before, missing
+    shutil.copytree(out / "survey", copy / "survey")
+    assert main(["report", "--results", str(copy)]) == 0
+    assert "path_patching" in json.loads((copy / "figures" / "headline.json").read_text())
 
 
 def test_report_refuses_tables_of_an_invocation_killed_after_training(tiny_run, tmp_path):

@@ -158,6 +158,45 @@ def test_results_folder_is_owned(tmp_path):
     assert Results(root, "exp").read("t").x.tolist() == [1]
 
 
+def test_figures_and_report_refuse_a_results_folder_in_use(tmp_path, capsys):
+    """`figures` and `report` took no lock: while `reproduce` (or `phase-change`, `ablations`) was writing into the
+    results folder, `figures` drew whatever tables were there at that moment (e.g. an ablation folder with its
+    per-head table but not yet its sets), exit 0. Now they hold the folder's lock: exit 2 naming the holder,
+    nothing drawn; with --wait they go on once it is released."""
+    res = Results(tmp_path / "results", "phase_change")
+    res.write_provenance({"n_windows": 64})
+    res.write("checkpoints", pd.DataFrame({"model": ["m"], "tokens": [1]}))
+    holder = hold(res.root, 30)
+    try:
+        before = snapshot(tmp_path)
+        for argv in (["figures", "--results", res.root, "--out", tmp_path / "figs"], ["report", "--results", res.root]):
+            code, err = cli(argv, capsys)
+            assert code == 2 and f"in use by process {holder.pid}" in err, (argv, err)
+            assert snapshot(tmp_path) == before, argv
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = hold(res.root, 1.0)
+    try:
+        code, err = cli(["report", "--results", res.root, "--wait", "30"], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and "no recorded invocation that ran to completion" in err, err  # it waited, then went on
+    # a results folder the user cannot write (its lock cannot be made): read as before, no lock
+    import interventions.zoo.ownership as O
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied", str(res.root / ".lock"))
+
+    real, O.owned = O.owned, read_only
+    try:
+        code, err = cli(["report", "--results", res.root], capsys)
+    finally:
+        O.owned = real
+    assert code == 2 and "no recorded invocation that ran to completion" in err, err
+
+
 # ----------------------------------------------------------------------------- 2. damaged logs and checkpoints
 
 def test_garbage_line_in_metrics_stops_resume_then_advice_works(finished, reference, capsys):
@@ -444,6 +483,49 @@ def test_provenance_is_checksummed(tmp_path):
             verify_tables(tmp_path)
     res.write_provenance({"n_windows": 64})
     assert res.read_provenance()["config"] == {"n_windows": 64}
+
+
+def test_a_deleted_provenance_is_refused(tmp_path):
+    """provenance.json deleted from a folder whose manifest records it: read_provenance returned None, so
+    verify_tables passed and the report left the folder out of "Tables computed by" without a word (the
+    tables' commit and machine lost). Now a ResultError naming it; re-running the experiment writes it again."""
+    from experiments.common import verify_tables
+
+    res = Results(tmp_path, "ablations_m")
+    res.write_provenance({"n_windows": 64})
+    res.write("sets", pd.DataFrame({"x": [1]}))
+    (res.dir / "provenance.json").unlink()
+    with pytest.raises(ResultError, match=r"provenance\.json is missing though .*manifest\.json records it"):
+        res.read_provenance()
+    with pytest.raises(ResultError, match="provenance.json is missing"):
+        verify_tables(tmp_path)
+    with pytest.raises(ResultError, match="provenance.json is missing"):
+        res.made_by()
+    res.write_provenance({"n_windows": 64})
+    assert res.read_provenance()["config"] == {"n_windows": 64}
+    verify_tables(tmp_path)
+
+
+def test_figures_refuse_a_deleted_table_before_drawing(tmp_path, capsys):
+    """A table the manifest records whose file was deleted: verify_tables passed it (it checked the files
+    present only), so `figures` drew every figure read before it, then stopped with "missing", leaving
+    figures of a partial folder. Now verify_tables names it and `figures` exits 2 with nothing written."""
+    from experiments.common import verify_tables
+
+    res = Results(tmp_path / "results", "phase_change")
+    res.write_provenance({"n_windows": 64})
+    res.write("checkpoints", pd.DataFrame({"model": ["m"], "tokens": [1]}))
+    res.write("windows", pd.DataFrame({"model": ["m"]}))
+    res.write_array("per_token_losses_m", np.zeros(3))
+    (res.dir / "per_token_losses_m.npy").unlink()  # arrays are not read by figures or report: not required
+    verify_tables(res.root)
+    (res.dir / "windows.csv").unlink()
+    with pytest.raises(ResultError, match=r"windows\.csv is missing though .*manifest\.json records it"):
+        verify_tables(res.root)
+    before = snapshot(tmp_path)
+    code, err = cli(["figures", "--results", str(res.root), "--out", str(tmp_path / "figs")], capsys)
+    assert code == 2 and "windows.csv is missing" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(tmp_path) == before and not (tmp_path / "figs").exists()
 
 
 def test_arrays_are_checksummed(tmp_path):
@@ -759,6 +841,29 @@ def test_ablations_and_circuit_resume_with_the_run_folder_spelled_another_way(fi
     with pytest.raises(ResultError, match="other settings"):
         run_ablations(other, "run", None, res, n_windows=8, progress=False)
     assert (res / "ablations_run" / "sets.csv").read_bytes() == abl
+
+
+def test_a_moved_results_folder_keeps_its_run_setting(tmp_path):
+    """A results folder moved with its runs (`mv results/a results/b`): the recorded run folder is gone, and
+    `reproduce --out results/b` was refused as "other settings (differing: ['run'])" over the finished ablations,
+    advising to delete them. Now a recorded folder that no longer exists is this one when the tables were made
+    from this run's content; another run (other content) is still refused."""
+    from experiments.common import run_fingerprint, run_setting
+
+    old = tmp_path / "a" / "runs" / "m"
+    old.mkdir(parents=True)
+    (old / "train_config.json").write_text('{"seed": 0}')
+    res = Results(tmp_path / "a", "ablations_m")
+    res.write_provenance({"run": run_setting(res, old)})
+    res.write("sets", pd.DataFrame({"x": [1]}), inputs={"run": run_fingerprint(old)})
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved, res = tmp_path / "b" / "runs" / "m", Results(tmp_path / "b", "ablations_m")
+    assert run_setting(res, moved) == str(old)
+    res.write_provenance({"run": run_setting(res, moved)})  # not refused
+    (moved / "train_config.json").write_text('{"seed": 1}')  # another run in its place
+    assert run_setting(res, moved) == str(moved)
+    with pytest.raises(ResultError, match="other settings"):
+        res.write_provenance({"run": run_setting(res, moved)})
 
 
 def test_ablation_sets_compare_with_a_clean_run_on_the_same_path():

@@ -360,6 +360,9 @@ CLI_CASES = {
     "--tokens 0": (_train("--tokens", "0"), None, "tokens=0"),
     "--tokens not a number": (_train("--tokens", "lots"), None, "invalid int value"),
     "--batch-size 0": (_train("--batch-size", "0"), None, "batch_size=0"),
+    # a synthetic corpus of one token: a ValueError traceback from the source, after torch was loaded
+    "model.vocab_size=1 on a synthetic corpus": (_train("--set", "model.vocab_size=1"), None,
+                                                 "model.vocab_size=1 leaves a synthetic corpus fewer than 2"),
     "--lr negative": (_train("--lr", "-1"), None, "lr=-1"),
     "missing --out": (["train", "--preset", "tiny"], None, "--out"),
     "unknown command": (["fly"], None, "invalid choice"),
@@ -379,6 +382,15 @@ CLI_CASES = {
                                           "not empty"),
     "figures from a folder without tables": (["figures", "--results", "{tmp}/res", "--out", "{tmp}/figs"], None,
                                              "run `python -m experiments reproduce --out {tmp}/res` first"),
+    # a folder with a space: the suggested command is quoted (it was `... --out /tmp/my res`, two arguments)
+    "figures from a folder with a space, without tables": (["figures", "--results", "{tmp}/my res", "--out",
+                                                            "{tmp}/figs"], None, "reproduce --out '{tmp}/my res'` first"),
+    "ablations before phase-change, --out with a space": (["ablations", "{tmp}/run", "--out", "{tmp}/my out"],
+                                                          lambda d: _write(d / "run" / "train_config.json", "{}"),
+                                                          "`phase-change {tmp}/run --out '{tmp}/my out'` first"),
+    # a mistyped model folder was looked up on the hub (a network wait, then "could not resolve ... on the hub")
+    "survey of a model folder that does not exist": (["survey", "{tmp}/runs/atn-2l", "--out", "{tmp}/sv"], None,
+                                                    "'{tmp}/runs/atn-2l': no such folder"),
     # README "Corpus": --set tokenizer=<hub name or folder>; one that cannot be loaded is bad input (it was a
     # transformers traceback: OSError for a missing folder, ValueError for a folder without tokenizer files)
     "tokenizer: a missing folder": (["train", "--preset", "attn-1l", "--out", "{tmp}/out", "--corpus", "{tmp}/c.txt",

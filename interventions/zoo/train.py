@@ -155,6 +155,10 @@ class TrainConfig:
             raise ValueError(f"vocab_size={self.vocab_size} is not used with tokenizer={self.tokenizer!r} (the "
                              "model's vocabulary is that tokenizer's): drop vocab_size")
         AttnOnlyConfig(**self.model)  # raises on bad model options
+        if self.corpus.startswith("synthetic:") and int(self.model.get("vocab_size", AttnOnlyConfig().vocab_size)) < 2:
+            # build_source's RepeatedRandomSource / MarkovSource refuse it too, after the run folder exists
+            raise ValueError(f"model.vocab_size={self.model['vocab_size']} leaves a synthetic corpus fewer than 2 "
+                             "tokens to draw from: use model.vocab_size >= 2")
         if self.n_ctx < 4:  # the log's ICL score needs 3 tokens, its induction check two copies of >= 2
             raise ValueError(f"model.n_ctx={self.n_ctx} is too short for the trainer's log (ICL score and "
                              "repeated-token check): use model.n_ctx >= 4")
