@@ -347,7 +347,7 @@ def _command(sp, func, quiet: str | None = "no progress bars") -> None:
     if quiet:
         sp.add_argument("--quiet", action="store_true", help=quiet)
     sp.add_argument("--wait", type=_seconds, default=0.0, metavar="SECONDS",
-                    help="if another process is using the output folder, wait up to this long (default: fail at once)")
+                    help="if another process is using the folder this command works on (a run or results folder), wait up to this long (default: fail at once)")
     sp.set_defaults(func=func)
 
 

@@ -316,17 +316,21 @@ class Results:
             path = self.dir / "provenance.json"
             record = json.loads(json.dumps(provenance(config=config, seed=seed, **extra), default=str))
             this = _invocation(record)
-            prior = None
+            prior, lost = None, False
             if old is not None and old.get("inputs") == fingerprint(config):
                 try:
                     prior = self.read_provenance()
-                except ResultError:  # damaged: rewritten afresh (as the checksum error advises re-running)
-                    pass
+                except ResultError:  # damaged or deleted: rewritten afresh (as its error advises re-running)
+                    lost = True
             if prior is not None:  # the same settings again: the record of the tables already here is kept,
                 # but its extras (phase_change's runs, survey's models) become this invocation's: the tables over
                 # all of them are rewritten from this invocation's (the first's stayed at the top, wrongly)
                 record = {**prior, **{k: record[k] for k in extra},
                           "invocations": prior.get("invocations") or [_invocation(prior)]}
+            if lost:  # the tables already here keep their invocation numbers, now of unknown invocations: not
+                # this one's, which a fresh record would have made their number 0 (credited with their commit)
+                used = [(self._entry(manifest, k) or {}).get("invocation") or 0 for k in tables]
+                record["invocations"] = [dict(LOST_INVOCATION) for _ in range(max(used, default=-1) + 1)]
             record["invocations"] = record.get("invocations", []) + [this]
             with stop_on_signal() as deferred, deferred():  # a stop signal waits until the manifest records it
                 atomic_write_text(path, json.dumps(record, indent=1, default=str))
@@ -363,6 +367,11 @@ class Results:
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
             raise ResultError(f"{path} does not match its recorded checksum (truncated or edited): re-run the "
                               f"experiment that wrote it, or delete the folder {self.dir} and re-run it") from None
+
+
+# An invocation whose record was lost (provenance.json damaged or deleted, then rewritten by a later one)
+LOST_INVOCATION = {"git": {"commit": "unknown (provenance.json was damaged, then rewritten)", "dirty": None},
+                   "machine": {"platform": "unknown", "threads": "unknown", "cuda": "unknown"}}
 
 
 def _invocation(record: dict) -> dict:

@@ -506,6 +506,29 @@ def test_a_deleted_provenance_is_refused(tmp_path):
     verify_tables(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_rewritten_provenance_does_not_credit_the_new_invocation_with_older_tables(tmp_path, damage):
+    """provenance.json damaged (or deleted), then rewritten by re-running as its error advises: the fresh
+    record numbered the new invocation 0, which the tables already there also point at, so the report's
+    "Tables computed by" credited them to this invocation's commit and machine. Now their invocations are
+    recorded as unknown, and only tables written after the rewrite are this invocation's."""
+    from experiments.common import LOST_INVOCATION
+
+    res = Results(tmp_path, "ablations_m")
+    res.write_provenance({"n_windows": 64})
+    res.write("sets", pd.DataFrame({"x": [1]}))
+    path = res.dir / "provenance.json"
+    if damage == "truncate":
+        path.write_text(path.read_text()[:20])
+    else:
+        path.unlink()
+    res.write_provenance({"n_windows": 64})
+    assert res.made_by() == [LOST_INVOCATION]
+    res.write("heads", pd.DataFrame({"x": [2]}))
+    made = res.made_by()
+    assert made[0] == LOST_INVOCATION and len(made) == 2 and made[1]["git"] != LOST_INVOCATION["git"]
+
+
 def test_figures_refuse_a_deleted_table_before_drawing(tmp_path, capsys):
     """A table the manifest records whose file was deleted: verify_tables passed it (it checked the files
     present only), so `figures` drew every figure read before it, then stopped with "missing", leaving
