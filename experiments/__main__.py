@@ -172,13 +172,11 @@ def _owning_results(fn):
     def inner(args) -> int:
         import contextlib
 
-        from interventions.zoo.ownership import owned
-
-        from . import common
+        from .common import results_lock
 
         with contextlib.ExitStack() as stack:
             try:
-                stack.enter_context(owned(Path(args.results), common._lock_wait, what="results folder"))
+                stack.enter_context(results_lock(Path(args.results)))
             except OSError as e:  # a results folder this user cannot write (read-only, someone else's): no writer
                 if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # here either; `figures` draws elsewhere
                     raise

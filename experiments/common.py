@@ -65,6 +65,11 @@ def set_lock_wait(seconds: float) -> None:
     _lock_wait = float(seconds)
 
 
+def results_lock(root):
+    """The exclusive lock of results folder ``root``, waiting as ``set_lock_wait`` says (a context manager)."""
+    return owned(root, _lock_wait, what="results folder")
+
+
 def owns_results(arg: str = "results_root"):
     """Decorator: hold the exclusive lock of the results root passed as argument ``arg`` for the call."""
     def wrap(fn):
@@ -74,7 +79,7 @@ def owns_results(arg: str = "results_root"):
         def inner(*args, **kwargs):
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
-            with owned(bound.arguments[arg], _lock_wait, what="results folder"):
+            with results_lock(bound.arguments[arg]):
                 return fn(*args, **kwargs)
         return inner
     return wrap
@@ -183,7 +188,7 @@ class Results:
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True))
 
     def _write_bytes(self, key: str, path: Path, data: bytes, inputs) -> Path:
-        with owned(self.root, _lock_wait, what="results folder"):
+        with results_lock(self.root):
             self.dir.mkdir(parents=True, exist_ok=True)
             remove_leftovers(self.dir, locked=LOCKING)  # of writes killed mid-way (their writer is gone)
             with stop_on_signal() as deferred, deferred():  # a stop signal waits until the manifest records it
@@ -302,7 +307,7 @@ class Results:
         (ResultError) if the folder already holds tables made with other settings. With the same settings
         the record is kept and this invocation appended to its ``invocations``; the top-level ``extra``
         fields (e.g. the runs evaluated) are this, the latest, invocation's."""
-        with owned(self.root, _lock_wait, what="results folder"):
+        with results_lock(self.root):
             manifest = self._manifest()
             old = self._entry(manifest, SETTINGS_KEY)
             tables = [k for k in manifest if k != SETTINGS_KEY]

@@ -132,7 +132,8 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
                          f"its tables may be partial; run `reproduce --out {shlex.quote(str(out))}` with its options to "
                          "completion instead (it resumes)")
     timings = sum_timings(same_job(runs, last.get("job")))  # the invocations that made these tables
-    fits = tables_scales(Results(out, "phase_change").read("checkpoints"))
+    checkpoints = Results(out, "phase_change").read("checkpoints")
+    fits = tables_scales(checkpoints)
     if scale is None and len(fits) != 1:
         raise InputError(f"the tables under {out} match no one scale's models and tokens: pass --scale")
     if scale is not None and fits and scale not in fits:
@@ -143,12 +144,12 @@ def redraw(out: Path, scale: str | None, figures_dir: Path, git: dict | None = N
         git = evaluated_by(Results(out, "phase_change"))["git"]
     verify_tables(out)  # a damaged table is refused before the windows, figures or report are rewritten
     drawn_before(Path(figures_dir))  # and so is a damaged figures manifest
-    missing = missing_experiments(out, Results(out, "phase_change").read("checkpoints").model.unique(), scale)
+    missing = missing_experiments(out, checkpoints.model.unique(), scale)
     if missing:  # the report would leave their sections out without a word
         raise InputError(f"{out} lacks the results of {', '.join(missing)}, which `reproduce` writes: copy them "
                          f"back too, or run `reproduce --out {shlex.quote(str(out))}` with its options (it computes "
                          "only what is missing)")
-    for model in Results(out, "phase_change").read("checkpoints").model.unique():  # an experiment of another
+    for model in checkpoints.model.unique():  # an experiment of another
         for prefix, tables in RUN_TABLES.items():  # state of a run would be reported as of this one
             if made_from_another_run(out, f"{prefix}_{model}", model, tables):
                 raise ResultError(f"{out}/{prefix}_{model} was computed from another state of run {model} than "

@@ -327,6 +327,13 @@ def check_position(pos, size: int, label: str, several: str = "") -> int:
     return where
 
 
+def rounding_tolerance(x: torch.Tensor) -> float:
+    """How far two computations of ``x`` that should agree may differ by rounding alone: 1e-5 (float32 /
+    float64) or 1e-2 (half precision) times max(1, its largest finite magnitude)."""
+    scale = max(1.0, float(x.detach().abs().nan_to_num(0.0, posinf=0.0, neginf=0.0).max())) if x.numel() else 1.0
+    return (1e-5 if x.dtype in (torch.float32, torch.float64) else 1e-2) * scale
+
+
 def holds_bools(x) -> bool:
     """A list / tuple (nested or not) of bools, or a numpy bool array."""
     if isinstance(x, (list, tuple)):
@@ -502,41 +509,40 @@ class Engine:
 
     # ------------------------------------------------------------------ validation
     def _reads(self, run: Run) -> tuple[list[Site], dict[Site, tuple]]:
-        """The run's read sites, and {site: (head index, mean over rows)} of those given as ``Read``."""
+        """The run's read sites (each once), and {site: (head index or None, mean over rows)}; a site read
+        twice must be read the same way."""
         a = self.adapter
-        reads, narrow = [], {}
+        specs: dict[Site, tuple] = {}
         for r in run.reads:
             if not isinstance(r, Read):
-                site = parse_site(r, a.n_layers)
-                if site in narrow:
-                    raise ValueError(f"site {site} is read twice, differently: read it once")
-                reads.append(site)
-                continue
-            site = parse_site(r.site, a.n_layers)
-            if not isinstance(r.mean_rows, bool):
-                raise ValueError(f"Read({site}): mean_rows={r.mean_rows!r} must be True or False")
-            if r.mean_rows and run.attention_mask is not None:
-                raise ValueError(f"Read({site}, mean_rows=True) on a padded run: the pads would enter the mean; "
-                                 "read the rows (mean_rows=False) and average the real tokens yourself")
-            index = None
-            if r.heads is not None:
-                if site.kind in RESID_KINDS:
-                    raise ValueError(f"Read({site}, heads=...): a {site.kind} site has no head axis; pass heads=None")
-                n = a.n_heads if site.kind == "pattern" else a.n_site_heads(site.kind)
-                heads = list(r.heads) if isinstance(r.heads, (list, tuple, range)) else None
-                if not heads or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and 0 <= h < n
-                                        for h in heads):
-                    what = "key/value heads" if site.kind in KV_KINDS else "heads"
-                    raise ValueError(f"Read({site}, heads={r.heads!r}): pass a non-empty list of {what} in 0-{n - 1}")
-                heads = [int(h) for h in heads]
-                index = (slice(None), heads) if site.kind == "pattern" else (slice(None), slice(None), heads)
-            spec = (index, r.mean_rows)
-            if narrow.get(site, spec) != spec or (site in reads and site not in narrow):
+                site, spec = parse_site(r, a.n_layers), (None, False)
+            else:
+                site, spec = parse_site(r.site, a.n_layers), (self._read_index(r, a), r.mean_rows)
+                if r.mean_rows and run.attention_mask is not None:
+                    raise ValueError(f"Read({site}, mean_rows=True) on a padded run: the pads would enter the mean; "
+                                     "read the rows (mean_rows=False) and average the real tokens yourself")
+            if specs.setdefault(site, spec) != spec:
                 raise ValueError(f"site {site} is read twice, differently: read it once")
-            if site not in narrow:
-                reads.append(site)
-            narrow[site] = spec
-        return reads, narrow
+        return list(specs), specs
+
+    @staticmethod
+    def _read_index(r: Read, a: Adapter) -> tuple | None:
+        """The index a ``Read``'s heads take on its site's view (None: every head), validated."""
+        site = parse_site(r.site, a.n_layers)
+        if not isinstance(r.mean_rows, bool):
+            raise ValueError(f"Read({site}): mean_rows={r.mean_rows!r} must be True or False")
+        if r.heads is None:
+            return None
+        if site.kind in RESID_KINDS:
+            raise ValueError(f"Read({site}, heads=...): a {site.kind} site has no head axis; pass heads=None")
+        n = a.n_heads if site.kind == "pattern" else a.n_site_heads(site.kind)
+        heads = list(r.heads) if isinstance(r.heads, (list, tuple, range)) else None
+        if not heads or not all(isinstance(h, numbers.Integral) and not isinstance(h, bool) and 0 <= h < n
+                                for h in heads):
+            what = "key/value heads" if site.kind in KV_KINDS else "heads"
+            raise ValueError(f"Read({site}, heads={r.heads!r}): pass a non-empty list of {what} in 0-{n - 1}")
+        heads = [int(h) for h in heads]
+        return (slice(None), heads) if site.kind == "pattern" else (slice(None), slice(None), heads)
 
     def _check_site(self, site: Site, batch: int, pos: int, tree: _Tree | None) -> tuple[int, ...]:
         """The site's full shape; raises if it does not exist on this model."""
@@ -740,7 +746,7 @@ class Engine:
             acts = self.run(Run(tokens, reads=[z], writes=[Write(site, noise, rows=j + 1, head=j) for j in range(n)],
                                 returns="none"), verify=False).acts[str(z)]
             change = (acts[1:] - acts[:1]).abs().amax(dim=(1, 3))  # (written head, query head)
-            tol = (1e-5 if acts.dtype in (torch.float32, torch.float64) else 1e-2) * max(1.0, float(acts.abs().max()))
+            tol = rounding_tolerance(acts)
             for j in range(n):
                 others = [h for h in range(a.n_heads) if reads[h] != j and float(change[j, h]) > tol]
                 if not others:

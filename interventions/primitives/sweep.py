@@ -54,7 +54,9 @@ from ..engine.heads import Head, HeadLike, all_heads, check_heads, parse_heads
 from ..engine.sites import Site
 from .progress import check_progress, passes
 from ..engine.remote import Remote
-from ..engine.tracing import Engine, InterventionError, Run, Write, check_mask, check_positive, check_tokens, check_value, pad_to_nan, position_ids
+from ..engine.tracing import (Engine, InterventionError, Run, Write, check_mask, check_positive, check_tokens,
+                              check_value, pad_to_nan, position_ids,
+                              rounding_tolerance)
 from .ablation import (Ablation, MeanAblation, PatternPreserving, ResampleAblation, ZeroAblation, ablation_value,
                        prepare_ablations)
 from .loss import check_aligned
@@ -309,8 +311,7 @@ def _check_shortcut(engine: Engine, layer: int, tokens: torch.Tensor) -> None:
     again = engine.run(Run(t, attn_outputs={layer: attn})).logits
     want = clean.logits
     diff = float((again.to(want.device) - want).abs().nan_to_num(0.0).max())
-    tol = (1e-5 if want.dtype in (torch.float32, torch.float64) else 1e-2) * max(1.0, float(want.abs().nan_to_num(0.0).max()))
-    if diff > tol:
+    if diff > rounding_tolerance(want):
         raise InterventionError(
             f"ablation_sweep: the {a.model_type} adapter says attn_is_o_proj=True, but layer {layer}'s attention "
             f"module's output is not its output projection's ({a.path(layer, 'o_proj')!r}: the logits move by "
